@@ -1,0 +1,85 @@
+"""Config to components, in one place: every library class takes plain keyword arguments."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from loco.checkpoint import SimpleCheckpointer
+from loco.config import LocoConfig
+from loco.data import SiteData, load_corpus
+from loco.data.corpus import Corpus
+from loco.engine import PlainEngine
+from loco.engine.base import Engine
+from loco.model import GPT, build_model
+
+
+def corpus_from(cfg: LocoConfig) -> Corpus:
+    d = cfg.data
+    return load_corpus(d.source, d.path, d.val_path, d.cache_dir, vocab_size=cfg.model.vocab_size)
+
+
+def model_from(cfg: LocoConfig, corpus: Corpus) -> GPT:
+    m = cfg.model
+    vocab = m.vocab_size or corpus.vocab_size
+    if vocab < corpus.vocab_size:
+        raise ValueError(f"model.vocab_size={vocab} is smaller than the data's vocabulary {corpus.vocab_size}")
+    return build_model(
+        m.size,
+        vocab_size=vocab,
+        seq_len=cfg.train.seq_len,
+        dropout=m.dropout,
+        n_layer=m.n_layer,
+        n_head=m.n_head,
+        d_model=m.d_model,
+    )
+
+
+def engine_from(cfg: LocoConfig, model: torch.nn.Module, group: dist.ProcessGroup | None = None) -> Engine:
+    o = cfg.optim
+    return PlainEngine(
+        model,
+        optim=o.name,
+        lr=cfg.train.lr,
+        weight_decay=o.weight_decay,
+        betas=(o.beta1, o.beta2),
+        eps=o.eps,
+        momentum=o.momentum,
+        nesterov=o.nesterov,
+        grad_clip=cfg.train.grad_clip,
+        group=group,
+    )
+
+
+def data_from(cfg: LocoConfig, corpus: Corpus, *, rank: int, world: int) -> SiteData:
+    assert cfg.site is not None
+    d, t = cfg.data, cfg.train
+    return SiteData(
+        corpus,
+        site=cfg.site.name,
+        shard=cfg.site.shard,
+        num_shards=d.num_shards,
+        split=d.split,
+        chunk_tokens=d.chunk_tokens,
+        val_fraction=d.val_fraction,
+        seq_len=t.seq_len,
+        batch_size=t.batch_size,
+        grad_accum=t.grad_accum,
+        rank=rank,
+        world=world,
+        seed=t.seed,
+    )
+
+
+def checkpointer_from(cfg: LocoConfig, run_dir: Path) -> SimpleCheckpointer:
+    d = Path(cfg.checkpoint.dir)
+    return SimpleCheckpointer(d if d.is_absolute() else run_dir / d, keep=cfg.checkpoint.keep)
+
+
+def threads_for(cfg: LocoConfig, world: int) -> int:
+    if cfg.train.threads:
+        return cfg.train.threads
+    return max(1, (os.cpu_count() or 1) // world)

@@ -1,0 +1,429 @@
+"""Structured configuration: dataclasses registered in Hydra's ConfigStore, and validation.
+
+``conf/config.yaml`` and its groups are validated against ``LocoConfig``: an unknown key or a
+value of the wrong type is rejected by Hydra/OmegaConf, a bad value by the ``__post_init__``
+checks below. Either way :func:`compose` raises :class:`ConfigError` with one line that names
+the key and what is allowed. Library classes never see these dataclasses: :mod:`loco.build`
+maps them onto plain keyword arguments in one place.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class ConfigError(ValueError):
+    """A user configuration error; ``str()`` is the single line shown to the user."""
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
+
+
+def _positive(key: str, value: float, zero_ok: bool = False) -> None:
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ConfigError(f"{key}={value} must be {'>= 0' if zero_ok else '> 0'}")
+
+
+def _fraction(key: str, value: float, lo_open: bool = False, hi_open: bool = True) -> None:
+    ok = (value > 0 if lo_open else value >= 0) and (value < 1 if hi_open else value <= 1)
+    if not ok:
+        raise ConfigError(f"{key}={value} must be in {'(' if lo_open else '['}0, 1{')' if hi_open else ']'}")
+
+
+MODEL_SIZES = ("tiny", "small", "gpt2-124m")
+
+
+@dataclass
+class ModelConfig:
+    """Model architecture. ``size`` picks a preset; the other fields override it."""
+
+    size: str = "tiny"
+    vocab_size: int | None = None  # None: the data's vocabulary (256 for bytes)
+    n_layer: int | None = None
+    n_head: int | None = None
+    d_model: int | None = None
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        _choice("model.size", self.size, MODEL_SIZES)
+        for k in ("vocab_size", "n_layer", "n_head", "d_model"):
+            v = getattr(self, k)
+            if v is not None:
+                _positive(f"model.{k}", v)
+        _fraction("model.dropout", self.dropout)
+
+
+@dataclass
+class DataConfig:
+    """Training corpus and its per-site sharding.
+
+    ``source``: ``stdlib`` (the running interpreter's standard library source, bytes),
+    ``text`` (a UTF-8 text file at ``path``, bytes) or ``bin`` (a nanoGPT-style uint16 token
+    file at ``path``; ``val_path`` optional). ``split``: ``iid`` (chunks dealt to shards at
+    random) or ``noniid`` (whole top-level packages per shard).
+    """
+
+    source: str = "stdlib"
+    path: str | None = None
+    val_path: str | None = None
+    val_fraction: float = 0.05
+    split: str = "iid"
+    num_shards: int = 3
+    chunk_tokens: int = 16384
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        _choice("data.source", self.source, ("stdlib", "text", "bin"))
+        _choice("data.split", self.split, ("iid", "noniid"))
+        if self.source in ("text", "bin") and not self.path:
+            raise ConfigError(f"data.path is required with data.source={self.source}; set data.path=FILE")
+        _fraction("data.val_fraction", self.val_fraction, lo_open=True)
+        _positive("data.num_shards", self.num_shards)
+        _positive("data.chunk_tokens", self.chunk_tokens)
+
+
+@dataclass
+class TrainConfig:
+    """Inner training loop. ``batch_size`` is sequences per rank per micro-step."""
+
+    steps: int = 600
+    batch_size: int = 16
+    seq_len: int = 128
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_batches: int = 8
+    seed: int = 1337
+    log_every: int = 10
+    threads: int = 0  # torch intra-op threads per rank; 0: cores / nproc
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for k in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "log_every"):
+            _positive(f"train.{k}", getattr(self, k))
+        _positive("train.lr", self.lr)
+        _fraction("train.min_lr_ratio", self.min_lr_ratio, hi_open=False)
+        _positive("train.warmup_steps", self.warmup_steps, zero_ok=True)
+        _positive("train.grad_clip", self.grad_clip, zero_ok=True)
+        _positive("train.threads", self.threads, zero_ok=True)
+        if self.seed < 0:
+            raise ConfigError(f"train.seed={self.seed} must be >= 0")
+
+
+@dataclass
+class OptimConfig:
+    """Inner optimizer: ``adamw`` or ``sgd`` (with momentum)."""
+
+    name: str = "adamw"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    momentum: float = 0.9
+    nesterov: bool = False
+
+    def __post_init__(self) -> None:
+        _choice("optim.name", self.name, ("adamw", "sgd"))
+        _positive("optim.weight_decay", self.weight_decay, zero_ok=True)
+        _fraction("optim.beta1", self.beta1)
+        _fraction("optim.beta2", self.beta2)
+        _positive("optim.eps", self.eps)
+        _fraction("optim.momentum", self.momentum)
+
+
+@dataclass
+class SiteConfig:
+    """One site (data center): its ranks, address, device and data shard."""
+
+    name: str = MISSING
+    listen: str = "127.0.0.1:29400"
+    nproc: int = 1
+    device: str = "cpu"
+    shard: int = 0
+    peers: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[a-z][a-z0-9_-]{0,31}", self.name):
+            raise ConfigError(f"site.name={self.name!r} must be lowercase letters, digits, - or _")
+        m = re.fullmatch(r"(.+):(\d+)", self.listen)
+        if not m or not 0 < int(m.group(2)) < 65536:
+            raise ConfigError(f"site.listen={self.listen!r} must be HOST:PORT with a port in 1..65535")
+        _positive("site.nproc", self.nproc)
+        _choice("site.device", self.device, ("cpu", "cuda", "auto"))
+        _positive("site.shard", self.shard, zero_ok=True)
+
+
+@dataclass
+class ZeroConfig:
+    """The ZeRO engine inside a site (stage 0 = replicated, all-reduced gradients)."""
+
+    stage: int = 0
+    bucket_mb: float = 25.0
+    reduce_dtype: str = "fp32"
+    mixed_precision: str = "fp32"
+    activation_checkpointing: bool = False
+    offload: bool = False
+
+    def __post_init__(self) -> None:
+        _choice("zero.stage", self.stage, (0, 1, 2, 3))
+        _positive("zero.bucket_mb", self.bucket_mb)
+        _choice("zero.reduce_dtype", self.reduce_dtype, ("fp32", "bf16"))
+        _choice("zero.mixed_precision", self.mixed_precision, ("fp32", "bf16"))
+
+
+@dataclass
+class OuterConfig:
+    """The outer step between sites (see docs/noloco-spec in shared docs)."""
+
+    method: str = "noloco"
+    H: int = 50
+    alpha: float = 0.5
+    beta: float = 0.7
+    gamma: float = 0.7
+    lr: float = 0.7  # diloco outer SGD learning rate
+    momentum: float = 0.9  # diloco outer Nesterov momentum
+    tau: int = 0  # streaming overlap: inner steps the pull may run behind (0 = blocking)
+    mix: float = 0.5
+
+    def __post_init__(self) -> None:
+        _choice("outer.method", self.method, ("noloco", "diloco", "local"))
+        _positive("outer.H", self.H)
+        _fraction("outer.alpha", self.alpha)
+        _positive("outer.beta", self.beta, zero_ok=True)
+        _positive("outer.gamma", self.gamma, zero_ok=True)
+        _positive("outer.lr", self.lr)
+        _fraction("outer.momentum", self.momentum)
+        _positive("outer.tau", self.tau, zero_ok=True)
+        _fraction("outer.mix", self.mix, hi_open=False)
+
+
+CODECS = ("none", "bf16", "int8", "int4", "fp4", "topk")
+
+
+@dataclass
+class CompressionConfig:
+    """Codec per outgoing stream: the delta and the slow weights phi."""
+
+    codec: str = "int8"
+    phi_codec: str = "none"
+    block: int = 256
+    scale_dtype: str = "fp32"
+    stochastic: bool = False
+    error_feedback: bool = True
+    topk_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        _choice("compression.codec", self.codec, CODECS)
+        _choice("compression.phi_codec", self.phi_codec, CODECS)
+        _positive("compression.block", self.block)
+        _choice("compression.scale_dtype", self.scale_dtype, ("fp32", "fp16"))
+        _fraction("compression.topk_fraction", self.topk_fraction, lo_open=True, hi_open=False)
+
+
+@dataclass
+class GossipConfig:
+    """gRPC between sites. mTLS unless ``insecure`` is set explicitly."""
+
+    insecure: bool = False
+    cert_dir: str | None = None
+    connect_timeout_s: float = 10.0
+    pull_timeout_s: float = 60.0
+    heartbeat_s: float = 2.0
+    dead_after: int = 3
+
+    def __post_init__(self) -> None:
+        for k in ("connect_timeout_s", "pull_timeout_s", "heartbeat_s", "dead_after"):
+            _positive(f"gossip.{k}", getattr(self, k))
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints under ``dir`` (relative to the site's run directory). ``every=0``: off."""
+
+    every: int = 0
+    dir: str = "checkpoints"
+    keep: int = 2
+
+    def __post_init__(self) -> None:
+        _positive("checkpoint.every", self.every, zero_ok=True)
+        _positive("checkpoint.keep", self.keep)
+
+
+@dataclass
+class WanConfig:
+    """Emulated wide-area links between sites (used by ``loco.local``)."""
+
+    name: str = "none"
+    rtt_ms: float = 0.0
+    jitter_ms: float = 0.0
+    bandwidth_mbit: float = 0.0  # 0: unlimited
+    loss: float = 0.0
+
+    def __post_init__(self) -> None:
+        for k in ("rtt_ms", "jitter_ms", "bandwidth_mbit"):
+            _positive(f"wan.{k}", getattr(self, k), zero_ok=True)
+        _fraction("wan.loss", self.loss)
+
+
+@dataclass
+class FederationConfig:
+    """The sites ``loco.local`` starts on this machine."""
+
+    sites: list[str] = field(default_factory=lambda: ["eu", "us", "asia"])
+
+
+@dataclass
+class LocoConfig:
+    run_id: str = "loco"
+    resume: str = "none"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    site: SiteConfig | None = None
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    outer: OuterConfig = field(default_factory=OuterConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    gossip: GossipConfig = field(default_factory=GossipConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    wan: WanConfig = field(default_factory=WanConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+
+    def __post_init__(self) -> None:
+        _choice("resume", self.resume, ("none", "latest", "peer"))
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.run_id):
+            raise ConfigError(f"run_id={self.run_id!r} must be 1-64 letters, digits, '.', '-' or '_'")
+
+
+def register() -> None:
+    """Register the schema so that ``conf/config.yaml`` (defaults: base_config) is typed."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=LocoConfig)
+    for group, node in (
+        ("model", ModelConfig),
+        ("data", DataConfig),
+        ("optim", OptimConfig),
+        ("site", SiteConfig),
+        ("zero", ZeroConfig),
+        ("outer", OuterConfig),
+        ("compression", CompressionConfig),
+        ("gossip", GossipConfig),
+        ("wan", WanConfig),
+        ("federation", FederationConfig),
+    ):
+        cs.store(group=group, name=f"base_{group}", node=node)
+
+
+register()
+
+
+def available(group: str) -> list[str]:
+    """The option names of a config group (the yaml files in ``conf/<group>/``)."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def to_config(cfg: DictConfig) -> LocoConfig:
+    """Turn a composed DictConfig into a validated ``LocoConfig`` (runs every check)."""
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except Exception as e:  # OmegaConf validation errors
+        raise ConfigError(explain(e)) from None
+    assert isinstance(obj, LocoConfig)
+    return obj
+
+
+def require_site(cfg: LocoConfig) -> None:
+    if cfg.site is None:
+        raise ConfigError(
+            f"no site given; add +site=NAME with NAME one of: {', '.join(available('site'))}"
+        )
+
+
+def explain(e: BaseException) -> str:
+    """One line for a Hydra/OmegaConf error: the key, the problem and what is allowed."""
+    if isinstance(e, ConfigError):
+        return str(e)
+    msg = str(e)
+    cause = e.__cause__ or e.__context__
+    detail = str(cause) if cause is not None else msg
+    m = re.search(r"Could not find '([^/']+)/([^']+)'", msg)
+    if m:
+        group, name = m.groups()
+        return f"unknown {group} {name!r}; choose one of: {', '.join(available(group)) or '(none)'}"
+    key = re.search(r"full_key: (\S+)", detail)
+    key = key.group(1) if key else None
+    if key is None:
+        m = re.search(r"(?:override|Could not override) '?([\w.]+)", msg)
+        key = m.group(1) if m else None
+    if re.search(r"Key '[^']+' not in", detail) and key:
+        return f"unknown config key '{key}'; {_known_keys_hint(key)}"
+    if key:
+        return f"bad value for '{key}': {_first_line(detail)}"
+    return _first_line(detail)
+
+
+def _first_line(s: str) -> str:
+    return s.strip().splitlines()[0] if s.strip() else "invalid configuration"
+
+
+def _known_keys_hint(full_key: str) -> str:
+    parts = full_key.split(".")
+    node: Any = LocoConfig
+    for p in parts[:-1]:
+        fields = getattr(node, "__dataclass_fields__", {})
+        if p not in fields:
+            return f"top-level keys are: {', '.join(LocoConfig.__dataclass_fields__)}"
+        node = {
+            "model": ModelConfig, "data": DataConfig, "train": TrainConfig, "optim": OptimConfig,
+            "site": SiteConfig, "zero": ZeroConfig, "outer": OuterConfig,
+            "compression": CompressionConfig, "gossip": GossipConfig,
+            "checkpoint": CheckpointConfig, "wan": WanConfig, "federation": FederationConfig,
+        }.get(p)
+        if node is None:
+            break
+    keys = list(getattr(node, "__dataclass_fields__", LocoConfig.__dataclass_fields__))
+    where = ".".join(parts[:-1]) or "the top level"
+    return f"keys of {where} are: {', '.join(keys)}"
+
+
+def compose(overrides: list[str] | None = None, need_site: bool = True) -> LocoConfig:
+    """Compose ``conf/config.yaml`` with ``overrides`` as Hydra would, and validate it.
+
+    Raises :class:`ConfigError` with one line on any problem. Hydra-only overrides
+    (``hydra.*``, ``hydra/...``) are ignored here.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    ov = [o for o in (overrides or []) if not o.lstrip("+~").startswith("hydra")]
+    if need_site and not any(re.match(r"\+?site=", o) for o in ov):
+        require_site(LocoConfig())
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            cfg = hydra_compose(config_name="config", overrides=ov)
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(explain(e)) from None
+    out = to_config(cfg)
+    if need_site:
+        require_site(out)
+    return out

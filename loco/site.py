@@ -1,0 +1,153 @@
+"""One site's run: start or join its ranks, build everything, train, checkpoint, summarize."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from loco import build, dist as ldist
+from loco.config import LocoConfig
+from loco.metrics import MetricsWriter
+from loco.progress import Progress
+from loco.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def run_rank(cfg: LocoConfig, run_dir: Path, rank: int, world: int, local_rank: int) -> dict[str, Any]:
+    """Train this rank; the process group (if ``world > 1``) is already initialized."""
+    assert cfg.site is not None
+    site = cfg.site.name
+    torch.set_num_threads(build.threads_for(cfg, world))
+    device = ldist.resolve_device(cfg.site.device, local_rank)
+    seed_everything(cfg.train.seed)
+    say = (lambda msg: print(f"loco[{site}] {msg}", file=sys.stderr, flush=True)) if rank == 0 else (lambda msg: None)
+
+    # rank 0 builds the corpus cache; the others read it once it is complete
+    if rank == 0:
+        corpus = build.corpus_from(cfg)
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        corpus = build.corpus_from(cfg)
+
+    model = build.model_from(cfg, corpus).to(device)
+    say(f"model {cfg.model.size}: {model.num_params():,} parameters; {world} rank(s) on {device.type}")
+    engine = build.engine_from(cfg, model)
+    data = build.data_from(cfg, corpus, rank=rank, world=world)
+    say(
+        f"data {corpus.name}: shard {cfg.site.shard}/{cfg.data.num_shards} ({cfg.data.split}) "
+        f"{data.shard_tokens:,} tokens; global batch {data.global_rows} x {cfg.train.seq_len}"
+    )
+
+    ckpt = build.checkpointer_from(cfg, run_dir)
+    start = 0
+    if cfg.resume == "latest":
+        path = ckpt.latest()
+        if path is None:
+            say(f"resume=latest: no checkpoint in {ckpt.dir}; starting from step 0")
+        else:
+            state = ckpt.load(path)
+            engine.load_state_dict(state["engine"])
+            torch.set_rng_state(state["rng"])
+            start = int(state["step"])
+            say(f"resumed from {path} at step {start}")
+    elif cfg.resume == "peer":
+        raise ValueError("resume=peer needs the gossip layer, which this build does not run yet; use resume=latest")
+
+    metrics = MetricsWriter(run_dir / "metrics.jsonl", site=site, rank=rank) if rank == 0 else None
+    progress = Progress(cfg.train.steps, prefix=f"loco[{site}] ") if rank == 0 and cfg.train.progress else None
+
+    def save(step: int) -> None:
+        if rank == 0:
+            path = ckpt.save(step, {"step": step, "engine": engine.state_dict(), "rng": torch.get_rng_state()})
+            if metrics:
+                metrics.log("ckpt", step=step, round=0, path=str(path))
+        if world > 1:
+            dist.barrier()
+
+    trainer = Trainer(
+        engine=engine,
+        data=data,
+        steps=cfg.train.steps,
+        lr=cfg.train.lr,
+        warmup_steps=cfg.train.warmup_steps,
+        min_lr_ratio=cfg.train.min_lr_ratio,
+        grad_accum=cfg.train.grad_accum,
+        eval_every=cfg.train.eval_every,
+        eval_batches=cfg.train.eval_batches,
+        log_every=cfg.train.log_every,
+        seq_len=cfg.train.seq_len,
+        round_every=cfg.outer.H,
+        tokens_are_bytes=corpus.tokens_are_bytes,
+        device=device,
+        metrics=metrics,
+        progress=progress,
+    )
+    summary = trainer.fit(start, checkpoint=save, ckpt_every=cfg.checkpoint.every)
+    summary.update(site=site, nproc=world, params=model.num_params())
+    if rank == 0:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if summary["val_loss"] is not None:
+            say(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens, final val loss {summary['val_loss']:.4f}")
+    if metrics:
+        metrics.close()
+    return summary
+
+
+def _spawned(rank: int, cfg: LocoConfig, run_dir: Path, init_method: str, world: int, backend: str) -> None:
+    try:
+        ldist.init_group(backend=backend, rank=rank, world=world, init_method=init_method)
+        run_rank(cfg, run_dir, rank, world, rank)
+    except ValueError as e:
+        print(f"loco: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def backend_for(cfg: LocoConfig) -> str:
+    assert cfg.site is not None
+    gpu = cfg.site.device == "cuda" or (cfg.site.device == "auto" and torch.cuda.is_available())
+    return "nccl" if gpu else "gloo"
+
+
+def launch(cfg: LocoConfig, run_dir: Path) -> dict[str, Any] | None:
+    """Run the site: under torchrun join its ranks; else run ``site.nproc`` ranks here.
+
+    Returns rank 0's summary (None on other torchrun ranks).
+    """
+    assert cfg.site is not None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if ldist.under_torchrun():
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if world != cfg.site.nproc and rank == 0:
+            print(f"loco: torchrun started {world} ranks; site.nproc={cfg.site.nproc} is ignored", file=sys.stderr)
+        ldist.init_group(backend=backend_for(cfg), rank=rank, world=world, init_method="env://")
+        try:
+            obj = [str(run_dir)]
+            dist.broadcast_object_list(obj, src=0)  # every rank writes under rank 0's run dir
+            return run_rank(cfg, Path(obj[0]), rank, world, int(os.environ["LOCAL_RANK"]))
+        finally:
+            dist.destroy_process_group()
+    if cfg.site.nproc == 1:
+        return run_rank(cfg, run_dir, 0, 1, 0)
+    init = f"tcp://127.0.0.1:{ldist.free_port()}"
+    ldist.spawn(_spawned, cfg.site.nproc, (cfg, run_dir, init, cfg.site.nproc, backend_for(cfg)))
+    return json.loads((run_dir / "summary.json").read_text())

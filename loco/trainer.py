@@ -1,0 +1,158 @@
+"""The inner training loop of one rank of a site.
+
+Per step: ``grad_accum`` micro-batches (forward, loss / grad_accum, ``engine.backward``), then
+``engine.step(lr)`` with the warmup + cosine learning rate. Every ``log_every`` steps the train
+loss is averaged over the site's ranks (so it is the mean over the site's global batch) and
+written with the learning rate, gradient norm and tokens/s; every ``eval_every`` steps the
+validation loss (and bits per byte for byte tokens) is measured on fixed held-out batches.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from loco.data.sampler import SiteData
+from loco.engine.base import Engine
+from loco.metrics import MetricsWriter
+from loco.progress import Progress
+
+
+def lr_schedule(step: int, *, lr: float, steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
+    """Linear warmup over ``warmup_steps`` (step 0 gets lr/warmup), then cosine to lr*min_lr_ratio."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    span = max(1, steps - warmup_steps)
+    t = min(1.0, (step - warmup_steps) / span)
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+class Trainer:
+    """Runs steps ``[start, steps)`` on one rank; every rank of the site runs the same calls."""
+
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        data: SiteData,
+        steps: int,
+        lr: float,
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.1,
+        grad_accum: int = 1,
+        eval_every: int = 100,
+        eval_batches: int = 8,
+        log_every: int = 10,
+        seq_len: int,
+        round_every: int = 0,
+        tokens_are_bytes: bool = True,
+        device: torch.device | str = "cpu",
+        group: dist.ProcessGroup | None = None,
+        metrics: MetricsWriter | None = None,
+        progress: Progress | None = None,
+        on_step_end: Callable[[int], None] | None = None,
+    ) -> None:
+        self.engine, self.data = engine, data
+        self.model = engine.model
+        self.steps, self.grad_accum, self.seq_len = steps, grad_accum, seq_len
+        self.sched = dict(lr=lr, steps=steps, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio)
+        self.eval_every, self.eval_batches, self.log_every = eval_every, eval_batches, log_every
+        self.round_every = round_every
+        self.tokens_are_bytes = tokens_are_bytes
+        self.device = torch.device(device)
+        self.group = group
+        self.world = dist.get_world_size(group) if dist.is_initialized() else 1
+        self.metrics, self.progress = metrics, progress
+        self.on_step_end = on_step_end
+        self.step = 0  # optimizer steps completed
+        self.history: list[dict[str, Any]] = []
+
+    def _round(self, step: int) -> int:
+        return step // self.round_every if self.round_every else 0
+
+    def _site_mean(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64)
+        if self.world > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+            t /= self.world
+        return t.tolist()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean validation loss over ``eval_batches`` fixed batches of the site's ranks."""
+        was_training = self.model.training
+        self.model.eval()
+        total = 0.0
+        for i in range(self.eval_batches):
+            x, y = self.data.val_batch(i)
+            total += float(self.model(x.to(self.device), y.to(self.device)))
+        self.model.train(was_training)
+        (loss,) = self._site_mean([total / self.eval_batches])
+        out = {"loss": loss}
+        key = "bpb" if self.tokens_are_bytes else "bits_per_token"
+        out[key] = loss / math.log(2)
+        return out
+
+    def train_step(self, step: int) -> tuple[float, float, float]:
+        """One optimizer step; returns (this rank's mean micro-batch loss, lr, grad norm)."""
+        lr = lr_schedule(step, **self.sched)
+        loss_sum = torch.zeros((), device=self.device)
+        for k in range(self.grad_accum):
+            x, y = self.data.train_batch(step, k)
+            loss = self.model(x.to(self.device), y.to(self.device))
+            self.engine.backward(loss / self.grad_accum)
+            loss_sum += loss.detach()
+        norm = self.engine.step(lr)
+        return float(loss_sum) / self.grad_accum, lr, norm
+
+    def fit(self, start: int = 0, checkpoint: Callable[[int], None] | None = None, ckpt_every: int = 0) -> dict[str, Any]:
+        """Train from step ``start`` to ``steps``; returns a summary with the final eval."""
+        self.step = start
+        self.model.train()
+        tokens_per_step = self.data.global_rows * self.seq_len
+        window_t, window_steps = time.perf_counter(), 0
+        last_eval: float | None = None
+        losses: list[float] = []
+        for step in range(start, self.steps):
+            loss, lr, norm = self.train_step(step)
+            self.step = step + 1
+            losses.append(loss)
+            window_steps += 1
+            done = self.step
+            if done % self.log_every == 0 or done == self.steps:
+                elapsed = time.perf_counter() - window_t
+                (site_loss,) = self._site_mean([sum(losses) / len(losses)])
+                tps = window_steps * tokens_per_step / max(elapsed, 1e-9)
+                rec = dict(loss=site_loss, lr=lr, grad_norm=norm, tokens_per_s=tps, tokens=done * tokens_per_step)
+                self.history.append({"step": done, "kind": "train", **rec})
+                if self.metrics:
+                    self.metrics.log("train", step=done, round=self._round(done), **rec)
+                if self.progress:
+                    self.progress.update(done, loss=site_loss, lr=lr, **{"tok/s": tps})
+                losses, window_steps = [], 0
+                window_t = time.perf_counter()
+            if done % self.eval_every == 0 or done == self.steps:
+                t0 = time.perf_counter()
+                ev = self.evaluate()
+                last_eval = ev["loss"]
+                self.history.append({"step": done, "kind": "eval", **ev})
+                if self.metrics:
+                    self.metrics.log("eval", step=done, round=self._round(done), tokens=done * tokens_per_step, **ev)
+                if self.progress:
+                    figs = "  ".join(f"{k} {v:.4f}" for k, v in ev.items())
+                    self.progress.message(f"eval step {done}: val {figs}")
+                window_t += time.perf_counter() - t0  # eval time is not training throughput
+            if self.on_step_end is not None:
+                self.on_step_end(done)
+            if checkpoint is not None and ckpt_every and done % ckpt_every == 0:
+                t0 = time.perf_counter()
+                checkpoint(done)
+                window_t += time.perf_counter() - t0
+        if self.progress:
+            self.progress.close()
+        return {"steps": self.step, "val_loss": last_eval, "tokens": self.step * tokens_per_step}
