@@ -1,0 +1,63 @@
+"""Gossip between sites: gRPC mailbox servers, range pulls, membership, pairing, mTLS.
+
+Public API (see docs/gossip.md)::
+
+    server = GossipServer(site=..., rank=..., nproc=..., flat_size=..., run_id=..., layout_hash=...,
+                          listen="host:port", tls=TlsConfig.for_site(dir, site) | insecure=True)
+    server.start(); server.publish(round, "delta", payload_bytes)
+    client = GossipClient(site=..., run_id=..., layout_hash=..., tls=... | insecure=True)
+    members = Membership(client=client, site=..., peers={"us": "host:port"}); members.start()
+    for p in partners(seed, round, members.live_sites(), site):
+        res = client.pull(members.peer(p), round, "delta", lo, hi)   # res.ok / res.data / res.cause
+"""
+
+from .client import GossipClient, PeerInfo, PullResult, RankInfo, ReceivedSegment
+from .errors import (
+    AuthError,
+    BadPayload,
+    BadRequest,
+    GossipError,
+    PeerBanned,
+    PeerMismatch,
+    PeerUnavailable,
+    PullTimeout,
+    RoundEvicted,
+)
+from .mailbox import Mailbox, Segment
+from .membership import Membership
+from .metrics import GossipMetrics
+from .pairing import group_of, pairing, partners
+from .ranges import owners, rank_range
+from .server import GossipServer, ServerFault
+from .tls import TlsConfig
+from .wire import PROTOCOL_VERSION
+
+__all__ = [
+    "AuthError",
+    "BadPayload",
+    "BadRequest",
+    "GossipClient",
+    "GossipError",
+    "GossipMetrics",
+    "GossipServer",
+    "Mailbox",
+    "Membership",
+    "PROTOCOL_VERSION",
+    "PeerBanned",
+    "PeerInfo",
+    "PeerMismatch",
+    "PeerUnavailable",
+    "PullResult",
+    "PullTimeout",
+    "RankInfo",
+    "ReceivedSegment",
+    "RoundEvicted",
+    "Segment",
+    "ServerFault",
+    "TlsConfig",
+    "group_of",
+    "owners",
+    "pairing",
+    "partners",
+    "rank_range",
+]

@@ -1,0 +1,403 @@
+"""The gRPC server of one rank: Hello, long-poll Pull, FetchState and grpc.health.v1.
+
+One ``GossipServer`` per rank. Address convention: the site's ``listen`` address is rank 0's;
+rank r listens on ``port + r`` of the same host, unless explicit ``rank_addresses`` are given
+(tests bind port 0 and set them after ``start()``). Hello reports every rank's address and range.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import zlib
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+
+from ._pb import gossip_pb2 as pb
+from ._pb import health_pb2, health_pb2_grpc
+from .mailbox import Mailbox, RoundEvictedError, Segment
+from .metrics import GossipMetrics
+from .ranges import rank_range
+from .tls import TlsConfig, peer_site, server_credentials
+from .wire import (
+    DEFAULT_CHUNK_BYTES,
+    MAX_CHUNK_BYTES,
+    MAX_MESSAGE_BYTES,
+    PROTOCOL_VERSION,
+    encode_data,
+    encode_header,
+    identity,
+)
+
+log = logging.getLogger(__name__)
+
+SERVICE = "loco.v1.Gossip"
+
+
+def server_options(keepalive_s: float = 30.0) -> list[tuple[str, int]]:
+    """Channel args of the server: message limits, keepalive, no port sharing."""
+    return [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+        ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
+@dataclass
+class ServerFault:
+    """Fault injection for drills (tests only). All fields default to 'no fault'."""
+
+    delay_s: float = 0.0  # sleep before streaming a Pull
+    exit_after_chunks: int = -1  # os._exit(1) after this many data chunks (kill mid-stream)
+    corrupt_chunk: int = -1  # flip a byte of this data chunk (after its crc was computed)
+    header: dict = field(default_factory=dict)  # SegmentHeader fields to overwrite
+
+
+class GossipServer:
+    """Mailbox server of one rank.
+
+    Args:
+        site, rank, nproc, flat_size: identity and layout of this rank (range from ``rank_range``).
+        run_id, layout_hash: requests with other values are refused (FAILED_PRECONDITION).
+        listen: ``host:port`` to bind (port 0 picks a free port; see ``address``).
+        tls: mTLS material; required unless ``insecure=True`` (then plaintext).
+        members: site names allowed to call (checked against the peer certificate); None = any
+            certificate of the run CA.
+        rank_addresses: addresses of all ranks of this site; default host:(port + r).
+        chunk_bytes: data bytes per stream message (<= 4 MiB).
+        keep_rounds: rounds kept in the mailbox.
+        max_wait_s: longest long-poll wait, whatever the caller's deadline.
+    """
+
+    def __init__(
+        self,
+        *,
+        site: str,
+        rank: int,
+        nproc: int,
+        flat_size: int,
+        run_id: str,
+        layout_hash: str,
+        listen: str = "127.0.0.1:0",
+        tls: TlsConfig | None = None,
+        insecure: bool = False,
+        members: list[str] | None = None,
+        rank_addresses: list[str] | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        keep_rounds: int = 2,
+        max_wait_s: float = 600.0,
+        max_workers: int = 16,
+        keepalive_s: float = 30.0,
+        metrics: GossipMetrics | None = None,
+        fault: ServerFault | None = None,
+    ) -> None:
+        if tls is None and not insecure:
+            raise ValueError("GossipServer needs tls=TlsConfig(...) or insecure=True (plaintext)")
+        if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
+            raise ValueError(f"chunk_bytes must be in (0, {MAX_CHUNK_BYTES}]")
+        self.site, self.rank, self.nproc, self.flat_size = site, rank, nproc, flat_size
+        self.lo, self.hi = rank_range(flat_size, nproc, rank)
+        self.run_id, self.layout_hash = run_id, layout_hash
+        self.tls = None if insecure else tls
+        self.members = set(members) if members is not None else None
+        self.chunk_bytes = chunk_bytes
+        self.max_wait_s = max_wait_s
+        self.metrics = metrics or GossipMetrics()
+        self.fault = fault
+        self.mailbox = Mailbox(keep_rounds)
+        self._listen = listen
+        self._rank_addresses = rank_addresses
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="gossip-srv"),
+            options=server_options(keepalive_s),
+        )
+        self._add_handlers()
+        self.port = 0
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self) -> int:
+        """Bind and start serving; returns the bound port."""
+        host, _ = split_address(self._listen)
+        if self.tls is None:
+            if host not in ("127.0.0.1", "localhost", "::1", "[::1]"):
+                log.warning(
+                    "gossip server %s/%d serves PLAINTEXT on %s", self.site, self.rank, self._listen
+                )
+            self.port = self._server.add_insecure_port(self._listen)
+        else:
+            self.port = self._server.add_secure_port(self._listen, server_credentials(self.tls))
+        if self.port == 0:
+            raise OSError(f"could not bind {self._listen}")
+        self._server.start()
+        return self.port
+
+    @property
+    def address(self) -> str:
+        host, _ = split_address(self._listen)
+        return f"{host}:{self.port}"
+
+    def set_rank_addresses(self, addresses: list[str]) -> None:
+        """Addresses of all ranks of this site, reported by Hello."""
+        if len(addresses) != self.nproc:
+            raise ValueError(f"need {self.nproc} addresses, got {len(addresses)}")
+        self._rank_addresses = list(addresses)
+
+    def rank_addresses(self) -> list[str]:
+        if self._rank_addresses is not None:
+            return self._rank_addresses
+        host, port = split_address(self._listen)
+        base = (self.port or port) - self.rank
+        return [f"{host}:{base + r}" for r in range(self.nproc)]
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        """Stop serving; waiting long polls are woken and end."""
+        self.mailbox.close()
+        self._server.stop(grace).wait(timeout=(grace or 0) + 5)
+
+    def __enter__(self) -> GossipServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ---------------------------------------------------------------- publishing
+
+    def publish(
+        self,
+        round: int,
+        stream: str,
+        data=None,
+        *,
+        codec: str = "raw",
+        dtype: str = "float32",
+        segments: list[Segment] | None = None,
+    ) -> None:
+        """Publish this rank's payload of ``stream`` for ``round``.
+
+        Either ``data`` (bytes-like, covering this rank's whole range [lo, hi); not copied, do
+        not mutate it until the round is evicted) or explicit ``segments`` inside [lo, hi).
+        """
+        self.mailbox.publish(round, stream, self._segments(data, codec, dtype, segments))
+
+    def publish_state(
+        self,
+        name: str,
+        version: int,
+        data=None,
+        *,
+        codec: str = "raw",
+        dtype: str = "float32",
+        segments: list[Segment] | None = None,
+    ) -> None:
+        """Publish the latest state stream ``name`` (served to joining sites by FetchState)."""
+        self.mailbox.publish_state(name, version, self._segments(data, codec, dtype, segments))
+
+    def _segments(self, data, codec, dtype, segments) -> list[Segment]:
+        if segments is None:
+            if data is None:
+                raise ValueError("publish needs data or segments")
+            segments = [Segment.make(self.lo, self.hi, data, codec, dtype)]
+        for s in segments:
+            if s.lo < self.lo or s.hi > self.hi:
+                raise ValueError(
+                    f"segment [{s.lo},{s.hi}) outside rank range [{self.lo},{self.hi})"
+                )
+        return segments
+
+    # ---------------------------------------------------------------- handlers
+
+    def _add_handlers(self) -> None:
+        handlers = {
+            "Hello": grpc.unary_unary_rpc_method_handler(
+                self._hello,
+                request_deserializer=pb.HelloRequest.FromString,
+                response_serializer=pb.HelloResponse.SerializeToString,
+            ),
+            "Pull": grpc.unary_stream_rpc_method_handler(
+                self._pull,
+                request_deserializer=pb.PullRequest.FromString,
+                response_serializer=identity,
+            ),
+            "FetchState": grpc.unary_stream_rpc_method_handler(
+                self._fetch_state,
+                request_deserializer=pb.FetchStateRequest.FromString,
+                response_serializer=identity,
+            ),
+        }
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE, handlers),)
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(_Health(), self._server)
+
+    def _authorize(self, context: grpc.ServicerContext) -> str:
+        """The caller's site; aborts PERMISSION_DENIED for a non-member certificate."""
+        if self.tls is None:
+            return ""
+        site = peer_site(context)
+        if site is None or (self.members is not None and site not in self.members):
+            self.metrics.add("served_fail_auth")
+            log.warning("refused peer %s (site %r not a member)", context.peer(), site)
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"site {site!r} is not a member")
+        return site
+
+    def _check_run(self, context, run_id: str, layout_hash: str) -> None:
+        if run_id != self.run_id or layout_hash != self.layout_hash:
+            self.metrics.add("served_fail_mismatch")
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"run/layout mismatch: server has run_id={self.run_id!r} "
+                f"layout_hash={self.layout_hash!r}, request run_id={run_id!r} "
+                f"layout_hash={layout_hash!r}",
+            )
+
+    def _hello(self, req: pb.HelloRequest, context) -> pb.HelloResponse:
+        self._authorize(context)
+        ranks = [
+            pb.RankInfo(
+                rank=r,
+                address=a,
+                lo=rank_range(self.flat_size, self.nproc, r)[0],
+                hi=rank_range(self.flat_size, self.nproc, r)[1],
+            )
+            for r, a in enumerate(self.rank_addresses())
+        ]
+        return pb.HelloResponse(
+            run_id=self.run_id,
+            protocol_version=PROTOCOL_VERSION,
+            layout_hash=self.layout_hash,
+            site=self.site,
+            nproc=self.nproc,
+            flat_size=self.flat_size,
+            ranks=ranks,
+            current_round=self.mailbox.latest_round,
+            rank=self.rank,
+        )
+
+    def _check_range(self, context, lo: int, hi: int) -> None:
+        if not (self.lo <= lo < hi <= self.hi):
+            self.metrics.add("served_fail_bad_request")
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"range [{lo},{hi}) not inside rank {self.rank}'s [{self.lo},{self.hi})",
+            )
+
+    def _pull(self, req: pb.PullRequest, context) -> Iterator[bytes]:
+        self._authorize(context)
+        self._check_run(context, req.run_id, req.layout_hash)
+        self._check_range(context, req.lo, req.hi)
+        left = context.time_remaining()
+        timeout = self.max_wait_s if left is None else min(left, self.max_wait_s)
+        try:
+            segs = self.mailbox.wait(req.round, req.stream, timeout, context.is_active)
+        except RoundEvictedError as e:
+            self.metrics.add("served_fail_evicted")
+            context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        if segs is None:
+            self.metrics.add("served_fail_timeout")
+            context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"round {req.round} stream {req.stream!r} not published in time",
+            )
+        self.metrics.add("served_pulls")
+        yield from self._stream(segs, req.lo, req.hi, req.round, req.stream)
+
+    def _fetch_state(self, req: pb.FetchStateRequest, context) -> Iterator[bytes]:
+        self._authorize(context)
+        self._check_run(context, req.run_id, req.layout_hash)
+        self._check_range(context, req.lo, req.hi)
+        got = self.mailbox.state(req.name)
+        if got is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no state {req.name!r} published")
+        version, segs = got
+        yield from self._stream(segs, req.lo, req.hi, version, req.name)
+
+    def _stream(
+        self, segs: list[Segment], lo: int, hi: int, round: int, stream: str
+    ) -> Iterator[bytes]:
+        """Header + data chunks for every segment intersecting [lo, hi); raw ones are sliced."""
+        fault = self.fault
+        if fault is not None and fault.delay_s:
+            time.sleep(fault.delay_s)
+        nchunk = 0
+        for seg in segs:
+            a, b = max(lo, seg.lo), min(hi, seg.hi)
+            if a >= b:
+                continue
+            if seg.codec == "raw":
+                isz = seg.itemsize
+                body = seg.data[(a - seg.lo) * isz : (b - seg.lo) * isz]
+                crc = seg.crc32 if (a, b) == (seg.lo, seg.hi) else None
+                s_lo, s_hi = a, b
+            else:
+                body, crc, s_lo, s_hi = seg.data, seg.crc32, seg.lo, seg.hi
+            if crc is None:
+                crc = zlib.crc32(body)
+            header = pb.SegmentHeader(
+                run_id=self.run_id,
+                layout_hash=self.layout_hash,
+                round=round,
+                stream=stream,
+                codec=seg.codec,
+                dtype=seg.dtype,
+                lo=s_lo,
+                hi=s_hi,
+                length=len(body),
+                crc32=crc,
+                site=self.site,
+                rank=self.rank,
+            )
+            if fault is not None:
+                for k, v in fault.header.items():
+                    setattr(header, k, v)
+            yield encode_header(header)
+            step = self.chunk_bytes
+            for off in range(0, len(body), step):
+                piece = body[off : off + step]
+                msg = encode_data(piece)
+                if fault is not None:
+                    if nchunk == fault.corrupt_chunk:
+                        msg = bytearray(msg)
+                        msg[len(msg) // 2] ^= 0xFF
+                        msg = bytes(msg)
+                    if nchunk == fault.exit_after_chunks:
+                        os._exit(1)
+                nchunk += 1
+                self.metrics.add("bytes_sent", len(piece))
+                yield msg
+
+
+class _Health(health_pb2_grpc.HealthServicer):
+    """grpc.health.v1: SERVING for "" and loco.v1.Gossip while the server runs."""
+
+    _known = ("", SERVICE)
+
+    def Check(self, request, context):  # noqa: N802 (gRPC naming)
+        if request.service not in self._known:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+    def Watch(self, request, context):  # noqa: N802
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if request.service in self._known
+            else health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        )
+        yield health_pb2.HealthCheckResponse(status=status)
+        while context.is_active():
+            time.sleep(1.0)

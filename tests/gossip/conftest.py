@@ -1,0 +1,95 @@
+"""Shared helpers for gossip tests: sites of real servers on loopback, cert dirs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from loco.certs import write_run_certs
+from loco.gossip import GossipClient, GossipServer, TlsConfig
+
+RUN = "run-test"
+LAYOUT = "layout-abc"
+
+
+class Site:
+    """All rank servers of one site, on loopback ports chosen by the OS."""
+
+    def __init__(self, name: str, nproc: int, flat_size: int, **kw) -> None:
+        self.name, self.nproc, self.flat_size = name, nproc, flat_size
+        kw.setdefault("run_id", RUN)
+        kw.setdefault("layout_hash", LAYOUT)
+        if "tls" not in kw:
+            kw.setdefault("insecure", True)
+        self.servers = [
+            GossipServer(site=name, rank=r, nproc=nproc, flat_size=flat_size, **kw)
+            for r in range(nproc)
+        ]
+
+    def start(self) -> Site:
+        for s in self.servers:
+            s.start()
+        addrs = [s.address for s in self.servers]
+        for s in self.servers:
+            s.set_rank_addresses(addrs)
+        return self
+
+    @property
+    def address(self) -> str:
+        return self.servers[0].address
+
+    def stop(self) -> None:
+        for s in self.servers:
+            s.stop(grace=0)
+
+
+@pytest.fixture
+def sites():
+    made: list[Site] = []
+
+    def make(name: str, nproc: int, flat_size: int, **kw) -> Site:
+        site = Site(name, nproc, flat_size, **kw).start()
+        made.append(site)
+        return site
+
+    yield make
+    for s in made:
+        s.stop()
+
+
+@pytest.fixture
+def clients():
+    made: list[GossipClient] = []
+
+    def make(**kw) -> GossipClient:
+        kw.setdefault("site", "eu")
+        kw.setdefault("run_id", RUN)
+        kw.setdefault("layout_hash", LAYOUT)
+        if "tls" not in kw:
+            kw.setdefault("insecure", True)
+        kw.setdefault("timeout_s", 10.0)
+        c = GossipClient(**kw)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+
+
+@pytest.fixture(scope="session")
+def certdir(tmp_path_factory):
+    """A run CA with certs for eu, us, asia; plus a foreign CA with its own eu/us certs."""
+    d = tmp_path_factory.mktemp("certs")
+    write_run_certs(d / "run", ["eu", "us", "asia"])
+    write_run_certs(d / "other", ["eu", "us", "mallory"])
+    return d
+
+
+def tls_for(certdir, site: str, ca: str = "run") -> TlsConfig:
+    return TlsConfig.for_site(certdir / ca, site)
+
+
+def is_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
