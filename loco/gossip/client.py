@@ -454,9 +454,12 @@ class GossipClient:
         opaque: list[ReceivedSegment] = []
         nxt, attempt = a, 0
         out = memoryview(res.data)
+        last: GossipError | None = None
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
+                if last is not None:
+                    raise last
                 raise PullTimeout(
                     f"{peer.site}/{r.rank}: deadline passed before [{nxt},{b})", peer=peer.site
                 )
@@ -544,7 +547,7 @@ class GossipClient:
             except grpc.RpcError as e:
                 if stop.is_set():
                     raise _Cancelled() from None
-                err = from_rpc_error(e, peer.site)
+                err = last = from_rpc_error(e, peer.site)
                 left = deadline - time.monotonic()
                 if not is_retryable(err) or left <= 0:
                     raise err from None

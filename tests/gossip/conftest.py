@@ -93,3 +93,51 @@ def tls_for(certdir, site: str, ca: str = "run") -> TlsConfig:
 
 def is_root() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+class PeerProcess:
+    """``python -m loco.gossip.peer`` in a child process (a real process to kill)."""
+
+    def __init__(self, *args: str, prefix: list[str] | None = None) -> None:
+        import json
+        import subprocess
+        import sys
+
+        cmd = [*(prefix or []), sys.executable, "-m", "loco.gossip.peer", *args]
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"peer failed to start: {self.proc.stderr.read()}")
+        self.info = json.loads(line)
+        self.addresses: list[str] = self.info["addresses"]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            f.close()
+
+
+@pytest.fixture
+def peer_process():
+    made: list[PeerProcess] = []
+
+    def make(*args: str, **kw) -> PeerProcess:
+        p = PeerProcess(*args, **kw)
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        p.stop()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
