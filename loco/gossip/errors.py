@@ -82,7 +82,7 @@ _BY_CODE: dict[grpc.StatusCode, type[GossipError]] = {
     grpc.StatusCode.DATA_LOSS: BadPayload,
 }
 
-_TLS_HINTS = ("ssl", "handshake", "certificate", "tls", "x509")
+_TLS_HINTS = ("ssl", "handshake", "certificate", "tls", "x509", "verification", "unauthenticated")
 
 
 def from_rpc_error(err: grpc.RpcError, peer: str = "") -> GossipError:

@@ -6,7 +6,6 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import LAYOUT, RUN, free_port
 
 from loco.gossip import (
@@ -53,7 +52,9 @@ def test_partner_killed_mid_stream(peer_process, clients, sites):
 
 def test_partner_healthy_process_bitwise(peer_process, clients):
     p = 300_001
-    proc = peer_process("--site", "us", "--nproc", "3", "--flat-size", str(p), "--insecure", "--seed", "9")
+    proc = peer_process(
+        "--site", "us", "--nproc", "3", "--flat-size", str(p), "--insecure", "--seed", "9"
+    )
     client = clients()
     peer = client.hello(proc.addresses[0], expect_site="us")
     res = client.pull(peer, 0, "delta", 1000, p - 5)
