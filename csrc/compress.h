@@ -1,0 +1,92 @@
+// Shared definitions of the loco compression kernels (CPU and CUDA).
+//
+// The bit-level contract (codec ids, payload layout, rounding, hash) is written down in
+// docs/wire-format.md and mirrored by the pure-torch reference in loco/compress/reference.py.
+// Every change here must be made there too; tests compare the two bitwise.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define LOCO_HD __host__ __device__ __forceinline__
+#else
+#define LOCO_HD inline
+#endif
+
+namespace loco {
+
+// Codec ids as written in the wire header.
+enum CodecId : int64_t { kNone = 0, kBf16 = 1, kInt8 = 2, kInt4 = 3, kFp4 = 4, kTopk = 5 };
+
+// Status codes returned by the ops (0 = ok). Python maps them to ValueError / PayloadError.
+enum Status : int64_t {
+  kOk = 0,
+  kNonFinite = 1,   // encode: input (x + residual) has NaN or Inf
+  kOverflow = 2,    // encode: a value or scale does not fit the target format
+  kBadScale = 3,    // decode: a scale is negative, NaN or Inf
+  kBadIndex = 4,    // decode: top-k indices not strictly increasing or out of the block
+  kBadPadding = 5,  // decode: the unused low nibble of the last 4-bit byte is not zero
+  kBadValue = 6,    // decode: a none/bf16 value is NaN or Inf
+};
+
+// Seeded counter-based uniform in [0, 1) with 24 random bits: u = hash(seed, i) / 2^24.
+LOCO_HD uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x21f0aaadu;
+  x ^= x >> 15;
+  x *= 0x735a2d97u;
+  x ^= x >> 15;
+  return x;
+}
+
+LOCO_HD uint32_t hash_index(uint32_t seed, int64_t i) {
+  const uint32_t lo = static_cast<uint32_t>(static_cast<uint64_t>(i));
+  const uint32_t hi = static_cast<uint32_t>(static_cast<uint64_t>(i) >> 32);
+  return mix32(lo ^ mix32(seed + hi * 0x61C88647u));
+}
+
+LOCO_HD float uniform24(uint32_t seed, int64_t i) {
+  return static_cast<float>(hash_index(seed, i) >> 8) * (1.0f / 16777216.0f);
+}
+
+// Round to nearest, ties to even, for |y| < 2^22 (callers clamp first). Exact, and it vectorizes
+// with plain SSE2, unlike nearbyintf.
+LOCO_HD float rne_small(float y) {
+  const float magic = 12582912.0f;  // 1.5 * 2^23
+  return (y + magic) - magic;
+}
+
+LOCO_HD float floor_small(float y) {
+  const float r = rne_small(y);
+  return r > y ? r - 1.0f : r;
+}
+
+LOCO_HD float clampf(float y, float lo, float hi) { return y < lo ? lo : (y > hi ? hi : y); }
+
+// E2M1 magnitudes indexed by the 3 low bits of an fp4 code; bit 3 is the sign.
+LOCO_HD float fp4_mag(int m) {
+  return m <= 4 ? 0.5f * static_cast<float>(m) : (m == 5 ? 3.0f : (m == 6 ? 4.0f : 6.0f));
+}
+
+// Nearest E2M1 magnitude index for a >= 0, ties to the even index.
+LOCO_HD int fp4_nearest(float a) {
+  return (a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) + (a > 2.5f) + (a >= 3.5f) +
+         (a > 5.0f);
+}
+
+// Stochastic E2M1: lower grid point, then up with probability (a - lo) / step.
+LOCO_HD int fp4_stochastic(float a, float u) {
+  const int j = (a >= 0.5f) + (a >= 1.0f) + (a >= 1.5f) + (a >= 2.0f) + (a >= 3.0f) +
+                (a >= 4.0f) + (a >= 6.0f);
+  const float lo = fp4_mag(j);
+  const float step = j < 4 ? 0.5f : (j < 6 ? 1.0f : (j == 6 ? 2.0f : 0.0f));
+  const int m = j + (u * step < a - lo ? 1 : 0);
+  return m > 7 ? 7 : m;
+}
+
+// Largest code magnitude of the linear codecs.
+inline float qmax_of(int64_t codec) {
+  return codec == kInt4 ? 7.0f : (codec == kFp4 ? 6.0f : 127.0f);
+}
+
+}  // namespace loco

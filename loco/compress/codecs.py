@@ -1,0 +1,268 @@
+"""The codecs: one small ``Codec`` protocol, one class per wire format.
+
+Every codec works on a flat fp32 vector cut into blocks. ``quantize`` is ONE fused pass
+``(x + residual) -> (payload, new residual)`` and ``dequantize`` is ONE fused pass
+``out (+)= decode(payload)``; both run the compiled ``torch.ops.loco`` kernels when loaded and the
+bit-identical pure-torch reference otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Protocol, runtime_checkable
+
+import torch
+
+from loco.compress import reference as ref
+from loco.compress._ext import ext_has_cuda, ext_ops
+from loco.compress.wire import FLAG_FP16_SCALE, FLAG_STOCHASTIC, PayloadError
+
+__all__ = [
+    "Codec",
+    "NoneCodec",
+    "Bf16Codec",
+    "Int8Codec",
+    "Int4Codec",
+    "Fp4Codec",
+    "TopkCodec",
+    "CODECS",
+    "make_codec",
+    "codec_from_header",
+]
+
+_M32 = 0xFFFFFFFF
+_ENCODE_ERRORS = {
+    ref.NON_FINITE: "the input (plus residual) contains NaN or Inf; a sender never ships "
+    "non-finite values: fix the producer or skip this round",
+    ref.OVERFLOW: "a value or block scale does not fit the target format; use "
+    "scale_dtype='fp32' or a wider codec",
+}
+_DECODE_ERRORS = {
+    ref.BAD_SCALE: "a block scale is negative, NaN or Inf",
+    ref.BAD_INDEX: "top-k indices are not strictly increasing inside their block",
+    ref.BAD_PADDING: "the unused low nibble of the last byte is not zero",
+    ref.BAD_VALUE: "a value is NaN or Inf",
+}
+
+
+@runtime_checkable
+class Codec(Protocol):
+    """What the framing layer needs from a codec.
+
+    Contract: ``quantize`` writes exactly ``payload_nbytes(x.numel())`` bytes and, when
+    ``residual`` is given, sets ``residual = x + residual - decode(payload)`` in the same pass.
+    ``dequantize`` checks every scale / index / padding byte before touching ``out``.
+    """
+
+    name: ClassVar[str]
+    codec_id: ClassVar[int]
+
+    @property
+    def block(self) -> int: ...
+    @property
+    def k(self) -> int: ...
+    @property
+    def flags(self) -> int: ...
+
+    def payload_nbytes(self, numel: int) -> int: ...
+
+    def quantize(
+        self, x: torch.Tensor, residual: torch.Tensor | None, payload: torch.Tensor, seed: int
+    ) -> None: ...
+
+    def dequantize(self, payload: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None: ...
+
+
+def _backend(device: torch.device, codec_id: int):  # noqa: ANN202 - ops namespace or module
+    if device.type == "cpu":
+        ops = ext_ops()
+        return ops if ops is not None else ref
+    if device.type == "cuda" and codec_id != ref.TOPK and ext_has_cuda():
+        return ext_ops()
+    return ref
+
+
+@dataclass(frozen=True)
+class _BaseCodec:
+    """Shared implementation; subclasses fix the name, id, defaults and option checks."""
+
+    block: int = 0
+    k: int = 0
+    scale_dtype: str = "fp32"
+    rounding: str = "nearest"
+
+    name: ClassVar[str] = ""
+    codec_id: ClassVar[int] = -1
+    has_blocks: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if self.rounding not in ("nearest", "stochastic"):
+            raise ValueError(
+                f"{self.name}: rounding={self.rounding!r}; use 'nearest' or 'stochastic'"
+            )
+        if self.scale_dtype not in ("fp32", "fp16"):
+            raise ValueError(f"{self.name}: scale_dtype={self.scale_dtype!r}; use 'fp32' or 'fp16'")
+        if self.has_blocks and not (1 <= self.block <= 1 << 20):
+            raise ValueError(f"{self.name}: block={self.block}; use 1 <= block <= 1048576")
+
+    @property
+    def fp16_scale(self) -> bool:
+        return self.has_blocks and self.scale_dtype == "fp16"
+
+    @property
+    def flags(self) -> int:
+        return (FLAG_FP16_SCALE if self.fp16_scale else 0) | (
+            FLAG_STOCHASTIC if self.rounding == "stochastic" else 0
+        )
+
+    def payload_nbytes(self, numel: int) -> int:
+        """Bytes of the payload (header excluded) for ``numel`` values."""
+        return ref.payload_nbytes(numel, self.codec_id, self.block, self.k, self.fp16_scale)
+
+    def bytes_per_param(self, numel: int = 1 << 26) -> float:
+        """Payload bytes per value for a vector of ``numel`` values (header excluded)."""
+        return self.payload_nbytes(numel) / numel
+
+    def quantize(
+        self, x: torch.Tensor, residual: torch.Tensor | None, payload: torch.Tensor, seed: int
+    ) -> None:
+        """Fill ``payload`` from ``x (+ residual)``; raise ValueError on NaN/Inf or overflow."""
+        s = seed if self.rounding == "stochastic" else -1
+        be = _backend(x.device, self.codec_id)
+        status = be.quantize(x, residual, payload, self.codec_id, self.block, self.k,
+                             self.fp16_scale, s)  # fmt: skip
+        if status:
+            raise ValueError(f"loco.compress {self.name}: {_ENCODE_ERRORS.get(status, status)}")
+
+    def dequantize(self, payload: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
+        """``out (+)= decode(payload)``; raise PayloadError (out untouched) on bad content."""
+        be = _backend(out.device, self.codec_id)
+        status = be.dequantize(payload, out, self.codec_id, self.block, self.k, self.fp16_scale,
+                               accumulate)  # fmt: skip
+        if status:
+            raise PayloadError(f"{self.name} payload: {_DECODE_ERRORS.get(status, status)}")
+
+
+@dataclass(frozen=True)
+class NoneCodec(_BaseCodec):
+    """fp32, exact: 4 bytes per value."""
+
+    name: ClassVar[str] = "none"
+    codec_id: ClassVar[int] = ref.NONE
+    has_blocks: ClassVar[bool] = False
+
+
+@dataclass(frozen=True)
+class Bf16Codec(_BaseCodec):
+    """bfloat16, round to nearest even (or stochastic): 2 bytes per value."""
+
+    name: ClassVar[str] = "bf16"
+    codec_id: ClassVar[int] = ref.BF16
+    has_blocks: ClassVar[bool] = False
+
+
+@dataclass(frozen=True)
+class Int8Codec(_BaseCodec):
+    """Blockwise absmax int8: scale = absmax / 127 per block, codes in [-127, 127]."""
+
+    block: int = 256
+    name: ClassVar[str] = "int8"
+    codec_id: ClassVar[int] = ref.INT8
+
+
+@dataclass(frozen=True)
+class Int4Codec(_BaseCodec):
+    """Blockwise absmax int4: scale = absmax / 7, codes in [-7, 7], first value in the high
+    nibble. Default fp16 scales: 0.5156 bytes per value at block 128."""
+
+    block: int = 128
+    scale_dtype: str = "fp16"
+    name: ClassVar[str] = "int4"
+    codec_id: ClassVar[int] = ref.INT4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.block % 2:
+            raise ValueError(f"int4: block={self.block} must be even")
+
+
+@dataclass(frozen=True)
+class Fp4Codec(_BaseCodec):
+    """FP4 E2M1 (magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6) with scale = absmax / 6 per block, as in
+    Streaming DiLoCo / OCP MX; sign in bit 3, first value in the high nibble."""
+
+    block: int = 128
+    scale_dtype: str = "fp16"
+    name: ClassVar[str] = "fp4"
+    codec_id: ClassVar[int] = ref.FP4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.block % 2:
+            raise ValueError(f"fp4: block={self.block} must be even")
+
+
+@dataclass(frozen=True)
+class TopkCodec(_BaseCodec):
+    """Per-block top-k by magnitude (ties: lower index), indices as u8 (block <= 256) or u16,
+    values as int8 with one absmax scale per block. Use with error feedback."""
+
+    block: int = 256
+    k: int = 8
+    name: ClassVar[str] = "topk"
+    codec_id: ClassVar[int] = ref.TOPK
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.block > 65536:
+            raise ValueError(f"topk: block={self.block}; use block <= 65536")
+        if not 1 <= self.k <= self.block:
+            raise ValueError(f"topk: k={self.k}; use 1 <= k <= block ({self.block})")
+
+
+CODECS: dict[str, type[_BaseCodec]] = {
+    c.name: c for c in (NoneCodec, Bf16Codec, Int8Codec, Int4Codec, Fp4Codec, TopkCodec)
+}
+_BY_ID = {c.codec_id: c for c in CODECS.values()}
+_OPTIONS = {
+    "none": (),
+    "bf16": ("rounding",),
+    "int8": ("block", "scale_dtype", "rounding"),
+    "int4": ("block", "scale_dtype", "rounding"),
+    "fp4": ("block", "scale_dtype", "rounding"),
+    "topk": ("block", "k", "scale_dtype", "rounding"),
+}
+
+
+def make_codec(codec: str | Codec, **options: object) -> Codec:
+    """Codec instance from a name and options; ValueError names the allowed values."""
+    if not isinstance(codec, str):
+        if options:
+            raise ValueError("pass options either in the Codec instance or as keywords, not both")
+        return codec
+    if codec not in CODECS:
+        raise ValueError(f"unknown codec {codec!r}; use one of {sorted(CODECS)}")
+    bad = sorted(set(options) - set(_OPTIONS[codec]))
+    if bad:
+        raise ValueError(f"codec {codec!r} takes options {list(_OPTIONS[codec])}, not {bad}")
+    return CODECS[codec](**options)  # type: ignore[arg-type]
+
+
+def codec_from_header(codec_id: int, block: int, k: int, flags: int) -> Codec:
+    """Codec described by header fields; PayloadError when they are inconsistent."""
+    cls = _BY_ID.get(codec_id)
+    if cls is None:
+        raise PayloadError(f"unknown codec id {codec_id}")
+    fp16 = bool(flags & FLAG_FP16_SCALE)
+    rounding = "stochastic" if flags & FLAG_STOCHASTIC else "nearest"
+    if not cls.has_blocks:
+        if block or k or fp16:
+            raise PayloadError(f"{cls.name}: block/k/fp16-scale fields must be 0")
+        return cls(rounding=rounding)
+    if cls is not TopkCodec and k:
+        raise PayloadError(f"{cls.name}: k field must be 0, got {k}")
+    try:
+        kw = {"k": k} if cls is TopkCodec else {}
+        return cls(block=block, scale_dtype="fp16" if fp16 else "fp32", rounding=rounding, **kw)
+    except ValueError as e:
+        raise PayloadError(f"bad header field: {e}") from None
