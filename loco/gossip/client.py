@@ -36,7 +36,14 @@ from .metrics import GossipMetrics
 from .ranges import split_range
 from .server import SERVICE
 from .tls import TlsConfig, channel_credentials
-from .wire import ITEMSIZE, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, decode_chunk, identity
+from .wire import (
+    ITEMSIZE,
+    MAX_MESSAGE_BYTES,
+    PROTOCOL_VERSION,
+    crc32_combine,
+    decode_chunk,
+    identity,
+)
 
 log = logging.getLogger(__name__)
 
@@ -526,7 +533,7 @@ class GossipClient:
                             )
                         buf[got : got + n] = data
                         got += n
-                        crc_run = zlib.crc32(data, crc_run)
+                        crc_run = crc32_combine(crc_run, crc, n)
                         self.metrics.add("bytes_recv", n)
                         res.bytes_recv += n
                     if hdr is not None and got == hdr.length:

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import threading
 import time
-import zlib
 from dataclasses import dataclass, field
 
-from .wire import ITEMSIZE
+from .wire import DEFAULT_CHUNK_BYTES, ITEMSIZE, MAX_CHUNK_BYTES, crc32_combine, grid_crcs
 
 
 @dataclass(frozen=True)
@@ -21,7 +20,9 @@ class Segment:
     """A contiguous flat range ``[lo, hi)`` of one payload and its bytes.
 
     ``codec == "raw"`` means ``data`` is ``hi - lo`` elements of ``dtype`` (so the server may
-    slice it to any sub-range); any other codec is opaque and always sent whole.
+    slice it to any sub-range); any other codec is opaque and always sent whole. ``grid`` holds
+    the CRC-32 of each ``grid_bytes`` block (computed once at publish; stream chunks follow this
+    grid so the server never re-reads the payload to checksum it), ``crc32`` that of all bytes.
     """
 
     lo: int
@@ -30,10 +31,19 @@ class Segment:
     codec: str = "raw"
     dtype: str = "float32"
     crc32: int = field(default=0, compare=False)
+    grid_bytes: int = DEFAULT_CHUNK_BYTES
+    grid: tuple[int, ...] = field(default=(), compare=False, repr=False)
 
     @staticmethod
-    def make(lo: int, hi: int, data, codec: str = "raw", dtype: str = "float32") -> Segment:
-        """Validate and wrap ``data`` (any bytes-like object; not copied)."""
+    def make(
+        lo: int,
+        hi: int,
+        data,
+        codec: str = "raw",
+        dtype: str = "float32",
+        grid_bytes: int = DEFAULT_CHUNK_BYTES,
+    ) -> Segment:
+        """Validate and wrap ``data`` (any bytes-like object; not copied); checksum it."""
         mv = memoryview(data).cast("B")
         if not 0 <= lo <= hi:
             raise ValueError(f"bad segment range [{lo}, {hi})")
@@ -45,7 +55,13 @@ class Segment:
                     f"raw segment [{lo}, {hi}) of {dtype} needs {(hi - lo) * ITEMSIZE[dtype]} "
                     f"bytes, got {len(mv)}"
                 )
-        return Segment(lo, hi, mv, codec, dtype, zlib.crc32(mv))
+        if not 0 < grid_bytes <= MAX_CHUNK_BYTES:
+            raise ValueError(f"grid_bytes must be in (0, {MAX_CHUNK_BYTES}]")
+        grid = grid_crcs(mv, grid_bytes)
+        crc = 0
+        for i, c in enumerate(grid):
+            crc = crc32_combine(crc, c, min(grid_bytes, len(mv) - i * grid_bytes))
+        return Segment(lo, hi, mv, codec, dtype, crc, grid_bytes, tuple(grid))
 
     @property
     def itemsize(self) -> int:

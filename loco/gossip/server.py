@@ -28,6 +28,7 @@ from .wire import (
     MAX_CHUNK_BYTES,
     MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
+    crc32_combine,
     encode_data,
     encode_header,
     identity,
@@ -78,7 +79,8 @@ class GossipServer:
         members: site names allowed to call (checked against the peer certificate); None = any
             certificate of the run CA.
         rank_addresses: addresses of all ranks of this site; default host:(port + r).
-        chunk_bytes: data bytes per stream message (<= 4 MiB).
+        chunk_bytes: data bytes per stream message (<= 4 MiB) for payloads published with
+            ``data=``; explicit segments are chunked on their own ``grid_bytes``.
         keep_rounds: rounds kept in the mailbox.
         max_wait_s: longest long-poll wait, whatever the caller's deadline.
     """
@@ -212,7 +214,7 @@ class GossipServer:
         if segments is None:
             if data is None:
                 raise ValueError("publish needs data or segments")
-            segments = [Segment.make(self.lo, self.hi, data, codec, dtype)]
+            segments = [Segment.make(self.lo, self.hi, data, codec, dtype, self.chunk_bytes)]
         for s in segments:
             if s.lo < self.lo or s.hi > self.hi:
                 raise ValueError(
@@ -340,36 +342,24 @@ class GossipServer:
             if a >= b:
                 continue
             if seg.codec == "raw":
-                isz = seg.itemsize
-                body = seg.data[(a - seg.lo) * isz : (b - seg.lo) * isz]
-                crc = seg.crc32 if (a, b) == (seg.lo, seg.hi) else None
-                s_lo, s_hi = a, b
+                b0, b1, s_lo, s_hi = (a - seg.lo) * seg.itemsize, (b - seg.lo) * seg.itemsize, a, b
             else:
-                body, crc, s_lo, s_hi = seg.data, seg.crc32, seg.lo, seg.hi
-            if crc is None:
-                crc = zlib.crc32(body)
+                b0, b1, s_lo, s_hi = 0, len(seg.data), seg.lo, seg.hi
+            plan = _chunk_plan(seg, b0, b1)
+            crc = 0
+            for p0, p1, c in plan:
+                crc = crc32_combine(crc, c, p1 - p0)
             header = pb.SegmentHeader(
-                run_id=self.run_id,
-                layout_hash=self.layout_hash,
-                round=round,
-                stream=stream,
-                codec=seg.codec,
-                dtype=seg.dtype,
-                lo=s_lo,
-                hi=s_hi,
-                length=len(body),
-                crc32=crc,
-                site=self.site,
-                rank=self.rank,
-            )
+                run_id=self.run_id, layout_hash=self.layout_hash, round=round, stream=stream,
+                codec=seg.codec, dtype=seg.dtype, lo=s_lo, hi=s_hi, length=b1 - b0, crc32=crc,
+                site=self.site, rank=self.rank,
+            )  # fmt: skip
             if fault is not None:
                 for k, v in fault.header.items():
                     setattr(header, k, v)
             yield encode_header(header)
-            step = self.chunk_bytes
-            for off in range(0, len(body), step):
-                piece = body[off : off + step]
-                msg = encode_data(piece)
+            for p0, p1, c in plan:
+                msg = encode_data(seg.data[p0:p1], c)
                 if fault is not None:
                     if nchunk == fault.corrupt_chunk:
                         msg = bytearray(msg)
@@ -378,8 +368,28 @@ class GossipServer:
                     if nchunk == fault.exit_after_chunks:
                         os._exit(1)
                 nchunk += 1
-                self.metrics.add("bytes_sent", len(piece))
+                self.metrics.add("bytes_sent", p1 - p0)
                 yield msg
+
+
+def _chunk_plan(seg: Segment, b0: int, b1: int) -> list[tuple[int, int, int]]:
+    """Chunks ``(start, end, crc32)`` of bytes [b0, b1) of ``seg``, cut on its CRC grid.
+
+    Whole grid blocks reuse the CRC computed at publish; only a partial first or last block
+    is checksummed again.
+    """
+    g, n = seg.grid_bytes, len(seg.data)
+    out = []
+    pos = b0
+    while pos < b1:
+        k = pos // g
+        end = min(b1, (k + 1) * g)
+        if pos == k * g and end == min(n, (k + 1) * g) and k < len(seg.grid):
+            out.append((pos, end, seg.grid[k]))
+        else:
+            out.append((pos, end, zlib.crc32(seg.data[pos:end])))
+        pos = end
+    return out
 
 
 class _Health(health_pb2_grpc.HealthServicer):

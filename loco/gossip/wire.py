@@ -8,6 +8,7 @@ message) and never through a protobuf object. Any protobuf decoder reads it as a
 from __future__ import annotations
 
 import zlib
+from functools import lru_cache
 
 from ._pb import gossip_pb2 as pb
 
@@ -82,6 +83,48 @@ def decode_chunk(buf: bytes) -> tuple[pb.SegmentHeader | None, memoryview | None
     if msg.data:
         return None, memoryview(msg.data), msg.crc32
     raise ValueError("chunk carries neither header nor data")
+
+
+def _gf2_times(mat: tuple[int, ...] | list[int], vec: int) -> int:
+    out, i = 0, 0
+    while vec:
+        if vec & 1:
+            out ^= mat[i]
+        vec >>= 1
+        i += 1
+    return out
+
+
+def _gf2_compose(a, b) -> tuple[int, ...]:
+    return tuple(_gf2_times(a, col) for col in b)
+
+
+@lru_cache(maxsize=64)
+def _shift_operator(nbytes: int) -> tuple[int, ...]:
+    """GF(2) operator appending ``nbytes`` zero bytes to a CRC-32 register (as in zlib)."""
+    op: tuple[int, ...] = (0xEDB88320,) + tuple(1 << i for i in range(31))  # one zero bit
+    for _ in range(3):  # -> one zero byte
+        op = _gf2_compose(op, op)
+    result = tuple(1 << i for i in range(32))
+    while nbytes:
+        if nbytes & 1:
+            result = _gf2_compose(op, result)
+        nbytes >>= 1
+        if nbytes:
+            op = _gf2_compose(op, op)
+    return result
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """``zlib.crc32(a + b)`` from ``crc32(a)``, ``crc32(b)`` and ``len(b)`` (no data pass)."""
+    if len2 == 0:
+        return crc1
+    return _gf2_times(_shift_operator(len2), crc1) ^ crc2
+
+
+def grid_crcs(data: memoryview, block: int) -> list[int]:
+    """CRC-32 of each ``block``-byte piece of ``data`` (the last one may be shorter)."""
+    return [zlib.crc32(data[i : i + block]) for i in range(0, len(data), block)]
 
 
 def identity(b: bytes) -> bytes:

@@ -150,3 +150,27 @@ def test_chunk_crc_is_zlib_crc32_of_data():
     data = memoryview(bytes(range(256)) * 5000)
     h, got, crc = decode_chunk(encode_data(data))
     assert h is None and bytes(got) == bytes(data) and crc == zlib.crc32(data)
+
+
+def test_crc32_combine_matches_zlib():
+    import os
+    import random
+
+    from loco.gossip.wire import crc32_combine
+
+    rng = random.Random(0)
+    for n in [0, 1, 7, 4096, (1 << 20) + 3]:
+        a, b = os.urandom(rng.randint(0, 3000)), os.urandom(n)
+        assert crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
+
+
+def test_sliced_pulls_unaligned_to_the_crc_grid(sites, clients):
+    p = 100_000
+    full = _payload(p, 8)
+    site = sites("us", 1, p, chunk_bytes=4096)
+    site.servers[0].publish(0, "delta", full)
+    client = clients()
+    peer = client.hello(site.address, expect_site="us")
+    for lo, hi in [(0, p), (1, 1023), (1023, 1025), (999, 77_777), (p - 1, p)]:
+        res = client.pull(peer, 0, "delta", lo, hi)
+        assert res.ok and bytes(res.data) == full[lo:hi].tobytes(), (lo, hi)
