@@ -26,6 +26,7 @@ from .errors import (
 from .mailbox import Mailbox, Segment
 from .membership import Membership
 from .metrics import GossipMetrics
+from .node import GossipNode
 from .pairing import group_of, pairing, partners
 from .ranges import owners, rank_range
 from .server import GossipServer, ServerFault
@@ -39,6 +40,7 @@ __all__ = [
     "GossipClient",
     "GossipError",
     "GossipMetrics",
+    "GossipNode",
     "GossipServer",
     "Mailbox",
     "Membership",

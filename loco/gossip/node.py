@@ -1,0 +1,172 @@
+"""One rank's view of the gossip layer: its server, its client and (on rank 0) membership.
+
+This is what the outer loop calls. Per round t::
+
+    node.publish(t, "delta", delta_payload)           # this rank's range, before pulling
+    live = node.live_sites()                            # rank 0; broadcast to the other ranks
+    for partner in node.partners(t, live):              # same answer on every site
+        res = node.pull(partner, t, "delta")            # this rank's own range [lo, hi)
+        if not res.ok: ...                              # local round (n = 1); res.cause counted
+
+Pulls never raise for remote failures (see :class:`~loco.gossip.client.PullResult`).
+"""
+
+from __future__ import annotations
+
+import threading
+
+from .client import GossipClient, PeerInfo, PullResult, Validator
+from .errors import GossipError, PeerUnavailable
+from .membership import Membership
+from .metrics import GossipMetrics
+from .pairing import partners
+from .server import GossipServer
+from .tls import TlsConfig
+
+
+class GossipNode:
+    """Server + client (+ membership when ``heartbeat`` is True) of one rank.
+
+    Args:
+        site, rank, nproc, flat_size, run_id, layout_hash: identity and layout.
+        listen: rank 0's ``host:port`` (the site's address); rank r binds port + r
+            (port 0: any free port, then give Hello the real ones via ``set_rank_addresses``).
+        peers: ``{site: rank-0 address}`` of the other sites (seed peers).
+        seed, odd: pairing seed and odd-count policy ("triple" or "sit_out").
+        heartbeat: run the membership heartbeats here (rank 0 of each site).
+        tls / insecure, pull_timeout_s, hello_timeout_s, heartbeat_s, dead_after, strikes,
+        ban_rounds, parallel_streams, chunk_bytes, keep_rounds, validate: see GossipServer,
+        GossipClient and Membership.
+    """
+
+    def __init__(
+        self,
+        *,
+        site: str,
+        rank: int,
+        nproc: int,
+        flat_size: int,
+        run_id: str,
+        layout_hash: str,
+        listen: str,
+        peers: dict[str, str],
+        seed: int = 0,
+        odd: str = "triple",
+        heartbeat: bool | None = None,
+        tls: TlsConfig | None = None,
+        insecure: bool = False,
+        pull_timeout_s: float = 60.0,
+        hello_timeout_s: float = 5.0,
+        heartbeat_s: float = 5.0,
+        dead_after: int = 3,
+        strikes: int = 3,
+        ban_rounds: int = 5,
+        parallel_streams: int = 1,
+        chunk_bytes: int = 1 << 20,
+        keep_rounds: int = 2,
+        validate: Validator | None = None,
+    ) -> None:
+        host, _, port = listen.rpartition(":")
+        port_r = int(port) + rank if int(port) else 0
+        self.site, self.rank, self.seed, self.odd = site, rank, seed, odd
+        self.metrics = GossipMetrics()
+        members = sorted(set(peers) | {site})
+        self.server = GossipServer(
+            site=site, rank=rank, nproc=nproc, flat_size=flat_size, run_id=run_id,
+            layout_hash=layout_hash, listen=f"{host}:{port_r}", tls=tls, insecure=insecure,
+            members=members, chunk_bytes=chunk_bytes, keep_rounds=keep_rounds, metrics=self.metrics,
+        )  # fmt: skip
+        self.client = GossipClient(
+            site=site, run_id=run_id, layout_hash=layout_hash, tls=tls, insecure=insecure,
+            timeout_s=pull_timeout_s, hello_timeout_s=hello_timeout_s, strikes=strikes,
+            ban_rounds=ban_rounds, parallel_streams=parallel_streams, validate=validate,
+            metrics=self.metrics,
+        )  # fmt: skip
+        self.peers = {n: a for n, a in peers.items() if n != site}
+        run_heartbeat = rank == 0 if heartbeat is None else heartbeat
+        self.membership = (
+            Membership(
+                client=self.client,
+                site=site,
+                peers=self.peers,
+                heartbeat_s=heartbeat_s,
+                dead_after=dead_after,
+                hello_timeout_s=hello_timeout_s,
+            )  # fmt: skip
+            if run_heartbeat
+            else None
+        )
+        self._infos: dict[str, PeerInfo] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def lo(self) -> int:
+        return self.server.lo
+
+    @property
+    def hi(self) -> int:
+        return self.server.hi
+
+    def start(self) -> GossipNode:
+        """Start serving (and heartbeating on the membership rank)."""
+        self.server.start()
+        if self.membership is not None:
+            self.membership.start()
+        return self
+
+    def close(self) -> None:
+        if self.membership is not None:
+            self.membership.stop()
+        self.client.close()
+        self.server.stop(grace=0.5)
+
+    def __enter__(self) -> GossipNode:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def publish(self, round: int, stream: str, data, **kw) -> None:
+        """Publish this rank's payload for ``round`` (see ``GossipServer.publish``)."""
+        self.server.publish(round, stream, data, **kw)
+
+    def live_sites(self) -> list[str]:
+        """Live sites by this rank's heartbeats (membership rank), else the configured ones."""
+        if self.membership is not None:
+            return self.membership.live_sites()
+        return sorted(set(self.peers) | {self.site})
+
+    def partners(self, round: int, live_sites: list[str] | None = None) -> list[str]:
+        """Partner sites of this site in ``round`` (empty: local round, n = 1)."""
+        live = self.live_sites() if live_sites is None else live_sites
+        return partners(self.seed, round, live, self.site, self.odd)
+
+    def peer_info(self, site: str) -> PeerInfo | None:
+        """Hello answer of ``site`` (membership cache, else a Hello now); None if unreachable."""
+        if self.membership is not None and (info := self.membership.peer(site)) is not None:
+            return info
+        with self._lock:
+            info = self._infos.get(site)
+        if info is None and site in self.peers:
+            try:
+                info = self.client.hello(self.peers[site], expect_site=site)
+            except GossipError:
+                return None
+            with self._lock:
+                self._infos[site] = info
+        return info
+
+    def pull(self, partner: str, round: int, stream: str, **kw) -> PullResult:
+        """Pull this rank's own range of ``partner``'s ``stream`` for ``round``; never raises."""
+        info = self.peer_info(partner)
+        if info is None:
+            res = PullResult(peer=partner, round=round, stream=stream, lo=self.lo, hi=self.hi)
+            res.error = PeerUnavailable(f"{partner}: no Hello answer", peer=partner)
+            self.metrics.add("pulls_failed")
+            self.metrics.add("fail_unavailable")
+            return res
+        res = self.client.pull(info, round, stream, self.lo, self.hi, **kw)
+        if not res.ok and res.cause in ("unavailable", "mismatch"):
+            with self._lock:
+                self._infos.pop(partner, None)  # re-Hello next time (it may have restarted)
+        return res
