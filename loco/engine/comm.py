@@ -72,7 +72,8 @@ class Comm:
 
     def all_gather_into(self, out: torch.Tensor, shard: torch.Tensor) -> dist.Work | None:
         self.stats.add("all_gather", out.numel() * out.element_size())
-        return dist.all_gather_into_tensor(out, shard, group=self.group, async_op=True)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        return gather(out, shard, group=self.group, async_op=True)
 
     def all_reduce_scalar(self, x: torch.Tensor) -> torch.Tensor:
         """Blocking SUM of a small tensor (not counted: a few bytes)."""
