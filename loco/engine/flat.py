@@ -152,5 +152,7 @@ class FlatLayout:
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Views of ``flat`` (length >= P) shaped like each parameter, keyed by name."""
         if flat.numel() < self.numel:
-            raise ValueError(f"flat vector has {flat.numel()} elements; the layout needs {self.numel}")
+            raise ValueError(
+                f"flat vector has {flat.numel()} elements; the layout needs {self.numel}"
+            )
         return {s.name: flat[s.offset : s.end].view(s.shape) for s in self.specs}

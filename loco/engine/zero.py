@@ -41,8 +41,10 @@ the gradient buckets on the wire. Gradients are accumulated in fp32.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,7 +54,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from loco.engine.comm import Comm
-from loco.engine.flat import FlatLayout, intersect
+from loco.engine.flat import FlatLayout
 from loco.engine.flat_optim import build_flat_optimizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -227,6 +229,7 @@ class ZeroEngine:
         self._next_launch = 0
         self._inflight: collections.deque[_Bucket] = collections.deque()
         self._in_backward = False
+        self._hold = False
         self._handles: list[Any] = []
         for i, p in enumerate(self.layout.params):
             self._handles.append(
@@ -435,7 +438,7 @@ class ZeroEngine:
             self._gather(self.units[1])
 
     def _root_post_forward(self, module: nn.Module, args: Any, out: Any) -> None:
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() and not self._hold:
             self._free(self.units[0])
 
     def _block_pre(self, u: int, module: nn.Module, args: Any) -> None:
@@ -444,7 +447,8 @@ class ZeroEngine:
             self._gather(self.units[u + 1])
 
     def _block_post(self, u: int, module: nn.Module, args: Any, out: Any) -> Any:
-        self._free(self.units[u])
+        if not self._hold:
+            self._free(self.units[u])
         if torch.is_grad_enabled() and isinstance(out, torch.Tensor) and out.requires_grad:
             return _PreBackward.apply(out, self, u)
         return out
@@ -478,10 +482,9 @@ class ZeroEngine:
             b.ready += 1
             if self.stage == 3 and b.ready == len(b.params):
                 self._free(self.units[self._unit_of(spec.name)])
-            while (
-                self._next_launch < len(self.buckets)
-                and self.buckets[self._next_launch].ready == len(self.buckets[self._next_launch].params)
-            ):
+            while self._next_launch < len(self.buckets) and self.buckets[
+                self._next_launch
+            ].ready == len(self.buckets[self._next_launch].params):
                 self._launch(self.buckets[self._next_launch])
                 self._next_launch += 1
 
@@ -606,6 +609,28 @@ class ZeroEngine:
         if self.stage > 0 and self.world > 1:
             self.comm.all_gather_into(fp, fp[self.lo : self.hi]).wait()
 
+    @contextlib.contextmanager
+    def gathered(self) -> Iterator[nn.Module]:
+        """Keep every parameter materialized inside the block (stage 3; a no-op otherwise).
+
+        For code that does not go through ``model.forward`` (``model.generate``, exports).
+        Collective in stage 3: every rank enters and leaves it together. No backward inside.
+        """
+        if self.stage != 3:
+            yield self.model
+            return
+        for u in self.units:
+            self._gather(u)
+        for u in self.units:
+            self._wait(u)
+        self._hold = True
+        try:
+            yield self.model
+        finally:
+            self._hold = False
+            for u in self.units:
+                self._free(u)
+
     # ---------------------------------------------------------------- flat-range API
 
     @property
@@ -624,9 +649,7 @@ class ZeroEngine:
         """Writable fp32 views of the optimizer state on ``flat_range`` (``exp_avg`` and
         ``exp_avg_sq`` for AdamW, ``momentum`` for SGD); the step count is ``optim_step``."""
         lo, hi = self.flat_range
-        return {
-            k: v[lo - self.opt_lo : hi - self.opt_lo] for k, v in self.optimizer.state.items()
-        }
+        return {k: v[lo - self.opt_lo : hi - self.opt_lo] for k, v in self.optimizer.state.items()}
 
     @property
     def optim_step(self) -> int:

@@ -27,7 +27,10 @@ def tiny_gpt(seed: int = 0, cfg: GPTConfig = TINY) -> GPT:
 def batches(steps: int, batch: int, seed: int = 1, cfg: GPTConfig = TINY) -> list[torch.Tensor]:
     """``steps`` global batches of shape (batch, seq_len + 1) of random tokens."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len + 1), generator=g) for _ in range(steps)]
+    return [
+        torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len + 1), generator=g)
+        for _ in range(steps)
+    ]
 
 
 def _entry(rank: int, world: int, path: str, fn: Callable[..., Any], args: tuple) -> None:

@@ -88,15 +88,21 @@ def check_configs(rank: int, world: int, cfgs: list[dict], refs: list[tuple]) ->
     for cfg, (ref_l, ref_n, ref_p) in zip(cfgs, refs, strict=True):
         model, kw = build(cfg)
         eng = ZeroEngine(model, **kw)
-        losses, norms = train(eng, rank, world, cfg.get("grad_accum", 1), LR[kw.get("optim", "adamw")])
+        losses, norms = train(
+            eng, rank, world, cfg.get("grad_accum", 1), LR[kw.get("optim", "adamw")]
+        )
         full = eng.gather_full()
         eng.close()
         if rank != 0:
             continue
         tol = tolerances(cfg)
         try:
-            torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_l), rtol=tol["loss_rtol"], atol=0)
-            torch.testing.assert_close(torch.tensor(norms), torch.tensor(ref_n), rtol=tol["loss_rtol"] * 5, atol=1e-6)
+            torch.testing.assert_close(
+                torch.tensor(losses), torch.tensor(ref_l), rtol=tol["loss_rtol"], atol=0
+            )
+            torch.testing.assert_close(
+                torch.tensor(norms), torch.tensor(ref_n), rtol=tol["loss_rtol"] * 5, atol=1e-6
+            )
             torch.testing.assert_close(full, ref_p, rtol=0, atol=tol["param_atol"])
         except AssertionError as e:
             failures.append(f"world={world} {cfg}: {e}")

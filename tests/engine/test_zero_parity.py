@@ -19,7 +19,10 @@ LARGE_BUCKET = 100.0  # one bucket for the whole model
 
 DEFAULT_W2 = [
     *(dict(stage=s, optim="sgd", bucket_mb=TINY_BUCKET) for s in range(4)),
-    *(dict(stage=s, optim="adamw", grad_clip=0.3, weight_decay=0.1, bucket_mb=LARGE_BUCKET) for s in range(4)),
+    *(
+        dict(stage=s, optim="adamw", grad_clip=0.3, weight_decay=0.1, bucket_mb=LARGE_BUCKET)
+        for s in range(4)
+    ),
     dict(stage=2, optim="sgd", grad_accum=2, bucket_mb=TINY_BUCKET),
     dict(stage=3, optim="sgd", grad_accum=2, frozen=True),
     dict(stage=1, optim="sgd", grad_accum=2, frozen=True),
@@ -29,7 +32,10 @@ DEFAULT_W2 = [
 ]
 
 DEFAULT_W3 = [
-    *(dict(stage=s, optim="sgd", bucket_mb=TINY_BUCKET, grad_accum=1 if s % 2 else 2) for s in range(4)),
+    *(
+        dict(stage=s, optim="sgd", bucket_mb=TINY_BUCKET, grad_accum=1 if s % 2 else 2)
+        for s in range(4)
+    ),
     dict(stage=2, optim="adamw", grad_clip=0.3, weight_decay=0.1, frozen=True),
     dict(stage=3, optim="adamw", grad_clip=0.3, weight_decay=0.1),
 ]
