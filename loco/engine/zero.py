@@ -268,7 +268,7 @@ class ZeroEngine:
                 self.master = self.master.pin_memory()
         if self.stage == 3:
             self._build_units(full)
-        for name, p in self.model.named_parameters():
+        for _name, p in self.model.named_parameters():
             if not p.requires_grad and p.is_floating_point():
                 p.data = p.data.to(cd)  # frozen parameters compute in the same dtype
         # gradients: full fp32 accumulator (stages 0-1) or this rank's fp32 shard (2-3)

@@ -35,14 +35,14 @@ def test_shards_cover_the_padded_vector(world: int) -> None:
     assert padded % (world * ALIGN) == 0 and 0 <= padded - layout.numel < world * ALIGN
     ranges = [layout.shard_range(r, world) for r in range(world)]
     assert ranges[0][0] == 0 and ranges[-1][1] == padded
-    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
     owned = [layout.owned_range(r, world) for r in range(world)]
-    assert owned[-1][1] == layout.numel and sum(h - l for l, h in owned) == layout.numel
+    assert owned[-1][1] == layout.numel and sum(b - a for a, b in owned) == layout.numel
     # owners() splits any span exactly along the shard boundaries
     for span in [(0, layout.numel), (5, 6), (100, 9000)]:
         pieces = layout.owners(span, world)
         assert pieces[0][1] == span[0] and pieces[-1][2] == span[1]
-        assert all(a[2] == b[1] for a, b in zip(pieces, pieces[1:]))
+        assert all(a[2] == b[1] for a, b in zip(pieces, pieces[1:], strict=False))
     if world > 1:  # some parameter straddles a shard boundary
         bounds = {lo for lo, _ in ranges[1:]}
         assert any(s.offset < b < s.end for s in layout.specs for b in bounds)
