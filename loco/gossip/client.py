@@ -20,6 +20,7 @@ from concurrent import futures
 from dataclasses import dataclass, field
 
 import grpc
+import numpy as np
 
 from ._pb import gossip_pb2 as pb
 from .errors import (
@@ -117,7 +118,8 @@ class ReceivedSegment:
 class PullResult:
     """Outcome of one pull. ``ok`` False means: treat this partner as absent this round.
 
-    For raw payloads ``data`` holds exactly the elements ``[lo, hi)`` (bitwise as published);
+    For raw payloads ``data`` is a writable byte memoryview of exactly the elements
+    ``[lo, hi)``, bitwise as published (over the caller's ``out`` buffer when one was given);
     for opaque codecs ``segments`` holds the owner segments covering ``[lo, hi)``, sorted.
     """
 
@@ -127,7 +129,7 @@ class PullResult:
     lo: int
     hi: int
     ok: bool = False
-    data: bytearray | None = None
+    data: memoryview | None = None
     segments: list[ReceivedSegment] = field(default_factory=list)
     error: GossipError | None = None
     bytes_recv: int = 0
@@ -308,12 +310,15 @@ class GossipClient:
         dtype: str = "float32",
         timeout_s: float | None = None,
         validate: Validator | None = None,
+        out=None,
     ) -> PullResult:
         """Pull elements ``[lo, hi)`` of ``stream`` for ``round`` from the owner ranks of ``peer``.
 
-        Owner ranks are pulled in parallel. Never raises for remote failures: see PullResult.
+        Owner ranks are pulled in parallel. ``out``: optional writable buffer of
+        ``(hi - lo) * itemsize`` bytes (e.g. ``tensor.numpy()``) that raw data lands in directly;
+        on failure its content is undefined. Never raises for remote failures: see PullResult.
         """
-        return self._run(peer, "Pull", round, stream, lo, hi, dtype, timeout_s, validate)
+        return self._run(peer, "Pull", round, stream, lo, hi, dtype, timeout_s, validate, out)
 
     def fetch_state(
         self,
@@ -325,14 +330,17 @@ class GossipClient:
         dtype: str = "float32",
         timeout_s: float | None = None,
         validate: Validator | None = None,
+        out=None,
     ) -> PullResult:
         """Like ``pull`` for the latest published state stream ``name`` (joining site).
 
         ``result.round`` is the state version the peer published.
         """
-        return self._run(peer, "FetchState", -1, name, lo, hi, dtype, timeout_s, validate)
+        return self._run(peer, "FetchState", -1, name, lo, hi, dtype, timeout_s, validate, out)
 
-    def _run(self, peer, method, round, stream, lo, hi, dtype, timeout_s, validate) -> PullResult:
+    def _run(
+        self, peer, method, round, stream, lo, hi, dtype, timeout_s, validate, out
+    ) -> PullResult:
         t0 = time.monotonic()
         res = PullResult(peer=peer.site, round=round, stream=stream, lo=lo, hi=hi)
         deadline = t0 + (timeout_s if timeout_s is not None else self.timeout_s)
@@ -346,12 +354,12 @@ class GossipClient:
                 raise BadRequest(
                     f"bad request [{lo},{hi}) of {peer.flat_size} ({dtype})", peer=peer.site
                 )
-            self._pull_all(peer, method, round, stream, lo, hi, dtype, deadline, res)
+            self._pull_all(peer, method, round, stream, lo, hi, dtype, deadline, res, out)
             check = validate or self.validate
             if check is not None:
                 try:
                     if res.data is not None and not res.segments:
-                        check(memoryview(res.data))
+                        check(res.data)
                     for seg in res.segments:
                         check(memoryview(seg.data))
                 except Exception as e:  # noqa: BLE001 (any validator failure is a bad payload)
@@ -382,9 +390,16 @@ class GossipClient:
             )
         return res
 
-    def _pull_all(self, peer, method, round, stream, lo, hi, dtype, deadline, res) -> None:
+    def _pull_all(self, peer, method, round, stream, lo, hi, dtype, deadline, res, out) -> None:
         isz = ITEMSIZE[dtype]
-        res.data = bytearray((hi - lo) * isz)
+        if out is None:  # np.empty: no zero-fill pass over the buffer
+            res.data = memoryview(np.empty((hi - lo) * isz, np.uint8)).cast("B")
+        else:
+            res.data = memoryview(out).cast("B")
+            if res.data.readonly or len(res.data) != (hi - lo) * isz:
+                raise BadRequest(
+                    f"out must be a writable buffer of {(hi - lo) * isz} bytes", peer=peer.site
+                )
         pieces = []
         for r in peer.ranks:
             a, b = max(lo, r.lo), min(hi, r.hi)
@@ -460,7 +475,7 @@ class GossipClient:
             )
         opaque: list[ReceivedSegment] = []
         nxt, attempt = a, 0
-        out = memoryview(res.data)
+        out = res.data
         last: GossipError | None = None
         while True:
             left = deadline - time.monotonic()
