@@ -1,0 +1,70 @@
+"""Configuration errors: one line naming the key and what is allowed, before any work."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import run_worker
+from loco.config import ConfigError, compose
+
+# (overrides, words the single error line must contain)
+BAD = [
+    ([], ["+site=NAME", "asia, eu, us"]),
+    (["+site=mars"], ["site", "'mars'", "asia, eu, us"]),
+    (["+site=eu", "train.stpes=3"], ["train.stpes", "steps"]),
+    (["+site=eu", "train.steps=abc"], ["train.steps", "Integer"]),
+    (["+site=eu", "zero.stage=5"], ["zero.stage", "0, 1, 2, 3"]),
+    (["+site=eu", "model=huge"], ["model", "'huge'", "gpt2-124m, small, tiny"]),
+    (["+site=eu", "optim=adam"], ["optim", "adamw, sgd"]),
+    (["+site=eu", "outer=fedavg"], ["outer", "diloco, local, noloco"]),
+    (["+site=eu", "compression=zip"], ["compression", "int8"]),
+    (["+site=eu", "foo=1"], ["'foo'", "train"]),
+    (["+site=eu", "site.nproc=0"], ["site.nproc", "> 0"]),
+    (["+site=eu", "train.lr=-1"], ["train.lr", "> 0"]),
+    (["+site=eu", "resume=maybe"], ["resume", "latest"]),
+    (["+site=eu", "site.listen=nowhere"], ["site.listen", "HOST:PORT"]),
+    (["+site=eu", "data=text"], ["data.path"]),
+    (["site.nproc=2"], ["+site=NAME"]),
+]
+
+
+@pytest.mark.parametrize("overrides,words", BAD, ids=[" ".join(o) or "no-site" for o, _ in BAD])
+def test_compose_rejects_with_one_line(overrides, words):
+    with pytest.raises(ConfigError) as e:
+        compose(overrides)
+    msg = str(e.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+@pytest.mark.parametrize("overrides", [b[0] for b in BAD[:4]] + [["+site=eu", "model=huge"]])
+def test_cli_error_is_one_line_and_nonzero(overrides, tmp_path):
+    p = run_worker(overrides, tmp_path / "run", timeout=60)
+    assert p.returncode == 2, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("loco: error: "), p.stderr
+    assert not (tmp_path / "run").exists(), "a config error must stop the run before any work"
+
+
+def test_sites_have_their_own_port_shard_and_peers():
+    sites = {name: compose([f"+site={name}"]).site for name in ("eu", "us", "asia")}
+    assert len({s.listen for s in sites.values()}) == 3
+    assert sorted(s.shard for s in sites.values()) == [0, 1, 2]
+    for name, s in sites.items():
+        assert s.name == name and name not in s.peers and len(s.peers) == 2
+
+
+def test_public_keys_accept_overrides():
+    cfg = compose(
+        [
+            "+site=us", "model=small", "train.steps=7", "train.batch_size=3", "train.seq_len=64",
+            "train.lr=0.01", "train.eval_every=5", "train.seed=9", "optim=sgd", "site.nproc=2",
+            "site.listen=127.0.0.1:31000", "zero.stage=2", "outer=diloco", "outer.H=20",
+            "compression=int4", "checkpoint.every=3", "checkpoint.dir=ck", "resume=latest",
+            "gossip.insecure=true",
+        ]
+    )
+    assert (cfg.model.size, cfg.train.steps, cfg.optim.name, cfg.site.nproc) == ("small", 7, "sgd", 2)
+    assert (cfg.zero.stage, cfg.outer.method, cfg.outer.H, cfg.compression.codec) == (2, "diloco", 20, "int4")
+    assert (cfg.checkpoint.every, cfg.resume, cfg.gossip.insecure) == (3, "latest", True)
