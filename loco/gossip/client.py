@@ -507,8 +507,8 @@ class GossipClient:
             call = rpc(req, timeout=left)
             with self._lock:
                 calls.append(call)
+            hdr, got, crc_run = None, 0, 0
             try:
-                hdr, got, crc_run = None, 0, 0
                 buf: memoryview | bytearray | None = None
                 for msg in call:
                     if stop.is_set():
@@ -570,6 +570,8 @@ class GossipClient:
                 if stop.is_set():
                     raise _Cancelled() from None
                 err = last = from_rpc_error(e, peer.site)
+                if hdr is not None and hdr.codec == "raw":  # chunks so far passed their CRC
+                    nxt = hdr.lo + got // isz
                 left = deadline - time.monotonic()
                 if not is_retryable(err) or left <= 0:
                     raise err from None

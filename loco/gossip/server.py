@@ -65,6 +65,7 @@ class ServerFault:
     delay_s: float = 0.0  # sleep before streaming a Pull
     exit_after_chunks: int = -1  # os._exit(1) after this many data chunks (kill mid-stream)
     corrupt_chunk: int = -1  # flip a byte of this data chunk (after its crc was computed)
+    unavailable_once_after: int = -1  # first Pull only: abort UNAVAILABLE after this many chunks
     header: dict = field(default_factory=dict)  # SegmentHeader fields to overwrite
 
 
@@ -317,7 +318,7 @@ class GossipServer:
                 f"round {req.round} stream {req.stream!r} not published in time",
             )
         self.metrics.add("served_pulls")
-        yield from self._stream(segs, req.lo, req.hi, req.round, req.stream)
+        yield from self._stream(segs, req.lo, req.hi, req.round, req.stream, context)
 
     def _fetch_state(self, req: pb.FetchStateRequest, context) -> Iterator[bytes]:
         self._authorize(context)
@@ -327,10 +328,10 @@ class GossipServer:
         if got is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no state {req.name!r} published")
         version, segs = got
-        yield from self._stream(segs, req.lo, req.hi, version, req.name)
+        yield from self._stream(segs, req.lo, req.hi, version, req.name, context)
 
     def _stream(
-        self, segs: list[Segment], lo: int, hi: int, round: int, stream: str
+        self, segs: list[Segment], lo: int, hi: int, round: int, stream: str, context
     ) -> Iterator[bytes]:
         """Header + data chunks for every segment intersecting [lo, hi); raw ones are sliced."""
         fault = self.fault
@@ -367,6 +368,9 @@ class GossipServer:
                         msg = bytes(msg)
                     if nchunk == fault.exit_after_chunks:
                         os._exit(1)
+                    if nchunk == fault.unavailable_once_after:
+                        fault.unavailable_once_after = -1
+                        context.abort(grpc.StatusCode.UNAVAILABLE, "injected: stream broken")
                 nchunk += 1
                 self.metrics.add("bytes_sent", p1 - p0)
                 yield msg

@@ -147,3 +147,17 @@ def test_bad_requests(sites, clients):
     peer = client.hello(site.address, expect_site="us")
     assert client.pull(peer, 0, "delta", 50, 200).cause == "bad_request"
     assert client.pull(peer, 0, "delta", 0, 10, dtype="complex").cause == "bad_request"
+
+
+def test_broken_stream_resumes_where_it_stopped(sites, clients):
+    p = 1_000_000
+    data = synthetic(p, 2)
+    site = sites("us", 1, p, chunk_bytes=64 << 10, fault=ServerFault(unavailable_once_after=10))
+    site.servers[0].publish(0, "delta", data)
+    client = clients(backoff_s=0.01)
+    peer = client.hello(site.address, expect_site="us")
+    res = client.pull(peer, 0, "delta", 12_345, p)
+    assert res.ok and bytes(res.data) == data[12_345:].tobytes()
+    assert res.retries == 1
+    # the retry asked only for what was missing: no byte was received twice
+    assert res.bytes_recv == (p - 12_345) * 4
