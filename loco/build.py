@@ -26,7 +26,9 @@ def model_from(cfg: LocoConfig, corpus: Corpus) -> GPT:
     m = cfg.model
     vocab = m.vocab_size or corpus.vocab_size
     if vocab < corpus.vocab_size:
-        raise ValueError(f"model.vocab_size={vocab} is smaller than the data's vocabulary {corpus.vocab_size}")
+        raise ValueError(
+            f"model.vocab_size={vocab} is smaller than the data's vocabulary {corpus.vocab_size}"
+        )
     return build_model(
         m.size,
         vocab_size=vocab,
@@ -38,7 +40,9 @@ def model_from(cfg: LocoConfig, corpus: Corpus) -> GPT:
     )
 
 
-def engine_from(cfg: LocoConfig, model: torch.nn.Module, group: dist.ProcessGroup | None = None) -> Engine:
+def engine_from(
+    cfg: LocoConfig, model: torch.nn.Module, group: dist.ProcessGroup | None = None
+) -> Engine:
     o = cfg.optim
     return PlainEngine(
         model,

@@ -26,7 +26,9 @@ class ConfigError(ValueError):
 
 def _choice(key: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
+        raise ConfigError(
+            f"{key}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}"
+        )
 
 
 def _positive(key: str, value: float, zero_ok: bool = False) -> None:
@@ -37,7 +39,9 @@ def _positive(key: str, value: float, zero_ok: bool = False) -> None:
 def _fraction(key: str, value: float, lo_open: bool = False, hi_open: bool = True) -> None:
     ok = (value > 0 if lo_open else value >= 0) and (value < 1 if hi_open else value <= 1)
     if not ok:
-        raise ConfigError(f"{key}={value} must be in {'(' if lo_open else '['}0, 1{')' if hi_open else ']'}")
+        raise ConfigError(
+            f"{key}={value} must be in {'(' if lo_open else '['}0, 1{')' if hi_open else ']'}"
+        )
 
 
 MODEL_SIZES = ("tiny", "small", "gpt2-124m")
@@ -86,7 +90,9 @@ class DataConfig:
         _choice("data.source", self.source, ("stdlib", "text", "bin"))
         _choice("data.split", self.split, ("iid", "noniid"))
         if self.source in ("text", "bin") and not self.path:
-            raise ConfigError(f"data.path is required with data.source={self.source}; set data.path=FILE")
+            raise ConfigError(
+                f"data.path is required with data.source={self.source}; set data.path=FILE"
+            )
         _fraction("data.val_fraction", self.val_fraction, lo_open=True)
         _positive("data.num_shards", self.num_shards)
         _positive("data.chunk_tokens", self.chunk_tokens)
@@ -112,7 +118,15 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for k in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "log_every"):
+        for k in (
+            "steps",
+            "batch_size",
+            "seq_len",
+            "grad_accum",
+            "eval_every",
+            "eval_batches",
+            "log_every",
+        ):
             _positive(f"train.{k}", getattr(self, k))
         _positive("train.lr", self.lr)
         _fraction("train.min_lr_ratio", self.min_lr_ratio, hi_open=False)
@@ -160,7 +174,9 @@ class SiteConfig:
             raise ConfigError(f"site.name={self.name!r} must be lowercase letters, digits, - or _")
         m = re.fullmatch(r"(.+):(\d+)", self.listen)
         if not m or not 0 < int(m.group(2)) < 65536:
-            raise ConfigError(f"site.listen={self.listen!r} must be HOST:PORT with a port in 1..65535")
+            raise ConfigError(
+                f"site.listen={self.listen!r} must be HOST:PORT with a port in 1..65535"
+            )
         _positive("site.nproc", self.nproc)
         _choice("site.device", self.device, ("cpu", "cuda", "auto"))
         _positive("site.shard", self.shard, zero_ok=True)
@@ -305,7 +321,9 @@ class LocoConfig:
     def __post_init__(self) -> None:
         _choice("resume", self.resume, ("none", "latest", "peer"))
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.run_id):
-            raise ConfigError(f"run_id={self.run_id!r} must be 1-64 letters, digits, '.', '-' or '_'")
+            raise ConfigError(
+                f"run_id={self.run_id!r} must be 1-64 letters, digits, '.', '-' or '_'"
+            )
 
 
 def register() -> None:
@@ -389,10 +407,18 @@ def _known_keys_hint(full_key: str) -> str:
         if p not in fields:
             return f"top-level keys are: {', '.join(LocoConfig.__dataclass_fields__)}"
         node = {
-            "model": ModelConfig, "data": DataConfig, "train": TrainConfig, "optim": OptimConfig,
-            "site": SiteConfig, "zero": ZeroConfig, "outer": OuterConfig,
-            "compression": CompressionConfig, "gossip": GossipConfig,
-            "checkpoint": CheckpointConfig, "wan": WanConfig, "federation": FederationConfig,
+            "model": ModelConfig,
+            "data": DataConfig,
+            "train": TrainConfig,
+            "optim": OptimConfig,
+            "site": SiteConfig,
+            "zero": ZeroConfig,
+            "outer": OuterConfig,
+            "compression": CompressionConfig,
+            "gossip": GossipConfig,
+            "checkpoint": CheckpointConfig,
+            "wan": WanConfig,
+            "federation": FederationConfig,
         }.get(p)
         if node is None:
             break

@@ -17,7 +17,9 @@ DEFAULT_COLLECTIVE_TIMEOUT_S = 300.0
 
 
 def collective_timeout() -> datetime.timedelta:
-    return datetime.timedelta(seconds=float(os.environ.get(COLLECTIVE_TIMEOUT_ENV, DEFAULT_COLLECTIVE_TIMEOUT_S)))
+    return datetime.timedelta(
+        seconds=float(os.environ.get(COLLECTIVE_TIMEOUT_ENV, DEFAULT_COLLECTIVE_TIMEOUT_S))
+    )
 
 
 def under_torchrun() -> bool:
@@ -39,7 +41,9 @@ def resolve_device(device: str, local_rank: int) -> torch.device:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("site.device=cuda but torch sees no CUDA device; use site.device=cpu or auto")
+            raise ValueError(
+                "site.device=cuda but torch sees no CUDA device; use site.device=cpu or auto"
+            )
         if local_rank >= torch.cuda.device_count():
             raise ValueError(
                 f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); lower site.nproc"
@@ -51,7 +55,11 @@ def resolve_device(device: str, local_rank: int) -> torch.device:
 
 def init_group(*, backend: str, rank: int, world: int, init_method: str) -> None:
     dist.init_process_group(
-        backend=backend, init_method=init_method, rank=rank, world_size=world, timeout=collective_timeout()
+        backend=backend,
+        init_method=init_method,
+        rank=rank,
+        world_size=world,
+        timeout=collective_timeout(),
     )
 
 

@@ -28,7 +28,14 @@ class MetricsWriter:
 
     def log(self, kind: str, *, step: int, round: int, **figures: Any) -> dict[str, Any]:
         assert kind in KINDS, kind
-        rec = {"time": time.time(), "site": self.site, "rank": self.rank, "step": step, "round": round, "kind": kind}
+        rec = {
+            "time": time.time(),
+            "site": self.site,
+            "rank": self.rank,
+            "step": step,
+            "round": round,
+            "kind": kind,
+        }
         for k, v in figures.items():
             rec[k] = None if isinstance(v, float) and not math.isfinite(v) else v
         os.write(self._fd, (json.dumps(rec) + "\n").encode())

@@ -17,7 +17,9 @@ def _hms(seconds: float) -> str:
 class Progress:
     """Redraws one line on a terminal; on a pipe or file prints one line per update instead."""
 
-    def __init__(self, total: int, *, prefix: str = "", stream: TextIO | None = None, width: int = 24) -> None:
+    def __init__(
+        self, total: int, *, prefix: str = "", stream: TextIO | None = None, width: int = 24
+    ) -> None:
         self.total, self.prefix, self.width = total, prefix, width
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from loco import build, dist as ldist
+from loco import build
+from loco import dist as ldist
 from loco.config import LocoConfig
 from loco.metrics import MetricsWriter
 from loco.progress import Progress
@@ -29,14 +30,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run_rank(cfg: LocoConfig, run_dir: Path, rank: int, world: int, local_rank: int) -> dict[str, Any]:
+def run_rank(
+    cfg: LocoConfig, run_dir: Path, rank: int, world: int, local_rank: int
+) -> dict[str, Any]:
     """Train this rank; the process group (if ``world > 1``) is already initialized."""
     assert cfg.site is not None
     site = cfg.site.name
     torch.set_num_threads(build.threads_for(cfg, world))
     device = ldist.resolve_device(cfg.site.device, local_rank)
     seed_everything(cfg.train.seed)
-    say = (lambda msg: print(f"loco[{site}] {msg}", file=sys.stderr, flush=True)) if rank == 0 else (lambda msg: None)
+    say = (
+        (lambda msg: print(f"loco[{site}] {msg}", file=sys.stderr, flush=True))
+        if rank == 0
+        else (lambda msg: None)
+    )
 
     # rank 0 builds the corpus cache; the others read it once it is complete
     if rank == 0:
@@ -47,7 +54,9 @@ def run_rank(cfg: LocoConfig, run_dir: Path, rank: int, world: int, local_rank: 
         corpus = build.corpus_from(cfg)
 
     model = build.model_from(cfg, corpus).to(device)
-    say(f"model {cfg.model.size}: {model.num_params():,} parameters; {world} rank(s) on {device.type}")
+    say(
+        f"model {cfg.model.size}: {model.num_params():,} parameters; {world} rank(s) on {device.type}"
+    )
     engine = build.engine_from(cfg, model)
     data = build.data_from(cfg, corpus, rank=rank, world=world)
     say(
@@ -68,14 +77,22 @@ def run_rank(cfg: LocoConfig, run_dir: Path, rank: int, world: int, local_rank: 
             start = int(state["step"])
             say(f"resumed from {path} at step {start}")
     elif cfg.resume == "peer":
-        raise ValueError("resume=peer needs the gossip layer, which this build does not run yet; use resume=latest")
+        raise ValueError(
+            "resume=peer needs the gossip layer, which this build does not run yet; use resume=latest"
+        )
 
     metrics = MetricsWriter(run_dir / "metrics.jsonl", site=site, rank=rank) if rank == 0 else None
-    progress = Progress(cfg.train.steps, prefix=f"loco[{site}] ") if rank == 0 and cfg.train.progress else None
+    progress = (
+        Progress(cfg.train.steps, prefix=f"loco[{site}] ")
+        if rank == 0 and cfg.train.progress
+        else None
+    )
 
     def save(step: int) -> None:
         if rank == 0:
-            path = ckpt.save(step, {"step": step, "engine": engine.state_dict(), "rng": torch.get_rng_state()})
+            path = ckpt.save(
+                step, {"step": step, "engine": engine.state_dict(), "rng": torch.get_rng_state()}
+            )
             if metrics:
                 metrics.log("ckpt", step=step, round=0, path=str(path))
         if world > 1:
@@ -104,13 +121,17 @@ def run_rank(cfg: LocoConfig, run_dir: Path, rank: int, world: int, local_rank: 
     if rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if summary["val_loss"] is not None:
-            say(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens, final val loss {summary['val_loss']:.4f}")
+            say(
+                f"done: {summary['steps']} steps, {summary['tokens']:,} tokens, final val loss {summary['val_loss']:.4f}"
+            )
     if metrics:
         metrics.close()
     return summary
 
 
-def _spawned(rank: int, cfg: LocoConfig, run_dir: Path, init_method: str, world: int, backend: str) -> None:
+def _spawned(
+    rank: int, cfg: LocoConfig, run_dir: Path, init_method: str, world: int, backend: str
+) -> None:
     try:
         ldist.init_group(backend=backend, rank=rank, world=world, init_method=init_method)
         run_rank(cfg, run_dir, rank, world, rank)
@@ -138,7 +159,10 @@ def launch(cfg: LocoConfig, run_dir: Path) -> dict[str, Any] | None:
     if ldist.under_torchrun():
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         if world != cfg.site.nproc and rank == 0:
-            print(f"loco: torchrun started {world} ranks; site.nproc={cfg.site.nproc} is ignored", file=sys.stderr)
+            print(
+                f"loco: torchrun started {world} ranks; site.nproc={cfg.site.nproc} is ignored",
+                file=sys.stderr,
+            )
         ldist.init_group(backend=backend_for(cfg), rank=rank, world=world, init_method="env://")
         try:
             obj = [str(run_dir)]

@@ -23,7 +23,9 @@ from loco.metrics import MetricsWriter
 from loco.progress import Progress
 
 
-def lr_schedule(step: int, *, lr: float, steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
+def lr_schedule(
+    step: int, *, lr: float, steps: int, warmup_steps: int, min_lr_ratio: float
+) -> float:
     """Linear warmup over ``warmup_steps`` (step 0 gets lr/warmup), then cosine to lr*min_lr_ratio."""
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
@@ -110,7 +112,9 @@ class Trainer:
         norm = self.engine.step(lr)
         return float(loss_sum) / self.grad_accum, lr, norm
 
-    def fit(self, start: int = 0, checkpoint: Callable[[int], None] | None = None, ckpt_every: int = 0) -> dict[str, Any]:
+    def fit(
+        self, start: int = 0, checkpoint: Callable[[int], None] | None = None, ckpt_every: int = 0
+    ) -> dict[str, Any]:
         """Train from step ``start`` to ``steps``; returns a summary with the final eval."""
         self.step = start
         self.model.train()
@@ -128,7 +132,13 @@ class Trainer:
                 elapsed = time.perf_counter() - window_t
                 (site_loss,) = self._site_mean([sum(losses) / len(losses)])
                 tps = window_steps * tokens_per_step / max(elapsed, 1e-9)
-                rec = dict(loss=site_loss, lr=lr, grad_norm=norm, tokens_per_s=tps, tokens=done * tokens_per_step)
+                rec = dict(
+                    loss=site_loss,
+                    lr=lr,
+                    grad_norm=norm,
+                    tokens_per_s=tps,
+                    tokens=done * tokens_per_step,
+                )
                 self.history.append({"step": done, "kind": "train", **rec})
                 if self.metrics:
                     self.metrics.log("train", step=done, round=self._round(done), **rec)
@@ -142,7 +152,13 @@ class Trainer:
                 last_eval = ev["loss"]
                 self.history.append({"step": done, "kind": "eval", **ev})
                 if self.metrics:
-                    self.metrics.log("eval", step=done, round=self._round(done), tokens=done * tokens_per_step, **ev)
+                    self.metrics.log(
+                        "eval",
+                        step=done,
+                        round=self._round(done),
+                        tokens=done * tokens_per_step,
+                        **ev,
+                    )
                 if self.progress:
                     figs = "  ".join(f"{k} {v:.4f}" for k, v in ev.items())
                     self.progress.message(f"eval step {done}: val {figs}")

@@ -16,7 +16,19 @@ from omegaconf import DictConfig
 
 from loco.config import ConfigError, compose, require_site, to_config
 
-_NO_PREFLIGHT = ("-m", "--multirun", "--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc")
+_NO_PREFLIGHT = (
+    "-m",
+    "--multirun",
+    "--help",
+    "-h",
+    "--hydra-help",
+    "--info",
+    "-i",
+    "--cfg",
+    "-c",
+    "--shell-completion",
+    "-sc",
+)
 
 
 def _fail(msg: str) -> None:

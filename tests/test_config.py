@@ -58,13 +58,37 @@ def test_sites_have_their_own_port_shard_and_peers():
 def test_public_keys_accept_overrides():
     cfg = compose(
         [
-            "+site=us", "model=small", "train.steps=7", "train.batch_size=3", "train.seq_len=64",
-            "train.lr=0.01", "train.eval_every=5", "train.seed=9", "optim=sgd", "site.nproc=2",
-            "site.listen=127.0.0.1:31000", "zero.stage=2", "outer=diloco", "outer.H=20",
-            "compression=int4", "checkpoint.every=3", "checkpoint.dir=ck", "resume=latest",
+            "+site=us",
+            "model=small",
+            "train.steps=7",
+            "train.batch_size=3",
+            "train.seq_len=64",
+            "train.lr=0.01",
+            "train.eval_every=5",
+            "train.seed=9",
+            "optim=sgd",
+            "site.nproc=2",
+            "site.listen=127.0.0.1:31000",
+            "zero.stage=2",
+            "outer=diloco",
+            "outer.H=20",
+            "compression=int4",
+            "checkpoint.every=3",
+            "checkpoint.dir=ck",
+            "resume=latest",
             "gossip.insecure=true",
         ]
     )
-    assert (cfg.model.size, cfg.train.steps, cfg.optim.name, cfg.site.nproc) == ("small", 7, "sgd", 2)
-    assert (cfg.zero.stage, cfg.outer.method, cfg.outer.H, cfg.compression.codec) == (2, "diloco", 20, "int4")
+    assert (cfg.model.size, cfg.train.steps, cfg.optim.name, cfg.site.nproc) == (
+        "small",
+        7,
+        "sgd",
+        2,
+    )
+    assert (cfg.zero.stage, cfg.outer.method, cfg.outer.H, cfg.compression.codec) == (
+        2,
+        "diloco",
+        20,
+        "int4",
+    )
     assert (cfg.checkpoint.every, cfg.resume, cfg.gossip.insecure) == (3, "latest", True)

@@ -58,15 +58,35 @@ def test_noniid_shards_hold_different_packages(corpus):
     train, _, _ = split_train_val(corpus, 0.05)
     groups = []
     for s in range(3):
-        segs = {(int(a), int(b)) for a, b in shard_segments(corpus, train, num_shards=3, shard=s, split="noniid")}
-        groups.append({d.name.split("/")[0] for d in corpus.docs if (d.start, d.end) in segs and "/" in d.name and not d.name.startswith("test/")})
+        segs = {
+            (int(a), int(b))
+            for a, b in shard_segments(corpus, train, num_shards=3, shard=s, split="noniid")
+        }
+        groups.append(
+            {
+                d.name.split("/")[0]
+                for d in corpus.docs
+                if (d.start, d.end) in segs and "/" in d.name and not d.name.startswith("test/")
+            }
+        )
     assert not groups[0] & groups[1] and not groups[1] & groups[2] and not groups[0] & groups[2]
 
 
 def site_data(corpus, rank=0, world=1, batch=4, accum=1, site="eu", seed=3):
     return SiteData(
-        corpus, site=site, shard=0, num_shards=3, split="iid", chunk_tokens=16384, val_fraction=0.05,
-        seq_len=32, batch_size=batch, grad_accum=accum, rank=rank, world=world, seed=seed,
+        corpus,
+        site=site,
+        shard=0,
+        num_shards=3,
+        split="iid",
+        chunk_tokens=16384,
+        val_fraction=0.05,
+        seq_len=32,
+        batch_size=batch,
+        grad_accum=accum,
+        rank=rank,
+        world=world,
+        seed=seed,
     )
 
 
@@ -93,15 +113,31 @@ def test_global_batch_does_not_depend_on_rank_count(corpus):
         ]
         assert torch.equal(torch.cat(parts), whole), (world, accum)
     val = site_data(corpus, batch=6).val_batch(2)[0]
-    assert torch.equal(torch.cat([site_data(corpus, rank=r, world=2, batch=3).val_batch(2)[0] for r in range(2)]), val)
+    assert torch.equal(
+        torch.cat([site_data(corpus, rank=r, world=2, batch=3).val_batch(2)[0] for r in range(2)]),
+        val,
+    )
 
 
 def test_text_and_bin_sources(tmp_path):
     txt = tmp_path / "book.txt"
     txt.write_text("hello world, this is a tiny corpus. " * 200)
     c = text_corpus(txt)
-    d = SiteData(c, site="eu", shard=1, num_shards=3, split="iid", chunk_tokens=256, val_fraction=0.1,
-                 seq_len=16, batch_size=2, grad_accum=1, rank=0, world=1, seed=0)
+    d = SiteData(
+        c,
+        site="eu",
+        shard=1,
+        num_shards=3,
+        split="iid",
+        chunk_tokens=256,
+        val_fraction=0.1,
+        seq_len=16,
+        batch_size=2,
+        grad_accum=1,
+        rank=0,
+        world=1,
+        seed=0,
+    )
     x, _ = d.train_batch(0, 0)
     assert x.shape == (2, 16) and bytes(x[0].tolist()).decode() in txt.read_text() * 2
     ids = np.arange(5000, dtype=np.uint16) % 50000
@@ -109,8 +145,21 @@ def test_text_and_bin_sources(tmp_path):
     ids[:600].tofile(tmp_path / "val.bin")
     b = bin_corpus(tmp_path / "train.bin", tmp_path / "val.bin")
     assert b.vocab_size == 50257 and not b.tokens_are_bytes
-    d = SiteData(b, site="eu", shard=0, num_shards=2, split="noniid", chunk_tokens=256, val_fraction=0.1,
-                 seq_len=8, batch_size=2, grad_accum=1, rank=0, world=1, seed=0)
+    d = SiteData(
+        b,
+        site="eu",
+        shard=0,
+        num_shards=2,
+        split="noniid",
+        chunk_tokens=256,
+        val_fraction=0.1,
+        seq_len=8,
+        batch_size=2,
+        grad_accum=1,
+        rank=0,
+        world=1,
+        seed=0,
+    )
     x, y = d.train_batch(0, 0)
     assert torch.equal((x + 1) % 50000, y)  # consecutive ids: windows are contiguous
     assert int(d.val_batch(0)[0].max()) < 600
@@ -125,5 +174,18 @@ def test_bad_data_inputs_are_clear(tmp_path):
     small = tmp_path / "small.txt"
     small.write_text("abc" * 10)
     with pytest.raises(ValueError, match="fewer than train.seq_len"):
-        SiteData(text_corpus(small), site="eu", shard=0, num_shards=1, split="iid", chunk_tokens=8,
-                 val_fraction=0.1, seq_len=64, batch_size=1, grad_accum=1, rank=0, world=1, seed=0)
+        SiteData(
+            text_corpus(small),
+            site="eu",
+            shard=0,
+            num_shards=1,
+            split="iid",
+            chunk_tokens=8,
+            val_fraction=0.1,
+            seq_len=64,
+            batch_size=1,
+            grad_accum=1,
+            rank=0,
+            world=1,
+            seed=0,
+        )

@@ -40,7 +40,9 @@ def test_loss_at_init_is_close_to_uniform(size):
 
 
 def test_sizes_and_tied_head():
-    counts = {s: build_model(s, vocab_size=256, seq_len=128).num_params() for s in ("tiny", "small")}
+    counts = {
+        s: build_model(s, vocab_size=256, seq_len=128).num_params() for s in ("tiny", "small")
+    }
     assert 0.9e6 < counts["tiny"] < 1.2e6
     assert 9e6 < counts["small"] < 12e6
     m = build_model("gpt2-124m", vocab_size=50257, seq_len=1024)

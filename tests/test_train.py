@@ -16,7 +16,13 @@ from conftest import ROOT, run_worker, train_losses
 from loco.metrics import read_metrics
 from loco.trainer import lr_schedule
 
-QUICK = ["+site=eu", "train.seq_len=64", "train.log_every=1", "train.eval_every=1000", "train.progress=false"]
+QUICK = [
+    "+site=eu",
+    "train.seq_len=64",
+    "train.log_every=1",
+    "train.eval_every=1000",
+    "train.progress=false",
+]
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -67,7 +73,7 @@ def test_resume_after_kill_continues_with_the_same_losses(tmp_path):
 
     again = run_worker([*common, "resume=latest"], run)
     assert again.returncode == 0, again.stderr
-    assert f"resumed from" in again.stderr
+    assert "resumed from" in again.stderr
     got = train_losses(run)  # metrics.jsonl holds the killed run's lines then the resumed run's
     after = [r for r in read_metrics(run / "metrics.jsonl", "train")][-(30 - resumed_at) :]
     assert [r["step"] for r in after] == list(range(resumed_at + 1, 31))
@@ -98,7 +104,13 @@ def test_tiny_learns_the_stdlib(tmp_path):
     (stuck near 5.5) or a unigram-only model (~3.3) can reach.
     """
     p = run_worker(
-        ["+site=eu", "train.steps=300", "train.eval_every=300", "train.log_every=50", "train.progress=false"],
+        [
+            "+site=eu",
+            "train.steps=300",
+            "train.eval_every=300",
+            "train.log_every=50",
+            "train.progress=false",
+        ],
         tmp_path,
         timeout=600,
     )
@@ -110,3 +122,30 @@ def test_tiny_learns_the_stdlib(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 300 and summary["val_loss"] == ev[-1]["loss"]
     assert "1,033,600 parameters" in p.stderr
+
+
+def test_torchrun_ranks_match_one_rank(tmp_path):
+    common = [*QUICK, "train.steps=4", "optim=sgd", "train.lr=0.01"]
+    one = run_worker([*common, "train.batch_size=8"], tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    from loco.dist import free_port
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node=2",
+        f"--master-port={free_port()}",
+        "-m",
+        "loco.worker",
+        *common,
+        "train.batch_size=4",
+        f"hydra.run.dir={tmp_path / 'tr'}",
+    ]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr
+    assert "2 rank(s)" in p.stderr
+    a, b = train_losses(tmp_path / "one"), train_losses(tmp_path / "tr")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for s in a:  # fp32 tolerance, as in the spawned-ranks test above
+        assert a[s] == pytest.approx(b[s], rel=1e-5, abs=1e-6)

@@ -83,7 +83,9 @@ class SimpleCheckpointer:
             return None
         name = ptr.read_text().strip()
         if not _NAME.fullmatch(name) or not (self.dir / name).exists():
-            raise CheckpointError(f"{ptr} names {name!r}, which is not a checkpoint file in {self.dir}")
+            raise CheckpointError(
+                f"{ptr} names {name!r}, which is not a checkpoint file in {self.dir}"
+            )
         return self.dir / name
 
     def load(self, path: str | Path) -> dict[str, Any]:
@@ -91,8 +93,12 @@ class SimpleCheckpointer:
         data = path.read_bytes()
         head = len(self.MAGIC) + 65
         if len(data) < head or not data.startswith(self.MAGIC):
-            raise CheckpointError(f"{path} is not a loco checkpoint (bad header); delete it or resume from another")
+            raise CheckpointError(
+                f"{path} is not a loco checkpoint (bad header); delete it or resume from another"
+            )
         digest, payload = data[len(self.MAGIC) : head - 1], data[head:]
         if hashlib.sha256(payload).hexdigest().encode() != digest:
-            raise CheckpointError(f"{path} is corrupt (checksum mismatch); delete it or resume from another")
+            raise CheckpointError(
+                f"{path} is corrupt (checksum mismatch); delete it or resume from another"
+            )
         return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)

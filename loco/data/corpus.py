@@ -132,10 +132,17 @@ def text_corpus(path: str | Path, cache_dir: str | Path | None = None) -> Corpus
         raise ValueError(f"data.path={path} holds {size} bytes; a corpus needs more text")
     # bytes are tokens: the file itself is the token array, no copy needed
     tokens = np.memmap(path, dtype=np.uint8, mode="r")
-    return Corpus(tokens=tokens, docs=[Document(0, size, path.stem, path.name)], vocab_size=256, name=path.name)
+    return Corpus(
+        tokens=tokens,
+        docs=[Document(0, size, path.stem, path.name)],
+        vocab_size=256,
+        name=path.name,
+    )
 
 
-def bin_corpus(path: str | Path, val_path: str | Path | None = None, vocab_size: int = 50257) -> Corpus:
+def bin_corpus(
+    path: str | Path, val_path: str | Path | None = None, vocab_size: int = 50257
+) -> Corpus:
     """A nanoGPT-style file of uint16 token ids (and optionally its validation file)."""
 
     def load(p: str | Path) -> np.ndarray:
@@ -143,7 +150,9 @@ def bin_corpus(path: str | Path, val_path: str | Path | None = None, vocab_size:
         if not p.is_file():
             raise ValueError(f"token file {p} does not exist; give a uint16 .bin file")
         if p.stat().st_size % 2 or p.stat().st_size < 4:
-            raise ValueError(f"token file {p} has {p.stat().st_size} bytes; a uint16 .bin has an even size >= 4")
+            raise ValueError(
+                f"token file {p} has {p.stat().st_size} bytes; a uint16 .bin has an even size >= 4"
+            )
         return np.memmap(p, dtype=np.uint16, mode="r")
 
     tokens = load(path)

@@ -30,12 +30,16 @@ def split_train_val(corpus: Corpus, val_fraction: float) -> tuple[Segments, np.n
     """
     n = len(corpus.tokens)
     if corpus.val_tokens is not None:
-        return np.array([[0, n]], np.int64), corpus.val_tokens, np.array([[0, len(corpus.val_tokens)]], np.int64)
+        return (
+            np.array([[0, n]], np.int64),
+            corpus.val_tokens,
+            np.array([[0, len(corpus.val_tokens)]], np.int64),
+        )
     if len(corpus.docs) > 1:
         cut = int(val_fraction * 10_000)
         is_val = [zlib.crc32(d.name.encode()) % 10_000 < cut for d in corpus.docs]
-        train = [(d.start, d.end) for d, v in zip(corpus.docs, is_val) if not v]
-        val = [(d.start, d.end) for d, v in zip(corpus.docs, is_val) if v]
+        train = [(d.start, d.end) for d, v in zip(corpus.docs, is_val, strict=True) if not v]
+        val = [(d.start, d.end) for d, v in zip(corpus.docs, is_val, strict=True) if v]
         if train and val:
             return np.array(train, np.int64), corpus.tokens, np.array(val, np.int64)
     split = n - max(1, int(n * val_fraction))
@@ -62,7 +66,11 @@ def shard_segments(
     if not 0 <= shard < num_shards:
         raise ValueError(f"site.shard={shard} must be in [0, data.num_shards={num_shards})")
     if split == "iid":
-        chunks = [(s, min(s + chunk_tokens, b)) for a, b in _merge(train) for s in range(a, b, chunk_tokens)]
+        chunks = [
+            (s, min(s + chunk_tokens, b))
+            for a, b in _merge(train)
+            for s in range(a, b, chunk_tokens)
+        ]
         if len(chunks) < num_shards:
             raise ValueError(
                 f"{len(chunks)} chunks cannot fill {num_shards} shards; lower data.chunk_tokens={chunk_tokens}"
@@ -118,7 +126,9 @@ def _merge(segments: Segments) -> list[tuple[int, int]]:
 class TokenSampler:
     """Windows of ``seq_len + 1`` tokens from a shard, as a pure function of (seed, key, index)."""
 
-    def __init__(self, tokens: np.ndarray, segments: Segments, *, seq_len: int, seed: int, key: str) -> None:
+    def __init__(
+        self, tokens: np.ndarray, segments: Segments, *, seq_len: int, seed: int, key: str
+    ) -> None:
         segments = np.asarray(segments, np.int64).reshape(-1, 2)
         lengths = segments[:, 1] - segments[:, 0]
         self.tokens = tokens
@@ -136,7 +146,9 @@ class TokenSampler:
 
     def starts(self, index: int, n: int) -> np.ndarray:
         """Virtual start positions of the ``n`` windows drawn for ``index`` (a step, an eval batch)."""
-        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, self.key, index])))
+        rng = np.random.Generator(
+            np.random.PCG64(np.random.SeedSequence([self.seed, self.key, index]))
+        )
         starts = rng.integers(0, self.total - self.seq_len - 1, size=n, endpoint=True)
         return starts
 
@@ -178,7 +190,12 @@ class SiteData:
     ) -> None:
         train, val_tokens, val = split_train_val(corpus, val_fraction)
         segs = shard_segments(
-            corpus, train, num_shards=num_shards, shard=shard, split=split, chunk_tokens=chunk_tokens
+            corpus,
+            train,
+            num_shards=num_shards,
+            shard=shard,
+            split=split,
+            chunk_tokens=chunk_tokens,
         )
         self.train = TokenSampler(corpus.tokens, segs, seq_len=seq_len, seed=seed, key=site)
         self.val = TokenSampler(val_tokens, val, seq_len=seq_len, seed=seed, key="validation")
@@ -194,4 +211,6 @@ class SiteData:
         return self.train.batch(step, global_rows=self.global_rows, rows=self.B, offset=off)
 
     def val_batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.val.batch(i, global_rows=self.B * self.world, rows=self.B, offset=self.rank * self.B)
+        return self.val.batch(
+            i, global_rows=self.B * self.world, rows=self.B, offset=self.rank * self.B
+        )

@@ -1,5 +1,5 @@
 """Decoder-only transformer models."""
 
-from loco.model.gpt import GPT, GPTConfig, SIZES, build_model
+from loco.model.gpt import GPT, SIZES, GPTConfig, build_model
 
 __all__ = ["GPT", "GPTConfig", "SIZES", "build_model"]

@@ -51,8 +51,16 @@ def plain_loop(model, batches, steps: int) -> float:
 def loco_loop(model, data: SiteData, steps: int, seq_len: int, tmp: Path) -> float:
     engine = PlainEngine(model, optim="adamw", lr=LR["lr"], weight_decay=0.1, grad_clip=1.0)
     metrics = MetricsWriter(tmp / "metrics.jsonl", site="bench", rank=0)
-    trainer = Trainer(engine=engine, data=data, steps=steps, seq_len=seq_len, eval_every=10**9, log_every=10,
-                      metrics=metrics, **LR)
+    trainer = Trainer(
+        engine=engine,
+        data=data,
+        steps=steps,
+        seq_len=seq_len,
+        eval_every=10**9,
+        log_every=10,
+        metrics=metrics,
+        **LR,
+    )
     t0 = time.perf_counter()
     trainer.fit(0)
     dt = time.perf_counter() - t0
@@ -60,9 +68,24 @@ def loco_loop(model, data: SiteData, steps: int, seq_len: int, tmp: Path) -> flo
     return dt
 
 
-def bench_size(size: str, corpus, steps: int, rounds: int, batch: int, seq_len: int, tmp: Path) -> dict:
-    data = SiteData(corpus, site="bench", shard=0, num_shards=3, split="iid", chunk_tokens=16384,
-                    val_fraction=0.05, seq_len=seq_len, batch_size=batch, grad_accum=1, rank=0, world=1, seed=0)
+def bench_size(
+    size: str, corpus, steps: int, rounds: int, batch: int, seq_len: int, tmp: Path
+) -> dict:
+    data = SiteData(
+        corpus,
+        site="bench",
+        shard=0,
+        num_shards=3,
+        split="iid",
+        chunk_tokens=16384,
+        val_fraction=0.05,
+        seq_len=seq_len,
+        batch_size=batch,
+        grad_accum=1,
+        rank=0,
+        world=1,
+        seed=0,
+    )
     batches = [data.train_batch(s, 0) for s in range(steps)]
     tokens = steps * batch * seq_len
 
@@ -76,8 +99,14 @@ def bench_size(size: str, corpus, steps: int, rounds: int, batch: int, seq_len: 
         plain.append(tokens / plain_loop(fresh(), batches, steps))
         loco.append(tokens / loco_loop(fresh(), data, steps, seq_len, tmp))
     p, lo = statistics.median(plain), statistics.median(loco)
-    return {"params": fresh().num_params(), "plain_tok_s": round(p), "loco_tok_s": round(lo), "ratio": round(lo / p, 3),
-            "plain_all": [round(v) for v in plain], "loco_all": [round(v) for v in loco]}
+    return {
+        "params": fresh().num_params(),
+        "plain_tok_s": round(p),
+        "loco_tok_s": round(lo),
+        "ratio": round(lo / p, 3),
+        "plain_all": [round(v) for v in plain],
+        "loco_all": [round(v) for v in loco],
+    }
 
 
 def main() -> None:
@@ -91,9 +120,16 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     corpus = stdlib_corpus()
-    out = {"bench": "train_step", "machine": f"{platform.machine()} {os.cpu_count()} cores",
-           "torch": torch.__version__, "threads": a.threads, "batch": a.batch, "seq_len": a.seq_len,
-           "steps": a.steps, "rounds": a.rounds}
+    out = {
+        "bench": "train_step",
+        "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "torch": torch.__version__,
+        "threads": a.threads,
+        "batch": a.batch,
+        "seq_len": a.seq_len,
+        "steps": a.steps,
+        "rounds": a.rounds,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for size in a.sizes.split(","):
             out[size] = bench_size(size, corpus, a.steps, a.rounds, a.batch, a.seq_len, Path(tmp))
