@@ -4,6 +4,10 @@ Usage:
     python scripts/gen_protos.py          # (re)write the committed stubs
     python scripts/gen_protos.py --check  # exit 1 if the committed stubs are stale
 
+``--check`` ignores the generator's version stamps, so a newer grpcio-tools does not make the
+stubs "stale"; the stubs need grpcio and protobuf at least as new as the stamps say (now
+grpcio >= 1.85.1, protobuf >= 7.35.1).
+
 The stubs are generated with grpc_tools.protoc into a temporary directory, then their
 ``import x_pb2`` lines are made package-relative so they live inside ``loco.gossip._pb``.
 """
@@ -49,12 +53,29 @@ def generate() -> dict[str, str]:
     return out
 
 
+_VERSION_STAMPS = [
+    (re.compile(r"# Protobuf Python Version: .*"), "# Protobuf Python Version: X"),
+    (
+        re.compile(r"ValidateProtobufRuntimeVersion\(.*?\)", re.S),
+        "ValidateProtobufRuntimeVersion(X)",
+    ),
+    (re.compile(r"GRPC_GENERATED_VERSION = '.*'"), "GRPC_GENERATED_VERSION = 'X'"),
+]
+
+
+def normalize(text: str) -> str:
+    """Generated text without the generator's version stamps (they change with grpcio-tools)."""
+    for pattern, repl in _VERSION_STAMPS:
+        text = pattern.sub(repl, text)
+    return text
+
+
 def stale_files(generated: dict[str, str]) -> list[str]:
-    """Names of committed files that differ from `generated` (or are missing / extra)."""
+    """Committed files that differ from ``generated`` (version stamps aside), missing or extra."""
     stale = [
         n
         for n, t in generated.items()
-        if not (OUT_DIR / n).exists() or (OUT_DIR / n).read_text() != t
+        if not (OUT_DIR / n).exists() or normalize((OUT_DIR / n).read_text()) != normalize(t)
     ]
     extra = [p.name for p in OUT_DIR.glob("*.py*") if p.is_file() and p.name not in generated]
     return sorted(stale + extra)

@@ -6,8 +6,8 @@ import time
 
 import numpy as np
 import pytest
-from conftest import LAYOUT, RUN, free_port
 
+from conftest import LAYOUT, RUN, free_port
 from loco.gossip import (
     GossipError,
     PeerInfo,

@@ -7,10 +7,10 @@ import itertools
 import time
 
 import pytest
-from conftest import Site
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import Site
 from loco.gossip import Membership, group_of, pairing, partners
 from loco.gossip.pairing import permutation
 

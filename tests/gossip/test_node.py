@@ -6,8 +6,8 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import LAYOUT, RUN
 
+from conftest import LAYOUT, RUN
 from loco.gossip import GossipNode
 
 

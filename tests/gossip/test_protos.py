@@ -56,3 +56,20 @@ def test_foreign_client_calls_hello_and_health(tmp_path, sites):
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_check_ignores_version_stamps_but_not_content():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_protos", ROOT / "scripts" / "gen_protos.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    files = gen.generate()
+    assert gen.stale_files(files) == []
+    restamped = {
+        n: t.replace("GRPC_GENERATED_VERSION = '", "GRPC_GENERATED_VERSION = '9")
+        for n, t in files.items()
+    }
+    assert gen.stale_files(restamped) == []
+    changed = dict(files, **{"gossip_pb2.py": files["gossip_pb2.py"].replace("loco.v1", "loco.v2")})
+    assert gen.stale_files(changed) == ["gossip_pb2.py"]

@@ -8,8 +8,8 @@ import sys
 import grpc
 import numpy as np
 import pytest
-from conftest import tls_for
 
+from conftest import tls_for
 from loco.gossip import AuthError, GossipClient, GossipServer, PeerUnavailable
 
 

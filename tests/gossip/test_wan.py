@@ -10,8 +10,8 @@ import time
 
 import numpy as np
 import pytest
-from conftest import PeerProcess
 
+from conftest import PeerProcess
 from loco.gossip import RankInfo
 from loco.gossip.netem import DelayProxy, NetnsLink, netns_available
 from loco.gossip.peer import synthetic
