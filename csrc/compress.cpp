@@ -13,11 +13,11 @@
 // -ffp-contract=off so no multiply-add is fused; loops are written to vectorize with SSE2.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <functional>
 #include <limits>
@@ -102,19 +102,43 @@ void check_args(int64_t codec, int64_t block, int64_t k) {
 
 // ----------------------------------------------------------------------------- scales
 
+// fp16 bits -> float, exact (the caller has rejected Inf/NaN encodings).
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+  if (e == 0) {
+    const float v = static_cast<float>(m) * (1.0f / 16777216.0f);  // m * 2^-24
+    return sign ? -v : v;
+  }
+  return u2f(sign | ((e + 112u) << 23) | (m << 13));
+}
+
+// Smallest fp16 value >= s, for finite s >= 0 (0x7C00 = Inf when s > 65504).
+inline uint16_t half_ceil(float s) {
+  const uint32_t u = f2u(s);
+  const int32_t e = static_cast<int32_t>(u >> 23) - 127 + 15;
+  if (e >= 31) return 0x7C00u;
+  if (e <= 0) {  // fp16 subnormal range: multiples of 2^-24
+    const float t = s * 16777216.0f;
+    uint32_t h = static_cast<uint32_t>(t);
+    if (static_cast<float>(h) < t) ++h;
+    return static_cast<uint16_t>(h);  // h <= 1024 = smallest normal, encoded correctly
+  }
+  const uint32_t mant = u & 0x7FFFFFu;
+  const uint32_t h = ((static_cast<uint32_t>(e) << 10) | (mant >> 13)) + ((mant & 0x1FFFu) ? 1u : 0u);
+  return static_cast<uint16_t>(h > 0x7C00u ? 0x7C00u : h);
+}
+
 // s = amax / qmax (at least the smallest denormal when amax > 0); with fp16 scales, rounded UP
 // to the next fp16 value so |v| / s never exceeds qmax. Sets *overflow on fp16 overflow.
 inline float make_scale(float amax, float qmax, bool fp16, uint16_t* bits16, bool* overflow) {
   float s = amax / qmax;
   if (s == 0.0f && amax > 0.0f) s = std::numeric_limits<float>::denorm_min();
   if (fp16) {
-    c10::Half h(s);
-    uint16_t b = h.x;
-    if (static_cast<float>(h) < s) b = static_cast<uint16_t>(b + 1);
-    const float r = static_cast<float>(c10::Half(b, c10::Half::from_bits()));
+    const uint16_t b = half_ceil(s);
     if ((b & 0x7C00u) == 0x7C00u) *overflow = true;
     *bits16 = b;
-    s = r;
+    s = half_to_float(b);
   }
   return s;
 }
@@ -131,7 +155,7 @@ inline float load_scale(const uint8_t* scales, int64_t b, bool fp16) {
   if (fp16) {
     uint16_t h;
     std::memcpy(&h, scales + 2 * b, 2);
-    return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+    return half_to_float(h);
   }
   float s;
   std::memcpy(&s, scales + 4 * b, 4);
@@ -149,219 +173,54 @@ inline bool scale_ok(const uint8_t* scales, int64_t b, bool fp16) {
   return (u & 0x80000000u) == 0 && (u & 0x7F800000u) != 0x7F800000u;
 }
 
-// v = x (+ r) into v; returns the bit pattern of max |v| (>= 0x7F800000 means NaN/Inf present).
-inline int32_t load_block(const float* x, const float* r, float* v, int64_t len) {
-  int32_t m = 0;
-  if (r != nullptr) {
-    for (int64_t j = 0; j < len; ++j) {
-      const float t = x[j] + r[j];
-      v[j] = t;
-      const int32_t a = static_cast<int32_t>(f2u(t) & 0x7FFFFFFFu);
-      m = a > m ? a : m;
-    }
-  } else {
-    for (int64_t j = 0; j < len; ++j) {
-      const float t = x[j];
-      v[j] = t;
-      const int32_t a = static_cast<int32_t>(f2u(t) & 0x7FFFFFFFu);
-      m = a > m ? a : m;
-    }
+// ----------------------------------------------------------------------------- kernels
+
+namespace base {
+#include "compress_kernels.inc"
+}  // namespace base
+
+#if defined(LOCO_X86) && defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC target("avx2")
+namespace avx2 {
+#include "compress_kernels.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+#define LOCO_HAVE_AVX2 1
+#endif
+
+// 1: use the AVX2 build of the loops when the CPU has it (default); 0: baseline build only.
+std::atomic<int64_t> g_simd{-1};
+
+bool use_avx2() {
+#if defined(LOCO_HAVE_AVX2)
+  int64_t s = g_simd.load();
+  if (s < 0) {
+    s = __builtin_cpu_supports("avx2") ? 1 : 0;
+    g_simd.store(s);
   }
-  return m;
+  return s == 1;
+#else
+  return false;
+#endif
 }
+
+int64_t set_simd(int64_t level) {
+  const int64_t prev = use_avx2() ? 1 : 0;
+#if defined(LOCO_HAVE_AVX2)
+  g_simd.store(level >= 1 && __builtin_cpu_supports("avx2") ? 1 : 0);
+#endif
+  return prev;
+}
+
+#if defined(LOCO_HAVE_AVX2)
+#define LOCO_DISPATCH(fn, ...) (use_avx2() ? avx2::fn(__VA_ARGS__) : base::fn(__VA_ARGS__))
+#else
+#define LOCO_DISPATCH(fn, ...) (base::fn(__VA_ARGS__))
+#endif
 
 // ----------------------------------------------------------------------------- quantize
 
-// Linear codes (int8 / int4) of one block into q[0, len); residual update when r != nullptr.
-void linear_codes(const float* v, float* r, int8_t* q, int64_t len, float s, float qmax,
-                  int64_t seed, int64_t base) {
-  if (s == 0.0f) {
-    for (int64_t j = 0; j < len; ++j) q[j] = 0;
-    if (r != nullptr)
-      for (int64_t j = 0; j < len; ++j) r[j] = v[j] - 0.0f;
-    return;
-  }
-  if (seed < 0) {
-    for (int64_t j = 0; j < len; ++j) {
-      const float y = rne_small(clampf(v[j] / s, -qmax, qmax));
-      q[j] = static_cast<int8_t>(static_cast<int32_t>(y));
-    }
-  } else {
-    const uint32_t sd = static_cast<uint32_t>(seed);
-    for (int64_t j = 0; j < len; ++j) {
-      const float y = clampf(v[j] / s, -qmax, qmax);
-      const float t = clampf(floor_small(y + uniform24(sd, base + j)), -qmax, qmax);
-      q[j] = static_cast<int8_t>(static_cast<int32_t>(t));
-    }
-  }
-  if (r != nullptr)
-    for (int64_t j = 0; j < len; ++j) r[j] = v[j] - static_cast<float>(q[j]) * s;
-}
-
-// fp4 (E2M1) codes of one block: bit 3 = sign (v < 0), bits 0-2 = magnitude index.
-void fp4_codes(const float* v, float* r, int8_t* q, int64_t len, float s, int64_t seed,
-               int64_t base) {
-  if (s == 0.0f) {
-    for (int64_t j = 0; j < len; ++j) q[j] = 0;
-    if (r != nullptr)
-      for (int64_t j = 0; j < len; ++j) r[j] = v[j] - 0.0f;
-    return;
-  }
-  if (seed < 0) {
-    for (int64_t j = 0; j < len; ++j) {
-      const float y = v[j] / s;
-      const int m = fp4_nearest(y < 0.0f ? -y : y);
-      q[j] = static_cast<int8_t>(m | (v[j] < 0.0f ? 8 : 0));
-    }
-  } else {
-    const uint32_t sd = static_cast<uint32_t>(seed);
-    for (int64_t j = 0; j < len; ++j) {
-      const float y = v[j] / s;
-      const int m = fp4_stochastic(y < 0.0f ? -y : y, uniform24(sd, base + j));
-      q[j] = static_cast<int8_t>(m | (v[j] < 0.0f ? 8 : 0));
-    }
-  }
-  if (r != nullptr) {
-    for (int64_t j = 0; j < len; ++j) {
-      const int c = q[j];
-      const float g = fp4_mag(c & 7);
-      r[j] = v[j] - ((c & 8) ? -g : g) * s;
-    }
-  }
-}
-
-void pack_nibbles(const int8_t* q, uint8_t* out, int64_t len) {
-  const int64_t half = len / 2;
-  for (int64_t j = 0; j < half; ++j) {
-    out[j] = static_cast<uint8_t>(((q[2 * j] & 0xF) << 4) | (q[2 * j + 1] & 0xF));
-  }
-  if (len & 1) out[half] = static_cast<uint8_t>((q[len - 1] & 0xF) << 4);
-}
-
-int64_t quantize_blocks(const float* x, float* r, uint8_t* pay, const Layout& L, int64_t codec,
-                        bool fp16, int64_t seed) {
-  const float qmax = qmax_of(codec);
-  std::atomic<bool> nonfinite{false}, overflow{false};
-  // Grain: enough blocks per task to amortize scheduling (~64k elements).
-  const int64_t grain = std::max<int64_t>(1, 65536 / L.block);
-  at::parallel_for(0, L.nb, grain, [&](int64_t b0, int64_t b1) {
-    std::vector<float> v(static_cast<size_t>(L.block));
-    std::vector<int8_t> q(static_cast<size_t>(L.block));
-    std::vector<uint64_t> keys(codec == kTopk ? static_cast<size_t>(L.block) : 0);
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t base = b * L.block;
-      const int64_t len = std::min(L.block, L.n - base);
-      float* rb = r != nullptr ? r + base : nullptr;
-      const int32_t mbits = load_block(x + base, rb, v.data(), len);
-      if (mbits >= 0x7F800000) {
-        nonfinite = true;
-        continue;  // leave this block's residual as it was; caller resets on error
-      }
-      uint16_t h = 0;
-      bool ovf = false;
-      const float s = make_scale(u2f(static_cast<uint32_t>(mbits)), qmax, fp16, &h, &ovf);
-      if (ovf) {
-        overflow = true;
-        continue;
-      }
-      store_scale(pay, b, s, h, fp16);
-      if (codec == kInt8) {
-        linear_codes(v.data(), rb, reinterpret_cast<int8_t*>(pay + L.codes_off + base), len, s,
-                     qmax, seed, base);
-      } else if (codec == kInt4) {
-        linear_codes(v.data(), rb, q.data(), len, s, qmax, seed, base);
-        pack_nibbles(q.data(), pay + L.codes_off + base / 2, len);
-      } else if (codec == kFp4) {
-        fp4_codes(v.data(), rb, q.data(), len, s, seed, base);
-        pack_nibbles(q.data(), pay + L.codes_off + base / 2, len);
-      } else {  // top-k
-        const int64_t kb = std::min(L.k, len);
-        for (int64_t j = 0; j < len; ++j) {
-          keys[j] = (static_cast<uint64_t>(f2u(v[j]) & 0x7FFFFFFFu) << 32) |
-                    static_cast<uint64_t>(0xFFFFFFFFu - static_cast<uint32_t>(j));
-        }
-        uint64_t thr = 0;
-        if (kb < len) {
-          std::vector<uint64_t> tmp(keys.begin(), keys.begin() + len);
-          std::nth_element(tmp.begin(), tmp.begin() + (kb - 1), tmp.end(),
-                           std::greater<uint64_t>());
-          thr = tmp[kb - 1];
-        }
-        uint8_t* idx = pay + L.codes_off + b * L.k * L.isz;
-        int8_t* val = reinterpret_cast<int8_t*>(pay + L.vals_off + b * L.k);
-        const uint32_t sd = static_cast<uint32_t>(seed);
-        int64_t c = 0;
-        for (int64_t j = 0; j < len; ++j) {
-          if (keys[j] < thr) continue;
-          float t;
-          if (s == 0.0f) {
-            t = 0.0f;
-          } else if (seed < 0) {
-            t = rne_small(clampf(v[j] / s, -127.0f, 127.0f));
-          } else {
-            const float y = clampf(v[j] / s, -127.0f, 127.0f);
-            t = clampf(floor_small(y + uniform24(sd, base + j)), -127.0f, 127.0f);
-          }
-          const int8_t qq = static_cast<int8_t>(static_cast<int32_t>(t));
-          val[c] = qq;
-          if (L.isz == 1) {
-            idx[c] = static_cast<uint8_t>(j);
-          } else {
-            const uint16_t jj = static_cast<uint16_t>(j);
-            std::memcpy(idx + 2 * c, &jj, 2);
-          }
-          if (rb != nullptr) rb[j] = v[j] - static_cast<float>(qq) * s;
-          ++c;
-        }
-        // Non-selected residual entries keep v (already x + r); write them back.
-        if (rb != nullptr) {
-          for (int64_t j = 0; j < len; ++j)
-            if (keys[j] < thr) rb[j] = v[j];
-        }
-      }
-    }
-  });
-  return nonfinite ? kNonFinite : (overflow ? kOverflow : kOk);
-}
-
-int64_t quantize_elementwise(const float* x, float* r, uint8_t* pay, int64_t n, int64_t codec,
-                             int64_t seed) {
-  std::atomic<bool> nonfinite{false}, overflow{false};
-  at::parallel_for(0, n, 65536, [&](int64_t i0, int64_t i1) {
-    uint32_t fin = 0, ovf = 0;
-    if (codec == kNone) {
-      float* out = reinterpret_cast<float*>(pay);  // payload is 4-byte aligned (checked)
-      for (int64_t i = i0; i < i1; ++i) {
-        const float v = r != nullptr ? x[i] + r[i] : x[i];
-        fin |= (f2u(v) & 0x7F800000u) == 0x7F800000u;
-        out[i] = v;
-      }
-      if (r != nullptr && !fin)
-        for (int64_t i = i0; i < i1; ++i) r[i] = out[i] - out[i];
-    } else {  // bf16
-      uint16_t* out = reinterpret_cast<uint16_t*>(pay);
-      const uint32_t sd = static_cast<uint32_t>(seed);
-      for (int64_t i = i0; i < i1; ++i) {
-        const float v = r != nullptr ? x[i] + r[i] : x[i];
-        const uint32_t u = f2u(v);
-        fin |= (u & 0x7F800000u) == 0x7F800000u;
-        const uint32_t add = seed < 0 ? 0x7FFFu + ((u >> 16) & 1u) : (hash_index(sd, i) & 0xFFFFu);
-        const uint32_t hb = (u + add) >> 16;
-        ovf |= (hb & 0x7F80u) == 0x7F80u;
-        out[i] = static_cast<uint16_t>(hb);
-      }
-      if (r != nullptr && !fin && !ovf) {
-        for (int64_t i = i0; i < i1; ++i) {
-          const float v = x[i] + r[i];
-          r[i] = v - u2f(static_cast<uint32_t>(out[i]) << 16);
-        }
-      }
-    }
-    if (fin) nonfinite = true;
-    if (ovf) overflow = true;
-  });
-  return nonfinite ? kNonFinite : (overflow ? kOverflow : kOk);
-}
 
 int64_t quantize_cpu(const at::Tensor& x, const std::optional<at::Tensor>& residual,
                      at::Tensor& payload, int64_t codec, int64_t block, int64_t k, bool fp16,
@@ -387,29 +246,31 @@ int64_t quantize_cpu(const at::Tensor& x, const std::optional<at::Tensor>& resid
   if (codec == kNone || codec == kBf16) {
     TORCH_CHECK(reinterpret_cast<uintptr_t>(pay) % (codec == kNone ? 4 : 2) == 0,
                 "loco: payload must be aligned");
-    return quantize_elementwise(xp, r, pay, n, codec, seed);
+    return LOCO_DISPATCH(quantize_elementwise, xp, r, pay, n, codec, seed);
   }
-  return quantize_blocks(xp, r, pay, L, codec, fp16, seed);
+  return LOCO_DISPATCH(quantize_blocks, xp, r, pay, L, codec, fp16, seed);
 }
 
 // ----------------------------------------------------------------------------- dequantize
 
 int64_t validate(const uint8_t* pay, const Layout& L, int64_t codec, bool fp16) {
   if (codec == kNone) {
+    uint32_t bad = 0;
     for (int64_t i = 0; i < L.n; ++i) {
       uint32_t u;
       std::memcpy(&u, pay + 4 * i, 4);
-      if ((u & 0x7F800000u) == 0x7F800000u) return kBadValue;
+      bad |= (u & 0x7F800000u) == 0x7F800000u;
     }
-    return kOk;
+    return bad ? kBadValue : kOk;
   }
   if (codec == kBf16) {
+    uint32_t bad = 0;
     for (int64_t i = 0; i < L.n; ++i) {
       uint16_t h;
       std::memcpy(&h, pay + 2 * i, 2);
-      if ((h & 0x7F80u) == 0x7F80u) return kBadValue;
+      bad |= (h & 0x7F80u) == 0x7F80u;
     }
-    return kOk;
+    return bad ? kBadValue : kOk;
   }
   for (int64_t b = 0; b < L.nb; ++b)
     if (!scale_ok(pay, b, fp16)) return kBadScale;
@@ -439,90 +300,6 @@ int64_t validate(const uint8_t* pay, const Layout& L, int64_t codec, bool fp16) 
   return kOk;
 }
 
-template <bool ACC>
-inline void put(float* o, float d) {
-  if (ACC) {
-    *o += d;
-  } else {
-    *o = d;
-  }
-}
-
-template <bool ACC>
-void dequantize_impl(const uint8_t* pay, float* out, const Layout& L, int64_t codec, bool fp16) {
-  if (codec == kNone || codec == kBf16) {
-    at::parallel_for(0, L.n, 65536, [&](int64_t i0, int64_t i1) {
-      if (codec == kNone) {
-        for (int64_t i = i0; i < i1; ++i) {
-          float d;
-          std::memcpy(&d, pay + 4 * i, 4);
-          put<ACC>(out + i, d);
-        }
-      } else {
-        for (int64_t i = i0; i < i1; ++i) {
-          uint16_t h;
-          std::memcpy(&h, pay + 2 * i, 2);
-          put<ACC>(out + i, u2f(static_cast<uint32_t>(h) << 16));
-        }
-      }
-    });
-    return;
-  }
-  const int64_t grain = std::max<int64_t>(1, 65536 / L.block);
-  at::parallel_for(0, L.nb, grain, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t base = b * L.block;
-      const int64_t len = std::min(L.block, L.n - base);
-      const float s = load_scale(pay, b, fp16);
-      float* o = out + base;
-      if (codec == kInt8) {
-        const int8_t* q = reinterpret_cast<const int8_t*>(pay + L.codes_off + base);
-        for (int64_t j = 0; j < len; ++j) put<ACC>(o + j, static_cast<float>(q[j]) * s);
-      } else if (codec == kInt4) {
-        const uint8_t* p = pay + L.codes_off + base / 2;
-        const int64_t half = len / 2;
-        for (int64_t j = 0; j < half; ++j) {
-          const int8_t byte = static_cast<int8_t>(p[j]);
-          const int8_t lo = static_cast<int8_t>(static_cast<int8_t>(p[j] << 4) >> 4);
-          put<ACC>(o + 2 * j, static_cast<float>(static_cast<int8_t>(byte >> 4)) * s);
-          put<ACC>(o + 2 * j + 1, static_cast<float>(lo) * s);
-        }
-        if (len & 1)
-          put<ACC>(o + len - 1, static_cast<float>(static_cast<int8_t>(p[half]) >> 4) * s);
-      } else if (codec == kFp4) {
-        float table[16];
-        for (int c = 0; c < 16; ++c) {
-          const float g = fp4_mag(c & 7);
-          table[c] = ((c & 8) ? -g : g) * s;
-        }
-        const uint8_t* p = pay + L.codes_off + base / 2;
-        const int64_t half = len / 2;
-        for (int64_t j = 0; j < half; ++j) {
-          put<ACC>(o + 2 * j, table[p[j] >> 4]);
-          put<ACC>(o + 2 * j + 1, table[p[j] & 0xF]);
-        }
-        if (len & 1) put<ACC>(o + len - 1, table[p[half] >> 4]);
-      } else {  // top-k
-        if (!ACC)
-          for (int64_t j = 0; j < len; ++j) o[j] = 0.0f;
-        const int64_t kb = std::min(L.k, len);
-        const uint8_t* idx = pay + L.codes_off + b * L.k * L.isz;
-        const int8_t* val = reinterpret_cast<const int8_t*>(pay + L.vals_off + b * L.k);
-        for (int64_t c = 0; c < kb; ++c) {
-          int64_t j;
-          if (L.isz == 1) {
-            j = idx[c];
-          } else {
-            uint16_t jj;
-            std::memcpy(&jj, idx + 2 * c, 2);
-            j = jj;
-          }
-          put<ACC>(o + j, static_cast<float>(val[c]) * s);
-        }
-      }
-    }
-  });
-}
 
 int64_t dequantize_cpu(const at::Tensor& payload, at::Tensor& out, int64_t codec, int64_t block,
                        int64_t k, bool fp16, bool accumulate) {
@@ -539,9 +316,9 @@ int64_t dequantize_cpu(const at::Tensor& payload, at::Tensor& out, int64_t codec
   if (st != kOk || L.n == 0) return st;
   float* o = out.data_ptr<float>();
   if (accumulate) {
-    dequantize_impl<true>(pay, o, L, codec, fp16);
+    LOCO_DISPATCH(dequantize_impl<true>, pay, o, L, codec, fp16);
   } else {
-    dequantize_impl<false>(pay, o, L, codec, fp16);
+    LOCO_DISPATCH(dequantize_impl<false>, pay, o, L, codec, fp16);
   }
   return kOk;
 }
@@ -612,36 +389,45 @@ uint32_t crc_raw(uint32_t c, const uint8_t* p, size_t n) {
   return crc_sw(c, p, n);
 }
 
-// GF(2) 32x32 operator that advances a raw register over `n` zero bytes (columns = images of bits).
-struct ZeroOp {
-  uint32_t col[32];
+// Shifting a raw register over n zero bytes multiplies it by x^(8n) modulo the polynomial
+// (reflected bit order): multmodp / x2nmodp as in zlib's crc32_combine, written anew here.
+uint32_t multmodp(uint32_t a, uint32_t b) {
+  uint32_t m = 1u << 31, p = 0;
+  for (;;) {
+    if (a & m) {
+      p ^= b;
+      if ((a & (m - 1)) == 0) break;
+    }
+    m >>= 1;
+    b = (b & 1u) ? (b >> 1) ^ kPoly : b >> 1;
+  }
+  return p;
+}
+
+struct X2nTable {
+  uint32_t t[32];
+  X2nTable() {
+    uint32_t p = 1u << 30;  // x^1
+    for (int k = 0; k < 32; ++k) {
+      t[k] = p;
+      p = multmodp(p, p);
+    }
+  }
 };
 
-uint32_t apply(const ZeroOp& op, uint32_t v) {
-  uint32_t r = 0;
-  for (int i = 0; i < 32; ++i)
-    if ((v >> i) & 1u) r ^= op.col[i];
-  return r;
-}
-
-ZeroOp compose(const ZeroOp& a, const ZeroOp& b) {  // a after b
-  ZeroOp r;
-  for (int i = 0; i < 32; ++i) r.col[i] = apply(a, b.col[i]);
-  return r;
-}
-
-ZeroOp zeros_op(uint64_t n) {
-  ZeroOp one;  // one zero byte
-  for (int i = 0; i < 32; ++i) one.col[i] = crc_sw(1u << i, reinterpret_cast<const uint8_t*>("\0"), 1);
-  ZeroOp r;
-  for (int i = 0; i < 32; ++i) r.col[i] = 1u << i;
+// x^(n * 2^k) mod P
+uint32_t x2nmodp(uint64_t n, unsigned k) {
+  static const X2nTable T;
+  uint32_t p = 1u << 31;  // x^0
   while (n) {
-    if (n & 1u) r = compose(one, r);
-    one = compose(one, one);
+    if (n & 1u) p = multmodp(T.t[k & 31], p);
     n >>= 1;
+    ++k;
   }
-  return r;
+  return p;
 }
+
+uint32_t shift_zeros(uint32_t reg, uint64_t nbytes) { return multmodp(x2nmodp(nbytes, 3), reg); }
 
 int64_t crc32c_cpu(const at::Tensor& data, int64_t crc) {
   TORCH_CHECK(data.scalar_type() == at::kByte && data.is_contiguous() && data.device().is_cpu(),
@@ -649,7 +435,7 @@ int64_t crc32c_cpu(const at::Tensor& data, int64_t crc) {
   const uint8_t* p = data.data_ptr<uint8_t>();
   const int64_t n = data.numel();
   const uint32_t init = ~static_cast<uint32_t>(crc);
-  const int64_t chunk = int64_t{1} << 22;
+  const int64_t chunk = int64_t{1} << 20;
   const int64_t nchunks = (n + chunk - 1) / chunk;
   if (nchunks <= 1 || at::get_num_threads() <= 1) {
     return static_cast<int64_t>(~crc_raw(init, p, static_cast<size_t>(n)) & 0xFFFFFFFFu);
@@ -662,12 +448,10 @@ int64_t crc32c_cpu(const at::Tensor& data, int64_t crc) {
       part[c] = crc_raw(0u, p + c * chunk, static_cast<size_t>(len));
     }
   });
-  const ZeroOp full = zeros_op(static_cast<uint64_t>(chunk));
   uint32_t reg = init;
   for (int64_t c = 0; c < nchunks; ++c) {
     const int64_t len = std::min(chunk, n - c * chunk);
-    reg = (len == chunk ? apply(full, reg) : apply(zeros_op(static_cast<uint64_t>(len)), reg)) ^
-          part[c];
+    reg = shift_zeros(reg, static_cast<uint64_t>(len)) ^ part[c];
   }
   return static_cast<int64_t>(~reg & 0xFFFFFFFFu);
 }
@@ -682,6 +466,8 @@ TORCH_LIBRARY(loco, m) {
       "dequantize(Tensor payload, Tensor(a!) out, int codec, int block, int k, bool fp16_scale, "
       "bool accumulate) -> int");
   m.def("crc32c(Tensor data, int crc) -> int");
+  // Catch-all (no tensor arguments): choose the loop build; returns the previous level.
+  m.def("set_simd(int level) -> int", &set_simd);
 }
 
 TORCH_LIBRARY_IMPL(loco, CPU, m) {
