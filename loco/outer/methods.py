@@ -1,0 +1,136 @@
+"""The outer step on one rank's flat range, exactly as the NoLoCo spec writes it.
+
+All tensors are fp32 and 1-D over the rank's own range ``[lo, hi)``. The caller gathers the
+group's DECODED deltas and phis (its own decoded values included, so every member of a group
+computes the same means) and calls :meth:`OuterStep.apply`, which updates ``phi``, the outer
+momentum and ``theta`` in place. ``apply`` checks every input before touching any state: a
+non-finite or wrong-length input raises ``ValueError`` and leaves the state as it was, so the
+caller can drop that member and retry with the members that remain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class OuterState:
+    """Per-rank outer state over the rank's range: slow weights and outer momentum."""
+
+    phi: torch.Tensor
+    momentum: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    rounds: int = 0  # outer steps applied so far
+
+    def __post_init__(self) -> None:
+        assert self.phi.dtype == torch.float32 and self.phi.dim() == 1
+        if self.momentum is None:
+            self.momentum = torch.zeros_like(self.phi)
+
+    @classmethod
+    def start(cls, theta: torch.Tensor) -> OuterState:
+        """phi <- theta at the start of the first round, momentum zero."""
+        return cls(phi=theta.detach().to(torch.float32, copy=True))
+
+
+def _check(name: str, ts: list[torch.Tensor], n: int) -> None:
+    if not ts:
+        raise ValueError(f"no {name} given; the group holds at least this site")
+    for i, t in enumerate(ts):
+        if t.dim() != 1 or t.numel() != n:
+            raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)}; expected ({n},)")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name}[{i}] holds a non-finite value; that member must be dropped")
+
+
+class OuterStep:
+    """Base of the outer optimizers: ``apply`` one round on this rank's range."""
+
+    name = "base"
+
+    def apply(
+        self,
+        theta: torch.Tensor,
+        state: OuterState,
+        deltas: list[torch.Tensor],
+        phis: list[torch.Tensor],
+    ) -> None:
+        """Update ``state`` and set ``theta <- phi``. ``deltas[0]``/``phis[0]`` are this site's."""
+        n = state.phi.numel()
+        _check("deltas", deltas, n)
+        _check("phis", phis, n)
+        assert theta.numel() == n
+        self._update(state, deltas, phis)
+        state.rounds += 1
+        theta.copy_(state.phi)
+
+    def _update(
+        self, state: OuterState, deltas: list[torch.Tensor], phis: list[torch.Tensor]
+    ) -> None:
+        raise NotImplementedError
+
+
+class NoLoCo(OuterStep):
+    """``m <- alpha m + beta mean(delta) - gamma (phi - mean(phi))``; ``phi <- phi + m``.
+
+    With one member (an unreachable or dropped partner) this is the local heavy-ball step; with
+    identical members the gamma term vanishes and it is the DiLoCo-style heavy-ball step.
+    """
+
+    name = "noloco"
+
+    def __init__(self, *, alpha: float = 0.5, beta: float = 0.7, gamma: float = 0.7) -> None:
+        self.alpha, self.beta, self.gamma = alpha, beta, gamma
+
+    def _update(
+        self, state: OuterState, deltas: list[torch.Tensor], phis: list[torch.Tensor]
+    ) -> None:
+        mean_delta = torch.stack(deltas).mean(0)
+        mean_phi = torch.stack(phis).mean(0)
+        m = state.momentum
+        m.mul_(self.alpha).add_(mean_delta, alpha=self.beta)
+        m.sub_(state.phi - mean_phi, alpha=self.gamma)
+        state.phi.add_(m)
+
+
+class Local(NoLoCo):
+    """Every round is local: the heavy-ball step on this site's own delta only (n = 1)."""
+
+    name = "local"
+
+    def apply(self, theta, state, deltas, phis) -> None:  # type: ignore[override]
+        super().apply(theta, state, deltas[:1], phis[:1])
+
+
+class DiLoCo(OuterStep):
+    """``g = -mean(delta)`` over all sites, one torch-SGD Nesterov step on phi."""
+
+    name = "diloco"
+
+    def __init__(self, *, lr: float = 0.7, momentum: float = 0.9, nesterov: bool = True) -> None:
+        self.lr, self.mu, self.nesterov = lr, momentum, nesterov
+
+    def _update(
+        self, state: OuterState, deltas: list[torch.Tensor], phis: list[torch.Tensor]
+    ) -> None:
+        g = -torch.stack(deltas).mean(0)
+        buf = state.momentum
+        # torch.optim.SGD: the first step initialises the buffer to g (no dampening)
+        if state.rounds == 0:
+            buf.copy_(g)
+        else:
+            buf.mul_(self.mu).add_(g)
+        step = g.add(buf, alpha=self.mu) if self.nesterov else buf
+        state.phi.sub_(step, alpha=self.lr)
+
+
+def build_outer(method: str, **kw: float) -> OuterStep:
+    """An outer step by name, with only the keywords that method takes."""
+    if method == "noloco":
+        return NoLoCo(**{k: kw[k] for k in ("alpha", "beta", "gamma") if k in kw})
+    if method == "local":
+        return Local(**{k: kw[k] for k in ("alpha", "beta", "gamma") if k in kw})
+    if method == "diloco":
+        return DiLoCo(**{k: kw[k] for k in ("lr", "momentum") if k in kw})
+    raise ValueError(f"outer.method={method!r} is not allowed; choose noloco, diloco or local")

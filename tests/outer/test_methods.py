@@ -1,0 +1,127 @@
+"""Outer steps against a small NumPy reference of the NoLoCo spec, and the spec's invariants."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from loco.outer import DiLoCo, Local, NoLoCo, OuterState, build_outer
+
+N = 257
+
+
+def ref_noloco(phi, m, deltas, phis, a, b, g):
+    m = a * m + b * np.mean(deltas, 0) - g * (phi - np.mean(phis, 0))
+    return phi + m, m
+
+
+def ref_diloco_rounds(phi, rounds, lr, mu):
+    """torch.optim.SGD(nesterov=True) semantics, one step per round on g = -mean(delta)."""
+    buf = None
+    for deltas in rounds:
+        g = -np.mean(deltas, 0)
+        buf = g.copy() if buf is None else mu * buf + g
+        phi = phi - lr * (g + mu * buf)
+    return phi
+
+
+def rand(rng, k=1):
+    return [rng.standard_normal(N).astype(np.float32) for _ in range(k)]
+
+
+@pytest.mark.parametrize("members", [1, 2, 3])
+def test_noloco_matches_numpy_over_rounds(members):
+    rng = np.random.default_rng(members)
+    phi0 = rand(rng)[0]
+    st = OuterState.start(torch.from_numpy(phi0))
+    theta = torch.zeros(N)
+    ref_phi, ref_m = phi0.astype(np.float64), np.zeros(N)
+    step = NoLoCo(alpha=0.5, beta=0.7, gamma=0.6)
+    for _ in range(4):
+        deltas = rand(rng, members)
+        phis = [st.phi.numpy().copy()] + [p * 0.1 + st.phi.numpy() for p in rand(rng, members - 1)]
+        step.apply(
+            theta, st, [torch.from_numpy(d) for d in deltas], [torch.from_numpy(p) for p in phis]
+        )
+        ref_phi, ref_m = ref_noloco(ref_phi, ref_m, deltas, phis, 0.5, 0.7, 0.6)
+        # fp32 arithmetic on O(1) values, 4 rounds: errors ~1e-6; 1e-5 leaves margin
+        np.testing.assert_allclose(st.phi.numpy(), ref_phi, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(st.momentum.numpy(), ref_m, rtol=1e-5, atol=1e-5)
+        assert torch.equal(theta, st.phi)
+
+
+def test_identical_members_give_the_heavy_ball_step():
+    rng = np.random.default_rng(0)
+    phi, delta = rand(rng, 2)
+    a = OuterState.start(torch.from_numpy(phi))
+    b = OuterState.start(torch.from_numpy(phi))
+    d = torch.from_numpy(delta)
+    NoLoCo().apply(torch.zeros(N), a, [d, d.clone()], [a.phi.clone(), a.phi.clone()])
+    Local().apply(torch.zeros(N), b, [d], [b.phi.clone()])
+    assert torch.equal(a.phi, b.phi)  # the gamma term is exactly zero
+    np.testing.assert_allclose(a.phi.numpy(), phi + 0.7 * delta, rtol=1e-6, atol=1e-6)
+
+
+def test_pair_members_compute_the_same_means_and_converge():
+    rng = np.random.default_rng(3)
+    p1, p2, d1, d2 = rand(rng, 4)
+    s1, s2 = OuterState.start(torch.from_numpy(p1)), OuterState.start(torch.from_numpy(p2))
+    gap0 = float((s1.phi - s2.phi).norm())
+    deltas = [torch.from_numpy(d1), torch.from_numpy(d2)]
+    phis = [s1.phi.clone(), s2.phi.clone()]
+    NoLoCo().apply(torch.zeros(N), s1, deltas, phis)
+    NoLoCo().apply(torch.zeros(N), s2, deltas[::-1], phis[::-1])
+    # same mean delta in both; each moves gamma/2 of the gap toward the other: gap * (1 - gamma)
+    np.testing.assert_allclose(
+        (s1.phi - s2.phi).numpy(), (1 - 0.7) * (p1 - p2), rtol=1e-5, atol=1e-5
+    )
+    assert float((s1.phi - s2.phi).norm()) < gap0
+
+
+def test_diloco_matches_torch_sgd_semantics():
+    rng = np.random.default_rng(5)
+    phi0 = rand(rng)[0]
+    st = OuterState.start(torch.from_numpy(phi0))
+    rounds = [rand(rng, 3) for _ in range(3)]
+    step = DiLoCo(lr=0.7, momentum=0.9)
+    for deltas in rounds:
+        step.apply(torch.zeros(N), st, [torch.from_numpy(d) for d in deltas], [st.phi.clone()] * 3)
+    np.testing.assert_allclose(
+        st.phi.numpy(), ref_diloco_rounds(phi0, rounds, 0.7, 0.9), rtol=1e-5, atol=1e-5
+    )
+    # and the same as torch's own optimizer
+    p = torch.nn.Parameter(torch.from_numpy(phi0.copy()))
+    opt = torch.optim.SGD([p], lr=0.7, momentum=0.9, nesterov=True)
+    for deltas in rounds:
+        p.grad = -torch.from_numpy(np.mean(deltas, 0))
+        opt.step()
+    torch.testing.assert_close(st.phi, p.detach(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "short"])
+def test_bad_member_input_leaves_state_untouched(bad):
+    rng = np.random.default_rng(1)
+    st = OuterState.start(torch.from_numpy(rand(rng)[0]))
+    st.momentum += 0.5
+    before = (st.phi.clone(), st.momentum.clone())
+    theta = torch.full((N,), 3.0)
+    d = torch.from_numpy(rand(rng)[0])
+    other = d.clone()
+    if bad == "nan":
+        other[7] = float("nan")
+    elif bad == "inf":
+        other[0] = float("inf")
+    else:
+        other = other[:-1]
+    with pytest.raises(ValueError):
+        NoLoCo().apply(theta, st, [d, other], [st.phi.clone(), st.phi.clone()])
+    assert torch.equal(st.phi, before[0]) and torch.equal(st.momentum, before[1])
+    assert bool((theta == 3.0).all()) and st.rounds == 0
+
+
+def test_build_outer_by_name():
+    assert isinstance(build_outer("noloco", alpha=0.1, beta=0.2, gamma=0.3, lr=9.0), NoLoCo)
+    assert isinstance(build_outer("diloco", lr=0.5, momentum=0.8, alpha=1.0), DiLoCo)
+    with pytest.raises(ValueError, match="choose noloco"):
+        build_outer("fedavg")
