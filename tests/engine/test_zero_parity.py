@@ -68,6 +68,7 @@ GRID = [
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("world", [2, 3])
 def test_parity_grid(world: int) -> None:
     """The exhaustive grid: every stage x optimizer x bucket x accumulation x collective."""
