@@ -34,8 +34,9 @@ class GossipNode:
         peers: ``{site: rank-0 address}`` of the other sites (seed peers).
         seed, odd: pairing seed and odd-count policy ("triple" or "sit_out").
         heartbeat: run the membership heartbeats here (rank 0 of each site).
-        tls / insecure, pull_timeout_s, hello_timeout_s, heartbeat_s, dead_after, strikes,
-        ban_rounds, parallel_streams, chunk_bytes, keep_rounds, validate: see GossipServer,
+        tls / cert_dir (``python -m loco.certs`` output) / insecure, pull_timeout_s, hello_timeout_s, heartbeat_s, dead_after, strikes,
+        ban_rounds, parallel_streams, chunk_bytes, keep_rounds, backoff_s, backoff_max_s,
+        keepalive_s, max_wait_s, validate: see GossipServer,
         GossipClient and Membership.
     """
 
@@ -54,6 +55,7 @@ class GossipNode:
         odd: str = "triple",
         heartbeat: bool | None = None,
         tls: TlsConfig | None = None,
+        cert_dir: str | None = None,
         insecure: bool = False,
         pull_timeout_s: float = 60.0,
         hello_timeout_s: float = 5.0,
@@ -64,8 +66,14 @@ class GossipNode:
         parallel_streams: int = 1,
         chunk_bytes: int = 1 << 20,
         keep_rounds: int = 2,
+        backoff_s: float = 0.2,
+        backoff_max_s: float = 2.0,
+        keepalive_s: float = 30.0,
+        max_wait_s: float = 600.0,
         validate: Validator | None = None,
     ) -> None:
+        if tls is None and cert_dir and not insecure:
+            tls = TlsConfig.for_site(cert_dir, site)
         host, _, port = listen.rpartition(":")
         port_r = int(port) + rank if int(port) else 0
         self.site, self.rank, self.seed, self.odd = site, rank, seed, odd
@@ -75,12 +83,14 @@ class GossipNode:
             site=site, rank=rank, nproc=nproc, flat_size=flat_size, run_id=run_id,
             layout_hash=layout_hash, listen=f"{host}:{port_r}", tls=tls, insecure=insecure,
             members=members, chunk_bytes=chunk_bytes, keep_rounds=keep_rounds, metrics=self.metrics,
+            keepalive_s=keepalive_s, max_wait_s=max_wait_s,
         )  # fmt: skip
         self.client = GossipClient(
             site=site, run_id=run_id, layout_hash=layout_hash, tls=tls, insecure=insecure,
             timeout_s=pull_timeout_s, hello_timeout_s=hello_timeout_s, strikes=strikes,
             ban_rounds=ban_rounds, parallel_streams=parallel_streams, validate=validate,
-            metrics=self.metrics,
+            metrics=self.metrics, backoff_s=backoff_s, backoff_max_s=backoff_max_s,
+            keepalive_s=keepalive_s,
         )  # fmt: skip
         self.peers = {n: a for n, a in peers.items() if n != site}
         run_heartbeat = rank == 0 if heartbeat is None else heartbeat
@@ -143,27 +153,34 @@ class GossipNode:
 
     def peer_info(self, site: str) -> PeerInfo | None:
         """Hello answer of ``site`` (membership cache, else a Hello now); None if unreachable."""
+        try:
+            return self._peer_info(site)
+        except GossipError:
+            return None
+
+    def _peer_info(self, site: str) -> PeerInfo:
         if self.membership is not None and (info := self.membership.peer(site)) is not None:
             return info
         with self._lock:
             info = self._infos.get(site)
-        if info is None and site in self.peers:
-            try:
-                info = self.client.hello(self.peers[site], expect_site=site)
-            except GossipError:
-                return None
+        if info is None:
+            if site not in self.peers:
+                raise PeerUnavailable(f"{site}: not a configured peer", peer=site)
+            info = self.client.hello(self.peers[site], expect_site=site)
             with self._lock:
                 self._infos[site] = info
         return info
 
     def pull(self, partner: str, round: int, stream: str, **kw) -> PullResult:
         """Pull this rank's own range of ``partner``'s ``stream`` for ``round``; never raises."""
-        info = self.peer_info(partner)
-        if info is None:
-            res = PullResult(peer=partner, round=round, stream=stream, lo=self.lo, hi=self.hi)
-            res.error = PeerUnavailable(f"{partner}: no Hello answer", peer=partner)
+        try:
+            info = self._peer_info(partner)
+        except GossipError as e:
+            res = PullResult(
+                peer=partner, round=round, stream=stream, lo=self.lo, hi=self.hi, error=e
+            )
             self.metrics.add("pulls_failed")
-            self.metrics.add("fail_unavailable")
+            self.metrics.add(f"fail_{e.cause}")
             return res
         res = self.client.pull(info, round, stream, self.lo, self.hi, **kw)
         if not res.ok and res.cause in ("unavailable", "mismatch"):

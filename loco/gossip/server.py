@@ -103,7 +103,7 @@ class GossipServer:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         keep_rounds: int = 2,
         max_wait_s: float = 600.0,
-        max_workers: int = 16,
+        max_workers: int = 32,
         keepalive_s: float = 30.0,
         metrics: GossipMetrics | None = None,
         fault: ServerFault | None = None,

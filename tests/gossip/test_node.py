@@ -124,3 +124,42 @@ def test_compressed_payload_validated_by_decode(federation, monkeypatch):
     torch.testing.assert_close(compress.decode(bytes(ok.segments[0].data)), compress.decode(blob))
     res = node.pull("us", 1, "delta", validate=check)
     assert not res.ok and res.cause == "bad_payload" and "PayloadError" in str(res.error)
+
+
+def test_nodes_over_mtls(certdir):
+    p = 5000
+    run = certdir / "run"
+    eu = GossipNode(site="eu", rank=0, nproc=1, flat_size=p, run_id=RUN, layout_hash=LAYOUT,
+                    listen="127.0.0.1:0", peers={}, cert_dir=str(run), heartbeat=False)  # fmt: skip
+    us = [
+        GossipNode(
+            site="us",
+            rank=r,
+            nproc=2,
+            flat_size=p,
+            run_id=RUN,
+            layout_hash=LAYOUT,
+            listen="127.0.0.1:0",
+            peers={"eu": "127.0.0.1:1"},
+            cert_dir=str(run),
+            heartbeat=False,
+        )  # fmt: skip
+        for r in range(2)
+    ]
+    try:
+        for n in [eu, *us]:
+            n.start()
+        addrs = [n.server.address for n in us]
+        us[0].server.set_rank_addresses(addrs)
+        eu.peers = {"us": addrs[0], "asia": addrs[0]}
+        res = eu.pull("asia", 0, "phi")  # us's certificate does not say "asia"
+        assert not res.ok and res.cause == "auth"
+        full = _payload("us", 0, p)
+        for n in us:
+            n.publish(0, "phi", full[n.lo : n.hi])
+        res = eu.pull("us", 0, "phi")
+        assert res.ok and bytes(res.data) == full.tobytes()
+        assert eu.server.tls is not None and eu.client.tls is not None
+    finally:
+        for n in [eu, *us]:
+            n.close()
