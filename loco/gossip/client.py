@@ -436,8 +436,11 @@ class GossipClient:
         first: GossipError | None = None
         for job in futures.as_completed(jobs):
             try:
-                segs = job.result()
-                res.segments.extend(segs)
+                for seg in job.result():  # parallel sub-streams may repeat an opaque segment
+                    if not any(
+                        (g.rank, g.lo, g.hi) == (seg.rank, seg.lo, seg.hi) for g in res.segments
+                    ):
+                        res.segments.append(seg)
             except _Cancelled:
                 pass
             except GossipError as e:
@@ -550,7 +553,8 @@ class GossipClient:
                         got += n
                         crc_run = crc32_combine(crc_run, crc, n)
                         self.metrics.add("bytes_recv", n)
-                        res.bytes_recv += n
+                        with self._lock:
+                            res.bytes_recv += n
                     if hdr is not None and got == hdr.length:
                         if crc_run != hdr.crc32:
                             raise BadPayload(
@@ -581,6 +585,7 @@ class GossipClient:
                 pause = min(self.backoff_max_s, self.backoff_s * 2 ** (attempt - 1))
                 time.sleep(min(left, pause * self._rng.uniform(0.5, 1.5)))
             finally:
+                call.cancel()  # no-op when the stream completed; stops the peer on errors
                 with self._lock:
                     if call in calls:
                         calls.remove(call)

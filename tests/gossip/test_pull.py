@@ -67,14 +67,15 @@ def test_evicted_round_has_clear_status(sites, clients):
     assert client.pull(peer, 2, "delta", 0, 100).ok
 
 
-def test_opaque_segments_are_sent_whole(sites, clients):
+@pytest.mark.parametrize("streams", [1, 3])
+def test_opaque_segments_are_sent_whole(sites, clients, streams):
     p = 100
     site = sites("us", 2, p)
     blobs = {}
     for s in site.servers:
         blobs[s.rank] = bytes([s.rank + 1]) * (17 + s.rank)
         s.publish(0, "delta", blobs[s.rank], codec="int8-test")
-    client = clients()
+    client = clients(parallel_streams=streams)
     peer = client.hello(site.address, expect_site="us")
     res = client.pull(peer, 0, "delta", 40, 60)
     assert res.ok and res.data is None
