@@ -244,7 +244,10 @@ class GossipClient:
     def hello(
         self, address: str, *, expect_site: str = "", timeout_s: float | None = None
     ) -> PeerInfo:
-        """Hello to ``address``; raises ``GossipError`` (``PeerMismatch`` on run/layout/site)."""
+        """Hello to ``address``; raises ``GossipError`` (``PeerMismatch`` on run/layout/site).
+
+        With TLS, ``expect_site`` is required (it is the name the server certificate must carry).
+        """
         call = self._channel(address, expect_site).unary_unary(
             f"/{SERVICE}/Hello",
             request_serializer=pb.HelloRequest.SerializeToString,
@@ -339,7 +342,17 @@ class GossipClient:
         return self._run(peer, "FetchState", -1, name, lo, hi, dtype, timeout_s, validate, out)
 
     def _run(
-        self, peer, method, round, stream, lo, hi, dtype, timeout_s, validate, out
+        self,
+        peer: PeerInfo,
+        method: str,
+        round: int,
+        stream: str,
+        lo: int,
+        hi: int,
+        dtype: str,
+        timeout_s: float | None,
+        validate: Validator | None,
+        out,
     ) -> PullResult:
         t0 = time.monotonic()
         res = PullResult(peer=peer.site, round=round, stream=stream, lo=lo, hi=hi)
@@ -390,7 +403,19 @@ class GossipClient:
             )
         return res
 
-    def _pull_all(self, peer, method, round, stream, lo, hi, dtype, deadline, res, out) -> None:
+    def _pull_all(
+        self,
+        peer: PeerInfo,
+        method: str,
+        round: int,
+        stream: str,
+        lo: int,
+        hi: int,
+        dtype: str,
+        deadline: float,
+        res: PullResult,
+        out,
+    ) -> None:
         isz = ITEMSIZE[dtype]
         if out is None:  # np.empty: no zero-fill pass over the buffer
             res.data = memoryview(np.empty((hi - lo) * isz, np.uint8)).cast("B")
@@ -459,7 +484,21 @@ class GossipClient:
         res.segments.sort(key=lambda s: s.lo)
 
     def _pull_piece(
-        self, peer, method, r, a, b, k, round, stream, lo0, dtype, deadline, res, stop, calls
+        self,
+        peer: PeerInfo,
+        method: str,
+        r: RankInfo,
+        a: int,
+        b: int,
+        k: int,
+        round: int,
+        stream: str,
+        lo0: int,
+        dtype: str,
+        deadline: float,
+        res: PullResult,
+        stop: threading.Event,
+        calls: list,
     ) -> list[ReceivedSegment]:
         """Stream [a, b) from owner rank ``r`` into ``res.data`` (raw) or return opaque segments."""
         isz = ITEMSIZE[dtype]
@@ -590,7 +629,18 @@ class GossipClient:
                     if call in calls:
                         calls.remove(call)
 
-    def _check_header(self, peer, r, h, method, round, stream, nxt, b, dtype) -> None:
+    def _check_header(
+        self,
+        peer: PeerInfo,
+        r: RankInfo,
+        h: pb.SegmentHeader,
+        method: str,
+        round: int,
+        stream: str,
+        nxt: int,
+        b: int,
+        dtype: str,
+    ) -> None:
         bad = []
         if h.run_id != self.run_id:
             bad.append(f"run_id {h.run_id!r}")
