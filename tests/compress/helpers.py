@@ -1,0 +1,55 @@
+"""Helpers shared by the compression tests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import loco.compress as lc
+
+# Codec configurations the conformance tests run over: every codec, default and edge options.
+CONFIGS: list[tuple[str, dict]] = [
+    ("none", {}),
+    ("bf16", {}),
+    ("bf16", {"rounding": "stochastic"}),
+    ("int8", {}),
+    ("int8", {"block": 7, "scale_dtype": "fp16"}),
+    ("int8", {"rounding": "stochastic"}),
+    ("int4", {}),
+    ("int4", {"block": 64, "scale_dtype": "fp32"}),
+    ("int4", {"rounding": "stochastic"}),
+    ("fp4", {}),
+    ("fp4", {"block": 32, "scale_dtype": "fp32"}),
+    ("fp4", {"rounding": "stochastic"}),
+    ("topk", {}),
+    ("topk", {"block": 1000, "k": 33, "scale_dtype": "fp16"}),
+    ("topk", {"block": 16, "k": 16}),
+    ("topk", {"block": 64, "k": 3, "rounding": "stochastic"}),
+]
+
+
+def config_id(cfg: tuple[str, dict]) -> str:
+    name, opts = cfg
+    return name + "".join(f"-{k}={v}" for k, v in sorted(opts.items()))
+
+
+def ext_or_skip():
+    """The compiled ops, or skip (fail instead when LOCO_REQUIRE_EXT=1, as in CI)."""
+    ops = lc.ext_ops()
+    if ops is None:
+        if os.environ.get("LOCO_REQUIRE_EXT") == "1":
+            pytest.fail(f"compiled kernels required but unavailable: {lc.ext_error()}")
+        pytest.skip(f"compiled kernels unavailable: {lc.ext_error()}")
+    return ops
+
+
+def scales_per_element(codec, payload: torch.Tensor, n: int) -> torch.Tensor:  # noqa: ANN001
+    """The decoded block scale of every element (float64), read from a payload."""
+    nb = -(-n // codec.block)
+    if codec.fp16_scale:
+        s = payload[: 2 * nb].view(torch.float16).double()
+    else:
+        s = payload[: 4 * nb].view(torch.float32).double()
+    return s.repeat_interleave(codec.block)[:n]
