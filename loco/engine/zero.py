@@ -607,6 +607,23 @@ class ZeroEngine:
         if self.master.data_ptr() != fp[self.opt_lo :].data_ptr():
             fp[self.opt_lo : self.opt_hi].copy_(self.master, non_blocking=self.offload)
         if self.stage > 0 and self.world > 1:
+            self._all_gather_params(fp)
+
+    def _all_gather_params(self, fp: torch.Tensor) -> None:
+        """Every rank's shard of ``fp`` to every rank.
+
+        On gloo, one asynchronous broadcast per owner, all in flight at once, measured ~3x
+        faster than gloo's all-gather for 4 MiB at N=2 (docs/zero-engine.md); elsewhere
+        ``all_gather_into_tensor``.
+        """
+        if self.comm.backend == "gloo":
+            size = self.hi - self.lo
+            works = [
+                self.comm.broadcast(fp[r * size : (r + 1) * size], r) for r in range(self.world)
+            ]
+            for w in works:
+                w.wait()
+        else:
             self.comm.all_gather_into(fp, fp[self.lo : self.hi]).wait()
 
     @contextlib.contextmanager
