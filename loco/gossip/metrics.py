@@ -6,6 +6,9 @@ import threading
 from collections import defaultdict
 
 
+BASE_KEYS = ("bytes_sent", "bytes_recv", "pulls_ok", "pulls_failed", "pull_seconds")
+
+
 class GossipMetrics:
     """Monotonic counters shared by a rank's server and client.
 
@@ -35,8 +38,10 @@ class GossipMetrics:
 
     @staticmethod
     def record(counters: dict[str, float]) -> dict[str, float]:
-        """Flat figures for a metrics.jsonl line: the counters plus ``pull_mb_s``."""
-        out = dict(counters)
+        """Flat figures for a metrics.jsonl line: the counters plus ``pull_mb_s``; the base keys
+        (bytes_sent, bytes_recv, pulls_ok, pulls_failed, pull_seconds) are always present."""
+        out = dict.fromkeys(BASE_KEYS, 0.0)
+        out.update(counters)
         secs = counters.get("pull_seconds", 0.0)
         out["pull_mb_s"] = counters.get("bytes_recv", 0.0) / secs / 1e6 if secs > 0 else 0.0
         return out

@@ -108,6 +108,7 @@ class GossipNode:
         )
         self._infos: dict[str, PeerInfo] = {}
         self._lock = threading.Lock()
+        self._last_metrics: dict[str, float] = {}
 
     @property
     def lo(self) -> int:
@@ -135,6 +136,14 @@ class GossipNode:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def round_metrics(self) -> dict[str, float]:
+        """Counters accumulated since the previous call, plus ``pull_mb_s``: one metrics.jsonl
+        ``outer`` record's gossip figures (bytes_sent, bytes_recv, pull_seconds, fail_<cause>...)."""
+        now = self.metrics.snapshot()
+        delta = GossipMetrics.delta(now, self._last_metrics)
+        self._last_metrics = now
+        return GossipMetrics.record(delta)
 
     def publish(self, round: int, stream: str, data, **kw) -> None:
         """Publish this rank's payload for ``round`` (see ``GossipServer.publish``)."""

@@ -85,6 +85,9 @@ def test_rounds_across_three_sites(federation):
                     assert bytes(res.data) == _payload(partner, rnd, p)[node.lo : node.hi].tobytes()
         pairs = nodes["eu"][0].partners(rnd, live)
         assert len(pairs) <= 1
+        rec = nodes["eu"][1].round_metrics()
+        assert rec["bytes_recv"] == 4 * len(pairs) * (nodes["eu"][1].hi - nodes["eu"][1].lo)
+        assert rec.get("pulls_failed", 0) == 0 and rec["pull_mb_s"] >= 0
 
 
 def test_dead_partner_makes_the_round_local(federation):
