@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 from collections import defaultdict
 
-
 BASE_KEYS = ("bytes_sent", "bytes_recv", "pulls_ok", "pulls_failed", "pull_seconds")
 
 
