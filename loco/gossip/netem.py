@@ -232,8 +232,10 @@ class NetnsLink:
         return ["ip", "netns", "exec", ns]
 
     def close(self) -> None:
+        """Delete both namespaces (and the veth pair, wherever a failed setup left it)."""
         for ns in (self.ns_a, self.ns_b):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
+        subprocess.run(["ip", "link", "del", self.dev_a], capture_output=True, timeout=20)
 
     def __enter__(self) -> NetnsLink:
         return self.open()
