@@ -579,7 +579,7 @@ class ZeroEngine:
         grad = self.grad[self.opt_lo : self.opt_hi] if self.stage < 2 else self.grad
         if self.world > 1:
             grad.div_(self.world)
-        sq = grad.pow(2).sum(dtype=torch.float32)
+        sq = torch.linalg.vector_norm(grad).square()  # no P-sized temporary
         if self.world > 1 and self.stage > 0:
             sq = self.comm.all_reduce_scalar(sq)
         norm = sq.sqrt()
