@@ -161,6 +161,7 @@ class GossipClient:
         timeout_s: default deadline of a whole pull (all owners, retries included).
         hello_timeout_s: deadline of one Hello.
         backoff_s, backoff_max_s: retry backoff base and cap (jitter x0.5..1.5).
+        max_retries: retries of one owner stream on UNAVAILABLE (within the deadline).
         parallel_streams: concurrent sub-range streams per owner rank (raw payloads), each on
             its own HTTP/2 connection; helps on high-RTT links.
         strikes, ban_rounds: after ``strikes`` bad payloads a peer site is ignored for
@@ -181,6 +182,7 @@ class GossipClient:
         hello_timeout_s: float = 5.0,
         backoff_s: float = 0.2,
         backoff_max_s: float = 2.0,
+        max_retries: int = 6,
         parallel_streams: int = 1,
         strikes: int = 3,
         ban_rounds: int = 5,
@@ -195,6 +197,7 @@ class GossipClient:
         self.tls = None if insecure else tls
         self.timeout_s, self.hello_timeout_s = timeout_s, hello_timeout_s
         self.backoff_s, self.backoff_max_s = backoff_s, backoff_max_s
+        self.max_retries = max_retries
         self.parallel_streams = max(1, parallel_streams)
         self.max_strikes, self.ban_rounds = strikes, ban_rounds
         self.keepalive_s = keepalive_s
@@ -547,6 +550,7 @@ class GossipClient:
                     site=self.site,
                 )
             call = rpc(req, timeout=left)
+            start_nxt = nxt
             with self._lock:
                 calls.append(call)
             hdr, got, crc_run = None, 0, 0
@@ -615,8 +619,10 @@ class GossipClient:
                 err = last = from_rpc_error(e, peer.site)
                 if hdr is not None and hdr.codec == "raw":  # chunks so far passed their CRC
                     nxt = hdr.lo + got // isz
+                if nxt > start_nxt:
+                    attempt = 0  # progress was made: the retry budget is per stall, not per pull
                 left = deadline - time.monotonic()
-                if not is_retryable(err) or left <= 0:
+                if not is_retryable(err) or left <= 0 or attempt >= self.max_retries:
                     raise err from None
                 attempt += 1
                 res.retries += 1

@@ -35,7 +35,7 @@ class GossipNode:
         seed, odd: pairing seed and odd-count policy ("triple" or "sit_out").
         heartbeat: run the membership heartbeats here (rank 0 of each site).
         tls / cert_dir (``python -m loco.certs`` output) / insecure, pull_timeout_s, hello_timeout_s, heartbeat_s, dead_after, strikes,
-        ban_rounds, parallel_streams, chunk_bytes, keep_rounds, backoff_s, backoff_max_s,
+        ban_rounds, parallel_streams, chunk_bytes, keep_rounds, backoff_s, backoff_max_s, max_retries,
         keepalive_s, max_wait_s, validate: see GossipServer,
         GossipClient and Membership.
     """
@@ -68,6 +68,7 @@ class GossipNode:
         keep_rounds: int = 2,
         backoff_s: float = 0.2,
         backoff_max_s: float = 2.0,
+        max_retries: int = 6,
         keepalive_s: float = 30.0,
         max_wait_s: float = 600.0,
         validate: Validator | None = None,
@@ -90,7 +91,7 @@ class GossipNode:
             timeout_s=pull_timeout_s, hello_timeout_s=hello_timeout_s, strikes=strikes,
             ban_rounds=ban_rounds, parallel_streams=parallel_streams, validate=validate,
             metrics=self.metrics, backoff_s=backoff_s, backoff_max_s=backoff_max_s,
-            keepalive_s=keepalive_s,
+            max_retries=max_retries, keepalive_s=keepalive_s,
         )  # fmt: skip
         self.peers = {n: a for n, a in peers.items() if n != site}
         run_heartbeat = rank == 0 if heartbeat is None else heartbeat

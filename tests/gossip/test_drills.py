@@ -61,6 +61,16 @@ def test_partner_healthy_process_bitwise(peer_process, clients):
     assert res.ok and bytes(res.data) == synthetic(p, 9)[1000 : p - 5].tobytes()
 
 
+def test_retries_are_bounded(clients):
+    addr = f"127.0.0.1:{free_port()}"
+    client = clients(backoff_s=0.01, backoff_max_s=0.02, max_retries=3)
+    ghost = PeerInfo("us", RUN, LAYOUT, 1, 1, 100, (RankInfo(0, addr, 0, 100),), -1)
+    t0 = time.monotonic()
+    res = client.pull(ghost, 0, "delta", 0, 100, timeout_s=30)
+    assert not res.ok and res.cause == "unavailable" and res.retries == 3
+    assert time.monotonic() - t0 < 5
+
+
 def test_partner_never_started(clients, sites):
     addr = f"127.0.0.1:{free_port()}"
     client = clients(backoff_s=0.05, backoff_max_s=0.2)
