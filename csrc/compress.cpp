@@ -272,8 +272,11 @@ int64_t validate(const uint8_t* pay, const Layout& L, int64_t codec, bool fp16) 
     }
     return bad ? kBadValue : kOk;
   }
-  for (int64_t b = 0; b < L.nb; ++b)
+  const float cmax = cmax_of(codec);
+  for (int64_t b = 0; b < L.nb; ++b) {
     if (!scale_ok(pay, b, fp16)) return kBadScale;
+    if (!(load_scale(pay, b, fp16) * cmax <= std::numeric_limits<float>::max())) return kBadScale;
+  }
   if ((codec == kInt4 || codec == kFp4) && (L.n & 1)) {
     if ((pay[L.total - 1] & 0xF) != 0) return kBadPadding;
   }

@@ -84,9 +84,15 @@ LOCO_HD int fp4_stochastic(float a, float u) {
   return m > 7 ? 7 : m;
 }
 
-// Largest code magnitude of the linear codecs.
+// Largest code magnitude the encoder emits.
 inline float qmax_of(int64_t codec) {
   return codec == kInt4 ? 7.0f : (codec == kFp4 ? 6.0f : 127.0f);
+}
+
+// Largest code magnitude a payload can hold (int8 -128, int4 -8). A valid scale s has
+// cmax * s finite, so no decoded value is ever Inf.
+inline float cmax_of(int64_t codec) {
+  return codec == kInt4 ? 8.0f : (codec == kFp4 ? 6.0f : 128.0f);
 }
 
 }  // namespace loco

@@ -160,12 +160,16 @@ def decode(buf: Buffer, *, device: str | torch.device = "cpu",
         raise PayloadError(f"cannot allocate {head.numel} values: {e}") from None
     codec.dequantize(payload.to(device), out, accumulate=False)
     dtype = DTYPES[head.dtype_id]
-    return out if dtype == torch.float32 else out.to(dtype)
+    if dtype == torch.float32:
+        return out
+    big = torch.finfo(dtype).max  # a scale rounded up may step just past the dtype's range
+    return out.clamp_(-big, big).to(dtype)
 
 
 def decode_accumulate(buf: Buffer, out: torch.Tensor) -> None:
     """``out += decode(buf)`` in one fused pass (no full-size temporary when ``out`` is a
-    contiguous fp32 tensor). ``out`` is untouched if the buffer is malformed.
+    contiguous fp32 tensor). ``out`` is untouched if the buffer is malformed. The decoded values
+    are added in fp32; the header's dtype only sets what :func:`decode` returns.
 
     Raises:
         PayloadError: the buffer is malformed or its numel differs from ``out.numel()``.

@@ -38,7 +38,7 @@ _ENCODE_ERRORS = {
     "scale_dtype='fp32' or a wider codec",
 }
 _DECODE_ERRORS = {
-    ref.BAD_SCALE: "a block scale is negative, NaN or Inf",
+    ref.BAD_SCALE: "a block scale is negative, NaN, Inf or so large that a value decodes to Inf",
     ref.BAD_INDEX: "top-k indices are not strictly increasing inside their block",
     ref.BAD_PADDING: "the unused low nibble of the last byte is not zero",
     ref.BAD_VALUE: "a value is NaN or Inf",

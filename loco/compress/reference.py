@@ -25,6 +25,11 @@ def _qmax(codec: int) -> float:
     return 7.0 if codec == INT4 else (6.0 if codec == FP4 else 127.0)
 
 
+def _cmax(codec: int) -> float:
+    """Largest code magnitude a payload can hold; a valid scale keeps cmax * scale finite."""
+    return 8.0 if codec == INT4 else (6.0 if codec == FP4 else 128.0)
+
+
 def payload_nbytes(n: int, codec: int, block: int, k: int, fp16_scale: bool) -> int:
     """Payload size in bytes (header excluded) of ``n`` values; mirrors ``make_layout``."""
     if codec == NONE:
@@ -187,7 +192,7 @@ def quantize(
     if tail is not None:
         amax[-1] = tail.amax()
     s, sbytes, overflow = _scales(amax, qmax, fp16_scale)
-    if overflow:
+    if overflow or not bool(torch.isfinite(s * _cmax(codec)).all()):
         return OVERFLOW
     ss = 2 if fp16_scale else 4
     payload[: nb * ss].copy_(sbytes)
@@ -314,7 +319,7 @@ def dequantize(
         nb = -(-n // block)
         ss = 2 if fp16_scale else 4
         s = _scale_values(payload, nb, fp16_scale)
-        if s is None:
+        if s is None or not bool(torch.isfinite(s * _cmax(codec)).all()):
             return BAD_SCALE
         body = payload[nb * ss :]
         if codec in (INT4, FP4) and n % 2 and int(payload[-1]) & 0xF:
