@@ -230,6 +230,8 @@ class ZeroEngine:
         self._inflight: collections.deque[_Bucket] = collections.deque()
         self._in_backward = False
         self._hold = False
+        self.overlapped_buckets = 0
+        """Buckets launched from inside backward (before autograd finished), since the start."""
         self._handles: list[Any] = []
         for i, p in enumerate(self.layout.params):
             self._handles.append(
@@ -487,6 +489,7 @@ class ZeroEngine:
             ].ready == len(self.buckets[self._next_launch].params):
                 self._launch(self.buckets[self._next_launch])
                 self._next_launch += 1
+                self.overlapped_buckets += 1
 
     def _launch(self, b: _Bucket) -> None:
         if self.stage < 2:

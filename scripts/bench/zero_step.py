@@ -96,7 +96,11 @@ def _collectives(rank: int, world: int, numel: int, reps: int = 10) -> dict[str,
         dist.reduce_scatter_tensor(out, buf)
 
     res = {}
-    for name, fn in [("reduce", reduce), ("allreduce", allreduce), ("reduce_scatter", reduce_scatter)]:
+    for name, fn in [
+        ("reduce", reduce),
+        ("allreduce", allreduce),
+        ("reduce_scatter", reduce_scatter),
+    ]:
         fn()
         times = []
         for _ in range(reps):
@@ -127,9 +131,7 @@ def _worker(rank: int, world: int, path: str, args: argparse.Namespace, out: str
                 engines[k][1]["stats"].reset()
                 engines[k][0](x)
         P = build_model(args.model, vocab_size=256, seq_len=args.seq_len).num_params()
-        sent = {
-            k: round(e[1]["stats"].total() / (4 * P), 3) for k, e in engines.items() if e[1]
-        }
+        sent = {k: round(e[1]["stats"].total() / (4 * P), 3) for k, e in engines.items() if e[1]}
         for _ in range(args.rounds):
             for k in kinds:
                 for _ in range(args.steps):

@@ -30,6 +30,8 @@ def _check(rank: int, world: int) -> None:
         train_one = x[rank : rank + 1]
         eng.backward(eng.model(train_one[:, :-1], train_one[:, 1:]))
         eng.step(1e-2)
+        if world > 1:  # reductions start while autograd is still running
+            assert eng.overlapped_buckets >= len(eng.buckets) - 1, (stage, eng.overlapped_buckets)
         ratio = eng.comm.stats.total() / (4 * P)
         lo_r, hi_r = (2.0, 3.0) if stage == 3 else (1.99, 2.02)
         assert lo_r <= ratio <= hi_r, (stage, ratio, eng.comm.stats.bytes)
