@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from loco.engine.base import build_optimizer
 from loco.engine.flat import ALIGN, FlatLayout
@@ -100,3 +102,24 @@ def test_flat_optimizer_rejects_bad_names() -> None:
             "lion", 0, 4, [(0, 4, True)], weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8,
             momentum=0.9, nesterov=False, device=torch.device("cpu"),
         )  # fmt: skip
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 300), min_size=1, max_size=12),
+    world=st.integers(1, 9),
+    a=st.integers(0, 4000),
+    b=st.integers(0, 4000),
+)
+def test_owners_partition_any_span(sizes: list[int], world: int, a: int, b: int) -> None:
+    """For any layout, world size and span, owners() tiles the span by shard."""
+    model = torch.nn.ParameterList(torch.nn.Parameter(torch.zeros(n)) for n in sizes)
+    layout = FlatLayout(model)
+    lo, hi = sorted((min(a, layout.numel), min(b, layout.numel)))
+    pieces = layout.owners((lo, hi), world)
+    assert sum(t - s for _, s, t in pieces) == hi - lo
+    for r, s, t in pieces:
+        rs, rt = layout.shard_range(r, world)
+        assert rs <= s < t <= rt
+    runs = layout.decay_runs((lo, hi))
+    assert sum(t - s for s, t, _ in runs) == hi - lo

@@ -64,6 +64,12 @@ GRID = [
     for a in (1, 2)
     for c in ("reduce", "allreduce")
     for extra in ({}, {"frozen": True, "grad_clip": 0.3})
+] + [
+    dict(stage=s, optim="sgd", compute_dtype="bf16", reduce_dtype=r, grad_accum=a, **extra)
+    for s in range(4)
+    for r in ("fp32", "bf16")
+    for a in (1, 2)
+    for extra in ({}, {"activation_checkpointing": True, "frozen": True})
 ]
 
 
@@ -71,5 +77,5 @@ GRID = [
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize("world", [2, 3])
 def test_parity_grid(world: int) -> None:
-    """The exhaustive grid: every stage x optimizer x bucket x accumulation x collective."""
+    """The exhaustive grid: stage x optimizer x bucket x accumulation x collective, plus bf16."""
     _run(world, GRID)
