@@ -151,8 +151,17 @@ def _ensure() -> None:
 
 
 def ext_ops() -> Any | None:
-    """``torch.ops.loco`` once the compiled kernels are loaded, else None (reference path)."""
+    """``torch.ops.loco`` once the compiled kernels are loaded, else None (reference path).
+
+    Raises:
+        RuntimeError: the build failed and ``LOCO_REQUIRE_EXT=1`` is set.
+    """
     _ensure()
+    if _state["ops"] is None and _flag(REQUIRE_EXT_ENV) and not _flag(DISABLE_EXT_ENV):
+        raise RuntimeError(
+            f"loco: the csrc/ kernels are unavailable and {REQUIRE_EXT_ENV}=1 is set: "
+            f"{_state['error']}"
+        )
     return _state["ops"]
 
 
