@@ -87,3 +87,41 @@ def threads_for(cfg: LocoConfig, world: int) -> int:
     if cfg.train.threads:
         return cfg.train.threads
     return max(1, (os.cpu_count() or 1) // world)
+
+
+def peer_addresses(cfg: LocoConfig) -> dict[str, str]:
+    """``site.peers`` as {name: host:port}. An entry is ``NAME=HOST:PORT``, or a bare ``NAME``
+    whose address is the ``listen`` of ``conf/site/NAME.yaml``."""
+    from omegaconf import OmegaConf
+
+    from loco.config import CONF_DIR, ConfigError, available
+
+    assert cfg.site is not None
+    out: dict[str, str] = {}
+    for entry in cfg.site.peers:
+        name, sep, addr = entry.partition("=")
+        if not sep:
+            path = CONF_DIR / "site" / f"{name}.yaml"
+            if not path.exists():
+                raise ConfigError(
+                    f"site.peers names {name!r}, which has no conf/site/{name}.yaml; give NAME=HOST:PORT "
+                    f"or one of: {', '.join(available('site'))}"
+                )
+            addr = str(OmegaConf.load(path).listen)
+        out[name] = addr
+    return out
+
+
+def gossip_kwargs(cfg: LocoConfig) -> dict:
+    """Keyword arguments of ``loco.gossip.GossipNode`` from ``gossip.*`` and ``site.*``."""
+    import dataclasses
+
+    assert cfg.site is not None
+    return dict(
+        site=cfg.site.name,
+        listen=cfg.site.listen,
+        peers=peer_addresses(cfg),
+        run_id=cfg.run_id,
+        seed=cfg.train.seed,
+        **dataclasses.asdict(cfg.gossip),
+    )

@@ -251,18 +251,48 @@ class CompressionConfig:
 
 @dataclass
 class GossipConfig:
-    """gRPC between sites. mTLS unless ``insecure`` is set explicitly."""
+    """gRPC between sites (``loco.gossip``). mTLS unless ``insecure`` is set explicitly."""
 
     insecure: bool = False
-    cert_dir: str | None = None
-    connect_timeout_s: float = 10.0
-    pull_timeout_s: float = 60.0
-    heartbeat_s: float = 2.0
-    dead_after: int = 3
+    cert_dir: str | None = None  # output of `python -m loco.certs`: ca.pem, <site>.pem, <site>.key
+    pull_timeout_s: float = 60.0  # deadline of a whole pull, retries included
+    hello_timeout_s: float = 5.0  # deadline of one Hello / heartbeat
+    heartbeat_s: float = 5.0
+    dead_after: int = 3  # missed heartbeats before a site is dead
+    strikes: int = 3  # bad payloads before a peer is banned
+    ban_rounds: int = 5
+    max_retries: int = 6  # retries per stall on UNAVAILABLE
+    backoff_s: float = 0.2
+    backoff_max_s: float = 2.0
+    parallel_streams: int = 1
+    chunk_bytes: int = 1 << 20
+    keep_rounds: int = 2
+    keepalive_s: float = 30.0
+    max_wait_s: float = 600.0
+    odd: str = "triple"  # odd site count: one group of three, or one site sits out
 
     def __post_init__(self) -> None:
-        for k in ("connect_timeout_s", "pull_timeout_s", "heartbeat_s", "dead_after"):
+        for k in (
+            "pull_timeout_s",
+            "hello_timeout_s",
+            "heartbeat_s",
+            "dead_after",
+            "strikes",
+            "ban_rounds",
+            "backoff_s",
+            "backoff_max_s",
+            "parallel_streams",
+            "keep_rounds",
+            "keepalive_s",
+            "max_wait_s",
+        ):
             _positive(f"gossip.{k}", getattr(self, k))
+        _positive("gossip.max_retries", self.max_retries, zero_ok=True)
+        if not 0 < self.chunk_bytes <= 4 << 20:
+            raise ConfigError(
+                f"gossip.chunk_bytes={self.chunk_bytes} must be in 1..4194304 (4 MiB)"
+            )
+        _choice("gossip.odd", self.odd, ("triple", "sit_out"))
 
 
 @dataclass

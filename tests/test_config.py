@@ -92,3 +92,17 @@ def test_public_keys_accept_overrides():
         "int4",
     )
     assert (cfg.checkpoint.every, cfg.resume, cfg.gossip.insecure) == (3, "latest", True)
+
+
+def test_gossip_keywords_map_onto_the_gossip_node():
+    import inspect
+
+    from loco.build import gossip_kwargs
+    from loco.gossip import GossipNode
+
+    kw = gossip_kwargs(compose(["+site=us", "gossip.insecure=true", "site.peers=[eu,'mars=10.1.2.3:7000']"]))
+    assert kw["peers"] == {"eu": "127.0.0.1:29400", "mars": "10.1.2.3:7000"}
+    params = inspect.signature(GossipNode).parameters
+    assert set(kw) <= set(params), set(kw) - set(params)
+    with pytest.raises(ConfigError, match="conf/site/pluto.yaml"):
+        gossip_kwargs(compose(["+site=us", "site.peers=[pluto]"]))

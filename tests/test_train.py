@@ -50,6 +50,12 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(optim, tmp_path):
         assert a[s] == pytest.approx(b[s], rel=1e-5, abs=1e-6), (s, a[s], b[s])
     # and training did move: the loss falls
     assert a[6] < a[1]
+    if optim == "sgd":  # gradient accumulation: 2 micro-batches of 4 = one batch of 8
+        acc = run_worker([*common, "train.batch_size=4", "train.grad_accum=2"], tmp_path / "acc")
+        assert acc.returncode == 0, acc.stderr
+        c = train_losses(tmp_path / "acc")
+        for s in a:
+            assert a[s] == pytest.approx(c[s], rel=1e-5, abs=1e-6), (s, a[s], c[s])
 
 
 def test_resume_after_kill_continues_with_the_same_losses(tmp_path):
