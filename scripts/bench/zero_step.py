@@ -15,6 +15,7 @@ same run:
 Prints ONE JSON line.
 
     python scripts/bench/zero_step.py [--model tiny] [--batch 8] [--seq-len 64] [--rounds 5]
+        [--dtype bf16] [--device cuda --world 1]   # on a GPU machine: adds stage2_offload
 """
 
 from __future__ import annotations
@@ -39,15 +40,24 @@ from loco.engine.zero import ZeroEngine
 from loco.model.gpt import build_model
 
 
-def _build(kind: str, args: argparse.Namespace, world: int) -> tuple[Callable, dict]:
+def _build(
+    kind: str, args: argparse.Namespace, world: int, device: torch.device
+) -> tuple[Callable, dict]:
     """An engine as a ``train_step(x)`` closure, plus its byte counter (ours only)."""
     torch.manual_seed(0)
-    model = build_model(args.model, vocab_size=256, seq_len=args.seq_len)
+    model = build_model(args.model, vocab_size=256, seq_len=args.seq_len).to(device)
+    bf16 = args.dtype == "bf16"
     if kind.startswith("stage"):
         stage = int(kind[5])
         collective = "allreduce" if kind.endswith("allreduce") else "auto"
         eng = ZeroEngine(
-            model, stage=stage, optim="adamw", bucket_mb=args.bucket_mb, collective=collective
+            model,
+            stage=stage,
+            optim="adamw",
+            bucket_mb=args.bucket_mb,
+            collective=collective,
+            compute_dtype=args.dtype,
+            offload=kind.endswith("offload"),
         )
 
         def step(x: torch.Tensor) -> None:
@@ -61,26 +71,35 @@ def _build(kind: str, args: argparse.Namespace, world: int) -> tuple[Callable, d
         fwd = DDP(model, bucket_cap_mb=args.bucket_mb, gradient_as_bucket_view=True)
     else:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mesh = init_device_mesh("cpu", (world,))
+        mesh = init_device_mesh(device.type, (world,))
+        mp_policy = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32
+        )
         for block in model.blocks:
-            fully_shard(block, mesh=mesh)
-        fwd = fully_shard(model, mesh=mesh)
+            fully_shard(block, mesh=mesh, mp_policy=mp_policy)
+        fwd = fully_shard(model, mesh=mesh, mp_policy=mp_policy)
     opt = torch.optim.AdamW(fwd.parameters(), lr=1e-4, foreach=True)
+    # DDP computes in bf16 through autocast (its parameters stay fp32)
+    autocast = kind == "ddp" and bf16
 
     def step(x: torch.Tensor) -> None:
-        fwd(x[:, :-1], x[:, 1:]).backward()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = fwd(x[:, :-1], x[:, 1:])
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     return step, {}
 
 
-def _collectives(rank: int, world: int, numel: int, reps: int = 10) -> dict[str, float]:
-    buf = torch.randn(numel)
+def _collectives(
+    rank: int, world: int, numel: int, device: torch.device, reps: int = 10
+) -> dict[str, float]:
+    buf = torch.randn(numel, device=device)
     size = numel // world
-    out = torch.empty(size)
+    out = torch.empty(size, device=device)
 
     def reduce() -> None:
         works = [
@@ -104,25 +123,42 @@ def _collectives(rank: int, world: int, numel: int, reps: int = 10) -> dict[str,
         fn()
         times = []
         for _ in range(reps):
+            _sync(device)
             dist.barrier()
             t = time.perf_counter()
             fn()
+            _sync(device)
             times.append(time.perf_counter() - t)
         res[name + "_ms"] = round(1e3 * statistics.median(times), 3)
     return res
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _worker(rank: int, world: int, path: str, args: argparse.Namespace, out: str) -> None:
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    if args.device == "cuda":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
     store = dist.FileStore(path, world)
     dist.init_process_group(
-        "gloo", store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600)
+        "nccl" if device.type == "cuda" else "gloo",
+        store=store,
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=600),
     )
     try:
         kinds = ["stage0", "stage1", "stage2", "stage2_allreduce", "stage3", "ddp", "fsdp2"]
-        engines = {k: _build(k, args, world) for k in kinds}
+        if device.type == "cuda":
+            kinds.insert(3, "stage2_offload")
+        engines = {k: _build(k, args, world, device) for k in kinds}
         g = torch.Generator().manual_seed(rank)
-        x = torch.randint(0, 256, (args.batch, args.seq_len + 1), generator=g)
+        x = torch.randint(0, 256, (args.batch, args.seq_len + 1), generator=g).to(device)
         times: dict[str, list[float]] = {k: [] for k in kinds}
         for k in kinds:  # warm-up, and one counted step for the byte figures
             for _ in range(2):
@@ -135,11 +171,13 @@ def _worker(rank: int, world: int, path: str, args: argparse.Namespace, out: str
         for _ in range(args.rounds):
             for k in kinds:
                 for _ in range(args.steps):
+                    _sync(device)
                     dist.barrier()
                     t = time.perf_counter()
                     engines[k][0](x)
+                    _sync(device)
                     times[k].append(time.perf_counter() - t)
-        coll = _collectives(rank, world, 2**20)
+        coll = _collectives(rank, world, 2**20, device)
     finally:
         dist.destroy_process_group()
     if rank == 0:
@@ -195,6 +233,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--adam-model", default="small")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "res.json")
@@ -212,7 +253,9 @@ def main() -> None:
             {
                 "bench": "zero_step",
                 "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
-                "backend": "gloo",
+                "backend": "nccl" if args.device == "cuda" else "gloo",
+                "device": args.device,
+                "dtype": args.dtype,
                 "N": args.world,
                 "model": args.model,
                 "P": res["P"],
