@@ -46,49 +46,6 @@ inline float u2f(uint32_t u) {
 
 // ----------------------------------------------------------------------------- layout
 
-struct Layout {
-  int64_t n = 0, block = 1, k = 0, nb = 0, ss = 4, isz = 1, ktot = 0;
-  int64_t codes_off = 0, vals_off = 0, total = 0;
-};
-
-Layout make_layout(int64_t n, int64_t codec, int64_t block, int64_t k, bool fp16) {
-  Layout L;
-  L.n = n;
-  L.block = block;
-  L.k = k;
-  L.ss = fp16 ? 2 : 4;
-  L.nb = block > 0 ? (n + block - 1) / block : 0;
-  L.codes_off = L.nb * L.ss;
-  switch (codec) {
-    case kNone:
-      L.codes_off = 0;
-      L.total = 4 * n;
-      break;
-    case kBf16:
-      L.codes_off = 0;
-      L.total = 2 * n;
-      break;
-    case kInt8:
-      L.total = L.codes_off + n;
-      break;
-    case kInt4:
-    case kFp4:
-      L.total = L.codes_off + (n + 1) / 2;
-      break;
-    case kTopk: {
-      L.isz = block <= 256 ? 1 : 2;
-      const int64_t tail = n - (L.nb - 1) * block;
-      L.ktot = L.nb == 0 ? 0 : (L.nb - 1) * k + std::min(k, tail);
-      L.vals_off = L.codes_off + L.ktot * L.isz;
-      L.total = L.vals_off + L.ktot;
-      break;
-    }
-    default:
-      TORCH_CHECK(false, "loco: unknown codec id ", codec);
-  }
-  return L;
-}
-
 void check_args(int64_t codec, int64_t block, int64_t k) {
   TORCH_CHECK(codec >= kNone && codec <= kTopk, "loco: unknown codec id ", codec);
   if (codec == kNone || codec == kBf16) return;

@@ -84,14 +84,59 @@ LOCO_HD int fp4_stochastic(float a, float u) {
   return m > 7 ? 7 : m;
 }
 
+// Byte layout of a payload (docs/wire-format.md): scales first, then codes (top-k: indices,
+// then values). Mirrored by reference.payload_nbytes.
+struct Layout {
+  int64_t n = 0, block = 1, k = 0, nb = 0, ss = 4, isz = 1, ktot = 0;
+  int64_t codes_off = 0, vals_off = 0, total = 0;
+};
+
+inline Layout make_layout(int64_t n, int64_t codec, int64_t block, int64_t k, bool fp16) {
+  Layout L;
+  L.n = n;
+  L.block = block;
+  L.k = k;
+  L.ss = fp16 ? 2 : 4;
+  L.nb = block > 0 ? (n + block - 1) / block : 0;
+  L.codes_off = L.nb * L.ss;
+  switch (codec) {
+    case kNone:
+      L.codes_off = 0;
+      L.total = 4 * n;
+      break;
+    case kBf16:
+      L.codes_off = 0;
+      L.total = 2 * n;
+      break;
+    case kInt8:
+      L.total = L.codes_off + n;
+      break;
+    case kInt4:
+    case kFp4:
+      L.total = L.codes_off + (n + 1) / 2;
+      break;
+    case kTopk: {
+      L.isz = block <= 256 ? 1 : 2;
+      const int64_t tail = n - (L.nb - 1) * block;
+      L.ktot = L.nb == 0 ? 0 : (L.nb - 1) * k + (k < tail ? k : tail);
+      L.vals_off = L.codes_off + L.ktot * L.isz;
+      L.total = L.vals_off + L.ktot;
+      break;
+    }
+    default:
+      L.total = -1;  // unknown codec: callers check the codec id first
+  }
+  return L;
+}
+
 // Largest code magnitude the encoder emits.
-inline float qmax_of(int64_t codec) {
+LOCO_HD float qmax_of(int64_t codec) {
   return codec == kInt4 ? 7.0f : (codec == kFp4 ? 6.0f : 127.0f);
 }
 
 // Largest code magnitude a payload can hold (int8 -128, int4 -8). A valid scale s has
 // cmax * s finite, so no decoded value is ever Inf.
-inline float cmax_of(int64_t codec) {
+LOCO_HD float cmax_of(int64_t codec) {
   return codec == kInt4 ? 8.0f : (codec == kFp4 ? 6.0f : 128.0f);
 }
 
