@@ -397,7 +397,7 @@ int64_t crc32c_cpu(const at::Tensor& data, int64_t crc) {
   const uint32_t init = ~static_cast<uint32_t>(crc);
   const int64_t chunk = int64_t{1} << 20;
   const int64_t nchunks = (n + chunk - 1) / chunk;
-  if (nchunks <= 1 || at::get_num_threads() <= 1) {
+  if (n < (int64_t{16} << 20) || at::get_num_threads() <= 1) {  // threads pay off above ~16 MB
     return static_cast<int64_t>(~crc_raw(init, p, static_cast<size_t>(n)) & 0xFFFFFFFFu);
   }
   // Raw CRC of each chunk from 0, in parallel; then fold: reg = shift(reg, len) ^ raw(chunk).

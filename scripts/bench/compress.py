@@ -1,11 +1,21 @@
 """Benchmark of the loco codecs: encode-with-error-feedback and decode-accumulate throughput.
 
-Prints ONE JSON line. Every figure is GB/s of fp32 input (4 bytes x numel / seconds, median of
-``--reps``), measured in the same run as the eager pure-torch reference and as a copy into a
-preallocated buffer (``dst.copy_(x)``), so the ratios compare like with like.
+Prints ONE JSON line. Throughput is GB/s of fp32 input (4 bytes x numel / seconds, median of
+``--reps`` runs), measured in the same run as the eager pure-torch reference
+(``loco.compress.reference``) and as a copy into a preallocated buffer (``dst.copy_(x)``), so the
+ratios compare like with like: the copy runs alternately with each measured pass. Per codec:
 
-    python scripts/bench/compress.py                      # 64M fp32 values, 2 threads
+* ``encode_ef``: ONE fused pass ``(x + residual) -> (payload, new residual)`` (the kernel);
+* ``decode_acc``: ONE fused pass ``out += decode(payload)``;
+* ``frame_ef``: ``ErrorFeedback.encode`` end to end (kernel, CRC-32C, header, copy into bytes);
+* ``bytes_per_param``: payload bytes per value (the 40-byte header excluded).
+
+With ``--device cuda`` the CUDA kernels are timed against the reference on the GPU and a device
+copy, and each payload is also checked bit for bit against the reference.
+
+    python scripts/bench/compress.py                      # 64M fp32 values, 2 threads, CPU
     python scripts/bench/compress.py --numel 4194304      # quick run
+    python scripts/bench/compress.py --device cuda        # GPU check (CUDA torch + nvcc)
 """
 
 from __future__ import annotations
@@ -16,86 +26,145 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
 
-def _median_time(fn, reps: int) -> float:  # noqa: ANN001
-    fn()  # warm-up (page faults, thread pool)
-    times = []
-    for _ in range(reps):
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _timer(device: torch.device) -> Callable[..., tuple[float, float]]:
+    """``time(fn, reps, base)`` -> (median seconds of fn, median seconds of base). The two run
+    alternately so that a change in machine load affects both alike (2 shared cores)."""
+
+    def run(fn: Callable[[], object]) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    def median_times(
+        fn: Callable[[], object], reps: int, base: Callable[[], object]
+    ) -> tuple[float, float]:
+        fn()  # warm-up: page faults, thread pool, kernel caches
+        base()
+        a, b = [], []
+        for _ in range(reps):
+            b.append(run(base))
+            a.append(run(fn))
+        return statistics.median(a), statistics.median(b)
+
+    return median_times
+
+
+def _bench_codec(name, x, dst, args, timer) -> dict[str, object]:  # noqa: ANN001
+    import loco.compress as lc
+    from loco.compress import reference as ref
+
+    ops = lc._ext.ext_ops()
+    n = x.numel()
+    gb = 4 * n / 1e9
+    c = lc.make_codec(name)
+    a = (c.codec_id, c.block, c.k, c.fp16_scale)
+    payload = torch.empty(c.payload_nbytes(n), dtype=torch.uint8, device=x.device)
+    residual = torch.zeros_like(x)
+    out = torch.zeros_like(x)
+    kernel = ops if (x.device.type == "cpu" or name != "topk") else ref
+
+    copy = lambda: dst.copy_(x)  # noqa: E731
+    enc, copy_enc = timer(lambda: kernel.quantize(x, residual, payload, *a, -1), args.reps, copy)
+    dec, copy_dec = timer(lambda: kernel.dequantize(payload, out, *a, True), args.reps, copy)
+    enc_ref, copy_ref = timer(
+        lambda: ref.quantize(x, residual, payload, *a, -1), args.ref_reps, copy
+    )
+    dec_ref, _ = timer(lambda: ref.dequantize(payload, out, *a, True), args.ref_reps, copy)
+    row: dict[str, object] = {
+        "bytes_per_param": round(c.payload_nbytes(n) / n, 4),
+        "copy_gbps": round(gb / copy_enc, 2),
+        "encode_ef_gbps": round(gb / enc, 2),
+        "encode_ef_vs_copy": round(copy_enc / enc, 2),
+        "encode_ef_vs_ref": round(enc_ref / enc, 1),
+        "decode_acc_gbps": round(gb / dec, 2),
+        "decode_acc_vs_copy": round(copy_dec / dec, 2),
+        "decode_acc_vs_ref": round(dec_ref / dec, 1),
+        "ref_encode_ef_gbps": round(gb / enc_ref, 3),
+        "ref_decode_acc_gbps": round(gb / dec_ref, 3),
+    }
+    if x.device.type == "cpu":
+        ef = lc.ErrorFeedback(c, n)
+        frame, _ = timer(lambda: ef.encode(x), max(1, args.reps // 2), copy)
+        row["frame_ef_gbps"] = round(gb / frame, 2)
+        crc, _ = timer(lambda: ops.crc32c(payload, 0), args.reps, copy)
+        row["crc32c_gbps"] = round(payload.numel() / 1e9 / crc, 2)
+    if args.check or x.device.type == "cuda":
+        r1, r2 = torch.zeros_like(x), torch.zeros_like(x)
+        p1, p2 = torch.empty_like(payload), torch.empty_like(payload)
+        kernel.quantize(x, r1, p1, *a, -1)
+        ref.quantize(x, r2, p2, *a, -1)
+        o1, o2 = torch.ones_like(x), torch.ones_like(x)
+        kernel.dequantize(p1, o1, *a, True)
+        ref.dequantize(p1, o2, *a, True)
+        row["bitwise_equal_ref"] = bool(
+            torch.equal(p1, p2)
+            and torch.equal(r1.view(torch.int32), r2.view(torch.int32))
+            and torch.equal(o1.view(torch.int32), o2.view(torch.int32))
+        )
+    return row
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--numel", type=int, default=64 * 2**20, help="fp32 values (default 64M)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=5, help="timed runs of each compiled kernel")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    ap.add_argument("--reps", type=int, default=5, help="timed runs of each kernel")
     ap.add_argument("--ref-reps", type=int, default=1, help="timed runs of each reference")
     ap.add_argument("--codecs", default="none,bf16,int8,int4,fp4,topk")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--check", action="store_true", help="also compare with the reference bits")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
 
     import loco.compress as lc
-    from loco.compress import reference as ref
 
     t0 = time.perf_counter()
     ops = lc._ext.ext_ops()
     load_s = time.perf_counter() - t0
     if ops is None:
         raise SystemExit(f"compiled kernels unavailable: {lc.ext_error()}")
+    if device.type == "cuda" and not lc._ext.ext_has_cuda():
+        raise SystemExit("the loaded kernels have no CUDA build (need CUDA torch and nvcc)")
 
-    n = args.numel
+    timer = _timer(device)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(n, generator=gen)
+    x = torch.randn(args.numel, generator=gen).to(device)
     dst = torch.empty_like(x)
-    gb = 4 * n / 1e9
-    copy_s = _median_time(lambda: dst.copy_(x), args.reps)
     result: dict[str, object] = {
         "bench": "compress",
-        "numel": n,
+        "numel": args.numel,
+        "device": args.device,
         "threads": args.threads,
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "ext_load_s": round(load_s, 3),
-        "copy_gbps": round(gb / copy_s, 2),
+        "timing": f"median of {args.reps} (reference: {args.ref_reps})",
         "codecs": {},
     }
     for name in args.codecs.split(","):
-        c = lc.make_codec(name)
-        args_ = (c.codec_id, c.block, c.k, c.fp16_scale)
-        payload = torch.empty(c.payload_nbytes(n), dtype=torch.uint8)
-        residual = torch.zeros(n)
-        out = torch.zeros(n)
-
-        enc = _median_time(lambda: ops.quantize(x, residual, payload, *args_, -1), args.reps)
-        dec = _median_time(lambda: ops.dequantize(payload, out, *args_, True), args.reps)
-        enc_ref = _median_time(
-            lambda: ref.quantize(x, residual, payload, *args_, -1), args.ref_reps
-        )
-        dec_ref = _median_time(lambda: ref.dequantize(payload, out, *args_, True), args.ref_reps)
-        crc = _median_time(lambda: ops.crc32c(payload, 0), args.reps)
-        ef = lc.ErrorFeedback(c, n)
-        frame = _median_time(lambda: ef.encode(x), max(1, args.reps // 2))
-        result["codecs"][name] = {
-            "bytes_per_param": round(c.payload_nbytes(n) / n, 4),
-            "encode_ef_gbps": round(gb / enc, 2),
-            "encode_ef_vs_copy": round(copy_s / enc, 2),
-            "encode_ef_vs_ref": round(enc_ref / enc, 1),
-            "decode_acc_gbps": round(gb / dec, 2),
-            "decode_acc_vs_copy": round(copy_s / dec, 2),
-            "decode_acc_vs_ref": round(dec_ref / dec, 1),
-            "ref_encode_ef_gbps": round(gb / enc_ref, 3),
-            "ref_decode_acc_gbps": round(gb / dec_ref, 3),
-            "crc32c_payload_gbps": round(payload.numel() / 1e9 / crc, 2),
-            "ef_encode_bytes_gbps": round(gb / frame, 2),
-        }
-        del payload, residual, out, ef
+        result["codecs"][name] = _bench_codec(name, x, dst, args, timer)  # type: ignore[index]
     print(json.dumps(result))
 
 
