@@ -12,8 +12,8 @@ from loco.checkpoint import SimpleCheckpointer
 from loco.config import LocoConfig
 from loco.data import SiteData, load_corpus
 from loco.data.corpus import Corpus
-from loco.engine import PlainEngine
 from loco.engine.base import Engine
+from loco.engine.zero import ZeroEngine
 from loco.model import GPT, build_model
 
 
@@ -43,8 +43,9 @@ def model_from(cfg: LocoConfig, corpus: Corpus) -> GPT:
 def engine_from(
     cfg: LocoConfig, model: torch.nn.Module, group: dist.ProcessGroup | None = None
 ) -> Engine:
-    o = cfg.optim
-    return PlainEngine(
+    """The site's ZeRO engine (``zero.stage`` 0 is replicated, gradients all-reduced)."""
+    o, z = cfg.optim, cfg.zero
+    return ZeroEngine(
         model,
         optim=o.name,
         lr=cfg.train.lr,
@@ -55,6 +56,13 @@ def engine_from(
         nesterov=o.nesterov,
         grad_clip=cfg.train.grad_clip,
         group=group,
+        stage=z.stage,
+        grad_accum=cfg.train.grad_accum,
+        bucket_mb=z.bucket_mb,
+        reduce_dtype=z.reduce_dtype,
+        compute_dtype=z.mixed_precision,
+        activation_checkpointing=z.activation_checkpointing,
+        offload=z.offload,
     )
 
 

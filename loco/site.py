@@ -72,7 +72,12 @@ def run_rank(
             say(f"resume=latest: no checkpoint in {ckpt.dir}; starting from step 0")
         else:
             state = ckpt.load(path)
-            engine.load_state_dict(state["engine"])
+            if len(state["ranks"]) != world:
+                raise ValueError(
+                    f"{path} was written by {len(state['ranks'])} rank(s); resume with site.nproc="
+                    f"{len(state['ranks'])} (this simple format does not reshard)"
+                )
+            engine.load_state_dict(state["ranks"][rank])
             torch.set_rng_state(state["rng"])
             start = int(state["step"])
             say(f"resumed from {path} at step {start}")
@@ -89,10 +94,14 @@ def run_rank(
     )
 
     def save(step: int) -> None:
+        # every rank's (possibly sharded) engine state, gathered into one file by rank 0
+        ranks = [engine.state_dict()]
+        if world > 1:
+            gathered: list | None = [None] * world if rank == 0 else None
+            dist.gather_object(ranks[0], gathered, dst=0)
+            ranks = gathered  # type: ignore[assignment]
         if rank == 0:
-            path = ckpt.save(
-                step, {"step": step, "engine": engine.state_dict(), "rng": torch.get_rng_state()}
-            )
+            path = ckpt.save(step, {"step": step, "ranks": ranks, "rng": torch.get_rng_state()})
             if metrics:
                 metrics.log("ckpt", step=step, round=0, path=str(path))
         if world > 1:

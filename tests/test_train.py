@@ -155,3 +155,23 @@ def test_torchrun_ranks_match_one_rank(tmp_path):
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for s in a:  # fp32 tolerance, as in the spawned-ranks test above
         assert a[s] == pytest.approx(b[s], rel=1e-5, abs=1e-6)
+
+
+def test_zero_stages_from_the_command_line_match_one_rank(tmp_path):
+    """`site.nproc=2 zero.stage=S` gives the losses of `site.nproc=1` for every stage.
+
+    SGD with momentum, so a sum-instead-of-mean bug would double the step and show at once.
+    Tolerance as in the two-rank test: only the fp32 order of the gradient reduction differs.
+    """
+    common = [*QUICK, "train.steps=5", "optim=sgd", "train.lr=0.02"]
+    one = run_worker([*common, "train.batch_size=8"], tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    ref = train_losses(tmp_path / "one")
+    for stage in (0, 1, 2, 3):
+        run = tmp_path / f"s{stage}"
+        p = run_worker([*common, "site.nproc=2", "train.batch_size=4", f"zero.stage={stage}"], run)
+        assert p.returncode == 0, p.stderr
+        got = train_losses(run)
+        assert sorted(got) == sorted(ref)
+        for s in ref:
+            assert got[s] == pytest.approx(ref[s], rel=1e-5, abs=1e-6), (stage, s, got[s], ref[s])
