@@ -1,0 +1,187 @@
+"""Round payloads of one rank: encode this rank's delta and phi, decode a partner's.
+
+A rank publishes its whole shard ``[slo, shi)`` of the padded flat vector (the values past the
+model's P are zero) and pulls exactly its own range ``[lo, hi)`` (the shard clipped to P), so
+sites with different rank counts still line up. A stream with codec ``none`` travels raw fp32
+(the partner's server slices it exactly); any other codec travels as a self-describing
+``loco.compress`` frame per owner shard, which the puller decodes and slices.
+
+Every member of a group uses the DECODED values of every member, its own included, so all
+members compute bit-identical means (the spec's step 3). The delta stream keeps an
+error-feedback residual when its codec is lossy and ``error_feedback`` is on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from loco.compress import ErrorFeedback, PayloadError, decode, encode
+
+STREAMS = ("delta", "phi")
+LOSSLESS = ("none",)
+
+
+def codec_options(codec: str, *, block: int, scale_dtype: str, stochastic: bool,
+                  topk_fraction: float) -> dict[str, object]:  # fmt: skip
+    """The ``loco.compress`` keyword options of ``codec`` from the ``compression.*`` keys."""
+    rounding = "stochastic" if stochastic else "nearest"
+    if codec == "none":
+        return {}
+    if codec == "bf16":
+        return {"rounding": rounding}
+    opts: dict[str, object] = {"block": block, "scale_dtype": scale_dtype, "rounding": rounding}
+    if codec == "topk":
+        opts["k"] = max(1, min(block, round(topk_fraction * block)))
+    return opts
+
+
+@dataclass
+class Outgoing:
+    """What this rank published for one round, and its own decoded values on ``[lo, hi)``."""
+
+    round: int
+    delta: torch.Tensor  # decoded own delta (what the partner will see)
+    phi: torch.Tensor  # decoded own phi
+    buffers: tuple  # the published buffers (kept alive until the round is evicted)
+    nbytes: int  # payload bytes one puller of the whole shard receives
+
+
+class RangePayloads:
+    """Encode and decode the ``delta`` and ``phi`` streams of one rank's range.
+
+    Args:
+        shard: ``(slo, shi)``, the rank's shard of the padded flat vector (what it publishes).
+        owned: ``(lo, hi)``, the shard clipped to the model's P (what it pulls and updates).
+        codec, phi_codec: ``loco.compress`` codec names (``none``: raw fp32).
+        delta_options, phi_options: codec options (see :func:`codec_options`).
+        error_feedback: keep the delta stream's residual between rounds (lossy codecs).
+    """
+
+    def __init__(
+        self,
+        *,
+        shard: tuple[int, int],
+        owned: tuple[int, int],
+        codec: str = "int8",
+        phi_codec: str = "none",
+        delta_options: dict[str, object] | None = None,
+        phi_options: dict[str, object] | None = None,
+        error_feedback: bool = True,
+        seed: int = 0,
+    ) -> None:
+        self.slo, self.shi = shard
+        self.lo, self.hi = owned
+        assert self.slo <= self.lo <= self.hi <= self.shi, (shard, owned)
+        self.codec, self.phi_codec = codec, phi_codec
+        self.delta_options = dict(delta_options or {})
+        self.phi_options = dict(phi_options or {})
+        self.ef = (
+            ErrorFeedback(codec, self.shi - self.slo, seed=seed, **self.delta_options)
+            if error_feedback and codec not in LOSSLESS
+            else None
+        )
+
+    @property
+    def numel(self) -> int:
+        return self.hi - self.lo
+
+    def _padded(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(self.shi - self.slo, dtype=torch.float32)
+        out[: self.numel].copy_(x.detach().reshape(-1).float().cpu())
+        return out
+
+    def _encode(self, x: torch.Tensor, codec: str, opts: dict, ef: ErrorFeedback | None):
+        """(published buffer, codec label, own decoded values on [lo, hi))"""
+        full = self._padded(x)
+        if codec in LOSSLESS:
+            return full.numpy(), "raw", full[: self.numel].clone()
+        buf = ef.encode(full) if ef is not None else encode(full, codec, **opts)
+        return buf, codec, decode(buf)[: self.numel]
+
+    def encode(self, round: int, delta: torch.Tensor, phi: torch.Tensor) -> tuple[Outgoing, dict]:
+        """Encode both streams. Returns the record and ``{stream: (buffer, codec label)}`` to
+        publish. ValueError if ``delta`` or ``phi`` holds NaN/Inf (never shipped)."""
+        if not bool(torch.isfinite(delta).all()) or not bool(torch.isfinite(phi).all()):
+            raise ValueError("the local delta or phi holds NaN/Inf; refusing to publish it")
+        dbuf, dlab, dval = self._encode(delta, self.codec, self.delta_options, self.ef)
+        pbuf, plab, pval = self._encode(phi, self.phi_codec, self.phi_options, None)
+        nbytes = memoryview(dbuf).nbytes + memoryview(pbuf).nbytes
+        out = Outgoing(round, dval, pval, (dbuf, pbuf), nbytes)
+        return out, {"delta": (dbuf, dlab), "phi": (pbuf, plab)}
+
+    # ------------------------------------------------------------------ pulling
+
+    def validator(self, sink: list[torch.Tensor], raw: bool):
+        """A gossip ``validate`` callable: decode each received payload (raw: check it is
+        finite fp32 of the right length), append the values to ``sink``; raise on anything bad
+        so the gossip client counts a strike and fails the pull."""
+
+        def check(buf) -> None:
+            mv = memoryview(buf).cast("B")
+            if raw:
+                if len(mv) != self.numel * 4:
+                    raise PayloadError(f"raw payload of {len(mv)} bytes for {self.numel} values")
+                t = torch.from_numpy(np.frombuffer(mv, dtype=np.float32).copy())
+            else:
+                t = decode(mv, max_numel=self.shi - self.slo + (1 << 24)).float()
+            if not bool(torch.isfinite(t).all()):
+                raise PayloadError("payload holds NaN/Inf")
+            sink.append(t)
+
+        return check
+
+    def assemble(self, res, values: list[torch.Tensor], stream: str) -> torch.Tensor:
+        """This rank's ``[lo, hi)`` from a successful pull and the validator's decoded values.
+
+        Raises PayloadError when a segment's length disagrees with its range, or the
+        segments do not cover the range.
+        """
+        if not res.segments:  # raw: exactly [lo, hi)
+            if len(values) != 1 or values[0].numel() != self.numel:
+                raise PayloadError(f"{stream}: raw payload of wrong length")
+            return values[0]
+        if len(values) != len(res.segments):
+            raise PayloadError(f"{stream}: {len(values)} decoded of {len(res.segments)} segments")
+        out = torch.empty(self.numel, dtype=torch.float32)
+        covered = 0
+        for seg, val in zip(res.segments, values, strict=True):
+            if val.numel() != seg.hi - seg.lo:
+                raise PayloadError(
+                    f"{stream}: segment [{seg.lo},{seg.hi}) decodes to {val.numel()} values"
+                )
+            a, b = max(seg.lo, self.lo), min(seg.hi, self.hi)
+            if a < b:
+                out[a - self.lo : b - self.lo].copy_(val[a - seg.lo : b - seg.lo])
+                covered += b - a
+        if covered != self.numel:
+            raise PayloadError(f"{stream}: segments cover {covered} of {self.numel} values")
+        return out
+
+    def pull(self, node, partner: str, round: int, stream: str, timeout_s: float | None = None):
+        """Pull and decode ``partner``'s ``stream`` on ``[lo, hi)``.
+
+        Returns ``(tensor, "")`` or ``(None, cause)``; never raises for remote faults.
+        """
+        values: list[torch.Tensor] = []
+        codec = self.codec if stream == "delta" else self.phi_codec
+        kw: dict[str, object] = {"validate": self.validator(values, codec in LOSSLESS)}
+        if timeout_s is not None:
+            kw["timeout_s"] = timeout_s
+        res = node.pull(partner, round, stream, **kw)
+        if not res.ok:
+            return None, res.cause
+        try:
+            return self.assemble(res, values, stream), ""
+        except PayloadError:
+            node.metrics.add("fail_bad_payload")
+            return None, "bad_payload"
+
+    def state_dict(self) -> dict[str, object]:
+        return {"ef": self.ef.state_dict() if self.ef is not None else None}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        if self.ef is not None and state.get("ef") is not None:
+            self.ef.load_state_dict(state["ef"])  # type: ignore[arg-type]

@@ -1,0 +1,298 @@
+"""The round driver on loopback: real GossipNodes, real codecs, several sites as threads.
+
+Invariants of the spec: both members of a pair compute identical means from the DECODED values;
+identical members give the heavy-ball step without the gamma term; an unreachable partner
+gives the local step (n = 1) and training goes on; a bad payload drops the partner and never
+reaches the state; error feedback keeps the residual; overlap merges with ``mix``.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from loco.compress import decode, encode
+from loco.dist import free_port
+from loco.gossip import GossipNode
+from loco.outer import NoLoCo, build_outer
+from loco.outer.exchange import RangePayloads, codec_options
+from loco.outer.loop import OuterLoop
+
+RUN, LAYOUT = "outer-test", "layout-x"
+P = 3001  # not a multiple of the codec block
+A, B, G = 0.5, 0.7, 0.7
+
+
+class FakeFlat:
+    """A flat view over a plain tensor (one rank owns everything)."""
+
+    def __init__(self, theta: torch.Tensor) -> None:
+        self.theta = theta
+        self.lo, self.hi, self.slo, self.shi = 0, theta.numel(), 0, theta.numel()
+        self.numel = self.padded = theta.numel()
+        self.layout_hash = LAYOUT
+        self.syncs = 0
+
+    def master(self) -> torch.Tensor:
+        return self.theta
+
+    def sync(self) -> None:
+        self.syncs += 1
+
+    def full(self) -> torch.Tensor:
+        return self.theta.clone()
+
+
+def make_sites(names, ports, codec="int8", phi_codec="none", method="noloco", tau=0, mix=0.5,
+               seed=0, pull_timeout_s=5.0, H=5, steps=100, ef=True):  # fmt: skip
+    sites = {}
+    for name in names:
+        node = GossipNode(
+            site=name, rank=0, nproc=1, flat_size=P, run_id=RUN, layout_hash=LAYOUT,
+            listen=f"127.0.0.1:{ports[name]}",
+            peers={n: f"127.0.0.1:{ports[n]}" for n in ports if n != name},
+            insecure=True, heartbeat=False, seed=seed, pull_timeout_s=pull_timeout_s,
+            hello_timeout_s=1.0, max_retries=1, backoff_s=0.05,
+        ).start()  # fmt: skip
+        theta = torch.from_numpy(np.random.default_rng(hash(name) % 2**32).standard_normal(P).astype(np.float32))
+        flat = FakeFlat(theta)
+        pay = RangePayloads(
+            shard=(0, P), owned=(0, P), codec=codec, phi_codec=phi_codec,
+            delta_options=codec_options(codec, block=256, scale_dtype="fp32", stochastic=False,
+                                        topk_fraction=0.1),
+            phi_options=codec_options(phi_codec, block=256, scale_dtype="fp32", stochastic=False,
+                                      topk_fraction=0.1),
+            error_feedback=ef,
+        )  # fmt: skip
+        loop = OuterLoop(
+            step=build_outer(method, alpha=A, beta=B, gamma=G), flat=flat, H=H, steps=steps,
+            node=node, payloads=pay, site=name, all_live=method == "diloco", tau=tau, mix=mix,
+            linger_s=2.0,
+        )  # fmt: skip
+        sites[name] = loop
+    return sites
+
+
+def ports_for(names):
+    return {n: free_port() for n in names}
+
+
+def run_parallel(fns, timeout=60):
+    errors = []
+
+    def wrap(f):
+        try:
+            f()
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    ts = [threading.Thread(target=wrap, args=(f,)) for f in fns]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in ts), "a site is stuck"
+    if errors:
+        raise errors[0]
+
+
+def inner_steps(loop, start, k, rng_seed):
+    """Stand-in for training: move theta a little, then call the hook."""
+    g = torch.Generator().manual_seed(rng_seed)
+    for s in range(start + 1, start + k + 1):
+        loop.flat.theta.add_(0.01 * torch.randn(P, generator=g))
+        loop.on_step_end(s)
+
+
+@pytest.fixture
+def pair():
+    made = []
+
+    def mk(**kw):
+        names = ["eu", "us"]
+        sites = make_sites(names, ports_for(names), **kw)
+        made.append(sites)
+        return sites
+
+    yield mk
+    for sites in made:
+        for loop in sites.values():
+            loop.close()
+
+
+def test_pair_identical_means_and_numpy_reference(pair):
+    sites = pair(codec="int8")
+    phi0 = {n: s.state.phi.clone() for n, s in sites.items()}
+    run_parallel([lambda s=s, i=i: inner_steps(s, 0, 5, i) for i, s in enumerate(sites.values())])
+    eu, us = sites["eu"], sites["us"]
+    assert eu.history[0]["n"] == 2 and us.history[0]["n"] == 2
+    assert eu.history[0]["partner"] == "us"
+    assert eu.history[0]["mean_crc"] == us.history[0]["mean_crc"]
+    assert torch.equal(eu.last_means[0], us.last_means[0])
+    assert torch.equal(eu.last_means[1], us.last_means[1])
+    # NumPy reference of round 1 (momentum zero) on the means of the DECODED values
+    theta = {n: s.flat.theta for n, s in sites.items()}
+    mean_delta = eu.last_means[0].double().numpy()
+    mean_phi = np.mean([phi0[n].double().numpy() for n in sites], 0)
+    for n, s in sites.items():
+        m = B * mean_delta - G * (phi0[n].double().numpy() - mean_phi)
+        np.testing.assert_allclose(s.state.phi.double().numpy(), phi0[n].double().numpy() + m,
+                                   rtol=0, atol=1e-5)  # fmt: skip
+        np.testing.assert_array_equal(theta[n].numpy(), s.state.phi.numpy())
+    assert eu.history[0]["consensus_distance"] > 0
+    assert eu.history[0]["bytes_recv"] > 0 and eu.history[0]["bytes_sent"] > 0
+
+
+def test_decoded_values_are_used(pair):
+    """The published int8 delta frame decodes to exactly the delta each member averaged."""
+    sites = pair(codec="int8", ef=False)
+    th0 = {n: s.flat.theta.clone() for n, s in sites.items()}
+    run_parallel([lambda s=s, i=i: inner_steps(s, 0, 5, i) for i, s in enumerate(sites.values())])
+    deltas = []
+    for i, n in enumerate(sorted(sites)):
+        g = torch.Generator().manual_seed(i)
+        th = th0[n].clone()
+        for _ in range(5):
+            th.add_(0.01 * torch.randn(P, generator=g))
+        deltas.append(decode(encode(th - th0[n], "int8", block=256)))
+    ref = torch.stack(deltas).mean(0)
+    assert torch.equal(sites["eu"].last_means[0], ref)
+
+
+def test_identical_members_give_heavy_ball_step(pair):
+    sites = pair(codec="none")
+    eu, us = sites["eu"], sites["us"]
+    us.flat.theta.copy_(eu.flat.theta)
+    us.state.phi.copy_(eu.state.phi)
+    phi0 = eu.state.phi.clone()
+    run_parallel([lambda s=s: inner_steps(s, 0, 5, 7) for s in sites.values()])  # same steps
+    delta = eu.last_means[0]
+    torch.testing.assert_close(eu.state.phi, phi0 + B * delta, rtol=0, atol=1e-6)
+    assert torch.equal(eu.state.phi, us.state.phi)
+
+
+def test_unreachable_partner_gives_local_step():
+    ports = ports_for(["eu", "us"])
+    sites = make_sites(["eu"], ports, codec="none", pull_timeout_s=2.0)  # us never starts
+    eu = sites["eu"]
+    try:
+        phi0, th0 = eu.state.phi.clone(), eu.flat.theta.clone()
+        inner_steps(eu, 0, 5, 3)
+        rec = eu.history[0]
+        assert rec["n"] == 1 and rec["partner"] == "us" and rec["dropped"].startswith("us:")
+        g = torch.Generator().manual_seed(3)
+        th = th0.clone()
+        for _ in range(5):
+            th.add_(0.01 * torch.randn(P, generator=g))
+        torch.testing.assert_close(eu.state.phi, phi0 + B * (th - phi0), rtol=0, atol=1e-6)
+        assert rec["round_seconds"] < 4.0
+        inner_steps(eu, 5, 5, 4)  # training goes on
+        assert len(eu.history) == 2
+    finally:
+        eu.close()
+
+
+@pytest.mark.parametrize("bad", ["nan_phi", "short_delta", "corrupt_delta"])
+def test_bad_payload_drops_partner_and_leaves_state(bad):
+    ports = ports_for(["eu", "us"])
+    sites = make_sites(["eu"], ports, codec="int8", pull_timeout_s=3.0)
+    eu = sites["eu"]
+    evil = GossipNode(site="us", rank=0, nproc=1, flat_size=P, run_id=RUN, layout_hash=LAYOUT,
+                      listen=f"127.0.0.1:{ports['us']}", peers={"eu": f"127.0.0.1:{ports['eu']}"},
+                      insecure=True, heartbeat=False).start()  # fmt: skip
+    try:
+        good_delta = encode(torch.zeros(P), "int8", block=256)
+        phi = np.zeros(P, np.float32)
+        if bad == "nan_phi":
+            phi[7] = np.nan
+            evil.publish(1, "delta", good_delta, codec="int8")
+            evil.publish(1, "phi", phi)
+        elif bad == "short_delta":  # a well-formed frame of the wrong length
+            evil.publish(1, "delta", encode(torch.zeros(P - 1), "int8", block=256), codec="int8")
+            evil.publish(1, "phi", phi)
+        else:
+            buf = bytearray(good_delta)
+            buf[-1] ^= 0xFF  # payload checksum mismatch
+            evil.publish(1, "delta", bytes(buf), codec="int8")
+            evil.publish(1, "phi", phi)
+        phi0, m0 = eu.state.phi.clone(), eu.state.momentum.clone()
+        th0 = eu.flat.theta.clone()
+        inner_steps(eu, 0, 5, 1)
+        rec = eu.history[0]
+        assert rec["n"] == 1 and "us:" in rec["dropped"], rec
+        assert m0.abs().sum() == 0
+        # exactly the local step on this site's own decoded delta
+        assert torch.isfinite(eu.state.phi).all()
+        torch.testing.assert_close(eu.state.phi, phi0 + B * eu.last_means[0], rtol=0, atol=1e-6)
+        assert not torch.equal(eu.flat.theta, th0)
+    finally:
+        evil.close()
+        eu.close()
+
+
+def test_error_feedback_residual_kept(pair):
+    sites = pair(codec="int4", ef=True)
+    run_parallel([lambda s=s, i=i: inner_steps(s, 0, 10, i) for i, s in enumerate(sites.values())])
+    ef = sites["eu"].payloads.ef
+    assert ef is not None and ef.residual.abs().sum() > 0 and ef.calls == 2
+
+
+def test_diloco_three_sites_all_pull_everyone():
+    names = ["asia", "eu", "us"]
+    sites = make_sites(names, ports_for(names), codec="none", method="diloco")
+    try:
+        run_parallel([lambda s=s, i=i: inner_steps(s, 0, 5, i) for i, s in enumerate(sites.values())])
+        crcs = {s.history[0]["mean_crc"] for s in sites.values()}
+        assert len(crcs) == 1
+        assert all(s.history[0]["n"] == 3 for s in sites.values())
+        # DiLoCo: every site ends on the same phi when they start from the same phi
+    finally:
+        for s in sites.values():
+            s.close()
+
+
+def test_local_never_talks():
+    theta = torch.randn(P)
+    flat = FakeFlat(theta)
+    loop = OuterLoop(step=build_outer("local", alpha=A, beta=B), flat=flat, H=5, steps=20)
+    phi0 = loop.state.phi.clone()
+    inner_steps(loop, 0, 5, 0)
+    assert loop.history[0]["n"] == 1 and loop.history[0]["bytes_sent"] == 0
+    torch.testing.assert_close(loop.state.phi, phi0 + B * loop.last_means[0])
+
+
+def test_overlap_merges_with_mix(pair):
+    sites = pair(codec="none", tau=2, mix=0.5)
+    eu = sites["eu"]
+    seen = {}
+
+    def run(s, i):
+        g = torch.Generator().manual_seed(i)
+        for step in range(1, 8):
+            s.flat.theta.add_(0.01 * torch.randn(P, generator=g))
+            if step == 7 and s is eu:
+                seen["theta_local"] = s.flat.theta.clone()
+            s.on_step_end(step)
+            if step == 5 and s is eu:
+                assert s.pending is not None  # training goes on while the pull runs
+
+    run_parallel([lambda s=s, i=i: run(s, i) for i, s in enumerate(sites.values())])
+    assert eu.pending is None and eu.history[0]["n"] == 2
+    want = 0.5 * seen["theta_local"] + 0.5 * eu.state.phi
+    torch.testing.assert_close(eu.flat.theta, want, rtol=0, atol=1e-6)
+    assert sites["us"].history[0]["mean_crc"] == eu.history[0]["mean_crc"]
+
+
+def test_noloco_apply_rejects_nonfinite_without_touching_state():
+    st_phi = torch.randn(10)
+    from loco.outer import OuterState
+
+    st = OuterState.start(st_phi)
+    before = (st.phi.clone(), st.momentum.clone())
+    bad = torch.full((10,), float("nan"))
+    with pytest.raises(ValueError):
+        NoLoCo().apply(torch.zeros(10), st, [torch.zeros(10), bad], [st.phi, st.phi])
+    assert torch.equal(st.phi, before[0]) and torch.equal(st.momentum, before[1])
