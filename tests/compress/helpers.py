@@ -26,6 +26,7 @@ CONFIGS: list[tuple[str, dict]] = [
     ("topk", {}),
     ("topk", {"block": 1000, "k": 33, "scale_dtype": "fp16"}),
     ("topk", {"block": 16, "k": 16}),
+    ("topk", {"block": 512, "k": 100}),
     ("topk", {"block": 64, "k": 3, "rounding": "stochastic"}),
 ]
 
