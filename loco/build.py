@@ -133,3 +133,58 @@ def gossip_kwargs(cfg: LocoConfig) -> dict:
         seed=cfg.train.seed,
         **dataclasses.asdict(cfg.gossip),
     )
+
+
+def outer_from(
+    cfg: LocoConfig,
+    engine: Engine,
+    *,
+    rank: int,
+    world: int,
+    group: dist.ProcessGroup | None = None,
+    metrics=None,
+    say=None,
+):
+    """The outer round driver of this rank (``outer.*``, ``compression.*``, ``gossip.*``).
+
+    ``local`` builds no gossip node: it never talks. The node publishes this rank's shard of the
+    engine's padded flat vector, so its flat size is the padded size.
+    """
+    from loco.config import ConfigError
+    from loco.outer import build_outer
+    from loco.outer.exchange import RangePayloads, codec_options
+    from loco.outer.flat import FlatView
+    from loco.outer.loop import OuterLoop
+
+    assert cfg.site is not None
+    o, c = cfg.outer, cfg.compression
+    flat = FlatView(engine)
+    step = build_outer(o.method, alpha=o.alpha, beta=o.beta, gamma=o.gamma, lr=o.lr,
+                       momentum=o.momentum)  # fmt: skip
+    node = payloads = None
+    if o.method != "local":
+        from loco.gossip import GossipNode
+
+        if not cfg.gossip.insecure and not cfg.gossip.cert_dir:
+            raise ConfigError(
+                "gossip.cert_dir is not set: make certificates with `python -m loco.certs --out "
+                "DIR --sites ...` and set gossip.cert_dir=DIR, or set gossip.insecure=true (loopback)"
+            )
+        node = GossipNode(
+            rank=rank, nproc=world, flat_size=flat.padded, layout_hash=flat.layout_hash,
+            **gossip_kwargs(cfg),
+        ).start()  # fmt: skip
+        opts = dict(block=c.block, scale_dtype=c.scale_dtype, stochastic=c.stochastic,
+                    topk_fraction=c.topk_fraction)  # fmt: skip
+        payloads = RangePayloads(
+            shard=(flat.slo, flat.shi), owned=(flat.lo, flat.hi), codec=c.codec,
+            phi_codec=c.phi_codec, delta_options=codec_options(c.codec, **opts),
+            phi_options=codec_options(c.phi_codec, **opts), error_feedback=c.error_feedback,
+            seed=cfg.train.seed * 1009 + rank,
+        )  # fmt: skip
+    return OuterLoop(
+        step=step, flat=flat, H=o.H, steps=cfg.train.steps, node=node, payloads=payloads,
+        site=cfg.site.name, all_live=o.method == "diloco", tau=o.tau, mix=o.mix, group=group,
+        rank=rank, world=world, metrics=metrics, pull_timeout_s=cfg.gossip.pull_timeout_s,
+        join_timeout_s=o.join_timeout_s, linger_s=min(10.0, cfg.gossip.pull_timeout_s), say=say,
+    )  # fmt: skip

@@ -213,6 +213,7 @@ class OuterConfig:
     momentum: float = 0.9  # diloco outer Nesterov momentum
     tau: int = 0  # streaming overlap: inner steps the pull may run behind (0 = blocking)
     mix: float = 0.5
+    join_timeout_s: float = 120.0  # at start, wait this long for every peer site to be live
 
     def __post_init__(self) -> None:
         _choice("outer.method", self.method, ("noloco", "diloco", "local"))
@@ -224,6 +225,9 @@ class OuterConfig:
         _fraction("outer.momentum", self.momentum)
         _positive("outer.tau", self.tau, zero_ok=True)
         _fraction("outer.mix", self.mix, hi_open=False)
+        if self.tau >= self.H:
+            raise ConfigError(f"outer.tau={self.tau} must be < outer.H={self.H}")
+        _positive("outer.join_timeout_s", self.join_timeout_s, zero_ok=True)
 
 
 CODECS = ("none", "bf16", "int8", "int4", "fp4", "topk")

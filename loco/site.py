@@ -24,6 +24,31 @@ from loco.trainer import Trainer
 log = logging.getLogger(__name__)
 
 
+FINAL_PARAMS_MAX = 50_000_000  # write final_params.pt (fp32 flat vector) up to this many
+
+
+def outer_summary(cfg: LocoConfig, outer: Any, trainer: Trainer, start: int) -> dict[str, Any]:
+    """Outer-loop figures of the run: rounds, bytes beside DDP's, utilization, consensus."""
+    hist = outer.history
+    steps = trainer.step - start
+    return {
+        "outer": cfg.outer.method,
+        "codec": cfg.compression.codec if cfg.outer.method != "local" else "none",
+        "rounds": len(hist),
+        "rounds_dropped": sum(1 for h in hist if h["dropped"]),
+        "bytes_sent": outer.totals["bytes_sent"],
+        "bytes_recv": outer.totals["bytes_recv"],
+        # DDP all-reduces about 2 x 4 bytes per parameter per inner step (ring, fp32)
+        "ddp_bytes": 8.0 * outer.flat.numel * steps,
+        "compute_utilization": (
+            sum(h["compute_utilization"] for h in hist) / len(hist) if hist else 1.0
+        ),
+        "consensus_distance": next(
+            (h["consensus_distance"] for h in reversed(hist) if h["consensus_distance"] is not None), None
+        ),
+    }
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -66,6 +91,7 @@ def run_rank(
 
     ckpt = build.checkpointer_from(cfg, run_dir)
     start = 0
+    state: dict[str, Any] | None = None
     if cfg.resume == "latest":
         path = ckpt.latest()
         if path is None:
@@ -93,15 +119,27 @@ def run_rank(
         else None
     )
 
+    # the outer loop: rounds every outer.H steps (local never talks); its state is on this rank's
+    # range, so it is checkpointed per rank beside the engine's shard
+    outer = build.outer_from(cfg, engine, rank=rank, world=world, metrics=metrics, say=say)
+    if state is not None and state.get("outer_ranks"):
+        outer.load_state_dict(state["outer_ranks"][rank])
+    outer.start()
+
     def save(step: int) -> None:
         # every rank's (possibly sharded) engine state, gathered into one file by rank 0
         ranks = [engine.state_dict()]
+        outers = [outer.state_dict()]
         if world > 1:
             gathered: list | None = [None] * world if rank == 0 else None
             dist.gather_object(ranks[0], gathered, dst=0)
             ranks = gathered  # type: ignore[assignment]
+            gathered_o: list | None = [None] * world if rank == 0 else None
+            dist.gather_object(outers[0], gathered_o, dst=0)
+            outers = gathered_o  # type: ignore[assignment]
         if rank == 0:
-            path = ckpt.save(step, {"step": step, "ranks": ranks, "rng": torch.get_rng_state()})
+            path = ckpt.save(step, {"step": step, "ranks": ranks, "outer_ranks": outers,
+                                    "rng": torch.get_rng_state()})  # fmt: skip
             if metrics:
                 metrics.log("ckpt", step=step, round=0, path=str(path))
         if world > 1:
@@ -124,9 +162,18 @@ def run_rank(
         device=device,
         metrics=metrics,
         progress=progress,
+        on_step_end=outer.on_step_end,
     )
-    summary = trainer.fit(start, checkpoint=save, ckpt_every=cfg.checkpoint.every)
-    summary.update(site=site, nproc=world, params=model.num_params())
+    try:
+        summary = trainer.fit(start, checkpoint=save, ckpt_every=cfg.checkpoint.every)
+        outer.finish()
+        summary.update(site=site, nproc=world, params=model.num_params())
+        summary.update(outer_summary(cfg, outer, trainer, start))
+        flat = outer.flat.full() if outer.flat.numel <= FINAL_PARAMS_MAX else None
+        if rank == 0 and flat is not None:
+            torch.save(flat, run_dir / "final_params.pt")  # loco.local's consensus distance
+    finally:
+        outer.close()
     if rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if summary["val_loss"] is not None:

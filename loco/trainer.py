@@ -59,6 +59,9 @@ class Trainer:
         progress: Progress | None = None,
         on_step_end: Callable[[int], None] | None = None,
     ) -> None:
+        """``on_step_end(done)`` runs after each optimizer step, before that step's logging and
+        evaluation (the outer rounds plug in here, so an eval at a round boundary sees the
+        averaged weights)."""
         self.engine, self.data = engine, data
         self.model = engine.model
         self.steps, self.grad_accum, self.seq_len = steps, grad_accum, seq_len
@@ -71,6 +74,7 @@ class Trainer:
         self.world = dist.get_world_size(group) if dist.is_initialized() else 1
         self.metrics, self.progress = metrics, progress
         self.on_step_end = on_step_end
+        self.hook_seconds = 0.0  # wall time spent in on_step_end (outer rounds)
         self.step = 0  # optimizer steps completed
         self.history: list[dict[str, Any]] = []
 
@@ -128,6 +132,11 @@ class Trainer:
             losses.append(loss)
             window_steps += 1
             done = self.step
+            if self.on_step_end is not None:
+                # before logging and eval: a round that ends at this step is in the eval
+                t0 = time.perf_counter()
+                self.on_step_end(done)
+                self.hook_seconds += time.perf_counter() - t0
             if done % self.log_every == 0 or done == self.steps:
                 elapsed = time.perf_counter() - window_t
                 (site_loss,) = self._site_mean([sum(losses) / len(losses)])
@@ -163,8 +172,6 @@ class Trainer:
                     figs = "  ".join(f"{k} {v:.4f}" for k, v in ev.items())
                     self.progress.message(f"eval step {done}: val {figs}")
                 window_t += time.perf_counter() - t0  # eval time is not training throughput
-            if self.on_step_end is not None:
-                self.on_step_end(done)
             if checkpoint is not None and ckpt_every and done % ckpt_every == 0:
                 t0 = time.perf_counter()
                 checkpoint(done)

@@ -84,6 +84,12 @@ class RangePayloads:
             else None
         )
 
+    def warm_up(self) -> None:
+        """Encode and decode a few values with both codecs (loads the compiled kernels)."""
+        for codec, opts in ((self.codec, self.delta_options), (self.phi_codec, self.phi_options)):
+            if codec not in LOSSLESS:
+                decode(encode(torch.zeros(512), codec, **opts))
+
     @property
     def numel(self) -> int:
         return self.hi - self.lo

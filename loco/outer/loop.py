@@ -121,6 +121,8 @@ class OuterLoop:
 
     def start(self) -> OuterLoop:
         """Wait (rank 0, up to ``join_timeout_s``) until every configured peer is live."""
+        if self.payloads is not None:  # load the codec kernels now, not inside round 1
+            self.payloads.warm_up()
         if self.node is not None and self.rank == 0 and self.node.membership is not None:
             want = len(self.node.peers) + 1
             t0 = time.monotonic()
@@ -132,6 +134,7 @@ class OuterLoop:
                     )
                     break
                 time.sleep(0.1)
+                self.node.membership.beat()  # do not wait for the next heartbeat
             else:
                 self.say(f"outer: all {want} sites live")
         if self.world > 1:
