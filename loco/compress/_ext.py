@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import io
 import os
+import shutil
 import threading
 import warnings
 from pathlib import Path
@@ -73,6 +74,38 @@ def _source_tag(sources: list[Path], cuda: bool) -> str:
     return h.hexdigest()[:16]
 
 
+def _build_and_load(cuda: bool) -> None:
+    """Load the cached library for these sources, compiling it first if needed."""
+    sources = [CSRC_DIR / s for s in _CPU_SOURCES]
+    if cuda:
+        sources += [CSRC_DIR / s for s in _CUDA_SOURCES]
+    missing = [str(p) for p in sources if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"kernel sources not found: {missing}")
+    tag = _source_tag(sources, cuda)
+    name = f"loco_ext_{tag}"
+    build_dir = _build_dir(tag)
+    lib = build_dir / f"{name}.so"
+    if not lib.exists():
+        build_dir.mkdir(parents=True, exist_ok=True)
+        with open(build_dir.parent / f"{tag}.lock", "w") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)  # one compiler at a time across processes
+            try:
+                if not lib.exists():
+                    # Build in a private folder, then publish the library with one rename, so an
+                    # interrupted build never leaves a broken library in the cache.
+                    tmp = build_dir / f"tmp-{os.getpid()}"
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    tmp.mkdir()
+                    _compile(name, sources, tmp, cuda)  # also loads it into this process
+                    os.replace(tmp / f"{name}.so", lib)
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    return
+            finally:
+                fcntl.flock(lock_file, fcntl.LOCK_UN)
+    torch.ops.load_library(str(lib))
+
+
 def _load() -> None:
     """Build (if needed) and load the library; record the failure instead of raising."""
     if _flag(DISABLE_EXT_ENV):
@@ -80,26 +113,20 @@ def _load() -> None:
         return
     try:
         cuda = _want_cuda()
-        sources = [CSRC_DIR / s for s in _CPU_SOURCES]
-        if cuda:
-            sources += [CSRC_DIR / s for s in _CUDA_SOURCES]
-        missing = [str(p) for p in sources if not p.exists()]
-        if missing:
-            raise FileNotFoundError(f"kernel sources not found: {missing}")
-        tag = _source_tag(sources, cuda)
-        name = f"loco_ext_{tag}"
-        build_dir = _build_dir(tag)
-        lib = build_dir / f"{name}.so"
-        if not lib.exists():
-            build_dir.mkdir(parents=True, exist_ok=True)
-            with open(build_dir.parent / f"{tag}.lock", "w") as lock_file:
-                fcntl.flock(lock_file, fcntl.LOCK_EX)  # one compiler at a time across processes
-                try:
-                    if not lib.exists():
-                        _compile(name, sources, build_dir, cuda)
-                finally:
-                    fcntl.flock(lock_file, fcntl.LOCK_UN)
-        torch.ops.load_library(str(lib))
+        try:
+            _build_and_load(cuda)
+        except Exception as e:
+            if not cuda or _flag(REQUIRE_EXT_ENV):
+                raise
+            # Keep the CPU kernels when only the CUDA part fails to build.
+            warnings.warn(
+                f"loco: building the CUDA kernels failed ({type(e).__name__}: {str(e)[:300]}); "
+                "using the CPU kernels, and the pure-torch reference on the GPU.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            cuda = False
+            _build_and_load(cuda)
         _state["ops"] = torch.ops.loco
         _state["cuda"] = cuda
     except Exception as e:  # noqa: BLE001 - any build/load failure means "use the reference"
