@@ -1,0 +1,356 @@
+"""A whole federation on this machine: ``python -m loco.local [overrides]``.
+
+Starts every site of ``federation.sites`` as a real ``loco.worker`` process (its ranks are its
+own children) talking real gRPC on loopback, each in ``<run dir>/<site>/``; waits for them; then
+prints one summary line per site: final validation loss, consensus distance, rounds, bytes sent
+beside what DDP would have sent for the same steps, compute utilization. Ctrl-C (or SIGTERM)
+stops every site cleanly (SIGINT to each site's process group, then SIGKILL after a grace).
+
+Every site gets free loopback ports, shard = its index in ``federation.sites``, and the other
+sites as peers; a site without ``conf/site/NAME.yaml`` is built from ``eu.yaml`` with its name
+changed. mTLS certificates are made into ``<run dir>/certs`` unless ``gossip.insecure=true``.
+``-m`` runs a Hydra multirun where each job is a whole federation; the sweep ends with one
+table of its jobs. The rest of the overrides go to every worker unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from loco.config import CONF_DIR, ConfigError, compose, to_config
+
+GRACE_S = 15.0  # after Ctrl-C, how long sites get to stop before SIGKILL
+STATUS_EVERY_S = 10.0
+_SWEEP: list[dict[str, Any]] = []  # one row per multirun job (jobs run in this process)
+_SITE_OVERRIDES: list[str] = []  # ``site.*`` overrides: for the workers only (no site here)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _ports_free(base: int, n: int) -> bool:
+    for p in range(base, base + n):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", p))
+            except OSError:
+                return False
+    return True
+
+
+def free_base_ports(count: int, span: int) -> list[int]:
+    """``count`` base ports, each followed by ``span - 1`` free ports (rank r: base + r)."""
+    out: list[int] = []
+    while len(out) < count:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + span < 65536 and _ports_free(base, span):
+            if all(abs(base - b) >= span for b in out):
+                out.append(base)
+    return out
+
+
+def _has(overrides: list[str], key: str) -> bool:
+    return any(o.lstrip("+~").split("=", 1)[0] == key for o in overrides)
+
+
+def site_args(name: str, index: int, sites: list[str], ports: dict[str, int],
+              overrides: list[str], cert_dir: Path | None, threads: int) -> list[str]:  # fmt: skip
+    """The ``loco.worker`` overrides of site ``name`` of the federation."""
+    known = (CONF_DIR / "site" / f"{name}.yaml").exists()
+    args = [f"+site={name}" if known else "+site=eu"]
+    if not known:
+        args.append(f"site.name={name}")
+    peers = ",".join(f"'{s}=127.0.0.1:{ports[s]}'" for s in sites if s != name)
+    args += [f"site.listen=127.0.0.1:{ports[name]}", f"site.shard={index}", f"site.peers=[{peers}]"]
+    user = [o for o in overrides if not o.lstrip("+~").startswith(("hydra", "site="))]
+    if not _has(user, "data.num_shards"):
+        args.append(f"data.num_shards={max(3, len(sites))}")
+    if not _has(user, "train.threads"):
+        args.append(f"train.threads={threads}")
+    if not _has(user, "train.progress"):
+        args.append("train.progress=false")
+    if cert_dir is not None and not _has(user, "gossip.cert_dir"):
+        args.append(f"gossip.cert_dir={cert_dir}")
+    return args + user
+
+
+class Federation:
+    """The site processes of one local federation."""
+
+    def __init__(self, run_dir: Path, sites: list[str], overrides: list[str], *, nproc: int,
+                 insecure: bool, method: str) -> None:  # fmt: skip
+        self.run_dir, self.sites, self.overrides = run_dir, sites, overrides
+        self.nproc, self.insecure, self.method = nproc, insecure, method
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.logs: dict[str, Any] = {}
+        self.started = 0.0
+
+    def start(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        cert_dir = None
+        if not self.insecure and self.method != "local":
+            from loco.certs import write_run_certs
+
+            cert_dir = write_run_certs(self.run_dir / "certs", self.sites)
+        bases = free_base_ports(len(self.sites), self.nproc)
+        ports = dict(zip(self.sites, bases, strict=True))
+        threads = max(1, (os.cpu_count() or 1) // (len(self.sites) * self.nproc))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.started = time.monotonic()
+        for i, name in enumerate(self.sites):
+            d = self.run_dir / name
+            d.mkdir(parents=True, exist_ok=True)
+            args = site_args(name, i, self.sites, ports, self.overrides, cert_dir, threads)
+            cmd = [sys.executable, "-m", "loco.worker", *args, f"hydra.run.dir={d}"]
+            (d / "command.txt").write_text(" ".join(cmd) + "\n")
+            self.logs[name] = open(d / "worker.log", "wb")  # noqa: SIM115
+            self.procs[name] = subprocess.Popen(
+                cmd, stdout=self.logs[name], stderr=subprocess.STDOUT, env=env,
+                start_new_session=True,  # its own process group: we signal its ranks with it
+            )  # fmt: skip
+
+    def poll(self) -> dict[str, int | None]:
+        return {n: p.poll() for n, p in self.procs.items()}
+
+    def wait(self, status_every: float = STATUS_EVERY_S, timeout: float | None = None) -> dict[str, int]:
+        last = time.monotonic()
+        while any(c is None for c in self.poll().values()):
+            time.sleep(0.2)
+            if timeout is not None and time.monotonic() - self.started > timeout:
+                print(f"loco.local: timeout after {timeout:.0f} s; stopping", file=sys.stderr)
+                self.stop()
+                break
+            if status_every and time.monotonic() - last >= status_every:
+                last = time.monotonic()
+                print(f"loco.local: {self.status()}", file=sys.stderr, flush=True)
+        return {n: int(c if c is not None else -9) for n, c in self.poll().items()}
+
+    def status(self) -> str:
+        parts = []
+        for name, code in self.poll().items():
+            rec = _last_record(self.run_dir / name / "metrics.jsonl", "train")
+            what = f"step {rec['step']} loss {rec['loss']:.3f}" if rec else "starting"
+            if code is not None:
+                what += f" (exit {code})"
+            parts.append(f"{name} {what}")
+        return f"{time.monotonic() - self.started:.0f}s  " + " | ".join(parts)
+
+    def stop(self, grace: float = GRACE_S) -> None:
+        """SIGINT to every site's process group, SIGKILL to what is left after ``grace``."""
+        for p in self.procs.values():
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGINT)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + grace
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for p in self.procs.values():
+            try:
+                os.killpg(p.pid, signal.SIGKILL)  # the site's ranks too, if any is left
+            except (ProcessLookupError, PermissionError):
+                pass
+            p.wait()
+        self.close()
+
+    def close(self) -> None:
+        for f in self.logs.values():
+            f.close()
+
+
+def _last_record(path: Path, kind: str) -> dict[str, Any] | None:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("kind") == kind:
+            return rec
+    return None
+
+
+def final_distances(run_dir: Path, sites: list[str]) -> dict[str, float]:
+    """RMS distance of each site's final parameters from the mean over the sites."""
+    import torch
+
+    vecs = {}
+    for s in sites:
+        p = run_dir / s / "final_params.pt"
+        if p.exists():
+            vecs[s] = torch.load(p, weights_only=True).double()
+    if len(vecs) < 2:
+        return {}
+    mean = torch.stack(list(vecs.values())).mean(0)
+    return {s: float((v - mean).pow(2).mean().sqrt()) for s, v in vecs.items()}
+
+
+def summarize(run_dir: Path, sites: list[str], codes: dict[str, int]) -> list[dict[str, Any]]:
+    dist_final = final_distances(run_dir, sites)
+    rows = []
+    for s in sites:
+        row: dict[str, Any] = {"site": s, "exit": codes.get(s)}
+        try:
+            row.update(json.loads((run_dir / s / "summary.json").read_text()))
+        except (OSError, ValueError):
+            pass
+        row["final_distance"] = dist_final.get(s)
+        rows.append(row)
+    return rows
+
+
+def _fmt(v: Any, spec: str) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return format(v, spec)
+
+
+def _bytes(n: Any) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return "-"
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The per-site summary table (plain text, aligned)."""
+    head = ["site", "exit", "steps", "val loss", "distance", "rounds", "dropped", "bytes sent",
+            "DDP bytes", "DDP / sent", "utilization"]  # fmt: skip
+    body = []
+    for r in rows:
+        sent, ddp = r.get("bytes_sent"), r.get("ddp_bytes")
+        ratio = ddp / sent if sent and ddp else None
+        body.append([
+            r["site"], _fmt(r.get("exit"), "d"), _fmt(r.get("steps"), "d"),
+            _fmt(r.get("val_loss"), ".4f"), _fmt(r.get("final_distance"), ".2e"),
+            _fmt(r.get("rounds"), "d"), _fmt(r.get("rounds_dropped"), "d"), _bytes(sent),
+            _bytes(ddp), _fmt(ratio, ".0f") + ("x" if ratio else ""),
+            _fmt(r.get("compute_utilization"), ".0%"),
+        ])  # fmt: skip
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths, strict=True)) for b in body]
+    return "\n".join(lines)
+
+
+def run_federation(overrides: list[str], run_dir: Path, timeout: float | None = None) -> dict:
+    """Start the federation of ``overrides`` in ``run_dir``, wait, write and return the summary.
+
+    Raises ConfigError (one line) before starting anything when the configuration is bad.
+    """
+    overrides = [o for o in overrides if not o.startswith("-")]
+    fed_ov = [o for o in overrides if not o.lstrip("+~").startswith("site")]
+    cfg = compose(fed_ov, need_site=False)
+    sites = list(cfg.federation.sites)
+    if len(set(sites)) != len(sites) or not sites:
+        raise ConfigError(f"federation.sites={sites} must be distinct site names")
+    nproc = max(compose(site_args(n, 0, sites, dict.fromkeys(sites, 1), overrides, None, 1)).site.nproc
+                for n in sites)  # fmt: skip
+    fed = Federation(run_dir, sites, overrides, nproc=nproc, insecure=cfg.gossip.insecure,
+                     method=cfg.outer.method)  # fmt: skip
+    print(f"loco.local: {len(sites)} sites ({', '.join(sites)}), outer={cfg.outer.method} "
+          f"H={cfg.outer.H}, codec={cfg.compression.codec}; run dir {run_dir}",
+          file=sys.stderr, flush=True)  # fmt: skip
+    interrupted = False
+    old = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        fed.start()
+        codes = fed.wait(timeout=timeout)
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\nloco.local: stopping every site ...", file=sys.stderr, flush=True)
+        fed.stop()
+        codes = {n: int(c) if c is not None else -9 for n, c in fed.poll().items()}
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        fed.close()
+    rows = summarize(run_dir, sites, codes)
+    wall = time.monotonic() - fed.started
+    out = {"sites": rows, "wall_s": wall, "interrupted": interrupted,
+           "outer": cfg.outer.method, "H": cfg.outer.H, "codec": cfg.compression.codec}  # fmt: skip
+    (run_dir / "federation.json").write_text(json.dumps(out, indent=2) + "\n")
+    text = table(rows)
+    (run_dir / "summary.txt").write_text(text + "\n")
+    print(text, flush=True)
+    print(f"loco.local: {wall:.0f} s; per-site logs in {run_dir}/<site>/worker.log", flush=True)
+    return out
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base=None)
+def _task(dcfg: DictConfig) -> None:
+    hc = HydraConfig.get()
+    overrides = list(hc.overrides.task) + _SITE_OVERRIDES
+    to_config(dcfg)  # validated here too (multirun jobs)
+    res = run_federation(overrides, Path(hc.runtime.output_dir))
+    bad = [r["site"] for r in res["sites"] if r.get("exit") != 0]
+    if hc.mode is not None and str(hc.mode).endswith("MULTIRUN"):
+        vals = [r["val_loss"] for r in res["sites"] if r.get("val_loss") is not None]
+        _SWEEP.append({
+            "job": " ".join(overrides) or "(defaults)",
+            "val_loss": sum(vals) / len(vals) if vals else None,
+            "bytes_sent": sum(r.get("bytes_sent") or 0 for r in res["sites"]),
+            "ddp_bytes": sum(r.get("ddp_bytes") or 0 for r in res["sites"]),
+            "wall_s": res["wall_s"],
+        })  # fmt: skip
+    elif res["interrupted"] or bad:
+        sys.exit(130 if res["interrupted"] else 1)
+
+
+def sweep_table(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'mean val loss':>13}  {'bytes sent':>10}  {'DDP bytes':>10}  {'wall':>6}  job"]
+    for r in rows:
+        lines.append(f"{_fmt(r['val_loss'], '.4f'):>13}  {_bytes(r['bytes_sent']):>10}  "
+                     f"{_bytes(r['ddp_bytes']):>10}  {r['wall_s']:>5.0f}s  {r['job']}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    # site.* keys are for the workers: this process composes the config without a site
+    _SITE_OVERRIDES[:] = [a for a in args if a.lstrip("+~").startswith(("site.", "site="))]
+    args = [a for a in args if a not in _SITE_OVERRIDES]
+    sys.argv[1:] = args
+    if not any(a in ("-m", "--multirun", "--help", "-h", "--hydra-help", "--cfg", "-c") for a in args):
+        try:
+            compose([a for a in args if not a.startswith("-")], need_site=False)
+        except ConfigError as e:
+            print(f"loco: error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+    try:
+        _task()
+    except ConfigError as e:
+        print(f"loco: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    if _SWEEP:
+        print("\nsweep:\n" + sweep_table(_SWEEP), flush=True)
+
+
+if __name__ == "__main__":
+    main()
