@@ -76,11 +76,19 @@ def _fold_seed(seed: int) -> int:
 
 
 def _frame(
-    codec: Codec, x32: torch.Tensor, residual: torch.Tensor | None, seed: int, dtype_id: int
+    codec: Codec,
+    x32: torch.Tensor,
+    residual: torch.Tensor | None,
+    seed: int,
+    dtype_id: int,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     n = x32.numel()
     plen = codec.payload_nbytes(n)
-    frame = torch.empty(HEADER_SIZE + plen, dtype=torch.uint8)
+    if out is not None and out.numel() == HEADER_SIZE + plen:
+        frame = out  # reused buffer: no allocation, no page faults
+    else:
+        frame = torch.empty(HEADER_SIZE + plen, dtype=torch.uint8)
     payload = frame[HEADER_SIZE:]
     if x32.device.type == "cpu":
         codec.quantize(x32, residual, payload, seed)
@@ -208,10 +216,12 @@ class ErrorFeedback:
         self.residual = torch.zeros(self.numel, dtype=torch.float32, device=device)
         self.seed = _fold_seed(seed)
         self.calls = 0
+        self._buf: torch.Tensor | None = None
 
-    def encode_frame(self, x: torch.Tensor) -> torch.Tensor:
+    def encode_frame(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Encode ``x + residual`` and update the residual; return the frame as a CPU uint8
-        tensor (slice it into chunks to send without another copy)."""
+        tensor (slice it into chunks to send without another copy). ``out``, when it has the
+        frame's size, is reused instead of allocating a new tensor."""
         if x.numel() != self.numel:
             raise ValueError(f"x has {x.numel()} values, this ErrorFeedback holds {self.numel}")
         if x.device != self.residual.device:
@@ -220,14 +230,15 @@ class ErrorFeedback:
         seed = reference._mix32(torch.tensor(self.seed ^ (self.calls * 0x61C88647 & 0xFFFFFFFF)))
         self.calls += 1
         try:
-            return _frame(self.codec, x32, self.residual, int(seed), DTYPE_IDS[x.dtype])
+            return _frame(self.codec, x32, self.residual, int(seed), DTYPE_IDS[x.dtype], out)
         except ValueError:
             self.residual.zero_()
             raise
 
     def encode(self, x: torch.Tensor) -> bytes:
         """Encode ``x + residual`` into a frame (bytes) and keep the new residual."""
-        return self.encode_frame(x).numpy().tobytes()
+        self._buf = self.encode_frame(x, self._buf)
+        return self._buf.numpy().tobytes()
 
     def reset(self) -> None:
         """Forget the residual."""

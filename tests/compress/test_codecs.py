@@ -251,3 +251,41 @@ def test_error_feedback_residual_bounded(seed, name, rounding, n, scale):
     assert float(drift.abs().max()) <= 1e-4 * scale * 12
     limit = (40.0 if name == "topk" else 3.0) * scale
     assert float(ef.residual.abs().max()) <= limit
+
+
+_EDGE_INPUTS = {
+    "empty": torch.zeros(0),
+    "one": torch.tensor([-2.5]),
+    "not_multiple": torch.linspace(-3, 3, 257),
+    "all_zero": torch.zeros(300),
+    "neg_zero": -torch.zeros(300),
+    "huge": torch.tensor([2.5e38, -1e38, 3.0, 0.0] * 40),
+    "denormal": torch.tensor([1e-40, -3e-42, 1e-45, 0.0] * 40),
+    "mixed": torch.tensor([1e30, 1e-30, -1e-40, 7.0] * 40),
+}
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=config_id)
+@pytest.mark.parametrize("kind", sorted(_EDGE_INPUTS))
+def test_edge_inputs_roundtrip(cfg, kind, backend):
+    name, opts = cfg
+    x = _EDGE_INPUTS[kind]
+    codec = lc.make_codec(name, **opts)
+    try:
+        buf = encode(x, codec)
+    except ValueError as e:  # only "does not fit": bf16 / fp16 scales of huge values
+        assert kind in ("huge", "mixed") and "does not fit" in str(e)
+        assert name == "bf16" or codec.fp16_scale
+        return
+    y = decode(buf)
+    assert y.shape == x.shape and bool(torch.isfinite(y).all())
+    if name == "none":
+        assert torch.equal(y.view(torch.int32), x.view(torch.int32))
+    elif name in LOSSY_BOUND and x.numel():
+        bound = _step_bound(codec, x, buf)
+        if opts.get("rounding") == "stochastic":
+            bound = 2 * bound
+        err = (x.double() - y.double()).abs()
+        assert bool((err <= bound * (1 + 1e-5) + 1e-45).all())
+    if kind in ("all_zero", "neg_zero", "empty"):
+        assert bool((y == 0).all())
