@@ -1,0 +1,169 @@
+"""Whole federations through ``loco.local``: real ``loco.worker`` processes, real gRPC on loopback.
+
+Checks of the issue: both members of a pair compute identical means (same ``mean_crc`` of the
+decoded group means every round); the consensus distance stays well below local-only training;
+a killed site never blocks a round past its deadline; Ctrl-C stops every site.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from loco.local import Federation, run_federation
+from loco.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = [
+    "model.n_layer=2", "model.d_model=64", "model.n_head=2", "train.batch_size=4",
+    "train.seq_len=32", "train.eval_every=10", "train.eval_batches=2", "train.log_every=5",
+    "train.warmup_steps=2", "train.lr=3e-3",
+]  # fmt: skip
+
+
+def outer_records(run: Path, sites: list[str]) -> dict[str, list[dict]]:
+    return {s: read_metrics(run / s / "metrics.jsonl", "outer") for s in sites}
+
+
+def check_groups_agree(recs: dict[str, list[dict]]) -> int:
+    """Every member of a group that pulled everyone records the same mean_crc; returns the
+    number of groups checked."""
+    by_round: dict[int, dict[str, dict]] = defaultdict(dict)
+    for site, rs in recs.items():
+        for r in rs:
+            by_round[r["round"]][site] = r
+    checked = 0
+    for rnd, recs_r in by_round.items():
+        for site, r in recs_r.items():
+            if r["n"] < 2:
+                continue
+            group = sorted([site, *r["partner"].split(",")])
+            peers = [recs_r.get(p) for p in group]
+            if all(p is not None and p["n"] == len(group) for p in peers):
+                assert len({p["mean_crc"] for p in peers}) == 1, (rnd, group)
+                checked += 1
+    return checked
+
+
+def test_two_sites_pair_every_round(tmp_path):
+    sites = ["eu", "us"]
+    out = run_federation(
+        ["federation.sites=[eu,us]", "train.steps=20", "outer.H=5", "gossip.insecure=true", *TINY],
+        tmp_path,
+        timeout=150,
+    )
+    rows = {r["site"]: r for r in out["sites"]}
+    assert all(rows[s]["exit"] == 0 for s in sites), (tmp_path / "eu" / "worker.log").read_text()[-2000:]
+    recs = outer_records(tmp_path, sites)
+    assert [r["n"] for r in recs["eu"]] == [2, 2, 2, 2]
+    assert check_groups_agree(recs) == 8
+    # two sites: same start, same means every round -> the same phi, bitwise
+    a = torch.load(tmp_path / "eu" / "final_params.pt")
+    b = torch.load(tmp_path / "us" / "final_params.pt")
+    assert torch.equal(a, b)
+    for s in sites:
+        assert rows[s]["rounds"] == 4 and rows[s]["rounds_dropped"] == 0
+        assert 0 < rows[s]["bytes_sent"] < rows[s]["ddp_bytes"]
+        assert rows[s]["val_loss"] is not None
+    assert "DDP bytes" in (tmp_path / "summary.txt").read_text()
+
+
+@pytest.mark.slow
+def test_killed_site_never_blocks_a_round(tmp_path):
+    """3 sites, pairs (+ one sitting out); asia is SIGKILLed mid-run; the others finish and no
+    round of theirs lasts longer than the pull deadline (plus slack)."""
+    sites = ["eu", "us", "asia"]
+    deadline = 4.0
+    ov = ["train.steps=40", "outer.H=5", "gossip.insecure=true", "gossip.odd=sit_out",
+          f"gossip.pull_timeout_s={deadline}", "gossip.heartbeat_s=0.5", "gossip.dead_after=2",
+          "gossip.hello_timeout_s=1.0", "gossip.max_retries=2", *TINY]  # fmt: skip
+    fed = Federation(tmp_path, sites, ov, nproc=1, insecure=True, method="noloco")
+    fed.start()
+    try:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 120:
+            recs = read_metrics(tmp_path / "asia" / "metrics.jsonl", "outer") if (
+                tmp_path / "asia" / "metrics.jsonl").exists() else []  # fmt: skip
+            if len(recs) >= 2:
+                break
+            time.sleep(0.2)
+        assert len(recs) >= 2, "asia never reached round 2"
+        os.killpg(fed.procs["asia"].pid, signal.SIGKILL)
+        codes = fed.wait(status_every=0, timeout=180)
+    finally:
+        fed.stop(grace=5)
+    assert codes["eu"] == 0 and codes["us"] == 0, codes
+    recs = outer_records(tmp_path, ["eu", "us"])
+    for s in ("eu", "us"):
+        assert len(recs[s]) == 8
+        assert max(r["round_seconds"] for r in recs[s][2:]) < deadline + 3.0
+    assert check_groups_agree(recs) >= 2
+    # after asia is gone, eu and us pair with each other and agree
+    late = [r for r in recs["eu"] if r["round"] >= 7]
+    assert late and all(r["partner"] == "us" and r["n"] == 2 for r in late)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_site(tmp_path):
+    cmd = [sys.executable, "-m", "loco.local", "federation.sites=[eu,us]", "train.steps=100000",
+           "outer.H=5", "gossip.insecure=true", f"hydra.run.dir={tmp_path}", *TINY]  # fmt: skip
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         start_new_session=True)  # fmt: skip
+    try:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 90:
+            m = tmp_path / "us" / "metrics.jsonl"
+            if m.exists() and read_metrics(m, "outer"):
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the federation never reached round 1")
+        pids = [int(x) for x in subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True,
+                                               text=True).stdout.split()]  # fmt: skip
+        assert len(pids) >= 3  # loco.local and two workers
+        os.kill(p.pid, signal.SIGINT)
+        out, _ = p.communicate(timeout=40)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    text = out.decode()
+    assert "stopping every site" in text and "site" in text, text[-2000:]
+    assert p.returncode != 0
+    time.sleep(0.5)
+    alive = [pid for pid in pids if _alive(pid)]
+    assert not alive, f"left behind: {alive}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is not running
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_four_sites_consensus_below_local(tmp_path):
+    sites = "federation.sites=[eu,us,asia,sa]"
+    common = [sites, "train.steps=40", "outer.H=5", "gossip.insecure=true", *TINY]
+    nl = run_federation(common + ["outer=noloco", "compression=none"], tmp_path / "noloco", timeout=240)
+    lo = run_federation(common + ["outer=local"], tmp_path / "local", timeout=240)
+    assert all(r["exit"] == 0 for r in nl["sites"] + lo["sites"])
+    d_nl = sum(r["final_distance"] for r in nl["sites"]) / 4
+    d_lo = sum(r["final_distance"] for r in lo["sites"]) / 4
+    assert d_nl < 0.5 * d_lo, (d_nl, d_lo)
+    recs = outer_records(tmp_path / "noloco", ["eu", "us", "asia", "sa"])
+    assert all(r["n"] == 2 for rs in recs.values() for r in rs)
+    assert check_groups_agree(recs) == 4 * 8
