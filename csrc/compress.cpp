@@ -8,9 +8,12 @@
 //       Validates every scale / index / padding first and touches `out` only if all are valid;
 //       then out = decode(payload), or out += decode(payload) (no full-size temporary).
 //   crc32c(data, crc) -> crc   (Castagnoli, zlib-style chaining: crc32c(b, crc32c(a)) = crc(a+b))
+//   set_simd(level) -> previous level   (1: AVX2 loops when the CPU has them, 0: baseline)
 //
 // Bitwise contract: identical results to loco/compress/reference.py. Compiled with
-// -ffp-contract=off so no multiply-add is fused; loops are written to vectorize with SSE2.
+// -ffp-contract=off so no multiply-add is fused. The loops (compress_kernels.inc) are built
+// twice, for baseline x86-64 (SSE2) and AVX2, and chosen at run time; both give the same bits.
+// On a non-zero quantize status the payload and residual are unspecified (callers reset).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -143,3 +143,22 @@ def test_crc32c_known_vectors():
     assert ref.crc32c(bytes(32)) == 0x8A9136AA  # RFC 3720 B.4: 32 bytes of zeros
     assert lc.crc32c(bytes(32)) == 0x8A9136AA
     assert lc.crc32c(b"\xff" * 32) == 0x62A8AB43
+
+
+def test_fp4_rounding_every_boundary(simd):
+    """Dense sweep of |v|/s over [0, 6] with every threshold and its neighbours (s = 1)."""
+    ops = ext_or_skip()
+    t = torch.tensor([0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0])
+    near = torch.cat([t, torch.nextafter(t, t + 1), torch.nextafter(t, t - 1)])
+    a = torch.cat([torch.linspace(0, 6, 60001), near.clamp(0, 6)])
+    a = torch.cat([a, -a])
+    x = torch.stack([torch.full_like(a, 6.0), a], dim=1).reshape(-1)  # block of 2: s = 6/6 = 1
+    codec = lc.make_codec("fp4", block=2, scale_dtype="fp32")
+    args = (codec.codec_id, codec.block, codec.k, codec.fp16_scale)
+    p1 = torch.empty(codec.payload_nbytes(x.numel()), dtype=torch.uint8)
+    p2 = p1.clone()
+    r1, r2 = torch.zeros_like(x), torch.zeros_like(x)
+    assert ops.quantize(x, r1, p1, *args, -1) == 0
+    assert ref.quantize(x, r2, p2, *args, -1) == 0
+    assert torch.equal(p1, p2)
+    assert torch.equal(r1.view(torch.int32), r2.view(torch.int32))
