@@ -6,6 +6,10 @@ Prints ONE JSON line. Throughput is GB/s of fp32 input (4 bytes x numel / second
 ratios compare like with like: the copy runs alternately with each measured pass. Per codec:
 
 * ``encode_ef``: ONE fused pass ``(x + residual) -> (payload, new residual)`` (the kernel);
+  it must read x and the residual and write the residual back, i.e. at least 3 bytes of memory
+  traffic per input byte against the copy's 2 (3 with write-allocate), so on a memory-bound
+  machine it cannot pass ~0.6-0.9x of the copy;
+* ``encode``: the same kernel without error feedback (reads x, writes the payload);
 * ``decode_acc``: ONE fused pass ``out += decode(payload)``;
 * ``frame_ef``: ``ErrorFeedback.encode`` end to end (kernel, CRC-32C, header, copy into bytes);
 * ``bytes_per_param``: payload bytes per value (the 40-byte header excluded).
@@ -85,6 +89,7 @@ def _bench_codec(name, x, dst, args, timer) -> dict[str, object]:  # noqa: ANN00
 
     copy = lambda: dst.copy_(x)  # noqa: E731
     enc, copy_enc = timer(lambda: kernel.quantize(x, residual, payload, *a, -1), args.reps, copy)
+    plain, copy_plain = timer(lambda: kernel.quantize(x, None, payload, *a, -1), args.reps, copy)
     dec, copy_dec = timer(lambda: kernel.dequantize(payload, out, *a, True), args.reps, copy)
     enc_ref, copy_ref = timer(
         lambda: ref.quantize(x, residual, payload, *a, -1), args.ref_reps, copy
@@ -96,6 +101,8 @@ def _bench_codec(name, x, dst, args, timer) -> dict[str, object]:  # noqa: ANN00
         "encode_ef_gbps": round(gb / enc, 2),
         "encode_ef_vs_copy": round(copy_enc / enc, 2),
         "encode_ef_vs_ref": round(enc_ref / enc, 1),
+        "encode_gbps": round(gb / plain, 2),
+        "encode_vs_copy": round(copy_plain / plain, 2),
         "decode_acc_gbps": round(gb / dec, 2),
         "decode_acc_vs_copy": round(copy_dec / dec, 2),
         "decode_acc_vs_ref": round(dec_ref / dec, 1),
