@@ -64,7 +64,8 @@ class OuterLoop:
         node: this rank's ``GossipNode`` (None for ``local``: it never talks).
         payloads: the rank's :class:`RangePayloads` (None for ``local``).
         site: this site's name.
-        all_live: pull from every live site (DiLoCo) instead of the round's pairing.
+        all_live: pull from every live site (DiLoCo) instead of the round's pairing; only the
+            delta stream travels (DiLoCo's update does not use phi, equal on every site).
         tau, mix: overlap: merge ``tau`` inner steps after the boundary with
             ``theta <- mix * theta_local + (1 - mix) * phi``; ``tau = 0`` blocks.
         group, rank, world: the site's process group (live-set broadcast, metric sums).
@@ -199,7 +200,8 @@ class OuterLoop:
             out, bufs = self.payloads.encode(t, delta, self.state.phi)
             served = self.node.metrics.snapshot().get("served_pulls", 0.0)
             for stream, (buf, label) in bufs.items():
-                self.node.publish(t, stream, buf, codec=label)
+                if stream == "delta" or not self.all_live:  # DiLoCo never pulls phi
+                    self.node.publish(t, stream, buf, codec=label)
         r = _Round(t, done, out, partners, t0, served_before=served)
         if overlap and partners:
             r.thread = threading.Thread(target=self._pull_all, args=(r,), daemon=True,
@@ -215,8 +217,10 @@ class OuterLoop:
         for p in r.partners:
             d, cause = self.payloads.pull(self.node, p, r.t, "delta", self.pull_timeout_s)
             ph = None
-            if d is not None:
+            if d is not None and not self.all_live:
                 ph, cause = self.payloads.pull(self.node, p, r.t, "phi", self.pull_timeout_s)
+            elif d is not None:  # DiLoCo ignores phi (all sites hold the same): not pulled
+                ph = r.out.phi
             if d is None or ph is None:
                 log.warning("round %d: partner %s dropped (%s); n = 1 for it", r.t, p, cause)
             r.pulled[p] = (d, ph, cause)
@@ -236,7 +240,7 @@ class OuterLoop:
             deltas, phis = [m[1] for m in members], [m[2] for m in members]
         # consensus distance from the pulled phi (before the update)
         sq = sum(float((ph - self.state.phi).double().pow(2).sum()) for _, (_, ph, _) in ok.items())
-        cnt = float(len(ok) * self.state.phi.numel())
+        cnt = float(len(ok) * self.state.phi.numel()) if not self.all_live else 0.0
         theta = self.flat.master()
         theta_local = theta.clone() if r.thread is not None else None
         try:
@@ -286,7 +290,7 @@ class OuterLoop:
             stall_seconds=r.stall,
             consensus_distance=(sq_all / cnt_all) ** 0.5 if cnt_all else None,
             compute_utilization=util,
-            mean_crc=_crc(self.last_means),
+            mean_crc=_crc(self.last_means[:1] if self.all_live else self.last_means),
         )
         for k, v in g.items():
             if k.startswith("fail_") or k in ("retries", "strikes", "bans"):
