@@ -162,6 +162,7 @@ def outer_from(
     step = build_outer(o.method, alpha=o.alpha, beta=o.beta, gamma=o.gamma, lr=o.lr,
                        momentum=o.momentum)  # fmt: skip
     node = payloads = None
+    closers: list = []
     if o.method != "local":
         from loco.gossip import GossipNode
 
@@ -174,6 +175,10 @@ def outer_from(
             rank=rank, nproc=world, flat_size=flat.padded, layout_hash=flat.layout_hash,
             **gossip_kwargs(cfg),
         ).start()  # fmt: skip
+        closers.append(node.close)
+        w = cfg.wan
+        if w.rtt_ms > 0 or w.bandwidth_mbit > 0:
+            closers.insert(0, _wan_proxy(cfg, node, rank=rank, world=world, group=group))
         opts = dict(block=c.block, scale_dtype=c.scale_dtype, stochastic=c.stochastic,
                     topk_fraction=c.topk_fraction)  # fmt: skip
         payloads = RangePayloads(
@@ -187,4 +192,40 @@ def outer_from(
         site=cfg.site.name, all_live=o.method == "diloco", tau=o.tau, mix=o.mix, group=group,
         rank=rank, world=world, metrics=metrics, pull_timeout_s=cfg.gossip.pull_timeout_s,
         join_timeout_s=o.join_timeout_s, linger_s=min(10.0, cfg.gossip.pull_timeout_s), say=say,
+        closers=closers,
     )  # fmt: skip
+
+
+def _wan_proxy(cfg: LocoConfig, node, *, rank: int, world: int, group=None):
+    """Emulated WAN (``wan.*``) on this rank's inbound link: a delay/rate TCP proxy in front of
+    its gossip server, advertised by Hello as the rank's address, so every pull of this rank's
+    payload crosses it (Hello and heartbeats go direct). Returns the proxy's ``stop``."""
+    import warnings
+
+    from loco.gossip.netem import DelayProxy
+
+    w = cfg.wan
+    if w.jitter_ms or w.loss:
+        warnings.warn("wan.jitter_ms and wan.loss are not emulated by loco's proxy; ignored",
+                      stacklevel=2)  # fmt: skip
+    host = node.server.address.rpartition(":")[0]
+    proxy = DelayProxy(node.server.address, listen=f"{host}:0", delay_s=w.rtt_ms / 2000.0,
+                       rate_bps=w.bandwidth_mbit * 1e6)  # fmt: skip
+    addrs = [proxy.start()]
+    if world > 1:
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, addrs[0], group=group)
+        addrs = gathered
+    node.server.set_rank_addresses(addrs)
+    # at the end, give what the server already handed to the proxy time to cross the link:
+    # one RTT plus a round's worth of this rank's payload (<= 8 bytes per value) at the rate
+    lo, hi = node.lo, node.hi
+    drain_s = w.rtt_ms / 1000.0 + ((hi - lo) * 8 * 8 / (w.bandwidth_mbit * 1e6) if w.bandwidth_mbit else 0.0)
+
+    def stop() -> None:
+        import time
+
+        time.sleep(min(drain_s, 30.0))
+        proxy.stop()
+
+    return stop

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -73,6 +74,7 @@ class OuterLoop:
         pull_timeout_s: deadline of one pull (None: the node's default).
         join_timeout_s: at start, rank 0 waits up to this long for every peer to be live.
         linger_s: at the end, wait up to this long for the partners to pull the last round.
+        closers: called by :meth:`close` in order (default: ``node.close``).
     """
 
     def __init__(
@@ -96,6 +98,7 @@ class OuterLoop:
         join_timeout_s: float = 60.0,
         linger_s: float = 10.0,
         say: Callable[[str], None] | None = None,
+        closers: list[Callable[[], None]] | None = None,
     ) -> None:
         if H < 1:
             raise ValueError(f"outer.H={H} must be >= 1")
@@ -110,8 +113,10 @@ class OuterLoop:
         self.metrics, self.pull_timeout_s = metrics, pull_timeout_s
         self.join_timeout_s, self.linger_s = join_timeout_s, linger_s
         self.say = say or (lambda msg: None)
+        self.closers = list(closers) if closers is not None else ([node.close] if node else [])
         self.state = OuterState.start(flat.master())
         self.pending: _Round | None = None
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="outer-pull")
         self.last: _Round | None = None
         self.history: list[dict[str, Any]] = []
         self._mark = time.perf_counter()  # end of the previous round (utilization window)
@@ -157,8 +162,14 @@ class OuterLoop:
                 time.sleep(0.05)
 
     def close(self) -> None:
-        if self.node is not None:
-            self.node.close()
+        """Stop the gossip node (and the WAN proxy, if any). Idempotent."""
+        closers, self.closers = self.closers, []
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for close in closers:
+            try:
+                close()
+            except Exception:  # noqa: BLE001 (closing must go on)
+                log.exception("outer: close failed")
 
     # ------------------------------------------------------------------ rounds
 
@@ -214,13 +225,20 @@ class OuterLoop:
         self._merge(r, blocking_since=t0)
 
     def _pull_all(self, r: _Round) -> None:
+        """Pull every partner's delta (and phi) concurrently; fill ``r.pulled``."""
+        streams = ("delta",) if self.all_live else ("delta", "phi")
+        jobs = {
+            (p, s): self._pool.submit(self.payloads.pull, self.node, p, r.t, s, self.pull_timeout_s)
+            for p in r.partners
+            for s in streams
+        }  # fmt: skip
         for p in r.partners:
-            d, cause = self.payloads.pull(self.node, p, r.t, "delta", self.pull_timeout_s)
-            ph = None
-            if d is not None and not self.all_live:
-                ph, cause = self.payloads.pull(self.node, p, r.t, "phi", self.pull_timeout_s)
-            elif d is not None:  # DiLoCo ignores phi (all sites hold the same): not pulled
-                ph = r.out.phi
+            d, cause = jobs[(p, "delta")].result()
+            if self.all_live:  # DiLoCo ignores phi (all sites hold the same): not pulled
+                ph = r.out.phi if d is not None else None
+            else:
+                ph, cause_phi = jobs[(p, "phi")].result()
+                cause = cause or cause_phi
             if d is None or ph is None:
                 log.warning("round %d: partner %s dropped (%s); n = 1 for it", r.t, p, cause)
             r.pulled[p] = (d, ph, cause)

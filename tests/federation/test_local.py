@@ -167,3 +167,19 @@ def test_four_sites_consensus_below_local(tmp_path):
     recs = outer_records(tmp_path / "noloco", ["eu", "us", "asia", "sa"])
     assert all(r["n"] == 2 for rs in recs.values() for r in rs)
     assert check_groups_agree(recs) == 4 * 8
+
+
+def test_overlap_through_emulated_wan(tmp_path):
+    """2 sites behind a 100 ms RTT, 20 Mbit/s proxy each; overlap hides most of every pull."""
+    out = run_federation(
+        ["federation.sites=[eu,us]", "train.steps=40", "outer.H=10", "outer.tau=3",
+         "gossip.insecure=true", "wan.rtt_ms=100", "wan.bandwidth_mbit=20", *TINY],
+        tmp_path, timeout=200,
+    )  # fmt: skip
+    assert all(r["exit"] == 0 for r in out["sites"])
+    recs = outer_records(tmp_path, ["eu", "us"])
+    assert check_groups_agree(recs) == 8
+    for s in ("eu", "us"):
+        mid = recs[s][1:-1]  # not the first (start skew) nor the last (always blocking)
+        assert all(r["round_seconds"] > 0.1 for r in recs[s])  # the link's delay is there
+        assert all(r["stall_seconds"] < r["round_seconds"] for r in mid)
