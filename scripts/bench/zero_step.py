@@ -14,7 +14,7 @@ same run:
 
 Prints ONE JSON line.
 
-    python scripts/bench/zero_step.py [--model tiny] [--batch 8] [--seq-len 64] [--rounds 5]
+    python scripts/bench/zero_step.py [--model tiny] [--batch 8] [--seq-len 64] [--rounds 30] [--steps 1]
         [--dtype bf16] [--device cuda --world 1]   # on a GPU machine: adds stage2_offload
 """
 
@@ -230,8 +230,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--bucket-mb", type=float, default=1.0)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--adam-model", default="small")
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
