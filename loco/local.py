@@ -215,8 +215,11 @@ def summarize(run_dir: Path, sites: list[str], codes: dict[str, int]) -> list[di
         row: dict[str, Any] = {"site": s, "exit": codes.get(s)}
         try:
             row.update(json.loads((run_dir / s / "summary.json").read_text()))
-        except (OSError, ValueError):
-            pass
+        except (OSError, ValueError):  # stopped or failed: what its metrics say so far
+            tr = _last_record(run_dir / s / "metrics.jsonl", "train")
+            ev = _last_record(run_dir / s / "metrics.jsonl", "eval")
+            row["steps"] = tr["step"] if tr else None
+            row["val_loss"] = ev["loss"] if ev else None
         row["final_distance"] = dist_final.get(s)
         rows.append(row)
     return rows
