@@ -58,6 +58,7 @@ def _build(
             collective=collective,
             compute_dtype=args.dtype,
             offload=kind.endswith("offload"),
+            max_inflight=int(kind.split("inflight")[1]) if "inflight" in kind else 2,
         )
 
         def step(x: torch.Tensor) -> None:
@@ -154,6 +155,7 @@ def _worker(rank: int, world: int, path: str, args: argparse.Namespace, out: str
     )
     try:
         kinds = ["stage0", "stage1", "stage2", "stage2_allreduce", "stage3", "ddp", "fsdp2"]
+        kinds += [k for k in args.extra.split(",") if k]
         if device.type == "cuda":
             kinds.insert(3, "stage2_offload")
         engines = {k: _build(k, args, world, device) for k in kinds}
@@ -235,6 +237,7 @@ def main() -> None:
     ap.add_argument("--adam-model", default="small")
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--extra", default="", help="more engines, e.g. stage2_inflight8")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
