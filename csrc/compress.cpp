@@ -89,11 +89,12 @@ inline uint16_t half_ceil(float s) {
   return static_cast<uint16_t>(h > 0x7C00u ? 0x7C00u : h);
 }
 
-// s = amax / qmax (at least the smallest denormal when amax > 0); with fp16 scales, rounded UP
-// to the next fp16 value so |v| / s never exceeds qmax. Sets *overflow on fp16 overflow.
+// s = amax / qmax, at least FLT_MIN when amax > 0 (so 1 / s is finite); with fp16 scales,
+// rounded UP to the next fp16 value so |v| / s never exceeds qmax. Sets *overflow on fp16
+// overflow. s = 0 only for an all-zero block.
 inline float make_scale(float amax, float qmax, bool fp16, uint16_t* bits16, bool* overflow) {
   float s = amax / qmax;
-  if (s == 0.0f && amax > 0.0f) s = std::numeric_limits<float>::denorm_min();
+  if (amax > 0.0f && s < std::numeric_limits<float>::min()) s = std::numeric_limits<float>::min();
   if (fp16) {
     const uint16_t b = half_ceil(s);
     if ((b & 0x7C00u) == 0x7C00u) *overflow = true;

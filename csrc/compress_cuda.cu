@@ -66,14 +66,14 @@ __device__ __forceinline__ float load_scale(const uint8_t* pay, int64_t b, bool 
 
 // One linear / fp4 code of value v with scale s > 0; returns the code (int8 value or fp4 bits)
 // and writes the dequantized value to *deq.
-__device__ __forceinline__ int encode_one(int64_t codec, float v, float s, float qmax,
-                                          int64_t seed, int64_t i, float* deq) {
+__device__ __forceinline__ int encode_one(int64_t codec, float v, float s, float inv,
+                                          float qmax, int64_t seed, int64_t i, float* deq) {
   if (s == 0.0f) {
     *deq = 0.0f;
     return 0;
   }
   if (codec == kFp4) {
-    const float a = fabsf(v / s);
+    const float a = fabsf(v * inv);
     int m;
     if (seed < 0) {
       m = fp4_nearest(a);
@@ -87,9 +87,9 @@ __device__ __forceinline__ int encode_one(int64_t codec, float v, float s, float
   }
   float t;
   if (seed < 0) {
-    t = rne_small(clampf(v / s, -qmax, qmax));
+    t = rne_small(clampf(v * inv, -qmax, qmax));
   } else {
-    const float y = clampf(v / s, -qmax, qmax);
+    const float y = clampf(v * inv, -qmax, qmax);
     t = clampf(floor_small(y + uniform24(static_cast<uint32_t>(seed), i)), -qmax, qmax);
   }
   *deq = t * s;
@@ -129,7 +129,7 @@ __global__ void quantize_blocks_kernel(const float* __restrict__ x, float* __res
       } else {
         const float amax = u2f(mb);
         float s = amax / qmax;
-        if (s == 0.0f && amax > 0.0f) s = 1.40129846e-45f;  // smallest denormal
+        if (amax > 0.0f && s < FLT_MIN) s = FLT_MIN;  // so that 1 / s is finite
         if (fp16) {
           const uint16_t h = half_ceil(s);
           if ((h & 0x7C00u) == 0x7C00u) skip = 1;
@@ -150,12 +150,13 @@ __global__ void quantize_blocks_kernel(const float* __restrict__ x, float* __res
     __syncthreads();
     if (!skip) {
       const float s = s_shared;
+      const float inv = s > 0.0f ? 1.0f / s : 0.0f;
       if (codec == kInt8) {
         for (int64_t j = threadIdx.x; j < len; j += blockDim.x) {
           const int64_t i = base + j;
           const float v = r != nullptr ? x[i] + r[i] : x[i];
           float deq;
-          const int q = encode_one(codec, v, s, qmax, seed, i, &deq);
+          const int q = encode_one(codec, v, s, inv, qmax, seed, i, &deq);
           pay[codes_off + i] = static_cast<uint8_t>(static_cast<int8_t>(q));
           if (r != nullptr) r[i] = v - deq;
         }
@@ -169,7 +170,7 @@ __global__ void quantize_blocks_kernel(const float* __restrict__ x, float* __res
             const int64_t i = base + j;
             const float v = r != nullptr ? x[i] + r[i] : x[i];
             float deq;
-            code[h] = encode_one(codec, v, s, qmax, seed, i, &deq) & 0xF;
+            code[h] = encode_one(codec, v, s, inv, qmax, seed, i, &deq) & 0xF;
             if (r != nullptr) r[i] = v - deq;
           }
           pay[codes_off + base / 2 + p] = static_cast<uint8_t>((code[0] << 4) | code[1]);

@@ -80,8 +80,8 @@ def _hash(seed: int, idx: torch.Tensor) -> torch.Tensor:
 def _scales(amax: torch.Tensor, qmax: float, fp16: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Per-block scales (fp32 values used for coding), their wire bytes, and an overflow flag."""
     s = amax / qmax
-    tiny = torch.tensor(torch.finfo(torch.float32).smallest_normal * 2.0**-23, device=s.device)
-    s = torch.where((s == 0) & (amax > 0), tiny, s)
+    tiny = torch.tensor(torch.finfo(torch.float32).smallest_normal, device=s.device)
+    s = torch.where((amax > 0) & (s < tiny), tiny, s)  # >= FLT_MIN: 1 / s stays finite
     if not fp16:
         return s, s.view(torch.uint8), False
     h = s.to(torch.float16)
@@ -199,8 +199,8 @@ def quantize(
     codes = payload[nb * ss :]
     # Per-element scale (expanded view) and a safe divisor for all-zero blocks.
     s_el = s.repeat_interleave(block)[:n]
-    safe = torch.where(s_el > 0, s_el, torch.ones_like(s_el))
-    y = torch.where(s_el > 0, v / safe, torch.zeros_like(v))
+    inv = torch.div(torch.ones_like(s), torch.where(s > 0, s, torch.ones_like(s)))  # 1 / s
+    y = torch.where(s_el > 0, v * inv.repeat_interleave(block)[:n], torch.zeros_like(v))
 
     if codec in (INT8, INT4):
         q = _round(y, qmax, seed, idx).to(torch.int8)
@@ -252,8 +252,8 @@ def _topk(
     g = blk * block + idx  # global positions, block-major, ascending within a block
     sv = s[blk]
     vals = v[g]
-    safe = torch.where(sv > 0, sv, torch.ones_like(sv))
-    y = torch.where(sv > 0, vals / safe, torch.zeros_like(vals))
+    inv = torch.div(torch.ones_like(sv), torch.where(sv > 0, sv, torch.ones_like(sv)))
+    y = torch.where(sv > 0, vals * inv, torch.zeros_like(vals))
     q = _round(y, 127.0, seed, g).to(torch.int8)
     ktot = idx.numel()
     if isz == 1:

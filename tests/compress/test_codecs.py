@@ -55,7 +55,7 @@ def test_roundtrip_shapes_and_sizes(cfg, backend):
             bound = _step_bound(codec, x, buf)
             if opts.get("rounding") == "stochastic":
                 bound = 2 * bound  # stochastic rounding: within one full step
-            assert bool((err <= bound * (1 + 1e-5) + 1e-45).all())
+            assert bool((err <= bound * (1 + 1e-4) + 1e-45).all())
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=config_id)
@@ -227,7 +227,7 @@ def test_roundtrip_error_at_most_half_step(x, name, block, scale):
         return
     err = (t.double() - y.double()).abs()
     bound = _step_bound(codec, t, buf)
-    assert bool((err <= bound * (1 + 1e-5) + 1e-45).all())
+    assert bool((err <= bound * (1 + 1e-4) + 1e-45).all())
 
 
 @settings(max_examples=40, deadline=None)
@@ -286,6 +286,6 @@ def test_edge_inputs_roundtrip(cfg, kind, backend):
         if opts.get("rounding") == "stochastic":
             bound = 2 * bound
         err = (x.double() - y.double()).abs()
-        assert bool((err <= bound * (1 + 1e-5) + 1e-45).all())
+        assert bool((err <= bound * (1 + 1e-4) + 1e-45).all())
     if kind in ("all_zero", "neg_zero", "empty"):
         assert bool((y == 0).all())
