@@ -24,6 +24,7 @@ import os
 import platform
 import sys
 import tempfile
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -43,15 +44,17 @@ FORMULA = {
 def live_bytes() -> int:
     """Bytes of every distinct tensor storage reachable from Python objects."""
     seen: dict[int, int] = {}
-    for o in gc.get_objects():
-        if isinstance(o, torch.Tensor):
-            try:
-                s = o.untyped_storage()
-                n, ptr = s.nbytes(), s.data_ptr()
-            except (RuntimeError, NotImplementedError):
-                continue
-            if n:
-                seen[ptr] = max(seen.get(ptr, 0), n)
+    with warnings.catch_warnings():  # isinstance() on deprecated torch objects warns
+        warnings.simplefilter("ignore")
+        objs = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+    for o in objs:
+        try:
+            s = o.untyped_storage()
+            n, ptr = s.nbytes(), s.data_ptr()
+        except (RuntimeError, NotImplementedError):
+            continue
+        if n:
+            seen[ptr] = max(seen.get(ptr, 0), n)
     return sum(seen.values())
 
 
