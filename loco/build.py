@@ -150,7 +150,8 @@ def outer_from(
     ``local`` builds no gossip node: it never talks. The node publishes this rank's shard of the
     engine's padded flat vector, so its flat size is the padded size.
     """
-    from loco.config import ConfigError
+    import warnings
+
     from loco.outer import build_outer
     from loco.outer.exchange import RangePayloads, codec_options
     from loco.outer.flat import FlatView
@@ -163,14 +164,23 @@ def outer_from(
                        momentum=o.momentum)  # fmt: skip
     node = payloads = None
     closers: list = []
-    if o.method != "local":
+    talk = o.method != "local"
+    if talk and not cfg.gossip.insecure and not cfg.gossip.cert_dir:
+        msg = (
+            f"outer={o.method} but no gossip.cert_dir (and gossip.insecure=false): this site "
+            "trains ALONE, every round is the local step (n = 1). To join the other sites make "
+            "certificates with `python -m loco.certs --out DIR --sites ...` and set "
+            "gossip.cert_dir=DIR (or gossip.insecure=true on loopback); python -m loco.local "
+            "does this for you"
+        )
+        if say is not None:
+            say(f"WARNING: {msg}")
+        else:
+            warnings.warn(msg, stacklevel=2)
+        talk = False
+    if talk:
         from loco.gossip import GossipNode
 
-        if not cfg.gossip.insecure and not cfg.gossip.cert_dir:
-            raise ConfigError(
-                "gossip.cert_dir is not set: make certificates with `python -m loco.certs --out "
-                "DIR --sites ...` and set gossip.cert_dir=DIR, or set gossip.insecure=true (loopback)"
-            )
         node = GossipNode(
             rank=rank, nproc=world, flat_size=flat.padded, layout_hash=flat.layout_hash,
             **gossip_kwargs(cfg),

@@ -213,7 +213,7 @@ class OuterConfig:
     momentum: float = 0.9  # diloco outer Nesterov momentum
     tau: int = 0  # streaming overlap: inner steps the pull may run behind (0 = blocking)
     mix: float = 0.5
-    join_timeout_s: float = 120.0  # at start, wait this long for every peer site to be live
+    join_timeout_s: float = 60.0  # at start, wait this long for every peer site to be live
 
     def __post_init__(self) -> None:
         _choice("outer.method", self.method, ("noloco", "diloco", "local"))
