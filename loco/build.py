@@ -230,7 +230,9 @@ def _wan_proxy(cfg: LocoConfig, node, *, rank: int, world: int, group=None):
     # at the end, give what the server already handed to the proxy time to cross the link:
     # one RTT plus a round's worth of this rank's payload (<= 8 bytes per value) at the rate
     lo, hi = node.lo, node.hi
-    drain_s = w.rtt_ms / 1000.0 + ((hi - lo) * 8 * 8 / (w.bandwidth_mbit * 1e6) if w.bandwidth_mbit else 0.0)
+    drain_s = w.rtt_ms / 1000.0 + (
+        (hi - lo) * 8 * 8 / (w.bandwidth_mbit * 1e6) if w.bandwidth_mbit else 0.0
+    )
 
     def stop() -> None:
         import time

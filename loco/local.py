@@ -128,7 +128,9 @@ class Federation:
     def poll(self) -> dict[str, int | None]:
         return {n: p.poll() for n, p in self.procs.items()}
 
-    def wait(self, status_every: float = STATUS_EVERY_S, timeout: float | None = None) -> dict[str, int]:
+    def wait(
+        self, status_every: float = STATUS_EVERY_S, timeout: float | None = None
+    ) -> dict[str, int]:
         last = time.monotonic()
         while any(c is None for c in self.poll().values()):
             time.sleep(0.2)
@@ -340,7 +342,9 @@ def main() -> None:
     _SITE_OVERRIDES[:] = [a for a in args if a.lstrip("+~").startswith(("site.", "site="))]
     args = [a for a in args if a not in _SITE_OVERRIDES]
     sys.argv[1:] = args
-    if not any(a in ("-m", "--multirun", "--help", "-h", "--hydra-help", "--cfg", "-c") for a in args):
+    if not any(
+        a in ("-m", "--multirun", "--help", "-h", "--hydra-help", "--cfg", "-c") for a in args
+    ):
         try:
             compose([a for a in args if not a.startswith("-")], need_site=False)
         except ConfigError as e:

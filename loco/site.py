@@ -44,7 +44,12 @@ def outer_summary(cfg: LocoConfig, outer: Any, trainer: Trainer, start: int) -> 
             sum(h["compute_utilization"] for h in hist) / len(hist) if hist else 1.0
         ),
         "consensus_distance": next(
-            (h["consensus_distance"] for h in reversed(hist) if h["consensus_distance"] is not None), None
+            (
+                h["consensus_distance"]
+                for h in reversed(hist)
+                if h["consensus_distance"] is not None
+            ),
+            None,
         ),
     }
 

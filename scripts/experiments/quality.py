@@ -141,7 +141,10 @@ def write_report(results: dict, a: argparse.Namespace) -> None:
     ]
     for name, r in results.items():
         v = r["val_loss"]
-        rel = lambda ref: f"{(v / ref - 1) * 100:+.1f}%" if v and ref else "-"  # noqa: E731
+
+        def rel(ref: float | None, v: float | None = v) -> str:
+            return f"{(v / ref - 1) * 100:+.1f}%" if v and ref else "-"
+
         ddp_bytes = results.get("ddp", {}).get("bytes_sent")
         ratio = f"{ddp_bytes / r['bytes_sent']:.0f}x" if ddp_bytes and r["bytes_sent"] else "-"
         cd = f"{r['consensus_distance']:.2e}" if r["consensus_distance"] is not None else "-"

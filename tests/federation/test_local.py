@@ -61,7 +61,9 @@ def test_two_sites_pair_every_round(tmp_path):
         timeout=150,
     )
     rows = {r["site"]: r for r in out["sites"]}
-    assert all(rows[s]["exit"] == 0 for s in sites), (tmp_path / "eu" / "worker.log").read_text()[-2000:]
+    assert all(rows[s]["exit"] == 0 for s in sites), (tmp_path / "eu" / "worker.log").read_text()[
+        -2000:
+    ]
     recs = outer_records(tmp_path, sites)
     assert [r["n"] for r in recs["eu"]] == [2, 2, 2, 2]
     assert check_groups_agree(recs) == 8
@@ -158,7 +160,9 @@ def _alive(pid: int) -> bool:
 def test_four_sites_consensus_below_local(tmp_path):
     sites = "federation.sites=[eu,us,asia,sa]"
     common = [sites, "train.steps=40", "outer.H=5", "gossip.insecure=true", *TINY]
-    nl = run_federation(common + ["outer=noloco", "compression=none"], tmp_path / "noloco", timeout=240)
+    nl = run_federation(
+        common + ["outer=noloco", "compression=none"], tmp_path / "noloco", timeout=240
+    )
     lo = run_federation(common + ["outer=local"], tmp_path / "local", timeout=240)
     assert all(r["exit"] == 0 for r in nl["sites"] + lo["sites"])
     d_nl = sum(r["final_distance"] for r in nl["sites"]) / 4

@@ -57,7 +57,9 @@ def make_sites(names, ports, codec="int8", phi_codec="none", method="noloco", ta
             insecure=True, heartbeat=False, seed=seed, pull_timeout_s=pull_timeout_s,
             hello_timeout_s=1.0, max_retries=1, backoff_s=0.05,
         ).start()  # fmt: skip
-        theta = torch.from_numpy(np.random.default_rng(hash(name) % 2**32).standard_normal(P).astype(np.float32))
+        theta = torch.from_numpy(
+            np.random.default_rng(hash(name) % 2**32).standard_normal(P).astype(np.float32)
+        )
         flat = FakeFlat(theta)
         pay = RangePayloads(
             shard=(0, P), owned=(0, P), codec=codec, phi_codec=phi_codec,
@@ -244,7 +246,9 @@ def test_diloco_three_sites_all_pull_everyone():
     names = ["asia", "eu", "us"]
     sites = make_sites(names, ports_for(names), codec="none", method="diloco")
     try:
-        run_parallel([lambda s=s, i=i: inner_steps(s, 0, 5, i) for i, s in enumerate(sites.values())])
+        run_parallel(
+            [lambda s=s, i=i: inner_steps(s, 0, 5, i) for i, s in enumerate(sites.values())]
+        )
         crcs = {s.history[0]["mean_crc"] for s in sites.values()}
         assert len(crcs) == 1
         assert all(s.history[0]["n"] == 3 for s in sites.values())
