@@ -115,7 +115,8 @@ class OuterLoop:
         self.join_timeout_s, self.linger_s = join_timeout_s, linger_s
         self.say = say or (lambda msg: None)
         self.closers = list(closers) if closers is not None else ([node.close] if node else [])
-        self.state = OuterState.start(flat.master())
+        # the outer state lives in host memory (fp32), whatever the engine's device
+        self.state = OuterState.start(flat.master().detach().cpu())
         self.pending: _Round | None = None
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="outer-pull")
         self.last: _Round | None = None
@@ -203,7 +204,7 @@ class OuterLoop:
     def _boundary(self, t: int, done: int, overlap: bool) -> None:
         t0 = time.perf_counter()
         theta = self.flat.master()
-        delta = theta - self.state.phi
+        delta = theta.detach().float().cpu() - self.state.phi
         partners = self._partners(t)
         if self.payloads is None:
             out = Outgoing(t, delta, self.state.phi.clone(), (), 0)
