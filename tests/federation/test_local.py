@@ -187,3 +187,46 @@ def test_overlap_through_emulated_wan(tmp_path):
         mid = recs[s][1:-1]  # not the first (start skew) nor the last (always blocking)
         assert all(r["round_seconds"] > 0.1 for r in recs[s])  # the link's delay is there
         assert all(r["stall_seconds"] < r["round_seconds"] for r in mid)
+
+
+@pytest.mark.slow
+def test_sites_with_different_rank_counts(tmp_path):
+    """eu at 2 ranks (ZeRO stage 2) pairs with us at 1 rank: each rank pulls exactly its range
+    from whichever partner ranks own it; both sites end on the same parameters."""
+    from loco.dist import free_port
+
+    pe, pu = free_port(), free_port()
+    while pu in (pe, pe + 1):
+        pu = free_port()
+    common = ["train.steps=15", "outer.H=5", "gossip.insecure=true", "zero.stage=2",
+              "train.progress=false", "train.threads=1", *TINY]  # fmt: skip
+    cmds = {
+        "eu": ["+site=eu", "site.nproc=2", f"site.listen=127.0.0.1:{pe}",
+               f"site.peers=['us=127.0.0.1:{pu}']"],
+        "us": ["+site=us", "site.nproc=1", f"site.listen=127.0.0.1:{pu}",
+               f"site.peers=['eu=127.0.0.1:{pe}']"],
+    }  # fmt: skip
+    procs = {
+        s: subprocess.Popen(
+            [sys.executable, "-m", "loco.worker", *a, *common, f"hydra.run.dir={tmp_path / s}"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        for s, a in cmds.items()
+    }
+    try:
+        outs = {s: p.communicate(timeout=150)[0].decode() for s, p in procs.items()}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    assert all(p.returncode == 0 for p in procs.values()), outs
+    recs = outer_records(tmp_path, ["eu", "us"])
+    assert all(r["n"] == 2 for rs in recs.values() for r in rs)
+    assert check_groups_agree(recs) == 6
+    a = torch.load(tmp_path / "eu" / "final_params.pt")
+    b = torch.load(tmp_path / "us" / "final_params.pt")
+    assert torch.equal(a, b)
