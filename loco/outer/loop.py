@@ -155,7 +155,7 @@ class OuterLoop:
         if self.pending is not None:
             self._merge(self.pending)
         if self.node is not None and self.last is not None and self.last.partners:
-            want = 2 * len(self.last.partners)
+            want = (1 if self.all_live else 2) * len(self.last.partners)  # streams x partners
             t0 = time.monotonic()
             while time.monotonic() - t0 < self.linger_s:
                 served = self.node.metrics.snapshot().get("served_pulls", 0.0)
