@@ -125,6 +125,41 @@ class FlatLayout:
                 out.append((r, *piece))
         return out
 
+    def pieces(
+        self, spans: list[tuple[int, int]], world: int
+    ) -> list[tuple[int, int, int, int, int]]:
+        """Split a buffer laid out as the concatenation of ``spans`` by owner.
+
+        Returns ``(rank, buf_lo, buf_hi, global_lo, global_hi)`` per piece, in span order.
+        """
+        out, pos = [], 0
+        for a, b in spans:
+            for r, s, t in self.owners((a, b), world):
+                out.append((r, pos + s - a, pos + t - a, s, t))
+            pos += b - a
+        return out
+
+    def spans_of(self, indices: list[int]) -> list[tuple[int, int]]:
+        """Maximal contiguous global spans covering the parameters ``indices`` (sorted)."""
+        spans: list[tuple[int, int]] = []
+        for i in sorted(indices, key=lambda i: self.specs[i].offset):
+            s = self.specs[i]
+            if spans and spans[-1][1] == s.offset:
+                spans[-1] = (spans[-1][0], s.end)
+            else:
+                spans.append((s.offset, s.end))
+        return spans
+
+    @staticmethod
+    def buffer_offset(spans: list[tuple[int, int]], g: int) -> int:
+        """Where global index ``g`` sits in the concatenation of ``spans``."""
+        pos = 0
+        for a, b in spans:
+            if a <= g < b:
+                return pos + g - a
+            pos += b - a
+        raise AssertionError(f"index {g} is in no span")
+
     def decay_runs(self, span: tuple[int, int]) -> list[tuple[int, int, bool]]:
         """Maximal runs ``(lo, hi, decay)`` of real parameters inside ``span`` (global indices)."""
         runs: list[tuple[int, int, bool]] = []

@@ -14,9 +14,9 @@ stage  compute parameters   gradients              fp32 master + optimizer state
 
 Communication phases of one optimizer step (``grad_accum`` micro-batches, then ``step``):
 
-1. **Forward** (stage 3 only): before the model runs, each rank broadcasts its piece of the
-   root unit (embeddings, final norm) and of block 0; before block k runs, block k+1 is
-   prefetched the same way, and block k's parameters are freed when it returns.
+1. **Forward** (stage 3 only, see ``stage3.py``): before the model runs, each rank broadcasts
+   its piece of the root unit (embeddings, final norm) and of block 0; before block k runs,
+   block k+1 is prefetched the same way, and block k's parameters are freed when it returns.
 2. **Backward**: a post-accumulate-grad hook per parameter moves its gradient into a bucket (a
    contiguous range of the flat space, filled in reverse layer order; in stage 3 a bucket is one
    block). A full bucket is launched, strictly in bucket order, as an asynchronous SUM: an
@@ -56,6 +56,7 @@ from torch.utils.checkpoint import checkpoint
 from loco.engine.comm import Comm
 from loco.engine.flat import FlatLayout
 from loco.engine.flat_optim import build_flat_optimizer
+from loco.engine.stage3 import BlockShards, unit_of
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -84,35 +85,6 @@ class _Bucket:
     launched: bool = False
     buf: torch.Tensor | None = None
     works: list[Any] = field(default_factory=list)
-
-
-_FREE, _INFLIGHT, _READY = "free", "inflight", "ready"
-
-
-@dataclass
-class _Unit:
-    """Stage 3: parameters gathered and freed together (one block, or the root)."""
-
-    index: int
-    spans: list[tuple[int, int]]
-    params: list[int]
-    buf: torch.Tensor
-    state: str = _READY
-    works: list[Any] = field(default_factory=list)
-
-
-class _PreBackward(torch.autograd.Function):
-    """Identity on a block's output whose backward gathers the block's parameters."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, engine: ZeroEngine, unit: int) -> torch.Tensor:
-        ctx.engine, ctx.unit = engine, unit
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        ctx.engine._pre_backward(ctx.unit)
-        return grad, None, None
 
 
 class ZeroEngine:
@@ -228,8 +200,6 @@ class ZeroEngine:
         self._micro = 0
         self._next_launch = 0
         self._inflight: collections.deque[_Bucket] = collections.deque()
-        self._in_backward = False
-        self._hold = False
         self.overlapped_buckets = 0
         """Buckets launched from inside backward (before autograd finished), since the start."""
         self._handles: list[Any] = []
@@ -237,8 +207,8 @@ class ZeroEngine:
             self._handles.append(
                 p.register_post_accumulate_grad_hook(functools.partial(self._grad_hook, i))
             )
-        if stage == 3:
-            self._install_stage3_hooks()
+        if self.shards is not None:
+            self._handles += self.shards.install()
         if activation_checkpointing:
             self._install_checkpointing()
 
@@ -256,7 +226,7 @@ class ZeroEngine:
         cd, dev = self.compute_dtype, self.device
         master_is_view = self.stage < 3 and cd == torch.float32 and not self.offload
         self.flat_param: torch.Tensor | None = None
-        self.units: list[_Unit] = []
+        self.shards: BlockShards | None = None
         if self.stage < 3:
             self.flat_param = full.to(device=dev, dtype=cd)
             for spec, p in zip(self.layout.specs, self.layout.params, strict=True):
@@ -269,7 +239,17 @@ class ZeroEngine:
             if self.offload:
                 self.master = self.master.pin_memory()
         if self.stage == 3:
-            self._build_units(full)
+            self.shards = BlockShards(
+                self.model,
+                self.layout,
+                self.comm,
+                self.master,
+                self.lo,
+                full,
+                dtype=cd,
+                device=dev,
+                prefetch=self.prefetch,
+            )
         for _name, p in self.model.named_parameters():
             if not p.requires_grad and p.is_floating_point():
                 p.data = p.data.to(cd)  # frozen parameters compute in the same dtype
@@ -281,65 +261,12 @@ class ZeroEngine:
                 self.opt_hi - self.opt_lo, dtype=torch.float32, pin_memory=True
             )
 
-    def _unit_of(self, name: str) -> int:
-        blocks = getattr(self.model, "blocks", None)
-        if isinstance(blocks, nn.ModuleList):
-            parts = name.split(".")
-            if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit():
-                return 1 + int(parts[1])
-        return 0
-
-    @torch.no_grad()
-    def _build_units(self, full: torch.Tensor) -> None:
-        blocks = getattr(self.model, "blocks", None)
-        n_units = 1 + (len(blocks) if isinstance(blocks, nn.ModuleList) else 0)
-        members: list[list[int]] = [[] for _ in range(n_units)]
-        for i, spec in enumerate(self.layout.specs):
-            members[self._unit_of(spec.name)].append(i)
-        for u, idx in enumerate(members):
-            spans: list[tuple[int, int]] = []
-            for i in idx:
-                s = self.layout.specs[i]
-                if spans and spans[-1][1] == s.offset:
-                    spans[-1] = (spans[-1][0], s.end)
-                else:
-                    spans.append((s.offset, s.end))
-            size = sum(b - a for a, b in spans)
-            buf = torch.empty(size, dtype=self.compute_dtype, device=self.device)
-            pos = 0
-            for a, b in spans:
-                buf[pos : pos + b - a].copy_(full[a:b])
-                pos += b - a
-            unit = _Unit(u, spans, idx, buf)
-            for i in idx:
-                spec, p = self.layout.specs[i], self.layout.params[i]
-                off = self._buf_offset(spans, spec.offset)
-                p.data = buf[off : off + spec.numel].view(spec.shape)
-            self.units.append(unit)
-            self._free(unit)
-
-    @staticmethod
-    def _buf_offset(spans: list[tuple[int, int]], g: int) -> int:
-        pos = 0
-        for a, b in spans:
-            if a <= g < b:
-                return pos + g - a
-            pos += b - a
-        raise AssertionError(f"index {g} is in no span")
-
-    def _pieces(self, spans: list[tuple[int, int]]) -> list[tuple[int, int, int, int, int]]:
-        out, pos = [], 0
-        for a, b in spans:
-            for r, s, t in self.layout.owners((a, b), self.world):
-                out.append((r, pos + s - a, pos + t - a, s, t))
-            pos += b - a
-        return out
-
     def _build_buckets(self, bucket_mb: float) -> None:
         specs = self.layout.specs
         groups: list[list[int]] = []
         if self.stage == 3:
-            groups = [list(u.params) for u in reversed(self.units) if u.params]
+            assert self.shards is not None
+            groups = [list(u.params) for u in reversed(self.shards.units) if u.params]
         else:
             limit = max(1, int(bucket_mb * 2**20 / self.reduce_dtype.itemsize))
             cur: list[int] = []
@@ -356,16 +283,10 @@ class ZeroEngine:
         self._bucket_of: dict[int, _Bucket] = {}
         for k, idx in enumerate(groups):
             order = sorted(idx, key=lambda i: specs[i].offset)
-            spans: list[tuple[int, int]] = []
-            for i in order:
-                s = specs[i]
-                if spans and spans[-1][1] == s.offset:
-                    spans[-1] = (spans[-1][0], s.end)
-                else:
-                    spans.append((s.offset, s.end))
-            pos = {i: self._buf_offset(spans, specs[i].offset) for i in order}
+            spans = self.layout.spans_of(order)
+            pos = {i: self.layout.buffer_offset(spans, specs[i].offset) for i in order}
             size = sum(b - a for a, b in spans)
-            b = _Bucket(k, spans, order, pos, size, self._pieces(spans))
+            b = _Bucket(k, spans, order, pos, size, self.layout.pieces(spans, self.world))
             self.buckets.append(b)
             for i in order:
                 self._bucket_of[i] = b
@@ -386,79 +307,6 @@ class ZeroEngine:
                 return _orig(*args, **kwargs)
 
             block.forward = ckpt_forward
-
-    # ---------------------------------------------------------------- stage 3 gathers
-
-    def _install_stage3_hooks(self) -> None:
-        self._handles.append(self.model.register_forward_pre_hook(self._root_pre_forward))
-        self._handles.append(self.model.register_forward_hook(self._root_post_forward))
-        blocks = getattr(self.model, "blocks", None)
-        if isinstance(blocks, nn.ModuleList):
-            for k, block in enumerate(blocks):
-                u = k + 1
-                self._handles.append(
-                    block.register_forward_pre_hook(functools.partial(self._block_pre, u))
-                )
-                self._handles.append(
-                    block.register_forward_hook(functools.partial(self._block_post, u))
-                )
-
-    @torch.no_grad()
-    def _gather(self, unit: _Unit) -> None:
-        """Start broadcasting every owner's piece of ``unit`` (no-op unless it is free)."""
-        if unit.state != _FREE:
-            return
-        storage = unit.buf.untyped_storage()
-        storage.resize_(unit.buf.numel() * unit.buf.element_size())
-        works = []
-        for r, bs, be, s, t in self._pieces(unit.spans):
-            piece = unit.buf[bs:be]
-            if r == self.rank:
-                piece.copy_(self.master[s - self.lo : t - self.lo])
-            if self.world > 1:
-                works.append(self.comm.broadcast(piece, r))
-        unit.works, unit.state = works, _INFLIGHT
-
-    def _wait(self, unit: _Unit) -> None:
-        self._gather(unit)
-        for w in unit.works:
-            w.wait()
-        unit.works, unit.state = [], _READY
-
-    def _free(self, unit: _Unit) -> None:
-        if unit.state == _FREE:
-            return
-        for w in unit.works:
-            w.wait()
-        unit.works = []
-        unit.buf.untyped_storage().resize_(0)
-        unit.state = _FREE
-
-    def _root_pre_forward(self, module: nn.Module, args: Any) -> None:
-        self._wait(self.units[0])
-        if self.prefetch and len(self.units) > 1:
-            self._gather(self.units[1])
-
-    def _root_post_forward(self, module: nn.Module, args: Any, out: Any) -> None:
-        if not torch.is_grad_enabled() and not self._hold:
-            self._free(self.units[0])
-
-    def _block_pre(self, u: int, module: nn.Module, args: Any) -> None:
-        self._wait(self.units[u])
-        if self.prefetch and u + 1 < len(self.units):
-            self._gather(self.units[u + 1])
-
-    def _block_post(self, u: int, module: nn.Module, args: Any, out: Any) -> Any:
-        if not self._hold:
-            self._free(self.units[u])
-        if torch.is_grad_enabled() and isinstance(out, torch.Tensor) and out.requires_grad:
-            return _PreBackward.apply(out, self, u)
-        return out
-
-    def _pre_backward(self, u: int) -> None:
-        self._wait(self.units[u])
-        if self.prefetch and u - 1 >= 1:
-            self._gather(self.units[u - 1])
 
     # ---------------------------------------------------------------- gradients
 
@@ -482,8 +330,8 @@ class ZeroEngine:
             b.buf[b.pos[i] : b.pos[i] + spec.numel].add_(g.reshape(-1))
         if self._comm_now():
             b.ready += 1
-            if self.stage == 3 and b.ready == len(b.params):
-                self._free(self.units[self._unit_of(spec.name)])
+            if self.shards is not None and b.ready == len(b.params):
+                self.shards.free(self.shards.units[unit_of(self.model, spec.name)])
             while self._next_launch < len(self.buckets) and self.buckets[
                 self._next_launch
             ].ready == len(self.buckets[self._next_launch].params):
@@ -555,16 +403,11 @@ class ZeroEngine:
                 f"{self.grad_accum}: call step() after every grad_accum backward() calls"
             )
         self._micro += 1
-        self._in_backward = True
-        try:
-            loss.backward()
-        finally:
-            self._in_backward = False
+        loss.backward()
         if self._comm_now():
             self._flush()
-        if self.stage == 3:
-            for u in self.units:
-                self._free(u)
+        if self.shards is not None:
+            self.shards.free_all()
 
     # ---------------------------------------------------------------- step
 
@@ -601,9 +444,8 @@ class ZeroEngine:
     @torch.no_grad()
     def _publish(self) -> None:
         """Make the compute parameters match the fp32 masters (collective in stages 1-2)."""
-        if self.stage == 3:
-            for u in self.units:
-                self._free(u)
+        if self.shards is not None:
+            self.shards.free_all()
             return
         fp = self.flat_param
         assert fp is not None
@@ -636,20 +478,11 @@ class ZeroEngine:
         For code that does not go through ``model.forward`` (``model.generate``, exports).
         Collective in stage 3: every rank enters and leaves it together. No backward inside.
         """
-        if self.stage != 3:
+        if self.shards is None:
             yield self.model
             return
-        for u in self.units:
-            self._gather(u)
-        for u in self.units:
-            self._wait(u)
-        self._hold = True
-        try:
+        with self.shards.gathered():
             yield self.model
-        finally:
-            self._hold = False
-            for u in self.units:
-                self._free(u)
 
     # ---------------------------------------------------------------- flat-range API
 

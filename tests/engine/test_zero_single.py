@@ -84,13 +84,13 @@ def test_user_errors_and_offload_warning() -> None:
 
 def test_stage3_frees_blocks_and_eval_works() -> None:
     eng = ZeroEngine(tiny_gpt(), stage=3)
-    assert all(u.buf.untyped_storage().nbytes() == 0 for u in eng.units)
+    assert all(u.buf.untyped_storage().nbytes() == 0 for u in eng.shards.units)
     x = torch.randint(0, 64, (2, 17))
     with torch.no_grad():
         eng.model(x[:, :-1], x[:, 1:])
-    assert all(u.buf.untyped_storage().nbytes() == 0 for u in eng.units)
+    assert all(u.buf.untyped_storage().nbytes() == 0 for u in eng.shards.units)
     eng.backward(eng.model(x[:, :-1], x[:, 1:]))
-    assert all(u.buf.untyped_storage().nbytes() == 0 for u in eng.units)
+    assert all(u.buf.untyped_storage().nbytes() == 0 for u in eng.shards.units)
     eng.step(1e-3)
     with eng.gathered():
         out = eng.model.generate(x[:, :4], 3)
