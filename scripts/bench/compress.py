@@ -20,6 +20,7 @@ copy, and each payload is also checked bit for bit against the reference.
     python scripts/bench/compress.py                      # 64M fp32 values, 2 threads, CPU
     python scripts/bench/compress.py --numel 4194304      # quick run
     python scripts/bench/compress.py --device cuda        # GPU check (CUDA torch + nvcc)
+    python scripts/bench/compress.py --threads 1 --clock cpu   # one core, CPU time
 """
 
 from __future__ import annotations
@@ -46,18 +47,21 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _timer(device: torch.device) -> Callable[..., tuple[float, float]]:
+def _timer(device: torch.device, clock: str) -> Callable[..., tuple[float, float]]:
     """``time(fn, reps, base)`` -> (median seconds of fn, median seconds of base). The two run
-    alternately so that a change in machine load affects both alike (2 shared cores)."""
+    alternately so that a change in machine load affects both alike (2 shared cores).
+    ``clock="cpu"`` counts this thread's CPU time instead of wall time (with ``--threads 1``:
+    the cost of the work itself, free of time spent descheduled on a busy machine)."""
+    now = time.thread_time if clock == "cpu" else time.perf_counter
 
     def run(fn: Callable[[], object]) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0 = now()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        return now() - t0
 
     def median_times(
         fn: Callable[[], object], reps: int, base: Callable[[], object]
@@ -140,6 +144,9 @@ def main() -> None:
     ap.add_argument("--codecs", default="none,bf16,int8,int4,fp4,topk")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--check", action="store_true", help="also compare with the reference bits")
+    ap.add_argument(
+        "--clock", choices=("wall", "cpu"), default="wall", help="cpu: thread CPU time (1 thread)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -154,7 +161,9 @@ def main() -> None:
     if device.type == "cuda" and not lc._ext.ext_has_cuda():
         raise SystemExit("the loaded kernels have no CUDA build (need CUDA torch and nvcc)")
 
-    timer = _timer(device)
+    if args.clock == "cpu" and (args.threads != 1 or device.type != "cpu"):
+        raise SystemExit("--clock cpu measures one CPU thread: use it with --threads 1 on the CPU")
+    timer = _timer(device, args.clock)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(args.numel, generator=gen).to(device)
     dst = torch.empty_like(x)
@@ -167,7 +176,7 @@ def main() -> None:
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "ext_load_s": round(load_s, 3),
-        "timing": f"median of {args.reps} (reference: {args.ref_reps})",
+        "timing": f"{args.clock} clock, median of {args.reps} (reference: {args.ref_reps})",
         "codecs": {},
     }
     for name in args.codecs.split(","):
