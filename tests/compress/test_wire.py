@@ -103,16 +103,18 @@ def test_bad_scale_rejected(backend, scale_dtype, bad):
 
 def test_bad_content_rejected(backend):
     # top-k indices: repeated, decreasing, out of the (partial last) block
-    buf = bytearray(encode(torch.randn(70), "topk", block=32, k=4))
-    idx0 = HEADER_SIZE + 3 * 4
-    for pos, value in ((1, 0), (1, 255), (9, 6 + 32)):
-        b = bytearray(buf)
-        b[idx0 + pos] = value if pos != 1 or value else b[idx0]
+    buf = bytearray(encode(torch.randn(70), "topk", block=32, k=4))  # blocks of 32, 32, 6
+    idx0 = HEADER_SIZE + 3 * 4  # after 3 fp32 scales; block b's indices at idx0 + 4 b
+    repeated = bytearray(buf)
+    repeated[idx0 + 1] = repeated[idx0]
+    decreasing = bytearray(buf)
+    decreasing[idx0], decreasing[idx0 + 1] = buf[idx0 + 1], buf[idx0]
+    outside = bytearray(buf)
+    outside[idx0 + 3] = 32  # block 0 has 32 values: 0..31
+    outside_last = bytearray(buf)
+    outside_last[idx0 + 8 + 3] = 6  # the last block has 6 values: 0..5
+    for b in (repeated, decreasing, outside, outside_last):
         _expect_payload_error(_resign(b), "indices")
-    # the last block has 6 elements: index 6 is out of range
-    b = bytearray(buf)
-    b[idx0 + 8 + 3] = 6
-    _expect_payload_error(_resign(b), "indices")
     # 4-bit padding nibble of an odd-length payload
     for name in ("int4", "fp4"):
         b = bytearray(encode(torch.randn(5), name))
