@@ -1,7 +1,7 @@
 // CUDA kernels of the loco codecs (none, bf16, int8, int4, fp4), registered for the CUDA
 // dispatch key of torch.ops.loco.quantize / dequantize. Same bits as the CPU kernels and the
-// pure-torch reference (built with --fmad=false; IEEE division). top-k has no CUDA kernel:
-// loco/compress routes it to the reference, which runs on the GPU with torch ops.
+// pure-torch reference (built with --fmad=false; IEEE division for 1 / s). top-k has no CUDA
+// kernel: loco/compress routes it to the reference, which runs on the GPU with torch ops.
 //
 // Built only when torch has CUDA and nvcc exists (loco/compress/_ext.py).
 #include <ATen/ATen.h>

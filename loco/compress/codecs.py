@@ -104,6 +104,10 @@ class _BaseCodec:
             raise ValueError(f"{self.name}: scale_dtype={self.scale_dtype!r}; use 'fp32' or 'fp16'")
         if self.has_blocks and not (1 <= self.block <= 1 << 20):
             raise ValueError(f"{self.name}: block={self.block}; use 1 <= block <= 1048576")
+        if not self.has_blocks and (self.block or self.k or self.scale_dtype != "fp32"):
+            raise ValueError(f"{self.name} has no blocks: leave block, k and scale_dtype unset")
+        if self.codec_id != ref.TOPK and self.k:
+            raise ValueError(f"{self.name}: k={self.k} applies to topk only; leave it unset")
 
     @property
     def fp16_scale(self) -> bool:

@@ -289,3 +289,12 @@ def test_edge_inputs_roundtrip(cfg, kind, backend):
         assert bool((err <= bound * (1 + 1e-4) + 1e-45).all())
     if kind in ("all_zero", "neg_zero", "empty"):
         assert bool((y == 0).all())
+
+
+def test_codec_classes_reject_fields_they_do_not_use():
+    with pytest.raises(ValueError, match="no blocks"):
+        lc.CODECS["none"](block=5)
+    with pytest.raises(ValueError, match="no blocks"):
+        lc.CODECS["bf16"](scale_dtype="fp16")
+    with pytest.raises(ValueError, match="topk only"):
+        lc.CODECS["int8"](k=3)
