@@ -226,7 +226,7 @@ def test_sites_with_different_rank_counts(tmp_path):
     assert all(p.returncode == 0 for p in procs.values()), outs
     recs = outer_records(tmp_path, ["eu", "us"])
     assert all(r["n"] == 2 for rs in recs.values() for r in rs)
-    assert check_groups_agree(recs) == 6
+    # (mean_crc is rank 0's range: eu's rank 0 holds half of us's, so compare parameters)
     a = torch.load(tmp_path / "eu" / "final_params.pt")
     b = torch.load(tmp_path / "us" / "final_params.pt")
     assert torch.equal(a, b)
