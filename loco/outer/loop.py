@@ -267,8 +267,9 @@ class OuterLoop:
             self.method.apply(theta, self.state, deltas, phis)
         except ValueError as e:  # cannot happen with checked payloads; never apply a bad value
             log.warning("round %d: %s; local step instead", r.t, e)
-            ok = {}
-            self.method.apply(theta, self.state, [r.out.delta], [r.out.phi])
+            ok, sq, cnt = {}, 0.0, 0.0
+            deltas, phis = [r.out.delta], [r.out.phi]
+            self.method.apply(theta, self.state, deltas, phis)
         self.last_means = self._means(deltas, phis)
         if theta_local is not None:
             theta.mul_(1 - self.mix).add_(theta_local, alpha=self.mix)
