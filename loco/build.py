@@ -63,6 +63,9 @@ def engine_from(
         compute_dtype=z.mixed_precision,
         activation_checkpointing=z.activation_checkpointing,
         offload=z.offload,
+        collective=z.collective,
+        prefetch=z.prefetch,
+        max_inflight=z.max_inflight,
     )
 
 

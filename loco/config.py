@@ -192,9 +192,14 @@ class ZeroConfig:
     mixed_precision: str = "fp32"
     activation_checkpointing: bool = False
     offload: bool = False
+    collective: str = "auto"  # how stages 1-3 reduce gradients: auto | reduce | allreduce
+    prefetch: bool = True  # stage 3 gathers the next block ahead of use
+    max_inflight: int = 2  # stage 2-3 gradient buckets in flight
 
     def __post_init__(self) -> None:
         _choice("zero.stage", self.stage, (0, 1, 2, 3))
+        _choice("zero.collective", self.collective, ("auto", "reduce", "allreduce"))
+        _positive("zero.max_inflight", self.max_inflight)
         _positive("zero.bucket_mb", self.bucket_mb)
         _choice("zero.reduce_dtype", self.reduce_dtype, ("fp32", "bf16"))
         _choice("zero.mixed_precision", self.mixed_precision, ("fp32", "bf16"))
