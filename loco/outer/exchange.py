@@ -58,6 +58,8 @@ class RangePayloads:
         codec, phi_codec: ``loco.compress`` codec names (``none``: raw fp32).
         delta_options, phi_options: codec options (see :func:`codec_options`).
         error_feedback: keep the delta stream's residual between rounds (lossy codecs).
+        seed: stochastic-rounding seed of the delta stream.
+        flat_size: the padded flat size P' (bounds a received frame's length).
     """
 
     def __init__(
@@ -71,11 +73,15 @@ class RangePayloads:
         phi_options: dict[str, object] | None = None,
         error_feedback: bool = True,
         seed: int = 0,
+        flat_size: int | None = None,
     ) -> None:
         self.slo, self.shi = shard
         self.lo, self.hi = owned
         assert self.slo <= self.lo <= self.hi <= self.shi, (shard, owned)
         self.codec, self.phi_codec = codec, phi_codec
+        # bound on what a partner's frame may ask us to allocate: a partner with fewer ranks
+        # sends bigger segments, at most its whole padded vector (P plus a little padding)
+        self.max_numel = 2 * max(flat_size or 0, self.shi) + (1 << 20)
         self.delta_options = dict(delta_options or {})
         self.phi_options = dict(phi_options or {})
         self.ef = (
@@ -132,7 +138,7 @@ class RangePayloads:
                     raise PayloadError(f"raw payload of {len(mv)} bytes for {self.numel} values")
                 t = torch.from_numpy(np.frombuffer(mv, dtype=np.float32).copy())
             else:
-                t = decode(mv, max_numel=self.shi - self.slo + (1 << 24)).float()
+                t = decode(mv, max_numel=self.max_numel).float()
             if not bool(torch.isfinite(t).all()):
                 raise PayloadError("payload holds NaN/Inf")
             sink.append(t)
