@@ -219,6 +219,7 @@ class OuterConfig:
     tau: int = 0  # streaming overlap: inner steps the pull may run behind (0 = blocking)
     mix: float = 0.5
     join_timeout_s: float = 60.0  # at start, wait this long for every peer site to be live
+    phi_lattice: bool = False  # send phi modulo-quantized next to the receiver's phi (~1.1 B/value)
 
     def __post_init__(self) -> None:
         _choice("outer.method", self.method, ("noloco", "diloco", "local"))
@@ -233,6 +234,8 @@ class OuterConfig:
         if self.tau >= self.H:
             raise ConfigError(f"outer.tau={self.tau} must be < outer.H={self.H}")
         _positive("outer.join_timeout_s", self.join_timeout_s, zero_ok=True)
+        if not isinstance(self.phi_lattice, bool):
+            raise ConfigError(f"outer.phi_lattice={self.phi_lattice!r} must be true or false")
 
 
 CODECS = ("none", "bf16", "int8", "int4", "fp4", "topk")

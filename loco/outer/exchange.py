@@ -60,6 +60,8 @@ class RangePayloads:
         error_feedback: keep the delta stream's residual between rounds (lossy codecs).
         seed: stochastic-rounding seed of the delta stream.
         flat_size: the padded flat size P' (bounds a received frame's length).
+        phi_lattice: send phi with :mod:`loco.outer.lattice` (~1.09 bytes per value, decoded
+            next to the receiver's own phi; needs partners with the same rank count).
     """
 
     def __init__(
@@ -74,11 +76,13 @@ class RangePayloads:
         error_feedback: bool = True,
         seed: int = 0,
         flat_size: int | None = None,
+        phi_lattice: bool = False,
     ) -> None:
         self.slo, self.shi = shard
         self.lo, self.hi = owned
         assert self.slo <= self.lo <= self.hi <= self.shi, (shard, owned)
-        self.codec, self.phi_codec = codec, phi_codec
+        self.codec, self.phi_codec = codec, "lattice" if phi_lattice else phi_codec
+        self._ref: torch.Tensor | None = None  # own exact phi of the round (lattice decoding)
         # bound on what a partner's frame may ask us to allocate: a partner with fewer ranks
         # sends bigger segments, at most its whole padded vector (P plus a little padding)
         self.max_numel = 2 * max(flat_size or 0, self.shi) + (1 << 20)
@@ -93,7 +97,7 @@ class RangePayloads:
     def warm_up(self) -> None:
         """Encode and decode a few values with both codecs (loads the compiled kernels)."""
         for codec, opts in ((self.codec, self.delta_options), (self.phi_codec, self.phi_options)):
-            if codec not in LOSSLESS:
+            if codec not in LOSSLESS and codec != "lattice":
                 decode(encode(torch.zeros(512), codec, **opts))
 
     @property
@@ -113,27 +117,42 @@ class RangePayloads:
         buf = ef.encode(full) if ef is not None else encode(full, codec, **opts)
         return buf, codec, decode(buf)[: self.numel]
 
-    def encode(self, round: int, delta: torch.Tensor, phi: torch.Tensor) -> tuple[Outgoing, dict]:
+    def encode(self, round: int, delta: torch.Tensor, phi: torch.Tensor,
+               momentum: torch.Tensor | None = None) -> tuple[Outgoing, dict]:  # fmt: skip
         """Encode both streams. Returns the record and ``{stream: (buffer, codec label)}`` to
         publish. ValueError if ``delta`` or ``phi`` holds NaN/Inf (never shipped)."""
         if not bool(torch.isfinite(delta).all()) or not bool(torch.isfinite(phi).all()):
             raise ValueError("the local delta or phi holds NaN/Inf; refusing to publish it")
         dbuf, dlab, dval = self._encode(delta, self.codec, self.delta_options, self.ef)
-        pbuf, plab, pval = self._encode(phi, self.phi_codec, self.phi_options, None)
+        if self.phi_codec == "lattice":
+            from loco.outer import lattice
+
+            ref = self._padded(phi)
+            mom = self._padded(momentum if momentum is not None else torch.zeros_like(phi))
+            pbuf, full = lattice.encode(ref, mom)
+            plab, pval, self._ref = "lattice", full[: self.numel].clone(), ref
+        else:
+            pbuf, plab, pval = self._encode(phi, self.phi_codec, self.phi_options, None)
         nbytes = memoryview(dbuf).nbytes + memoryview(pbuf).nbytes
         out = Outgoing(round, dval, pval, (dbuf, pbuf), nbytes)
         return out, {"delta": (dbuf, dlab), "phi": (pbuf, plab)}
 
     # ------------------------------------------------------------------ pulling
 
-    def validator(self, sink: list[torch.Tensor], raw: bool):
+    def validator(self, sink: list[torch.Tensor], raw: bool, lattice_ref=None):
         """A gossip ``validate`` callable: decode each received payload (raw: check it is
         finite fp32 of the right length), append the values to ``sink``; raise on anything bad
         so the gossip client counts a strike and fails the pull."""
 
         def check(buf) -> None:
             mv = memoryview(buf).cast("B")
-            if raw:
+            if lattice_ref is not None:
+                from loco.outer import lattice
+
+                if lattice.frame_numel(mv) != lattice_ref.numel():
+                    raise PayloadError("lattice phi needs partners with the same rank count")
+                t = lattice.decode(mv, lattice_ref)
+            elif raw:
                 if len(mv) != self.numel * 4:
                     raise PayloadError(f"raw payload of {len(mv)} bytes for {self.numel} values")
                 t = torch.from_numpy(np.frombuffer(mv, dtype=np.float32).copy())
@@ -179,7 +198,8 @@ class RangePayloads:
         """
         values: list[torch.Tensor] = []
         codec = self.codec if stream == "delta" else self.phi_codec
-        kw: dict[str, object] = {"validate": self.validator(values, codec in LOSSLESS)}
+        ref = self._ref if codec == "lattice" else None
+        kw: dict[str, object] = {"validate": self.validator(values, codec in LOSSLESS, ref)}
         if timeout_s is not None:
             kw["timeout_s"] = timeout_s
         res = node.pull(partner, round, stream, **kw)

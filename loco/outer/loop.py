@@ -210,7 +210,7 @@ class OuterLoop:
             out = Outgoing(t, delta, self.state.phi.clone(), (), 0)
             served = 0.0
         else:
-            out, bufs = self.payloads.encode(t, delta, self.state.phi)
+            out, bufs = self.payloads.encode(t, delta, self.state.phi, self.state.momentum)
             served = self.node.metrics.snapshot().get("served_pulls", 0.0)
             for stream, (buf, label) in bufs.items():
                 if stream == "delta" or not self.all_live:  # DiLoCo never pulls phi

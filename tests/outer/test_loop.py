@@ -9,6 +9,7 @@ reaches the state; error feedback keeps the residual; overlap merges with ``mix`
 from __future__ import annotations
 
 import threading
+import zlib
 
 import numpy as np
 import pytest
@@ -47,7 +48,7 @@ class FakeFlat:
 
 
 def make_sites(names, ports, codec="int8", phi_codec="none", method="noloco", tau=0, mix=0.5,
-               seed=0, pull_timeout_s=5.0, H=5, steps=100, ef=True):  # fmt: skip
+               seed=0, pull_timeout_s=5.0, H=5, steps=100, ef=True, phi_lattice=False):  # fmt: skip
     sites = {}
     for name in names:
         node = GossipNode(
@@ -58,7 +59,7 @@ def make_sites(names, ports, codec="int8", phi_codec="none", method="noloco", ta
             hello_timeout_s=1.0, max_retries=1, backoff_s=0.05,
         ).start()  # fmt: skip
         theta = torch.from_numpy(
-            np.random.default_rng(hash(name) % 2**32).standard_normal(P).astype(np.float32)
+            np.random.default_rng(zlib.crc32(name.encode())).standard_normal(P).astype(np.float32)
         )
         flat = FakeFlat(theta)
         pay = RangePayloads(
@@ -67,7 +68,7 @@ def make_sites(names, ports, codec="int8", phi_codec="none", method="noloco", ta
                                         topk_fraction=0.1),
             phi_options=codec_options(phi_codec, block=256, scale_dtype="fp32", stochastic=False,
                                       topk_fraction=0.1),
-            error_feedback=ef,
+            error_feedback=ef, phi_lattice=phi_lattice,
         )  # fmt: skip
         loop = OuterLoop(
             step=build_outer(method, alpha=A, beta=B, gamma=G), flat=flat, H=H, steps=steps,
@@ -300,3 +301,22 @@ def test_noloco_apply_rejects_nonfinite_without_touching_state():
     with pytest.raises(ValueError):
         NoLoCo().apply(torch.zeros(10), st, [torch.zeros(10), bad], [st.phi, st.phi])
     assert torch.equal(st.phi, before[0]) and torch.equal(st.momentum, before[1])
+
+
+def test_lattice_phi_pairs_agree_and_cost_about_a_byte(pair):
+    sites = pair(codec="int8", phi_lattice=True)
+    eu, us = sites["eu"], sites["us"]
+    us.flat.theta.copy_(eu.flat.theta)  # sites start from the same weights, as in a real run
+    us.state.phi.copy_(eu.state.phi)
+    run_parallel([lambda s=s, i=i: inner_steps(s, 0, 20, i) for i, s in enumerate(sites.values())])
+    assert [r["n"] for r in eu.history] == [2, 2, 2, 2]
+    assert [r["mean_crc"] for r in eu.history] == [r["mean_crc"] for r in us.history]
+    per_round = eu.history[-1]["bytes_sent"] / P
+    assert per_round < 1.03 + 1.1  # int8 delta + lattice phi, vs 5.02 with exact phi
+
+
+def test_lattice_phi_too_far_drops_the_partner(pair):
+    sites = pair(codec="int8", phi_lattice=True)  # different random starts: phis far apart
+    run_parallel([lambda s=s, i=i: inner_steps(s, 0, 5, i) for i, s in enumerate(sites.values())])
+    rec = sites["eu"].history[0]
+    assert rec["n"] == 1 and "us:bad_payload" in rec["dropped"]
