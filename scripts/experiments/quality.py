@@ -8,6 +8,7 @@ Every method sees the same tokens: 4 workers x ``batch`` sequences x ``steps`` s
 - ``diloco``: 4 sites, all in one group every H steps (outer Nesterov SGD).
 - ``noloco``: 4 sites, random pairs every H steps (n = 2), int8 deltas, exact phi.
 - ``local``: 4 sites that never talk.
+- ``noloco-lattice``: NoLoCo with phi sent modulo-quantized (``outer.phi_lattice=true``).
 
 Each run is a real ``loco.local`` federation (real processes, real gRPC on loopback). Writes
 ``docs/quality.md`` (table) and ``docs/quality.png`` (validation loss against tokens) unless
@@ -45,6 +46,14 @@ def methods(H: int, codec: str) -> dict[str, list[str]]:
         "diloco": [fed, "outer=diloco", f"outer.H={H}", "compression=none"],
         "noloco": [fed, "outer=noloco", f"outer.H={H}", f"compression={codec}"],
         "local": [fed, "outer=local", f"outer.H={H}"],
+        # NoLoCo with phi modulo-quantized next to the receiver's phi: ~2.1 bytes/param/round
+        "noloco-lattice": [
+            fed,
+            "outer=noloco",
+            f"outer.H={H}",
+            f"compression={codec}",
+            "outer.phi_lattice=true",
+        ],
         # optional (--only ... noloco-phi-bf16): phi in bf16, 3.03 instead of 5.02 bytes/param
         "noloco-phi-bf16": [
             fed,
@@ -87,7 +96,7 @@ def main() -> None:
         "--only",
         nargs="*",
         default=None,
-        help="methods to run: ddp diloco noloco local noloco-phi-bf16 (default: the first four)",
+        help="methods: ddp diloco noloco local noloco-lattice noloco-phi-bf16 (default: all but the last)",
     )
     ap.add_argument("--runs", type=Path, default=ROOT / "outputs" / "quality")
     ap.add_argument("--out", type=Path, default=ROOT / "docs", help="where quality.md/.png go")
