@@ -3,7 +3,7 @@
 Every method sees the same tokens: 4 workers x ``batch`` sequences x ``steps`` steps.
 
 - ``ddp``: ONE site with 4 ranks (``site.nproc=4``, ZeRO stage 0: gradients all-reduced every
-  step), the exact data-parallel baseline; its bytes are what a ring all-reduce moves
+  step; ``outer.H`` past the last step, so no outer round), the exact data-parallel baseline; its bytes are what a ring all-reduce moves
   (2 x 4 bytes per parameter per step per worker).
 - ``diloco``: 4 sites, all in one group every H steps (outer Nesterov SGD).
 - ``noloco``: 4 sites, random pairs every H steps (n = 2), int8 deltas, exact phi.
@@ -39,10 +39,10 @@ from loco.metrics import read_metrics  # noqa: E402
 SITES = ["eu", "us", "asia", "sa"]
 
 
-def methods(H: int, codec: str) -> dict[str, list[str]]:
+def methods(H: int, codec: str, steps: int) -> dict[str, list[str]]:
     fed = f"federation.sites=[{','.join(SITES)}]"
     return {
-        "ddp": ["federation.sites=[eu]", "site.nproc=4", "outer=local", f"outer.H={H}"],
+        "ddp": ["federation.sites=[eu]", "site.nproc=4", "outer=local", f"outer.H={steps + 1}"],
         "diloco": [fed, "outer=diloco", f"outer.H={H}", "compression=none"],
         "noloco": [fed, "outer=noloco", f"outer.H={H}", f"compression={codec}"],
         "local": [fed, "outer=local", f"outer.H={H}"],
@@ -113,7 +113,7 @@ def main() -> None:
     ]  # fmt: skip
     stamp = time.strftime("%Y%m%d-%H%M%S")
     results = {}
-    for name, ov in methods(a.H, a.codec).items():
+    for name, ov in methods(a.H, a.codec, a.steps).items():
         if (a.only and name not in a.only) or (not a.only and name == "noloco-phi-bf16"):
             continue
         run = a.runs / stamp / name
