@@ -225,7 +225,8 @@ def test_bad_payload_drops_partner_and_leaves_state(bad):
         th0 = eu.flat.theta.clone()
         inner_steps(eu, 0, 5, 1)
         rec = eu.history[0]
-        assert rec["n"] == 1 and "us:" in rec["dropped"], rec
+        assert rec["n"] == 1 and "us:bad_payload" in rec["dropped"], rec
+        assert rec.get("fail_bad_payload", 0) >= 1  # counted in the round's record
         assert m0.abs().sum() == 0
         # exactly the local step on this site's own decoded delta
         assert torch.isfinite(eu.state.phi).all()
