@@ -341,6 +341,14 @@ class FederationConfig:
     """The sites ``loco.local`` starts on this machine."""
 
     sites: list[str] = field(default_factory=lambda: ["eu", "us", "asia"])
+    nproc: list[int] = field(default_factory=list)  # ranks per site, in order ([]: site.nproc)
+
+    def __post_init__(self) -> None:
+        if self.nproc and (len(self.nproc) != len(self.sites) or min(self.nproc) < 1):
+            raise ConfigError(
+                f"federation.nproc={list(self.nproc)} must give one rank count >= 1 per site of "
+                f"federation.sites={list(self.sites)}, or be []"
+            )
 
 
 @dataclass

@@ -6,8 +6,8 @@ prints one summary line per site: final validation loss, consensus distance, rou
 beside what DDP would have sent for the same steps, compute utilization. Ctrl-C (or SIGTERM)
 stops every site cleanly (SIGINT to each site's process group, then SIGKILL after a grace).
 
-Every site gets free loopback ports, shard = its index in ``federation.sites``, and the other
-sites as peers; a site without ``conf/site/NAME.yaml`` is built from ``eu.yaml`` with its name
+Every site gets free loopback ports, shard = its index in ``federation.sites``, the other
+sites as peers, and ``federation.nproc[i]`` ranks when that list is given (else ``site.nproc``); a site without ``conf/site/NAME.yaml`` is built from ``eu.yaml`` with its name
 changed. mTLS certificates are made into ``<run dir>/certs`` unless ``gossip.insecure=true``.
 ``-m`` runs a Hydra multirun where each job is a whole federation; the sweep ends with one
 table of its jobs. The rest of the overrides go to every worker unchanged.
@@ -70,7 +70,8 @@ def _has(overrides: list[str], key: str) -> bool:
 
 
 def site_args(name: str, index: int, sites: list[str], ports: dict[str, int],
-              overrides: list[str], cert_dir: Path | None, threads: int) -> list[str]:  # fmt: skip
+              overrides: list[str], cert_dir: Path | None, threads: int,
+              nproc: int | None = None) -> list[str]:  # fmt: skip
     """The ``loco.worker`` overrides of site ``name`` of the federation."""
     known = (CONF_DIR / "site" / f"{name}.yaml").exists()
     args = [f"+site={name}" if known else "+site=eu"]
@@ -79,6 +80,9 @@ def site_args(name: str, index: int, sites: list[str], ports: dict[str, int],
     peers = ",".join(f"'{s}=127.0.0.1:{ports[s]}'" for s in sites if s != name)
     args += [f"site.listen=127.0.0.1:{ports[name]}", f"site.shard={index}", f"site.peers=[{peers}]"]
     user = [o for o in overrides if not o.lstrip("+~").startswith(("hydra", "site="))]
+    if nproc is not None:  # federation.nproc: this site's own rank count
+        user = [o for o in user if o.lstrip("+~").split("=", 1)[0] != "site.nproc"]
+        user.append(f"site.nproc={nproc}")
     if not _has(user, "data.num_shards"):
         args.append(f"data.num_shards={max(3, len(sites))}")
     if not _has(user, "train.threads"):
@@ -94,9 +98,12 @@ class Federation:
     """The site processes of one local federation."""
 
     def __init__(self, run_dir: Path, sites: list[str], overrides: list[str], *, nproc: int,
-                 insecure: bool, method: str) -> None:  # fmt: skip
+                 insecure: bool, method: str, nprocs: list[int] | None = None) -> None:  # fmt: skip
         self.run_dir, self.sites, self.overrides = run_dir, sites, overrides
         self.nproc, self.insecure, self.method = nproc, insecure, method
+        self.nprocs = dict(zip(sites, nprocs, strict=True)) if nprocs else {}
+        if self.nprocs:
+            self.nproc = max(self.nprocs.values())
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Any] = {}
         self.started = 0.0
@@ -110,13 +117,15 @@ class Federation:
             cert_dir = write_run_certs(self.run_dir / "certs", self.sites)
         bases = free_base_ports(len(self.sites), self.nproc)
         ports = dict(zip(self.sites, bases, strict=True))
-        threads = max(1, (os.cpu_count() or 1) // (len(self.sites) * self.nproc))
+        ranks = sum(self.nprocs.values()) if self.nprocs else len(self.sites) * self.nproc
+        threads = max(1, (os.cpu_count() or 1) // ranks)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.started = time.monotonic()
         for i, name in enumerate(self.sites):
             d = self.run_dir / name
             d.mkdir(parents=True, exist_ok=True)
-            args = site_args(name, i, self.sites, ports, self.overrides, cert_dir, threads)
+            args = site_args(name, i, self.sites, ports, self.overrides, cert_dir, threads,
+                             self.nprocs.get(name))  # fmt: skip
             cmd = [sys.executable, "-m", "loco.worker", *args, f"hydra.run.dir={d}"]
             (d / "command.txt").write_text(" ".join(cmd) + "\n")
             self.logs[name] = open(d / "worker.log", "wb")  # noqa: SIM115
@@ -279,6 +288,7 @@ def run_federation(overrides: list[str], run_dir: Path, timeout: float | None = 
     nproc = max(compose(site_args(n, 0, sites, dict.fromkeys(sites, 1), overrides, None, 1)).site.nproc
                 for n in sites)  # fmt: skip
     fed = Federation(run_dir, sites, overrides, nproc=nproc, insecure=cfg.gossip.insecure,
+                     nprocs=list(cfg.federation.nproc) or None,
                      method=cfg.outer.method)  # fmt: skip
     print(f"loco.local: {len(sites)} sites ({', '.join(sites)}), outer={cfg.outer.method} "
           f"H={cfg.outer.H}, codec={cfg.compression.codec}; run dir {run_dir}",

@@ -191,39 +191,17 @@ def test_overlap_through_emulated_wan(tmp_path):
 
 @pytest.mark.slow
 def test_sites_with_different_rank_counts(tmp_path):
-    """eu at 2 ranks (ZeRO stage 2) pairs with us at 1 rank: each rank pulls exactly its range
-    from whichever partner ranks own it; both sites end on the same parameters."""
-    from loco.dist import free_port
-
-    pe, pu = free_port(), free_port()
-    while pu in (pe, pe + 1):
-        pu = free_port()
-    common = ["train.steps=15", "outer.H=5", "gossip.insecure=true", "zero.stage=2",
-              "train.progress=false", "train.threads=1", *TINY]  # fmt: skip
-    cmds = {
-        "eu": ["+site=eu", "site.nproc=2", f"site.listen=127.0.0.1:{pe}",
-               f"site.peers=['us=127.0.0.1:{pu}']"],
-        "us": ["+site=us", "site.nproc=1", f"site.listen=127.0.0.1:{pu}",
-               f"site.peers=['eu=127.0.0.1:{pe}']"],
-    }  # fmt: skip
-    procs = {
-        s: subprocess.Popen(
-            [sys.executable, "-m", "loco.worker", *a, *common, f"hydra.run.dir={tmp_path / s}"],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-        for s, a in cmds.items()
-    }
-    try:
-        outs = {s: p.communicate(timeout=150)[0].decode() for s, p in procs.items()}
-    finally:
-        for p in procs.values():
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-    assert all(p.returncode == 0 for p in procs.values()), outs
+    """eu at 2 ranks (ZeRO stage 2) pairs with us at 1 rank (``federation.nproc=[2,1]``): each
+    rank pulls exactly its range from whichever partner ranks own it; both sites end on the
+    same parameters."""
+    out = run_federation(
+        ["federation.sites=[eu,us]", "federation.nproc=[2,1]", "train.steps=15", "outer.H=5",
+         "gossip.insecure=true", "zero.stage=2", *TINY],
+        tmp_path, timeout=150,
+    )  # fmt: skip
+    rows = {r["site"]: r for r in out["sites"]}
+    assert all(r["exit"] == 0 for r in rows.values()), rows
+    assert rows["eu"]["nproc"] == 2 and rows["us"]["nproc"] == 1
     recs = outer_records(tmp_path, ["eu", "us"])
     assert all(r["n"] == 2 for rs in recs.values() for r in rs)
     # (mean_crc is rank 0's range: eu's rank 0 holds half of us's, so compare parameters)
