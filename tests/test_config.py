@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import run_worker
 from loco.config import ConfigError, compose
+from tests.workers import run_worker
 
 # (overrides, words the single error line must contain)
 BAD = [
@@ -100,7 +100,9 @@ def test_gossip_keywords_map_onto_the_gossip_node():
     from loco.build import gossip_kwargs
     from loco.gossip import GossipNode
 
-    kw = gossip_kwargs(compose(["+site=us", "gossip.insecure=true", "site.peers=[eu,'mars=10.1.2.3:7000']"]))
+    kw = gossip_kwargs(
+        compose(["+site=us", "gossip.insecure=true", "site.peers=[eu,'mars=10.1.2.3:7000']"])
+    )
     assert kw["peers"] == {"eu": "127.0.0.1:29400", "mars": "10.1.2.3:7000"}
     params = inspect.signature(GossipNode).parameters
     assert set(kw) <= set(params), set(kw) - set(params)

@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from conftest import ROOT, run_worker, train_losses
 from loco.metrics import read_metrics
 from loco.trainer import lr_schedule
+from tests.workers import ROOT, run_worker, train_losses
 
 QUICK = [
     "+site=eu",

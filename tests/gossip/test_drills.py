@@ -7,7 +7,6 @@ import time
 import numpy as np
 import pytest
 
-from conftest import LAYOUT, RUN, free_port
 from loco.gossip import (
     GossipError,
     PeerInfo,
@@ -17,6 +16,7 @@ from loco.gossip import (
     ServerFault,
 )
 from loco.gossip.peer import synthetic
+from tests.gossip.conftest import LAYOUT, RUN, free_port
 
 
 def _healthy_pull_still_works(sites, client) -> None:

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import Site
 from loco.gossip import Membership, group_of, pairing, partners
 from loco.gossip.pairing import permutation
+from tests.gossip.conftest import Site
 
 names = st.lists(st.text("abcdefghij", min_size=1, max_size=4), unique=True, max_size=12)
 

@@ -7,8 +7,8 @@ import zlib
 import numpy as np
 import pytest
 
-from conftest import LAYOUT, RUN
 from loco.gossip import GossipNode
+from tests.gossip.conftest import LAYOUT, RUN
 
 
 def _payload(site: str, rnd: int, p: int) -> np.ndarray:

@@ -9,8 +9,8 @@ import grpc
 import numpy as np
 import pytest
 
-from conftest import tls_for
 from loco.gossip import AuthError, GossipClient, GossipServer, PeerUnavailable
+from tests.gossip.conftest import tls_for
 
 
 def _secure_site(sites, certdir, name="us", members=("eu", "us", "asia"), nproc=2, p=1000):

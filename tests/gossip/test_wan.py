@@ -11,10 +11,10 @@ import time
 import numpy as np
 import pytest
 
-from conftest import PeerProcess
 from loco.gossip import RankInfo
 from loco.gossip.netem import DelayProxy, NetnsLink, netns_available
 from loco.gossip.peer import synthetic
+from tests.gossip.conftest import PeerProcess
 
 
 def _via(peer, address):

@@ -1,4 +1,4 @@
-"""Shared helpers: run the real ``loco.worker`` entry point in a subprocess."""
+"""Test helpers: run the real ``loco.worker`` entry point in a subprocess."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 from loco.metrics import read_metrics
 
@@ -29,8 +27,3 @@ def run_worker(
 
 def train_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl", "train")}
-
-
-@pytest.fixture
-def worker():
-    return run_worker
