@@ -14,7 +14,7 @@ Each run is a real ``loco.local`` federation (real processes, real gRPC on loopb
 ``docs/quality.md`` (table) and ``docs/quality.png`` (validation loss against tokens) unless
 ``--out`` says otherwise, and prints one JSON line per method.
 
-    python scripts/experiments/quality.py                  # full: tiny, 600 steps, H = 50
+    python scripts/experiments/quality.py                  # full: tiny, 400 steps, H = 50
     python scripts/experiments/quality.py --short          # smoke: 60 steps, H = 20
 
 The same comparison as a Hydra sweep (one table at the end, without the DDP run):
@@ -86,7 +86,7 @@ def curve(run: Path, sites: list[str], workers_per_site: int) -> list[tuple[floa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--short", action="store_true", help="a quick smoke run (60 steps, H = 20)")
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--H", type=int, default=50)
     ap.add_argument("--batch", type=int, default=8, help="sequences per worker per step")
     ap.add_argument("--seq-len", type=int, default=64)
@@ -152,7 +152,8 @@ def write_report(results: dict, a: argparse.Namespace) -> None:
     lines = [
         f"# Quality at a fixed token budget ({time.strftime('%Y-%m-%d %H:%M')})",
         "",
-        f"`python scripts/experiments/quality.py{' --short' if a.short else ''}`: model {a.model}, "
+        f"`python scripts/experiments/quality.py{''.join(' ' + x for x in sys.argv[1:])}`: "
+        f"model {a.model}, "
         f"4 workers x {a.batch} x {a.seq_len} tokens x {a.steps} steps "
         f"({a.steps * a.batch * a.seq_len * 4:,} tokens per method), H = {a.H}, NoLoCo delta codec "
         f"{a.codec} (phi exact); machine: {platform.machine()}, {_cores()} CPU cores, shared.",
