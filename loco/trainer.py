@@ -49,6 +49,7 @@ class Trainer:
         grad_accum: int = 1,
         eval_every: int = 100,
         eval_batches: int = 8,
+        eval_at_end: bool = True,
         log_every: int = 10,
         seq_len: int,
         round_every: int = 0,
@@ -67,6 +68,7 @@ class Trainer:
         self.steps, self.grad_accum, self.seq_len = steps, grad_accum, seq_len
         self.sched = dict(lr=lr, steps=steps, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio)
         self.eval_every, self.eval_batches, self.log_every = eval_every, eval_batches, log_every
+        self.eval_at_end = eval_at_end
         self.round_every = round_every
         self.tokens_are_bytes = tokens_are_bytes
         self.device = torch.device(device)
@@ -155,7 +157,7 @@ class Trainer:
                     self.progress.update(done, loss=site_loss, lr=lr, **{"tok/s": tps})
                 losses, window_steps = [], 0
                 window_t = time.perf_counter()
-            if done % self.eval_every == 0 or done == self.steps:
+            if done % self.eval_every == 0 or (self.eval_at_end and done == self.steps):
                 t0 = time.perf_counter()
                 ev = self.evaluate()
                 last_eval = ev["loss"]

@@ -52,8 +52,8 @@ def test_sizes_and_tied_head():
 
 def test_residual_projections_are_scaled_down():
     m = build_model("tiny", vocab_size=256, seq_len=128)
-    proj = torch.cat([b.mlp.proj.weight.flatten() for b in m.blocks])
-    fc = torch.cat([b.mlp.fc.weight.flatten() for b in m.blocks])
+    proj = torch.cat([b.mlp.proj.weight.detach().flatten() for b in m.blocks])
+    fc = torch.cat([b.mlp.fc.weight.detach().flatten() for b in m.blocks])
     ratio = float(proj.std() / fc.std())
     assert abs(ratio - 1 / math.sqrt(2 * m.cfg.n_layer)) < 0.05
 

@@ -58,6 +58,7 @@ def loco_loop(model, data: SiteData, steps: int, seq_len: int, tmp: Path) -> flo
         steps=steps,
         seq_len=seq_len,
         eval_every=10**9,
+        eval_at_end=False,
         log_every=10,
         metrics=metrics,
         **LR,
