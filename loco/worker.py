@@ -58,7 +58,11 @@ def main() -> None:
             compose([a for a in args if not a.startswith("-")])
         except ConfigError as e:
             _fail(str(e))
-    _task()
+    try:
+        _task()
+    except KeyboardInterrupt:
+        print("loco: interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
