@@ -41,19 +41,27 @@ DEFAULT_W3 = [
 ]
 
 
-def _run(world: int, cfgs: list[dict]) -> None:
+def _run(world: int, cfgs: list[dict], fresh_group: bool = False) -> None:
     refs = [reference(c) for c in cfgs]
-    run_ranks(check_configs, world, cfgs, refs)
+    if not fresh_group:
+        run_ranks(check_configs, world, cfgs, refs)
+        return
+    # One process group per config. Many engines built one after another in ONE gloo group
+    # aborted a rank at times ("terminate called without an active exception", about 1 run in
+    # 2 for the world-2 list; never with one engine per group, as in a real run). Open issue,
+    # see docs/LOG.md; the slow grid below still runs every config in one group.
+    for cfg, ref in zip(cfgs, refs, strict=True):
+        run_ranks(check_configs, world, [cfg], [ref])
 
 
 def test_parity_world2() -> None:
     """Stages 0-3, SGD and AdamW (clipped), tiny/large buckets, accumulation, frozen, bf16."""
-    _run(2, DEFAULT_W2)
+    _run(2, DEFAULT_W2, fresh_group=True)
 
 
 def test_parity_world3() -> None:
     """World 3: P is padded and parameters straddle shards; accumulation, frozen, AdamW."""
-    _run(3, DEFAULT_W3)
+    _run(3, DEFAULT_W3, fresh_group=True)
 
 
 GRID = [
