@@ -376,23 +376,30 @@ class LocoConfig:
             )
 
 
+# the sections of LocoConfig; all but train and checkpoint are also Hydra config groups
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "optim": OptimConfig,
+    "site": SiteConfig,
+    "zero": ZeroConfig,
+    "outer": OuterConfig,
+    "compression": CompressionConfig,
+    "gossip": GossipConfig,
+    "checkpoint": CheckpointConfig,
+    "wan": WanConfig,
+    "federation": FederationConfig,
+}
+
+
 def register() -> None:
     """Register the schema so that ``conf/config.yaml`` (defaults: base_config) is typed."""
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=LocoConfig)
-    for group, node in (
-        ("model", ModelConfig),
-        ("data", DataConfig),
-        ("optim", OptimConfig),
-        ("site", SiteConfig),
-        ("zero", ZeroConfig),
-        ("outer", OuterConfig),
-        ("compression", CompressionConfig),
-        ("gossip", GossipConfig),
-        ("wan", WanConfig),
-        ("federation", FederationConfig),
-    ):
-        cs.store(group=group, name=f"base_{group}", node=node)
+    for group, node in SECTIONS.items():
+        if group not in ("train", "checkpoint"):
+            cs.store(group=group, name=f"base_{group}", node=node)
 
 
 register()
@@ -456,20 +463,7 @@ def _known_keys_hint(full_key: str) -> str:
         fields = getattr(node, "__dataclass_fields__", {})
         if p not in fields:
             return f"top-level keys are: {', '.join(LocoConfig.__dataclass_fields__)}"
-        node = {
-            "model": ModelConfig,
-            "data": DataConfig,
-            "train": TrainConfig,
-            "optim": OptimConfig,
-            "site": SiteConfig,
-            "zero": ZeroConfig,
-            "outer": OuterConfig,
-            "compression": CompressionConfig,
-            "gossip": GossipConfig,
-            "checkpoint": CheckpointConfig,
-            "wan": WanConfig,
-            "federation": FederationConfig,
-        }.get(p)
+        node = SECTIONS.get(p)
         if node is None:
             break
     keys = list(getattr(node, "__dataclass_fields__", LocoConfig.__dataclass_fields__))

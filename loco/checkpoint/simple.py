@@ -11,37 +11,19 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from loco.fsutil import atomic_write
 
 _NAME = re.compile(r"step_(\d{7,})\.pt")
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file and the fix."""
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 class SimpleCheckpointer:
@@ -65,8 +47,8 @@ class SimpleCheckpointer:
         payload = buf.getvalue()
         digest = hashlib.sha256(payload).hexdigest().encode()
         path = self.path(step)
-        _write_atomic(path, self.MAGIC + digest + b"\n" + payload)
-        _write_atomic(self.dir / "latest", path.name.encode() + b"\n")
+        atomic_write(path, self.MAGIC + digest + b"\n" + payload)
+        atomic_write(self.dir / "latest", path.name.encode() + b"\n")
         for old in self.steps()[: -self.keep]:
             self.path(old).unlink(missing_ok=True)
         return path

@@ -13,11 +13,12 @@ import hashlib
 import json
 import os
 import sysconfig
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from loco.fsutil import atomic_write
 
 DOC_SEPARATOR = b"\n\n"
 
@@ -63,28 +64,14 @@ def stdlib_files() -> tuple[Path, list[Path]]:
     return root, sorted(files, key=lambda f: f.relative_to(root).as_posix())
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _cached(key: str, cache_dir: Path, build) -> tuple[np.ndarray, list[Document]]:
     tok_path = cache_dir / f"{key}.tokens"
     doc_path = cache_dir / f"{key}.docs.json"
     if not (tok_path.exists() and doc_path.exists()):
         data, docs = build()
         # tokens first, index last: the index's presence marks a complete cache entry
-        _atomic_write(tok_path, data)
-        _atomic_write(doc_path, json.dumps([d.__dict__ for d in docs]).encode())
+        atomic_write(tok_path, data)
+        atomic_write(doc_path, json.dumps([d.__dict__ for d in docs]).encode())
     docs = [Document(**d) for d in json.loads(doc_path.read_text())]
     size = tok_path.stat().st_size
     if not docs or docs[-1].end != size:
