@@ -321,6 +321,21 @@ class CheckpointConfig:
 
 
 @dataclass
+class JoinConfig:
+    """Joining a live run through FetchState (docs/checkpoint.md, "Joining a live run")."""
+
+    serve: bool = True  # after every round publish phi and outer momentum for joining sites
+    inner: bool = False  # also serve (members) / fetch (joiner) master weights and optimizer moments
+    auto: bool = True  # resume=none/latest without a checkpoint: join members already past round 0
+    timeout_s: float = 300.0  # give up joining after this long (resume=peer: error; auto: fresh)
+    fetch_timeout_s: float = 60.0  # deadline of one fetch from one member before trying another
+
+    def __post_init__(self) -> None:
+        _positive("join.timeout_s", self.timeout_s)
+        _positive("join.fetch_timeout_s", self.fetch_timeout_s)
+
+
+@dataclass
 class WanConfig:
     """Emulated wide-area links between sites (used by ``loco.local``)."""
 
@@ -365,6 +380,7 @@ class LocoConfig:
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     gossip: GossipConfig = field(default_factory=GossipConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    join: JoinConfig = field(default_factory=JoinConfig)
     wan: WanConfig = field(default_factory=WanConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
 
@@ -376,7 +392,7 @@ class LocoConfig:
             )
 
 
-# the sections of LocoConfig; all but train and checkpoint are also Hydra config groups
+# the sections of LocoConfig; all but train, checkpoint and join are also Hydra config groups
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
@@ -388,6 +404,7 @@ SECTIONS: dict[str, type] = {
     "compression": CompressionConfig,
     "gossip": GossipConfig,
     "checkpoint": CheckpointConfig,
+    "join": JoinConfig,
     "wan": WanConfig,
     "federation": FederationConfig,
 }
@@ -398,7 +415,7 @@ def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=LocoConfig)
     for group, node in SECTIONS.items():
-        if group not in ("train", "checkpoint"):
+        if group not in ("train", "checkpoint", "join"):
             cs.store(group=group, name=f"base_{group}", node=node)
 
 
