@@ -155,6 +155,7 @@ def outer_from(
     """
     import warnings
 
+    from loco import faults as lfaults
     from loco.outer import build_outer
     from loco.outer.exchange import RangePayloads, codec_options
     from loco.outer.flat import FlatView
@@ -167,6 +168,7 @@ def outer_from(
                        momentum=o.momentum)  # fmt: skip
     node = payloads = None
     closers: list = []
+    faults = lfaults.load(cfg.site.name)  # drills only: $LOCO_FAULTS
     talk = o.method != "local"
     if talk and not cfg.gossip.insecure and not cfg.gossip.cert_dir:
         msg = (
@@ -189,8 +191,10 @@ def outer_from(
             **gossip_kwargs(cfg),
         ).start()  # fmt: skip
         closers.append(node.close)
+        if faults is not None:
+            node.client.blocked = faults.blocked
         w = cfg.wan
-        if w.rtt_ms > 0 or w.bandwidth_mbit > 0:
+        if w.rtt_ms > 0 or w.bandwidth_mbit > 0 or w.jitter_ms > 0 or w.loss > 0:
             closers.insert(0, _wan_proxy(cfg, node, rank=rank, world=world, group=group))
         opts = dict(block=c.block, scale_dtype=c.scale_dtype, stochastic=c.stochastic,
                     topk_fraction=c.topk_fraction)  # fmt: skip
@@ -205,7 +209,7 @@ def outer_from(
         site=cfg.site.name, all_live=o.method == "diloco", tau=o.tau, mix=o.mix, group=group,
         rank=rank, world=world, metrics=metrics, pull_timeout_s=cfg.gossip.pull_timeout_s,
         join_timeout_s=o.join_timeout_s, linger_s=min(10.0, cfg.gossip.pull_timeout_s), say=say,
-        closers=closers,
+        closers=closers, faults=faults,
     )  # fmt: skip
 
 
@@ -213,17 +217,13 @@ def _wan_proxy(cfg: LocoConfig, node, *, rank: int, world: int, group=None):
     """Emulated WAN (``wan.*``) on this rank's inbound link: a delay/rate TCP proxy in front of
     its gossip server, advertised by Hello as the rank's address, so every pull of this rank's
     payload crosses it (Hello and heartbeats go direct). Returns the proxy's ``stop``."""
-    import warnings
-
     from loco.gossip.netem import DelayProxy
 
     w = cfg.wan
-    if w.jitter_ms or w.loss:
-        warnings.warn("wan.jitter_ms and wan.loss are not emulated by loco's proxy; ignored",
-                      stacklevel=2)  # fmt: skip
     host = node.server.address.rpartition(":")[0]
     proxy = DelayProxy(node.server.address, listen=f"{host}:0", delay_s=w.rtt_ms / 2000.0,
-                       rate_bps=w.bandwidth_mbit * 1e6)  # fmt: skip
+                       rate_bps=w.bandwidth_mbit * 1e6, jitter_s=w.jitter_ms / 2000.0,
+                       loss=w.loss, seed=cfg.train.seed * 1009 + rank)  # fmt: skip
     addrs = [proxy.start()]
     if world > 1:
         gathered: list = [None] * world

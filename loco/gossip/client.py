@@ -29,6 +29,7 @@ from .errors import (
     GossipError,
     PeerBanned,
     PeerMismatch,
+    PeerUnavailable,
     PullTimeout,
     from_rpc_error,
     is_retryable,
@@ -203,6 +204,8 @@ class GossipClient:
         self.keepalive_s = keepalive_s
         self.validate = validate
         self.metrics = metrics or GossipMetrics()
+        # drills only (loco.faults): ``blocked(site)`` True = the link to ``site`` is cut
+        self.blocked: Callable[[str], bool] | None = None
         self._channels: dict[tuple[str, str, int], grpc.Channel] = {}
         self._lock = threading.Lock()
         self._strikes: dict[str, int] = {}
@@ -251,6 +254,9 @@ class GossipClient:
 
         With TLS, ``expect_site`` is required (it is the name the server certificate must carry).
         """
+        if self.blocked is not None and expect_site and self.blocked(expect_site):
+            self.metrics.add("hello_failed")
+            raise PeerUnavailable(f"{expect_site}: link cut (fault drill)", peer=expect_site)
         call = self._channel(address, expect_site).unary_unary(
             f"/{SERVICE}/Hello",
             request_serializer=pb.HelloRequest.SerializeToString,
@@ -361,6 +367,8 @@ class GossipClient:
         res = PullResult(peer=peer.site, round=round, stream=stream, lo=lo, hi=hi)
         deadline = t0 + (timeout_s if timeout_s is not None else self.timeout_s)
         try:
+            if self.blocked is not None and self.blocked(peer.site):
+                raise PeerUnavailable(f"{peer.site}: link cut (fault drill)", peer=peer.site)
             if method == "Pull" and self.is_banned(peer.site, round):
                 raise PeerBanned(
                     f"{peer.site} is banned until round {self._banned_until[peer.site]}",

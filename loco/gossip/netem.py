@@ -3,7 +3,18 @@
 ``DelayProxy`` forwards TCP connections to an upstream address, delaying every byte by
 ``delay_s`` per direction (RTT = 2 x delay) and serializing it at ``rate_bps`` (a link model:
 departure = max(now, link free) + size / rate, delivery = departure + delay). Its queue is
-bounded (``buffer_bytes`` per direction), beyond which it stops reading: back-pressure, no loss.
+bounded (``buffer_bytes`` per direction), beyond which it stops reading: back-pressure.
+
+Jitter: each chunk's one-way delay is drawn uniformly from ``delay_s +- jitter_s``; delivery
+stays in order (a chunk never overtakes the one before it, as on one TCP connection).
+
+Loss: the proxy carries TCP streams, so bytes are never lost; what a lossy path does to TCP is
+emulated instead. Every chunk is cut into packets of ``MSS`` bytes, each lost with probability
+``loss``; a lost packet is retransmitted after a timeout ``RTO = max(200 ms, RTT)`` (Linux's
+minimum RTO): that chunk (and, in order, everything behind it) is delivered ``RTO`` later, and the
+direction's link sends nothing for that ``RTO`` (throughput falls to about
+``MSS / (loss x RTO)``: ~5.8 Mbit/s at 1% and 200 ms). Not modelled: fast retransmit (cheaper
+than a timeout) and the congestion window's slow regrowth afterwards (dearer).
 
     python -m loco.gossip.netem proxy --listen 127.0.0.1:0 --upstream 127.0.0.1:5000 \
         --delay-ms 50 --rate-mbit 100
@@ -22,14 +33,19 @@ import asyncio
 import collections
 import json
 import os
+import random
 import shutil
 import subprocess
 import threading
 import time
 
+MSS = 1448  # TCP payload bytes per packet (1500-byte MTU, timestamps on)
+MIN_RTO_S = 0.2  # Linux's minimum retransmission timeout
+
 
 class DelayProxy:
-    """Asyncio TCP proxy adding one-way ``delay_s`` and a ``rate_bps`` (bits/s, 0 = unlimited)."""
+    """Asyncio TCP proxy adding one-way ``delay_s`` (+- ``jitter_s``), a ``rate_bps`` (bits/s,
+    0 = unlimited) and TCP-like stalls for a packet ``loss`` rate (see the module docstring)."""
 
     def __init__(
         self,
@@ -38,10 +54,19 @@ class DelayProxy:
         listen: str = "127.0.0.1:0",
         delay_s: float = 0.05,
         rate_bps: float = 0.0,
+        jitter_s: float = 0.0,
+        loss: float = 0.0,
+        seed: int = 0,
         buffer_bytes: int = 4 << 20,
     ) -> None:
+        if jitter_s < 0 or not 0 <= loss < 1:
+            raise ValueError(f"jitter_s={jitter_s} must be >= 0 and loss={loss} in [0, 1)")
         self.upstream, self.listen = upstream, listen
         self.delay_s, self.rate_bps, self.buffer_bytes = delay_s, rate_bps, buffer_bytes
+        self.jitter_s, self.loss = jitter_s, loss
+        self.rto_s = max(MIN_RTO_S, 2 * delay_s)
+        self._rng = random.Random(seed)
+        self.lost_packets = self.stalls = 0
         self.address = ""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -58,6 +83,7 @@ class DelayProxy:
         room = asyncio.Event()
         room.set()
         done = False
+        last_at = 0.0
 
         async def deliver() -> None:
             nonlocal queued
@@ -88,8 +114,16 @@ class DelayProxy:
                 now = time.monotonic()
                 tx = len(data) * 8 / self.rate_bps if self.rate_bps else 0.0
                 depart = max(now, self._link_free[direction]) + tx
+                lost = self._lost(len(data))
+                if lost:  # a retransmission timeout: this chunk waits, the link idles
+                    depart += self.rto_s
                 self._link_free[direction] = depart
-                queue.append((depart + self.delay_s, data))
+                delay = self.delay_s
+                if self.jitter_s:
+                    delay = max(0.0, delay + self._rng.uniform(-self.jitter_s, self.jitter_s))
+                at = max(depart + delay, last_at)  # in order, as on one TCP connection
+                last_at = at
+                queue.append((at, data))
                 queued += len(data)
                 if queued >= self.buffer_bytes:
                     room.clear()
@@ -103,6 +137,19 @@ class DelayProxy:
                 await task
             except (ConnectionError, OSError):
                 pass
+
+    def _lost(self, nbytes: int) -> int:
+        """How many of the packets carrying ``nbytes`` are lost (each with probability loss)."""
+        if not self.loss:
+            return 0
+        packets = -(-nbytes // MSS)
+        # P(no loss) = (1 - loss)^packets; the common case costs one draw
+        if self._rng.random() < (1.0 - self.loss) ** packets:
+            return 0
+        n = max(1, sum(self._rng.random() < self.loss for _ in range(packets)))
+        self.lost_packets += n
+        self.stalls += 1
+        return n
 
     async def _handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -252,12 +299,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--upstream", required=True)
     p.add_argument("--delay-ms", type=float, default=50.0, help="one-way delay (RTT = 2x)")
     p.add_argument("--rate-mbit", type=float, default=0.0, help="0 = unlimited")
+    p.add_argument("--jitter-ms", type=float, default=0.0, help="one-way delay +- this")
+    p.add_argument("--loss", type=float, default=0.0, help="packet loss rate, e.g. 0.01")
     args = ap.parse_args(argv)
     proxy = DelayProxy(
         args.upstream,
         listen=args.listen,
         delay_s=args.delay_ms / 1000,
         rate_bps=args.rate_mbit * 1e6,
+        jitter_s=args.jitter_ms / 1000,
+        loss=args.loss,
     )
     print(json.dumps({"address": proxy.start()}), flush=True)
     try:

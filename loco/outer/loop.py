@@ -76,6 +76,7 @@ class OuterLoop:
         join_timeout_s: at start, rank 0 waits up to this long for every peer to be live.
         linger_s: at the end, wait up to this long for the partners to pull the last round.
         closers: called by :meth:`close` in order (default: ``node.close``).
+        faults: drill fault injection (:class:`loco.faults.Faults`); None in real runs.
     """
 
     def __init__(
@@ -100,6 +101,7 @@ class OuterLoop:
         linger_s: float = 10.0,
         say: Callable[[str], None] | None = None,
         closers: list[Callable[[], None]] | None = None,
+        faults: Any = None,
     ) -> None:
         if H < 1:
             raise ValueError(f"outer.H={H} must be >= 1")
@@ -114,6 +116,7 @@ class OuterLoop:
         self.metrics, self.pull_timeout_s = metrics, pull_timeout_s
         self.join_timeout_s, self.linger_s = join_timeout_s, linger_s
         self.say = say or (lambda msg: None)
+        self.faults = faults
         self.closers = list(closers) if closers is not None else ([node.close] if node else [])
         # the outer state lives in host memory (fp32), whatever the engine's device
         self.state = OuterState.start(flat.master().detach().cpu())
@@ -177,6 +180,8 @@ class OuterLoop:
 
     def on_step_end(self, done: int) -> None:
         """The trainer's hook: run, start or merge a round after inner step ``done``."""
+        if self.faults is not None:
+            self.faults.after_step(done, self.H)
         p = self.pending
         if p is not None and (done >= p.step + self.tau or done >= self.steps):
             self._merge(p)
@@ -203,6 +208,8 @@ class OuterLoop:
     @torch.no_grad()
     def _boundary(self, t: int, done: int, overlap: bool) -> None:
         t0 = time.perf_counter()
+        if self.faults is not None:
+            self.faults.at_round(t)
         theta = self.flat.master()
         delta = theta.detach().float().cpu() - self.state.phi
         partners = self._partners(t)
@@ -214,6 +221,8 @@ class OuterLoop:
             served = self.node.metrics.snapshot().get("served_pulls", 0.0)
             for stream, (buf, label) in bufs.items():
                 if stream == "delta" or not self.all_live:  # DiLoCo never pulls phi
+                    if self.faults is not None:
+                        buf = self.faults.corrupt(t, buf)
                     self.node.publish(t, stream, buf, codec=label)
         r = _Round(t, done, out, partners, t0, served_before=served)
         if overlap and partners:
