@@ -33,21 +33,26 @@ def batches(steps: int, batch: int, seed: int = 1, cfg: GPTConfig = TINY) -> lis
     ]
 
 
-def _entry(rank: int, world: int, path: str, fn: Callable[..., Any], args: tuple) -> None:
+def _entry(
+    rank: int, world: int, path: str, backend: str, fn: Callable[..., Any], args: tuple
+) -> None:
     torch.set_num_threads(1)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
     store = dist.FileStore(path, world)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=TIMEOUT)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=TIMEOUT)
     try:
         fn(rank, world, *args)
     finally:
         dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable[..., Any], world: int, *args: Any) -> None:
-    """Run ``fn(rank, world, *args)`` on ``world`` fresh processes in one gloo group.
+def run_ranks(fn: Callable[..., Any], world: int, *args: Any, backend: str = "gloo") -> None:
+    """Run ``fn(rank, world, *args)`` on ``world`` fresh processes in one group of ``backend``
+    (gloo, or nccl with rank r on GPU r).
 
     An exception on any rank fails the caller (``mp.spawn`` re-raises it with its traceback).
     """
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "store")
-        mp.spawn(_entry, args=(world, path, fn, args), nprocs=world, join=True)
+        mp.spawn(_entry, args=(world, path, backend, fn, args), nprocs=world, join=True)

@@ -28,13 +28,15 @@ from tests.engine.dist_utils import batches, tiny_gpt
 
 STEPS, BATCH = 5, 12
 LR = {"sgd": 5e-2, "adamw": 1e-2}
-REF_KEYS = ("optim", "grad_clip", "frozen", "weight_decay")
+REF_KEYS = ("optim", "grad_clip", "frozen", "weight_decay", "device")
 
 
 def train(engine: Any, rank: int, world: int, accum: int, lr: float) -> tuple[list, list]:
     """Run STEPS steps on this rank's slice of each global batch; return mean losses, norms."""
     losses, norms = [], []
+    device = next(engine.model.parameters()).device
     for x in batches(STEPS, BATCH):
+        x = x.to(device)
         b = x.shape[0] // world
         mine = x[rank * b : (rank + 1) * b]
         mb = b // accum
@@ -43,7 +45,7 @@ def train(engine: Any, rank: int, world: int, accum: int, lr: float) -> tuple[li
             xb = mine[k * mb : (k + 1) * mb]
             loss = engine.model(xb[:, :-1], xb[:, 1:]) / accum
             engine.backward(loss)
-            total += loss.detach().float()
+            total += loss.detach().float().cpu()
         if world > 1:
             dist.all_reduce(total)
             total /= world
@@ -53,15 +55,17 @@ def train(engine: Any, rank: int, world: int, accum: int, lr: float) -> tuple[li
 
 
 def build(cfg: dict) -> tuple[torch.nn.Module, dict]:
-    model = tiny_gpt()
+    """The tiny model of ``cfg`` (on ``cfg["device"]``, default CPU) and the engine keywords."""
+    model = tiny_gpt().to(cfg.get("device", "cpu"))
     if cfg.get("frozen"):
         model.wpe.weight.requires_grad_(False)
-    kw = {k: v for k, v in cfg.items() if k not in ("frozen",)}
+    kw = {k: v for k, v in cfg.items() if k not in ("frozen", "device")}
     return model, kw
 
 
 def reference(cfg: dict) -> tuple[list, list, torch.Tensor]:
-    """Single-process PlainEngine on the whole global batch (no process group)."""
+    """Single-process PlainEngine on the whole global batch (no process group), on the
+    config's device."""
     assert not dist.is_initialized()
     model, _ = build({k: cfg[k] for k in REF_KEYS if k in cfg})
     optim = cfg.get("optim", "adamw")
@@ -72,7 +76,7 @@ def reference(cfg: dict) -> tuple[list, list, torch.Tensor]:
         weight_decay=cfg.get("weight_decay", 0.0),
     )
     losses, norms = train(eng, 0, 1, 1, LR[optim])
-    return losses, norms, FlatLayout(model).flatten()
+    return losses, norms, FlatLayout(model).flatten().cpu()
 
 
 def tolerances(cfg: dict) -> dict[str, float]:
