@@ -35,6 +35,7 @@ from loco.config import CONF_DIR, ConfigError, compose, to_config
 GRACE_S = 15.0  # after Ctrl-C, how long sites get to stop before SIGKILL
 STATUS_EVERY_S = 10.0
 _SWEEP: list[dict[str, Any]] = []  # one row per multirun job (jobs run in this process)
+_SWEEP_DIR: list[Path] = []  # the multirun's sweep dir (table, CSV, plot)
 _SITE_OVERRIDES: list[str] = []  # ``site.*`` overrides: for the workers only (no site here)
 
 
@@ -111,7 +112,11 @@ class Federation:
     def start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         cert_dir = None
-        if not self.insecure and self.method != "local":
+        if (
+            not self.insecure
+            and self.method != "local"
+            and not _has(self.overrides, "gossip.cert_dir")
+        ):
             from loco.certs import write_run_certs
 
             cert_dir = write_run_certs(self.run_dir / "certs", self.sites)
@@ -314,7 +319,11 @@ def run_federation(overrides: list[str], run_dir: Path, timeout: float | None = 
     text = table(rows)
     (run_dir / "summary.txt").write_text(text + "\n")
     print(text, flush=True)
-    print(f"loco.local: {wall:.0f} s; per-site logs in {run_dir}/<site>/worker.log", flush=True)
+    from loco.report import try_write_report
+
+    try_write_report(run_dir, title=f"loco.local federation: {', '.join(sites)}")
+    print(f"loco.local: {wall:.0f} s; per-site logs in {run_dir}/<site>/worker.log; "
+          f"report {run_dir}/report.md", flush=True)  # fmt: skip
     return out
 
 
@@ -326,24 +335,12 @@ def _task(dcfg: DictConfig) -> None:
     res = run_federation(overrides, Path(hc.runtime.output_dir))
     bad = [r["site"] for r in res["sites"] if r.get("exit") != 0]
     if hc.mode is not None and str(hc.mode).endswith("MULTIRUN"):
-        vals = [r["val_loss"] for r in res["sites"] if r.get("val_loss") is not None]
-        _SWEEP.append({
-            "job": " ".join(overrides) or "(defaults)",
-            "val_loss": sum(vals) / len(vals) if vals else None,
-            "bytes_sent": sum(r.get("bytes_sent") or 0 for r in res["sites"]),
-            "ddp_bytes": sum(r.get("ddp_bytes") or 0 for r in res["sites"]),
-            "wall_s": res["wall_s"],
-        })  # fmt: skip
+        from loco.sweep import sweep_row
+
+        _SWEEP.append(sweep_row(list(hc.overrides.task), res))
+        _SWEEP_DIR[:] = [Path(hc.sweep.dir)]
     elif res["interrupted"] or bad:
         sys.exit(130 if res["interrupted"] else 1)
-
-
-def sweep_table(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'mean val loss':>13}  {'bytes sent':>10}  {'DDP bytes':>10}  {'wall':>6}  job"]
-    for r in rows:
-        lines.append(f"{_fmt(r['val_loss'], '.4f'):>13}  {_bytes(r['bytes_sent']):>10}  "
-                     f"{_bytes(r['ddp_bytes']):>10}  {r['wall_s']:>5.0f}s  {r['job']}")  # fmt: skip
-    return "\n".join(lines)
 
 
 def main() -> None:
@@ -366,7 +363,10 @@ def main() -> None:
         print(f"loco: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     if _SWEEP:
-        print("\nsweep:\n" + sweep_table(_SWEEP), flush=True)
+        from loco.sweep import write_sweep
+
+        text = write_sweep(_SWEEP, _SWEEP_DIR[0] if _SWEEP_DIR else Path("."))
+        print("\nsweep:\n" + text, flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,89 @@
+"""Helpers of the fault drills: a federation of real ``loco.worker`` processes with faults."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from loco.local import run_federation
+from loco.metrics import read_metrics
+
+TINY = [
+    "model.n_layer=2", "model.d_model=64", "model.n_head=2", "train.batch_size=4",
+    "train.seq_len=32", "train.eval_every=10", "train.eval_batches=2", "train.log_every=5",
+    "train.warmup_steps=2", "train.lr=3e-3",
+]  # fmt: skip
+# failures show up within a second: heartbeats every 0.2 s, dead after 2 misses
+FAST_FAILURE = ["gossip.heartbeat_s=0.2", "gossip.dead_after=2", "gossip.hello_timeout_s=1.0",
+                "gossip.max_retries=2", "gossip.backoff_s=0.05", "gossip.pull_timeout_s=8"]  # fmt: skip
+
+
+def run_drill(
+    tmp: Path, sites: list[str], faults: dict[str, Any] | None, overrides: list[str],
+    monkeypatch: pytest.MonkeyPatch, timeout: float = 200,
+) -> dict[str, Any]:  # fmt: skip
+    """Run a federation of ``sites`` with the ``LOCO_FAULTS`` spec ``faults``; every site must
+    exit 0. Returns run_federation's summary."""
+    if faults is None:
+        monkeypatch.delenv("LOCO_FAULTS", raising=False)
+    else:
+        monkeypatch.setenv("LOCO_FAULTS", json.dumps(faults))
+    ov = [f"federation.sites=[{','.join(sites)}]", *TINY, *FAST_FAILURE, *overrides]
+    out = run_federation(ov, tmp, timeout=timeout)
+    for r in out["sites"]:
+        log = (tmp / r["site"] / "worker.log").read_text()[-3000:]
+        assert r["exit"] == 0, f"{r['site']} exited {r['exit']}:\n{log}"
+    return out
+
+
+def outer(tmp: Path, site: str) -> list[dict[str, Any]]:
+    return read_metrics(tmp / site / "metrics.jsonl", "outer")
+
+
+def assert_no_nan_applied(tmp: Path, sites: list[str]) -> None:
+    """Every training and validation loss and every final parameter of every site is finite
+    (a NaN applied once would propagate into all of them)."""
+    for s in sites:
+        for kind in ("train", "eval"):
+            recs = read_metrics(tmp / s / "metrics.jsonl", kind)
+            assert recs, (s, kind)
+            bad = [r["step"] for r in recs if r["loss"] is None or not math.isfinite(r["loss"])]
+            assert not bad, f"{s}: non-finite {kind} loss at steps {bad}"
+        final = torch.load(tmp / s / "final_params.pt", weights_only=True)
+        assert bool(torch.isfinite(final).all()), f"{s}: non-finite final parameters"
+
+
+def distances(tmp: Path, site: str) -> dict[int, float | None]:
+    """Round -> consensus distance of ``site``'s record (None: nobody pulled that round)."""
+    return {r["round"]: r["consensus_distance"] for r in outer(tmp, site)}
+
+
+def recovered(
+    dist: dict[str, dict[int, float | None]], cut: tuple[int, int], within: int, slack: float = 1.25
+) -> None:
+    """The consensus distance is back to its pre-fault level ``within`` rounds of the heal:
+    every pairwise distance recorded from round ``cut[1] + within`` on is at most ``slack`` x
+    the largest one recorded before round ``cut[0]`` (the pairing is random, so single rounds
+    vary by ~2x; the largest pre-fault one is the level a healthy run reaches)."""
+    pre = [d for ds in dist.values() for t, d in ds.items() if t < cut[0] and d is not None]
+    post = {(s, t): d for s, ds in dist.items() for t, d in ds.items()
+            if t >= cut[1] + within and d is not None}  # fmt: skip
+    assert pre and max(pre) > 0, f"no pre-fault distance to compare with: {dist}"
+    assert post, f"no pairing after round {cut[1] + within}: {dist}"
+    bad = {k: d for k, d in post.items() if d > slack * max(pre)}
+    assert not bad, f"still apart after the heal (pre-fault level {max(pre):.3g}): {bad}"
+
+
+def assert_report(tmp: Path, sites: list[str]) -> None:
+    """``report.md`` and its three PNGs, in the federation dir and in every site's dir."""
+    for d in [tmp, *(tmp / s for s in sites)]:
+        text = (d / "report.md").read_text()
+        for png in ("val_loss.png", "bytes.png", "consensus.png"):
+            assert f"({png})" in text, (d, png)
+            data = (d / png).read_bytes()
+            assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, (d, png, len(data))

@@ -1,0 +1,44 @@
+"""Drill: a partition {eu} | {us, asia} for several rounds, then healed.
+
+Real ``loco.worker`` processes under ``loco.local``; the partition cuts every gossip RPC across
+it (Hello, heartbeat, pull) during rounds [5, 9) (``LOCO_FAULTS``, see loco/faults.py). Sites
+pair (``gossip.odd=sit_out``: one of three sits out each round), so the consensus distance of
+the pulled phi is a pairwise figure before the fault too.
+"""
+
+from __future__ import annotations
+
+from tests.drills.common import (
+    assert_no_nan_applied,
+    assert_report,
+    distances,
+    outer,
+    recovered,
+    run_drill,
+)
+
+SITES = ["eu", "us", "asia"]
+CUT = (5, 9)  # rounds 5..8 are cut
+RECOVER = 4  # rounds after the heal within which the distance is back to its pre-fault level
+
+
+def test_partition_then_heal(tmp_path, monkeypatch):
+    faults = {"partition": {"groups": [["eu"], ["us", "asia"]], "rounds": list(CUT)}}
+    ov = ["train.steps=80", "outer.H=5", "gossip.odd=sit_out"]
+    run_drill(tmp_path, SITES, faults, ov, monkeypatch)
+    assert_no_nan_applied(tmp_path, SITES)
+    recs = {s: {r["round"]: r for r in outer(tmp_path, s)} for s in SITES}
+    for s in SITES:
+        assert sorted(recs[s]) == list(range(1, 17)), s  # every site ran every round
+    # the cut was real: eu averaged with nobody, every pull across it failed as unavailable
+    for t in range(*CUT):
+        assert recs["eu"][t]["n"] == 1, recs["eu"][t]
+        for s in SITES:
+            for d in filter(None, recs[s][t]["dropped"].split(",")):
+                assert d.endswith(":unavailable"), (s, t, d)
+    # the other side kept averaging between themselves
+    assert any(recs[s][t]["n"] == 2 for s in ("us", "asia") for t in range(*CUT))
+    # healed: eu pairs again, and the consensus distance is back to its pre-fault level
+    assert any(recs["eu"][t]["n"] == 2 for t in range(CUT[1], 17))
+    recovered({s: distances(tmp_path, s) for s in SITES}, CUT, RECOVER)
+    assert_report(tmp_path, SITES)
