@@ -27,6 +27,7 @@
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
 #include <nmmintrin.h>
 #define LOCO_X86 1
 #endif
@@ -143,9 +144,11 @@ namespace base {
 #if defined(LOCO_X86) && defined(__GNUC__) && !defined(__clang__)
 #pragma GCC push_options
 #pragma GCC target("avx2")
+#define LOCO_KERNELS_AVX2 1
 namespace avx2 {
 #include "compress_kernels.inc"
 }  // namespace avx2
+#undef LOCO_KERNELS_AVX2
 #pragma GCC pop_options
 #define LOCO_HAVE_AVX2 1
 #endif
