@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-KINDS = ("train", "eval", "outer", "ckpt")
+KINDS = ("train", "eval", "outer", "ckpt", "join", "serve")
 
 
 class MetricsWriter:

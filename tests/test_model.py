@@ -71,6 +71,21 @@ def test_cached_greedy_generation_equals_full_recompute():
     assert longer.shape == (2, 75) and torch.equal(longer[:, :5], prompt)
 
 
+def test_incremental_decoding_equals_the_full_forward():
+    # a prompt of 7 tokens, then 2, then one at a time up to the full context: every position's
+    # logits match one full forward; tolerance: fp32 rounding of reordered sums (|logit| ~ 1)
+    m = small_gpt().eval()
+    idx = torch.randint(0, 256, (2, m.cfg.seq_len))
+    with torch.no_grad():
+        full = m(idx)
+        pieces, cache, pos = [], None, 0
+        for n in [7, 2] + [1] * (m.cfg.seq_len - 9):
+            logits, cache = m.forward_cached(idx[:, pos : pos + n], cache, pos)
+            pieces.append(logits)
+            pos += n
+    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_architecture_is_a_value_error():
     with pytest.raises(ValueError, match="divisible"):
         GPTConfig(d_model=30, n_head=4)

@@ -172,6 +172,22 @@ class GPT(nn.Module):
             x = block(x)
         return self.head_loss(x, targets)
 
+    def forward_cached(
+        self, idx: torch.Tensor, cache: list | None = None, pos0: int = 0
+    ) -> tuple[torch.Tensor, list]:
+        """Logits (B, T, vocab) of ``idx`` placed at positions ``pos0 ..`` after the keys and
+        values in ``cache`` (one ``(k, v)`` per block, None: empty), and the extended cache.
+
+        Feeding a sequence in pieces gives the logits of one full :meth:`forward` (to fp32
+        rounding).
+        """
+        x = self.embed(idx, pos0=pos0)
+        new_cache = []
+        for i, block in enumerate(self.blocks):
+            x, kv = block.forward_cached(x, None if cache is None else cache[i])
+            new_cache.append(kv)
+        return self.head(self.ln_f(x)), new_cache
+
     @torch.no_grad()
     def generate(
         self,
@@ -183,6 +199,7 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """Sample ``max_new_tokens`` tokens after ``idx`` (B, T) with a KV cache.
 
+        ``temperature`` 0 is greedy (deterministic); ``top_k`` keeps the k likeliest tokens.
         The context is cropped to the last ``seq_len`` tokens; once the cache is full the
         window restarts from the most recent ``seq_len // 2`` tokens.
         """
@@ -196,13 +213,9 @@ class GPT(nn.Module):
             if cache is not None and pos + cur.shape[1] > self.cfg.seq_len:
                 cache, pos = None, 0
                 cur = out[:, -(self.cfg.seq_len // 2) :]
-            x = self.embed(cur, pos0=pos)
-            new_cache = []
-            for i, block in enumerate(self.blocks):
-                x, kv = block.forward_cached(x, None if cache is None else cache[i])
-                new_cache.append(kv)
-            cache, pos = new_cache, pos + cur.shape[1]
-            logits = self.head(self.ln_f(x[:, -1, :])).float()
+            logits, cache = self.forward_cached(cur, cache, pos)
+            pos += cur.shape[1]
+            logits = logits[:, -1, :].float()
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
