@@ -16,8 +16,6 @@ import torch.distributed as dist
 
 from loco import build
 from loco import dist as ldist
-from loco.checkpoint import Checkpoint, capture, latest_checkpoint, restore
-from loco.checkpoint.state import streams_of
 from loco.config import LocoConfig
 from loco.metrics import MetricsWriter
 from loco.progress import Progress
@@ -54,50 +52,6 @@ def outer_summary(cfg: LocoConfig, outer: Any, trainer: Trainer, start: int) -> 
             None,
         ),
     }
-
-
-def join_live_run(
-    cfg: LocoConfig, outer: Any, engine: Any, *, rank: int, world: int, metrics: Any, say: Any
-) -> int:
-    """``resume=peer`` (or, with ``join.auto``, no checkpoint while members are past round 0):
-    take a live member's state through FetchState. Returns the step to start at (0: fresh)."""
-    from loco.outer.join import adopt, inner_streams, join, site_crc
-
-    want = cfg.resume == "peer"
-    if outer.node is None:
-        if want:
-            raise ValueError(
-                "resume=peer needs the gossip layer: this site never talks (outer=local, or no "
-                "gossip.cert_dir and gossip.insecure=false); use resume=latest or resume=none"
-            )
-        return 0
-    if not (want or cfg.join.auto):
-        return 0
-    joined = join(
-        node=outer.node, lo=outer.flat.lo, hi=outer.flat.hi,
-        inner_names=inner_streams(engine) if cfg.join.inner else (), min_round=0 if want else 1,
-        timeout_s=cfg.join.timeout_s, fetch_timeout_s=cfg.join.fetch_timeout_s, rank=rank,
-        world=world, say=say,
-    )  # fmt: skip
-    if joined is None:
-        if want:
-            raise ValueError(
-                f"resume=peer: no live member served its state within join.timeout_s="
-                f"{cfg.join.timeout_s:g}; start a member first (site.peers) or raise join.timeout_s"
-            )
-        return 0
-    start = adopt(joined, outer=outer, engine=engine, H=cfg.outer.H)
-    crc = site_crc(outer.state.phi, world)
-    what = "phi, momentum, master weights and optimizer moments" if joined.inner else "phi"
-    say(
-        f"joined the run from {joined.site} at round {joined.version} (step {start}): {what}, "
-        f"{joined.bytes_recv:,} bytes on rank 0 in {joined.seconds:.1f} s"
-    )
-    if metrics is not None:
-        metrics.log("join", step=start, round=joined.version, source=joined.site,
-                    seconds=joined.seconds, bytes_recv=joined.bytes_recv, tries=joined.tries,
-                    failed=",".join(joined.failed), inner=joined.inner, phi_crc=crc)  # fmt: skip
-    return start
 
 
 def seed_everything(seed: int) -> None:
@@ -140,13 +94,28 @@ def run_rank(
         f"{data.shard_tokens:,} tokens; global batch {data.global_rows} x {cfg.train.seq_len}"
     )
 
-    ckpt = build.checkpoint_writer_from(cfg, run_dir, engine, rank=rank, world=world)
+    ckpt = build.checkpointer_from(cfg, run_dir)
     start = 0
-    resume_from = None
+    state: dict[str, Any] | None = None
     if cfg.resume == "latest":
-        resume_from = latest_checkpoint(ckpt.dir)
-        if resume_from is None:
-            say(f"resume=latest: no checkpoint in {ckpt.dir}; starting fresh or joining")
+        path = ckpt.latest()
+        if path is None:
+            say(f"resume=latest: no checkpoint in {ckpt.dir}; starting from step 0")
+        else:
+            state = ckpt.load(path)
+            if len(state["ranks"]) != world:
+                raise ValueError(
+                    f"{path} was written by {len(state['ranks'])} rank(s); resume with site.nproc="
+                    f"{len(state['ranks'])} (this simple format does not reshard)"
+                )
+            engine.load_state_dict(state["ranks"][rank])
+            torch.set_rng_state(state["rng"])
+            start = int(state["step"])
+            say(f"resumed from {path} at step {start}")
+    elif cfg.resume == "peer":
+        raise ValueError(
+            "resume=peer needs the gossip layer, which this build does not run yet; use resume=latest"
+        )
 
     metrics = MetricsWriter(run_dir / "metrics.jsonl", site=site, rank=rank) if rank == 0 else None
     progress = (
@@ -158,37 +127,28 @@ def run_rank(
     # the outer loop: rounds every outer.H steps (local never talks); its state is on this rank's
     # range, so it is checkpointed per rank beside the engine's shard
     outer = build.outer_from(cfg, engine, rank=rank, world=world, metrics=metrics, say=say)
-    if resume_from is not None:
-        info = restore(Checkpoint(resume_from), engine=engine, outer=outer, rank=rank,
-                       world=world, optimizer=cfg.checkpoint.optimizer)  # fmt: skip
-        start = info["step"]
-        notes = f" ({'; '.join(info['notes'])})" if info["notes"] else ""
-        say(f"resumed from {resume_from} at step {start}{notes}")
-    if resume_from is None:
-        start = join_live_run(cfg, outer, engine, rank=rank, world=world, metrics=metrics, say=say)
-    serving = None
-    if outer.node is not None and cfg.join.serve:
-        from loco.outer.join import StateServer
-
-        serving = StateServer(outer=outer, inner=cfg.join.inner, metrics=metrics)
-        serving.publish(outer.state.rounds)
-
-    def on_step_end(done: int) -> None:
-        outer.on_step_end(done)
-        if serving is not None:
-            serving.after_step(done)
-
+    if state is not None and state.get("outer_ranks"):
+        outer.load_state_dict(state["outer_ranks"][rank])
     outer.start()
 
     def save(step: int) -> None:
-        # this rank's ranges to host memory; its own file is written in the background
-        tensors, span, scalars = capture(engine, outer, rank=rank,
-                                         optimizer=cfg.checkpoint.optimizer)  # fmt: skip
-        rnd = step // cfg.outer.H
-        ckpt.save(step, tensors, range=span, scalars=scalars,
-                  manifest={"round": rnd, "streams": streams_of(tensors)})  # fmt: skip
-        if metrics:
-            metrics.log("ckpt", step=step, round=rnd, stall_seconds=ckpt.stall_seconds)
+        # every rank's (possibly sharded) engine state, gathered into one file by rank 0
+        ranks = [engine.state_dict()]
+        outers = [outer.state_dict()]
+        if world > 1:
+            gathered: list | None = [None] * world if rank == 0 else None
+            dist.gather_object(ranks[0], gathered, dst=0)
+            ranks = gathered  # type: ignore[assignment]
+            gathered_o: list | None = [None] * world if rank == 0 else None
+            dist.gather_object(outers[0], gathered_o, dst=0)
+            outers = gathered_o  # type: ignore[assignment]
+        if rank == 0:
+            path = ckpt.save(step, {"step": step, "ranks": ranks, "outer_ranks": outers,
+                                    "rng": torch.get_rng_state()})  # fmt: skip
+            if metrics:
+                metrics.log("ckpt", step=step, round=0, path=str(path))
+        if world > 1:
+            dist.barrier()
 
     trainer = Trainer(
         engine=engine,
@@ -207,11 +167,10 @@ def run_rank(
         device=device,
         metrics=metrics,
         progress=progress,
-        on_step_end=on_step_end,
+        on_step_end=outer.on_step_end,
     )
     try:
         summary = trainer.fit(start, checkpoint=save, ckpt_every=cfg.checkpoint.every)
-        ckpt.wait()  # the last checkpoint is committed before the run ends
         outer.finish()
         summary.update(site=site, nproc=world, params=model.num_params())
         summary.update(outer_summary(cfg, outer, trainer, start))
