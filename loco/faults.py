@@ -9,6 +9,8 @@ acts during the outer rounds ``[a, b)`` of its ``rounds`` (round t ends at inner
      "slow":      {"site": "asia", "factor": 3.0, "rounds": [2, 5]},
      "payload":   {"site": "us", "kind": "nan" | "garbage", "rounds": [2, 5]}}
 
+``payload`` may also be a list of such entries (e.g. NaN in some rounds, garbage in others).
+
 - ``partition``: from the boundary of round a to that of round b, every gossip RPC (Hello,
   heartbeat, pull) to a site of another group fails at once as UNAVAILABLE, on both sides.
   Membership sees the peers die and pairs within each side; they come back after b.
@@ -71,11 +73,13 @@ class Faults:
         if self.slow_factor < 1.0:
             raise ValueError(f"{ENV}: slow.factor={self.slow_factor} must be >= 1")
         self.slow_rounds = _window(s, "slow") if s else (0, 0)
-        b = spec.get("payload") or {}
-        self.payload_kind = b.get("kind", "") if b.get("site") == site else ""
-        if self.payload_kind not in ("", "nan", "garbage"):
-            raise ValueError(f"{ENV}: payload.kind={self.payload_kind!r} must be nan or garbage")
-        self.payload_rounds = _window(b, "payload") if b else (0, 0)
+        b = spec.get("payload") or []
+        self.payloads: list[tuple[str, tuple[int, int]]] = []  # (kind, rounds) of this site
+        for e in [b] if isinstance(b, dict) else b:
+            if e.get("kind") not in ("nan", "garbage"):
+                raise ValueError(f"{ENV}: payload.kind={e.get('kind')!r} must be nan or garbage")
+            if e.get("site") == site:
+                self.payloads.append((e["kind"], _window(e, "payload")))
         self._rng = np.random.default_rng(zlib.crc32(site.encode()))
         self._step_end = time.perf_counter()
 
@@ -102,10 +106,11 @@ class Faults:
     def corrupt(self, t: int, buf: Any) -> Any:
         """What this site publishes for round ``t`` instead of ``buf`` (``buf`` itself if no
         fault): a raw fp32 array or a ``loco.compress`` frame, of the same size."""
-        if not self.payload_kind or not self._in(t, self.payload_rounds):
+        kind = next((k for k, w in self.payloads if self._in(t, w)), "")
+        if not kind:
             return buf
         n = memoryview(buf).nbytes
-        if self.payload_kind == "garbage":
+        if kind == "garbage":
             return self._rng.integers(0, 256, n, dtype=np.uint8)
         if isinstance(buf, np.ndarray) and buf.dtype == np.float32:  # raw stream
             return np.full_like(buf, np.nan)
