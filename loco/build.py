@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from loco.checkpoint import SimpleCheckpointer
+from loco.checkpoint import CheckpointWriter
 from loco.config import LocoConfig
 from loco.data import SiteData, load_corpus
 from loco.data.corpus import Corpus
@@ -89,9 +89,37 @@ def data_from(cfg: LocoConfig, corpus: Corpus, *, rank: int, world: int) -> Site
     )
 
 
-def checkpointer_from(cfg: LocoConfig, run_dir: Path) -> SimpleCheckpointer:
+def checkpoint_writer_from(
+    cfg: LocoConfig, run_dir: Path, engine, *, rank: int, world: int, group=None
+) -> CheckpointWriter:
+    """The site's universal checkpoint writer (``checkpoint.*``) with the manifest's fields."""
+    import dataclasses
+    import json
+
+    from loco.checkpoint.format import layout_json
+    from loco.checkpoint.state import aliases
+
+    assert cfg.site is not None
     d = Path(cfg.checkpoint.dir)
-    return SimpleCheckpointer(d if d.is_absolute() else run_dir / d, keep=cfg.checkpoint.keep)
+    meta = {
+        "run_id": cfg.run_id,
+        "site": cfg.site.name,
+        "zero_stage": cfg.zero.stage,
+        "optim": cfg.optim.name,
+        "layout": layout_json(engine.layout),
+        "aliases": aliases(engine.model, engine.layout),
+        # batches are a pure function of (seed, site, shard, step): the step is the state
+        "sampler": {
+            "kind": "stateless",
+            "seed": cfg.train.seed,
+            "site": cfg.site.name,
+            "shard": cfg.site.shard,
+            "num_shards": cfg.data.num_shards,
+        },
+        "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
+    }
+    return CheckpointWriter(d if d.is_absolute() else run_dir / d, rank=rank, world=world,
+                            keep=cfg.checkpoint.keep, meta=meta, group=group)  # fmt: skip
 
 
 def threads_for(cfg: LocoConfig, world: int) -> int:

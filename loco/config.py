@@ -309,11 +309,14 @@ class GossipConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Checkpoints under ``dir`` (relative to the site's run directory). ``every=0``: off."""
+    """Checkpoints under ``dir`` (relative to the site's run directory). ``every=0``: off.
+    ``optimizer``: save the optimizer moments (and use them on resume); false saves ~2/3 less
+    and resumes with fresh moments. Format: docs/checkpoint.md."""
 
     every: int = 0
     dir: str = "checkpoints"
     keep: int = 2
+    optimizer: bool = True
 
     def __post_init__(self) -> None:
         _positive("checkpoint.every", self.every, zero_ok=True)

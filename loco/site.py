@@ -16,6 +16,8 @@ import torch.distributed as dist
 
 from loco import build
 from loco import dist as ldist
+from loco.checkpoint import Checkpoint, capture, latest_checkpoint, restore
+from loco.checkpoint.state import streams_of
 from loco.config import LocoConfig
 from loco.metrics import MetricsWriter
 from loco.progress import Progress
@@ -94,24 +96,13 @@ def run_rank(
         f"{data.shard_tokens:,} tokens; global batch {data.global_rows} x {cfg.train.seq_len}"
     )
 
-    ckpt = build.checkpointer_from(cfg, run_dir)
+    ckpt = build.checkpoint_writer_from(cfg, run_dir, engine, rank=rank, world=world)
     start = 0
-    state: dict[str, Any] | None = None
+    resume_from = None
     if cfg.resume == "latest":
-        path = ckpt.latest()
-        if path is None:
-            say(f"resume=latest: no checkpoint in {ckpt.dir}; starting from step 0")
-        else:
-            state = ckpt.load(path)
-            if len(state["ranks"]) != world:
-                raise ValueError(
-                    f"{path} was written by {len(state['ranks'])} rank(s); resume with site.nproc="
-                    f"{len(state['ranks'])} (this simple format does not reshard)"
-                )
-            engine.load_state_dict(state["ranks"][rank])
-            torch.set_rng_state(state["rng"])
-            start = int(state["step"])
-            say(f"resumed from {path} at step {start}")
+        resume_from = latest_checkpoint(ckpt.dir)
+        if resume_from is None:
+            say(f"resume=latest: no checkpoint in {ckpt.dir}; starting fresh or joining")
     elif cfg.resume == "peer":
         raise ValueError(
             "resume=peer needs the gossip layer, which this build does not run yet; use resume=latest"
@@ -127,28 +118,23 @@ def run_rank(
     # the outer loop: rounds every outer.H steps (local never talks); its state is on this rank's
     # range, so it is checkpointed per rank beside the engine's shard
     outer = build.outer_from(cfg, engine, rank=rank, world=world, metrics=metrics, say=say)
-    if state is not None and state.get("outer_ranks"):
-        outer.load_state_dict(state["outer_ranks"][rank])
+    if resume_from is not None:
+        info = restore(Checkpoint(resume_from), engine=engine, outer=outer, rank=rank,
+                       world=world, optimizer=cfg.checkpoint.optimizer)  # fmt: skip
+        start = info["step"]
+        notes = f" ({'; '.join(info['notes'])})" if info["notes"] else ""
+        say(f"resumed from {resume_from} at step {start}{notes}")
     outer.start()
 
     def save(step: int) -> None:
-        # every rank's (possibly sharded) engine state, gathered into one file by rank 0
-        ranks = [engine.state_dict()]
-        outers = [outer.state_dict()]
-        if world > 1:
-            gathered: list | None = [None] * world if rank == 0 else None
-            dist.gather_object(ranks[0], gathered, dst=0)
-            ranks = gathered  # type: ignore[assignment]
-            gathered_o: list | None = [None] * world if rank == 0 else None
-            dist.gather_object(outers[0], gathered_o, dst=0)
-            outers = gathered_o  # type: ignore[assignment]
-        if rank == 0:
-            path = ckpt.save(step, {"step": step, "ranks": ranks, "outer_ranks": outers,
-                                    "rng": torch.get_rng_state()})  # fmt: skip
-            if metrics:
-                metrics.log("ckpt", step=step, round=0, path=str(path))
-        if world > 1:
-            dist.barrier()
+        # this rank's ranges to host memory; its own file is written in the background
+        tensors, span, scalars = capture(engine, outer, rank=rank,
+                                         optimizer=cfg.checkpoint.optimizer)  # fmt: skip
+        rnd = step // cfg.outer.H
+        ckpt.save(step, tensors, range=span, scalars=scalars,
+                  manifest={"round": rnd, "streams": streams_of(tensors)})  # fmt: skip
+        if metrics:
+            metrics.log("ckpt", step=step, round=rnd, stall_seconds=ckpt.stall_seconds)
 
     trainer = Trainer(
         engine=engine,
@@ -171,6 +157,7 @@ def run_rank(
     )
     try:
         summary = trainer.fit(start, checkpoint=save, ckpt_every=cfg.checkpoint.every)
+        ckpt.wait()  # the last checkpoint is committed before the run ends
         outer.finish()
         summary.update(site=site, nproc=world, params=model.num_params())
         summary.update(outer_summary(cfg, outer, trainer, start))

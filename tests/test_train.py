@@ -68,7 +68,7 @@ def test_resume_after_kill_continues_with_the_same_losses(tmp_path):
     cmd = [sys.executable, "-m", "loco.worker", *common, f"hydra.run.dir={run}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not (run / "checkpoints" / "step_0000010.pt").exists():
+    while not (run / "checkpoints" / "step_0000010" / "manifest.json").exists():
         assert proc.poll() is None and time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
@@ -92,13 +92,13 @@ def test_resume_after_kill_continues_with_the_same_losses(tmp_path):
 def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
     common = [*QUICK, "train.steps=4", "checkpoint.every=2"]
     assert run_worker(common, tmp_path).returncode == 0
-    ck = tmp_path / "checkpoints" / "step_0000004.pt"
+    ck = tmp_path / "checkpoints" / "step_0000004" / "rank_00000.bin"
     data = bytearray(ck.read_bytes())
     data[len(data) // 2] ^= 0xFF
     ck.write_bytes(bytes(data))
     p = run_worker([*common, "resume=latest"], tmp_path)
     assert p.returncode == 2
-    assert "step_0000004.pt is corrupt" in p.stderr.strip().splitlines()[-1]
+    assert "step_0000004/rank_00000.bin is corrupt" in p.stderr.strip().splitlines()[-1]
 
 
 def test_tiny_learns_the_stdlib(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,8 +30,8 @@ def test_resume_mid_run_equals_straight_run(tmp_path):
     # roll the second run back to its step-15 checkpoint, then resume to 30
     ck = tmp_path / "resumed" / "checkpoints"
     for p in ck.glob("step_*30*"):
-        p.unlink()
-    (ck / "latest").write_text("step_0000015.pt\n")
+        shutil.rmtree(p)
+    (ck / "latest").write_text("step_0000015\n")
     worker(tmp_path / "resumed", "train.steps=30", "checkpoint.every=15", "resume=latest")
     a = torch.load(tmp_path / "straight" / "final_params.pt")
     b = torch.load(tmp_path / "resumed" / "final_params.pt")

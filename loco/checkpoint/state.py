@@ -1,0 +1,200 @@
+"""What one rank puts into a checkpoint, and how a rank of any site size takes it back.
+
+A rank saves, on its own flat range ``[lo, hi)`` (``engine.flat_range``, the same for every
+ZeRO stage): the fp32 master weights, the optimizer moments (``optim.*``) and step, the outer
+state (``outer.phi``, ``outer.momentum``, rounds) and the error-feedback residual with its call
+counter; plus its RNG states. Rank 0 adds the frozen parameters and buffers (replicated). The
+data sampler is stateless (a batch is a pure function of seed, site and step), so the manifest
+records its inputs and the step to continue from.
+
+:func:`restore` reads this rank's range from whichever saved files intersect it. Same rank
+count: the state is exactly what was saved, so training continues bit-identically. Another
+rank count: per-rank scalars and RNG states come from saved rank ``rank % saved_world``.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from loco.checkpoint.format import CheckpointError
+from loco.checkpoint.reader import Checkpoint
+
+
+def _ef(outer: Any):
+    payloads = getattr(outer, "payloads", None)
+    return getattr(payloads, "ef", None) if payloads is not None else None
+
+
+def _ef_window(outer: Any, lo: int, hi: int) -> slice:
+    """Where the owned range sits in the residual, which covers the shard ``[slo, shi)``."""
+    slo = outer.payloads.slo
+    return slice(lo - slo, hi - slo) if hi > lo else slice(0, 0)
+
+
+def _rng_scalars() -> dict[str, Any]:
+    v, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "rng_python": [v, list(mt), gauss],
+        "rng_numpy": [name, keys.tolist(), pos, has_gauss, cached],
+    }
+
+
+def aliases(model: torch.nn.Module, layout: Any) -> dict[str, str]:
+    """``state_dict`` names that are the same tensor as a layout parameter (tied weights)."""
+    name_of = {id(p): s.name for s, p in zip(layout.specs, layout.params, strict=True)}
+    out = {}
+    for n, t in model.state_dict(keep_vars=True).items():
+        base = name_of.get(id(t))
+        if base is not None and base != n:
+            out[n] = base
+    return out
+
+
+def capture(
+    engine: Any, outer: Any = None, *, rank: int, optimizer: bool = True
+) -> tuple[dict[str, torch.Tensor], tuple[int, int], dict[str, Any]]:
+    """This rank's entries (live views: the writer copies them), its range, its scalars."""
+    lo, hi = engine.flat_range
+    tensors: dict[str, torch.Tensor] = {"master": engine.master_range()}
+    scalars: dict[str, Any] = {}
+    if optimizer:
+        for k, v in engine.optim_state_range().items():
+            tensors[f"optim.{k}"] = v
+        scalars["optim_step"] = int(engine.optim_step)
+    if outer is not None:
+        tensors["outer.phi"] = outer.state.phi
+        tensors["outer.momentum"] = outer.state.momentum
+        scalars["outer_rounds"] = int(outer.state.rounds)
+        ef = _ef(outer)
+        if ef is not None:
+            tensors["outer.ef_residual"] = ef.residual[_ef_window(outer, lo, hi)]
+            scalars["ef_calls"] = int(ef.calls)
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    scalars.update(_rng_scalars())
+    if rank == 0:
+        for n, p in engine.model.named_parameters():
+            if not p.requires_grad:
+                tensors[f"frozen.{n}"] = p.detach()
+        for n, b in engine.model.named_buffers():
+            tensors[f"buffer.{n}"] = b.detach()
+    return tensors, (lo, hi), scalars
+
+
+def streams_of(tensors: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k in tensors if k == "master" or k.startswith(("optim.", "outer."))]
+
+
+@torch.no_grad()
+def restore(
+    ck: Checkpoint,
+    *,
+    engine: Any,
+    outer: Any = None,
+    rank: int = 0,
+    world: int = 1,
+    optimizer: bool = True,
+    group: dist.ProcessGroup | None = None,
+) -> dict[str, Any]:
+    """Load checkpoint ``ck`` into this rank's engine (and outer loop). Collective.
+
+    Every rank reads its range first; if any rank fails, every rank raises the first error,
+    so no rank is left waiting in a collective. Returns ``step``, ``round`` and ``notes``
+    (what was not restored, for the user).
+    """
+    m = ck.manifest
+    lo, hi = engine.flat_range
+    src = rank if ck.world == world else rank % ck.world
+    notes: list[str] = []
+    got: dict[str, Any] = {}
+    err: str | None = None
+    try:
+        if m["layout"]["hash"] != engine.layout_hash:
+            raise CheckpointError(
+                f"{ck.path} was saved for flat layout {m['layout']['hash']} (P={ck.numel}); this "
+                f"model's is {engine.layout_hash} (P={engine.numel}); build the same model"
+            )
+        got["master"] = ck.read_range("master", lo, hi)
+        keys = [f"optim.{k}" for k in engine.optim_state_range()]
+        if not optimizer:
+            notes.append("optimizer state: fresh (checkpoint.optimizer=false)")
+        elif not all(ck.has(k) for k in keys):
+            notes.append(f"optimizer state: fresh (the checkpoint holds none for {keys})")
+        else:
+            for k in keys:
+                got[k] = ck.read_range(k, lo, hi)
+            got["optim_step"] = int(ck.scalars(0)["optim_step"])
+        if outer is not None:
+            if ck.has("outer.phi"):
+                got["outer.phi"] = ck.read_range("outer.phi", lo, hi)
+                got["outer.momentum"] = ck.read_range("outer.momentum", lo, hi)
+                got["outer_rounds"] = int(ck.scalars(src).get("outer_rounds", 0))
+            else:
+                notes.append("outer state: fresh (phi = the loaded weights)")
+            if _ef(outer) is not None and ck.has("outer.ef_residual"):
+                got["ef"] = ck.read_range("outer.ef_residual", lo, hi)
+                got["ef_calls"] = int(ck.scalars(src).get("ef_calls", 0))
+        for name in ck.entries[0]:
+            if name.startswith(("frozen.", "buffer.")):
+                got[name] = ck.entry(0, name)
+        if "rng.torch" in ck.entries[src]:
+            got["rng.torch"] = ck.entry(src, "rng.torch")
+    except CheckpointError as e:
+        err = str(e)
+    if world > 1:
+        errs: list[Any] = [None] * world
+        dist.all_gather_object(errs, err, group=group)
+        err = next((e for e in errs if e is not None), None)
+    if err is not None:
+        raise CheckpointError(err)
+
+    engine.master_range().copy_(got["master"])
+    for k, v in engine.optim_state_range().items():
+        if f"optim.{k}" in got:
+            v.copy_(got[f"optim.{k}"])
+        else:
+            v.zero_()
+    engine.optim_step = got.get("optim_step", 0)
+    params, bufs = dict(engine.model.named_parameters()), dict(engine.model.named_buffers())
+    for name, t in got.items():
+        if name.startswith("frozen.") and name[7:] in params:
+            params[name[7:]].data.copy_(t)
+        elif name.startswith("buffer.") and name[7:] in bufs:
+            bufs[name[7:]].copy_(t)
+    engine.sync_params(optim_state=True)
+    if outer is not None:
+        if "outer.phi" in got:
+            outer.state.phi.copy_(got["outer.phi"])
+            outer.state.momentum.copy_(got["outer.momentum"])
+            outer.state.rounds = got["outer_rounds"]
+        else:
+            outer.state.phi.copy_(engine.master_range())
+            outer.state.momentum.zero_()
+        ef = _ef(outer)
+        if ef is not None:
+            ef.residual.zero_()
+            if "ef" in got:
+                ef.residual[_ef_window(outer, lo, hi)] = got["ef"].to(ef.residual.device)
+                ef.calls = got["ef_calls"]
+            else:
+                notes.append("error feedback: fresh (zero residuals)")
+    if "rng.torch" in got:
+        torch.set_rng_state(got["rng.torch"])
+    sc = ck.scalars(src)
+    if "rng_python" in sc:
+        v, mt, gauss = sc["rng_python"]
+        random.setstate((v, tuple(mt), gauss))
+    if "rng_numpy" in sc:
+        name, keys, pos, has_gauss, cached = sc["rng_numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if ck.world != world:
+        notes.append(f"resharded from {ck.world} to {world} rank(s)")
+    ck.drop_cache()
+    return {"step": int(m["step"]), "round": int(m.get("round", 0)), "notes": notes}
