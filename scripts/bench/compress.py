@@ -12,10 +12,15 @@ ratios compare like with like: the copy runs alternately with each measured pass
 * ``encode``: the same kernel without error feedback (reads x, writes the payload);
 * ``decode_acc``: ONE fused pass ``out += decode(payload)``;
 * ``frame_ef``: ``ErrorFeedback.encode`` end to end (kernel, CRC-32C, header, copy into bytes);
-* ``bytes_per_param``: payload bytes per value (the 40-byte header excluded).
+* ``bytes_per_param``: payload bytes per value (the 40-byte header excluded);
+* ``*_bw_vs_copy``: the same ratios in bytes moved per second (the copy moves 8 bytes a value,
+  encode+EF 12 + bytes_per_param, decode-acc 8 + bytes_per_param), i.e. the fraction of the
+  copy's memory bandwidth a kernel reaches.
 
-With ``--device cuda`` the CUDA kernels are timed against the reference on the GPU and a device
-copy, and each payload is also checked bit for bit against the reference.
+With ``--device cuda`` the CUDA kernels are timed against the reference on the GPU and a
+device-to-device copy into a preallocated tensor, each call between two CUDA events (the
+kernels' status read-back included), median of 20; each payload, residual and decoded output
+is also checked bit for bit against the reference (``bitwise_equal_ref``).
 
     python scripts/bench/compress.py                      # 64M fp32 values, 2 threads, CPU
     python scripts/bench/compress.py --numel 4194304      # quick run
@@ -55,12 +60,17 @@ def _timer(device: torch.device, clock: str) -> Callable[..., tuple[float, float
     now = time.thread_time if clock == "cpu" else time.perf_counter
 
     def run(fn: Callable[[], object]) -> float:
-        if device.type == "cuda":
+        if device.type == "cuda":  # device time between two events on the current stream
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
             torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
         t0 = now()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
         return now() - t0
 
     def median_times(
@@ -99,16 +109,24 @@ def _bench_codec(name, x, dst, args, timer) -> dict[str, object]:  # noqa: ANN00
         lambda: ref.quantize(x, residual, payload, *a, -1), args.ref_reps, copy
     )
     dec_ref, _ = timer(lambda: ref.dequantize(payload, out, *a, True), args.ref_reps, copy)
+    # Memory traffic per value (bytes; write-allocate not counted): the copy reads 4 and
+    # writes 4; encode+EF reads x and r and writes r and the payload; decode-acc reads the
+    # payload and out and writes out. *_bw_vs_copy compares these bandwidths.
+    bpp = c.payload_nbytes(n) / n
+    t_copy, t_ef, t_enc, t_dec = 8.0, 12.0 + bpp, 4.0 + bpp, 8.0 + bpp
     row: dict[str, object] = {
-        "bytes_per_param": round(c.payload_nbytes(n) / n, 4),
+        "bytes_per_param": round(bpp, 4),
         "copy_gbps": round(gb / copy_enc, 2),
         "encode_ef_gbps": round(gb / enc, 2),
         "encode_ef_vs_copy": round(copy_enc / enc, 2),
         "encode_ef_vs_ref": round(enc_ref / enc, 1),
+        "encode_ef_bw_vs_copy": round(copy_enc / enc * t_ef / t_copy, 2),
         "encode_gbps": round(gb / plain, 2),
         "encode_vs_copy": round(copy_plain / plain, 2),
+        "encode_bw_vs_copy": round(copy_plain / plain * t_enc / t_copy, 2),
         "decode_acc_gbps": round(gb / dec, 2),
         "decode_acc_vs_copy": round(copy_dec / dec, 2),
+        "decode_acc_bw_vs_copy": round(copy_dec / dec * t_dec / t_copy, 2),
         "decode_acc_vs_ref": round(dec_ref / dec, 1),
         "ref_encode_ef_gbps": round(gb / enc_ref, 3),
         "ref_decode_acc_gbps": round(gb / dec_ref, 3),
@@ -139,7 +157,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--numel", type=int, default=64 * 2**20, help="fp32 values (default 64M)")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
-    ap.add_argument("--reps", type=int, default=5, help="timed runs of each kernel")
+    ap.add_argument("--reps", type=int, default=None, help="timed runs of each kernel (5; cuda 20)")
     ap.add_argument("--ref-reps", type=int, default=1, help="timed runs of each reference")
     ap.add_argument("--codecs", default="none,bf16,int8,int4,fp4,topk")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -148,6 +166,8 @@ def main() -> None:
         "--clock", choices=("wall", "cpu"), default="wall", help="cpu: thread CPU time (1 thread)"
     )
     args = ap.parse_args()
+    if args.reps is None:
+        args.reps = 20 if args.device.startswith("cuda") else 5
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 

@@ -1,4 +1,9 @@
-"""CUDA kernels equal the reference bit for bit (runs only with a GPU and a CUDA build)."""
+"""CUDA kernels equal the reference bit for bit (runs only with a GPU and a CUDA build).
+
+Every codec: none, bf16, int8, int4 and fp4 run the CUDA kernels (the warp-per-block fast path
+for blocks of 64-1024 values, the general path for other blocks, misaligned views and the last
+partial block); top-k runs the reference on the GPU and must give the CPU's bytes too.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,23 @@ import loco.compress as lc
 from loco.compress import reference as ref
 
 from .helpers import CONFIGS, config_id, ext_or_skip
+from .test_kernels import KINDS, _inputs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+# Beyond the shared configs: every fast-path block size, and int8 with fp16 scales at a block
+# count that leaves the codes 2-byte aligned (general path).
+CUDA_CONFIGS = [c for c in CONFIGS if c[0] != "topk"] + [
+    ("int8", {"block": 64}),
+    ("int8", {"block": 128, "scale_dtype": "fp16"}),
+    ("int8", {"block": 512}),
+    ("int8", {"block": 1024, "rounding": "stochastic"}),
+    ("int4", {"block": 256}),
+    ("int4", {"block": 1024, "scale_dtype": "fp32"}),
+    ("fp4", {"block": 512, "rounding": "stochastic"}),
+    ("int4", {"block": 96}),  # a multiple of 32 without a fast path
+]
+SIZES = (0, 1, 3, 255, 256, 257, 10_001, 3 * 2**16 + 77)
 
 
 @pytest.fixture(scope="module")
@@ -21,41 +41,100 @@ def ops():
     return o
 
 
-@pytest.mark.parametrize("cfg", [c for c in CONFIGS if c[0] != "topk"], ids=config_id)
-def test_cuda_matches_cpu_reference(cfg, ops):
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.cpu().view(torch.int32)
+
+
+def _check_encode(ops, codec, x, r, seed, offset=0):  # noqa: ANN001, ANN202
+    """Quantize x (+ r) with the reference on the CPU and the kernel on the GPU; compare all
+    bits. ``offset`` places the GPU copies at that many elements into a bigger buffer
+    (misaligned for the vector loads)."""
+    a = (codec.codec_id, codec.block, codec.k, codec.fp16_scale)
+    n = x.numel()
+    p_cpu = torch.empty(codec.payload_nbytes(n), dtype=torch.uint8)
+    r_cpu = r.clone() if r is not None else None
+    s_cpu = ref.quantize(x, r_cpu, p_cpu, *a, seed)
+    x_gpu = torch.empty(n + offset, device="cuda")[offset:]
+    x_gpu.copy_(x)
+    r_gpu = None
+    if r is not None:
+        r_gpu = torch.empty(n + offset, device="cuda")[offset:]
+        r_gpu.copy_(r)
+    p_gpu = torch.full((p_cpu.numel() + 4 * offset,), 0xAB, dtype=torch.uint8, device="cuda")
+    p_gpu = p_gpu[4 * offset :]  # none / bf16 payloads must be 4 / 2-byte aligned
+    s_gpu = ops.quantize(x_gpu, r_gpu, p_gpu, *a, seed)
+    assert s_gpu == s_cpu
+    if s_cpu == 0:
+        assert torch.equal(p_gpu.cpu(), p_cpu)
+        if r is not None:
+            assert torch.equal(_bits(r_gpu), _bits(r_cpu))
+    return p_cpu
+
+
+@pytest.mark.parametrize("cfg", CUDA_CONFIGS, ids=config_id)
+def test_cuda_matches_reference(cfg, ops):
     name, opts = cfg
     codec = lc.make_codec(name, **opts)
     seed = 99 if opts.get("rounding") == "stochastic" else -1
     a = (codec.codec_id, codec.block, codec.k, codec.fp16_scale)
     g = torch.Generator().manual_seed(0)
-    for n in (0, 1, 3, 255, 256, 257, 10_001):
+    for n in SIZES:
         x = torch.randn(n, generator=g) * 5
         r = torch.randn(n, generator=g) * 0.1
-        p_cpu = torch.empty(codec.payload_nbytes(n), dtype=torch.uint8)
-        r_cpu = r.clone()
-        assert ref.quantize(x, r_cpu, p_cpu, *a, seed) == 0
-        p_gpu = p_cpu.cuda().fill_(0xAB)
-        r_gpu = r.cuda()
-        assert ops.quantize(x.cuda(), r_gpu, p_gpu, *a, seed) == 0
-        assert torch.equal(p_gpu.cpu(), p_cpu), (name, opts, n)
-        assert torch.equal(r_gpu.cpu().view(torch.int32), r_cpu.view(torch.int32))
+        p_cpu = _check_encode(ops, codec, x, r, seed)
+        _check_encode(ops, codec, x, None, seed)
+        _check_encode(ops, codec, x, r, seed, offset=1)  # misaligned: general path
         for acc in (False, True):
-            o_cpu = torch.randn(n, generator=g)
-            o_gpu = o_cpu.cuda()
-            assert ref.dequantize(p_cpu, o_cpu, *a, acc) == 0
-            assert ops.dequantize(p_gpu, o_gpu, *a, acc) == 0
-            assert torch.equal(o_gpu.cpu().view(torch.int32), o_cpu.view(torch.int32))
+            for offset in (0, 1):
+                o_cpu = torch.randn(n, generator=g)
+                o_gpu = torch.empty(n + offset, device="cuda")[offset:]
+                o_gpu.copy_(o_cpu)
+                p_gpu = torch.empty(p_cpu.numel() + offset, dtype=torch.uint8, device="cuda")
+                p_gpu = p_gpu[offset:]
+                p_gpu.copy_(p_cpu)
+                assert ref.dequantize(p_cpu, o_cpu, *a, acc) == 0
+                assert ops.dequantize(p_gpu, o_gpu, *a, acc) == 0
+                assert torch.equal(_bits(o_gpu), _bits(o_cpu)), (name, opts, n, acc, offset)
+
+
+@pytest.mark.parametrize("name", ["int8", "int4", "fp4", "bf16"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuda_edge_inputs(name, kind, ops):
+    """Zeros, -0, huge, denormal, tiny, ties and wide exponents: same status and bits."""
+    codec = lc.make_codec(name)
+    for n in (1, 257, 4099):
+        _check_encode(ops, codec, _inputs(n, kind, seed=n), None, -1)
+
+
+@pytest.mark.parametrize("name", ["none", "bf16", "int8", "int4", "fp4"])
+def test_cuda_statuses(name, ops):
+    """NaN input -> status 1; a bad scale or value -> the reference's status, out untouched."""
+    codec = lc.make_codec(name)
+    a = (codec.codec_id, codec.block, codec.k, codec.fp16_scale)
+    x = torch.randn(1000)
+    x[517] = float("nan")
+    _check_encode(ops, codec, x, torch.zeros(1000), -1)
+    p = torch.empty(codec.payload_nbytes(1000), dtype=torch.uint8)
+    assert ref.quantize(torch.randn(1000), None, p, *a, -1) == 0
+    p[:4] = 0xFF  # NaN scale / NaN value
+    o = torch.randn(1000)
+    o_gpu = o.cuda()
+    st = ops.dequantize(p.cuda(), o_gpu, *a, True)
+    assert st != 0 and st == ref.dequantize(p, o.clone(), *a, True)
+    assert torch.equal(_bits(o_gpu), _bits(o))
 
 
 def test_cuda_api_roundtrip(ops):
     x = torch.randn(1000, device="cuda")
-    for name in lc.CODECS:
+    for name in lc.CODECS:  # top-k included (the reference, on the GPU)
         buf = lc.encode(x, name)
         assert buf == lc.encode(x.cpu(), name)
         out = torch.zeros(1000, device="cuda")
         lc.decode_accumulate(buf, out)
         assert torch.equal(out.cpu(), lc.decode(buf))
-    ef = lc.ErrorFeedback("int4", 1000, device="cuda")
-    ef_cpu = lc.ErrorFeedback("int4", 1000)
-    assert ef.encode(x) == ef_cpu.encode(x.cpu())
-    assert torch.equal(ef.residual.cpu(), ef_cpu.residual)
+    for name in ("int8", "int4", "topk"):
+        ef = lc.ErrorFeedback(name, 1000, device="cuda")
+        ef_cpu = lc.ErrorFeedback(name, 1000)
+        for _ in range(3):
+            assert ef.encode(x) == ef_cpu.encode(x.cpu())
+        assert torch.equal(ef.residual.cpu(), ef_cpu.residual)
