@@ -42,7 +42,7 @@ def records(run: Path, kind: str) -> list[dict]:
     return read_metrics(path, kind) if path.exists() else []
 
 
-@pytest.mark.slow  # ~40 s alone, 2+ min on 2 busy cores
+@pytest.mark.slow  # 42 s to 133 s on the shared 2-core box
 def test_a_site_joins_a_live_run_with_the_sources_phi_bitwise(tmp_path):
     eu_port, us_port = free_base_ports(2, 4)
     eu = start("eu", tmp_path / "eu", eu_port, "us", us_port, "site.nproc=2")
