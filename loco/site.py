@@ -127,11 +127,12 @@ def run_rank(
     outer.start()
 
     def save(step: int) -> None:
-        # this rank's ranges to host memory; its own file is written in the background
+        # this rank's ranges to host memory beside the next backward (fenced before the next
+        # optimizer step); its own file is written in the background
         tensors, span, scalars = capture(engine, outer, rank=rank,
                                          optimizer=cfg.checkpoint.optimizer)  # fmt: skip
         rnd = step // cfg.outer.H
-        ckpt.save(step, tensors, range=span, scalars=scalars,
+        ckpt.save(step, tensors, range=span, scalars=scalars, overlap=True,
                   manifest={"round": rnd, "streams": streams_of(tensors)})  # fmt: skip
         if metrics:
             metrics.log("ckpt", step=step, round=rnd, stall_seconds=ckpt.stall_seconds)
@@ -153,6 +154,7 @@ def run_rank(
         device=device,
         metrics=metrics,
         progress=progress,
+        before_step=ckpt.fence,
         on_step_end=outer.on_step_end,
     )
     try:

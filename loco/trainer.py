@@ -59,10 +59,12 @@ class Trainer:
         metrics: MetricsWriter | None = None,
         progress: Progress | None = None,
         on_step_end: Callable[[int], None] | None = None,
+        before_step: Callable[[], None] | None = None,
     ) -> None:
         """``on_step_end(done)`` runs after each optimizer step, before that step's logging and
         evaluation (the outer rounds plug in here, so an eval at a round boundary sees the
-        averaged weights)."""
+        averaged weights). ``before_step()`` runs after the backward passes, right before the
+        optimizer step (an overlapped checkpoint snapshot is fenced here)."""
         self.engine, self.data = engine, data
         self.model = engine.model
         self.steps, self.grad_accum, self.seq_len = steps, grad_accum, seq_len
@@ -76,6 +78,7 @@ class Trainer:
         self.world = dist.get_world_size(group) if dist.is_initialized() else 1
         self.metrics, self.progress = metrics, progress
         self.on_step_end = on_step_end
+        self.before_step = before_step
         self.hook_seconds = 0.0  # wall time spent in on_step_end (outer rounds)
         self.step = 0  # optimizer steps completed
         self.history: list[dict[str, Any]] = []
@@ -115,6 +118,8 @@ class Trainer:
             loss = self.model(x.to(self.device), y.to(self.device))
             self.engine.backward(loss / self.grad_accum)
             loss_sum += loss.detach()
+        if self.before_step is not None:
+            self.before_step()
         norm = self.engine.step(lr)
         return float(loss_sum) / self.grad_accum, lr, norm
 

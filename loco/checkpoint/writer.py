@@ -1,9 +1,13 @@
 """Asynchronous checkpoint writes: snapshot to host memory, write in the background, commit.
 
 Every rank of a site calls :meth:`CheckpointWriter.save` at the same step. On the calling
-(training) thread it waits for its own previous write, then copies its tensors into one
+(training) thread it waits for its own previous write, then its tensors are copied into one
 reusable staging buffer laid out exactly like its rank file (pinned host memory when a tensor
-is on a GPU) and returns: training stalls only for that copy. A background thread writes the
+is on a GPU). By default the copy happens before ``save`` returns: training stalls only for
+that copy. With ``overlap=True`` the copy runs beside the next forward and backward (a
+background thread on the CPU, a side stream on the GPU) and the caller must call
+:meth:`CheckpointWriter.fence` before it next changes the tensors (the optimizer step): the
+stall is then only what of the copy is left by then. A background thread writes the
 buffer to ``.tmp-step_N/rank_R.bin`` in large chunks straight from its memory (no pickling),
 computes the entries' CRC-32s beside it, fsyncs, and writes a small part manifest
 ``rank_R.json``. Rank 0's thread then waits for every rank's part, writes ``manifest.json``
@@ -118,7 +122,11 @@ class CheckpointWriter:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.last_committed: Path | None = None
-        self.stall_seconds = 0.0  # of the last save: the time the caller was blocked
+        self._snapped = threading.Event()
+        self._cuda_done: Any = None
+        self._stream: Any = None
+        self.stall_seconds = 0.0  # of the last save: the time the caller was blocked in it
+        self.fence_seconds = 0.0  # of the last fence: the time the caller waited for the copy
         self.write_seconds = 0.0  # of the last finished write (this rank's file, fsynced)
 
     # ------------------------------------------------------------------ caller's thread
@@ -131,15 +139,19 @@ class CheckpointWriter:
         range: tuple[int, int],
         scalars: dict[str, Any] | None = None,
         manifest: dict[str, Any] | None = None,
+        overlap: bool = False,
     ) -> None:
         """Snapshot ``tensors`` (this rank's entries) and write them in the background.
 
         ``range`` is the global flat range ``[lo, hi)`` of this rank's range streams;
         ``scalars`` (JSON) go into this rank's file record; ``manifest`` fields (rank 0's are
-        used) into the manifest. Collective: every rank calls it at the same step.
+        used) into the manifest. ``overlap``: copy in the background too; the caller must
+        call :meth:`fence` before changing any of ``tensors``. Collective: every rank calls
+        it at the same step.
         """
         t0 = time.perf_counter()
         self.wait()
+        self.fence_seconds = 0.0
         tmp = self.dir / f"{TMP_PREFIX}{step_name(step)}"
         if self.rank == 0:
             if tmp.exists():
@@ -148,7 +160,15 @@ class CheckpointWriter:
         if self.world > 1:
             dist.barrier(group=self.group)
         entries, total = plan(tensors)
-        staging = self._stage(tensors, entries, total)
+        staging = self._staging_for(tensors, total)
+        self._snapped.clear()
+        self._cuda_done = None
+        if not overlap:
+            self._copy(tensors, entries, staging)
+            tensors = {}
+        elif staging.is_pinned():  # GPU: copy on a side stream after the work queued so far
+            self._cuda_done = self._copy_on_side_stream(tensors, entries, staging)
+            tensors = {}
         record = {
             "rank": self.rank,
             "path": rank_file(self.rank),
@@ -160,11 +180,21 @@ class CheckpointWriter:
         self._error = None
         self._thread = threading.Thread(
             target=self._run,
-            args=(step, tmp, staging, total, entries, record, extra),
+            args=(step, tmp, staging, total, entries, record, extra, tensors),
             name=f"ckpt-write-{step}",
         )
         self._thread.start()
         self.stall_seconds = time.perf_counter() - t0
+
+    def fence(self) -> None:
+        """Return once the last save's snapshot is complete: the saved tensors may change."""
+        if self._cuda_done is not None:
+            torch.cuda.current_stream().wait_event(self._cuda_done)  # GPU-side wait only
+            return
+        if self._thread is not None:
+            t0 = time.perf_counter()
+            self._snapped.wait()
+            self.fence_seconds = time.perf_counter() - t0
 
     def wait(self) -> None:
         """Block until this rank's previous save is written (and, on rank 0, committed);
@@ -176,24 +206,46 @@ class CheckpointWriter:
             err, self._error = self._error, None
             raise CheckpointError(f"checkpoint write failed: {err}") from err
 
-    @torch.no_grad()
-    def _stage(self, tensors: dict[str, torch.Tensor], entries: list[Entry], total: int):
+    def _staging_for(self, tensors: dict[str, torch.Tensor], total: int) -> torch.Tensor:
         on_gpu = any(t.device.type == "cuda" for t in tensors.values())
         s = self._staging
         if s is None or s.numel() < total or (on_gpu and not s.is_pinned()):
             s = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=on_gpu)
             self._staging = s
+        return s
+
+    @staticmethod
+    @torch.no_grad()
+    def _copy(tensors: dict[str, torch.Tensor], entries: list[Entry], s: torch.Tensor) -> None:
+        on_gpu = s.is_pinned()
         for e, t in zip(entries, tensors.values(), strict=True):
             dst = s[e.offset : e.offset + e.nbytes].view(t.dtype).view(t.shape)
             dst.copy_(t.detach(), non_blocking=on_gpu)
         if on_gpu:
             torch.cuda.current_stream().synchronize()
-        return s
+
+    @torch.no_grad()
+    def _copy_on_side_stream(self, tensors, entries, s):
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        self._stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._stream):
+            for e, t in zip(entries, tensors.values(), strict=True):
+                dst = s[e.offset : e.offset + e.nbytes].view(t.dtype).view(t.shape)
+                dst.copy_(t.detach(), non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        return done
 
     # ------------------------------------------------------------------ background thread
 
-    def _run(self, step, tmp, staging, total, entries, record, extra) -> None:
+    def _run(self, step, tmp, staging, total, entries, record, extra, tensors) -> None:
         try:
+            if tensors:  # overlap on the CPU: the snapshot is this thread's first job
+                self._copy(tensors, entries, staging)
+            if self._cuda_done is not None:
+                self._cuda_done.synchronize()
+            self._snapped.set()
             t0 = time.perf_counter()
             buf = memoryview(staging.numpy()).cast("B")[:total]
             slow = float(os.environ.get(SLOW_ENV, "0") or 0)
@@ -206,6 +258,8 @@ class CheckpointWriter:
         except BaseException as e:  # noqa: BLE001 (handed to the training thread)
             log.exception("checkpoint: writing step %d failed", step)
             self._error = e
+        finally:
+            self._snapped.set()
 
     def _commit(self, step: int, tmp: Path, extra: dict[str, Any]) -> None:
         parts = [tmp / part_file(r) for r in range(self.world)]

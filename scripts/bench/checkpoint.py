@@ -1,24 +1,25 @@
-"""Benchmark of the asynchronous checkpoint writer against ``torch.save`` and ``dd``.
+"""Benchmark of the asynchronous checkpoint save against ``torch.save`` and ``dd``.
 
-Prints ONE JSON line. The state is one rank's checkpoint: five fp32 range streams of
-``--numel`` values (master weights, two AdamW moments, outer phi and momentum), plus the RNG
-state. Each round runs, alternately and in the same directory:
+Prints ONE JSON line. A real model trains on one rank (``ZeroEngine``, AdamW, the outer
+loop's state): its checkpoint is five fp32 streams of P values (master weights, two moments,
+outer phi and momentum) plus RNG state. Each round, alternately, in the same directory:
 
-* ours: ``CheckpointWriter.save`` (the training stall: wait for the previous write, snapshot
-  into the staging buffer) and then its background write (raw bytes, CRC-32 per entry, fsync,
-  manifest, rename, ``latest``);
-* ``torch.save`` of the same tensors to one file (its whole time is a stall; no fsync, as
-  usually called);
-* ``dd if=/dev/zero bs=16M conv=fsync`` of the same byte count (the disk's sequential rate).
+* ours, as the site runs it: ``save(overlap=True)`` after an optimizer step, then the next
+  forward and backward run while the snapshot is copied, then ``fence()`` before the next
+  optimizer step. The training stall is the time in ``save`` plus the time in ``fence``;
+  the background write (raw bytes, CRC-32 per entry, fsync, manifest, rename, ``latest``)
+  is timed apart. Also the blocking variant (``overlap=False``: the copy inside ``save``);
+* ``torch.save`` of the same tensors to one file: all of it is a stall (no fsync, as usually
+  called, which favours it);
+* ``dd if=/dev/zero bs=16M conv=fsync`` of the same byte count: the disk's sequential rate.
 
-Ratios are per round and the figures are medians over ``--rounds``:
-``stall_vs_torch_save`` = our stall / torch.save time (goal <= 0.10);
-``write_vs_dd`` = our write throughput (rank file bytes / write+checksum+fsync time) / dd's
-(goal >= 0.80). With ``--device cuda`` the tensors live on the GPU and the snapshot goes to
-pinned host memory.
+Ratios are per round, figures are medians over ``--rounds``: ``stall_vs_torch_save`` (goal
+<= 0.10), ``stall_sync_vs_torch_save`` (the blocking copy), ``write_vs_dd`` = our write
+throughput (rank-file bytes / write + checksum + fsync time) / dd's (goal >= 0.80).
 
-    python scripts/bench/checkpoint.py                    # 16M values: 320 MB per save
-    python scripts/bench/checkpoint.py --numel 4194304 --rounds 3   # quick
+    python scripts/bench/checkpoint.py                    # d_model 512, 4 layers: ~17M params
+    python scripts/bench/checkpoint.py --d-model 256 --rounds 3    # quick
+    python scripts/bench/checkpoint.py --device cuda      # GPU: side-stream copy to pinned memory
 """
 
 from __future__ import annotations
@@ -36,7 +37,14 @@ from pathlib import Path
 
 import torch
 
-from loco.checkpoint import CheckpointWriter
+from loco.checkpoint import CheckpointWriter, capture
+from loco.checkpoint.format import layout_json, plan
+from loco.checkpoint.state import streams_of
+from loco.engine.zero import ZeroEngine
+from loco.model.gpt import GPT, GPTConfig
+from loco.outer.flat import FlatView
+from loco.outer.loop import OuterLoop
+from loco.outer.methods import build_outer
 
 
 def _cpu_name() -> str:
@@ -65,32 +73,60 @@ def _dd(path: Path, nbytes: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--numel", type=int, default=16 << 20, help="values per stream")
+    ap.add_argument("--d-model", type=int, default=512)
+    ap.add_argument("--n-layer", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--dir", default=None, help="where to write (default: a temp dir in .)")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
 
     dev = torch.device(args.device)
-    g = torch.Generator().manual_seed(0)
-    names = ["master", "optim.exp_avg", "optim.exp_avg_sq", "outer.phi", "outer.momentum"]
-    tensors = {k: torch.randn(args.numel, generator=g).to(dev) for k in names}
-    tensors["rng.torch"] = torch.get_rng_state()
-    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=args.vocab, seq_len=args.seq_len, n_layer=args.n_layer,
+                    n_head=8, d_model=args.d_model)  # fmt: skip
+    engine = ZeroEngine(GPT(cfg).to(dev), stage=0, optim="adamw", lr=1e-4)
+    outer = OuterLoop(step=build_outer("local"), flat=FlatView(engine), H=1000, steps=10**6)
+    x = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), device=dev)
+
+    def fwd_bwd() -> None:
+        engine.backward(engine.model(x[:, :-1], x[:, 1:]))
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
     base = Path(tempfile.mkdtemp(prefix="ckpt-bench-", dir=args.dir or "."))
-    meta = {"layout": {"hash": "bench", "numel": args.numel, "params": []}}
+    meta = {"layout": layout_json(engine.layout)}
     writer = CheckpointWriter(base / "ours", keep=1, meta=meta)
-    rows = []
+    rows, nbytes = [], 0
     try:
         for r in range(args.rounds + 1):  # round 0 warms the staging buffer and the cache
-            for k in names:  # training touches the state between saves
-                tensors[k].mul_(1.0)
-            writer.save(r, tensors, range=(0, args.numel), manifest={"streams": names[:5]})
-            stall = writer.stall_seconds
+            fwd_bwd()
+            engine.step(1e-4)
+            sync()
+            tensors, span, scalars = capture(engine, outer, rank=0)
+            nbytes = plan(tensors)[1]
+            m = {"streams": streams_of(tensors)}
             t0 = time.perf_counter()
+            writer.save(2 * r, tensors, range=span, scalars=scalars, manifest=m, overlap=True)
+            stall_save = time.perf_counter() - t0
+            fwd_bwd()  # the next step's compute, beside the copy
+            t0 = time.perf_counter()
+            writer.fence()
+            sync()
+            stall = stall_save + time.perf_counter() - t0
+            engine.step(1e-4)
             writer.wait()
-            commit_tail = time.perf_counter() - t0
             write_s = writer.write_seconds
+            sync()
+            # the blocking variant: the copy inside save
+            t0 = time.perf_counter()
+            writer.save(2 * r + 1, tensors, range=span, scalars=scalars, manifest=m)
+            stall_sync = time.perf_counter() - t0
+            writer.wait()
             t0 = time.perf_counter()
             torch.save(tensors, base / "torch.pt")
             ts = time.perf_counter() - t0
@@ -98,29 +134,32 @@ def main() -> None:
             dd = _dd(base / "dd.bin", nbytes)
             if r == 0:
                 continue
-            rows.append(dict(stall=stall, torch_save=ts, write_s=write_s, dd=dd,
-                             commit_tail=commit_tail))  # fmt: skip
+            rows.append(dict(stall=stall, stall_sync=stall_sync, torch_save=ts,
+                             write_s=write_s, dd=dd))  # fmt: skip
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
     def med(k: str) -> float:
         return statistics.median(x[k] for x in rows)
 
-    ours_gbps = [nbytes / x["write_s"] / 1e9 for x in rows]
     out = {
         "bench": "checkpoint",
         "machine": f"{_cpu_name()}; {os.cpu_count()} cpus; torch {torch.__version__}",
         "device": str(dev),
+        "params": engine.numel,
         "bytes": nbytes,
         "rounds": len(rows),
         "stall_s": med("stall"),
+        "stall_sync_s": med("stall_sync"),
         "torch_save_s": med("torch_save"),
         "stall_vs_torch_save": statistics.median(x["stall"] / x["torch_save"] for x in rows),
+        "stall_sync_vs_torch_save": statistics.median(
+            x["stall_sync"] / x["torch_save"] for x in rows
+        ),
         "write_s": med("write_s"),
-        "write_GBps": statistics.median(ours_gbps),
+        "write_GBps": statistics.median(nbytes / x["write_s"] / 1e9 for x in rows),
         "dd_GBps": med("dd") / 1e9,
         "write_vs_dd": statistics.median(nbytes / x["write_s"] / x["dd"] for x in rows),
-        "commit_after_write_s": med("commit_tail"),
     }
     print(json.dumps(out))
 
