@@ -310,7 +310,7 @@ class GossipConfig:
 @dataclass
 class CheckpointConfig:
     """Checkpoints under ``dir`` (relative to the site's run directory). ``every=0``: off.
-    ``optimizer``: save the optimizer moments (and use them on resume); false saves ~2/3 less
+    ``optimizer``: save the optimizer moments (and use them on resume); false saves 40% less
     and resumes with fresh moments. Format: docs/checkpoint.md."""
 
     every: int = 0
