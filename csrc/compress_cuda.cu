@@ -398,16 +398,22 @@ __global__ void quantize_elementwise_kernel(const float* __restrict__ x, float* 
 // flags[0]: kBadValue / kBadScale; flags[1]: bad padding nibble. The decode kernel reads them
 // and leaves `out` untouched when any is set, so the host waits only once.
 __global__ void validate_kernel(const uint8_t* __restrict__ pay, int64_t n, int64_t nb,
-                                int64_t total, int64_t codec, bool fp16, int* __restrict__ flags) {
+                                int64_t total, int64_t codec, bool fp16, bool pay_aligned,
+                                int* __restrict__ flags) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t t0 = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (codec == kNone || codec == kBf16) {
     for (int64_t i = t0; i < n; i += stride) {
       bool bad;
-      if (codec == kNone) {
+      if (pay_aligned && codec == kNone) {
         bad = (f2u(reinterpret_cast<const float*>(pay)[i]) & 0x7F800000u) == 0x7F800000u;
-      } else {
+      } else if (pay_aligned) {
         bad = (reinterpret_cast<const uint16_t*>(pay)[i] & 0x7F80u) == 0x7F80u;
+      } else {  // a payload view at any byte offset: byte loads (little-endian)
+        const int w = codec == kNone ? 4 : 2;
+        uint32_t u = 0;
+        for (int c = 0; c < w; ++c) u |= static_cast<uint32_t>(pay[w * i + c]) << (8 * c);
+        bad = codec == kNone ? (u & 0x7F800000u) == 0x7F800000u : (u & 0x7F80u) == 0x7F80u;
       }
       if (bad) atomicOr(&flags[0], kBadValue);
     }
@@ -625,7 +631,9 @@ int64_t dequantize_cuda(const at::Tensor& payload, at::Tensor& out, int64_t code
   const uint8_t* pay = payload.data_ptr<uint8_t>();
   float* o = out.data_ptr<float>();
   const int64_t work = (codec == kNone || codec == kBf16) ? n : L.nb;
-  validate_kernel<<<grid_for(work), kThreads, 0, stream>>>(pay, n, L.nb, L.total, codec, fp16, fl);
+  const bool pay_aligned = aligned(pay, codec == kNone ? 4 : 2);
+  validate_kernel<<<grid_for(work), kThreads, 0, stream>>>(pay, n, L.nb, L.total, codec, fp16,
+                                                           pay_aligned, fl);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   bool vec = aligned(o, 16);
   if (codec == kNone) vec = vec && aligned(pay, 16);

@@ -77,9 +77,40 @@ def _backend(device: torch.device, codec_id: int):  # noqa: ANN202 - ops namespa
     if device.type == "cpu":
         ops = ext_ops()
         return ops if ops is not None else ref
-    if device.type == "cuda" and codec_id != ref.TOPK and ext_has_cuda():
+    if device.type == "cuda" and codec_id == ref.TOPK:
+        return _OnHost
+    if device.type == "cuda" and ext_has_cuda():
         return ext_ops()
     return ref
+
+
+class _OnHost:
+    """top-k of device tensors, computed on the CPU (kernel or reference) and copied back.
+
+    top-k has no CUDA kernel; torch's own ops on the GPU gave payloads that differ from the CPU
+    reference's bytes, so device tensors go through the one host implementation instead.
+    """
+
+    @staticmethod
+    def quantize(x, residual, payload, *args) -> int:  # noqa: ANN001 - the ops' signature
+        be = _backend(torch.device("cpu"), ref.TOPK)
+        r = residual.cpu() if residual is not None else None
+        p = torch.empty(payload.shape, dtype=payload.dtype)
+        status = be.quantize(x.cpu(), r, p, *args)
+        if status == 0:
+            payload.copy_(p)
+            if residual is not None:
+                residual.copy_(r)
+        return status
+
+    @staticmethod
+    def dequantize(payload, out, *args) -> int:  # noqa: ANN001 - the ops' signature
+        be = _backend(torch.device("cpu"), ref.TOPK)
+        o = out.cpu()
+        status = be.dequantize(payload.cpu(), o, *args)
+        if status == 0:
+            out.copy_(o)
+        return status
 
 
 @dataclass(frozen=True)

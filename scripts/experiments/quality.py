@@ -101,6 +101,12 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, default=ROOT / "outputs" / "quality")
     ap.add_argument("--out", type=Path, default=ROOT / "docs", help="where quality.md/.png go")
     ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        help="extra Hydra overrides for the federated methods (not DDP), e.g. outer.beta=1.0",
+    )
     a = ap.parse_args()
     if a.short:
         a.steps, a.H = 60, 20
@@ -118,7 +124,8 @@ def main() -> None:
             continue
         run = a.runs / stamp / name
         t0 = time.monotonic()
-        out = run_federation(ov + common, run, timeout=a.timeout)
+        extra = a.set if name != "ddp" else []
+        out = run_federation(ov + common + extra, run, timeout=a.timeout)
         wall = time.monotonic() - t0
         rows = out["sites"]
         sites = [r["site"] for r in rows]
