@@ -32,6 +32,7 @@ def _resumed(tmp_path, ref: dict[int, float], nproc: int, stage: int) -> None:
         assert got[s] == pytest.approx(ref[s], rel=1e-5, abs=1e-6), (nproc, s, got[s], ref[s])
 
 
+@pytest.mark.slow  # two worker runs: ~40 s on 2 idle cores, 160 s under load
 def test_resume_at_three_ranks_stage_3(tmp_path):
     two = run_worker([*COMMON, "site.nproc=2", "train.batch_size=6", "zero.stage=1"],
                      tmp_path / "two")  # fmt: skip
