@@ -7,7 +7,7 @@ acts during the outer rounds ``[a, b)`` of its ``rounds`` (round t ends at inner
 
     {"partition": {"groups": [["eu"], ["us", "asia"]], "rounds": [2, 5]},
      "slow":      {"site": "asia", "factor": 3.0, "rounds": [2, 5]},
-     "payload":   {"site": "us", "kind": "nan" | "garbage", "rounds": [2, 5]}}
+     "payload":   {"site": "us", "kind": "nan" | "garbage" | "huge", "rounds": [2, 5]}}
 
 ``payload`` may also be a list of such entries (e.g. NaN in some rounds, garbage in others).
 
@@ -17,7 +17,8 @@ acts during the outer rounds ``[a, b)`` of its ``rounds`` (round t ends at inner
 - ``slow``: the inner steps of rounds [a, b) of ``site`` take ``factor`` times as long (it
   sleeps ``factor - 1`` times each step's measured time).
 - ``payload``: ``site`` publishes, in rounds [a, b), well-formed frames with valid checksums
-  whose values are NaN (``nan``), or random bytes (``garbage``), instead of its delta and phi.
+  whose values are NaN (``nan``), random bytes (``garbage``) or finite 1e30 (``huge``), instead
+  of its delta and phi.
   It still applies its own true values itself.
 
 Not for production: a site started without ``LOCO_FAULTS`` has no faults and pays nothing.
@@ -76,8 +77,10 @@ class Faults:
         b = spec.get("payload") or []
         self.payloads: list[tuple[str, tuple[int, int]]] = []  # (kind, rounds) of this site
         for e in [b] if isinstance(b, dict) else b:
-            if e.get("kind") not in ("nan", "garbage"):
-                raise ValueError(f"{ENV}: payload.kind={e.get('kind')!r} must be nan or garbage")
+            if e.get("kind") not in ("nan", "garbage", "huge"):
+                raise ValueError(
+                    f"{ENV}: payload.kind={e.get('kind')!r} must be nan, garbage or huge"
+                )
             if e.get("site") == site:
                 self.payloads.append((e["kind"], _window(e, "payload")))
         self._rng = np.random.default_rng(zlib.crc32(site.encode()))
@@ -112,21 +115,23 @@ class Faults:
         n = memoryview(buf).nbytes
         if kind == "garbage":
             return self._rng.integers(0, 256, n, dtype=np.uint8)
+        value = 1e30 if kind == "huge" else np.nan
         if isinstance(buf, np.ndarray) and buf.dtype == np.float32:  # raw stream
-            return np.full_like(buf, np.nan)
-        return _nan_frame(max(1, (n - 40) // 4))
+            return np.full_like(buf, value)
+        return _value_frame(max(1, (n - 40) // 4), value)
 
 
-def _nan_frame(numel: int) -> np.ndarray:
-    """A ``loco.compress`` frame (codec none, fp32) of ``numel`` NaN values with valid checksums:
-    what a sender that skipped the encoder's finiteness check would ship."""
+def _value_frame(numel: int, value: float = np.nan) -> np.ndarray:
+    """A ``loco.compress`` frame (codec none, fp32) of ``numel`` copies of ``value`` with valid
+    checksums: what a sender that skipped the encoder's checks would ship (NaN), or finite
+    garbage (``huge``: 1e30)."""
     import torch
 
     from loco.compress import crc32c, encode
     from loco.compress.wire import HEADER_SIZE, Header
 
     frame = bytearray(memoryview(encode(torch.zeros(numel), "none")).cast("B"))
-    payload = np.full(numel, np.nan, dtype=np.float32).tobytes()
+    payload = np.full(numel, value, dtype=np.float32).tobytes()
     frame[HEADER_SIZE:] = payload
     h = Header.unpack(memoryview(frame), crc32c)
     head = Header(h.codec_id, h.dtype_id, h.flags, h.numel, h.block, h.k, h.payload_len,

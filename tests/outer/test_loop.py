@@ -146,7 +146,10 @@ def test_pair_identical_means_and_numpy_reference(pair):
                                    rtol=0, atol=1e-5)  # fmt: skip
         np.testing.assert_array_equal(theta[n].numpy(), s.state.phi.numpy())
     assert eu.history[0]["consensus_distance"] > 0
-    assert eu.history[0]["bytes_recv"] > 0 and eu.history[0]["bytes_sent"] > 0
+    assert eu.history[0]["bytes_recv"] > 0 and us.history[0]["bytes_recv"] > 0
+    # a site's served bytes land in the round record open when the partner pulls: the site that
+    # merges first may not have been pulled yet, the other one has been
+    assert eu.history[0]["bytes_sent"] + us.history[0]["bytes_sent"] > 0
 
 
 def test_decoded_values_are_used(pair):
@@ -321,3 +324,42 @@ def test_lattice_phi_too_far_drops_the_partner(pair):
     run_parallel([lambda s=s, i=i: inner_steps(s, 0, 5, i) for i, s in enumerate(sites.values())])
     rec = sites["eu"].history[0]
     assert rec["n"] == 1 and "us:bad_payload" in rec["dropped"]
+
+
+@pytest.mark.parametrize("bad", ["huge_delta", "huge_phi"])
+def test_finite_garbage_drops_partner_and_leaves_state(bad):
+    """1e30 everywhere is finite and well-formed, yet never applied: the plausibility bound."""
+    ports = ports_for(["eu", "us"])
+    eu = make_sites(["eu"], ports, codec="none", pull_timeout_s=3.0)["eu"]
+    evil = GossipNode(site="us", rank=0, nproc=1, flat_size=P, run_id=RUN, layout_hash=LAYOUT,
+                      listen=f"127.0.0.1:{ports['us']}", peers={"eu": f"127.0.0.1:{ports['eu']}"},
+                      insecure=True, heartbeat=False).start()  # fmt: skip
+    try:
+        huge = np.full(P, 1e30, np.float32)
+        like = eu.flat.theta.numpy().copy()  # a phi as close as a real partner's
+        evil.publish(1, "delta", huge if bad == "huge_delta" else np.zeros(P, np.float32))
+        evil.publish(1, "phi", huge if bad == "huge_phi" else like)
+        phi0 = eu.state.phi.clone()
+        inner_steps(eu, 0, 5, 1)
+        rec = eu.history[0]
+        assert rec["n"] == 1 and "us:implausible" in rec["dropped"], rec
+        torch.testing.assert_close(eu.state.phi, phi0 + B * eu.last_means[0], rtol=0, atol=1e-6)
+        assert float(eu.state.phi.abs().max()) < 1e3
+    finally:
+        evil.close()
+        eu.close()
+
+
+def test_implausible_bounds():
+    from loco.outer.loop import MAX_DELTA_RATIO, implausible
+
+    g = torch.Generator().manual_seed(0)
+    phi = 0.02 * torch.randn(10_000, generator=g)
+    d = 1e-3 * torch.randn(10_000, generator=g)
+    # a real partner: another site's delta of the same size, phi a little apart; even another
+    # random init is accepted (sqrt(2) x the weights' RMS apart)
+    assert implausible(1e-3 * torch.randn(10_000, generator=g), phi + 1e-4, d, phi) == ""
+    assert implausible(d, 0.02 * torch.randn(10_000, generator=g), d, phi) == ""
+    assert "delta" in implausible(d * (MAX_DELTA_RATIO * 2), phi, d, phi)
+    assert "phi" in implausible(d, phi + 1.0, d, phi)  # 50x the weights' RMS away
+    assert implausible(torch.zeros(0), torch.zeros(0), torch.zeros(0), torch.zeros(0)) == ""
