@@ -56,6 +56,50 @@ def outer_summary(cfg: LocoConfig, outer: Any, trainer: Trainer, start: int) -> 
     }
 
 
+def join_live_run(
+    cfg: LocoConfig, outer: Any, engine: Any, *, rank: int, world: int, metrics: Any, say: Any
+) -> int:
+    """``resume=peer`` (or, with ``join.auto``, no checkpoint while members are past round 0):
+    take a live member's state through FetchState. Returns the step to start at (0: fresh)."""
+    from loco.outer.join import adopt, inner_streams, join, site_crc
+
+    want = cfg.resume == "peer"
+    if outer.node is None:
+        if want:
+            raise ValueError(
+                "resume=peer needs the gossip layer: this site never talks (outer=local, or no "
+                "gossip.cert_dir and gossip.insecure=false); use resume=latest or resume=none"
+            )
+        return 0
+    if not (want or cfg.join.auto):
+        return 0
+    joined = join(
+        node=outer.node, lo=outer.flat.lo, hi=outer.flat.hi,
+        inner_names=inner_streams(engine) if cfg.join.inner else (), min_round=0 if want else 1,
+        timeout_s=cfg.join.timeout_s, fetch_timeout_s=cfg.join.fetch_timeout_s, rank=rank,
+        world=world, say=say,
+    )  # fmt: skip
+    if joined is None:
+        if want:
+            raise ValueError(
+                f"resume=peer: no live member served its state within join.timeout_s="
+                f"{cfg.join.timeout_s:g}; start a member first (site.peers) or raise join.timeout_s"
+            )
+        return 0
+    start = adopt(joined, outer=outer, engine=engine, H=cfg.outer.H)
+    crc = site_crc(outer.state.phi, world)
+    what = "phi, momentum, master weights and optimizer moments" if joined.inner else "phi"
+    say(
+        f"joined the run from {joined.site} at round {joined.version} (step {start}): {what}, "
+        f"{joined.bytes_recv:,} bytes on rank 0 in {joined.seconds:.1f} s"
+    )
+    if metrics is not None:
+        metrics.log("join", step=start, round=joined.version, source=joined.site,
+                    seconds=joined.seconds, bytes_recv=joined.bytes_recv, tries=joined.tries,
+                    failed=",".join(joined.failed), inner=joined.inner, phi_crc=crc)  # fmt: skip
+    return start
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -103,10 +147,6 @@ def run_rank(
         resume_from = latest_checkpoint(ckpt.dir)
         if resume_from is None:
             say(f"resume=latest: no checkpoint in {ckpt.dir}; starting fresh or joining")
-    elif cfg.resume == "peer":
-        raise ValueError(
-            "resume=peer needs the gossip layer, which this build does not run yet; use resume=latest"
-        )
 
     metrics = MetricsWriter(run_dir / "metrics.jsonl", site=site, rank=rank) if rank == 0 else None
     progress = (
@@ -124,6 +164,20 @@ def run_rank(
         start = info["step"]
         notes = f" ({'; '.join(info['notes'])})" if info["notes"] else ""
         say(f"resumed from {resume_from} at step {start}{notes}")
+    if resume_from is None:
+        start = join_live_run(cfg, outer, engine, rank=rank, world=world, metrics=metrics, say=say)
+    serving = None
+    if outer.node is not None and cfg.join.serve:
+        from loco.outer.join import StateServer
+
+        serving = StateServer(outer=outer, inner=cfg.join.inner, metrics=metrics)
+        serving.publish(outer.state.rounds)
+
+    def on_step_end(done: int) -> None:
+        outer.on_step_end(done)
+        if serving is not None:
+            serving.after_step(done)
+
     outer.start()
 
     def save(step: int) -> None:
@@ -155,7 +209,7 @@ def run_rank(
         metrics=metrics,
         progress=progress,
         before_step=ckpt.fence,
-        on_step_end=outer.on_step_end,
+        on_step_end=on_step_end,
     )
     try:
         summary = trainer.fit(start, checkpoint=save, ckpt_every=cfg.checkpoint.every)
