@@ -209,6 +209,7 @@ def run_rank(
         metrics=metrics,
         progress=progress,
         before_step=ckpt.fence,
+        checkpoint_ready=outer.settled,
         on_step_end=on_step_end,
     )
     try:

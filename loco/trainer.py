@@ -60,11 +60,14 @@ class Trainer:
         progress: Progress | None = None,
         on_step_end: Callable[[int], None] | None = None,
         before_step: Callable[[], None] | None = None,
+        checkpoint_ready: Callable[[], bool] | None = None,
     ) -> None:
         """``on_step_end(done)`` runs after each optimizer step, before that step's logging and
         evaluation (the outer rounds plug in here, so an eval at a round boundary sees the
         averaged weights). ``before_step()`` runs after the backward passes, right before the
-        optimizer step (an overlapped checkpoint snapshot is fenced here)."""
+        optimizer step (an overlapped checkpoint snapshot is fenced here). A checkpoint that falls
+        due while ``checkpoint_ready()`` is False (an overlapped outer round in flight) is taken
+        at the first step after it turns True, so a checkpoint never splits a round."""
         self.engine, self.data = engine, data
         self.model = engine.model
         self.steps, self.grad_accum, self.seq_len = steps, grad_accum, seq_len
@@ -79,6 +82,7 @@ class Trainer:
         self.metrics, self.progress = metrics, progress
         self.on_step_end = on_step_end
         self.before_step = before_step
+        self.checkpoint_ready = checkpoint_ready
         self.hook_seconds = 0.0  # wall time spent in on_step_end (outer rounds)
         self.step = 0  # optimizer steps completed
         self.history: list[dict[str, Any]] = []
@@ -133,6 +137,7 @@ class Trainer:
         window_t, window_steps = time.perf_counter(), 0
         last_eval: float | None = None
         losses: list[float] = []
+        ckpt_due = False
         for step in range(start, self.steps):
             loss, lr, norm = self.train_step(step)
             self.step = step + 1
@@ -179,10 +184,13 @@ class Trainer:
                     figs = "  ".join(f"{k} {v:.4f}" for k, v in ev.items())
                     self.progress.message(f"eval step {done}: val {figs}")
                 window_t += time.perf_counter() - t0  # eval time is not training throughput
-            if checkpoint is not None and ckpt_every and done % ckpt_every == 0:
-                t0 = time.perf_counter()
-                checkpoint(done)
-                window_t += time.perf_counter() - t0
+            ckpt_due = ckpt_due or bool(ckpt_every and done % ckpt_every == 0)
+            if checkpoint is not None and ckpt_due:
+                if self.checkpoint_ready is None or self.checkpoint_ready():
+                    t0 = time.perf_counter()
+                    checkpoint(done)
+                    window_t += time.perf_counter() - t0
+                    ckpt_due = False
         if self.progress:
             self.progress.close()
         return {"steps": self.step, "val_loss": last_eval, "tokens": self.step * tokens_per_step}

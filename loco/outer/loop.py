@@ -166,6 +166,10 @@ class OuterLoop:
                     break
                 time.sleep(0.05)
 
+    def settled(self) -> bool:
+        """No round in flight: the state is that of a round boundary (safe to checkpoint)."""
+        return self.pending is None
+
     def close(self) -> None:
         """Stop the gossip node (and the WAN proxy, if any). Idempotent."""
         closers, self.closers = self.closers, []

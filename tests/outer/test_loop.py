@@ -287,9 +287,10 @@ def test_overlap_merges_with_mix(pair):
             s.on_step_end(step)
             if step == 5 and s is eu:
                 assert s.pending is not None  # training goes on while the pull runs
+                assert not s.settled()  # no checkpoint may be taken now
 
     run_parallel([lambda s=s, i=i: run(s, i) for i, s in enumerate(sites.values())])
-    assert eu.pending is None and eu.history[0]["n"] == 2
+    assert eu.pending is None and eu.settled() and eu.history[0]["n"] == 2
     want = 0.5 * seen["theta_local"] + 0.5 * eu.state.phi
     torch.testing.assert_close(eu.flat.theta, want, rtol=0, atol=1e-6)
     assert sites["us"].history[0]["mean_crc"] == eu.history[0]["mean_crc"]
