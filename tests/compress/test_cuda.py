@@ -114,14 +114,29 @@ def test_cuda_statuses(name, ops):
     x = torch.randn(1000)
     x[517] = float("nan")
     _check_encode(ops, codec, x, torch.zeros(1000), -1)
-    p = torch.empty(codec.payload_nbytes(1000), dtype=torch.uint8)
-    assert ref.quantize(torch.randn(1000), None, p, *a, -1) == 0
-    p[:4] = 0xFF  # NaN scale / NaN value
-    o = torch.randn(1000)
-    o_gpu = o.cuda()
-    st = ops.dequantize(p.cuda(), o_gpu, *a, True)
-    assert st != 0 and st == ref.dequantize(p, o.clone(), *a, True)
-    assert torch.equal(_bits(o_gpu), _bits(o))
+    good = torch.empty(codec.payload_nbytes(1001), dtype=torch.uint8)
+    assert ref.quantize(torch.randn(1001), None, good, *a, -1) == 0
+    # NaN scale / NaN value at the start, inside and at the very end (the vector loads' tail);
+    # the payload also at odd byte offsets (byte loads).
+    # (Codes cannot be invalid: for the block codecs only the scales, at the start, are.)
+    values = codec.codec_id in (ref.NONE, ref.BF16)
+    for pos in (0, 517, good.numel() - 4) if values else (0,):
+        for offset in (0, 1):
+            p = good.clone()
+            p[pos : pos + 4] = 0xFF
+            o = torch.randn(1001)
+            o_gpu = o.cuda()
+            p_gpu = torch.empty(p.numel() + offset, dtype=torch.uint8, device="cuda")[offset:]
+            p_gpu.copy_(p)
+            st = ops.dequantize(p_gpu, o_gpu, *a, True)
+            assert st != 0 and st == ref.dequantize(p, o.clone(), *a, True), (pos, offset)
+            assert torch.equal(_bits(o_gpu), _bits(o))
+    if codec.codec_id in (ref.INT4, ref.FP4):  # 1001 values: the last low nibble is padding
+        p = good.clone()
+        p[-1] |= 1
+        o_gpu = torch.zeros(1001, device="cuda")
+        assert ops.dequantize(p.cuda(), o_gpu, *a, True) == ref.BAD_PADDING
+        assert not o_gpu.any()
 
 
 def test_cuda_api_roundtrip(ops):
