@@ -107,6 +107,8 @@ class Federation:
             self.nproc = max(self.nprocs.values())
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Any] = {}
+        self.cmds: dict[str, list[str]] = {}  # each site's command line (restart)
+        self.env: dict[str, str] = {}
         self.started = 0.0
 
     def start(self) -> None:
@@ -124,20 +126,46 @@ class Federation:
         ports = dict(zip(self.sites, bases, strict=True))
         ranks = sum(self.nprocs.values()) if self.nprocs else len(self.sites) * self.nproc
         threads = max(1, (os.cpu_count() or 1) // ranks)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.started = time.monotonic()
         for i, name in enumerate(self.sites):
-            d = self.run_dir / name
-            d.mkdir(parents=True, exist_ok=True)
             args = site_args(name, i, self.sites, ports, self.overrides, cert_dir, threads,
                              self.nprocs.get(name))  # fmt: skip
-            cmd = [sys.executable, "-m", "loco.worker", *args, f"hydra.run.dir={d}"]
-            (d / "command.txt").write_text(" ".join(cmd) + "\n")
-            self.logs[name] = open(d / "worker.log", "wb")  # noqa: SIM115
-            self.procs[name] = subprocess.Popen(
-                cmd, stdout=self.logs[name], stderr=subprocess.STDOUT, env=env,
-                start_new_session=True,  # its own process group: we signal its ranks with it
-            )  # fmt: skip
+            self.cmds[name] = [sys.executable, "-m", "loco.worker", *args]
+            self._launch(name, self.run_dir / name, [], "wb")
+
+    def _launch(self, name: str, d: Path, extra: list[str], mode: str) -> None:
+        d.mkdir(parents=True, exist_ok=True)
+        cmd = [*self.cmds[name], *extra, f"hydra.run.dir={d}"]
+        (d / "command.txt").write_text(" ".join(cmd) + "\n")
+        if name in self.logs:
+            self.logs[name].close()
+        self.logs[name] = open(d / "worker.log", mode)  # noqa: SIM115 (closed by close())
+        self.procs[name] = subprocess.Popen(
+            cmd, stdout=self.logs[name], stderr=subprocess.STDOUT, env=self.env,
+            start_new_session=True,  # its own process group: we signal its ranks with it
+        )  # fmt: skip
+
+    def kill(self, name: str) -> int:
+        """``kill -9`` site ``name``: SIGKILL to its process group (the worker and its ranks),
+        as a crash would; returns its exit code. The other sites go on."""
+        p = self.procs[name]
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return p.wait()
+
+    def restart(
+        self, name: str, extra: list[str] | None = None, run_dir: Path | None = None
+    ) -> None:
+        """Start site ``name`` again (after it died or was killed) with its command line, its
+        address and certificate, plus the ``extra`` overrides (e.g. ``resume=latest``): in its
+        own run dir (its log is appended to), or in ``run_dir`` (a replacement: fresh state)."""
+        if self.procs[name].poll() is None:
+            raise ValueError(f"site {name} is still running; kill it first")
+        d = run_dir if run_dir is not None else self.run_dir / name
+        self._launch(name, d, list(extra or []), "wb" if run_dir is not None else "ab")
 
     def poll(self) -> dict[str, int | None]:
         return {n: p.poll() for n, p in self.procs.items()}

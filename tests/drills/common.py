@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from loco.local import run_federation
+from loco.local import Federation, run_federation
 from loco.metrics import read_metrics
 
 TINY = [
@@ -87,3 +88,87 @@ def assert_report(tmp: Path, sites: list[str]) -> None:
             assert f"({png})" in text, (d, png)
             data = (d / png).read_bytes()
             assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, (d, png, len(data))
+
+
+# ---------------------------------------------------------------- kill, restart, replace a site
+
+
+def start_federation(
+    tmp: Path, sites: list[str], overrides: list[str], monkeypatch: pytest.MonkeyPatch,
+    nprocs: list[int] | None = None,
+) -> Federation:  # fmt: skip
+    """Start (and return, running) a federation of ``sites`` (``nprocs`` ranks each, default
+    1) with the drills' settings, as ``loco.local`` does, so that a test can kill and restart
+    one of its sites (``Federation.kill``, ``Federation.restart``)."""
+    monkeypatch.delenv("LOCO_FAULTS", raising=False)
+    ov = [f"federation.sites=[{','.join(sites)}]", *TINY, *FAST_FAILURE, *overrides]
+    # mTLS between the sites: start() makes the run CA and one certificate per site
+    fed = Federation(tmp, sites, ov, nproc=1, insecure=False, method="noloco", nprocs=nprocs)
+    fed.start()
+    return fed
+
+
+def wait_until(what: str, cond: Any, fed: Federation, timeout: float = 120.0) -> Any:
+    """Poll ``cond()`` every 20 ms until it is truthy (returned); fail naming ``what`` when a
+    site exits with an error (SIGKILL aside: the drill's own) or after ``timeout`` seconds."""
+    t0 = time.monotonic()
+    while not (got := cond()):
+        bad = {n: c for n, c in fed.poll().items() if c not in (None, 0, -9)}
+        assert not bad, f"waiting for {what}: site(s) exited {bad}"
+        assert time.monotonic() - t0 < timeout, f"{what}: not after {timeout:.0f} s"
+        time.sleep(0.02)
+    return got
+
+
+def records(path: Path, kind: str) -> list[dict[str, Any]]:
+    return read_metrics(path / "metrics.jsonl", kind) if (path / "metrics.jsonl").exists() else []
+
+
+def last_step(path: Path) -> int:
+    """The last inner step a site logged a train record for (0: none yet)."""
+    return max((r["step"] for r in records(path, "train")), default=0)
+
+
+def assert_kept_training(tmp: Path, others: list[str], t0: float, t1: float, H: int,
+                         pull_timeout_s: float) -> None:  # fmt: skip
+    """While a site was down (wall time ``[t0, t1)``) the ``others`` kept training: each ran
+    whole rounds then, and no round of theirs in the whole run waited past the pull deadline."""
+    for s in others:
+        done = [r["round"] for r in outer(tmp, s) if t0 <= r["time"] < t1]
+        assert len(done) >= 2, f"{s} ran {len(done)} rounds while the site was down"
+        slow = [(r["round"], round(r["round_seconds"], 2)) for r in outer(tmp, s)
+                if r["round_seconds"] > pull_timeout_s + 2.0]  # fmt: skip
+        assert not slow, f"{s}: rounds past the pull deadline {pull_timeout_s} s: {slow}"
+
+
+def split_distances(
+    tmp: Path, sites: list[str], t0: float, t1: float
+) -> tuple[list[float], dict[tuple[str, int], float]]:
+    """Pairwise consensus distances recorded before wall time ``t0`` (the fault) and after
+    ``t1`` (the site is back), the latter keyed by (site, round)."""
+    pre, post = [], {}
+    for s in sites:
+        for r in outer(tmp, s):
+            d = r["consensus_distance"]
+            if d is None:
+                continue
+            if r["time"] < t0:
+                pre.append(d)
+            elif r["time"] >= t1:
+                post[(s, r["round"])] = d
+    return pre, post
+
+
+def assert_committed(ck: Path) -> dict[str, Any]:
+    """``latest`` in the checkpoint dir ``ck`` names the newest committed checkpoint, which
+    loads (every entry passes its CRC-32) with finite values; returns its manifest."""
+    from loco.checkpoint import latest_checkpoint, load_full, read_manifest
+    from loco.checkpoint.format import steps
+
+    latest = latest_checkpoint(ck)
+    assert latest is not None, f"no committed checkpoint in {ck}"
+    man = read_manifest(latest)
+    assert man["step"] == max(steps(ck)), (latest, steps(ck))
+    for name, v in load_full(latest, what=tuple(man["streams"])).items():
+        assert bool(torch.isfinite(v).all()), f"{latest}: non-finite {name}"
+    return man
