@@ -329,8 +329,11 @@ uint32_t crc_sw(uint32_t c, const uint8_t* p, size_t n) {
   return c;
 }
 
+uint32_t multmodp(uint32_t a, uint32_t b);
+uint32_t x2nmodp(uint64_t n, unsigned k);
+
 #if defined(LOCO_X86)
-__attribute__((target("sse4.2"))) uint32_t crc_hw(uint32_t c, const uint8_t* p, size_t n) {
+__attribute__((target("sse4.2"))) uint32_t crc_hw_serial(uint32_t c, const uint8_t* p, size_t n) {
   uint64_t c0 = c;
   while (n >= 8) {
     uint64_t w;
@@ -342,6 +345,30 @@ __attribute__((target("sse4.2"))) uint32_t crc_hw(uint32_t c, const uint8_t* p, 
   uint32_t r = static_cast<uint32_t>(c0);
   while (n--) r = _mm_crc32_u8(r, *p++);
   return r;
+}
+
+// The crc32 instruction has a latency of ~3 cycles and a throughput of 1 a cycle: three
+// independent streams over the three thirds of the buffer, then combined as in crc32c_cpu
+// (reg(A || B) = reg(A) shifted over |B| zero bytes ^ reg(B) from 0): ~2-3x one stream.
+__attribute__((target("sse4.2"))) uint32_t crc_hw(uint32_t c, const uint8_t* p, size_t n) {
+  if (n < 3 * 4096) return crc_hw_serial(c, p, n);
+  const size_t third = (n / 3) & ~static_cast<size_t>(7);
+  uint64_t a = c, b = 0, d = 0;
+  const uint8_t* pb = p + third;
+  const uint8_t* pd = p + 2 * third;
+  for (size_t i = 0; i < third; i += 8) {
+    uint64_t wa, wb, wd;
+    std::memcpy(&wa, p + i, 8);
+    std::memcpy(&wb, pb + i, 8);
+    std::memcpy(&wd, pd + i, 8);
+    a = _mm_crc32_u64(a, wa);
+    b = _mm_crc32_u64(b, wb);
+    d = _mm_crc32_u64(d, wd);
+  }
+  const uint32_t k = x2nmodp(third, 3);  // x^(8 * third) mod P
+  uint32_t r = multmodp(k, static_cast<uint32_t>(a)) ^ static_cast<uint32_t>(b);
+  r = multmodp(k, r) ^ static_cast<uint32_t>(d);
+  return crc_hw_serial(r, p + 3 * third, n - 3 * third);
 }
 bool have_sse42() {
   static const bool ok = __builtin_cpu_supports("sse4.2");

@@ -128,7 +128,8 @@ def test_nonfinite_input_reported(cfg):
 def test_crc32c_matches_reference():
     ops = ext_or_skip()
     g = torch.Generator().manual_seed(0)
-    for n in [0, 1, 3, 8, 9, 4095, 4096, 4097, 100_000, (1 << 20) + 7, 5 * (1 << 20) + 3]:
+    for n in [0, 1, 3, 8, 9, 4095, 4096, 4097, 12287, 12288, 12301, 100_000, (1 << 20) + 7,
+              5 * (1 << 20) + 3]:  # fmt: skip
         data = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
         got = ops.crc32c(data, 0)
         assert got == ref.crc32c(data), n
