@@ -124,6 +124,13 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     if not ptr.exists():
         return None
     name = ptr.read_text().strip()
+    old = d / f"{TMP_PREFIX}old-{name}"
+    if STEP_RE.fullmatch(name) and not (d / name).exists() and (old / MANIFEST).is_file():
+        # the writer crashed while replacing a step saved twice: the old copy is whole; put it back
+        try:
+            old.rename(d / name)
+        except OSError:  # another rank put it back first
+            pass
     if not STEP_RE.fullmatch(name) or not (d / name / MANIFEST).is_file():
         raise CheckpointError(
             f"{ptr} names {name!r}, which is not a committed checkpoint in {d}; point it to one "

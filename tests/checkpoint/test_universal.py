@@ -194,3 +194,19 @@ def test_flipped_byte_is_one_clear_error(tmp_path):
     man.write_bytes(man.read_bytes()[:-20])  # a torn manifest (never happens: renamed last)
     with pytest.raises(CheckpointError, match=r"manifest\.json is corrupt"):
         Checkpoint(path)
+
+
+def test_crash_while_replacing_the_same_step_keeps_it_loadable(tmp_path):
+    """Saving a step that exists moves the old copy aside, then renames the new one in: a crash
+    between the two must still leave `latest` naming a whole, loadable checkpoint."""
+    eng, outer = make(stage=1)
+    save(eng, outer, tmp_path, 0, 1, step=3).wait()
+    path = latest_checkpoint(tmp_path)
+    before = load_full(path, what=("master",))["master"]
+    path.rename(tmp_path / f".tmp-old-{path.name}")  # the state at the crash
+    again = latest_checkpoint(tmp_path)
+    assert again == path and (path / "manifest.json").is_file()
+    assert torch.equal(load_full(again, what=("master",))["master"], before)
+    # and a second save of the same step replaces it whole
+    save(eng, outer, tmp_path, 0, 1, step=3).wait()
+    assert latest_checkpoint(tmp_path) == path and not list(tmp_path.glob(".tmp-*"))
