@@ -53,7 +53,15 @@ def resolve_device(device: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_group(*, backend: str, rank: int, world: int, init_method: str) -> None:
+def init_group(
+    *, backend: str, rank: int, world: int, init_method: str, checkpointing: bool = False
+) -> None:
+    """Join this rank's process group; ``checkpointing``: the engine will use activation
+    checkpointing (its imports must come first, see ``prepare_activation_checkpointing``)."""
+    if checkpointing:
+        from loco.engine.zero import prepare_activation_checkpointing
+
+        prepare_activation_checkpointing()
     dist.init_process_group(
         backend=backend,
         init_method=init_method,

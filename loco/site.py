@@ -242,7 +242,13 @@ def _spawned(
     rank: int, cfg: LocoConfig, run_dir: Path, init_method: str, world: int, backend: str
 ) -> None:
     try:
-        ldist.init_group(backend=backend, rank=rank, world=world, init_method=init_method)
+        ldist.init_group(
+            backend=backend,
+            rank=rank,
+            world=world,
+            init_method=init_method,
+            checkpointing=cfg.zero.activation_checkpointing,
+        )
         run_rank(cfg, run_dir, rank, world, rank)
     except ValueError as e:
         print(f"loco: error: {e}", file=sys.stderr, flush=True)
@@ -272,7 +278,13 @@ def launch(cfg: LocoConfig, run_dir: Path) -> dict[str, Any] | None:
                 f"loco: torchrun started {world} ranks; site.nproc={cfg.site.nproc} is ignored",
                 file=sys.stderr,
             )
-        ldist.init_group(backend=backend_for(cfg), rank=rank, world=world, init_method="env://")
+        ldist.init_group(
+            backend=backend_for(cfg),
+            rank=rank,
+            world=world,
+            init_method="env://",
+            checkpointing=cfg.zero.activation_checkpointing,
+        )
         try:
             obj = [str(run_dir)]
             dist.broadcast_object_list(obj, src=0)  # every rank writes under rank 0's run dir

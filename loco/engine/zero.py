@@ -43,6 +43,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -59,6 +60,19 @@ from loco.engine.flat_optim import build_flat_optimizer
 from loco.engine.stage3 import BlockShards, unit_of
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def prepare_activation_checkpointing() -> None:
+    """Import what ``torch.utils.checkpoint`` imports on its first call (``torch._dynamo``).
+
+    Call it before ``init_process_group`` in every process that will train with
+    ``activation_checkpointing``. Importing ``torch._dynamo`` while a process group exists
+    makes torch keep that group alive past ``destroy_process_group()`` (torch 2.13, gloo):
+    its worker threads then live into interpreter shutdown, and a worker that drops a finished
+    collective's tensor there needs the GIL and aborts the process ("terminate called without
+    an active exception"; docs/LOG.md, 2026-11-26). Imported first, nothing keeps the group.
+    """
+    import torch._dynamo  # noqa: F401
 
 
 def _dtype(name: str, key: str) -> torch.dtype:
@@ -210,6 +224,14 @@ class ZeroEngine:
         if self.shards is not None:
             self._handles += self.shards.install()
         if activation_checkpointing:
+            if self.world > 1 and "torch._dynamo" not in sys.modules:
+                warnings.warn(
+                    "zero.activation_checkpointing: call loco.engine.zero."
+                    "prepare_activation_checkpointing() before init_process_group, else the "
+                    "process group outlives destroy_process_group() and the process may abort "
+                    "at exit",
+                    stacklevel=2,
+                )
             self._install_checkpointing()
 
     # ---------------------------------------------------------------- construction

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from loco.engine.zero import prepare_activation_checkpointing
 from loco.model.gpt import GPT, GPTConfig
 
 TIMEOUT = datetime.timedelta(seconds=60)
@@ -39,12 +40,21 @@ def _entry(
     torch.set_num_threads(1)
     if backend == "nccl":
         torch.cuda.set_device(rank)
+    if _uses_checkpointing(args):
+        prepare_activation_checkpointing()  # before the group exists (see its docstring)
     store = dist.FileStore(path, world)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=TIMEOUT)
     try:
         fn(rank, world, *args)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _uses_checkpointing(args: tuple) -> bool:
+    """Whether any config dict among ``args`` (or lists of them) turns on checkpointing."""
+    items = [c for a in args for c in (a if isinstance(a, list) else [a])]
+    return any(isinstance(c, dict) and c.get("activation_checkpointing") for c in items)
 
 
 def run_ranks(fn: Callable[..., Any], world: int, *args: Any, backend: str = "gloo") -> None:
