@@ -56,11 +56,27 @@ class FlatOptimizer:
             for name in self.state_names
         }
 
-    def _views(self, flat: torch.Tensor, decay: bool) -> list[torch.Tensor]:
-        return [flat[a:b] for a, b in self.spans[decay]]
+    def _views(
+        self, flat: torch.Tensor, decay: bool, part: tuple[int, int] | None = None
+    ) -> list[torch.Tensor]:
+        if part is None:
+            return [flat[a:b] for a, b in self.spans[decay]]
+        lo, hi = part
+        return [flat[max(a, lo) : min(b, hi)] for a, b in self.spans[decay] if a < hi and b > lo]
 
-    def step(self, param: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
-        """Update ``param`` (fp32, length hi - lo) in place from ``grad`` (fp32, same length)."""
+    def step(
+        self,
+        param: torch.Tensor,
+        grad: torch.Tensor,
+        lr: float,
+        part: tuple[int, int] | None = None,
+        count: bool = True,
+    ) -> None:
+        """Update ``param`` (fp32, length hi - lo) in place from ``grad`` (fp32, same length).
+
+        ``part``: only ``[a, b)`` of the range (relative to ``lo``); a step done in parts
+        counts once (``count=True`` on one part only, before the others) and equals the whole
+        step (bitwise on the foreach paths; the fused AdamW kernel may differ by ulps at cuts)."""
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
@@ -103,16 +119,24 @@ class FlatAdamW(FlatOptimizer):
         self.fused = _has_fused_adamw(torch.device(device)) if fused is None else fused
 
     @torch.no_grad()
-    def step(self, param: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
-        self.step_count += 1
+    def step(
+        self,
+        param: torch.Tensor,
+        grad: torch.Tensor,
+        lr: float,
+        part: tuple[int, int] | None = None,
+        count: bool = True,
+    ) -> None:
+        if count:
+            self.step_count += 1
         m, v = self.state["exp_avg"], self.state["exp_avg_sq"]
         b1, b2 = self.betas
         for decay in (True, False):
-            if not self.spans[decay]:
+            ps, gs = self._views(param, decay, part), self._views(grad, decay, part)
+            if not ps:
                 continue
             wd = self.weight_decay if decay else 0.0
-            ps, gs = self._views(param, decay), self._views(grad, decay)
-            ms, vs = self._views(m, decay), self._views(v, decay)
+            ms, vs = self._views(m, decay, part), self._views(v, decay, part)
             if self.fused:
                 step_t = torch.tensor(float(self.step_count), device=param.device)
                 torch._fused_adamw_(
@@ -159,16 +183,24 @@ class FlatSGD(FlatOptimizer):
         self.momentum, self.nesterov = momentum, nesterov
 
     @torch.no_grad()
-    def step(self, param: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
-        self.step_count += 1
+    def step(
+        self,
+        param: torch.Tensor,
+        grad: torch.Tensor,
+        lr: float,
+        part: tuple[int, int] | None = None,
+        count: bool = True,
+    ) -> None:
+        if count:
+            self.step_count += 1
         for decay in (True, False):
-            if not self.spans[decay]:
+            ps, gs = self._views(param, decay, part), self._views(grad, decay, part)
+            if not ps:
                 continue
-            ps, gs = self._views(param, decay), self._views(grad, decay)
             if decay and self.weight_decay != 0:
                 torch._foreach_add_(gs, ps, alpha=self.weight_decay)  # grad is ours to modify
             if self.momentum != 0:
-                bufs = self._views(self.state["momentum"], decay)
+                bufs = self._views(self.state["momentum"], decay, part)
                 torch._foreach_mul_(bufs, self.momentum)
                 torch._foreach_add_(bufs, gs)
                 if self.nesterov:

@@ -81,6 +81,12 @@ def _dtype(name: str, key: str) -> torch.dtype:
     return DTYPES[name]
 
 
+OFFLOAD_PARTS = 8
+"""The offloaded optimizer step runs in up to this many parts, copies overlapped with compute."""
+OFFLOAD_MIN_PART = 1 << 20
+"""Values per part at least (smaller parts cost more in launches than they hide)."""
+
+
 @dataclass
 class _Bucket:
     """Gradients of a set of whole parameters, reduced together.
@@ -278,6 +284,8 @@ class ZeroEngine:
         # gradients: full fp32 accumulator (stages 0-1) or this rank's fp32 shard (2-3)
         n = self.padded if self.stage < 2 else self.hi - self.lo
         self.grad = torch.zeros(n, dtype=torch.float32, device=dev)
+        self._copy_stream: Any = None
+        self._uploaded = False
         if self.offload:
             self._grad_host = torch.zeros(
                 self.opt_hi - self.opt_lo, dtype=torch.float32, pin_memory=True
@@ -454,14 +462,44 @@ class ZeroEngine:
         if self.grad_clip > 0:
             grad.mul_(torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0))
         if self.offload:
-            self._grad_host.copy_(grad, non_blocking=True)
-            torch.cuda.current_stream(self.device).synchronize()
-            grad = self._grad_host
-        self.optimizer.step(self.master, grad, lr)
+            self._offload_step(grad, lr)
+        else:
+            self.optimizer.step(self.master, grad, lr)
         self._publish()
         self.grad.zero_()
         self._micro = 0
         return float(norm)
+
+    @torch.no_grad()
+    def _offload_step(self, grad: torch.Tensor, lr: float) -> None:
+        """The optimizer step on the host, pipelined in parts (ZeRO-Offload): part i+1's
+        gradient comes down and part i-1's new weights go up on a copy stream while the CPU
+        updates part i. The same update as one piece (elementwise; ulps at the cuts, fused AdamW)."""
+        n = grad.numel()
+        k = max(1, min(OFFLOAD_PARTS, n // OFFLOAD_MIN_PART))
+        parts = [(i * n // k, (i + 1) * n // k) for i in range(k)]
+        main = torch.cuda.current_stream(self.device)
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        cs = self._copy_stream
+        cs.wait_stream(main)  # the gradient is averaged and clipped
+        down = []
+        with torch.cuda.stream(cs):
+            for a, b in parts:
+                self._grad_host[a:b].copy_(grad[a:b], non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record(cs)
+                down.append(ev)
+        up = self.flat_param[self.opt_lo : self.opt_hi] if self.flat_param is not None else None
+        self.optimizer.step_count += 1
+        for (a, b), ev in zip(parts, down, strict=True):
+            ev.synchronize()
+            self.optimizer.step(self.master, self._grad_host, lr, part=(a, b), count=False)
+            if up is not None:  # stages 0-2: upload this part now (stage 3 gathers from master)
+                with torch.cuda.stream(cs):
+                    up[a:b].copy_(self.master[a:b], non_blocking=True)
+        main.wait_stream(cs)  # uploads done before the next use of the parameters
+        self._uploaded = up is not None
 
     @torch.no_grad()
     def _publish(self) -> None:
@@ -471,7 +509,9 @@ class ZeroEngine:
             return
         fp = self.flat_param
         assert fp is not None
-        if self.master.data_ptr() != fp[self.opt_lo :].data_ptr():
+        if self._uploaded:
+            self._uploaded = False
+        elif self.master.data_ptr() != fp[self.opt_lo :].data_ptr():
             fp[self.opt_lo : self.opt_hi].copy_(self.master, non_blocking=self.offload)
         if self.stage > 0 and self.world > 1:
             self._all_gather_params(fp)
