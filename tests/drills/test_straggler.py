@@ -29,12 +29,13 @@ def test_straggler_site(tmp_path, monkeypatch):
     a = torch.load(tmp_path / "eu" / "final_params.pt")
     b = torch.load(tmp_path / "us" / "final_params.pt")
     assert torch.equal(a, b)
-    # the fault was real: us's inner steps ran well under 0.6x as fast while slow (1/3 in
-    # theory; its windows also hold the rounds' own time and 2 shared cores add noise)
+    # the fault was real: us's inner steps ran well under 0.75x as fast while slow (1/3 in
+    # theory; its windows also hold the rounds' own time, and on 2 cores shared with other
+    # work the ratio was measured up to 0.60; without the fault it is ~1)
     tps = {
         r["step"]: r["tokens_per_s"]
         for r in read_metrics(tmp_path / "us" / "metrics.jsonl", "train")
     }
     slow = [tps[s] for s in (10, 15, 20)]  # steps 6-20 are rounds 2-4 (H = 5, log_every 5)
     fast = [tps[s] for s in (25, 30)]
-    assert sum(slow) / len(slow) < 0.6 * sum(fast) / len(fast), (slow, fast)
+    assert sum(slow) / len(slow) < 0.75 * sum(fast) / len(fast), (slow, fast)
