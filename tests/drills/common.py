@@ -19,6 +19,9 @@ TINY = [
     "train.seq_len=32", "train.eval_every=10", "train.eval_batches=2", "train.log_every=5",
     "train.warmup_steps=2", "train.lr=3e-3",
 ]  # fmt: skip
+SITES3 = ["eu", "us", "asia"]
+# 16 rounds of 5 steps; one of three sites sits out each round, so every distance is pairwise
+SHORT = ["train.steps=80", "outer.H=5", "gossip.odd=sit_out"]
 # failures show up within a second: heartbeats every 0.2 s, dead after 2 misses
 FAST_FAILURE = ["gossip.heartbeat_s=0.2", "gossip.dead_after=2", "gossip.hello_timeout_s=1.0",
                 "gossip.max_retries=2", "gossip.backoff_s=0.05", "gossip.pull_timeout_s=8"]  # fmt: skip
@@ -65,19 +68,36 @@ def distances(tmp: Path, site: str) -> dict[int, float | None]:
 
 
 def recovered(
-    dist: dict[str, dict[int, float | None]], cut: tuple[int, int], within: int, slack: float = 1.25
-) -> None:
-    """The consensus distance is back to its pre-fault level ``within`` rounds of the heal:
-    every pairwise distance recorded from round ``cut[1] + within`` on is at most ``slack`` x
-    the largest one recorded before round ``cut[0]`` (the pairing is random, so single rounds
-    vary by ~2x; the largest pre-fault one is the level a healthy run reaches)."""
-    pre = [d for ds in dist.values() for t, d in ds.items() if t < cut[0] and d is not None]
-    post = {(s, t): d for s, ds in dist.items() for t, d in ds.items()
-            if t >= cut[1] + within and d is not None}  # fmt: skip
-    assert pre and max(pre) > 0, f"no pre-fault distance to compare with: {dist}"
+    dist: dict[str, dict[int, float | None]], healthy: dict[str, dict[int, float | None]],
+    cut: tuple[int, int], within: int, slack: float = 1.5,
+) -> None:  # fmt: skip
+    """The sites re-converge after a fault in rounds ``[cut[0], cut[1])``: every pairwise
+    distance recorded from round ``cut[1] + within`` on is (a) at most ``slack`` x the largest
+    one the fault-free control run ``healthy`` (same settings and seed: the same pairs) records
+    before ``cut[1]``, i.e. back in a healthy run's range, and (b) below the largest one of
+    the first ``within`` rounds after the heal by the factor ``slack``, i.e. the gap the fault
+    opened has been closing. ``slack`` 1.5: single rounds vary ~2x with the random pairing,
+    and the healthy level itself falls with the learning rate, so exact levels differ from
+    one CPU's float rounding to another's; a site that does not re-converge fails (b)."""
+
+    def span(
+        d: dict[str, dict[int, float | None]], lo: int, hi: int
+    ) -> dict[tuple[str, int], float]:
+        return {(s, t): x for s, ds in d.items() for t, x in ds.items()
+                if lo <= t < hi and x is not None and x > 0}  # fmt: skip
+
+    end = 1 << 30
+    level = max(span(healthy, 0, cut[1]).values(), default=0.0)
+    assert level > 0, f"the control run paired nobody before round {cut[1]}: {healthy}"
+    gap = span(dist, cut[1], cut[1] + within)
+    assert gap, f"nobody paired in the {within} rounds after the heal: {dist}"
+    post = span(dist, cut[1] + within, end)
     assert post, f"no pairing after round {cut[1] + within}: {dist}"
-    bad = {k: d for k, d in post.items() if d > slack * max(pre)}
-    assert not bad, f"still apart after the heal (pre-fault level {max(pre):.3g}): {bad}"
+    peak = max(gap.values())
+    bad = {k: d for k, d in post.items() if d > slack * level or d > peak / slack}
+    assert not bad, (
+        f"still apart after the heal (healthy level {level:.3g}, gap at the heal {peak:.3g}): {bad}"
+    )
 
 
 def assert_report(tmp: Path, sites: list[str]) -> None:

@@ -9,6 +9,8 @@ the pulled phi is a pairwise figure before the fault too.
 from __future__ import annotations
 
 from tests.drills.common import (
+    SHORT,
+    SITES3,
     assert_no_nan_applied,
     assert_report,
     distances,
@@ -17,14 +19,14 @@ from tests.drills.common import (
     run_drill,
 )
 
-SITES = ["eu", "us", "asia"]
+SITES = SITES3
 CUT = (5, 9)  # rounds 5..8 are cut
-RECOVER = 4  # rounds after the heal within which the distance is back to its pre-fault level
+RECOVER = 4  # rounds after the heal within which the distance is back to the healthy level
 
 
-def test_partition_then_heal(tmp_path, monkeypatch):
+def test_partition_then_heal(tmp_path, monkeypatch, healthy):
     faults = {"partition": {"groups": [["eu"], ["us", "asia"]], "rounds": list(CUT)}}
-    ov = ["train.steps=80", "outer.H=5", "gossip.odd=sit_out"]
+    ov = SHORT
     run_drill(tmp_path, SITES, faults, ov, monkeypatch)
     assert_no_nan_applied(tmp_path, SITES)
     recs = {s: {r["round"]: r for r in outer(tmp_path, s)} for s in SITES}
@@ -38,7 +40,7 @@ def test_partition_then_heal(tmp_path, monkeypatch):
                 assert d.endswith(":unavailable"), (s, t, d)
     # the other side kept averaging between themselves
     assert any(recs[s][t]["n"] == 2 for s in ("us", "asia") for t in range(*CUT))
-    # healed: eu pairs again, and the consensus distance is back to its pre-fault level
+    # healed: eu pairs again, and the consensus distance is back to a healthy run's level
     assert any(recs["eu"][t]["n"] == 2 for t in range(CUT[1], 17))
-    recovered({s: distances(tmp_path, s) for s in SITES}, CUT, RECOVER)
+    recovered({s: distances(tmp_path, s) for s in SITES}, healthy, CUT, RECOVER)
     assert_report(tmp_path, SITES)

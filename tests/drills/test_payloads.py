@@ -8,19 +8,26 @@ for ``gossip.ban_rounds``; nobody ever applies a NaN.
 
 from __future__ import annotations
 
-from tests.drills.common import assert_no_nan_applied, distances, outer, recovered, run_drill
+from tests.drills.common import (
+    SHORT,
+    SITES3,
+    assert_no_nan_applied,
+    distances,
+    outer,
+    recovered,
+    run_drill,
+)
 
-SITES = ["eu", "us", "asia"]
+SITES = SITES3
 BAD = (5, 9)
 BAN = 2  # gossip.ban_rounds
 RECOVER = BAN + 3  # the ban outlasts the fault by up to BAN rounds; then pairs must meet again
 
 
-def test_nan_and_garbage_payloads(tmp_path, monkeypatch):
+def test_nan_and_garbage_payloads(tmp_path, monkeypatch, healthy):
     faults = {"payload": [{"site": "us", "kind": "nan", "rounds": [5, 7]},
                           {"site": "us", "kind": "garbage", "rounds": [7, 9]}]}  # fmt: skip
-    ov = ["train.steps=80", "outer.H=5", "gossip.odd=sit_out", "gossip.strikes=2",
-          f"gossip.ban_rounds={BAN}"]  # fmt: skip
+    ov = [*SHORT, "gossip.strikes=2", f"gossip.ban_rounds={BAN}"]
     run_drill(tmp_path, SITES, faults, ov, monkeypatch)
     assert_no_nan_applied(tmp_path, SITES)
     recs = {s: {r["round"]: r for r in outer(tmp_path, s)} for s in SITES}
@@ -42,4 +49,4 @@ def test_nan_and_garbage_payloads(tmp_path, monkeypatch):
         recs[s][t]["n"] == 2 and "us" in recs[s][t]["partner"]
         for s in ("eu", "asia") for t in range(BAD[1], 17)
     )  # fmt: skip
-    recovered({s: distances(tmp_path, s) for s in SITES}, BAD, RECOVER)
+    recovered({s: distances(tmp_path, s) for s in SITES}, healthy, BAD, RECOVER)
