@@ -64,6 +64,7 @@ class FlatOptimizer:
         lo, hi = part
         return [flat[max(a, lo) : min(b, hi)] for a, b in self.spans[decay] if a < hi and b > lo]
 
+    @torch.no_grad()
     def step(
         self,
         param: torch.Tensor,
@@ -77,6 +78,25 @@ class FlatOptimizer:
         ``part``: only ``[a, b)`` of the range (relative to ``lo``); a step done in parts
         counts once (``count=True`` on one part only, before the others) and equals the whole
         step (bitwise on the foreach paths; the fused AdamW kernel may differ by ulps at cuts)."""
+        if count:
+            self.step_count += 1
+        for decay in (True, False):
+            ps = self._views(param, decay, part)
+            if ps:
+                state = {k: self._views(v, decay, part) for k, v in self.state.items()}
+                self._update(ps, self._views(grad, decay, part), state, decay=decay, lr=lr)
+
+    def _update(
+        self,
+        ps: list[torch.Tensor],
+        gs: list[torch.Tensor],
+        state: dict[str, list[torch.Tensor]],
+        *,
+        decay: bool,
+        lr: float,
+    ) -> None:
+        """One step on matching views of the parameters, gradients and state of one decay
+        group (``gs`` may be modified)."""
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
@@ -118,45 +138,38 @@ class FlatAdamW(FlatOptimizer):
         self.betas, self.eps = betas, eps
         self.fused = _has_fused_adamw(torch.device(device)) if fused is None else fused
 
-    @torch.no_grad()
-    def step(
+    def _update(
         self,
-        param: torch.Tensor,
-        grad: torch.Tensor,
+        ps: list[torch.Tensor],
+        gs: list[torch.Tensor],
+        state: dict[str, list[torch.Tensor]],
+        *,
+        decay: bool,
         lr: float,
-        part: tuple[int, int] | None = None,
-        count: bool = True,
     ) -> None:
-        if count:
-            self.step_count += 1
-        m, v = self.state["exp_avg"], self.state["exp_avg_sq"]
+        ms, vs = state["exp_avg"], state["exp_avg_sq"]
         b1, b2 = self.betas
-        for decay in (True, False):
-            ps, gs = self._views(param, decay, part), self._views(grad, decay, part)
-            if not ps:
-                continue
-            wd = self.weight_decay if decay else 0.0
-            ms, vs = self._views(m, decay, part), self._views(v, decay, part)
-            if self.fused:
-                step_t = torch.tensor(float(self.step_count), device=param.device)
-                torch._fused_adamw_(
-                    ps, gs, ms, vs, [], [step_t] * len(ps),
-                    lr=lr, beta1=b1, beta2=b2, weight_decay=wd, eps=self.eps,
-                    amsgrad=False, maximize=False,
-                )  # fmt: skip
-                continue
-            # the arithmetic of torch.optim.AdamW(foreach=True)
-            if wd != 0:
-                torch._foreach_mul_(ps, 1 - lr * wd)
-            torch._foreach_lerp_(ms, gs, 1 - b1)
-            torch._foreach_mul_(vs, b2)
-            torch._foreach_addcmul_(vs, gs, gs, 1 - b2)
-            bc1 = 1 - b1**self.step_count
-            bc2_sqrt = (1 - b2**self.step_count) ** 0.5
-            denom = torch._foreach_sqrt(vs)
-            torch._foreach_div_(denom, bc2_sqrt)
-            torch._foreach_add_(denom, self.eps)
-            torch._foreach_addcdiv_(ps, ms, denom, -lr / bc1)
+        wd = self.weight_decay if decay else 0.0
+        if self.fused:
+            step_t = torch.tensor(float(self.step_count), device=ps[0].device)
+            torch._fused_adamw_(
+                ps, gs, ms, vs, [], [step_t] * len(ps),
+                lr=lr, beta1=b1, beta2=b2, weight_decay=wd, eps=self.eps,
+                amsgrad=False, maximize=False,
+            )  # fmt: skip
+            return
+        # the arithmetic of torch.optim.AdamW(foreach=True)
+        if wd != 0:
+            torch._foreach_mul_(ps, 1 - lr * wd)
+        torch._foreach_lerp_(ms, gs, 1 - b1)
+        torch._foreach_mul_(vs, b2)
+        torch._foreach_addcmul_(vs, gs, gs, 1 - b2)
+        bc1 = 1 - b1**self.step_count
+        bc2_sqrt = (1 - b2**self.step_count) ** 0.5
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denom, bc2_sqrt)
+        torch._foreach_add_(denom, self.eps)
+        torch._foreach_addcdiv_(ps, ms, denom, -lr / bc1)
 
 
 class FlatSGD(FlatOptimizer):
@@ -182,32 +195,26 @@ class FlatSGD(FlatOptimizer):
             raise ValueError("nesterov=True needs momentum > 0; set momentum or drop nesterov")
         self.momentum, self.nesterov = momentum, nesterov
 
-    @torch.no_grad()
-    def step(
+    def _update(
         self,
-        param: torch.Tensor,
-        grad: torch.Tensor,
+        ps: list[torch.Tensor],
+        gs: list[torch.Tensor],
+        state: dict[str, list[torch.Tensor]],
+        *,
+        decay: bool,
         lr: float,
-        part: tuple[int, int] | None = None,
-        count: bool = True,
     ) -> None:
-        if count:
-            self.step_count += 1
-        for decay in (True, False):
-            ps, gs = self._views(param, decay, part), self._views(grad, decay, part)
-            if not ps:
-                continue
-            if decay and self.weight_decay != 0:
-                torch._foreach_add_(gs, ps, alpha=self.weight_decay)  # grad is ours to modify
-            if self.momentum != 0:
-                bufs = self._views(self.state["momentum"], decay, part)
-                torch._foreach_mul_(bufs, self.momentum)
-                torch._foreach_add_(bufs, gs)
-                if self.nesterov:
-                    torch._foreach_add_(gs, bufs, alpha=self.momentum)
-                else:
-                    gs = bufs
-            torch._foreach_add_(ps, gs, alpha=-lr)
+        if decay and self.weight_decay != 0:
+            torch._foreach_add_(gs, ps, alpha=self.weight_decay)  # grad is ours to modify
+        if self.momentum != 0:
+            bufs = state["momentum"]
+            torch._foreach_mul_(bufs, self.momentum)
+            torch._foreach_add_(bufs, gs)
+            if self.nesterov:
+                torch._foreach_add_(gs, bufs, alpha=self.momentum)
+            else:
+                gs = bufs
+        torch._foreach_add_(ps, gs, alpha=-lr)
 
 
 def build_flat_optimizer(

@@ -491,10 +491,9 @@ class ZeroEngine:
                 ev.record(cs)
                 down.append(ev)
         up = self.flat_param[self.opt_lo : self.opt_hi] if self.flat_param is not None else None
-        self.optimizer.step_count += 1
-        for (a, b), ev in zip(parts, down, strict=True):
+        for i, ((a, b), ev) in enumerate(zip(parts, down, strict=True)):
             ev.synchronize()
-            self.optimizer.step(self.master, self._grad_host, lr, part=(a, b), count=False)
+            self.optimizer.step(self.master, self._grad_host, lr, part=(a, b), count=i == 0)
             if up is not None:  # stages 0-2: upload this part now (stage 3 gathers from master)
                 with torch.cuda.stream(cs):
                     up[a:b].copy_(self.master[a:b], non_blocking=True)
