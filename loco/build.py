@@ -193,7 +193,7 @@ def outer_from(
     o, c = cfg.outer, cfg.compression
     flat = FlatView(engine)
     step = build_outer(o.method, alpha=o.alpha, beta=o.beta, gamma=o.gamma, lr=o.lr,
-                       momentum=o.momentum)  # fmt: skip
+                       momentum=o.momentum, nesterov=o.nesterov)  # fmt: skip
     node = payloads = None
     closers: list = []
     faults = lfaults.load(cfg.site.name)  # drills only: $LOCO_FAULTS
@@ -237,7 +237,7 @@ def outer_from(
         site=cfg.site.name, all_live=o.method == "diloco", tau=o.tau, mix=o.mix, group=group,
         rank=rank, world=world, metrics=metrics, pull_timeout_s=cfg.gossip.pull_timeout_s,
         join_timeout_s=o.join_timeout_s, linger_s=min(10.0, cfg.gossip.pull_timeout_s), say=say,
-        closers=closers, faults=faults,
+        final_average=o.final_average, closers=closers, faults=faults,
     )  # fmt: skip
 
 

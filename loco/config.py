@@ -215,11 +215,13 @@ class OuterConfig:
     beta: float = 0.7
     gamma: float = 0.7
     lr: float = 0.7  # diloco outer SGD learning rate
-    momentum: float = 0.9  # diloco outer Nesterov momentum
+    momentum: float = 0.9  # diloco outer momentum
+    nesterov: bool = True  # diloco: Nesterov momentum (false: heavy ball, torch SGD semantics)
     tau: int = 0  # streaming overlap: inner steps the pull may run behind (0 = blocking)
     mix: float = 0.5
     join_timeout_s: float = 60.0  # at start, wait this long for every peer site to be live
     phi_lattice: bool = False  # send phi modulo-quantized next to the receiver's phi (~1.1 B/value)
+    final_average: bool = False  # noloco: after the last step, average the weights over all sites
 
     def __post_init__(self) -> None:
         _choice("outer.method", self.method, ("noloco", "diloco", "local"))
@@ -236,6 +238,10 @@ class OuterConfig:
         _positive("outer.join_timeout_s", self.join_timeout_s, zero_ok=True)
         if not isinstance(self.phi_lattice, bool):
             raise ConfigError(f"outer.phi_lattice={self.phi_lattice!r} must be true or false")
+        if not isinstance(self.nesterov, bool):
+            raise ConfigError(f"outer.nesterov={self.nesterov!r} must be true or false")
+        if not isinstance(self.final_average, bool):
+            raise ConfigError(f"outer.final_average={self.final_average!r} must be true or false")
 
 
 CODECS = ("none", "bf16", "int8", "int4", "fp4", "topk")
@@ -328,7 +334,8 @@ class JoinConfig:
     """Joining a live run through FetchState (docs/checkpoint.md, "Joining a live run")."""
 
     serve: bool = True  # after every round publish phi and outer momentum for joining sites
-    inner: bool = False  # also serve (members) / fetch (joiner) master weights and optimizer moments
+    # also serve (members) / fetch (joiner) master weights and optimizer moments
+    inner: bool = False
     auto: bool = True  # resume=none/latest without a checkpoint: join members already past round 0
     timeout_s: float = 300.0  # give up joining after this long (resume=peer: error; auto: fresh)
     fetch_timeout_s: float = 60.0  # deadline of one fetch from one member before trying another

@@ -45,6 +45,9 @@ def outer_summary(cfg: LocoConfig, outer: Any, trainer: Trainer, start: int) -> 
         "compute_utilization": (
             sum(h["compute_utilization"] for h in hist) / len(hist) if hist else 1.0
         ),
+        # the final average (outer.final_average): sites averaged, their distance before it
+        "final_average_n": outer.final["n"] if outer.final else None,
+        "final_average_distance": outer.final["consensus_distance"] if outer.final else None,
         "consensus_distance": next(
             (
                 h["consensus_distance"]

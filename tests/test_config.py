@@ -25,6 +25,8 @@ BAD = [
     (["+site=eu", "site.listen=nowhere"], ["site.listen", "HOST:PORT"]),
     (["+site=eu", "data=text"], ["data.path"]),
     (["site.nproc=2"], ["+site=NAME"]),
+    (["+site=eu", "outer.final_average=maybe"], ["outer.final_average"]),
+    (["+site=eu", "outer.nesterov=sometimes"], ["outer.nesterov"]),
 ]
 
 

@@ -191,13 +191,20 @@ class RangePayloads:
             raise PayloadError(f"{stream}: segments cover {covered} of {self.numel} values")
         return out
 
-    def pull(self, node, partner: str, round: int, stream: str, timeout_s: float | None = None):
-        """Pull and decode ``partner``'s ``stream`` on ``[lo, hi)``.
+    def raw(self, x: torch.Tensor) -> np.ndarray:
+        """``x`` on ``[lo, hi)`` as this rank's whole shard of raw fp32 (a lossless payload)."""
+        return self._padded(x).numpy()
+
+    def pull(self, node, partner: str, round: int, stream: str, timeout_s: float | None = None,
+             codec: str | None = None):  # fmt: skip
+        """Pull and decode ``partner``'s ``stream`` on ``[lo, hi)`` (``codec``: the stream's
+        own by default; ``"none"`` for a :meth:`raw` payload).
 
         Returns ``(tensor, "")`` or ``(None, cause)``; never raises for remote faults.
         """
         values: list[torch.Tensor] = []
-        codec = self.codec if stream == "delta" else self.phi_codec
+        if codec is None:
+            codec = self.codec if stream == "delta" else self.phi_codec
         ref = self._ref if codec == "lattice" else None
         kw: dict[str, object] = {"validate": self.validator(values, codec in LOSSLESS, ref)}
         if timeout_s is not None:

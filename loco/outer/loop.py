@@ -14,6 +14,12 @@ A failed pull (unreachable, timeout, banned, bad payload) drops that partner for
 with nobody left it is the local step (n = 1); training always goes on. A bad payload never
 reaches the state: it is decoded and checked before ``apply``. ``local`` never talks.
 
+Final average (``final_average``, NoLoCo only): after the last inner step every site publishes
+its weights raw (stream ``final``, round ``last + 1``), pulls every other live site's, and sets
+``theta = phi =`` their mean in site order, before the final evaluation: the sites end with
+one model, at the cost of one exact copy of the weights per peer, once per run. A site that
+does not answer in time is left out (on every rank of the site alike).
+
 Overlap (Streaming DiLoCo, ``tau > 0``): the boundary publishes and hands the pulls to a
 background thread; training goes on for ``tau`` inner steps, then the round is merged. Training
 is blocked only for encoding/publishing, for whatever of the pull is still running after
@@ -38,6 +44,8 @@ from loco.outer.flat import FlatView
 from loco.outer.methods import OuterState, OuterStep
 
 log = logging.getLogger(__name__)
+
+FINAL_STREAM = "final"
 
 
 @dataclass
@@ -75,6 +83,8 @@ class OuterLoop:
         pull_timeout_s: deadline of one pull (None: the node's default).
         join_timeout_s: at start, rank 0 waits up to this long for every peer to be live.
         linger_s: at the end, wait up to this long for the partners to pull the last round.
+        final_average: after the last step, average the weights over every live site (see the
+            module docstring); ignored for DiLoCo (already one model) and local (never talks).
         closers: called by :meth:`close` in order (default: ``node.close``).
         faults: drill fault injection (:class:`loco.faults.Faults`); None in real runs.
     """
@@ -100,6 +110,7 @@ class OuterLoop:
         join_timeout_s: float = 60.0,
         linger_s: float = 10.0,
         say: Callable[[str], None] | None = None,
+        final_average: bool = False,
         closers: list[Callable[[], None]] | None = None,
         faults: Any = None,
     ) -> None:
@@ -116,6 +127,8 @@ class OuterLoop:
         self.metrics, self.pull_timeout_s = metrics, pull_timeout_s
         self.join_timeout_s, self.linger_s = join_timeout_s, linger_s
         self.say = say or (lambda msg: None)
+        self.final_average = final_average and node is not None and not all_live
+        self.final: dict[str, Any] | None = None  # the final average's record, once done
         self.faults = faults
         self.closers = list(closers) if closers is not None else ([node.close] if node else [])
         # the outer state lives in host memory (fp32), whatever the engine's device
@@ -154,17 +167,36 @@ class OuterLoop:
         return self
 
     def finish(self) -> None:
-        """Merge a round still in flight; then give the partners time to pull the last one."""
+        """Merge a round still in flight; give the partners time to pull the last round (and the
+        final average); count what they pulled since the last record. Collective."""
         if self.pending is not None:
             self._merge(self.pending)
-        if self.node is not None and self.last is not None and self.last.partners:
+        if self.node is None:
+            return
+        want, since = 0, None
+        if self.last is not None and self.last.partners:
             want = (1 if self.all_live else 2) * len(self.last.partners)  # streams x partners
-            t0 = time.monotonic()
-            while time.monotonic() - t0 < self.linger_s:
-                served = self.node.metrics.snapshot().get("served_pulls", 0.0)
-                if served - self.last.served_before >= want:
-                    break
-                time.sleep(0.05)
+            since = self.last.served_before
+        if self.final is not None:
+            want += self.final["peers"]
+            since = self.final["served_before"] if since is None else since
+        t0 = time.monotonic()
+        while want and time.monotonic() - t0 < self.linger_s:
+            served = self.node.metrics.snapshot().get("served_pulls", 0.0)
+            if served - since >= want:
+                break
+            time.sleep(0.05)
+        # what the partners pulled after the last record (collective: every rank calls finish)
+        g = self.node.round_metrics()
+        vec = torch.tensor(
+            [g.get("bytes_sent", 0.0), g.get("bytes_recv", 0.0)], dtype=torch.float64
+        )
+        if self.world > 1:
+            dist.all_reduce(vec, group=self.group)
+        self.totals["bytes_sent"] += vec[0].item()
+        self.totals["bytes_recv"] += vec[1].item()
+        if self.final is not None:
+            self.final["bytes_sent"] += vec[0].item()
 
     def settled(self) -> bool:
         """No round in flight: the state is that of a round boundary (safe to checkpoint)."""
@@ -191,6 +223,8 @@ class OuterLoop:
             self._merge(p)
         if done % self.H == 0:
             self._boundary(done // self.H, done, overlap=self.tau > 0 and done < self.steps)
+        if done == self.steps and self.final_average:
+            self._final(done)
 
     def _live(self) -> list[str]:
         live = self.node.live_sites() if self.rank == 0 else None
@@ -340,6 +374,55 @@ class OuterLoop:
         self.history.append({"step": r.step, "round": r.t, **rec})
         if self.metrics is not None:
             self.metrics.log("outer", step=r.step, round=r.t, **rec)
+
+    @torch.no_grad()
+    def _final(self, done: int) -> None:
+        """The final average over every live site (module docstring)."""
+        t0 = time.perf_counter()
+        t = done // self.H + 1  # never a regular round: no boundary follows the last step
+        theta = self.flat.master()
+        own = theta.detach().float().cpu().clone()
+        served = self.node.metrics.snapshot().get("served_pulls", 0.0)
+        self.node.publish(t, FINAL_STREAM, self.payloads.raw(own), codec="raw")
+        peers = [s for s in self._live() if s != self.site]
+        jobs = {p: self._pool.submit(self.payloads.pull, self.node, p, t, FINAL_STREAM,
+                                     self.pull_timeout_s, "none") for p in peers}  # fmt: skip
+        got = {p: jobs[p].result() for p in peers}
+        for p, (v, _) in got.items():
+            if v is not None and (bad := implausible(torch.zeros(1), v, torch.zeros(1), own)):
+                log.warning("final average: %s sent implausible weights: %s", p, bad)
+                got[p] = (None, "implausible")
+        ok = torch.tensor([float(got[p][0] is not None) for p in peers], dtype=torch.float64)
+        if self.world > 1 and peers:  # the same members on every rank of the site
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.group)
+        members = sorted([(self.site, own)] + [(p, got[p][0]) for p, k in zip(peers, ok.tolist(),
+                         strict=True) if k > 0], key=lambda m: m[0])  # fmt: skip
+        vals = [m[1] for m in members]
+        sq = sum(float((v - own).double().pow(2).sum()) for v in vals)
+        mean = torch.stack(vals).mean(0)
+        theta.copy_(mean.to(theta.device, theta.dtype))
+        self.state.phi.copy_(mean)
+        self.flat.sync()
+        g = self.node.round_metrics()
+        vec = torch.tensor([g.get("bytes_sent", 0.0), g.get("bytes_recv", 0.0), sq,
+                            float((len(vals) - 1) * own.numel())], dtype=torch.float64)  # fmt: skip
+        if self.world > 1:
+            dist.all_reduce(vec, group=self.group)
+        sent, recv, sq_all, cnt_all = vec.tolist()
+        self.totals["bytes_sent"] += sent
+        self.totals["bytes_recv"] += recv
+        left_out = [f"{p}:{got[p][1] or 'rank'}" for p, k in zip(peers, ok.tolist(), strict=True)
+                    if k == 0]  # fmt: skip
+        rec = dict(final=True, partner=",".join(m[0] for m in members if m[0] != self.site),
+                   n=len(vals), dropped=",".join(left_out), bytes_sent=sent, bytes_recv=recv,
+                   round_seconds=time.perf_counter() - t0,
+                   consensus_distance=(sq_all / cnt_all) ** 0.5 if cnt_all else None,
+                   mean_crc=_crc((mean,)))  # fmt: skip
+        self.final = {"peers": len(peers), "served_before": served, **rec}
+        if left_out:
+            self.say(f"final average: {', '.join(left_out)} left out; averaged {len(vals)} sites")
+        if self.metrics is not None:
+            self.metrics.log("outer", step=done, round=t, **rec)
 
     # ------------------------------------------------------------------ checkpoints
 

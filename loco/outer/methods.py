@@ -125,12 +125,12 @@ class DiLoCo(OuterStep):
         state.phi.sub_(step, alpha=self.lr)
 
 
-def build_outer(method: str, **kw: float) -> OuterStep:
+def build_outer(method: str, **kw: float | bool) -> OuterStep:
     """An outer step by name, with only the keywords that method takes."""
     if method == "noloco":
         return NoLoCo(**{k: kw[k] for k in ("alpha", "beta", "gamma") if k in kw})
     if method == "local":
         return Local(**{k: kw[k] for k in ("alpha", "beta", "gamma") if k in kw})
     if method == "diloco":
-        return DiLoCo(**{k: kw[k] for k in ("lr", "momentum") if k in kw})
+        return DiLoCo(**{k: kw[k] for k in ("lr", "momentum", "nesterov") if k in kw})
     raise ValueError(f"outer.method={method!r} is not allowed; choose noloco, diloco or local")

@@ -48,7 +48,8 @@ class FakeFlat:
 
 
 def make_sites(names, ports, codec="int8", phi_codec="none", method="noloco", tau=0, mix=0.5,
-               seed=0, pull_timeout_s=5.0, H=5, steps=100, ef=True, phi_lattice=False):  # fmt: skip
+               seed=0, pull_timeout_s=5.0, H=5, steps=100, ef=True, phi_lattice=False,
+               final_average=False):  # fmt: skip
     sites = {}
     for name in names:
         node = GossipNode(
@@ -73,7 +74,7 @@ def make_sites(names, ports, codec="int8", phi_codec="none", method="noloco", ta
         loop = OuterLoop(
             step=build_outer(method, alpha=A, beta=B, gamma=G), flat=flat, H=H, steps=steps,
             node=node, payloads=pay, site=name, all_live=method == "diloco", tau=tau, mix=mix,
-            linger_s=2.0,
+            linger_s=2.0, final_average=final_average,
         )  # fmt: skip
         sites[name] = loop
     return sites
@@ -364,3 +365,69 @@ def test_implausible_bounds():
     assert "delta" in implausible(d * (MAX_DELTA_RATIO * 2), phi, d, phi)
     assert "phi" in implausible(d, phi + 1.0, d, phi)  # 50x the weights' RMS away
     assert implausible(torch.zeros(0), torch.zeros(0), torch.zeros(0), torch.zeros(0)) == ""
+
+
+def _train_to_end(loop, steps, seed, before_last):
+    """Inner steps 1..steps; ``before_last[site]`` = theta right before the last hook."""
+    g = torch.Generator().manual_seed(seed)
+    for s in range(1, steps + 1):
+        loop.flat.theta.add_(0.01 * torch.randn(P, generator=g))
+        if s == steps:
+            before_last[loop.site] = loop.flat.theta.clone()
+        loop.on_step_end(s)
+    loop.finish()
+
+
+def test_final_average_ends_every_site_on_one_model():
+    names = ["asia", "eu", "sa", "us"]
+    steps = 12  # rounds at 5 and 10; two more inner steps before the final average
+    sites = make_sites(names, ports_for(names), steps=steps, final_average=True)
+    before: dict[str, torch.Tensor] = {}
+    try:
+        run_parallel([lambda s=s, i=i: _train_to_end(s, steps, i, before)
+                      for i, s in enumerate(sites.values())])  # fmt: skip
+        # raw fp32 payloads, averaged in site order: bit-identical on every site
+        want = torch.stack([before[n] for n in sorted(names)]).mean(0)
+        for s in sites.values():
+            assert torch.equal(s.flat.theta, want), s.site
+            assert torch.equal(s.state.phi, want), s.site
+            f = s.final
+            assert f["n"] == 4 and f["dropped"] == "" and f["partner"].count(",") == 2
+            assert f["bytes_recv"] >= 3 * 4 * P and f["bytes_sent"] >= 3 * 4 * P  # 3 peers, fp32
+            assert f["consensus_distance"] > 0  # measured before averaging
+            assert len(s.history) == 2  # the final average is not an outer round
+        assert len({s.final["mean_crc"] for s in sites.values()}) == 1
+    finally:
+        for s in sites.values():
+            s.close()
+
+
+def test_final_average_leaves_out_a_dead_site_without_blocking():
+    ports = ports_for(["eu", "us", "sa"])
+    sites = make_sites(["eu", "us"], ports, steps=12, final_average=True, pull_timeout_s=1.5)
+    before: dict[str, torch.Tensor] = {}
+    try:  # sa never starts: not live, or unreachable within the pull deadline
+        run_parallel([lambda s=s, i=i: _train_to_end(s, 12, i, before)
+                      for i, s in enumerate(sites.values())], timeout=30)  # fmt: skip
+        want = torch.stack([before["eu"], before["us"]]).mean(0)
+        for s in sites.values():
+            assert torch.equal(s.flat.theta, want)
+            assert s.final["n"] == 2
+            assert s.final["round_seconds"] < 5.0
+    finally:
+        for s in sites.values():
+            s.close()
+
+
+def test_final_average_is_off_for_diloco_and_local():
+    names = ["eu", "us"]
+    sites = make_sites(names, ports_for(names), method="diloco", final_average=True)
+    try:
+        assert not any(s.final_average for s in sites.values())
+    finally:
+        for s in sites.values():
+            s.close()
+    loop = OuterLoop(step=build_outer("local", alpha=A, beta=B), flat=FakeFlat(torch.randn(P)),
+                     H=5, steps=5, final_average=True)  # fmt: skip
+    inner_steps(loop, 0, 5, 0)
+    assert loop.final is None

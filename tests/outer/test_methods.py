@@ -99,6 +99,27 @@ def test_diloco_matches_torch_sgd_semantics():
     torch.testing.assert_close(st.phi, p.detach(), rtol=1e-6, atol=1e-6)
 
 
+def test_diloco_heavy_ball_matches_torch_sgd_and_noloco_with_one_group():
+    rng = np.random.default_rng(6)
+    phi0 = rand(rng)[0]
+    rounds = [rand(rng, 4) for _ in range(4)]
+    st = OuterState.start(torch.from_numpy(phi0))
+    step = build_outer("diloco", lr=1.4, momentum=0.5, nesterov=False)
+    p = torch.nn.Parameter(torch.from_numpy(phi0.copy()))
+    opt = torch.optim.SGD([p], lr=1.4, momentum=0.5, nesterov=False)
+    # NoLoCo with every site in the group (equal phis) is the same heavy ball: m = 1.4 * buf
+    nl = OuterState.start(torch.from_numpy(phi0))
+    for deltas in rounds:
+        ds = [torch.from_numpy(d) for d in deltas]
+        step.apply(torch.zeros(N), st, ds, [st.phi.clone()] * 4)
+        p.grad = -torch.stack(ds).mean(0)
+        opt.step()
+        NoLoCo(alpha=0.5, beta=1.4, gamma=0.7).apply(torch.zeros(N), nl, ds, [nl.phi.clone()] * 4)
+    # fp32, 4 rounds of O(1) values: ~1e-6
+    torch.testing.assert_close(st.phi, p.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(st.phi, nl.phi, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("bad", ["nan", "inf", "short"])
 def test_bad_member_input_leaves_state_untouched(bad):
     rng = np.random.default_rng(1)
