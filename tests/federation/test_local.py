@@ -208,3 +208,29 @@ def test_sites_with_different_rank_counts(tmp_path):
     a = torch.load(tmp_path / "eu" / "final_params.pt")
     b = torch.load(tmp_path / "us" / "final_params.pt")
     assert torch.equal(a, b)
+
+
+def test_final_average_ends_three_sites_on_one_model(tmp_path):
+    """``outer.final_average=true``: pairwise rounds (one site sits out each round, so the
+    sites differ), then every site averages the weights of all three; eu runs 2 ranks (ZeRO
+    stage 2), so its ranks pull their own ranges and must agree on the members."""
+    sites = ["asia", "eu", "us"]
+    out = run_federation(
+        ["federation.sites=[asia,eu,us]", "federation.nproc=[1,2,1]", "train.steps=17",
+         "outer.H=5", "gossip.insecure=true", "gossip.odd=sit_out", "zero.stage=2",
+         "outer.final_average=true", *TINY],
+        tmp_path, timeout=200,
+    )  # fmt: skip
+    rows = {r["site"]: r for r in out["sites"]}
+    assert all(r["exit"] == 0 for r in rows.values()), rows
+    finals = {
+        s: [r for r in rs if r.get("final")] for s, rs in outer_records(tmp_path, sites).items()
+    }
+    for s in sites:
+        (f,) = finals[s]
+        assert f["n"] == 3 and f["dropped"] == "" and f["round"] == 4
+        assert f["consensus_distance"] > 0  # the sites differed before the average
+        assert rows[s]["rounds"] == 3 and rows[s]["final_average_n"] == 3
+    params = [torch.load(tmp_path / s / "final_params.pt") for s in sites]
+    assert all(torch.equal(params[0], p) for p in params[1:])
+    assert rows["asia"]["val_loss"] == rows["us"]["val_loss"]  # same weights, same batches
