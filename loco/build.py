@@ -192,8 +192,9 @@ def outer_from(
     assert cfg.site is not None
     o, c = cfg.outer, cfg.compression
     flat = FlatView(engine)
+    nesterov = o.nesterov if o.nesterov is not None else o.method == "diloco"
     step = build_outer(o.method, alpha=o.alpha, beta=o.beta, gamma=o.gamma, lr=o.lr,
-                       momentum=o.momentum, nesterov=o.nesterov)  # fmt: skip
+                       momentum=o.momentum, nesterov=nesterov, consensus=o.consensus)  # fmt: skip
     node = payloads = None
     closers: list = []
     faults = lfaults.load(cfg.site.name)  # drills only: $LOCO_FAULTS

@@ -216,7 +216,10 @@ class OuterConfig:
     gamma: float = 0.7
     lr: float = 0.7  # diloco outer SGD learning rate
     momentum: float = 0.9  # diloco outer momentum
-    nesterov: bool = True  # diloco: Nesterov momentum (false: heavy ball, torch SGD semantics)
+    # Nesterov look-ahead; null: the method's own (diloco: true, noloco/local: false, the spec)
+    nesterov: bool | None = None
+    # noloco: where the gamma pull acts: "momentum" (the spec) or "weights" (phi directly)
+    consensus: str = "momentum"
     tau: int = 0  # streaming overlap: inner steps the pull may run behind (0 = blocking)
     mix: float = 0.5
     join_timeout_s: float = 60.0  # at start, wait this long for every peer site to be live
@@ -238,8 +241,9 @@ class OuterConfig:
         _positive("outer.join_timeout_s", self.join_timeout_s, zero_ok=True)
         if not isinstance(self.phi_lattice, bool):
             raise ConfigError(f"outer.phi_lattice={self.phi_lattice!r} must be true or false")
-        if not isinstance(self.nesterov, bool):
-            raise ConfigError(f"outer.nesterov={self.nesterov!r} must be true or false")
+        if self.nesterov is not None and not isinstance(self.nesterov, bool):
+            raise ConfigError(f"outer.nesterov={self.nesterov!r} must be true, false or null")
+        _choice("outer.consensus", self.consensus, ("momentum", "weights"))
         if not isinstance(self.final_average, bool):
             raise ConfigError(f"outer.final_average={self.final_average!r} must be true or false")
 

@@ -27,6 +27,7 @@ BAD = [
     (["site.nproc=2"], ["+site=NAME"]),
     (["+site=eu", "outer.final_average=maybe"], ["outer.final_average"]),
     (["+site=eu", "outer.nesterov=sometimes"], ["outer.nesterov"]),
+    (["+site=eu", "outer.consensus=phi"], ["outer.consensus", "momentum, weights"]),
 ]
 
 

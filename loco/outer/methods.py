@@ -76,22 +76,42 @@ class NoLoCo(OuterStep):
 
     With one member (an unreachable or dropped partner) this is the local heavy-ball step; with
     identical members the gamma term vanishes and it is the DiLoCo-style heavy-ball step.
+
+    Two options leave the spec's form (the defaults are the spec):
+
+    - ``consensus="weights"``: the gamma pull acts on phi directly instead of through the
+      momentum: ``m <- alpha m + beta mean(delta)``; ``phi <- phi - gamma (phi - mean(phi)) + m``.
+      The momentum then carries only the group's mean delta, so a high ``alpha`` no longer
+      amplifies the pull into oscillation (the spec's form diverges at alpha 0.9).
+    - ``nesterov=True``: the step is ``beta mean(delta) + alpha m`` (look-ahead) instead of ``m``.
+
+    The mean over all sites of phi follows the same heavy-ball (or Nesterov) step on the mean of
+    all deltas in every form (the gamma terms cancel within each group): with ``nesterov``,
+    ``alpha`` 0.9 and ``beta`` 0.7 the sites' mean moves exactly as DiLoCo's Nesterov SGD.
     """
 
     name = "noloco"
 
-    def __init__(self, *, alpha: float = 0.5, beta: float = 0.7, gamma: float = 0.7) -> None:
+    def __init__(self, *, alpha: float = 0.5, beta: float = 0.7, gamma: float = 0.7,
+                 consensus: str = "momentum", nesterov: bool = False) -> None:  # fmt: skip
+        if consensus not in ("momentum", "weights"):
+            raise ValueError(f"consensus={consensus!r}: choose momentum or weights")
         self.alpha, self.beta, self.gamma = alpha, beta, gamma
+        self.consensus, self.nesterov = consensus, nesterov
 
     def _update(
         self, state: OuterState, deltas: list[torch.Tensor], phis: list[torch.Tensor]
     ) -> None:
         mean_delta = torch.stack(deltas).mean(0)
-        mean_phi = torch.stack(phis).mean(0)
+        gap = state.phi - torch.stack(phis).mean(0)
+        g = mean_delta.mul(self.beta)
+        if self.consensus == "momentum":
+            g.sub_(gap, alpha=self.gamma)
         m = state.momentum
-        m.mul_(self.alpha).add_(mean_delta, alpha=self.beta)
-        m.sub_(state.phi - mean_phi, alpha=self.gamma)
-        state.phi.add_(m)
+        m.mul_(self.alpha).add_(g)
+        state.phi.add_(g.add_(m, alpha=self.alpha) if self.nesterov else m)
+        if self.consensus == "weights":
+            state.phi.sub_(gap, alpha=self.gamma)
 
 
 class Local(NoLoCo):
@@ -125,12 +145,15 @@ class DiLoCo(OuterStep):
         state.phi.sub_(step, alpha=self.lr)
 
 
-def build_outer(method: str, **kw: float | bool) -> OuterStep:
+NOLOCO_KEYS = ("alpha", "beta", "gamma", "consensus", "nesterov")
+
+
+def build_outer(method: str, **kw: float | bool | str) -> OuterStep:
     """An outer step by name, with only the keywords that method takes."""
     if method == "noloco":
-        return NoLoCo(**{k: kw[k] for k in ("alpha", "beta", "gamma") if k in kw})
+        return NoLoCo(**{k: kw[k] for k in NOLOCO_KEYS if k in kw})
     if method == "local":
-        return Local(**{k: kw[k] for k in ("alpha", "beta", "gamma") if k in kw})
+        return Local(**{k: kw[k] for k in NOLOCO_KEYS if k in kw})
     if method == "diloco":
         return DiLoCo(**{k: kw[k] for k in ("lr", "momentum", "nesterov") if k in kw})
     raise ValueError(f"outer.method={method!r} is not allowed; choose noloco, diloco or local")

@@ -16,6 +16,14 @@ def ref_noloco(phi, m, deltas, phis, a, b, g):
     return phi + m, m
 
 
+def ref_noloco_general(phi, m, deltas, phis, a, b, g, consensus, nesterov):
+    gap = phi - np.mean(phis, 0)
+    grad = b * np.mean(deltas, 0) - (g * gap if consensus == "momentum" else 0)
+    m = a * m + grad
+    phi = phi + (grad + a * m if nesterov else m) - (g * gap if consensus == "weights" else 0)
+    return phi, m
+
+
 def ref_diloco_rounds(phi, rounds, lr, mu):
     """torch.optim.SGD(nesterov=True) semantics, one step per round on g = -mean(delta)."""
     buf = None
@@ -49,6 +57,43 @@ def test_noloco_matches_numpy_over_rounds(members):
         np.testing.assert_allclose(st.phi.numpy(), ref_phi, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(st.momentum.numpy(), ref_m, rtol=1e-5, atol=1e-5)
         assert torch.equal(theta, st.phi)
+
+
+@pytest.mark.parametrize("consensus", ["momentum", "weights"])
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_noloco_variants_match_numpy(consensus, nesterov):
+    rng = np.random.default_rng(11)
+    phi0 = rand(rng)[0]
+    st = OuterState.start(torch.from_numpy(phi0))
+    ref_phi, ref_m = phi0.astype(np.float64), np.zeros(N)
+    step = build_outer("noloco", alpha=0.9, beta=0.7, gamma=0.8, consensus=consensus,
+                       nesterov=nesterov)  # fmt: skip
+    for _ in range(4):
+        deltas = rand(rng, 2)
+        phis = [st.phi.numpy().copy(), st.phi.numpy() + 0.1 * rand(rng)[0]]
+        step.apply(torch.zeros(N), st, [torch.from_numpy(d) for d in deltas],
+                   [torch.from_numpy(p) for p in phis])  # fmt: skip
+        ref_phi, ref_m = ref_noloco_general(ref_phi, ref_m, deltas, phis, 0.9, 0.7, 0.8,
+                                            consensus, nesterov)  # fmt: skip
+        # fp32 on O(1) values, momentum sums up to ~1/(1-0.9) terms: ~1e-5
+        np.testing.assert_allclose(st.phi.numpy(), ref_phi, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(st.momentum.numpy(), ref_m, rtol=1e-4, atol=1e-4)
+
+
+def test_noloco_nesterov_with_one_group_is_diloco():
+    """Equal phis (one group of every site): the gamma term is zero in either form, and the
+    Nesterov NoLoCo step with alpha = mu, beta = lr is DiLoCo's step."""
+    rng = np.random.default_rng(12)
+    phi0 = rand(rng)[0]
+    rounds = [rand(rng, 4) for _ in range(4)]
+    dl, nl = OuterState.start(torch.from_numpy(phi0)), OuterState.start(torch.from_numpy(phi0))
+    for deltas in rounds:
+        ds = [torch.from_numpy(d) for d in deltas]
+        DiLoCo(lr=0.7, momentum=0.9).apply(torch.zeros(N), dl, ds, [dl.phi.clone()] * 4)
+        NoLoCo(alpha=0.9, beta=0.7, gamma=1.0, consensus="weights", nesterov=True).apply(
+            torch.zeros(N), nl, ds, [nl.phi.clone()] * 4
+        )
+    torch.testing.assert_close(nl.phi, dl.phi, rtol=1e-5, atol=1e-5)
 
 
 def test_identical_members_give_the_heavy_ball_step():
@@ -144,5 +189,7 @@ def test_bad_member_input_leaves_state_untouched(bad):
 def test_build_outer_by_name():
     assert isinstance(build_outer("noloco", alpha=0.1, beta=0.2, gamma=0.3, lr=9.0), NoLoCo)
     assert isinstance(build_outer("diloco", lr=0.5, momentum=0.8, alpha=1.0), DiLoCo)
+    with pytest.raises(ValueError, match="momentum or weights"):
+        build_outer("noloco", consensus="phi")
     with pytest.raises(ValueError, match="choose noloco"):
         build_outer("fedavg")
