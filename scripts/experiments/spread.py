@@ -1,0 +1,66 @@
+"""How far apart random-pair outer steps leave the sites: a toy model, no training.
+
+N sites; every round each site's delta is white noise (unit variance per coordinate: the part of
+a site's inner progress its partner does not share), sites meet in random pairs, and each takes
+the NoLoCo update in the chosen form (``loco.outer.methods.NoLoCo``). Prints one JSON line per
+setting: the stationary variance of ``phi_i - mean(phi)`` over the second half of the rounds.
+
+    python scripts/experiments/spread.py            # the table in docs/outer.md (~1 min)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from loco.outer.methods import NoLoCo, OuterState  # noqa: E402
+
+SETTINGS = [  # (consensus, nesterov, alpha, beta, gamma)
+    ("momentum", False, 0.5, 0.7, 0.7),
+    ("momentum", False, 0.5, 1.4, 1.0),
+    ("momentum", False, 0.9, 0.7, 1.0),
+    ("weights", False, 0.9, 0.7, 1.0),
+    ("weights", True, 0.9, 0.7, 1.0),
+]
+
+
+def spread(consensus: str, nesterov: bool, alpha: float, beta: float, gamma: float, *,
+           sites: int = 4, rounds: int = 600, dim: int = 2000, seed: int = 0) -> float:  # fmt: skip
+    """Mean over the last half of the rounds of the variance of phi around the sites' mean."""
+    rng = np.random.default_rng(seed)
+    step = NoLoCo(alpha=alpha, beta=beta, gamma=gamma, consensus=consensus, nesterov=nesterov)
+    states = [OuterState.start(torch.zeros(dim)) for _ in range(sites)]
+    acc = []
+    for t in range(rounds):
+        noise = torch.from_numpy(rng.standard_normal((sites, dim)).astype(np.float32))
+        perm = rng.permutation(sites)
+        phis = [s.phi.clone() for s in states]
+        for k in range(sites // 2):
+            i, j = int(perm[k]), int(perm[k + sites // 2])
+            for me in (i, j):
+                step.apply(torch.empty(dim), states[me], [noise[i], noise[j]], [phis[i], phis[j]])
+        if t >= rounds // 2:
+            all_phi = torch.stack([s.phi for s in states]).double()
+            v = float((all_phi - all_phi.mean(0)).pow(2).mean())
+            if not np.isfinite(v) or v > 1e12:
+                return float("inf")
+            acc.append(v)
+    return float(np.mean(acc))
+
+
+def main() -> None:
+    for consensus, nesterov, a, b, g in SETTINGS:
+        v = spread(consensus, nesterov, a, b, g)
+        print(json.dumps({"consensus": consensus, "nesterov": nesterov, "alpha": a, "beta": b,
+                          "gamma": g, "effective_lr": round(b / (1 - a), 3),
+                          "spread_variance": v}), flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
