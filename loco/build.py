@@ -232,6 +232,7 @@ def outer_from(
             phi_codec=c.phi_codec, delta_options=codec_options(c.codec, **opts),
             phi_options=codec_options(c.phi_codec, **opts), error_feedback=c.error_feedback,
             seed=cfg.train.seed * 1009 + rank, flat_size=flat.padded, phi_lattice=o.phi_lattice,
+            phi_lattice_window=o.phi_lattice_window,
         )  # fmt: skip
     return OuterLoop(
         step=step, flat=flat, H=o.H, steps=cfg.train.steps, node=node, payloads=payloads,

@@ -224,6 +224,8 @@ class OuterConfig:
     mix: float = 0.5
     join_timeout_s: float = 60.0  # at start, wait this long for every peer site to be live
     phi_lattice: bool = False  # send phi modulo-quantized next to the receiver's phi (~1.1 B/value)
+    # lattice grid steps per largest outer-momentum value of a block: larger = finer, narrower
+    phi_lattice_window: float = 8.0
     final_average: bool = False  # noloco: after the last step, average the weights over all sites
 
     def __post_init__(self) -> None:
@@ -244,6 +246,7 @@ class OuterConfig:
         if self.nesterov is not None and not isinstance(self.nesterov, bool):
             raise ConfigError(f"outer.nesterov={self.nesterov!r} must be true, false or null")
         _choice("outer.consensus", self.consensus, ("momentum", "weights"))
+        _positive("outer.phi_lattice_window", self.phi_lattice_window)
         if not isinstance(self.final_average, bool):
             raise ConfigError(f"outer.final_average={self.final_average!r} must be true or false")
 

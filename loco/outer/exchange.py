@@ -62,6 +62,7 @@ class RangePayloads:
         flat_size: the padded flat size P' (bounds a received frame's length).
         phi_lattice: send phi with :mod:`loco.outer.lattice` (~1.09 bytes per value, decoded
             next to the receiver's own phi; needs partners with the same rank count).
+        phi_lattice_window: the lattice's grid steps per largest momentum value of a block.
     """
 
     def __init__(
@@ -77,11 +78,13 @@ class RangePayloads:
         seed: int = 0,
         flat_size: int | None = None,
         phi_lattice: bool = False,
+        phi_lattice_window: float = 8.0,
     ) -> None:
         self.slo, self.shi = shard
         self.lo, self.hi = owned
         assert self.slo <= self.lo <= self.hi <= self.shi, (shard, owned)
         self.codec, self.phi_codec = codec, "lattice" if phi_lattice else phi_codec
+        self.lattice_window = phi_lattice_window
         self._ref: torch.Tensor | None = None  # own exact phi of the round (lattice decoding)
         # bound on what a partner's frame may ask us to allocate: a partner with fewer ranks
         # sends bigger segments, at most its whole padded vector (P plus a little padding)
@@ -129,7 +132,7 @@ class RangePayloads:
 
             ref = self._padded(phi)
             mom = self._padded(momentum if momentum is not None else torch.zeros_like(phi))
-            pbuf, full = lattice.encode(ref, mom)
+            pbuf, full = lattice.encode(ref, mom, window=self.lattice_window)
             plab, pval, self._ref = "lattice", full[: self.numel].clone(), ref
         else:
             pbuf, plab, pval = self._encode(phi, self.phi_codec, self.phi_options, None)

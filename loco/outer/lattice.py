@@ -45,11 +45,12 @@ def _pad(x: torch.Tensor, block: int) -> torch.Tensor:
     return out.view(nb, block)
 
 
-def steps_for(phi: torch.Tensor, momentum: torch.Tensor, block: int = 256) -> torch.Tensor:
-    """The grid step of every block (fp32, > 0)."""
+def steps_for(phi: torch.Tensor, momentum: torch.Tensor, block: int = 256,
+              window: float = WINDOW_STEPS) -> torch.Tensor:  # fmt: skip
+    """The grid step of every block (fp32, > 0): ``max|m| / window`` (at least the floor)."""
     p = _pad(phi.float(), block).abs().amax(1)
     m = _pad(momentum.float(), block).abs().amax(1)
-    s = torch.maximum(m / WINDOW_STEPS, p * REL_FLOOR)
+    s = torch.maximum(m / window, p * REL_FLOOR)
     return torch.clamp(s, min=1e-30)
 
 
@@ -68,14 +69,18 @@ def _checks(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def encode(
-    phi: torch.Tensor, momentum: torch.Tensor, block: int = 256
+    phi: torch.Tensor, momentum: torch.Tensor, block: int = 256, window: float = WINDOW_STEPS
 ) -> tuple[bytes, torch.Tensor]:
-    """``(frame, own decoded phi)``. ValueError if ``phi`` holds NaN/Inf."""
+    """``(frame, own decoded phi)``. ValueError if ``phi`` holds NaN/Inf. ``window``: grid
+    steps per largest momentum value of a block (larger: finer grid, narrower window; the
+    frame carries the steps, so the receiver need not know it)."""
+    if not window > 0:
+        raise ValueError(f"window={window} must be > 0")
     x = phi.detach().reshape(-1).float().cpu()
     if not bool(torch.isfinite(x).all()):
         raise ValueError("phi holds NaN/Inf; refusing to encode it")
     n = x.numel()
-    s = steps_for(x, momentum.detach().reshape(-1).cpu(), block)
+    s = steps_for(x, momentum.detach().reshape(-1).cpu(), block, window)
     idx = _grid(x, s, block)
     sums, wsums = _checks(idx)
     codes = (idx.reshape(-1)[:n] % 256).to(torch.uint8)
