@@ -25,6 +25,23 @@ def test_roundtrip_next_to_a_close_reference_is_the_senders_own_value():
         assert torch.equal(lattice.decode(buf, ref), own)
 
 
+def test_a_larger_window_setting_gives_a_finer_grid_and_a_narrower_window():
+    phi, m = _phi()
+    buf8, own8 = lattice.encode(phi, m)
+    buf32, own32 = lattice.encode(phi, m, window=32.0)
+    s8, s32 = lattice.steps_for(phi, m), lattice.steps_for(phi, m, window=32.0)
+    torch.testing.assert_close(s32 * 4, s8)  # here max|m| / window is above the floor
+    assert (own32 - phi).abs().max() <= s32.max() / 2 + 1e-9
+    assert len(buf32) == len(buf8)  # still one byte per value
+    ref = phi + 60 * s32.min() * torch.ones_like(phi)
+    assert torch.equal(lattice.decode(buf32, ref), own32)  # 60 steps away: inside
+    with pytest.raises(PayloadError, match="outside the window"):
+        lattice.decode(buf32, phi + 200 * s32.max())  # 200 of its steps away: outside
+    assert torch.equal(lattice.decode(buf8, phi + 200 * s32.max()), own8)  # 50 of 8's: inside
+    with pytest.raises(ValueError, match="window"):
+        lattice.encode(phi, m, window=0.0)
+
+
 def test_reference_outside_the_window_is_detected():
     phi, m = _phi()
     buf, _ = lattice.encode(phi, m)
