@@ -59,14 +59,16 @@ def methods(H: int, codec: str, steps: int) -> dict[str, list[str]]:
         # the spec's update with the paper's settings (conf/outer/noloco.yaml), no final average
         "noloco-paper": [fed, "outer=noloco", f"outer.H={H}", f"compression={codec}"],
         "local": [fed, "outer=local", f"outer.H={H}"],
-        # NoLoCo with phi modulo-quantized next to the receiver's phi: ~2.1 bytes/param/round
+        # NoLoCo with phi modulo-quantized next to the receiver's phi: ~2.1 bytes/param/round;
+        # grid max|m| / 12 per block (the default 8 is coarser: +5.2% vs DDP at 80 rounds)
         "noloco-lattice": [
             fed,
             *NOLOCO,
             f"outer.H={H}",
             f"compression={codec}",
             "outer.phi_lattice=true",
-        ],  # fmt: skip
+            "outer.phi_lattice_window=12",
+        ],
         # optional (--only ... noloco-phi-bf16): phi in bf16, 3.03 instead of 5.02 bytes/param
         "noloco-phi-bf16": [
             fed,
