@@ -393,7 +393,9 @@ def test_final_average_ends_every_site_on_one_model():
             assert torch.equal(s.state.phi, want), s.site
             f = s.final
             assert f["n"] == 4 and f["dropped"] == "" and f["partner"].count(",") == 2
-            assert f["bytes_recv"] >= 3 * 4 * P and f["bytes_sent"] >= 3 * 4 * P  # 3 peers, fp32
+            # this site pulled three peers' fp32 weights before it averaged (what it served
+            # depends on when the others pulled: finish() lingers for them at most linger_s)
+            assert f["bytes_recv"] >= 3 * 4 * P
             assert f["consensus_distance"] > 0  # measured before averaging
             assert len(s.history) == 2  # the final average is not an outer round
         assert len({s.final["mean_crc"] for s in sites.values()}) == 1
