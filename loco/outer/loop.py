@@ -46,6 +46,7 @@ from loco.outer.methods import OuterState, OuterStep
 log = logging.getLogger(__name__)
 
 FINAL_STREAM = "final"
+SETTLE_S = 1.0  # at the end: quiet time (no pull served) before the node may close
 
 
 @dataclass
@@ -180,10 +181,17 @@ class OuterLoop:
         if self.final is not None:
             want += self.final["peers"]
             since = self.final["served_before"] if since is None else since
-        t0 = time.monotonic()
+        # ``want`` counts partners, not their ranks' pulls (a partner with more ranks, or with
+        # ranges across two of ours, pulls more than once): once it is reached, stay until no
+        # pull has arrived for SETTLE_S (its ranks pull together), within linger_s in all
+        t0 = last_change = time.monotonic()
+        last = None
         while want and time.monotonic() - t0 < self.linger_s:
             served = self.node.metrics.snapshot().get("served_pulls", 0.0)
-            if served - since >= want:
+            now = time.monotonic()
+            if served != last:
+                last, last_change = served, now
+            if served - since >= want and now - last_change >= SETTLE_S:
                 break
             time.sleep(0.05)
         # what the partners pulled after the last record (collective: every rank calls finish)
