@@ -196,15 +196,11 @@ class OuterLoop:
             time.sleep(0.05)
         # what the partners pulled after the last record (collective: every rank calls finish)
         g = self.node.round_metrics()
-        vec = torch.tensor(
-            [g.get("bytes_sent", 0.0), g.get("bytes_recv", 0.0)], dtype=torch.float64
-        )
-        if self.world > 1:
-            dist.all_reduce(vec, group=self.group)
-        self.totals["bytes_sent"] += vec[0].item()
-        self.totals["bytes_recv"] += vec[1].item()
+        sent, recv = self._site_sum([g.get("bytes_sent", 0.0), g.get("bytes_recv", 0.0)])
+        self.totals["bytes_sent"] += sent
+        self.totals["bytes_recv"] += recv
         if self.final is not None:
-            self.final["bytes_sent"] += vec[0].item()
+            self.final["bytes_sent"] += sent
 
     def settled(self) -> bool:
         """No round in flight: the state is that of a round boundary (safe to checkpoint)."""
@@ -342,6 +338,13 @@ class OuterLoop:
         self.last = r
         self._record(r, ok, sq, cnt, end)
 
+    def _site_sum(self, values: list[float]) -> list[float]:
+        """``values`` summed over the site's ranks (float64; collective when world > 1)."""
+        vec = torch.tensor(values, dtype=torch.float64)
+        if self.world > 1:
+            dist.all_reduce(vec, group=self.group)
+        return vec.tolist()
+
     @staticmethod
     def _means(deltas: list[torch.Tensor], phis: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         return torch.stack(deltas).mean(0), torch.stack(phis).mean(0)
@@ -349,13 +352,9 @@ class OuterLoop:
     def _record(self, r: _Round, ok: dict, sq: float, cnt: float, end: float) -> None:
         g = self.node.round_metrics() if self.node is not None else {}
         n = 1 + len(ok)
-        vec = torch.tensor(
-            [g.get("bytes_sent", 0.0), g.get("bytes_recv", 0.0), sq, cnt, n, float(n < 1 + len(r.partners))],
-            dtype=torch.float64,
+        sent, recv, sq_all, cnt_all, n_sum, dropped = self._site_sum(
+            [g.get("bytes_sent", 0.0), g.get("bytes_recv", 0.0), sq, cnt, n, float(n < 1 + len(r.partners))]
         )  # fmt: skip
-        if self.world > 1:
-            dist.all_reduce(vec, group=self.group)
-        sent, recv, sq_all, cnt_all, n_sum, dropped = vec.tolist()
         wall = end - self._mark
         util = max(0.0, wall - self._stall - r.stall) / wall if wall > 0 else 1.0
         self._mark, self._stall = end, 0.0
@@ -397,14 +396,14 @@ class OuterLoop:
                                      self.pull_timeout_s, "none") for p in peers}  # fmt: skip
         got = {p: jobs[p].result() for p in peers}
         for p, (v, _) in got.items():
-            if v is not None and (bad := implausible(torch.zeros(1), v, torch.zeros(1), own)):
+            if v is not None and (bad := implausible_phi(v, own)):
                 log.warning("final average: %s sent implausible weights: %s", p, bad)
                 got[p] = (None, "implausible")
         ok = torch.tensor([float(got[p][0] is not None) for p in peers], dtype=torch.float64)
         if self.world > 1 and peers:  # the same members on every rank of the site
             dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.group)
-        members = sorted([(self.site, own)] + [(p, got[p][0]) for p, k in zip(peers, ok.tolist(),
-                         strict=True) if k > 0], key=lambda m: m[0])  # fmt: skip
+        kept = {p for p, k in zip(peers, ok.tolist(), strict=True) if k > 0}
+        members = sorted([(self.site, own)] + [(p, got[p][0]) for p in kept], key=lambda m: m[0])
         vals = [m[1] for m in members]
         sq = sum(float((v - own).double().pow(2).sum()) for v in vals)
         mean = torch.stack(vals).mean(0)
@@ -412,15 +411,11 @@ class OuterLoop:
         self.state.phi.copy_(mean)
         self.flat.sync()
         g = self.node.round_metrics()
-        vec = torch.tensor([g.get("bytes_sent", 0.0), g.get("bytes_recv", 0.0), sq,
-                            float((len(vals) - 1) * own.numel())], dtype=torch.float64)  # fmt: skip
-        if self.world > 1:
-            dist.all_reduce(vec, group=self.group)
-        sent, recv, sq_all, cnt_all = vec.tolist()
+        sent, recv, sq_all, cnt_all = self._site_sum([g.get("bytes_sent", 0.0),
+            g.get("bytes_recv", 0.0), sq, float(len(kept) * own.numel())])  # fmt: skip
         self.totals["bytes_sent"] += sent
         self.totals["bytes_recv"] += recv
-        left_out = [f"{p}:{got[p][1] or 'rank'}" for p, k in zip(peers, ok.tolist(), strict=True)
-                    if k == 0]  # fmt: skip
+        left_out = [f"{p}:{got[p][1] or 'rank'}" for p in peers if p not in kept]
         rec = dict(final=True, partner=",".join(m[0] for m in members if m[0] != self.site),
                    n=len(vals), dropped=",".join(left_out), bytes_sent=sent, bytes_recv=recv,
                    round_seconds=time.perf_counter() - t0,
@@ -470,6 +465,11 @@ def implausible(
     rd, own_rd = _rms(delta), _rms(own_delta)
     if rd > MAX_DELTA_RATIO * own_rd + 1e-12:
         return f"delta RMS {rd:.3g} is over {MAX_DELTA_RATIO:g}x this site's {own_rd:.3g}"
+    return implausible_phi(phi, own_phi)
+
+
+def implausible_phi(phi: torch.Tensor, own_phi: torch.Tensor) -> str:
+    """Why a partner's decoded (finite) weights ``phi`` must not be applied, or ``""``."""
     gap, own_rp = _rms(phi - own_phi), _rms(own_phi)
     if gap > MAX_PHI_GAP * own_rp + 1e-12:
         return (
