@@ -80,7 +80,7 @@ def join_live_run(
         node=outer.node, lo=outer.flat.lo, hi=outer.flat.hi,
         inner_names=inner_streams(engine) if cfg.join.inner else (), min_round=0 if want else 1,
         timeout_s=cfg.join.timeout_s, fetch_timeout_s=cfg.join.fetch_timeout_s, rank=rank,
-        world=world, say=say,
+        world=world, say=say, reference=outer.state.phi,
     )  # fmt: skip
     if joined is None:
         if want:

@@ -31,11 +31,12 @@ from .errors import (
     PeerMismatch,
     PeerUnavailable,
     PullTimeout,
+    StateMoved,
     from_rpc_error,
     is_retryable,
 )
 from .metrics import GossipMetrics
-from .ranges import split_range
+from .ranges import rank_range, split_range
 from .server import SERVICE
 from .tls import TlsConfig, channel_credentials
 from .wire import (
@@ -49,7 +50,20 @@ from .wire import (
 
 log = logging.getLogger(__name__)
 
-Validator = Callable[[memoryview], None]
+Validator = Callable[[memoryview, int], None]
+"""``check(buf, numel)``: raise if ``buf`` is not a valid payload of ``numel`` values."""
+SegmentBytes = Callable[[int], int]
+"""``limit(numel)``: the most bytes an opaque segment of ``numel`` values may hold."""
+
+MAX_RANKS = 4096  # ranks a peer may report in Hello
+MAX_FLAT_SIZE = 1 << 40  # values a peer's flat vector may have (4 TiB of fp32)
+MAX_ADDRESS = 256  # characters of a rank address
+SEGMENT_SLACK = 4096  # bytes an opaque segment may hold beyond its per-value bound
+
+
+def default_segment_bytes(numel: int) -> int:
+    """Without a caller's bound an opaque segment holds at most 8 bytes per value."""
+    return 8 * numel + SEGMENT_SLACK
 
 
 def channel_options(keepalive_s: float = 30.0) -> list[tuple[str, int]]:
@@ -91,6 +105,7 @@ class PeerInfo:
 
     @staticmethod
     def from_pb(msg: pb.HelloResponse) -> PeerInfo:
+        """The answer as sent; :meth:`problems` says what is wrong with its rank table."""
         return PeerInfo(
             site=msg.site,
             run_id=msg.run_id,
@@ -101,6 +116,24 @@ class PeerInfo:
             ranks=tuple(RankInfo(r.rank, r.address, r.lo, r.hi) for r in msg.ranks),
             current_round=msg.current_round,
         )
+
+    def problems(self) -> list[str]:
+        """What makes this rank table unusable: the ranks must be ``0..nproc-1`` in order,
+        each owning exactly ``rank_range(flat_size, nproc, rank)``, so they partition
+        ``[0, flat_size)`` (an empty list means usable)."""
+        if not 1 <= self.nproc <= MAX_RANKS:
+            return [f"nproc {self.nproc} not in [1, {MAX_RANKS}]"]
+        if not 1 <= self.flat_size <= MAX_FLAT_SIZE:
+            return [f"flat_size {self.flat_size} not in [1, {MAX_FLAT_SIZE}]"]
+        if len(self.ranks) != self.nproc:
+            return [f"{len(self.ranks)} ranks listed for nproc {self.nproc}"]
+        for i, r in enumerate(self.ranks):
+            want = rank_range(self.flat_size, self.nproc, i)
+            if r.rank != i or (r.lo, r.hi) != want:
+                return [f"rank {r.rank} at position {i} owns [{r.lo},{r.hi}), not {list(want)}"]
+            if not r.address or len(r.address) > MAX_ADDRESS:
+                return [f"rank {i} has an address of {len(r.address)} characters"]
+        return []
 
 
 @dataclass
@@ -283,6 +316,8 @@ class GossipClient:
             problems.append(f"protocol {info.protocol_version} != {PROTOCOL_VERSION}")
         if expect_site and info.site != expect_site:
             problems.append(f"site {info.site!r} != {expect_site!r}")
+        if not problems:
+            problems += [f"bad rank table: {p}" for p in info.problems()]
         if problems:
             self.metrics.add("hello_failed")
             raise PeerMismatch(f"{address}: " + "; ".join(problems), peer=expect_site or address)
@@ -323,14 +358,20 @@ class GossipClient:
         timeout_s: float | None = None,
         validate: Validator | None = None,
         out=None,
+        codec: str | None = None,
+        segment_bytes: SegmentBytes | None = None,
     ) -> PullResult:
         """Pull elements ``[lo, hi)`` of ``stream`` for ``round`` from the owner ranks of ``peer``.
 
         Owner ranks are pulled in parallel. ``out``: optional writable buffer of
-        ``(hi - lo) * itemsize`` bytes (e.g. ``tensor.numpy()``) that raw data lands in directly;
-        on failure its content is undefined. Never raises for remote failures: see PullResult.
+        ``(hi - lo) * itemsize`` bytes (e.g. ``tensor.numpy()``) that raw data lands in directly
+        (the stream must then be raw); on failure its content is undefined. ``codec``: the only
+        codec label accepted (None: any). ``segment_bytes``: the most bytes an opaque segment
+        of n values may hold (default :func:`default_segment_bytes`); all the opaque segments
+        of one owner piece together hold at most ``segment_bytes`` of the owner's whole range. Never raises for remote failures: see PullResult.
         """
-        return self._run(peer, "Pull", round, stream, lo, hi, dtype, timeout_s, validate, out)
+        req = _Request("Pull", round, stream, lo, hi, dtype, codec, segment_bytes, validate)
+        return self._run(peer, req, timeout_s, out)
 
     def fetch_state(
         self,
@@ -343,335 +384,353 @@ class GossipClient:
         timeout_s: float | None = None,
         validate: Validator | None = None,
         out=None,
+        codec: str | None = None,
+        segment_bytes: SegmentBytes | None = None,
     ) -> PullResult:
         """Like ``pull`` for the latest published state stream ``name`` (joining site).
 
-        ``result.round`` is the state version the peer published.
+        ``result.round`` is the state version the peer published; every piece of the result is
+        of that one version (pieces of two versions fail the fetch with cause ``moved``).
         """
-        return self._run(peer, "FetchState", -1, name, lo, hi, dtype, timeout_s, validate, out)
+        req = _Request("FetchState", -1, name, lo, hi, dtype, codec, segment_bytes, validate)
+        return self._run(peer, req, timeout_s, out)
 
-    def _run(
-        self,
-        peer: PeerInfo,
-        method: str,
-        round: int,
-        stream: str,
-        lo: int,
-        hi: int,
-        dtype: str,
-        timeout_s: float | None,
-        validate: Validator | None,
-        out,
-    ) -> PullResult:
+    def strike(self, site: str, round: int, reason: str) -> None:
+        """Count a bad payload of ``site`` found after the pull (it did not decode, assemble or
+        pass a plausibility check); ``strikes`` of them ban the site for ``ban_rounds``.
+        The caller counts the failure itself (``fail_<cause>``)."""
+        self._strike(site, round, BadPayload(f"{site}: {reason}", peer=site))
+
+    def _run(self, peer: PeerInfo, req: _Request, timeout_s: float | None, out) -> PullResult:
         t0 = time.monotonic()
-        res = PullResult(peer=peer.site, round=round, stream=stream, lo=lo, hi=hi)
+        res = PullResult(peer=peer.site, round=req.round, stream=req.stream, lo=req.lo, hi=req.hi)
         deadline = t0 + (timeout_s if timeout_s is not None else self.timeout_s)
         try:
-            if self.blocked is not None and self.blocked(peer.site):
-                raise PeerUnavailable(f"{peer.site}: link cut (fault drill)", peer=peer.site)
-            if method == "Pull" and self.is_banned(peer.site, round):
-                raise PeerBanned(
-                    f"{peer.site} is banned until round {self._banned_until[peer.site]}",
-                    peer=peer.site,
-                )
-            if not 0 <= lo < hi <= peer.flat_size or dtype not in ITEMSIZE:
-                raise BadRequest(
-                    f"bad request [{lo},{hi}) of {peer.flat_size} ({dtype})", peer=peer.site
-                )
-            self._pull_all(peer, method, round, stream, lo, hi, dtype, deadline, res, out)
-            check = validate or self.validate
-            if check is not None:
-                try:
-                    if res.data is not None and not res.segments:
-                        check(res.data)
-                    for seg in res.segments:
-                        check(memoryview(seg.data))
-                except Exception as e:  # noqa: BLE001 (any validator failure is a bad payload)
-                    raise BadPayload(f"{peer.site}: validate failed: {e!r}", peer=peer.site) from e
+            self._admit(peer, req)
+            data = self._payload_buffer(peer, req, out)
+            ctx = _Pull(peer, req, res, deadline, data, raw_only=out is not None)
+            self._pull_all(ctx)
+            if req.method == "FetchState":
+                res.round = ctx.version()
+            self._validate(peer, req, res)
             if res.segments:
                 res.data = None
             res.ok = True
         except GossipError as e:
             res.ok, res.error, res.data, res.segments = False, e, None, []
             if isinstance(e, BadPayload):
-                self._strike(peer.site, round, e)
+                self._strike(peer.site, req.round, e)
         res.seconds = time.monotonic() - t0
+        self._count(res)
+        return res
+
+    def _admit(self, peer: PeerInfo, req: _Request) -> None:
+        """Refuse a pull that must not start: a cut link (drills), a banned peer, a request
+        outside the peer's flat space, an unusable rank table."""
+        if self.blocked is not None and self.blocked(peer.site):
+            raise PeerUnavailable(f"{peer.site}: link cut (fault drill)", peer=peer.site)
+        if req.method == "Pull" and self.is_banned(peer.site, req.round):
+            raise PeerBanned(
+                f"{peer.site} is banned until round {self._banned_until[peer.site]}",
+                peer=peer.site,
+            )
+        if not 0 <= req.lo < req.hi <= peer.flat_size or req.dtype not in ITEMSIZE:
+            raise BadRequest(
+                f"bad request [{req.lo},{req.hi}) of {peer.flat_size} ({req.dtype})",
+                peer=peer.site,
+            )
+        if problems := peer.problems():
+            raise BadPayload(f"{peer.site}: bad rank table: {problems[0]}", peer=peer.site)
+
+    def _payload_buffer(self, peer: PeerInfo, req: _Request, out) -> memoryview:
+        """Where raw data lands: the caller's ``out`` or a new (uninitialised) buffer."""
+        nbytes = (req.hi - req.lo) * ITEMSIZE[req.dtype]
+        if out is None:  # np.empty: no zero-fill pass over the buffer
+            return memoryview(np.empty(nbytes, np.uint8)).cast("B")
+        mv = memoryview(out).cast("B")
+        if mv.readonly or len(mv) != nbytes:
+            raise BadRequest(f"out must be a writable buffer of {nbytes} bytes", peer=peer.site)
+        return mv
+
+    def _validate(self, peer: PeerInfo, req: _Request, res: PullResult) -> None:
+        check = req.validate or self.validate
+        if check is None:
+            return
+        try:
+            if not res.segments:
+                check(res.data, req.hi - req.lo)
+            for seg in res.segments:
+                check(memoryview(seg.data), seg.hi - seg.lo)
+        except Exception as e:  # noqa: BLE001 (any validator failure is a bad payload)
+            raise BadPayload(f"{peer.site}: validate failed: {e!r}", peer=peer.site) from e
+
+    def _count(self, res: PullResult) -> None:
         if res.ok:
             self.metrics.add("pulls_ok")
             self.metrics.add("pull_seconds", res.seconds)
-        else:
-            self.metrics.add("pulls_failed")
-            self.metrics.add(f"fail_{res.cause}")
-            log.warning(
-                "pull %s round %d %s [%d,%d) failed (%s): %s",
-                peer.site,
-                round,
-                stream,
-                lo,
-                hi,
-                res.cause,
-                res.error,
-            )
-        return res
+            return
+        self.metrics.add("pulls_failed")
+        self.metrics.add(f"fail_{res.cause}")
+        log.warning("pull %s round %d %s [%d,%d) failed (%s): %s", res.peer, res.round,
+                    res.stream, res.lo, res.hi, res.cause, res.error)  # fmt: skip
 
-    def _pull_all(
-        self,
-        peer: PeerInfo,
-        method: str,
-        round: int,
-        stream: str,
-        lo: int,
-        hi: int,
-        dtype: str,
-        deadline: float,
-        res: PullResult,
-        out,
-    ) -> None:
-        isz = ITEMSIZE[dtype]
-        if out is None:  # np.empty: no zero-fill pass over the buffer
-            res.data = memoryview(np.empty((hi - lo) * isz, np.uint8)).cast("B")
-        else:
-            res.data = memoryview(out).cast("B")
-            if res.data.readonly or len(res.data) != (hi - lo) * isz:
-                raise BadRequest(
-                    f"out must be a writable buffer of {(hi - lo) * isz} bytes", peer=peer.site
-                )
+    def _pull_all(self, ctx: _Pull) -> None:
+        """Stream every owner piece of the request in parallel into ``ctx.res``."""
         pieces = []
-        for r in peer.ranks:
-            a, b = max(lo, r.lo), min(hi, r.hi)
+        for r in ctx.peer.ranks:
+            a, b = max(ctx.req.lo, r.lo), min(ctx.req.hi, r.hi)
             if a < b:
                 for k, (pa, pb_) in enumerate(split_range(a, b, self.parallel_streams)):
                     pieces.append((r, pa, pb_, k))
-        covered = sum(b - a for _, a, b, _ in pieces)
-        if covered != hi - lo:
-            raise BadPayload(
-                f"{peer.site}: ranks cover {covered} of {hi - lo} elements", peer=peer.site
-            )
-        stop = threading.Event()
-        calls: list = []
-        jobs = [
-            self._pool.submit(
-                self._pull_piece,
-                peer,
-                method,
-                r,
-                a,
-                b,
-                k,
-                round,
-                stream,
-                lo,
-                dtype,
-                deadline,
-                res,
-                stop,
-                calls,
-            )
-            for r, a, b, k in pieces
+        ends = [ctx.req.lo] + [
+            x for _, a, b, _ in sorted(pieces, key=lambda p: p[1]) for x in (a, b)
         ]
+        if ends[-1] != ctx.req.hi or any(
+            ends[i] != ends[i + 1] for i in range(0, len(ends) - 1, 2)
+        ):
+            raise BadPayload(
+                f"{ctx.peer.site}: its ranks do not tile the range", peer=ctx.peer.site
+            )
+        jobs = [self._pool.submit(self._pull_piece, ctx, r, a, b, k) for r, a, b, k in pieces]
         first: GossipError | None = None
         for job in futures.as_completed(jobs):
             try:
                 for seg in job.result():  # parallel sub-streams may repeat an opaque segment
-                    if not any(
-                        (g.rank, g.lo, g.hi) == (seg.rank, seg.lo, seg.hi) for g in res.segments
-                    ):
-                        res.segments.append(seg)
+                    key = (seg.rank, seg.lo, seg.hi)
+                    if not any((g.rank, g.lo, g.hi) == key for g in ctx.res.segments):
+                        ctx.res.segments.append(seg)
             except _Cancelled:
                 pass
-            except GossipError as e:
-                if first is None:
-                    first = e
-                    stop.set()
-                    with self._lock:
-                        for c in calls:
-                            c.cancel()
             except Exception as e:  # noqa: BLE001 (never let a transport bug escape)
                 if first is None:
-                    first = GossipError(f"{peer.site}: {e!r}", peer=peer.site)
-                    stop.set()
+                    first = e if isinstance(e, GossipError) else GossipError(
+                        f"{ctx.peer.site}: {e!r}", peer=ctx.peer.site)  # fmt: skip
+                    ctx.cancel_all(self._lock)
         if first is not None:
             raise first
-        res.segments.sort(key=lambda s: s.lo)
+        ctx.res.segments.sort(key=lambda s: s.lo)
 
-    def _pull_piece(
-        self,
-        peer: PeerInfo,
-        method: str,
-        r: RankInfo,
-        a: int,
-        b: int,
-        k: int,
-        round: int,
-        stream: str,
-        lo0: int,
-        dtype: str,
-        deadline: float,
-        res: PullResult,
-        stop: threading.Event,
-        calls: list,
-    ) -> list[ReceivedSegment]:
-        """Stream [a, b) from owner rank ``r`` into ``res.data`` (raw) or return opaque segments."""
-        isz = ITEMSIZE[dtype]
-        ch = self._channel(r.address, peer.site, k)
-        if method == "Pull":
-            rpc = ch.unary_stream(
-                f"/{SERVICE}/Pull",
-                request_serializer=pb.PullRequest.SerializeToString,
-                response_deserializer=identity,
-            )
-        else:
-            rpc = ch.unary_stream(
-                f"/{SERVICE}/FetchState",
-                request_serializer=pb.FetchStateRequest.SerializeToString,
-                response_deserializer=identity,
-            )
-        opaque: list[ReceivedSegment] = []
-        nxt, attempt = a, 0
-        out = res.data
-        last: GossipError | None = None
+    def _pull_piece(self, ctx: _Pull, r: RankInfo, a: int, b: int, k: int) -> list[ReceivedSegment]:
+        """Stream [a, b) from owner rank ``r`` into the raw buffer, or return opaque segments;
+        UNAVAILABLE is retried from the first element not yet received."""
+        rpc = self._rpc(ctx.req.method, self._channel(r.address, ctx.peer.site, k))
+        piece = _Piece(ctx, r, a, b)
+        attempt = 0
         while True:
-            left = deadline - time.monotonic()
+            left = ctx.deadline - time.monotonic()
             if left <= 0:
-                if last is not None:
-                    raise last
-                raise PullTimeout(
-                    f"{peer.site}/{r.rank}: deadline passed before [{nxt},{b})", peer=peer.site
+                raise piece.last or PullTimeout(
+                    f"{piece.who}: deadline passed before [{piece.nxt},{b})", peer=ctx.peer.site
                 )
-            if method == "Pull":
-                req = pb.PullRequest(
-                    run_id=self.run_id,
-                    layout_hash=self.layout_hash,
-                    round=round,
-                    stream=stream,
-                    lo=nxt,
-                    hi=b,
-                    site=self.site,
-                )
-            else:
-                req = pb.FetchStateRequest(
-                    run_id=self.run_id,
-                    layout_hash=self.layout_hash,
-                    name=stream,
-                    lo=nxt,
-                    hi=b,
-                    site=self.site,
-                )
-            call = rpc(req, timeout=left)
-            start_nxt = nxt
+            call = rpc(self._request_pb(ctx.req, piece.nxt, b), timeout=left)
+            start = piece.nxt
             with self._lock:
-                calls.append(call)
-            hdr, got, crc_run = None, 0, 0
+                ctx.calls.append(call)
             try:
-                buf: memoryview | bytearray | None = None
-                for msg in call:
-                    if stop.is_set():
-                        call.cancel()
-                        raise _Cancelled()
-                    try:
-                        h, data, crc = decode_chunk(msg)
-                    except Exception as e:  # noqa: BLE001
-                        raise BadPayload(
-                            f"{peer.site}/{r.rank}: undecodable chunk: {e!r}", peer=peer.site
-                        ) from e
-                    if h is not None:
-                        if hdr is not None:
-                            raise BadPayload(
-                                f"{peer.site}/{r.rank}: header inside a segment", peer=peer.site
-                            )
-                        self._check_header(peer, r, h, method, round, stream, nxt, b, dtype)
-                        if method == "FetchState":
-                            res.round = h.round
-                        hdr, got, crc_run = h, 0, 0
-                        if h.codec == "raw":
-                            off = (h.lo - lo0) * isz
-                            buf = out[off : off + h.length]
-                        else:
-                            buf = bytearray(h.length)
-                    else:
-                        if hdr is None:
-                            raise BadPayload(
-                                f"{peer.site}/{r.rank}: data before header", peer=peer.site
-                            )
-                        n = len(data)
-                        if got + n > hdr.length or zlib.crc32(data) != crc:
-                            raise BadPayload(
-                                f"{peer.site}/{r.rank}: chunk checksum/length mismatch "
-                                f"in round {round} {stream}",
-                                peer=peer.site,
-                            )
-                        buf[got : got + n] = data
-                        got += n
-                        crc_run = crc32_combine(crc_run, crc, n)
-                        self.metrics.add("bytes_recv", n)
-                        with self._lock:
-                            res.bytes_recv += n
-                    if hdr is not None and got == hdr.length:
-                        if crc_run != hdr.crc32:
-                            raise BadPayload(
-                                f"{peer.site}/{r.rank}: segment checksum mismatch", peer=peer.site
-                            )
-                        if hdr.codec != "raw":
-                            opaque.append(
-                                ReceivedSegment(hdr.lo, hdr.hi, hdr.codec, hdr.dtype, buf, r.rank)
-                            )
-                        nxt, hdr = min(b, hdr.hi), None
-                if hdr is not None or nxt < b:
-                    raise BadPayload(
-                        f"{peer.site}/{r.rank}: stream ended at {nxt} of [{a},{b})", peer=peer.site
-                    )
-                return opaque
+                self._read_call(ctx, piece, call)
+                return piece.opaque
             except grpc.RpcError as e:
-                if stop.is_set():
+                if ctx.stop.is_set():
                     raise _Cancelled() from None
-                err = last = from_rpc_error(e, peer.site)
-                if hdr is not None and hdr.codec == "raw":  # chunks so far passed their CRC
-                    nxt = hdr.lo + got // isz
-                if nxt > start_nxt:
+                err = piece.last = from_rpc_error(e, ctx.peer.site)
+                piece.resume_point()
+                if piece.nxt > start:
                     attempt = 0  # progress was made: the retry budget is per stall, not per pull
-                left = deadline - time.monotonic()
+                left = ctx.deadline - time.monotonic()
                 if not is_retryable(err) or left <= 0 or attempt >= self.max_retries:
                     raise err from None
                 attempt += 1
-                res.retries += 1
+                ctx.res.retries += 1
                 self.metrics.add("retries")
                 pause = min(self.backoff_max_s, self.backoff_s * 2 ** (attempt - 1))
                 time.sleep(min(left, pause * self._rng.uniform(0.5, 1.5)))
             finally:
                 call.cancel()  # no-op when the stream completed; stops the peer on errors
                 with self._lock:
-                    if call in calls:
-                        calls.remove(call)
+                    if call in ctx.calls:
+                        ctx.calls.remove(call)
 
-    def _check_header(
-        self,
-        peer: PeerInfo,
-        r: RankInfo,
-        h: pb.SegmentHeader,
-        method: str,
-        round: int,
-        stream: str,
-        nxt: int,
-        b: int,
-        dtype: str,
-    ) -> None:
+    @staticmethod
+    def _rpc(method: str, ch: grpc.Channel):
+        request = pb.PullRequest if method == "Pull" else pb.FetchStateRequest
+        return ch.unary_stream(f"/{SERVICE}/{method}", response_deserializer=identity,
+                               request_serializer=request.SerializeToString)  # fmt: skip
+
+    def _request_pb(self, req: _Request, lo: int, hi: int):
+        ids = dict(run_id=self.run_id, layout_hash=self.layout_hash, lo=lo, hi=hi, site=self.site)
+        if req.method == "Pull":
+            return pb.PullRequest(round=req.round, stream=req.stream, **ids)
+        return pb.FetchStateRequest(name=req.stream, **ids)
+
+    def _read_call(self, ctx: _Pull, piece: _Piece, call) -> None:
+        """Consume one stream: headers are checked before anything is allocated, every chunk
+        against its CRC and the segment's length, every segment against its CRC."""
+        for msg in call:
+            if ctx.stop.is_set():
+                call.cancel()
+                raise _Cancelled()
+            try:
+                h, data, crc = decode_chunk(msg)
+            except Exception as e:  # noqa: BLE001
+                raise piece.bad(f"undecodable chunk: {e!r}") from e
+            if h is not None:
+                self._check_header(ctx, piece, h)
+                piece.open(h)
+            else:
+                n = piece.write(data, crc)
+                self.metrics.add("bytes_recv", n)
+                with self._lock:
+                    ctx.res.bytes_recv += n
+        if piece.hdr is not None or piece.nxt < piece.b:
+            raise piece.bad(f"stream ended at {piece.nxt} of [{piece.a},{piece.b})")
+
+    def _check_header(self, ctx: _Pull, piece: _Piece, h: pb.SegmentHeader) -> None:
+        """Every field of a segment header against what this pull expects, before any
+        allocation: identity, round/version, codec, dtype, range and length."""
+        req, r, nxt, b = ctx.req, piece.r, piece.nxt, piece.b
+        if piece.hdr is not None:
+            raise piece.bad("header inside a segment")
+        if nxt >= b:
+            raise piece.bad("a segment after the range was complete")
         bad = []
         if h.run_id != self.run_id:
             bad.append(f"run_id {h.run_id!r}")
         if h.layout_hash != self.layout_hash:
             bad.append(f"layout_hash {h.layout_hash!r}")
-        if method == "Pull" and h.round != round:
-            bad.append(f"round {h.round} != {round}")
-        if h.stream != stream:
+        if req.method == "Pull" and h.round != req.round:
+            bad.append(f"round {h.round} != {req.round}")
+        if h.stream != req.stream:
             bad.append(f"stream {h.stream!r}")
-        if h.site != peer.site:
+        if h.site != ctx.peer.site:
             bad.append(f"site {h.site!r}")
-        if h.codec == "raw":
-            if h.dtype != dtype:
-                bad.append(f"dtype {h.dtype!r} != {dtype!r}")
-            elif not (h.lo == nxt < h.hi <= b) or h.length != (h.hi - h.lo) * ITEMSIZE[dtype]:
+        if req.codec is not None and h.codec != req.codec:
+            bad.append(f"codec {h.codec!r} != {req.codec!r}")
+        elif h.codec != "raw" and ctx.raw_only:
+            bad.append(f"codec {h.codec!r} where raw values were asked for")
+        if h.dtype not in ITEMSIZE:
+            bad.append(f"dtype {h.dtype!r}")
+        elif h.codec == "raw":
+            if h.dtype != req.dtype:
+                bad.append(f"dtype {h.dtype!r} != {req.dtype!r}")
+            elif not (h.lo == nxt < h.hi <= b) or h.length != (h.hi - h.lo) * ITEMSIZE[req.dtype]:
                 bad.append(f"raw range [{h.lo},{h.hi}) len {h.length} for next {nxt} of [..,{b})")
-        elif not (h.lo <= nxt < h.hi) or h.length > (h.hi - h.lo) * 8 + (1 << 20):
-            bad.append(f"opaque range [{h.lo},{h.hi}) len {h.length} for next {nxt}")
+        elif not (max(r.lo, piece.floor) <= h.lo <= nxt < h.hi <= r.hi):
+            bad.append(f"opaque range [{h.lo},{h.hi}) for next {nxt} in rank [{r.lo},{r.hi})")
+        elif h.length > piece.limit(h.hi - h.lo) or h.length > piece.budget:
+            bad.append(f"opaque length {h.length} for {h.hi - h.lo} values "
+                       f"(at most {min(piece.limit(h.hi - h.lo), piece.budget)})")  # fmt: skip
         if bad:
-            raise BadPayload(f"{peer.site}/{r.rank}: bad header: " + ", ".join(bad), peer=peer.site)
+            raise piece.bad("bad header: " + ", ".join(bad))
+        if req.method == "FetchState":
+            ctx.saw_version(h.round)
+
+
+@dataclass(frozen=True)
+class _Request:
+    method: str  # "Pull" or "FetchState"
+    round: int
+    stream: str
+    lo: int
+    hi: int
+    dtype: str
+    codec: str | None
+    segment_bytes: SegmentBytes | None
+    validate: Validator | None
+
+
+class _Pull:
+    """The shared state of one pull's parallel pieces."""
+
+    def __init__(self, peer: PeerInfo, req: _Request, res: PullResult, deadline: float,
+                 data: memoryview, raw_only: bool) -> None:  # fmt: skip
+        self.peer, self.req, self.res, self.deadline = peer, req, res, deadline
+        res.data = data
+        self.raw_only = raw_only  # the caller's buffer takes raw values only
+        self.stop = threading.Event()
+        self.calls: list = []
+        self._versions: set[int] = set()
+        self._vlock = threading.Lock()
+
+    def cancel_all(self, lock: threading.Lock) -> None:
+        self.stop.set()
+        with lock:
+            for c in self.calls:
+                c.cancel()
+
+    def saw_version(self, version: int) -> None:
+        """FetchState: every header of every piece must carry one version."""
+        with self._vlock:
+            self._versions.add(version)
+            if len(self._versions) > 1:
+                raise StateMoved(
+                    f"{self.peer.site}: pieces of versions {sorted(self._versions)} (torn read)",
+                    peer=self.peer.site,
+                )
+
+    def version(self) -> int:
+        with self._vlock:
+            return next(iter(self._versions)) if self._versions else -1
+
+
+class _Piece:
+    """Reading state of one owner piece ``[a, b)`` across retries."""
+
+    def __init__(self, ctx: _Pull, r: RankInfo, a: int, b: int) -> None:
+        self.ctx, self.r, self.a, self.b = ctx, r, a, b
+        self.who = f"{ctx.peer.site}/{r.rank}"
+        self.limit = ctx.req.segment_bytes or default_segment_bytes
+        # opaque bytes this piece may allocate: one segment's bound for the owner's whole range
+        self.budget = self.limit(r.hi - r.lo)
+        self.nxt, self.floor = a, r.lo
+        self.opaque: list[ReceivedSegment] = []
+        self.last: GossipError | None = None
+        self.hdr: pb.SegmentHeader | None = None
+        self.got = self.crc_run = 0
+        self.buf: memoryview | bytearray | None = None
+
+    def bad(self, what: str) -> BadPayload:
+        return BadPayload(f"{self.who}: {what}", peer=self.ctx.peer.site)
+
+    def open(self, h: pb.SegmentHeader) -> None:
+        """Start segment ``h`` (checked): raw lands in the caller's buffer, opaque in its own."""
+        self.hdr, self.got, self.crc_run = h, 0, 0
+        if h.codec == "raw":
+            off = (h.lo - self.ctx.req.lo) * ITEMSIZE[self.ctx.req.dtype]
+            self.buf = self.ctx.res.data[off : off + h.length]
+        else:
+            self.budget -= h.length
+            self.buf = bytearray(h.length)
+        if h.length == 0:
+            self.close()
+
+    def write(self, data: memoryview, crc: int) -> int:
+        """Append one data chunk to the open segment; returns its size."""
+        h, n = self.hdr, len(data)
+        if h is None:
+            raise self.bad("data before header")
+        if n == 0 or self.got + n > h.length or zlib.crc32(data) != crc:
+            raise self.bad(f"chunk checksum/length mismatch in {h.stream} round {h.round}")
+        self.buf[self.got : self.got + n] = data
+        self.got += n
+        self.crc_run = crc32_combine(self.crc_run, crc, n)
+        if self.got == h.length:
+            self.close()
+        return n
+
+    def close(self) -> None:
+        h = self.hdr
+        if self.crc_run != h.crc32:
+            raise self.bad("segment checksum mismatch")
+        if h.codec != "raw":
+            seg = ReceivedSegment(h.lo, h.hi, h.codec, h.dtype, self.buf, self.r.rank)
+            self.opaque.append(seg)
+        self.nxt, self.floor, self.hdr = min(self.b, h.hi), h.hi, None
+
+    def resume_point(self) -> None:
+        """After a broken stream: raw chunks so far passed their CRC, resume after them."""
+        h = self.hdr
+        if h is not None and h.codec == "raw":
+            self.nxt = h.lo + self.got // ITEMSIZE[self.ctx.req.dtype]
+        elif h is not None:  # the unfinished opaque segment is dropped and sent again
+            self.budget += h.length
+        self.hdr = None

@@ -64,6 +64,13 @@ class PeerBanned(GossipError):
     cause = "banned"
 
 
+class StateMoved(GossipError):
+    """The pieces of one FetchState came from different versions of the state (a torn read):
+    the source published anew meanwhile. Not the peer's fault; read it again."""
+
+    cause = "moved"
+
+
 class BadRequest(GossipError):
     """The request itself was invalid (range outside the flat space, unknown stream)."""
 

@@ -181,6 +181,10 @@ class GossipNode:
                 self._infos[site] = info
         return info
 
+    def strike(self, partner: str, round: int, reason: str) -> None:
+        """Count a bad payload of ``partner`` found after its pull (see GossipClient.strike)."""
+        self.client.strike(partner, round, reason)
+
     def pull(self, partner: str, round: int, stream: str, **kw) -> PullResult:
         """Pull this rank's own range of ``partner``'s ``stream`` for ``round``; never raises."""
         try:

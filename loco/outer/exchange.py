@@ -18,9 +18,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from loco.compress import ErrorFeedback, PayloadError, decode, encode
+from loco.compress import ErrorFeedback, PayloadError, decode, encode, make_codec
+from loco.compress.wire import HEADER_SIZE
 
 STREAMS = ("delta", "phi")
+LATTICE_BLOCK = 256  # values per block of a lattice phi frame (lattice.encode's default)
 LOSSLESS = ("none",)
 
 
@@ -132,7 +134,7 @@ class RangePayloads:
 
             ref = self._padded(phi)
             mom = self._padded(momentum if momentum is not None else torch.zeros_like(phi))
-            pbuf, full = lattice.encode(ref, mom, window=self.lattice_window)
+            pbuf, full = lattice.encode(ref, mom, block=LATTICE_BLOCK, window=self.lattice_window)
             plab, pval, self._ref = "lattice", full[: self.numel].clone(), ref
         else:
             pbuf, plab, pval = self._encode(phi, self.phi_codec, self.phi_options, None)
@@ -143,29 +145,51 @@ class RangePayloads:
     # ------------------------------------------------------------------ pulling
 
     def validator(self, sink: list[torch.Tensor], raw: bool, lattice_ref=None):
-        """A gossip ``validate`` callable: decode each received payload (raw: check it is
-        finite fp32 of the right length), append the values to ``sink``; raise on anything bad
-        so the gossip client counts a strike and fails the pull."""
+        """A gossip ``validate`` callable ``check(buf, numel)``: decode each received payload
+        of ``numel`` values (raw: check it is finite fp32 of the right length; a frame may not
+        claim more values than its segment), append the values to ``sink``; raise on anything
+        bad so the gossip client counts a strike and fails the pull."""
 
-        def check(buf) -> None:
+        def check(buf, numel: int) -> None:
             mv = memoryview(buf).cast("B")
             if lattice_ref is not None:
                 from loco.outer import lattice
 
                 if lattice.frame_numel(mv) != lattice_ref.numel():
                     raise PayloadError("lattice phi needs partners with the same rank count")
-                t = lattice.decode(mv, lattice_ref)
+                t = lattice.decode(mv, lattice_ref, max_numel=lattice_ref.numel())
             elif raw:
-                if len(mv) != self.numel * 4:
+                if len(mv) != self.numel * 4 or numel != self.numel:
                     raise PayloadError(f"raw payload of {len(mv)} bytes for {self.numel} values")
                 t = torch.from_numpy(np.frombuffer(mv, dtype=np.float32).copy())
             else:
-                t = decode(mv, max_numel=self.max_numel).float()
+                t = decode(mv, max_numel=min(numel, self.max_numel)).float()
             if not bool(torch.isfinite(t).all()):
                 raise PayloadError("payload holds NaN/Inf")
             sink.append(t)
 
         return check
+
+    def segment_bytes(self, codec: str):
+        """The gossip ``segment_bytes`` bound of a stream in ``codec``: the frame size of a
+        segment of n values under this site's settings, plus 1/8 and 256 bytes for a partner
+        whose blocks or scales differ a little (None for raw: the client bounds raw ranges
+        exactly itself)."""
+        if codec in LOSSLESS:
+            return None
+        if codec == "lattice":
+            from loco.outer import lattice
+
+            def exact(n: int) -> int:
+                return lattice._HEAD.size + 20 * -(-n // LATTICE_BLOCK) + n + 4
+        else:
+            opts = self.delta_options if codec == self.codec else self.phi_options
+            c = make_codec(codec, **opts)
+
+            def exact(n: int) -> int:
+                return HEADER_SIZE + c.payload_nbytes(n)
+
+        return lambda n: exact(n) + exact(n) // 8 + 256
 
     def assemble(self, res, values: list[torch.Tensor], stream: str) -> torch.Tensor:
         """This rank's ``[lo, hi)`` from a successful pull and the validator's decoded values.
@@ -209,7 +233,11 @@ class RangePayloads:
         if codec is None:
             codec = self.codec if stream == "delta" else self.phi_codec
         ref = self._ref if codec == "lattice" else None
-        kw: dict[str, object] = {"validate": self.validator(values, codec in LOSSLESS, ref)}
+        kw: dict[str, object] = {
+            "validate": self.validator(values, codec in LOSSLESS, ref),
+            "codec": "raw" if codec in LOSSLESS else codec,
+            "segment_bytes": self.segment_bytes(codec),
+        }
         if timeout_s is not None:
             kw["timeout_s"] = timeout_s
         res = node.pull(partner, round, stream, **kw)
@@ -217,8 +245,9 @@ class RangePayloads:
             return None, res.cause
         try:
             return self.assemble(res, values, stream), ""
-        except PayloadError:
+        except PayloadError as e:
             node.metrics.add("fail_bad_payload")
+            node.strike(partner, round, f"{stream} does not assemble: {e}")
             return None, "bad_payload"
 
     def state_dict(self) -> dict[str, object]:

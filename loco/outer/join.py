@@ -124,13 +124,21 @@ class Joined:
     failed: list[str] = field(default_factory=list)
 
 
+def _finite_fp32(buf, numel: int) -> None:
+    """Gossip validator of a state stream: ``numel`` finite fp32 values."""
+    t = torch.frombuffer(buf, dtype=torch.float32) if len(buf) else torch.empty(0)
+    if t.numel() != numel or not bool(torch.isfinite(t).all()):
+        raise ValueError(f"state of {t.numel()} values for {numel}, or not finite")
+
+
 def fetch_range(
     client, info: PeerInfo, name: str, version: int, lo: int, hi: int, timeout_s: float
 ) -> tuple[torch.Tensor | None, int, str, int]:
     """Stream ``name`` at ``version`` on ``[lo, hi)`` from the ranks of ``info`` owning it.
 
-    Returns ``(values, code, cause, bytes)``: code ``_OK``, ``_MOVED`` (an owner holds another
-    version in that slot) or ``_FAILED`` (the owner failed: ``cause`` is the gossip counter).
+    Every piece must be raw, finite fp32 of that one version. Returns ``(values, code,
+    cause, bytes)``: code ``_OK``, ``_MOVED`` (an owner holds another version in that slot)
+    or ``_FAILED`` (the owner failed or sent bad values: ``cause`` is the gossip counter).
     """
     out = torch.empty(hi - lo, dtype=torch.float32)
     nbytes = 0
@@ -143,13 +151,29 @@ def fetch_range(
         if left <= 0:
             return None, _FAILED, "timeout", nbytes
         res = client.fetch_state(info, f"{name}@{version % SLOTS}", a, b, timeout_s=left,
-                                 out=out[a - lo : b - lo].numpy())  # fmt: skip
+                                 out=out[a - lo : b - lo].numpy(), codec="raw",
+                                 validate=_finite_fp32)  # fmt: skip
         nbytes += res.bytes_recv
         if not res.ok:
-            return None, _FAILED, res.cause, nbytes
+            return None, (_MOVED if res.cause == "moved" else _FAILED), res.cause, nbytes
         if res.round != version:
             return None, _MOVED, f"rank {r.rank} holds version {res.round}", nbytes
     return out, _OK, "", nbytes
+
+
+def implausible_state(got: dict[str, torch.Tensor], reference: torch.Tensor | None) -> str:
+    """Why fetched state must not be adopted, or ``""``: weights (phi, master) far from this
+    site's own initial weights ``reference`` (same test as a partner's phi in a round), or
+    second moments below zero. Values are already known to be finite."""
+    from loco.outer.loop import implausible_phi
+
+    for name, t in got.items():
+        if name in ("phi", "master") and reference is not None and t.numel():
+            if bad := implausible_phi(t, reference):
+                return f"{name}: {bad}"
+        if name.endswith("exp_avg_sq") and t.numel() and float(t.min()) < 0:
+            return f"{name} holds negative values"
+    return ""
 
 
 def _hello_all(node, exclude: set[str], timeout_s: float) -> list[PeerInfo]:
@@ -214,6 +238,7 @@ def join(
     world: int = 1,
     group: dist.ProcessGroup | None = None,
     say: Callable[[str], None] | None = None,
+    reference: torch.Tensor | None = None,
 ) -> Joined | None:
     """Fetch a live member's state on ``[lo, hi)``; collective over the site's ranks.
 
@@ -224,6 +249,8 @@ def join(
         min_round: only members whose current round is at least this are sources (auto
             joining uses 1: a run that has not finished a round is started fresh instead).
         timeout_s: give up (return None) after this long; ``fetch_timeout_s`` bounds one fetch.
+        reference: this rank's own weights on ``[lo, hi)`` (its initial phi): a source whose
+            phi or master weights are implausibly far from them is refused (struck, next one).
     Returns None when no member qualifies by the deadline (every rank returns None).
     """
     say = say or (lambda msg: None)
@@ -263,6 +290,10 @@ def join(
                 if code != _OK:
                     break
                 got[name] = t
+            if code == _OK and (bad := implausible_state(got, reference)):
+                code, cause = _FAILED, "implausible"
+                node.strike(site, version, f"implausible state: {bad}")
+                log.warning("join: %s served implausible state: %s", site, bad)
         else:
             got = {name: torch.empty(0) for name in names}
         (worst,) = _sum([code], world, group)
@@ -290,6 +321,9 @@ def adopt(joined: Joined, *, outer, engine, H: int) -> int:
     fresh (step count 0). Collective (the engine's parameter sync).
     """
     st, flat = outer.state, outer.flat
+    for name, t in joined.tensors.items():  # join() checked them; never load anything else
+        if t.numel() != st.phi.numel() or not bool(torch.isfinite(t).all()):
+            raise RuntimeError(f"join: fetched {name} has {t.numel()} values or is not finite")
     st.phi.copy_(joined.tensors["phi"])
     st.momentum.copy_(joined.tensors["momentum"])
     st.rounds = joined.version

@@ -300,6 +300,7 @@ class OuterLoop:
                     log.warning("round %d: partner %s sent an implausible payload: %s", r.t, p, bad)
                     if self.node is not None:
                         self.node.metrics.add("fail_implausible")
+                        self.node.strike(p, r.t, f"implausible payload: {bad}")
             if d is None or ph is None:
                 log.warning("round %d: partner %s dropped (%s); n = 1 for it", r.t, p, cause)
             r.pulled[p] = (d, ph, cause)
@@ -398,6 +399,7 @@ class OuterLoop:
         for p, (v, _) in got.items():
             if v is not None and (bad := implausible_phi(v, own)):
                 log.warning("final average: %s sent implausible weights: %s", p, bad)
+                self.node.strike(p, t, f"implausible final weights: {bad}")
                 got[p] = (None, "implausible")
         ok = torch.tensor([float(got[p][0] is not None) for p in peers], dtype=torch.float64)
         if self.world > 1 and peers:  # the same members on every rank of the site
