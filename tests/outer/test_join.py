@@ -167,3 +167,63 @@ def test_inner_state_is_fetched_when_served(inner_served):
     finally:
         node.close()
         src[0].stop(grace=0)
+
+
+def _publish_bad_state(server: GossipServer, version: int, kind: str) -> None:
+    """State streams a hostile member might serve: a non-raw codec label, or NaN, or weights
+    far from everyone's, under the slots and names an honest member uses."""
+    n = server.hi - server.lo
+    for name in ("phi", "momentum"):
+        data = torch.randn(n, generator=torch.Generator().manual_seed(5)).numpy()
+        codec = "raw"
+        if kind == "opaque":
+            codec = "int8"  # bytes that are not raw fp32: must never land in the joiner's buffer
+        elif kind == "nan":
+            data[3] = float("nan")
+        elif kind == "far" and name == "phi":
+            data = data * 1e6
+        for key in (f"{name}@{version % 2}", name):
+            server.publish_state(key, version, data.tobytes(), codec=codec)
+
+
+@pytest.mark.parametrize("kind", ["opaque", "nan", "far"])
+def test_hostile_state_is_refused_and_the_next_member_used(kind):
+    """A source serving a non-raw codec, NaN or implausible weights fails the fetch with a
+    strike; the joiner takes the next member's state, never the bad bytes (nor torch.empty)."""
+    evil = site_servers("eu", 1, seed=1, version=9, round=9)  # furthest ahead: tried first
+    _publish_bad_state(evil[0], 9, kind)
+    good = site_servers("asia", 1, seed=2, version=4, round=4)
+    node = joiner({"eu": evil[0].address, "asia": good[0].address})
+    try:
+        own = values(2, 0)["phi"]  # the joiner's own initial weights: the plausibility reference
+        got = join(node=node, lo=0, hi=P, timeout_s=30, fetch_timeout_s=5, reference=own)
+        assert got is not None and (got.site, got.version, got.failed) == ("asia", 4, ["eu"])
+        want = values(2, 4)
+        for k in ("phi", "momentum"):
+            assert torch.equal(got.tensors[k], want[k])
+        assert node.metrics.snapshot().get("strikes", 0) >= 1
+    finally:
+        node.close()
+        for s in evil + good:
+            s.stop(grace=0)
+
+
+def test_rank_table_that_overlaps_is_refused_by_hello():
+    """Two ranks both claiming [0, 50) of 100 used to 'cover' [0, 100) by the sum of their
+    lengths; no ranks at all raised IndexError in join. Both are now a bad rank table."""
+    from loco.gossip import PeerInfo, RankInfo
+
+    def info(ranks):
+        return PeerInfo("eu", RUN, LAYOUT, 1, len(ranks), 100, tuple(ranks), 3)
+
+    overlap = info([RankInfo(0, "a:1", 0, 50), RankInfo(1, "a:2", 0, 50)])
+    assert overlap.problems() and info([]).problems()
+    assert info([RankInfo(0, "a:1", 0, 50), RankInfo(1, "a:2", 50, 100)]).problems() == []
+    node = joiner({})
+    try:
+        res = node.client.pull(overlap, 0, "delta", 0, 100)
+        assert not res.ok and res.cause == "bad_payload" and "rank table" in str(res.error)
+        res = node.client.fetch_state(info([]), "phi", 0, 1)
+        assert not res.ok and res.cause == "bad_payload"
+    finally:
+        node.close()

@@ -231,6 +231,7 @@ def test_bad_payload_drops_partner_and_leaves_state(bad):
         rec = eu.history[0]
         assert rec["n"] == 1 and "us:bad_payload" in rec["dropped"], rec
         assert rec.get("fail_bad_payload", 0) >= 1  # counted in the round's record
+        assert rec.get("strikes", 0) >= 1  # a frame that does not assemble earns a strike too
         assert m0.abs().sum() == 0
         # exactly the local step on this site's own decoded delta
         assert torch.isfinite(eu.state.phi).all()
@@ -345,8 +346,30 @@ def test_finite_garbage_drops_partner_and_leaves_state(bad):
         inner_steps(eu, 0, 5, 1)
         rec = eu.history[0]
         assert rec["n"] == 1 and "us:implausible" in rec["dropped"], rec
+        assert rec.get("strikes", 0) == 1, rec  # an implausible payload earns a strike
         torch.testing.assert_close(eu.state.phi, phi0 + B * eu.last_means[0], rtol=0, atol=1e-6)
         assert float(eu.state.phi.abs().max()) < 1e3
+    finally:
+        evil.close()
+        eu.close()
+
+
+def test_implausible_partner_is_banned_after_its_strikes():
+    """Three implausible payloads (gossip.strikes) ban the partner: round 4 does not pull it."""
+    ports = ports_for(["eu", "us"])
+    eu = make_sites(["eu"], ports, codec="none", pull_timeout_s=3.0)["eu"]
+    evil = GossipNode(site="us", rank=0, nproc=1, flat_size=P, run_id=RUN, layout_hash=LAYOUT,
+                      listen=f"127.0.0.1:{ports['us']}", peers={"eu": f"127.0.0.1:{ports['eu']}"},
+                      insecure=True, heartbeat=False).start()  # fmt: skip
+    try:
+        for t in range(1, 5):  # the mailbox keeps two rounds: publish each one just in time
+            evil.publish(t, "delta", np.full(P, 1e30, np.float32))
+            evil.publish(t, "phi", eu.flat.theta.numpy().copy())
+            inner_steps(eu, 5 * (t - 1), 5, t)
+        causes = [h["dropped"] for h in eu.history]
+        assert causes == ["us:implausible"] * 3 + ["us:banned"], causes
+        assert eu.history[2].get("bans", 0) == 1
+        assert evil.server.metrics.snapshot().get("served_pulls", 0) == 6  # none in round 4
     finally:
         evil.close()
         eu.close()
