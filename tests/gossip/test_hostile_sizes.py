@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from loco.gossip import ServerFault
 from tests.hostile.rss import peak_growth_mib
 
 
@@ -68,4 +67,3 @@ def test_fetch_state_pieces_of_two_versions_fail_as_moved(sites, clients):
     res = client.fetch_state(client.hello(site.address, expect_site="us"), "phi@0", 0, 200)
     assert not res.ok and res.cause == "moved"
     assert client.metrics.snapshot().get("strikes", 0) == 0  # not the peer's fault
-
