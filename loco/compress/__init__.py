@@ -23,7 +23,14 @@ import torch
 from loco.compress import reference
 from loco.compress._ext import ext_available, ext_error, ext_ops
 from loco.compress.codecs import CODECS, Codec, codec_from_header, make_codec
-from loco.compress.wire import DTYPE_IDS, DTYPES, HEADER_SIZE, Header, PayloadError
+from loco.compress.wire import (
+    DTYPE_IDS,
+    DTYPES,
+    HEADER_SIZE,
+    MAX_VALUES_PER_BYTE,
+    Header,
+    PayloadError,
+)
 
 __all__ = [
     "encode",
@@ -32,6 +39,7 @@ __all__ = [
     "encode_frame",
     "ErrorFeedback",
     "PayloadError",
+    "MAX_VALUES_PER_BYTE",
     "Codec",
     "CODECS",
     "make_codec",
@@ -128,14 +136,21 @@ def encode(x: torch.Tensor, codec: str | Codec = "int8", *, seed: int = 0,
 
 
 def _parse(buf: Buffer, max_numel: int | None) -> tuple[Header, Codec, torch.Tensor]:
+    """Check everything but the content; nothing sized by the header is allocated. ``max_numel``
+    None means the default bound ``MAX_VALUES_PER_BYTE * len(buf)``."""
     try:
         mv = memoryview(buf).cast("B")
     except TypeError as e:
         raise PayloadError(f"not a bytes-like buffer: {type(buf).__name__}") from e
     head = Header.unpack(mv, crc32c)
-    codec = codec_from_header(head.codec_id, head.block, head.k, head.flags)
+    if max_numel is None and head.numel > MAX_VALUES_PER_BYTE * len(mv):
+        raise PayloadError(
+            f"numel {head.numel} exceeds the default bound of {MAX_VALUES_PER_BYTE} values per "
+            f"byte of a {len(mv)}-byte frame (pass max_numel to decode bigger frames)"
+        )
     if max_numel is not None and head.numel > max_numel:
         raise PayloadError(f"numel {head.numel} exceeds max_numel {max_numel}")
+    codec = codec_from_header(head.codec_id, head.block, head.k, head.flags)
     expected = codec.payload_nbytes(head.numel)
     if head.payload_len != expected:
         raise PayloadError(
@@ -154,8 +169,11 @@ def decode(buf: Buffer, *, device: str | torch.device = "cpu",
            max_numel: int | None = None) -> torch.Tensor:  # fmt: skip
     """Decode a frame into a new flat tensor (dtype from the header) on ``device``.
 
-    Every field, length and checksum is checked before any value is read. ``max_numel`` bounds
-    the allocation a sender can request (recommended for untrusted input).
+    Every field, length and checksum is checked before anything sized by the header is
+    allocated or any value is read. ``max_numel`` bounds the number of values a sender can make
+    us allocate; by default (None) it is ``MAX_VALUES_PER_BYTE * len(buf)`` (1024 values, 4 KiB
+    of fp32, per received byte), which every honest frame meets (see ``TopkCodec``). An
+    explicit ``max_numel`` replaces the default: pass the exact count you expect when you know it.
 
     Raises:
         PayloadError: the buffer is malformed in any way.
@@ -185,7 +203,7 @@ def decode_accumulate(buf: Buffer, out: torch.Tensor) -> None:
     """
     if not isinstance(out, torch.Tensor) or not out.is_floating_point():
         raise ValueError("out must be a floating-point torch.Tensor")
-    head, codec, payload = _parse(buf, None)
+    head, codec, payload = _parse(buf, out.numel())  # bounded by what out already holds
     if head.numel != out.numel():
         raise PayloadError(f"payload has {head.numel} values, out has {out.numel()}")
     if out.dtype == torch.float32 and out.is_contiguous():

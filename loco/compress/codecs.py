@@ -15,7 +15,7 @@ import torch
 
 from loco.compress import reference as ref
 from loco.compress._ext import ext_has_cuda, ext_ops
-from loco.compress.wire import FLAG_FP16_SCALE, FLAG_STOCHASTIC, PayloadError
+from loco.compress.wire import FLAG_FP16_SCALE, FLAG_STOCHASTIC, MAX_VALUES_PER_BYTE, PayloadError
 
 __all__ = [
     "Codec",
@@ -240,7 +240,13 @@ class Fp4Codec(_BaseCodec):
 @dataclass(frozen=True)
 class TopkCodec(_BaseCodec):
     """Per-block top-k by magnitude (ties: lower index), indices as u8 (block <= 256) or u16,
-    values as int8 with one absmax scale per block. Use with error feedback."""
+    values as int8 with one absmax scale per block. Use with error feedback.
+
+    A block's payload (scale + k indices + k values) must carry at most ``MAX_VALUES_PER_BYTE``
+    (1024) values per byte, so that ``decode``'s default bound admits every honest frame and a
+    tiny frame cannot claim a huge vector: any k when block <= 4096; above that
+    ``k >= (block / 1024 - scale bytes) / 3`` (block 65536: k >= 20 with fp32 scales).
+    """
 
     block: int = 256
     k: int = 8
@@ -253,6 +259,12 @@ class TopkCodec(_BaseCodec):
             raise ValueError(f"topk: block={self.block}; use block <= 65536")
         if not 1 <= self.k <= self.block:
             raise ValueError(f"topk: k={self.k}; use 1 <= k <= block ({self.block})")
+        per_block = (2 if self.fp16_scale else 4) + self.k * (2 if self.block <= 256 else 3)
+        if self.block > MAX_VALUES_PER_BYTE * per_block:
+            raise ValueError(
+                f"topk: block={self.block} with k={self.k} sends {per_block} bytes per block, "
+                f"over {MAX_VALUES_PER_BYTE} values per byte; raise k or use block <= 4096"
+            )
 
 
 CODECS: dict[str, type[_BaseCodec]] = {

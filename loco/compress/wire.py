@@ -23,7 +23,16 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PayloadError", "Header", "HEADER", "HEADER_SIZE", "MAGIC", "VERSION", "DTYPES"]
+__all__ = [
+    "PayloadError",
+    "Header",
+    "HEADER",
+    "HEADER_SIZE",
+    "MAGIC",
+    "VERSION",
+    "DTYPES",
+    "MAX_VALUES_PER_BYTE",
+]
 
 MAGIC = b"LOCO"
 VERSION = 1
@@ -33,6 +42,11 @@ FLAG_FP16_SCALE = 1
 FLAG_STOCHASTIC = 2
 _KNOWN_FLAGS = FLAG_FP16_SCALE | FLAG_STOCHASTIC
 MAX_NUMEL = 1 << 48
+# Most values a frame may hold per byte of frame (header included): the default bound of
+# ``decode`` (numel <= MAX_VALUES_PER_BYTE * len(frame), i.e. at most 4 KiB of fp32 output per
+# received byte). Every codec's layout stays below it (top-k checks its block and k against it;
+# the others hold at most 2 values per byte), so honest frames always pass.
+MAX_VALUES_PER_BYTE = 1024
 
 DTYPES: dict[int, torch.dtype] = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16}
 DTYPE_IDS: dict[torch.dtype, int] = {v: k for k, v in DTYPES.items()}

@@ -15,7 +15,8 @@ momentum, i.e. its last phi movement): the window is +-16 recent steps, the erro
 
 Frame (little-endian): ``b"LLAT"``, version u8, 3 pad bytes, numel u64, block u32, nblocks u32,
 steps f32[nblocks], sums i64[nblocks], weighted sums i64[nblocks], codes u8[numel], CRC-32 of
-everything before it (u32).
+everything before it (u32). ``1 <= block <= MAX_BLOCK`` and ``nblocks = ceil(numel / block)``,
+so the decoder's padded working size ``nblocks * block`` is below ``numel + MAX_BLOCK``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from loco.compress import PayloadError
 
 MAGIC, VERSION = b"LLAT", 1
 _HEAD = struct.Struct("<4sB3xQII")
+MAX_BLOCK = 1 << 16  # largest block a frame may use (the encoder's default is 256)
 WINDOW_STEPS = 8.0  # s = max|m| / 8: the window is 127 s ~ 16 x the largest recent step
 REL_FLOOR = 2.0**-12  # s >= max|phi| / 4096 (round 1: m = 0)
 
@@ -76,6 +78,8 @@ def encode(
     frame carries the steps, so the receiver need not know it)."""
     if not window > 0:
         raise ValueError(f"window={window} must be > 0")
+    if not 1 <= block <= MAX_BLOCK:
+        raise ValueError(f"block={block}; use 1 <= block <= {MAX_BLOCK}")
     x = phi.detach().reshape(-1).float().cpu()
     if not bool(torch.isfinite(x).all()):
         raise ValueError("phi holds NaN/Inf; refusing to encode it")
@@ -92,50 +96,70 @@ def encode(
     return body + struct.pack("<I", zlib.crc32(body)), _values(idx, s, n)
 
 
-def frame_numel(buf) -> int:
-    """The number of values a frame holds (header only; PayloadError if it is not a frame)."""
-    mv = memoryview(buf).cast("B")
-    if len(mv) < _HEAD.size or bytes(mv[:4]) != MAGIC:
-        raise PayloadError("not a lattice phi frame")
-    return _HEAD.unpack_from(mv)[2]
+def _header(mv: memoryview, max_numel: int | None) -> tuple[int, int, int, int]:
+    """``(numel, block, nblocks, frame size)`` of a frame, every field checked against the
+    others and the frame's length (the CRC is not checked). Allocates nothing."""
+    if len(mv) < _HEAD.size + 4:
+        raise PayloadError(f"lattice frame of {len(mv)} bytes is too short")
+    magic, ver, n, block, nb = _HEAD.unpack_from(mv)
+    if magic != MAGIC:
+        raise PayloadError("not a lattice phi frame (magic)")
+    if ver != VERSION:
+        raise PayloadError(f"lattice frame version {ver}, this build reads {VERSION}")
+    if not 1 <= block <= MAX_BLOCK or nb != _blocks(n, block):
+        raise PayloadError(f"bad lattice header: numel {n}, block {block}, blocks {nb}")
+    if max_numel is not None and n > max_numel:
+        raise PayloadError(f"lattice frame holds {n} values, more than max_numel {max_numel}")
+    size = _HEAD.size + nb * (4 + 8 + 8) + n + 4
+    if len(mv) != size:
+        raise PayloadError(f"lattice frame of {len(mv)} bytes, header implies {size}")
+    return n, block, nb, size
 
 
-def decode(buf, ref: torch.Tensor, max_numel: int | None = None) -> torch.Tensor:
+def _view(buf: object) -> memoryview:
+    try:
+        return memoryview(buf).cast("B")  # type: ignore[arg-type]
+    except TypeError as e:
+        raise PayloadError(f"not a bytes-like buffer: {type(buf).__name__}") from e
+
+
+def frame_numel(buf: bytes | bytearray | memoryview) -> int:
+    """The number of values a frame holds, from a header checked for magic, version, block
+    range, block count and the frame's exact length (so the result is at most ``len(buf)``;
+    the CRC is left to :func:`decode`). PayloadError if it is not such a frame."""
+    return _header(_view(buf), None)[0]
+
+
+def decode(buf: bytes | bytearray | memoryview, ref: torch.Tensor,
+           max_numel: int | None = None) -> torch.Tensor:  # fmt: skip
     """The sender's phi, reconstructed next to the receiver's own ``ref`` (same length).
+
+    The header (``1 <= block <= MAX_BLOCK``, block count, numel <= ``max_numel`` and
+    == ``ref.numel()``, exact frame length) and the CRC are checked before anything sized by the
+    header is allocated; the working set is then O(numel + MAX_BLOCK).
 
     Raises:
         PayloadError: malformed frame, wrong length, or a block whose checksums disagree
             (the two phis are too far apart for the grid: the partner must be dropped).
     """
-    mv = memoryview(buf).cast("B")
-    if len(mv) < _HEAD.size + 4:
-        raise PayloadError(f"lattice frame of {len(mv)} bytes is too short")
-    magic, ver, n, block, nb = _HEAD.unpack_from(mv)
-    if magic != MAGIC or ver != VERSION:
-        raise PayloadError("not a lattice phi frame (magic/version)")
-    if block < 1 or nb != _blocks(n, block) or (max_numel is not None and n > max_numel):
-        raise PayloadError(f"bad lattice header: numel {n}, block {block}, blocks {nb}")
-    size = _HEAD.size + nb * (4 + 8 + 8) + n + 4
-    if len(mv) != size:
-        raise PayloadError(f"lattice frame of {len(mv)} bytes, header implies {size}")
+    mv = _view(buf)
+    n, block, nb, size = _header(mv, max_numel)
+    if ref.numel() != n:
+        raise PayloadError(f"lattice frame holds {n} values, the reference {ref.numel()}")
     (crc,) = struct.unpack_from("<I", mv, size - 4)
     if zlib.crc32(mv[: size - 4]) != crc:
         raise PayloadError("lattice frame checksum mismatch")
-    if ref.numel() != n:
-        raise PayloadError(f"lattice frame holds {n} values, the reference {ref.numel()}")
     o = _HEAD.size
     s = torch.from_numpy(np.frombuffer(mv, "<f4", nb, o).astype(np.float32))
-    sums = torch.from_numpy(np.frombuffer(mv, "<i8", nb, o + 4 * nb).astype(np.int64))
-    wsums = torch.from_numpy(np.frombuffer(mv, "<i8", nb, o + 12 * nb).astype(np.int64))
-    codes = torch.from_numpy(np.frombuffer(mv, np.uint8, n, o + 20 * nb).astype(np.int64))
     if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
         raise PayloadError("lattice steps must be finite and > 0")
+    sums = torch.from_numpy(np.frombuffer(mv, "<i8", nb, o + 4 * nb).astype(np.int64))
+    wsums = torch.from_numpy(np.frombuffer(mv, "<i8", nb, o + 12 * nb).astype(np.int64))
     r = _grid(ref.detach().reshape(-1).float().cpu(), s, block)  # reference grid indices
-    c = torch.zeros(nb * block, dtype=torch.int64)
-    c[:n] = codes
+    c = torch.zeros(nb * block, dtype=torch.int64)  # the sender's padded values are 0 -> index 0
+    c[:n] = torch.from_numpy(np.frombuffer(mv, np.uint8, n, o + 20 * nb).copy())
     c = c.view(nb, block)
-    if n < nb * block:  # padding: the sender's padded values are 0 -> index 0
-        c.view(-1)[n:] = 0
+    if n < nb * block:
         r.view(-1)[n:] = 0
     idx = c + 256 * torch.round((r - c).to(torch.float64) / 256).to(torch.int64)
     got_s, got_w = _checks(idx)

@@ -1,0 +1,106 @@
+"""Lattice phi frames: every header field is bounded before anything is allocated."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from loco.compress import PayloadError
+from loco.outer import lattice
+from tests.hostile.rss import peak_growth_mib
+
+
+def _frame(n: int, block: int, nb: int | None = None, version: int = lattice.VERSION) -> bytes:
+    """A frame with a valid CRC: steps 1.0, codes 0 and checksums that match a zero phi."""
+    nb = -(-n // block) if nb is None else nb
+    body = b"".join((
+        lattice._HEAD.pack(lattice.MAGIC, version, n, block, nb),
+        np.ones(nb, "<f4").tobytes(), np.zeros(2 * nb, "<i8").tobytes(), bytes(n),
+    ))  # fmt: skip
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+class _Forbidden:
+    """Stands in for numpy / torch inside ``lattice``: any use means something was allocated."""
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        raise AssertionError(f"lattice.decode reached {name} before refusing the frame")
+
+
+def test_1kb_frame_with_block_2_26_is_refused_in_bounded_memory():
+    setup = """
+import torch
+from loco.compress import PayloadError
+from loco.outer import lattice
+from tests.outer.test_lattice_bounds import _frame
+buf, ref = _frame(1000, 1 << 26), torch.zeros(1000)
+"""
+    code = """
+try:
+    __out = ["decoded", lattice.decode(buf, ref).numel(), len(buf)]
+except PayloadError as e:
+    __out = ["refused", str(e), len(buf)]
+"""
+    grew, (what, detail, nbytes) = peak_growth_mib(setup, code)
+    assert nbytes < 1100
+    assert what == "refused" and "block" in detail, detail
+    assert grew < 50, f"peak RSS grew by {grew:.0f} MiB"
+
+
+@pytest.mark.parametrize(
+    "buf,match",
+    [(_frame(1000, 0, nb=1), "block 0"), (_frame(1000, lattice.MAX_BLOCK + 1), "block"),
+     (_frame(1000, 1 << 26), "block"), (_frame(1000, 256, version=2), "version"),
+     (_frame(1000, 256, nb=3), "blocks 3"), (_frame(999, 256), "reference"),
+     (_frame(1000, 256)[:-1], "bytes"), (_frame(1000, 256) + b"\0", "bytes")],
+)  # fmt: skip
+def test_bad_headers_are_refused_before_any_allocation(monkeypatch, buf, match):
+    ref = torch.zeros(1000)
+    monkeypatch.setattr(lattice, "np", _Forbidden())
+    monkeypatch.setattr(lattice, "torch", _Forbidden())
+    with pytest.raises(PayloadError, match=match):
+        lattice.decode(buf, ref)
+
+
+def test_max_numel_is_checked_before_any_allocation(monkeypatch):
+    buf = _frame(1000, 256)
+    monkeypatch.setattr(lattice, "np", _Forbidden())
+    with pytest.raises(PayloadError, match="max_numel"):
+        lattice.decode(buf, torch.zeros(1000), max_numel=999)
+
+
+def test_frame_numel_checks_version_and_length():
+    assert lattice.frame_numel(_frame(1000, 256)) == 1000
+    with pytest.raises(PayloadError, match="version"):
+        lattice.frame_numel(_frame(1000, 256, version=2))
+    with pytest.raises(PayloadError, match="block"):
+        lattice.frame_numel(_frame(1000, 1 << 26))
+    claims_2_40 = _frame(1000, 256)[:8] + struct.pack("<Q", 1 << 40) + _frame(1000, 256)[16:]
+    with pytest.raises(PayloadError):
+        lattice.frame_numel(claims_2_40)  # a header may not claim more values than it carries
+    with pytest.raises(PayloadError):
+        lattice.frame_numel(object())
+
+
+@pytest.mark.parametrize("block,n", [(256, 3001), (lattice.MAX_BLOCK, 2 * lattice.MAX_BLOCK + 17)])
+def test_honest_frames_decode_bit_identically_to_the_senders_values(block, n):
+    g = torch.Generator().manual_seed(block)
+    phi, m = torch.randn(n, generator=g) * 0.05, torch.randn(n, generator=g) * 1e-3
+    buf, own = lattice.encode(phi, m, block=block)
+    assert lattice.frame_numel(buf) == n
+    ref = phi + 1e-4 * torch.randn(n, generator=g)
+    got = lattice.decode(buf, ref, max_numel=n)
+    assert got.dtype == own.dtype and torch.equal(got.view(torch.int32), own.view(torch.int32))
+    with pytest.raises(PayloadError, match="max_numel"):
+        lattice.decode(buf, ref, max_numel=n - 1)
+
+
+def test_encoder_refuses_a_block_the_decoder_would_refuse():
+    with pytest.raises(ValueError, match="block"):
+        lattice.encode(torch.zeros(10), torch.zeros(10), block=lattice.MAX_BLOCK + 1)
+    with pytest.raises(ValueError, match="block"):
+        lattice.encode(torch.zeros(10), torch.zeros(10), block=0)
