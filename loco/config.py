@@ -272,13 +272,34 @@ class CompressionConfig:
         _positive("compression.block", self.block)
         _choice("compression.scale_dtype", self.scale_dtype, ("fp32", "fp16"))
         _fraction("compression.topk_fraction", self.topk_fraction, lo_open=True, hi_open=False)
+        if "topk" in (self.codec, self.phi_codec):
+            from loco.compress import make_codec
+            from loco.outer.exchange import codec_options
+
+            opts = codec_options(
+                "topk",
+                block=self.block,
+                scale_dtype=self.scale_dtype,
+                stochastic=self.stochastic,
+                topk_fraction=self.topk_fraction,
+            )
+            try:
+                make_codec("topk", **opts)
+            except ValueError as e:
+                raise ConfigError(
+                    f"compression.block={self.block} with compression.topk_fraction="
+                    f"{self.topk_fraction:g} is not a valid top-k layout ({e}); raise "
+                    "compression.topk_fraction or lower compression.block"
+                ) from None
 
 
 @dataclass
 class GossipConfig:
-    """gRPC between sites (``loco.gossip``). mTLS unless ``insecure`` is set explicitly."""
+    """gRPC between sites (``loco.gossip``). mTLS unless ``insecure`` is set explicitly;
+    plaintext on a non-loopback ``site.listen`` also needs ``insecure_public``."""
 
     insecure: bool = False
+    insecure_public: bool = False  # with insecure: allow plaintext on a non-loopback site.listen
     cert_dir: str | None = None  # output of `python -m loco.certs`: ca.pem, <site>.pem, <site>.key
     pull_timeout_s: float = 60.0  # deadline of a whole pull, retries included
     hello_timeout_s: float = 5.0  # deadline of one Hello / heartbeat
@@ -294,6 +315,10 @@ class GossipConfig:
     keep_rounds: int = 2
     keepalive_s: float = 30.0
     max_wait_s: float = 600.0
+    # concurrent Pull/FetchState/Health.Watch streams a rank serves, in total and per peer site;
+    # more are refused (busy, retried). Defaults: loco/gossip/server.py MAX_STREAMS
+    max_streams: int = 256
+    max_streams_per_peer: int = 128
     odd: str = "triple"  # odd site count: one group of three, or one site sits out
 
     def __post_init__(self) -> None:
@@ -310,6 +335,8 @@ class GossipConfig:
             "keep_rounds",
             "keepalive_s",
             "max_wait_s",
+            "max_streams",
+            "max_streams_per_peer",
         ):
             _positive(f"gossip.{k}", getattr(self, k))
         _positive("gossip.max_retries", self.max_retries, zero_ok=True)
@@ -407,6 +434,23 @@ class LocoConfig:
             raise ConfigError(
                 f"run_id={self.run_id!r} must be 1-64 letters, digits, '.', '-' or '_'"
             )
+        _check_public_plaintext(self.gossip, self.site)
+
+
+def _check_public_plaintext(gossip: GossipConfig, site: SiteConfig | None) -> None:
+    """Plaintext gossip (``gossip.insecure``) on a non-loopback ``site.listen`` needs the second
+    key ``gossip.insecure_public``: anyone who reaches the port could read and pull the model."""
+    if site is None or not gossip.insecure or gossip.insecure_public:
+        return
+    from loco.gossip.server import is_loopback_host
+
+    if not is_loopback_host(site.listen.rpartition(":")[0]):
+        raise ConfigError(
+            f"gossip.insecure=true with site.listen={site.listen} (not loopback) would serve "
+            "PLAINTEXT, unauthenticated gossip that anyone reaching it can read; use mTLS "
+            "(gossip.cert_dir=DIR, gossip.insecure=false), a 127.0.0.1 address, or add "
+            "gossip.insecure_public=true to accept that"
+        )
 
 
 # the sections of LocoConfig; all but train, checkpoint and join are also Hydra config groups

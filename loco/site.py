@@ -103,6 +103,12 @@ def join_live_run(
     return start
 
 
+def gossip_plaintext(cfg: LocoConfig) -> bool:
+    """True when this site talks gossip in plaintext: ``gossip.insecure`` and an outer method
+    that talks (``local`` never does)."""
+    return bool(cfg.gossip.insecure) and cfg.outer.method != "local"
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -123,6 +129,12 @@ def run_rank(
         if rank == 0
         else (lambda msg: None)
     )
+    if gossip_plaintext(cfg):
+        say(
+            f"WARNING: gossip is PLAINTEXT and unauthenticated (gossip.insecure=true) on "
+            f"{cfg.site.listen} (rank r: port + r): anyone who reaches it can read phi, momentum "
+            "and weights and pose as a site; use mTLS (gossip.cert_dir) outside a trusted loopback"
+        )
 
     # rank 0 builds the corpus cache; the others read it once it is complete
     if rank == 0:
@@ -219,7 +231,8 @@ def run_rank(
         summary = trainer.fit(start, checkpoint=save, ckpt_every=cfg.checkpoint.every)
         ckpt.wait()  # the last checkpoint is committed before the run ends
         outer.finish()
-        summary.update(site=site, nproc=world, params=model.num_params())
+        summary.update(site=site, nproc=world, params=model.num_params(),
+                       gossip_insecure=gossip_plaintext(cfg))  # fmt: skip
         summary.update(outer_summary(cfg, outer, trainer, start))
         flat = outer.flat.full() if outer.flat.numel <= FINAL_PARAMS_MAX else None
         if rank == 0 and flat is not None:

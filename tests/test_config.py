@@ -28,6 +28,15 @@ BAD = [
     (["+site=eu", "outer.final_average=maybe"], ["outer.final_average"]),
     (["+site=eu", "outer.nesterov=sometimes"], ["outer.nesterov"]),
     (["+site=eu", "outer.consensus=phi"], ["outer.consensus", "momentum, weights"]),
+    (
+        [
+            "+site=eu",
+            "compression=topk",
+            "compression.block=65536",
+            "compression.topk_fraction=1e-5",
+        ],
+        ["compression.topk_fraction", "compression.block", "values per byte"],
+    ),
 ]
 
 

@@ -28,6 +28,13 @@ class PeerUnavailable(GossipError):
     cause = "unavailable"
 
 
+class PeerBusy(PeerUnavailable):
+    """The peer refused the call for now: its stream caps are full (RESOURCE_EXHAUSTED).
+    Retried with backoff within the call's deadline, like a plain UNAVAILABLE."""
+
+    cause = "busy"
+
+
 class PullTimeout(GossipError):
     """The call's deadline passed (slow peer, round never published, slow link)."""
 
@@ -87,6 +94,7 @@ _BY_CODE: dict[grpc.StatusCode, type[GossipError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: BadRequest,
     grpc.StatusCode.OUT_OF_RANGE: BadRequest,
     grpc.StatusCode.DATA_LOSS: BadPayload,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: PeerBusy,
 }
 
 _TLS_HINTS = ("ssl", "handshake", "certificate", "tls", "x509", "verification", "unauthenticated")
@@ -104,5 +112,5 @@ def from_rpc_error(err: grpc.RpcError, peer: str = "") -> GossipError:
 
 
 def is_retryable(exc: GossipError) -> bool:
-    """Only plain UNAVAILABLE (not TLS failures) is retried."""
-    return type(exc) is PeerUnavailable
+    """Only plain UNAVAILABLE (not TLS failures) and RESOURCE_EXHAUSTED (busy) are retried."""
+    return type(exc) in (PeerUnavailable, PeerBusy)

@@ -20,7 +20,7 @@ from .errors import GossipError, PeerUnavailable
 from .membership import Membership
 from .metrics import GossipMetrics
 from .pairing import partners
-from .server import GossipServer
+from .server import MAX_STREAMS, MAX_STREAMS_PER_PEER, GossipServer
 from .tls import TlsConfig
 
 
@@ -36,8 +36,10 @@ class GossipNode:
         heartbeat: run the membership heartbeats here (rank 0 of each site).
         tls / cert_dir (``python -m loco.certs`` output) / insecure, pull_timeout_s, hello_timeout_s, heartbeat_s, dead_after, strikes,
         ban_rounds, parallel_streams, chunk_bytes, keep_rounds, backoff_s, backoff_max_s, max_retries,
-        keepalive_s, max_wait_s, validate: see GossipServer,
+        keepalive_s, max_wait_s, max_streams, max_streams_per_peer, validate: see GossipServer,
         GossipClient and Membership.
+        insecure_public: with ``insecure``, allow plaintext on a non-loopback ``listen``
+            (GossipServer's ``allow_public_plaintext``); otherwise that is a ValueError.
     """
 
     def __init__(
@@ -71,6 +73,9 @@ class GossipNode:
         max_retries: int = 6,
         keepalive_s: float = 30.0,
         max_wait_s: float = 600.0,
+        max_streams: int = MAX_STREAMS,
+        max_streams_per_peer: int = MAX_STREAMS_PER_PEER,
+        insecure_public: bool = False,
         validate: Validator | None = None,
     ) -> None:
         if tls is None and cert_dir and not insecure:
@@ -84,7 +89,8 @@ class GossipNode:
             site=site, rank=rank, nproc=nproc, flat_size=flat_size, run_id=run_id,
             layout_hash=layout_hash, listen=f"{host}:{port_r}", tls=tls, insecure=insecure,
             members=members, chunk_bytes=chunk_bytes, keep_rounds=keep_rounds, metrics=self.metrics,
-            keepalive_s=keepalive_s, max_wait_s=max_wait_s,
+            keepalive_s=keepalive_s, max_wait_s=max_wait_s, max_streams=max_streams,
+            max_streams_per_peer=max_streams_per_peer, allow_public_plaintext=insecure_public,
         )  # fmt: skip
         self.client = GossipClient(
             site=site, run_id=run_id, layout_hash=layout_hash, tls=tls, insecure=insecure,

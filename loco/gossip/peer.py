@@ -37,6 +37,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0, help="rank r binds port + r (0: any)")
     ap.add_argument("--insecure", action="store_true")
+    ap.add_argument(
+        "--insecure-public",
+        action="store_true",
+        help="with --insecure: allow plaintext on a non-loopback address",
+    )
     ap.add_argument("--certs", help="directory from python -m loco.certs")
     ap.add_argument("--members", nargs="*")
     ap.add_argument("--chunk-bytes", type=int, default=1 << 20)
@@ -57,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
             site=args.site, rank=r, nproc=args.nproc, flat_size=args.flat_size,
             run_id=args.run_id, layout_hash=args.layout_hash, listen=f"{args.host}:{port}",
             tls=tls, insecure=args.insecure, members=args.members, chunk_bytes=args.chunk_bytes,
-            fault=fault,
+            fault=fault, allow_public_plaintext=args.insecure_public,
         )  # fmt: skip
         s.start()
         servers.append(s)

@@ -7,11 +7,13 @@ rank r listens on ``port + r`` of the same host, unless explicit ``rank_addresse
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
+import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 
@@ -37,6 +39,80 @@ from .wire import (
 log = logging.getLogger(__name__)
 
 SERVICE = "loco.v1.Gossip"
+
+# Stream caps. Worst case for one partner site: 8 ranks pulling delta and phi at once from one
+# rank of ours (a 1-rank site owns every partner rank's range), each pull split into up to
+# 4 parallel_streams sub-streams, and a long poll for the next round posted while the last
+# streams of this one drain: 8 x 2 x 4 x 2 = 128 per peer. A triple group has two partners:
+# 2 x 128 = 256 in total (a joiner's FetchState fits in what that leaves in practice).
+MAX_STREAMS = 256
+MAX_STREAMS_PER_PEER = 128
+# workers beyond the stream slots: Hello, Health.Check and refusals always find a free thread
+UNARY_WORKERS = 16
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost``, 127.0.0.0/8 and ::1 (brackets allowed); False for anything else,
+    including an empty host, 0.0.0.0, :: and every other name (it may resolve anywhere)."""
+    h = host.strip()
+    if h.startswith("[") and h.endswith("]"):
+        h = h[1:-1]
+    if h.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
+
+def peer_host(peer: str) -> str:
+    """Host of a gRPC ``context.peer()`` string (``ipv4:1.2.3.4:5``, ``ipv6:[::1]:5``)."""
+    _, _, rest = peer.partition(":")
+    host = rest.rpartition(":")[0] if rest.count(":") else rest
+    return host or peer
+
+
+class StreamSlots:
+    """Streaming RPCs in flight, per peer and in total. ``acquire`` never blocks."""
+
+    def __init__(self, total: int, per_peer: int) -> None:
+        if total < 1 or per_peer < 1:
+            raise ValueError(f"stream caps must be >= 1, got total={total} per_peer={per_peer}")
+        self.total, self.per_peer = total, per_peer
+        self._lock = threading.Lock()
+        self._n = 0
+        self._by_peer: dict[str, int] = {}
+
+    def acquire(self, peer: str) -> Callable[[], None] | str:
+        """A release function (idempotent) for a new slot of ``peer``, or why there is none."""
+        with self._lock:
+            held = self._by_peer.get(peer, 0)
+            if held >= self.per_peer:
+                return f"{peer} already holds {held} streams (max_streams_per_peer)"
+            if self._n >= self.total:
+                return f"server holds {self._n} streams (max_streams)"
+            self._n += 1
+            self._by_peer[peer] = held + 1
+        done = threading.Event()
+
+        def release() -> None:
+            with self._lock:
+                if done.is_set():
+                    return
+                done.set()
+                self._n -= 1
+                left = self._by_peer[peer] - 1
+                if left:
+                    self._by_peer[peer] = left
+                else:
+                    del self._by_peer[peer]
+
+        return release
+
+    def held(self, peer: str | None = None) -> int:
+        """Slots in use by ``peer``, or in total."""
+        with self._lock:
+            return self._n if peer is None else self._by_peer.get(peer, 0)
 
 
 def server_options(keepalive_s: float = 30.0) -> list[tuple[str, int]]:
@@ -76,14 +152,20 @@ class GossipServer:
         site, rank, nproc, flat_size: identity and layout of this rank (range from ``rank_range``).
         run_id, layout_hash: requests with other values are refused (FAILED_PRECONDITION).
         listen: ``host:port`` to bind (port 0 picks a free port; see ``address``).
-        tls: mTLS material; required unless ``insecure=True`` (then plaintext).
+        tls: mTLS material; required unless ``insecure=True`` (then plaintext, only on a
+            loopback host unless ``allow_public_plaintext=True``; ValueError otherwise).
         members: site names allowed to call (checked against the peer certificate); None = any
             certificate of the run CA.
         rank_addresses: addresses of all ranks of this site; default host:(port + r).
         chunk_bytes: data bytes per stream message (<= 4 MiB) for payloads published with
             ``data=``; explicit segments are chunked on their own ``grid_bytes``.
         keep_rounds: rounds kept in the mailbox.
-        max_wait_s: longest long-poll wait, whatever the caller's deadline.
+        max_wait_s: longest long-poll wait (and Health.Watch stream), whatever the caller's
+            deadline.
+        max_streams, max_streams_per_peer: concurrent streaming RPCs (Pull, FetchState,
+            Health.Watch) in total and per peer site (authenticated name; in plaintext, per peer
+            host); one over a cap is refused at once with RESOURCE_EXHAUSTED (``PeerBusy``).
+        unary_workers: threads beyond ``max_streams`` for Hello, Health.Check and refusals.
     """
 
     def __init__(
@@ -103,13 +185,28 @@ class GossipServer:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         keep_rounds: int = 2,
         max_wait_s: float = 600.0,
-        max_workers: int = 32,
+        max_streams: int = MAX_STREAMS,
+        max_streams_per_peer: int = MAX_STREAMS_PER_PEER,
+        unary_workers: int = UNARY_WORKERS,
+        allow_public_plaintext: bool = False,
         keepalive_s: float = 30.0,
         metrics: GossipMetrics | None = None,
         fault: ServerFault | None = None,
     ) -> None:
         if tls is None and not insecure:
             raise ValueError("GossipServer needs tls=TlsConfig(...) or insecure=True (plaintext)")
+        if (
+            insecure
+            and not allow_public_plaintext
+            and not is_loopback_host(split_address(listen)[0])
+        ):
+            raise ValueError(
+                f"GossipServer {site}/{rank}: plaintext (insecure=True) on non-loopback {listen} "
+                "lets anyone who reaches it read the model; use tls=, a loopback address, or "
+                "allow_public_plaintext=True (gossip.insecure_public=true)"
+            )
+        if unary_workers < 1:
+            raise ValueError(f"unary_workers={unary_workers} must be >= 1")
         if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
             raise ValueError(f"chunk_bytes must be in (0, {MAX_CHUNK_BYTES}]")
         self.site, self.rank, self.nproc, self.flat_size = site, rank, nproc, flat_size
@@ -122,12 +219,15 @@ class GossipServer:
         self.metrics = metrics or GossipMetrics()
         self.fault = fault
         self.mailbox = Mailbox(keep_rounds)
+        self.slots = StreamSlots(max_streams, max_streams_per_peer)
+        self._stopping = threading.Event()
         self._listen = listen
         self._rank_addresses = rank_addresses
-        self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="gossip-srv"),
-            options=server_options(keepalive_s),
+        # every stream slot holds one worker for its whole life: the pool has unary_workers more
+        pool = futures.ThreadPoolExecutor(
+            max_workers=max_streams + unary_workers, thread_name_prefix="gossip-srv"
         )
+        self._server = grpc.server(pool, options=server_options(keepalive_s))
         self._add_handlers()
         self.port = 0
 
@@ -137,10 +237,12 @@ class GossipServer:
         """Bind and start serving; returns the bound port."""
         host, _ = split_address(self._listen)
         if self.tls is None:
-            if host not in ("127.0.0.1", "localhost", "::1", "[::1]"):
-                log.warning(
-                    "gossip server %s/%d serves PLAINTEXT on %s", self.site, self.rank, self._listen
-                )
+            public = not is_loopback_host(host)
+            log.log(
+                logging.WARNING if public else logging.INFO,
+                "gossip server %s/%d serves PLAINTEXT, unauthenticated, on %s",
+                self.site, self.rank, self._listen,
+            )  # fmt: skip
             self.port = self._server.add_insecure_port(self._listen)
         else:
             self.port = self._server.add_secure_port(self._listen, server_credentials(self.tls))
@@ -168,7 +270,8 @@ class GossipServer:
         return [f"{host}:{base + r}" for r in range(self.nproc)]
 
     def stop(self, grace: float | None = 1.0) -> None:
-        """Stop serving; waiting long polls are woken and end."""
+        """Stop serving; waiting long polls and Health.Watch streams are woken and end."""
+        self._stopping.set()
         self.mailbox.close()
         self._server.stop(grace).wait(timeout=(grace or 0) + 5)
 
@@ -246,7 +349,7 @@ class GossipServer:
         self._server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE, handlers),)
         )
-        health_pb2_grpc.add_HealthServicer_to_server(_Health(), self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(_Health(self), self._server)
 
     def _authorize(self, context: grpc.ServicerContext) -> str:
         """The caller's site; aborts PERMISSION_DENIED for a non-member certificate."""
@@ -258,6 +361,16 @@ class GossipServer:
             log.warning("refused peer %s (site %r not a member)", context.peer(), site)
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"site {site!r} is not a member")
         return site
+
+    def _hold(self, context: grpc.ServicerContext, site: str) -> Callable[[], None]:
+        """A stream slot of the caller (its site, or in plaintext its host), released when the
+        RPC ends; aborts RESOURCE_EXHAUSTED at once when a cap is full."""
+        got = self.slots.acquire(site or peer_host(context.peer()))
+        if isinstance(got, str):
+            self.metrics.add("served_fail_busy")
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"busy: {got}; retry later")
+        context.add_callback(got)  # backstop: the handler's own finally releases it first
+        return got
 
     def _check_run(self, context, run_id: str, layout_hash: str) -> None:
         if run_id != self.run_id or layout_hash != self.layout_hash:
@@ -301,9 +414,16 @@ class GossipServer:
             )
 
     def _pull(self, req: pb.PullRequest, context) -> Iterator[bytes]:
-        self._authorize(context)
+        site = self._authorize(context)
         self._check_run(context, req.run_id, req.layout_hash)
         self._check_range(context, req.lo, req.hi)
+        release = self._hold(context, site)
+        try:
+            yield from self._serve_pull(req, context)
+        finally:
+            release()
+
+    def _serve_pull(self, req: pb.PullRequest, context) -> Iterator[bytes]:
         left = context.time_remaining()
         timeout = self.max_wait_s if left is None else min(left, self.max_wait_s)
         try:
@@ -321,14 +441,36 @@ class GossipServer:
         yield from self._stream(segs, req.lo, req.hi, req.round, req.stream, context)
 
     def _fetch_state(self, req: pb.FetchStateRequest, context) -> Iterator[bytes]:
-        self._authorize(context)
+        site = self._authorize(context)
         self._check_run(context, req.run_id, req.layout_hash)
         self._check_range(context, req.lo, req.hi)
         got = self.mailbox.state(req.name)
         if got is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no state {req.name!r} published")
         version, segs = got
-        yield from self._stream(segs, req.lo, req.hi, version, req.name, context)
+        release = self._hold(context, site)
+        try:
+            yield from self._stream(segs, req.lo, req.hi, version, req.name, context)
+        finally:
+            release()
+
+    def _watch_health(self, status: int, context) -> Iterator[health_pb2.HealthCheckResponse]:
+        """Health.Watch: the status, then nothing until the caller leaves, its deadline, the
+        server stops or ``max_wait_s`` passes; the stream then ends OK (callers re-Watch)."""
+        release = self._hold(context, self._authorize(context))
+        try:
+            yield health_pb2.HealthCheckResponse(status=status)
+            left = context.time_remaining()
+            end = time.monotonic() + (
+                self.max_wait_s if left is None else min(left, self.max_wait_s)
+            )
+            while context.is_active() and not self._stopping.is_set():
+                wait = end - time.monotonic()
+                if wait <= 0:
+                    break
+                self._stopping.wait(min(wait, 0.25))
+        finally:
+            release()
 
     def _stream(
         self, segs: list[Segment], lo: int, hi: int, round: int, stream: str, context
@@ -397,11 +539,16 @@ def _chunk_plan(seg: Segment, b0: int, b1: int) -> list[tuple[int, int, int]]:
 
 
 class _Health(health_pb2_grpc.HealthServicer):
-    """grpc.health.v1: SERVING for "" and loco.v1.Gossip while the server runs."""
+    """grpc.health.v1: SERVING for "" and loco.v1.Gossip while the server runs. Members only
+    (like every RPC); Watch holds a stream slot and ends after at most ``max_wait_s``."""
 
     _known = ("", SERVICE)
 
+    def __init__(self, server: GossipServer) -> None:
+        self._srv = server
+
     def Check(self, request, context):  # noqa: N802 (gRPC naming)
+        self._srv._authorize(context)
         if request.service not in self._known:
             context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
         return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
@@ -412,6 +559,4 @@ class _Health(health_pb2_grpc.HealthServicer):
             if request.service in self._known
             else health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
         )
-        yield health_pb2.HealthCheckResponse(status=status)
-        while context.is_active():
-            time.sleep(1.0)
+        yield from self._srv._watch_health(status, context)

@@ -43,7 +43,7 @@ RUN, LAYOUT = "run-test", "layout-abc"
 def start_peer(flat: int, *, certs: str | None, host: str = "127.0.0.1", prefix=()) -> tuple:
     cmd = [*prefix, sys.executable, "-m", "loco.gossip.peer", "--site", "us", "--flat-size",
            str(flat), "--host", host, "--chunk-bytes", str(1 << 20)]  # fmt: skip
-    cmd += ["--certs", certs] if certs else ["--insecure"]
+    cmd += ["--certs", certs] if certs else ["--insecure", "--insecure-public"]  # netns hosts
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     line = proc.stdout.readline()
     if not line:

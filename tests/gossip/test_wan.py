@@ -65,7 +65,8 @@ def test_tbf_link_between_namespaces():
     """Two namespaces, veth + tbf 50 Mbit/s: pull 4 MB across it, bitwise, near the link rate."""
     p = 1_000_000
     with NetnsLink(rate_mbit=50) as link:
-        peer = PeerProcess("--site", "us", "--flat-size", str(p), "--insecure", "--host", link.ip_a,
+        peer = PeerProcess("--site", "us", "--flat-size", str(p), "--insecure", "--insecure-public",
+                           "--host", link.ip_a,
                            prefix=link.exec_prefix(link.ns_a))  # fmt: skip
         try:
             script = (
