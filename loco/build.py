@@ -204,7 +204,7 @@ def outer_from(
             f"outer={o.method} but no gossip.cert_dir (and gossip.insecure=false): this site "
             "trains ALONE, every round is the local step (n = 1). To join the other sites make "
             "certificates with `python -m loco.certs --out DIR --sites ...` and set "
-            "gossip.cert_dir=DIR (or gossip.insecure=true on loopback); python -m loco.local "
+            "gossip.cert_dir=DIR/<site> (or gossip.insecure=true on loopback); python -m loco.local "
             "does this for you"
         )
         if say is not None:

@@ -300,7 +300,7 @@ class GossipConfig:
 
     insecure: bool = False
     insecure_public: bool = False  # with insecure: allow plaintext on a non-loopback site.listen
-    cert_dir: str | None = None  # output of `python -m loco.certs`: ca.pem, <site>.pem, <site>.key
+    cert_dir: str | None = None  # this site's bundle DIR/<site> of `python -m loco.certs --out DIR`
     pull_timeout_s: float = 60.0  # deadline of a whole pull, retries included
     hello_timeout_s: float = 5.0  # deadline of one Hello / heartbeat
     heartbeat_s: float = 5.0
@@ -448,7 +448,7 @@ def _check_public_plaintext(gossip: GossipConfig, site: SiteConfig | None) -> No
         raise ConfigError(
             f"gossip.insecure=true with site.listen={site.listen} (not loopback) would serve "
             "PLAINTEXT, unauthenticated gossip that anyone reaching it can read; use mTLS "
-            "(gossip.cert_dir=DIR, gossip.insecure=false), a 127.0.0.1 address, or add "
+            "(gossip.cert_dir=DIR/<site>, gossip.insecure=false), a 127.0.0.1 address, or add "
             "gossip.insecure_public=true to accept that"
         )
 

@@ -8,7 +8,10 @@ stops every site cleanly (SIGINT to each site's process group, then SIGKILL afte
 
 Every site gets free loopback ports, shard = its index in ``federation.sites``, the other
 sites as peers, and ``federation.nproc[i]`` ranks when that list is given (else ``site.nproc``); a site without ``conf/site/NAME.yaml`` is built from ``eu.yaml`` with its name
-changed. mTLS certificates are made into ``<run dir>/certs`` unless ``gossip.insecure=true``.
+changed. mTLS certificates are made into ``<run dir>/certs`` (the run CA in ``certs/ca``)
+unless ``gossip.insecure=true``; each site gets only its own bundle,
+``gossip.cert_dir=<run dir>/certs/<site>`` (with ``gossip.cert_dir=ROOT``, the output of
+``python -m loco.certs --out ROOT``: ``ROOT/<site>``).
 ``-m`` runs a Hydra multirun where each job is a whole federation; the sweep ends with one
 table of its jobs. The rest of the overrides go to every worker unchanged.
 """
@@ -70,10 +73,17 @@ def _has(overrides: list[str], key: str) -> bool:
     return any(o.lstrip("+~").split("=", 1)[0] == key for o in overrides)
 
 
+def _value(overrides: list[str], key: str) -> str | None:
+    """The value of the last ``key=value`` override (quotes stripped), or None."""
+    vals = [o.split("=", 1)[1] for o in overrides if _has([o], key) and "=" in o]
+    return vals[-1].strip("'\"") if vals else None
+
+
 def site_args(name: str, index: int, sites: list[str], ports: dict[str, int],
               overrides: list[str], cert_dir: Path | None, threads: int,
               nproc: int | None = None) -> list[str]:  # fmt: skip
-    """The ``loco.worker`` overrides of site ``name`` of the federation."""
+    """The ``loco.worker`` overrides of site ``name`` of the federation; ``cert_dir``, when
+    given, is this site's own certificate bundle and replaces any ``gossip.cert_dir``."""
     known = (CONF_DIR / "site" / f"{name}.yaml").exists()
     args = [f"+site={name}" if known else "+site=eu"]
     if not known:
@@ -90,7 +100,8 @@ def site_args(name: str, index: int, sites: list[str], ports: dict[str, int],
         args.append(f"train.threads={threads}")
     if not _has(user, "train.progress"):
         args.append("train.progress=false")
-    if cert_dir is not None and not _has(user, "gossip.cert_dir"):
+    if cert_dir is not None:
+        user = [o for o in user if not _has([o], "gossip.cert_dir")]
         args.append(f"gossip.cert_dir={cert_dir}")
     return args + user
 
@@ -113,15 +124,7 @@ class Federation:
 
     def start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        cert_dir = None
-        if (
-            not self.insecure
-            and self.method != "local"
-            and not _has(self.overrides, "gossip.cert_dir")
-        ):
-            from loco.certs import write_run_certs
-
-            cert_dir = write_run_certs(self.run_dir / "certs", self.sites)
+        cert_dirs = self._cert_dirs()
         bases = free_base_ports(len(self.sites), self.nproc)
         ports = dict(zip(self.sites, bases, strict=True))
         ranks = sum(self.nprocs.values()) if self.nprocs else len(self.sites) * self.nproc
@@ -129,10 +132,34 @@ class Federation:
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.started = time.monotonic()
         for i, name in enumerate(self.sites):
-            args = site_args(name, i, self.sites, ports, self.overrides, cert_dir, threads,
-                             self.nprocs.get(name))  # fmt: skip
+            args = site_args(name, i, self.sites, ports, self.overrides, cert_dirs.get(name),
+                             threads, self.nprocs.get(name))  # fmt: skip
             self.cmds[name] = [sys.executable, "-m", "loco.worker", *args]
             self._launch(name, self.run_dir / name, [], "wb")
+
+    def _cert_dirs(self) -> dict[str, Path]:
+        """Each site's own certificate bundle (``gossip.cert_dir``): ``ROOT/<site>`` of a
+        ``gossip.cert_dir=ROOT`` override that holds bundles (else that override goes to every
+        site as it is), or made into ``<run dir>/certs`` with the run CA in its ``ca/``
+        (signing only the sites missing there when an earlier start left a CA). Empty under
+        ``gossip.insecure=true`` or ``outer=local``. Raises ConfigError (one line)."""
+        from loco.certs import CertsError, ca_dir, site_bundle, write_run_certs
+
+        given = _value(self.overrides, "gossip.cert_dir")
+        if given is not None:
+            found = {s: site_bundle(given, s) for s in self.sites}
+            return {s: d for s, d in found.items() if d.is_dir()}
+        if self.insecure or self.method == "local":
+            return {}
+        root = self.run_dir / "certs"
+        ca = ca_dir(root) if (ca_dir(root) / "ca.key").exists() else None
+        missing = [s for s in self.sites if ca is None or not site_bundle(root, s).exists()]
+        try:
+            if missing:
+                write_run_certs(root, missing, ca=ca)
+        except CertsError as e:
+            raise ConfigError(f"certificates in {root}: {e}") from None
+        return {s: site_bundle(root, s) for s in self.sites}
 
     def _launch(self, name: str, d: Path, extra: list[str], mode: str) -> None:
         d.mkdir(parents=True, exist_ok=True)

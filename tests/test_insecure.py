@@ -81,7 +81,7 @@ def test_site_start_line_and_summary_say_whether_gossip_is_plaintext(tmp_path, i
         how = ["gossip.insecure=true"]
     else:
         write_run_certs(tmp_path / "certs", ["eu"])
-        how = [f"gossip.cert_dir={tmp_path / 'certs'}"]
+        how = [f"gossip.cert_dir={tmp_path / 'certs' / 'eu'}"]
     args = ["+site=eu", *how, "site.peers=[]", f"site.listen=127.0.0.1:{_free_port()}",
             "train.steps=2", "outer.H=1", "train.seq_len=32", "train.batch_size=2",
             "train.eval_every=1000", "train.eval_batches=1", "train.progress=false",

@@ -34,7 +34,7 @@ class GossipNode:
         peers: ``{site: rank-0 address}`` of the other sites (seed peers).
         seed, odd: pairing seed and odd-count policy ("triple" or "sit_out").
         heartbeat: run the membership heartbeats here (rank 0 of each site).
-        tls / cert_dir (``python -m loco.certs`` output) / insecure, pull_timeout_s, hello_timeout_s, heartbeat_s, dead_after, strikes,
+        tls / cert_dir (this site's bundle ``DIR/<site>`` of ``python -m loco.certs``) / insecure, pull_timeout_s, hello_timeout_s, heartbeat_s, dead_after, strikes,
         ban_rounds, parallel_streams, chunk_bytes, keep_rounds, backoff_s, backoff_max_s, max_retries,
         keepalive_s, max_wait_s, max_streams, max_streams_per_peer, validate: see GossipServer,
         GossipClient and Membership.

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="with --insecure: allow plaintext on a non-loopback address",
     )
-    ap.add_argument("--certs", help="directory from python -m loco.certs")
+    ap.add_argument("--certs", help="this site's bundle DIR/<site> from python -m loco.certs")
     ap.add_argument("--members", nargs="*")
     ap.add_argument("--chunk-bytes", type=int, default=1 << 20)
     ap.add_argument("--exit-after-chunks", type=int, default=-1)

@@ -43,7 +43,9 @@ RUN, LAYOUT = "run-test", "layout-abc"
 def start_peer(flat: int, *, certs: str | None, host: str = "127.0.0.1", prefix=()) -> tuple:
     cmd = [*prefix, sys.executable, "-m", "loco.gossip.peer", "--site", "us", "--flat-size",
            str(flat), "--host", host, "--chunk-bytes", str(1 << 20)]  # fmt: skip
-    cmd += ["--certs", certs] if certs else ["--insecure", "--insecure-public"]  # netns hosts
+    cmd += (
+        ["--certs", os.path.join(certs, "us")] if certs else ["--insecure", "--insecure-public"]
+    )  # netns hosts
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     line = proc.stdout.readline()
     if not line:
@@ -63,7 +65,7 @@ class Puller:
     def __init__(
         self, address: str, flat: int, *, certs: str | None, streams: int = 1, via: str = ""
     ):
-        tls = TlsConfig.for_site(certs, "eu") if certs else None
+        tls = TlsConfig.for_site(os.path.join(certs, "eu"), "eu") if certs else None
         self.flat = flat
         self.client = GossipClient(site="eu", run_id=RUN, layout_hash=LAYOUT, tls=tls,
                                    insecure=not certs, parallel_streams=streams, timeout_s=600)  # fmt: skip

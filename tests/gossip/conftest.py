@@ -88,7 +88,7 @@ def certdir(tmp_path_factory):
 
 
 def tls_for(certdir, site: str, ca: str = "run") -> TlsConfig:
-    return TlsConfig.for_site(certdir / ca, site)
+    return TlsConfig.for_site(certdir / ca / site, site)
 
 
 def is_root() -> bool:

@@ -133,7 +133,7 @@ def test_nodes_over_mtls(certdir):
     p = 5000
     run = certdir / "run"
     eu = GossipNode(site="eu", rank=0, nproc=1, flat_size=p, run_id=RUN, layout_hash=LAYOUT,
-                    listen="127.0.0.1:0", peers={}, cert_dir=str(run), heartbeat=False)  # fmt: skip
+                    listen="127.0.0.1:0", peers={}, cert_dir=str(run / "eu"), heartbeat=False)  # fmt: skip
     us = [
         GossipNode(
             site="us",
@@ -144,7 +144,7 @@ def test_nodes_over_mtls(certdir):
             layout_hash=LAYOUT,
             listen="127.0.0.1:0",
             peers={"eu": "127.0.0.1:1"},
-            cert_dir=str(run),
+            cert_dir=str(run / "us"),
             heartbeat=False,
         )  # fmt: skip
         for r in range(2)

@@ -43,13 +43,13 @@ def env(certs):
 
     def server(**kw) -> GossipServer:
         s = GossipServer(site="eu", rank=0, nproc=1, flat_size=P, run_id=RUN, layout_hash=LAYOUT,
-                         tls=TlsConfig.for_site(certs, "eu"), members=MEMBERS, **kw)  # fmt: skip
+                         tls=TlsConfig.for_site(certs / "eu", "eu"), members=MEMBERS, **kw)  # fmt: skip
         s.start()
         made.append(s.stop)
         return s
 
     def channel(site: str, srv: GossipServer) -> grpc.Channel:
-        creds = channel_credentials(TlsConfig.for_site(certs, site))
+        creds = channel_credentials(TlsConfig.for_site(certs / site, site))
         ch = grpc.secure_channel(srv.address, creds, [("grpc.ssl_target_name_override", "eu")])
         made.append(ch.close)
         return ch
@@ -58,7 +58,7 @@ def env(certs):
         kw.setdefault("backoff_s", 0.05)
         kw.setdefault("backoff_max_s", 0.1)
         c = GossipClient(site=site, run_id=RUN, layout_hash=LAYOUT,
-                         tls=TlsConfig.for_site(certs, site), **kw)  # fmt: skip
+                         tls=TlsConfig.for_site(certs / site, site), **kw)  # fmt: skip
         made.append(c.close)
         return c
 

@@ -95,9 +95,10 @@ def test_certs_cli_writes_ca_and_site_certs(tmp_path):
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
-    names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["ca.key", "ca.pem", "eu.key", "eu.pem", "us.key", "us.pem"]
-    cert = x509.load_pem_x509_certificate((tmp_path / "eu.pem").read_bytes())
+    names = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.*"))
+    assert names == ["ca/ca.key", "ca/ca.pem", "eu/ca.pem", "eu/eu.key", "eu/eu.pem",
+                     "us/ca.pem", "us/us.key", "us/us.pem"]  # fmt: skip
+    cert = x509.load_pem_x509_certificate((tmp_path / "eu" / "eu.pem").read_bytes())
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == ["eu", "eu.example.org"]
-    assert (tmp_path / "eu.key").stat().st_mode & 0o077 == 0
+    assert (tmp_path / "eu" / "eu.key").stat().st_mode & 0o077 == 0

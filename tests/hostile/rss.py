@@ -49,5 +49,5 @@ def peak_growth_mib(setup: str, code: str, *, timeout_s: float = 120.0) -> tuple
     assert p.returncode == 0 and line is not None, (
         f"child failed (rc {p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
     )
-    got = json.loads(line[len("RSSJSON"):])
+    got = json.loads(line[len("RSSJSON") :])
     return (got["after_kib"] - got["before_kib"]) / 1024.0, got["out"]
