@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import threading
 import time
 import zlib
@@ -59,6 +60,8 @@ MAX_RANKS = 4096  # ranks a peer may report in Hello
 MAX_FLAT_SIZE = 1 << 40  # values a peer's flat vector may have (4 TiB of fp32)
 MAX_ADDRESS = 256  # characters of a rank address
 SEGMENT_SLACK = 4096  # bytes an opaque segment may hold beyond its per-value bound
+MAX_SEGMENTS = 1024  # opaque segments one owner piece may send (an honest owner sends one)
+_CODEC_LABEL = re.compile(r"[a-z][a-z0-9_.-]{0,31}")  # an opaque codec label (never "raw")
 
 
 def default_segment_bytes(numel: int) -> int:
@@ -477,10 +480,12 @@ class GossipClient:
     def _pull_all(self, ctx: _Pull) -> None:
         """Stream every owner piece of the request in parallel into ``ctx.res``."""
         pieces = []
+        # an opaque owner sends its whole segment to every sub-stream: split raw streams only
+        split = self.parallel_streams if ctx.req.codec in (None, "raw") else 1
         for r in ctx.peer.ranks:
             a, b = max(ctx.req.lo, r.lo), min(ctx.req.hi, r.hi)
             if a < b:
-                for k, (pa, pb_) in enumerate(split_range(a, b, self.parallel_streams)):
+                for k, (pa, pb_) in enumerate(split_range(a, b, split)):
                     pieces.append((r, pa, pb_, k))
         ends = [ctx.req.lo] + [
             x for _, a, b, _ in sorted(pieces, key=lambda p: p[1]) for x in (a, b)
@@ -493,12 +498,15 @@ class GossipClient:
             )
         jobs = [self._pool.submit(self._pull_piece, ctx, r, a, b, k) for r, a, b, k in pieces]
         first: GossipError | None = None
+        got: dict[tuple[int, int, int], ReceivedSegment] = {}
         for job in futures.as_completed(jobs):
             try:
                 for seg in job.result():  # parallel sub-streams may repeat an opaque segment
                     key = (seg.rank, seg.lo, seg.hi)
-                    if not any((g.rank, g.lo, g.hi) == key for g in ctx.res.segments):
-                        ctx.res.segments.append(seg)
+                    if key in got and got[key].data != seg.data:
+                        raise BadPayload(f"{ctx.peer.site}/{seg.rank}: two different segments "
+                                         f"[{seg.lo},{seg.hi})", peer=ctx.peer.site)  # fmt: skip
+                    got[key] = seg
             except _Cancelled:
                 pass
             except Exception as e:  # noqa: BLE001 (never let a transport bug escape)
@@ -508,7 +516,14 @@ class GossipClient:
                     ctx.cancel_all(self._lock)
         if first is not None:
             raise first
-        ctx.res.segments.sort(key=lambda s: s.lo)
+        segs = sorted(got.values(), key=lambda s: s.lo)
+        if ctx.saw_raw and segs:
+            raise BadPayload(f"{ctx.peer.site}: raw and opaque segments mixed", peer=ctx.peer.site)
+        for s, t in zip(segs, segs[1:], strict=False):
+            if s.hi > t.lo:
+                raise BadPayload(f"{ctx.peer.site}: segments [{s.lo},{s.hi}) and [{t.lo},{t.hi}) "
+                                 "overlap", peer=ctx.peer.site)  # fmt: skip
+        ctx.res.segments = segs
 
     def _pull_piece(self, ctx: _Pull, r: RankInfo, a: int, b: int, k: int) -> list[ReceivedSegment]:
         """Stream [a, b) from owner rank ``r`` into the raw buffer, or return opaque segments;
@@ -523,7 +538,7 @@ class GossipClient:
                     f"{piece.who}: deadline passed before [{piece.nxt},{b})", peer=ctx.peer.site
                 )
             call = rpc(self._request_pb(ctx.req, piece.nxt, b), timeout=left)
-            start = piece.nxt
+            start, piece.version = piece.nxt, None
             with self._lock:
                 ctx.calls.append(call)
             try:
@@ -607,6 +622,10 @@ class GossipClient:
             bad.append(f"codec {h.codec!r} != {req.codec!r}")
         elif h.codec != "raw" and ctx.raw_only:
             bad.append(f"codec {h.codec!r} where raw values were asked for")
+        elif h.codec != "raw" and not _CODEC_LABEL.fullmatch(h.codec):
+            bad.append(f"codec label {h.codec!r}")
+        elif h.codec != "raw" and len(piece.opaque) >= MAX_SEGMENTS:
+            bad.append(f"more than {MAX_SEGMENTS} opaque segments")
         if h.dtype not in ITEMSIZE:
             bad.append(f"dtype {h.dtype!r}")
         elif h.codec == "raw":
@@ -619,10 +638,15 @@ class GossipClient:
         elif h.length > piece.limit(h.hi - h.lo) or h.length > piece.budget:
             bad.append(f"opaque length {h.length} for {h.hi - h.lo} values "
                        f"(at most {min(piece.limit(h.hi - h.lo), piece.budget)})")  # fmt: skip
+        if req.method == "FetchState" and piece.version not in (None, h.round):
+            bad.append(f"version {h.round} after {piece.version} in one stream")
         if bad:
             raise piece.bad("bad header: " + ", ".join(bad))
         if req.method == "FetchState":
+            piece.version = h.round
             ctx.saw_version(h.round)
+        if h.codec == "raw":
+            ctx.saw_raw = True
 
 
 @dataclass(frozen=True)
@@ -648,6 +672,7 @@ class _Pull:
         self.raw_only = raw_only  # the caller's buffer takes raw values only
         self.stop = threading.Event()
         self.calls: list = []
+        self.saw_raw = False  # a raw segment arrived: opaque ones may not
         self._versions: set[int] = set()
         self._vlock = threading.Lock()
 
@@ -685,6 +710,7 @@ class _Piece:
         self.opaque: list[ReceivedSegment] = []
         self.last: GossipError | None = None
         self.hdr: pb.SegmentHeader | None = None
+        self.version: int | None = None  # FetchState: the version of the current call
         self.got = self.crc_run = 0
         self.buf: memoryview | bytearray | None = None
 

@@ -107,6 +107,8 @@ def from_rpc_error(err: grpc.RpcError, peer: str = "") -> GossipError:
     cls = _BY_CODE.get(code, GossipError) if code is not None else GossipError
     if cls is PeerUnavailable and any(h in details.lower() for h in _TLS_HINTS):
         cls = AuthError
+    if cls is PeerBusy and "larger than max" in details:  # our receive limit: the peer's bytes
+        cls = BadPayload
     name = code.name if code is not None else "UNKNOWN"
     return cls(f"{peer}: {name}: {details}", peer=peer, code=code)
 
