@@ -182,12 +182,13 @@ def outer_from(
     engine's padded flat vector, so its flat size is the padded size.
     """
     import warnings
+    from functools import partial
 
-    from loco import faults as lfaults
     from loco.outer import build_outer
     from loco.outer.exchange import RangePayloads, codec_options
     from loco.outer.flat import FlatView
     from loco.outer.loop import OuterLoop
+    from loco.testing import faults as lfaults
 
     assert cfg.site is not None
     o, c = cfg.outer, cfg.compression
@@ -221,7 +222,9 @@ def outer_from(
         ).start()  # fmt: skip
         closers.append(node.close)
         if faults is not None:
-            node.client.blocked = faults.blocked
+            from loco.testing.gossip_faults import cut_links
+
+            cut_links(node.client, faults.blocked)
         w = cfg.wan
         if w.rtt_ms > 0 or w.bandwidth_mbit > 0 or w.jitter_ms > 0 or w.loss > 0:
             closers.insert(0, _wan_proxy(cfg, node, rank=rank, world=world, group=group))
@@ -234,12 +237,13 @@ def outer_from(
             seed=cfg.train.seed * 1009 + rank, flat_size=flat.padded, phi_lattice=o.phi_lattice,
             phi_lattice_window=o.phi_lattice_window,
         )  # fmt: skip
-    return OuterLoop(
+    loop = OuterLoop if faults is None else partial(lfaults.FaultyOuterLoop, faults=faults)
+    return loop(
         step=step, flat=flat, H=o.H, steps=cfg.train.steps, node=node, payloads=payloads,
         site=cfg.site.name, all_live=o.method == "diloco", tau=o.tau, mix=o.mix, group=group,
         rank=rank, world=world, metrics=metrics, pull_timeout_s=cfg.gossip.pull_timeout_s,
         join_timeout_s=o.join_timeout_s, linger_s=min(10.0, cfg.gossip.pull_timeout_s), say=say,
-        final_average=o.final_average, closers=closers, faults=faults,
+        final_average=o.final_average, closers=closers,
     )  # fmt: skip
 
 

@@ -30,7 +30,7 @@ from .metrics import GossipMetrics
 from .node import GossipNode
 from .pairing import group_of, pairing, partners
 from .ranges import owners, rank_range
-from .server import GossipServer, ServerFault
+from .server import GossipServer
 from .tls import TlsConfig
 from .wire import PROTOCOL_VERSION
 
@@ -57,7 +57,6 @@ __all__ = [
     "ReceivedSegment",
     "RoundEvicted",
     "Segment",
-    "ServerFault",
     "TlsConfig",
     "group_of",
     "owners",

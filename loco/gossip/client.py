@@ -30,7 +30,6 @@ from .errors import (
     GossipError,
     PeerBanned,
     PeerMismatch,
-    PeerUnavailable,
     PullTimeout,
     StateMoved,
     from_rpc_error,
@@ -240,8 +239,6 @@ class GossipClient:
         self.keepalive_s = keepalive_s
         self.validate = validate
         self.metrics = metrics or GossipMetrics()
-        # drills only (loco.faults): ``blocked(site)`` True = the link to ``site`` is cut
-        self.blocked: Callable[[str], bool] | None = None
         self._channels: dict[tuple[str, str, int], grpc.Channel] = {}
         self._lock = threading.Lock()
         self._strikes: dict[str, int] = {}
@@ -290,9 +287,6 @@ class GossipClient:
 
         With TLS, ``expect_site`` is required (it is the name the server certificate must carry).
         """
-        if self.blocked is not None and expect_site and self.blocked(expect_site):
-            self.metrics.add("hello_failed")
-            raise PeerUnavailable(f"{expect_site}: link cut (fault drill)", peer=expect_site)
         call = self._channel(address, expect_site).unary_unary(
             f"/{SERVICE}/Hello",
             request_serializer=pb.HelloRequest.SerializeToString,
@@ -428,10 +422,8 @@ class GossipClient:
         return res
 
     def _admit(self, peer: PeerInfo, req: _Request) -> None:
-        """Refuse a pull that must not start: a cut link (drills), a banned peer, a request
-        outside the peer's flat space, an unusable rank table."""
-        if self.blocked is not None and self.blocked(peer.site):
-            raise PeerUnavailable(f"{peer.site}: link cut (fault drill)", peer=peer.site)
+        """Refuse a pull that must not start: a banned peer, a request outside the peer's flat
+        space, an unusable rank table."""
         if req.method == "Pull" and self.is_banned(peer.site, req.round):
             raise PeerBanned(
                 f"{peer.site} is banned until round {self._banned_until[peer.site]}",

@@ -5,24 +5,40 @@
 Publishes, for each listed round, stream "delta" = ``synthetic(flat_size, seed + round)`` split
 over its ranks, prints one JSON line ``{"site", "addresses"}`` and serves until killed or until
 stdin closes. Fault flags (``--exit-after-chunks``, ``--delay``, ``--corrupt-chunk``) exercise
-the client's error paths.
+the client's error paths: with any of them the ranks are ``loco.testing`` ``FaultyServer``s.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
+from collections.abc import Callable
 
 import numpy as np
 
-from .server import GossipServer, ServerFault
+from .server import GossipServer
 from .tls import TlsConfig
 
 
 def synthetic(flat_size: int, seed: int) -> np.ndarray:
     """The fp32 payload a peer publishes (reproducible from the seed)."""
     return np.random.default_rng(seed).standard_normal(flat_size, dtype=np.float32)
+
+
+def _server_class(args: argparse.Namespace) -> Callable[..., GossipServer]:
+    """``GossipServer``, or with a fault flag a ``FaultyServer`` bound to one shared fault."""
+    if args.delay == 0.0 and args.exit_after_chunks == -1 and args.corrupt_chunk == -1:
+        return GossipServer
+    from loco.testing.gossip_faults import FaultyServer, ServerFault
+
+    fault = ServerFault(
+        delay_s=args.delay,
+        exit_after_chunks=args.exit_after_chunks,
+        corrupt_chunk=args.corrupt_chunk,
+    )
+    return functools.partial(FaultyServer, fault=fault)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -50,19 +66,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--delay", type=float, default=0.0)
     args = ap.parse_args(argv)
     tls = None if args.insecure else TlsConfig.for_site(args.certs, args.site)
-    fault = ServerFault(
-        delay_s=args.delay,
-        exit_after_chunks=args.exit_after_chunks,
-        corrupt_chunk=args.corrupt_chunk,
-    )
+    server = _server_class(args)
     servers = []
     for r in range(args.nproc):
         port = args.port + r if args.port else 0
-        s = GossipServer(
+        s = server(
             site=args.site, rank=r, nproc=args.nproc, flat_size=args.flat_size,
             run_id=args.run_id, layout_hash=args.layout_hash, listen=f"{args.host}:{port}",
             tls=tls, insecure=args.insecure, members=args.members, chunk_bytes=args.chunk_bytes,
-            fault=fault, allow_public_plaintext=args.insecure_public,
+            allow_public_plaintext=args.insecure_public,
         )  # fmt: skip
         s.start()
         servers.append(s)

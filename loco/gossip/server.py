@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from dataclasses import dataclass, field
 
 import grpc
 
@@ -134,17 +132,6 @@ def split_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-@dataclass
-class ServerFault:
-    """Fault injection for drills (tests only). All fields default to 'no fault'."""
-
-    delay_s: float = 0.0  # sleep before streaming a Pull
-    exit_after_chunks: int = -1  # os._exit(1) after this many data chunks (kill mid-stream)
-    corrupt_chunk: int = -1  # flip a byte of this data chunk (after its crc was computed)
-    unavailable_once_after: int = -1  # first Pull only: abort UNAVAILABLE after this many chunks
-    header: dict = field(default_factory=dict)  # SegmentHeader fields to overwrite
-
-
 class GossipServer:
     """Mailbox server of one rank.
 
@@ -191,7 +178,6 @@ class GossipServer:
         allow_public_plaintext: bool = False,
         keepalive_s: float = 30.0,
         metrics: GossipMetrics | None = None,
-        fault: ServerFault | None = None,
     ) -> None:
         if tls is None and not insecure:
             raise ValueError("GossipServer needs tls=TlsConfig(...) or insecure=True (plaintext)")
@@ -217,7 +203,6 @@ class GossipServer:
         self.chunk_bytes = chunk_bytes
         self.max_wait_s = max_wait_s
         self.metrics = metrics or GossipMetrics()
-        self.fault = fault
         self.mailbox = Mailbox(keep_rounds)
         self.slots = StreamSlots(max_streams, max_streams_per_peer)
         self._stopping = threading.Event()
@@ -476,10 +461,6 @@ class GossipServer:
         self, segs: list[Segment], lo: int, hi: int, round: int, stream: str, context
     ) -> Iterator[bytes]:
         """Header + data chunks for every segment intersecting [lo, hi); raw ones are sliced."""
-        fault = self.fault
-        if fault is not None and fault.delay_s:
-            time.sleep(fault.delay_s)
-        nchunk = 0
         for seg in segs:
             a, b = max(lo, seg.lo), min(hi, seg.hi)
             if a >= b:
@@ -497,23 +478,9 @@ class GossipServer:
                 codec=seg.codec, dtype=seg.dtype, lo=s_lo, hi=s_hi, length=b1 - b0, crc32=crc,
                 site=self.site, rank=self.rank,
             )  # fmt: skip
-            if fault is not None:
-                for k, v in fault.header.items():
-                    setattr(header, k, v)
             yield encode_header(header)
             for p0, p1, c in plan:
                 msg = encode_data(seg.data[p0:p1], c)
-                if fault is not None:
-                    if nchunk == fault.corrupt_chunk:
-                        msg = bytearray(msg)
-                        msg[len(msg) // 2] ^= 0xFF
-                        msg = bytes(msg)
-                    if nchunk == fault.exit_after_chunks:
-                        os._exit(1)
-                    if nchunk == fault.unavailable_once_after:
-                        fault.unavailable_once_after = -1
-                        context.abort(grpc.StatusCode.UNAVAILABLE, "injected: stream broken")
-                nchunk += 1
                 self.metrics.add("bytes_sent", p1 - p0)
                 yield msg
 

@@ -87,7 +87,6 @@ class OuterLoop:
         final_average: after the last step, average the weights over every live site (see the
             module docstring); ignored for DiLoCo (already one model) and local (never talks).
         closers: called by :meth:`close` in order (default: ``node.close``).
-        faults: drill fault injection (:class:`loco.faults.Faults`); None in real runs.
     """
 
     def __init__(
@@ -113,7 +112,6 @@ class OuterLoop:
         say: Callable[[str], None] | None = None,
         final_average: bool = False,
         closers: list[Callable[[], None]] | None = None,
-        faults: Any = None,
     ) -> None:
         if H < 1:
             raise ValueError(f"outer.H={H} must be >= 1")
@@ -130,7 +128,6 @@ class OuterLoop:
         self.say = say or (lambda msg: None)
         self.final_average = final_average and node is not None and not all_live
         self.final: dict[str, Any] | None = None  # the final average's record, once done
-        self.faults = faults
         self.closers = list(closers) if closers is not None else ([node.close] if node else [])
         # the outer state lives in host memory (fp32), whatever the engine's device
         self.state = OuterState.start(flat.master().detach().cpu())
@@ -220,8 +217,6 @@ class OuterLoop:
 
     def on_step_end(self, done: int) -> None:
         """The trainer's hook: run, start or merge a round after inner step ``done``."""
-        if self.faults is not None:
-            self.faults.after_step(done, self.H)
         p = self.pending
         if p is not None and (done >= p.step + self.tau or done >= self.steps):
             self._merge(p)
@@ -250,8 +245,6 @@ class OuterLoop:
     @torch.no_grad()
     def _boundary(self, t: int, done: int, overlap: bool) -> None:
         t0 = time.perf_counter()
-        if self.faults is not None:
-            self.faults.at_round(t)
         theta = self.flat.master()
         delta = theta.detach().float().cpu() - self.state.phi
         partners = self._partners(t)
@@ -263,9 +256,7 @@ class OuterLoop:
             served = self.node.metrics.snapshot().get("served_pulls", 0.0)
             for stream, (buf, label) in bufs.items():
                 if stream == "delta" or not self.all_live:  # DiLoCo never pulls phi
-                    if self.faults is not None:
-                        buf = self.faults.corrupt(t, buf)
-                    self.node.publish(t, stream, buf, codec=label)
+                    self._publish(t, stream, buf, label)
         r = _Round(t, done, out, partners, t0, served_before=served)
         if overlap and partners:
             r.thread = threading.Thread(target=self._pull_all, args=(r,), daemon=True,
@@ -276,6 +267,10 @@ class OuterLoop:
             return
         self._pull_all(r)
         self._merge(r, blocking_since=t0)
+
+    def _publish(self, t: int, stream: str, buf: Any, label: str) -> None:
+        """Publish this rank's encoded ``stream`` of round ``t`` (codec ``label``)."""
+        self.node.publish(t, stream, buf, codec=label)
 
     def _pull_all(self, r: _Round) -> None:
         """Pull every partner's delta (and phi) concurrently; fill ``r.pulled``."""

@@ -1,9 +1,9 @@
 """Drill: a partition {eu} | {us, asia} for several rounds, then healed.
 
 Real ``loco.worker`` processes under ``loco.local``; the partition cuts every gossip RPC across
-it (Hello, heartbeat, pull) during rounds [5, 9) (``LOCO_FAULTS``, see loco/faults.py). Sites
-pair (``gossip.odd=sit_out``: one of three sits out each round), so the consensus distance of
-the pulled phi is a pairwise figure before the fault too.
+it (Hello, heartbeat, pull) during rounds [5, 9) (``LOCO_FAULTS``, see loco/testing/faults.py).
+Sites pair (``gossip.odd=sit_out``: one of three sits out each round), so the consensus distance
+of the pulled phi is a pairwise figure before the fault too.
 """
 
 from __future__ import annotations

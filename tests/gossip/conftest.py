@@ -8,13 +8,15 @@ import pytest
 
 from loco.certs import write_run_certs
 from loco.gossip import GossipClient, GossipServer, TlsConfig
+from loco.testing.gossip_faults import FaultyServer
 
 RUN = "run-test"
 LAYOUT = "layout-abc"
 
 
 class Site:
-    """All rank servers of one site, on loopback ports chosen by the OS."""
+    """All rank servers of one site, on loopback ports chosen by the OS; with ``fault=`` (a
+    ``ServerFault``, shared by every rank) they are ``FaultyServer``s."""
 
     def __init__(self, name: str, nproc: int, flat_size: int, **kw) -> None:
         self.name, self.nproc, self.flat_size = name, nproc, flat_size
@@ -22,9 +24,9 @@ class Site:
         kw.setdefault("layout_hash", LAYOUT)
         if "tls" not in kw:
             kw.setdefault("insecure", True)
+        server = GossipServer if "fault" not in kw else FaultyServer
         self.servers = [
-            GossipServer(site=name, rank=r, nproc=nproc, flat_size=flat_size, **kw)
-            for r in range(nproc)
+            server(site=name, rank=r, nproc=nproc, flat_size=flat_size, **kw) for r in range(nproc)
         ]
 
     def start(self) -> Site:

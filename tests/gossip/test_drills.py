@@ -13,9 +13,9 @@ from loco.gossip import (
     PeerMismatch,
     PeerUnavailable,
     RankInfo,
-    ServerFault,
 )
 from loco.gossip.peer import synthetic
+from loco.testing.gossip_faults import ServerFault
 from tests.gossip.conftest import LAYOUT, RUN, free_port
 
 

@@ -2,7 +2,8 @@
 
 Each case was found against 91a3673 and made the puller allocate what the peer asked for, or
 accept what it should refuse. The hostile servers here are real ``GossipServer``s whose
-published segments or header fields (``ServerFault.header``) lie.
+published segments lie, or ``loco.testing`` ``FaultyServer``s whose header fields
+(``ServerFault.header``) lie.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ def test_segment_header_claiming_2gib_is_refused_before_allocating():
     """hi = 2**40, length = 2 GiB on a 120-byte opaque segment: refused at the header, with a
     strike, and the puller's peak RSS does not grow by the claimed size (it grew 2 GB)."""
     setup = """
-from loco.gossip import GossipClient, GossipServer, ServerFault
-srv = GossipServer(site="us", rank=0, nproc=1, flat_size=1000, run_id="r", layout_hash="l",
+from loco.gossip import GossipClient
+from loco.testing.gossip_faults import FaultyServer, ServerFault
+srv = FaultyServer(site="us", rank=0, nproc=1, flat_size=1000, run_id="r", layout_hash="l",
                    insecure=True, fault=ServerFault(header={"hi": 2**40, "length": 2**31}))
 srv.start(); srv.set_rank_addresses([srv.address])
 srv.publish(0, "delta", b"x" * 120, codec="int8")

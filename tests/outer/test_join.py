@@ -96,10 +96,10 @@ SOURCE = textwrap.dedent(
     """
     import sys, time, torch
     sys.path.insert(0, {root!r})
-    from loco.gossip import GossipServer, ServerFault
     from loco.outer.join import publish_state
+    from loco.testing.gossip_faults import FaultyServer, ServerFault
     from tests.outer.test_join import P, RUN, LAYOUT, values
-    s = GossipServer(site="eu", rank=0, nproc=1, flat_size=P, run_id=RUN, layout_hash=LAYOUT,
+    s = FaultyServer(site="eu", rank=0, nproc=1, flat_size=P, run_id=RUN, layout_hash=LAYOUT,
                      insecure=True, chunk_bytes=4096, fault=ServerFault(exit_after_chunks=3))
     s.start()
     s.publish(9, "delta", torch.zeros(P).numpy())

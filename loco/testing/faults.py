@@ -21,7 +21,9 @@ acts during the outer rounds ``[a, b)`` of its ``rounds`` (round t ends at inner
   of its delta and phi.
   It still applies its own true values itself.
 
-Not for production: a site started without ``LOCO_FAULTS`` has no faults and pays nothing.
+Not for production: a site started without ``LOCO_FAULTS`` is built of the production classes
+only. With it, ``loco.build`` wraps the gossip client with :func:`cut_links` and builds a
+:class:`FaultyOuterLoop` instead of the ``OuterLoop``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from loco.outer.loop import OuterLoop
 
 ENV = "LOCO_FAULTS"
 KINDS = ("partition", "slow", "payload")
@@ -49,9 +53,9 @@ def _window(entry: dict[str, Any], what: str) -> tuple[int, int]:
 class Faults:
     """The faults of one site, from a federation spec (see the module docstring).
 
-    The outer loop calls :meth:`at_round` at every boundary, :meth:`after_step` after every
-    inner step and :meth:`corrupt` on what it publishes; the gossip client asks
-    :meth:`blocked` before every RPC.
+    :class:`FaultyOuterLoop` calls :meth:`at_round` at every boundary, :meth:`after_step` after
+    every inner step and :meth:`corrupt` on what it publishes; the client wrapped by
+    :func:`~loco.testing.gossip_faults.cut_links` asks :meth:`blocked` before every RPC.
     """
 
     def __init__(self, spec: dict[str, Any], *, site: str) -> None:
@@ -121,6 +125,30 @@ class Faults:
         return _value_frame(max(1, (n - 40) // 4), value)
 
 
+class FaultyOuterLoop(OuterLoop):
+    """An :class:`~loco.outer.loop.OuterLoop` that applies this site's :class:`Faults`.
+
+    After every inner step ``faults.after_step``; at each boundary ``faults.at_round`` first (a
+    partition follows it from that round's live set, pairing and pulls on); on the delta and
+    phi published for round t ``faults.corrupt`` (the site still applies its own true values).
+    """
+
+    def __init__(self, *, faults: Faults, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.faults = faults
+
+    def on_step_end(self, done: int) -> None:
+        self.faults.after_step(done, self.H)
+        super().on_step_end(done)
+
+    def _boundary(self, t: int, done: int, overlap: bool) -> None:
+        self.faults.at_round(t)
+        super()._boundary(t, done, overlap)
+
+    def _publish(self, t: int, stream: str, buf: Any, label: str) -> None:
+        super()._publish(t, stream, self.faults.corrupt(t, buf), label)
+
+
 def _value_frame(numel: int, value: float = np.nan) -> np.ndarray:
     """A ``loco.compress`` frame (codec none, fp32) of ``numel`` copies of ``value`` with valid
     checksums: what a sender that skipped the encoder's checks would ship (NaN), or finite
@@ -151,8 +179,8 @@ def load(site: str) -> Faults | None:
         spec = json.loads(raw)
     except ValueError as e:
         raise ValueError(
-            f"{ENV} is not valid JSON ({e}); see loco/faults.py for the format"
+            f"{ENV} is not valid JSON ({e}); see loco/testing/faults.py for the format"
         ) from None
     if not isinstance(spec, dict):
-        raise ValueError(f"{ENV} must be a JSON object; see loco/faults.py for the format")
+        raise ValueError(f"{ENV} must be a JSON object; see loco/testing/faults.py for the format")
     return Faults(spec, site=site)
