@@ -11,9 +11,9 @@ stall is then only what of the copy is left by then. A background thread writes 
 buffer to ``.tmp-step_N/rank_R.bin`` in large chunks straight from its memory (no pickling),
 computes the entries' CRC-32s beside it, fsyncs, and writes a small part manifest
 ``rank_R.json``. Rank 0's thread then waits for every rank's part, writes ``manifest.json``
-(fsynced, via a renamed temporary file), fsyncs the directory, renames it to ``step_N``,
-atomically replaces ``latest``, and removes checkpoints beyond the last ``keep`` and any
-leftover temporary directories. A crash at any point leaves the previous checkpoint committed
+with its own CRC-32 (fsynced, via a renamed temporary file), fsyncs the directory, renames it
+to ``step_N``, atomically replaces ``latest``, and removes checkpoints beyond the last ``keep``
+and any leftover temporary directories. A crash at any point leaves the previous checkpoint committed
 and ``latest`` naming it. The ranks share the checkpoint directory (one file system per site).
 """
 
@@ -37,10 +37,12 @@ from loco.checkpoint.format import (
     FORMAT,
     LATEST,
     MANIFEST,
+    MANIFEST_CRC,
     TMP_PREFIX,
     VERSION,
     CheckpointError,
     Entry,
+    manifest_crc32,
     part_file,
     plan,
     rank_file,
@@ -279,6 +281,8 @@ class CheckpointWriter:
             "time": time.time(),
             "files": files,
         }
+        manifest = json.loads(json.dumps(manifest))  # what a reader parses: string keys, lists
+        manifest[MANIFEST_CRC] = manifest_crc32(manifest)
         atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
         for p in parts:
             p.unlink()
