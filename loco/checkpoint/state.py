@@ -130,7 +130,10 @@ def restore(
         else:
             for k in keys:
                 got[k] = ck.read_range(k, lo, hi)
-            got["optim_step"] = int(ck.scalars(0)["optim_step"])
+            if not isinstance(ck.scalars(0).get("optim_step"), int):
+                raise CheckpointError(f"{ck.path}: optimizer state without an integer optim_step; "
+                                      "resume from another checkpoint")  # fmt: skip
+            got["optim_step"] = ck.scalars(0)["optim_step"]
         if outer is not None:
             if ck.has("outer.phi"):
                 got["outer.phi"] = ck.read_range("outer.phi", lo, hi)
@@ -146,6 +149,7 @@ def restore(
                 got[name] = ck.entry(0, name)
         if "rng.torch" in ck.entries[src]:
             got["rng.torch"] = ck.entry(src, "rng.torch")
+        _check_rngs(ck, got, ck.scalars(src))
     except CheckpointError as e:
         err = str(e)
     if world > 1:
@@ -185,16 +189,30 @@ def restore(
                 ef.calls = got["ef_calls"]
             else:
                 notes.append("error feedback: fresh (zero residuals)")
-    if "rng.torch" in got:
-        torch.set_rng_state(got["rng.torch"])
-    sc = ck.scalars(src)
-    if "rng_python" in sc:
-        v, mt, gauss = sc["rng_python"]
-        random.setstate((v, tuple(mt), gauss))
-    if "rng_numpy" in sc:
-        name, keys, pos, has_gauss, cached = sc["rng_numpy"]
-        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    _restore_rngs(got, ck.scalars(src))
     if ck.world != world:
         notes.append(f"resharded from {ck.world} to {world} rank(s)")
     ck.drop_cache()
     return {"step": int(m["step"]), "round": int(m.get("round", 0)), "notes": notes}
+
+
+def _restore_rngs(got: dict[str, Any], sc: dict[str, Any], py=random, npr=np.random,
+                  gen=None) -> None:  # fmt: skip
+    """Set torch's, Python's and NumPy's generators (or the given ones) from a checkpoint."""
+    if "rng.torch" in got:
+        (gen.set_state if gen is not None else torch.set_rng_state)(got["rng.torch"])
+    if "rng_python" in sc:
+        v, mt, gauss = sc["rng_python"]
+        py.setstate((v, tuple(mt), gauss))
+    if "rng_numpy" in sc:
+        name, keys, pos, has_gauss, cached = sc["rng_numpy"]
+        npr.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def _check_rngs(ck: Checkpoint, got: dict[str, Any], sc: dict[str, Any]) -> None:
+    """CheckpointError unless the saved generator states load (tried on throwaway ones)."""
+    try:
+        _restore_rngs(got, sc, random.Random(), np.random.RandomState(), torch.Generator())
+    except Exception as e:  # noqa: BLE001 (whatever a malformed state raises)
+        raise CheckpointError(f"{ck.path}: the saved random generator states do not load "
+                              f"({e}); resume from another checkpoint") from None  # fmt: skip

@@ -210,3 +210,31 @@ def test_crash_while_replacing_the_same_step_keeps_it_loadable(tmp_path):
     # and a second save of the same step replaces it whole
     save(eng, outer, tmp_path, 0, 1, step=3).wait()
     assert latest_checkpoint(tmp_path) == path and not list(tmp_path.glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("bad", ["no_optim_step", "rng_python", "rng_numpy"])
+def test_bad_scalars_are_one_checkpoint_error_before_anything_loads(tmp_path, bad):
+    """A manifest (checksum resealed) whose optimizer step is missing or whose saved RNG
+    states do not load: one CheckpointError before any weight is touched (KeyError/TypeError
+    after the weights were loaded, at 91a3673)."""
+    import json
+
+    from loco.checkpoint.format import manifest_crc32
+
+    eng, outer = make(stage=1)
+    save(eng, outer, tmp_path, 0, 1, step=1).wait()
+    path = latest_checkpoint(tmp_path)
+    man = json.loads((path / "manifest.json").read_text())
+    sc = man["files"][0]["scalars"]
+    if bad == "no_optim_step":
+        del sc["optim_step"]
+    else:
+        sc[bad] = [1, 2, 3] if bad == "rng_python" else ["MT19937", [1], 0, 0, 0.0]
+    man.pop("manifest_crc32", None)
+    man["manifest_crc32"] = manifest_crc32(man)
+    (path / "manifest.json").write_text(json.dumps(man))
+    fresh, fouter = make(stage=1, seed=2)
+    before = fresh.master_range().clone()
+    with pytest.raises(CheckpointError, match="resume from another checkpoint"):
+        restore(Checkpoint(path), engine=fresh, outer=fouter)
+    assert torch.equal(fresh.master_range(), before)
