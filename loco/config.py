@@ -207,7 +207,7 @@ class ZeroConfig:
 
 @dataclass
 class OuterConfig:
-    """The outer step between sites (see docs/noloco-spec in shared docs)."""
+    """The outer step between sites (the updates: loco/outer/methods.py, docs/outer.md)."""
 
     method: str = "noloco"
     H: int = 50

@@ -1,4 +1,4 @@
-"""Metrics: one JSON object a line in ``metrics.jsonl`` (the contract in DESIGN.md)."""
+"""Metrics: one JSON object a line in ``metrics.jsonl`` (the contract: docs/architecture.md)."""
 
 from __future__ import annotations
 

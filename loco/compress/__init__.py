@@ -1,6 +1,6 @@
 """Compression of outer-step payloads: codecs, error feedback and a checked wire format.
 
-Public API (a contract, see DESIGN.md)::
+Public API (a contract, see docs/architecture.md, "Public contracts")::
 
     buf = encode(x, "int8", block=256)        # -> bytes, self-describing
     y = decode(buf)                            # -> flat tensor of x's dtype

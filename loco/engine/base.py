@@ -1,14 +1,31 @@
-"""The engine seam: what the training loop needs from a (possibly sharded) engine."""
+"""The engine seams: what the training loop, the outer loop and checkpoints call on an engine.
+
+Two small Protocols, one per seam, name every call their consumers make:
+
+- :class:`StepEngine`, the trainer's seam (``loco.trainer``): run a forward on ``model``, then
+  ``backward`` / ``step``.
+- :class:`FlatEngine`, the flat-state seam (``loco.outer.flat``, ``loco.outer.join``,
+  ``loco.checkpoint.state``, ``loco.build``): this rank's range of the fp32 flat parameter
+  space, its master weights and optimizer state, and the collectives that publish writes.
+
+:class:`Engine` is both; every production engine (``loco.engine.zero.ZeroEngine``, stages 0-3)
+implements it. All three are ``runtime_checkable``; ``tests/engine/test_protocol.py`` checks
+every implementation against the seams it claims. "Collective" below means: every rank of the
+engine's group calls it, the same number of times, in the same order.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
+from loco.engine.flat import FlatLayout
 
-class Engine(Protocol):
+
+@runtime_checkable
+class StepEngine(Protocol):
     """Owns the model's parameters, gradients and optimizer state on one rank.
 
     Contract for one optimizer step with ``grad_accum`` micro-batches:
@@ -18,17 +35,108 @@ class Engine(Protocol):
     global norm, applied, and cleared. Every rank calls every method the same number of times.
     """
 
-    model: nn.Module
-
-    def backward(self, loss: torch.Tensor) -> None: ...
-
-    def step(self, lr: float) -> float:
-        """Apply one update; return the global gradient norm before clipping."""
+    @property
+    def model(self) -> nn.Module:
+        """The module to run forward on (every rank); its parameters are the engine's."""
         ...
 
-    def state_dict(self) -> dict[str, Any]: ...
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagate one micro-batch's loss. Collective (on the micro-batches that reduce)."""
+        ...
 
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def step(self, lr: float) -> float:
+        """Apply one update at ``lr``; return the global gradient norm before clipping (the same
+        on every rank). Collective."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's state: the weights and optimizer state it holds. Local."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load what ``state_dict`` returned on the same rank of a same-shaped group; the
+        model then computes with it. Collective."""
+        ...
+
+
+@runtime_checkable
+class FlatEngine(Protocol):
+    """This rank's view of the flat parameter space (``loco.engine.flat.FlatLayout``).
+
+    The padded flat vector (length ``padded``) is split into one shard ``[lo, hi)`` per rank;
+    ``flat_range`` is the shard clipped to the ``numel`` real values (empty on a trailing rank
+    whose shard is all padding). ``master_range`` and ``optim_state_range`` are addressed by
+    that range, whatever the ZeRO stage. Writes to them reach the compute parameters (and the
+    other ranks) only through ``sync_params``.
+    """
+
+    @property
+    def model(self) -> nn.Module:
+        """The module whose trainable parameters the layout flattens (same on every rank)."""
+        ...
+
+    @property
+    def layout(self) -> FlatLayout:
+        """The flat layout of ``model``'s trainable parameters (same on every rank)."""
+        ...
+
+    @property
+    def layout_hash(self) -> str:
+        """``layout.hash``: equal on two engines iff their flat spaces line up."""
+        ...
+
+    @property
+    def numel(self) -> int:
+        """P, the number of real values of the flat vector."""
+        ...
+
+    @property
+    def padded(self) -> int:
+        """The padded length of the flat vector (``numel`` rounded up; every shard equal)."""
+        ...
+
+    @property
+    def lo(self) -> int:
+        """First index of this rank's shard of the padded vector."""
+        ...
+
+    @property
+    def hi(self) -> int:
+        """One past the last index of this rank's shard (``hi - lo`` equal on every rank)."""
+        ...
+
+    @property
+    def flat_range(self) -> tuple[int, int]:
+        """This rank's owned range ``(lo, min(hi, numel))`` clipped to P; may be empty."""
+        ...
+
+    optim_step: int
+    """The optimizer's step count (read and write; the same on every rank)."""
+
+    def master_range(self) -> torch.Tensor:
+        """A writable fp32 view of the master weights on ``flat_range``. Local; after writing,
+        call ``sync_params`` on every rank."""
+        ...
+
+    def optim_state_range(self) -> dict[str, torch.Tensor]:
+        """Writable fp32 views of the optimizer state on ``flat_range`` by name (``exp_avg``,
+        ``exp_avg_sq`` for AdamW, ``momentum`` for SGD; an empty dict when the optimizer keeps
+        none). Local; the same names on every rank."""
+        ...
+
+    def sync_params(self, optim_state: bool = False) -> None:
+        """Propagate writes to ``master_range`` (and, with ``optim_state``, to the optimizer
+        state) to the compute parameters of every rank. Collective."""
+        ...
+
+    def gather_full(self) -> torch.Tensor:
+        """The full fp32 master vector (length ``numel``) on every rank, on the CPU. Collective."""
+        ...
+
+
+@runtime_checkable
+class Engine(StepEngine, FlatEngine, Protocol):
+    """Both seams: what a site builds (``loco.build.engine_from``) and hands to its consumers."""
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

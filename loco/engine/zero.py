@@ -110,11 +110,11 @@ class _Bucket:
 class ZeroEngine:
     """ZeRO-sharded training of one model on the ranks of one process group.
 
-    Follows the ``Engine`` contract of ``loco.engine.base`` and accepts the keywords of
-    ``PlainEngine`` plus the ones below. Build it on every rank of ``group`` with the same
-    model architecture; parameters are broadcast from group rank 0 first. The engine takes
-    over the model's trainable parameters (they become views into its buffers); frozen
-    parameters stay as they are, replicated and never communicated.
+    Implements the ``Engine`` Protocol of ``loco.engine.base`` (both seams, every stage).
+    Build it on every rank of ``group`` with the same model architecture; parameters are
+    broadcast from group rank 0 first. The engine takes over the model's trainable parameters
+    (they become views into its buffers); frozen parameters stay as they are, replicated and
+    never communicated.
 
     Args:
         model: the model (a ``GPT`` or any module; stage 3 shards per ``model.blocks``).
@@ -549,6 +549,7 @@ class ZeroEngine:
 
     @property
     def layout_hash(self) -> str:
+        """``layout.hash``: equal on two engines iff their flat spaces line up."""
         return self.layout.hash
 
     def master_range(self) -> torch.Tensor:
@@ -567,6 +568,7 @@ class ZeroEngine:
 
     @property
     def optim_step(self) -> int:
+        """The optimizer's step count (read and write; the same on every rank)."""
         return self.optimizer.step_count
 
     @optim_step.setter

@@ -191,18 +191,20 @@ class GossipNode:
         """Count a bad payload of ``partner`` found after its pull (see GossipClient.strike)."""
         self.client.strike(partner, round, reason)
 
-    def pull(self, partner: str, round: int, stream: str, **kw) -> PullResult:
-        """Pull this rank's own range of ``partner``'s ``stream`` for ``round``; never raises."""
+    def pull(self, partner: str, round: int, stream: str, *, lo: int | None = None,
+             hi: int | None = None, **kw) -> PullResult:  # fmt: skip
+        """Pull ``[lo, hi)`` (default: this rank's own range) of ``partner``'s ``stream`` for
+        ``round``; never raises."""
+        lo = self.lo if lo is None else lo
+        hi = self.hi if hi is None else hi
         try:
             info = self._peer_info(partner)
         except GossipError as e:
-            res = PullResult(
-                peer=partner, round=round, stream=stream, lo=self.lo, hi=self.hi, error=e
-            )
+            res = PullResult(peer=partner, round=round, stream=stream, lo=lo, hi=hi, error=e)
             self.metrics.add("pulls_failed")
             self.metrics.add(f"fail_{e.cause}")
             return res
-        res = self.client.pull(info, round, stream, self.lo, self.hi, **kw)
+        res = self.client.pull(info, round, stream, lo, hi, **kw)
         if not res.ok and res.cause in ("unavailable", "mismatch"):
             with self._lock:
                 self._infos.pop(partner, None)  # re-Hello next time (it may have restarted)

@@ -240,7 +240,10 @@ class RangePayloads:
         }
         if timeout_s is not None:
             kw["timeout_s"] = timeout_s
-        res = node.pull(partner, round, stream, **kw)
+        if self.numel == 0:  # a trailing rank whose shard is all padding owns nothing
+            return torch.zeros(0), ""
+        # the owned range, not the shard: a partner's padded size may end before our shard
+        res = node.pull(partner, round, stream, lo=self.lo, hi=self.hi, **kw)
         if not res.ok:
             return None, res.cause
         try:

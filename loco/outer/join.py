@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from loco.engine.base import FlatEngine
 from loco.gossip import GossipError, PeerInfo, Segment
 
 log = logging.getLogger(__name__)
@@ -39,10 +40,9 @@ OUTER_STREAMS = ("phi", "momentum")
 _OK, _MOVED, _FAILED = 0, 1, 2
 
 
-def inner_streams(engine) -> tuple[str, ...]:
+def inner_streams(engine: FlatEngine) -> tuple[str, ...]:
     """``master`` and the engine's optimizer moments, as state stream names."""
-    moments = sorted(engine.optim_state_range()) if hasattr(engine, "optim_state_range") else []
-    return ("master", *(f"optim.{k}" for k in moments))
+    return ("master", *(f"optim.{k}" for k in sorted(engine.optim_state_range())))
 
 
 @torch.no_grad()
@@ -85,8 +85,7 @@ class StateServer:
         out = {"phi": st.phi, "momentum": st.momentum}
         if self.inner:
             out["master"] = flat.master()
-            if hasattr(flat.engine, "optim_state_range"):
-                out.update({f"optim.{k}": v for k, v in flat.engine.optim_state_range().items()})
+            out.update({f"optim.{k}": v for k, v in flat.engine.optim_state_range().items()})
         return out
 
     def after_step(self, done: int) -> None:
@@ -313,7 +312,7 @@ def join(
 
 
 @torch.no_grad()
-def adopt(joined: Joined, *, outer, engine, H: int) -> int:
+def adopt(joined: Joined, *, outer, engine: FlatEngine, H: int) -> int:
     """Load ``joined`` into this rank's outer state and engine; returns the step to start at.
 
     phi and the outer momentum become the source's; the weights become its master weights
@@ -328,13 +327,10 @@ def adopt(joined: Joined, *, outer, engine, H: int) -> int:
     st.momentum.copy_(joined.tensors["momentum"])
     st.rounds = joined.version
     flat.master().copy_(joined.tensors["master"] if joined.inner else joined.tensors["phi"])
-    if hasattr(engine, "optim_state_range"):
-        for k, v in engine.optim_state_range().items():
-            v.copy_(joined.tensors[f"optim.{k}"]) if joined.inner else v.zero_()
-        engine.optim_step = joined.version * H if joined.inner else 0
-        engine.sync_params(optim_state=True)
-    else:
-        flat.sync()
+    for k, v in engine.optim_state_range().items():
+        v.copy_(joined.tensors[f"optim.{k}"]) if joined.inner else v.zero_()
+    engine.optim_step = joined.version * H if joined.inner else 0
+    engine.sync_params(optim_state=True)
     return joined.version * H
 
 

@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 
 from loco.engine.flat import FlatLayout
-from loco.engine.plain import PlainEngine
 from loco.engine.zero import ZeroEngine
 from tests.engine.dist_utils import batches, tiny_gpt
+from tests.engine.plain import PlainEngine
 
 STEPS, BATCH = 5, 12
 LR = {"sgd": 5e-2, "adamw": 1e-2}

@@ -49,11 +49,13 @@ class FakeFlat:
 
 def make_sites(names, ports, codec="int8", phi_codec="none", method="noloco", tau=0, mix=0.5,
                seed=0, pull_timeout_s=5.0, H=5, steps=100, ef=True, phi_lattice=False,
-               final_average=False):  # fmt: skip
+               final_average=False, padded=P):  # fmt: skip
+    """``padded`` > P: the site's flat vector is padded past P (as the engine pads to a multiple
+    of world * ALIGN), so its one rank's shard [0, padded) reaches past what it owns."""
     sites = {}
     for name in names:
         node = GossipNode(
-            site=name, rank=0, nproc=1, flat_size=P, run_id=RUN, layout_hash=LAYOUT,
+            site=name, rank=0, nproc=1, flat_size=padded, run_id=RUN, layout_hash=LAYOUT,
             listen=f"127.0.0.1:{ports[name]}",
             peers={n: f"127.0.0.1:{ports[n]}" for n in ports if n != name},
             insecure=True, heartbeat=False, seed=seed, pull_timeout_s=pull_timeout_s,
@@ -64,7 +66,7 @@ def make_sites(names, ports, codec="int8", phi_codec="none", method="noloco", ta
         )
         flat = FakeFlat(theta)
         pay = RangePayloads(
-            shard=(0, P), owned=(0, P), codec=codec, phi_codec=phi_codec,
+            shard=(0, padded), owned=(0, P), codec=codec, phi_codec=phi_codec,
             delta_options=codec_options(codec, block=256, scale_dtype="fp32", stochastic=False,
                                         topk_fraction=0.1),
             phi_options=codec_options(phi_codec, block=256, scale_dtype="fp32", stochastic=False,
@@ -456,3 +458,23 @@ def test_final_average_is_off_for_diloco_and_local():
                      H=5, steps=5, final_average=True)  # fmt: skip
     inner_steps(loop, 0, 5, 0)
     assert loop.final is None
+
+
+@pytest.mark.parametrize("codec", ["none", "int8"])
+def test_padded_shard_pulls_only_the_owned_range(codec):
+    """Sites whose shard reaches past P (padding) and whose padded sizes differ: each pulls
+    exactly its owned [0, P), so raw phi pulls pass the length check and a partner with a
+    shorter padded vector is not asked for elements it does not have."""
+    ports = ports_for(["eu", "us"])
+    sites = {**make_sites(["eu"], ports, codec=codec, padded=P + 7),
+             **make_sites(["us"], ports, codec=codec, padded=P + 39)}  # fmt: skip
+    try:
+        run_parallel(
+            [lambda s=s, i=i: inner_steps(s, 0, 5, i) for i, s in enumerate(sites.values())]
+        )
+        for s in sites.values():
+            assert s.history[0]["n"] == 2 and not s.history[0]["dropped"], s.history[0]
+        assert sites["eu"].history[0]["mean_crc"] == sites["us"].history[0]["mean_crc"]
+    finally:
+        for s in sites.values():
+            s.close()

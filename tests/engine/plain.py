@@ -1,4 +1,8 @@
-"""Replicated training with plain gradient averaging (the DDP baseline, no sharding)."""
+"""Replicated training with plain gradient averaging: the test-only reference engine.
+
+The DDP baseline, no sharding. ``tests/engine/parity.py`` compares ``ZeroEngine`` against it; it
+implements the trainer seam (``loco.engine.base.StepEngine``) only, never the flat-state seam.
+"""
 
 from __future__ import annotations
 
@@ -57,6 +61,7 @@ class PlainEngine:
             dist.broadcast(t.data, src=src, group=self.group)
 
     def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate this micro-batch's gradients locally (no collective)."""
         loss.backward()
 
     @torch.no_grad()
@@ -75,6 +80,7 @@ class PlainEngine:
 
     @torch.no_grad()
     def step(self, lr: float) -> float:
+        """Average (collective when world > 1), clip and apply; return the norm before clipping."""
         if self.world > 1:
             self._average_grads()
         grads = [p.grad for p in self._params if p.grad is not None]
@@ -88,8 +94,10 @@ class PlainEngine:
         return float(norm)
 
     def state_dict(self) -> dict[str, Any]:
+        """The model's and the torch optimizer's state dicts (references, not copies)."""
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load what :meth:`state_dict` returned (local)."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
