@@ -34,6 +34,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from loco.config import CONF_DIR, ConfigError, compose, to_config
+from loco.errors import describe as describe_exit
 
 GRACE_S = 15.0  # after Ctrl-C, how long sites get to stop before SIGKILL
 STATUS_EVERY_S = 10.0
@@ -313,7 +314,8 @@ def _bytes(n: Any) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """The per-site summary table (plain text, aligned)."""
+    """The per-site summary table (plain text, aligned); a non-zero exit names its kind
+    (``2 config``, ``3 run-time``, ``1 crash``, ``-9 crash (SIGKILL)``: loco.errors)."""
     head = ["site", "exit", "steps", "val loss", "distance", "rounds", "dropped", "bytes sent",
             "DDP bytes", "DDP / sent", "utilization"]  # fmt: skip
     body = []
@@ -321,7 +323,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         sent, ddp = r.get("bytes_sent"), r.get("ddp_bytes")
         ratio = ddp / sent if sent and ddp else None
         body.append([
-            r["site"], _fmt(r.get("exit"), "d"), _fmt(r.get("steps"), "d"),
+            r["site"], describe_exit(r.get("exit")), _fmt(r.get("steps"), "d"),
             _fmt(r.get("val_loss"), ".4f"), _fmt(r.get("final_distance"), ".2e"),
             _fmt(r.get("rounds"), "d"), _fmt(r.get("rounds_dropped"), "d"), _bytes(sent),
             _bytes(ddp), _fmt(ratio, ".0f") + ("x" if ratio else ""),

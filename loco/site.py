@@ -7,18 +7,30 @@ import logging
 import os
 import random
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from loco import build
 from loco import dist as ldist
-from loco.checkpoint import Checkpoint, capture, latest_checkpoint, restore
+from loco.checkpoint import Checkpoint, CheckpointError, capture, latest_checkpoint, restore
 from loco.checkpoint.state import streams_of
-from loco.config import LocoConfig
+from loco.config import ConfigError, LocoConfig
+from loco.errors import (
+    EXIT_CONFIG,
+    EXIT_CRASH,
+    EXIT_RUN,
+    JoinError,
+    RankExited,
+    exit_status,
+    one_line,
+)
 from loco.metrics import MetricsWriter
 from loco.progress import Progress
 from loco.trainer import Trainer
@@ -63,13 +75,16 @@ def join_live_run(
     cfg: LocoConfig, outer: Any, engine: Any, *, rank: int, world: int, metrics: Any, say: Any
 ) -> int:
     """``resume=peer`` (or, with ``join.auto``, no checkpoint while members are past round 0):
-    take a live member's state through FetchState. Returns the step to start at (0: fresh)."""
+    take a live member's state through FetchState. Returns the step to start at (0: fresh).
+
+    Raises ConfigError when ``resume=peer`` cannot talk at all, JoinError when no member served
+    its state within ``join.timeout_s``."""
     from loco.outer.join import adopt, inner_streams, join, site_crc
 
     want = cfg.resume == "peer"
     if outer.node is None:
         if want:
-            raise ValueError(
+            raise ConfigError(
                 "resume=peer needs the gossip layer: this site never talks (outer=local, or no "
                 "gossip.cert_dir and gossip.insecure=false); use resume=latest or resume=none"
             )
@@ -84,7 +99,7 @@ def join_live_run(
     )  # fmt: skip
     if joined is None:
         if want:
-            raise ValueError(
+            raise JoinError(
                 f"resume=peer: no live member served its state within join.timeout_s="
                 f"{cfg.join.timeout_s:g}; start a member first (site.peers) or raise join.timeout_s"
             )
@@ -109,6 +124,20 @@ def gossip_plaintext(cfg: LocoConfig) -> bool:
     return bool(cfg.gossip.insecure) and cfg.outer.method != "local"
 
 
+@contextmanager
+def config_checks() -> Iterator[None]:
+    """Building the site from its configuration: a plain ValueError raised here (a component
+    refusing its arguments: a corpus too small for ``data.num_shards``, ``site.device=cuda``
+    without a GPU, ...) is a configuration error and is raised again as ConfigError (same
+    message). CheckpointError and ConfigError pass unchanged."""
+    try:
+        yield
+    except (ConfigError, CheckpointError):
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -118,11 +147,16 @@ def seed_everything(seed: int) -> None:
 def run_rank(
     cfg: LocoConfig, run_dir: Path, rank: int, world: int, local_rank: int
 ) -> dict[str, Any]:
-    """Train this rank; the process group (if ``world > 1``) is already initialized."""
+    """Train this rank; the process group (if ``world > 1``) is already initialized.
+
+    Raises ConfigError when the configuration does not fit the data or the machine (before
+    training), CheckpointError when ``resume=latest`` finds an unusable checkpoint, JoinError /
+    TrainingError (loco.errors) for the run-time failures it explains."""
     assert cfg.site is not None
     site = cfg.site.name
     torch.set_num_threads(build.threads_for(cfg, world))
-    device = ldist.resolve_device(cfg.site.device, local_rank)
+    with config_checks():
+        device = ldist.resolve_device(cfg.site.device, local_rank)
     seed_everything(cfg.train.seed)
     say = (
         (lambda msg: print(f"loco[{site}] {msg}", file=sys.stderr, flush=True))
@@ -136,20 +170,21 @@ def run_rank(
             "and weights and pose as a site; use mTLS (gossip.cert_dir) outside a trusted loopback"
         )
 
-    # rank 0 builds the corpus cache; the others read it once it is complete
-    if rank == 0:
-        corpus = build.corpus_from(cfg)
-    if world > 1:
-        dist.barrier()
-    if rank != 0:
-        corpus = build.corpus_from(cfg)
-
-    model = build.model_from(cfg, corpus).to(device)
-    say(
-        f"model {cfg.model.size}: {model.num_params():,} parameters; {world} rank(s) on {device.type}"
-    )
-    engine = build.engine_from(cfg, model)
-    data = build.data_from(cfg, corpus, rank=rank, world=world)
+    with config_checks():
+        # rank 0 builds the corpus cache; the others read it once it is complete
+        if rank == 0:
+            corpus = build.corpus_from(cfg)
+        if world > 1:
+            dist.barrier()
+        if rank != 0:
+            corpus = build.corpus_from(cfg)
+        model = build.model_from(cfg, corpus).to(device)
+        say(
+            f"model {cfg.model.size}: {model.num_params():,} parameters; {world} rank(s) on "
+            f"{device.type}"
+        )
+        engine = build.engine_from(cfg, model)
+        data = build.data_from(cfg, corpus, rank=rank, world=world)
     say(
         f"data {corpus.name}: shard {cfg.site.shard}/{cfg.data.num_shards} ({cfg.data.split}) "
         f"{data.shard_tokens:,} tokens; global batch {data.global_rows} x {cfg.train.seq_len}"
@@ -172,7 +207,8 @@ def run_rank(
 
     # the outer loop: rounds every outer.H steps (local never talks); its state is on this rank's
     # range, so it is checkpointed per rank beside the engine's shard
-    outer = build.outer_from(cfg, engine, rank=rank, world=world, metrics=metrics, say=say)
+    with config_checks():
+        outer = build.outer_from(cfg, engine, rank=rank, world=world, metrics=metrics, say=say)
     if resume_from is not None:
         info = restore(Checkpoint(resume_from), engine=engine, outer=outer, rank=rank,
                        world=world, optimizer=cfg.checkpoint.optimizer)  # fmt: skip
@@ -257,6 +293,8 @@ def run_rank(
 def _spawned(
     rank: int, cfg: LocoConfig, run_dir: Path, init_method: str, world: int, backend: str
 ) -> None:
+    """One spawned local rank: a known failure prints its one line and exits with its status
+    (loco.errors), which the parent takes over; anything else goes to the parent as a traceback."""
     try:
         ldist.init_group(
             backend=backend,
@@ -266,9 +304,12 @@ def _spawned(
             checkpointing=cfg.zero.activation_checkpointing,
         )
         run_rank(cfg, run_dir, rank, world, rank)
-    except ValueError as e:
-        print(f"loco: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    except Exception as e:
+        status = exit_status(e)
+        if status not in (EXIT_CONFIG, EXIT_RUN) or os.environ.get("LOCO_DEBUG"):
+            raise  # torch passes the traceback to the parent (ProcessRaisedException): status 1
+        print(one_line(e, status), file=sys.stderr, flush=True)
+        sys.exit(status)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -283,7 +324,10 @@ def backend_for(cfg: LocoConfig) -> str:
 def launch(cfg: LocoConfig, run_dir: Path) -> dict[str, Any] | None:
     """Run the site: under torchrun join its ranks; else run ``site.nproc`` ranks here.
 
-    Returns rank 0's summary (None on other torchrun ranks).
+    Returns rank 0's summary (None on other torchrun ranks). Raises what ``run_rank`` raises;
+    with spawned ranks, RankExited with the first failing rank's status (loco.errors: 2 or 3
+    as that rank's failure, 1 for a rank killed or ended otherwise) or, for an unexpected
+    exception in a rank, torch's ProcessRaisedException holding its traceback.
     """
     assert cfg.site is not None
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -310,5 +354,13 @@ def launch(cfg: LocoConfig, run_dir: Path) -> dict[str, Any] | None:
     if cfg.site.nproc == 1:
         return run_rank(cfg, run_dir, 0, 1, 0)
     init = f"tcp://127.0.0.1:{ldist.free_port()}"
-    ldist.spawn(_spawned, cfg.site.nproc, (cfg, run_dir, init, cfg.site.nproc, backend_for(cfg)))
+    args = (cfg, run_dir, init, cfg.site.nproc, backend_for(cfg))
+    try:
+        ldist.spawn(_spawned, cfg.site.nproc, args)
+    except mp.ProcessExitedException as e:  # the first rank to fail; the others were ended
+        if e.exit_code in (EXIT_CONFIG, EXIT_RUN):
+            raise RankExited(e.error_index, e.exit_code) from None  # it printed its line
+        why = f"signal {e.signal_name}" if e.signal_name else f"status {e.exit_code}"
+        print(f"loco: rank {e.error_index} ended by {why}", file=sys.stderr, flush=True)
+        raise RankExited(e.error_index, EXIT_CRASH) from None
     return json.loads((run_dir / "summary.json").read_text())

@@ -5,6 +5,7 @@ Per step: ``grad_accum`` micro-batches (forward, loss / grad_accum, ``engine.bac
 loss is averaged over the site's ranks (so it is the mean over the site's global batch) and
 written with the learning rate, gradient norm and tokens/s; every ``eval_every`` steps the
 validation loss (and bits per byte for byte tokens) is measured on fixed held-out batches.
+A NaN/Inf loss or gradient norm stops training with :class:`~loco.errors.TrainingError`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import torch
 import torch.distributed as dist
 
 from loco.data.sampler import SiteData
-from loco.engine.base import Engine
+from loco.engine.base import StepEngine
+from loco.errors import TrainingError
 from loco.metrics import MetricsWriter
 from loco.progress import Progress
 
@@ -34,13 +36,26 @@ def lr_schedule(
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def check_finite(step: int, loss: float, grad_norm: float, lr: float) -> None:
+    """Raise :class:`TrainingError` (one line) when step ``step``'s loss or gradient norm is
+    NaN/Inf: the weights are (or are about to be) ruined, so training stops rather than go on.
+    The gradient norm is the site's (the same on every rank, and NaN when any rank's loss is),
+    so every rank stops at the same step."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    raise TrainingError(
+        f"step {step}: training diverged (loss {loss:g}, gradient norm {grad_norm:g} at lr "
+        f"{lr:g}: not finite); lower train.lr or resume from an earlier checkpoint"
+    )
+
+
 class Trainer:
     """Runs steps ``[start, steps)`` on one rank; every rank of the site runs the same calls."""
 
     def __init__(
         self,
         *,
-        engine: Engine,
+        engine: StepEngine,
         data: SiteData,
         steps: int,
         lr: float,
@@ -140,6 +155,7 @@ class Trainer:
         ckpt_due = False
         for step in range(start, self.steps):
             loss, lr, norm = self.train_step(step)
+            check_finite(step + 1, loss, norm, lr)
             self.step = step + 1
             losses.append(loss)
             window_steps += 1

@@ -1,7 +1,10 @@
 """One site: ``python -m loco.worker +site=NAME [overrides]`` (Hydra).
 
 Runs ``site.nproc`` local ranks itself, or joins the ranks that ``torchrun`` started.
-Configuration errors stop the run before any work with one line and exit status 2.
+Exit statuses (the table in loco/errors.py): 0 done; 2 a configuration error, found before any
+work, one line ``loco: error: ...``; 3 a run-time failure loco explains in one line
+``loco: failed: ...`` (non-finite loss, unusable checkpoint at resume, no member to join);
+1 anything unexpected, with its traceback; 130 Ctrl-C. ``LOCO_DEBUG=1``: tracebacks for all.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from loco.config import ConfigError, compose, require_site, to_config
+from loco.config import ConfigError, LocoConfig, compose, require_site, to_config
+from loco.errors import EXIT_CONFIG, EXIT_CRASH, EXIT_INTERRUPTED, RankExited, exit_status, one_line
 
 _NO_PREFLIGHT = (
     "-m",
@@ -31,38 +35,74 @@ _NO_PREFLIGHT = (
 )
 
 
-def _fail(msg: str) -> None:
-    print(f"loco: error: {msg}", file=sys.stderr, flush=True)
-    sys.exit(2)
+def _fail(e: BaseException, status: int) -> None:
+    print(one_line(e, status), file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def preflight(cfg: LocoConfig) -> None:
+    """The checks of ``cfg`` against this machine that need no work: the data files exist, a
+    ``site.device=cuda`` site has its GPUs, ``resume=peer`` has a gossip layer to join through.
+    Raises ConfigError with one line naming the fix."""
+    d = cfg.data
+    if d.source in ("text", "bin"):
+        for key, path in (("data.path", d.path), ("data.val_path", d.val_path)):
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"{key}={path} is not a file; give an existing {d.source} file")
+    if cfg.site is not None and cfg.site.device == "cuda":
+        import torch
+
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if have == 0:
+            raise ConfigError(
+                "site.device=cuda but torch sees no CUDA device; use site.device=cpu or auto"
+            )
+        if cfg.site.nproc > have and "LOCAL_RANK" not in os.environ:
+            raise ConfigError(
+                f"site.nproc={cfg.site.nproc} ranks but {have} GPU(s) visible; lower site.nproc"
+            )
+    talks = cfg.outer.method != "local" and (cfg.gossip.insecure or bool(cfg.gossip.cert_dir))
+    if cfg.resume == "peer" and not talks:
+        raise ConfigError(
+            "resume=peer needs the gossip layer: this site never talks (outer=local, or no "
+            "gossip.cert_dir and gossip.insecure=false); use resume=latest or resume=none"
+        )
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
 def _task(dcfg: DictConfig) -> None:
+    """Run the site; a known failure exits with its status and one line (loco.errors), anything
+    else goes up to Hydra, which prints its traceback and exits 1."""
     try:
         cfg = to_config(dcfg)
         require_site(cfg)
+        preflight(cfg)
         from loco.site import launch
 
         launch(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except ValueError as e:
-        if os.environ.get("LOCO_DEBUG"):
+    except RankExited as e:
+        sys.exit(e.status)  # the rank printed its own line
+    except Exception as e:
+        status = exit_status(e)
+        if status == EXIT_CRASH or os.environ.get("LOCO_DEBUG"):
             raise
-        _fail(str(e))
+        _fail(e, status)
 
 
 def main() -> None:
+    """Entry point: validate the overrides (exit 2 before Hydra makes a run dir), then run."""
     args = sys.argv[1:]
     if not any(a.split("=")[0] in _NO_PREFLIGHT for a in args):
         # validate before Hydra creates run directories, so an error is one line and no work
         try:
-            compose([a for a in args if not a.startswith("-")])
+            preflight(compose([a for a in args if not a.startswith("-")]))
         except ConfigError as e:
-            _fail(str(e))
+            _fail(e, EXIT_CONFIG)
     try:
         _task()
     except KeyboardInterrupt:
         print("loco: interrupted", file=sys.stderr, flush=True)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

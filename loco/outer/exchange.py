@@ -20,6 +20,7 @@ import torch
 
 from loco.compress import ErrorFeedback, PayloadError, decode, encode, make_codec
 from loco.compress.wire import HEADER_SIZE
+from loco.errors import TrainingError
 
 STREAMS = ("delta", "phi")
 LATTICE_BLOCK = 256  # values per block of a lattice phi frame (lattice.encode's default)
@@ -125,9 +126,9 @@ class RangePayloads:
     def encode(self, round: int, delta: torch.Tensor, phi: torch.Tensor,
                momentum: torch.Tensor | None = None) -> tuple[Outgoing, dict]:  # fmt: skip
         """Encode both streams. Returns the record and ``{stream: (buffer, codec label)}`` to
-        publish. ValueError if ``delta`` or ``phi`` holds NaN/Inf (never shipped)."""
+        publish. TrainingError if ``delta`` or ``phi`` holds NaN/Inf (never shipped)."""
         if not bool(torch.isfinite(delta).all()) or not bool(torch.isfinite(phi).all()):
-            raise ValueError("the local delta or phi holds NaN/Inf; refusing to publish it")
+            raise TrainingError("the local delta or phi holds NaN/Inf; refusing to publish it")
         dbuf, dlab, dval = self._encode(delta, self.codec, self.delta_options, self.ef)
         if self.phi_codec == "lattice":
             from loco.outer import lattice
