@@ -219,7 +219,7 @@ def outer_from(
         node = GossipNode(
             rank=rank, nproc=world, flat_size=flat.padded, layout_hash=flat.layout_hash,
             **gossip_kwargs(cfg),
-        ).start()  # fmt: skip
+        )  # fmt: skip
         closers.append(node.close)
         if faults is not None:
             from loco.testing.gossip_faults import cut_links
@@ -227,7 +227,11 @@ def outer_from(
             cut_links(node.client, faults.blocked)
         w = cfg.wan
         if w.rtt_ms > 0 or w.bandwidth_mbit > 0 or w.jitter_ms > 0 or w.loss > 0:
+            # the proxies' addresses are in place before the first Hello is answered, so no
+            # partner caches a direct address that bypasses the emulated link
+            node.server.bind()
             closers.insert(0, _wan_proxy(cfg, node, rank=rank, world=world, group=group))
+        node.start()
         opts = dict(block=c.block, scale_dtype=c.scale_dtype, stochastic=c.stochastic,
                     topk_fraction=c.topk_fraction)  # fmt: skip
         payloads = RangePayloads(

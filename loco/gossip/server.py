@@ -219,7 +219,15 @@ class GossipServer:
     # ---------------------------------------------------------------- lifecycle
 
     def start(self) -> int:
-        """Bind and start serving; returns the bound port."""
+        """Bind (unless :meth:`bind` did) and start serving; returns the bound port."""
+        self.bind()
+        self._server.start()
+        return self.port
+
+    def bind(self) -> int:
+        """Bind the port without serving yet (``address`` is then known); idempotent."""
+        if self.port:
+            return self.port
         host, _ = split_address(self._listen)
         if self.tls is None:
             public = not is_loopback_host(host)
@@ -233,7 +241,6 @@ class GossipServer:
             self.port = self._server.add_secure_port(self._listen, server_credentials(self.tls))
         if self.port == 0:
             raise OSError(f"could not bind {self._listen}")
-        self._server.start()
         return self.port
 
     @property
