@@ -7,6 +7,10 @@ counter; plus its RNG states. Rank 0 adds the frozen parameters and buffers (rep
 data sampler is stateless (a batch is a pure function of seed, site and step), so the manifest
 records its inputs and the step to continue from.
 
+The range streams, their scalars and how they load are :class:`loco.state.RankState`'s (the
+names are the checkpoint's, shared with joins); this module adds the RNG states, frozen
+parameters and buffers, and the file transport.
+
 :func:`restore` reads this rank's range from whichever saved files intersect it. Same rank
 count: the state is exactly what was saved, so training continues bit-identically. Another
 rank count: per-rank scalars and RNG states come from saved rank ``rank % saved_world``.
@@ -23,17 +27,17 @@ import torch.distributed as dist
 
 from loco.checkpoint.format import CheckpointError
 from loco.checkpoint.reader import Checkpoint
-
-
-def _ef(outer: Any):
-    payloads = getattr(outer, "payloads", None)
-    return getattr(payloads, "ef", None) if payloads is not None else None
-
-
-def _ef_window(outer: Any, lo: int, hi: int) -> slice:
-    """Where the owned range sits in the residual, which covers the shard ``[slo, shi)``."""
-    slo = outer.payloads.slo
-    return slice(lo - slo, hi - slo) if hi > lo else slice(0, 0)
+from loco.state import (
+    EF_CALLS,
+    EF_RESIDUAL,
+    MASTER,
+    MOMENTUM,
+    OPTIM_STEP,
+    OUTER_ROUNDS,
+    PHI,
+    RankState,
+    is_range_stream,
+)
 
 
 def _rng_scalars() -> dict[str, Any]:
@@ -59,22 +63,12 @@ def aliases(model: torch.nn.Module, layout: Any) -> dict[str, str]:
 def capture(
     engine: Any, outer: Any = None, *, rank: int, optimizer: bool = True
 ) -> tuple[dict[str, torch.Tensor], tuple[int, int], dict[str, Any]]:
-    """This rank's entries (live views: the writer copies them), its range, its scalars."""
-    lo, hi = engine.flat_range
-    tensors: dict[str, torch.Tensor] = {"master": engine.master_range()}
-    scalars: dict[str, Any] = {}
-    if optimizer:
-        for k, v in engine.optim_state_range().items():
-            tensors[f"optim.{k}"] = v
-        scalars["optim_step"] = int(engine.optim_step)
-    if outer is not None:
-        tensors["outer.phi"] = outer.state.phi
-        tensors["outer.momentum"] = outer.state.momentum
-        scalars["outer_rounds"] = int(outer.state.rounds)
-        ef = _ef(outer)
-        if ef is not None:
-            tensors["outer.ef_residual"] = ef.residual[_ef_window(outer, lo, hi)]
-            scalars["ef_calls"] = int(ef.calls)
+    """This rank's entries (live views: the writer copies them), its range, its scalars.
+
+    The range streams and their scalars are :class:`loco.state.RankState`'s, under its names."""
+    state = RankState(engine, outer)
+    tensors = state.streams(state.names(optimizer=optimizer))
+    scalars: dict[str, Any] = dict(state.scalars(optimizer=optimizer))
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
@@ -85,11 +79,12 @@ def capture(
                 tensors[f"frozen.{n}"] = p.detach()
         for n, b in engine.model.named_buffers():
             tensors[f"buffer.{n}"] = b.detach()
-    return tensors, (lo, hi), scalars
+    return tensors, (state.lo, state.hi), scalars
 
 
 def streams_of(tensors: dict[str, torch.Tensor]) -> list[str]:
-    return [k for k in tensors if k == "master" or k.startswith(("optim.", "outer."))]
+    """The range streams among ``tensors`` (a manifest's ``streams``), in their order."""
+    return [k for k in tensors if is_range_stream(k)]
 
 
 @torch.no_grad()
@@ -107,43 +102,19 @@ def restore(
 
     Every rank reads its range first; if any rank fails, every rank raises the first error,
     so no rank is left waiting in a collective. Returns ``step``, ``round`` and ``notes``
-    (what was not restored, for the user).
+    (what was not restored, for the user). The range streams load through
+    :meth:`loco.state.RankState.load`.
     """
     m = ck.manifest
-    lo, hi = engine.flat_range
+    state = RankState(engine, outer)
     src = rank if ck.world == world else rank % ck.world
     notes: list[str] = []
-    got: dict[str, Any] = {}
+    values: dict[str, torch.Tensor] = {}
+    scalars: dict[str, int] = {}
+    got: dict[str, Any] = {}  # frozen parameters, buffers, the torch RNG state
     err: str | None = None
     try:
-        if m["layout"]["hash"] != engine.layout_hash:
-            raise CheckpointError(
-                f"{ck.path} was saved for flat layout {m['layout']['hash']} (P={ck.numel}); this "
-                f"model's is {engine.layout_hash} (P={engine.numel}); build the same model"
-            )
-        got["master"] = ck.read_range("master", lo, hi)
-        keys = [f"optim.{k}" for k in engine.optim_state_range()]
-        if not optimizer:
-            notes.append("optimizer state: fresh (checkpoint.optimizer=false)")
-        elif not all(ck.has(k) for k in keys):
-            notes.append(f"optimizer state: fresh (the checkpoint holds none for {keys})")
-        else:
-            for k in keys:
-                got[k] = ck.read_range(k, lo, hi)
-            if not isinstance(ck.scalars(0).get("optim_step"), int):
-                raise CheckpointError(f"{ck.path}: optimizer state without an integer optim_step; "
-                                      "resume from another checkpoint")  # fmt: skip
-            got["optim_step"] = ck.scalars(0)["optim_step"]
-        if outer is not None:
-            if ck.has("outer.phi"):
-                got["outer.phi"] = ck.read_range("outer.phi", lo, hi)
-                got["outer.momentum"] = ck.read_range("outer.momentum", lo, hi)
-                got["outer_rounds"] = int(ck.scalars(src).get("outer_rounds", 0))
-            else:
-                notes.append("outer state: fresh (phi = the loaded weights)")
-            if _ef(outer) is not None and ck.has("outer.ef_residual"):
-                got["ef"] = ck.read_range("outer.ef_residual", lo, hi)
-                got["ef_calls"] = int(ck.scalars(src).get("ef_calls", 0))
+        _read_state(ck, state, src, optimizer, values, scalars, notes)
         for name in ck.entries[0]:
             if name.startswith(("frozen.", "buffer.")):
                 got[name] = ck.entry(0, name)
@@ -159,41 +130,59 @@ def restore(
     if err is not None:
         raise CheckpointError(err)
 
-    engine.master_range().copy_(got["master"])
-    for k, v in engine.optim_state_range().items():
-        if f"optim.{k}" in got:
-            v.copy_(got[f"optim.{k}"])
-        else:
-            v.zero_()
-    engine.optim_step = got.get("optim_step", 0)
     params, bufs = dict(engine.model.named_parameters()), dict(engine.model.named_buffers())
     for name, t in got.items():
         if name.startswith("frozen.") and name[7:] in params:
             params[name[7:]].data.copy_(t)
         elif name.startswith("buffer.") and name[7:] in bufs:
             bufs[name[7:]].copy_(t)
-    engine.sync_params(optim_state=True)
-    if outer is not None:
-        if "outer.phi" in got:
-            outer.state.phi.copy_(got["outer.phi"])
-            outer.state.momentum.copy_(got["outer.momentum"])
-            outer.state.rounds = got["outer_rounds"]
-        else:
-            outer.state.phi.copy_(engine.master_range())
-            outer.state.momentum.zero_()
-        ef = _ef(outer)
-        if ef is not None:
-            ef.residual.zero_()
-            if "ef" in got:
-                ef.residual[_ef_window(outer, lo, hi)] = got["ef"].to(ef.residual.device)
-                ef.calls = got["ef_calls"]
-            else:
-                notes.append("error feedback: fresh (zero residuals)")
+    if state.ef is not None and EF_RESIDUAL not in values:
+        notes.append("error feedback: fresh (zero residuals)")
+    state.load(values, scalars)
     _restore_rngs(got, ck.scalars(src))
     if ck.world != world:
         notes.append(f"resharded from {ck.world} to {world} rank(s)")
     ck.drop_cache()
     return {"step": int(m["step"]), "round": int(m.get("round", 0)), "notes": notes}
+
+
+def _read_state(ck: Checkpoint, state: RankState, src: int, optimizer: bool,
+                values: dict[str, torch.Tensor], scalars: dict[str, int],
+                notes: list[str]) -> None:  # fmt: skip
+    """Read ``state``'s range streams from ``ck`` into ``values`` and its scalars (from saved
+    rank ``src``) into ``scalars``; what stays fresh goes to ``notes``. CheckpointError when
+    the checkpoint does not fit this model or holds a malformed optimizer step."""
+    engine, lo, hi = state.engine, state.lo, state.hi
+    m = ck.manifest
+    if m["layout"]["hash"] != engine.layout_hash:
+        raise CheckpointError(
+            f"{ck.path} was saved for flat layout {m['layout']['hash']} (P={ck.numel}); this "
+            f"model's is {engine.layout_hash} (P={engine.numel}); build the same model"
+        )
+    values[MASTER] = ck.read_range(MASTER, lo, hi)
+    keys = [k for k in state.inner_names() if k != MASTER]
+    if not optimizer:
+        notes.append("optimizer state: fresh (checkpoint.optimizer=false)")
+    elif not all(ck.has(k) for k in keys):
+        notes.append(f"optimizer state: fresh (the checkpoint holds none for {keys})")
+    else:
+        for k in keys:
+            values[k] = ck.read_range(k, lo, hi)
+        if not isinstance(ck.scalars(0).get(OPTIM_STEP), int):
+            raise CheckpointError(f"{ck.path}: optimizer state without an integer optim_step; "
+                                  "resume from another checkpoint")  # fmt: skip
+        scalars[OPTIM_STEP] = ck.scalars(0)[OPTIM_STEP]
+    if state.outer is None:
+        return
+    if ck.has(PHI):
+        values[PHI] = ck.read_range(PHI, lo, hi)
+        values[MOMENTUM] = ck.read_range(MOMENTUM, lo, hi)
+        scalars[OUTER_ROUNDS] = int(ck.scalars(src).get(OUTER_ROUNDS, 0))
+    else:
+        notes.append("outer state: fresh (phi = the loaded weights)")
+    if state.ef is not None and ck.has(EF_RESIDUAL):
+        values[EF_RESIDUAL] = ck.read_range(EF_RESIDUAL, lo, hi)
+        scalars[EF_CALLS] = int(ck.scalars(src).get(EF_CALLS, 0))
 
 
 def _restore_rngs(got: dict[str, Any], sc: dict[str, Any], py=random, npr=np.random,

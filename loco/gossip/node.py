@@ -14,6 +14,7 @@ Pulls never raise for remote failures (see :class:`~loco.gossip.client.PullResul
 from __future__ import annotations
 
 import threading
+import time
 
 from .client import GossipClient, PeerInfo, PullResult, Validator
 from .errors import GossipError, PeerUnavailable
@@ -190,6 +191,37 @@ class GossipNode:
     def strike(self, partner: str, round: int, reason: str) -> None:
         """Count a bad payload of ``partner`` found after its pull (see GossipClient.strike)."""
         self.client.strike(partner, round, reason)
+
+    def count_failure(self, cause: str) -> None:
+        """Count a failure that the caller found after a pull: ``fail_<cause>`` in the next
+        :meth:`round_metrics`. No strike; call :meth:`strike` for that."""
+        self.metrics.add(f"fail_{cause}")
+
+    def served_mark(self) -> float:
+        """The number of pulls this rank has served so far: a mark for :meth:`wait_quiet`."""
+        return self.metrics.snapshot().get("served_pulls", 0.0)
+
+    def wait_quiet(self, expected: int, *, since: float = 0.0, quiet_s: float = 1.0,
+                   timeout_s: float = 10.0, poll_s: float = 0.05) -> bool:  # fmt: skip
+        """Block until at least ``expected`` pulls were served after the mark ``since`` (see
+        :meth:`served_mark`) and none arrived for ``quiet_s``, or ``timeout_s`` passed.
+
+        Returns True when the pulls arrived and went quiet, False on the timeout. With
+        ``expected <= 0`` it returns True at once.
+        """
+        if expected <= 0:
+            return True
+        t0 = last_change = time.monotonic()
+        last = None
+        while time.monotonic() - t0 < timeout_s:
+            served = self.served_mark()
+            now = time.monotonic()
+            if served != last:
+                last, last_change = served, now
+            if served - since >= expected and now - last_change >= quiet_s:
+                return True
+            time.sleep(poll_s)
+        return False
 
     def pull(self, partner: str, round: int, stream: str, *, lo: int | None = None,
              hi: int | None = None, **kw) -> PullResult:  # fmt: skip

@@ -250,7 +250,7 @@ class RangePayloads:
         try:
             return self.assemble(res, values, stream), ""
         except PayloadError as e:
-            node.metrics.add("fail_bad_payload")
+            node.count_failure("bad_payload")
             node.strike(partner, round, f"{stream} does not assemble: {e}")
             return None, "bad_payload"
 

@@ -2,15 +2,16 @@
 
 **Serving** (every rank of every member, ``join.serve``): when round ``t`` is merged (and at the
 start, version = rounds done), the rank publishes on its owned range ``[lo, hi)`` the state
-streams ``phi`` and ``momentum`` (with ``join.inner`` also ``master`` and the optimizer moments
-``optim.<name>``), each under ``<name>@<t % 2>`` with version ``t`` and under ``<name>`` (the
-latest). Published buffers are fresh copies, never written again, so a stream in flight stays
+streams ``outer.phi`` and ``outer.momentum`` (with ``join.inner`` also ``master`` and the
+optimizer moments ``optim.<name>``), each under ``<name>@<t % 2>`` with version ``t`` and under
+``<name>`` (the latest). The names are :mod:`loco.state`'s, the same as in a checkpoint.
+Published buffers are fresh copies, never written again, so a stream in flight stays
 consistent; the two slots let a joiner read one version whole while the member publishes the next.
 
 **Joining** (every rank of the new site, together; :func:`join`):
 
 1. rank 0 says Hello to every peer, orders the live ones by current round (highest first) and
-   reads the first one's latest state version ``v`` (one element of ``phi``);
+   reads the first one's latest state version ``v`` (one element of ``outer.phi``);
 2. the source and ``v`` are broadcast; each rank fetches every stream on its own ``[lo, hi)``
    from the source ranks whose ranges intersect it (as ``Pull`` does, so rank counts may differ),
    slot ``v % 2``, checking that every piece is version ``v``;
@@ -32,17 +33,18 @@ import torch.distributed as dist
 
 from loco.engine.base import FlatEngine
 from loco.gossip import GossipError, PeerInfo, Segment
+from loco.state import MASTER, MOMENTUM, OPTIM_STEP, OUTER_ROUNDS, PHI, SERVED, RankState
 
 log = logging.getLogger(__name__)
 
 SLOTS = 2
-OUTER_STREAMS = ("phi", "momentum")
+OUTER_STREAMS = SERVED  # ("outer.phi", "outer.momentum")
 _OK, _MOVED, _FAILED = 0, 1, 2
 
 
 def inner_streams(engine: FlatEngine) -> tuple[str, ...]:
     """``master`` and the engine's optimizer moments, as state stream names."""
-    return ("master", *(f"optim.{k}" for k in sorted(engine.optim_state_range())))
+    return RankState(engine).inner_names()
 
 
 @torch.no_grad()
@@ -81,12 +83,9 @@ class StateServer:
         self._last = outer.last
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        st, flat = self.outer.state, self.outer.flat
-        out = {"phi": st.phi, "momentum": st.momentum}
-        if self.inner:
-            out["master"] = flat.master()
-            out.update({f"optim.{k}": v for k, v in flat.engine.optim_state_range().items()})
-        return out
+        """Live views of the served streams: phi and momentum, then (``inner``) the inner ones."""
+        state = RankState(self.outer.flat.engine, self.outer)
+        return state.streams(SERVED + (state.inner_names() if self.inner else ()))
 
     def after_step(self, done: int) -> None:
         last = self.outer.last
@@ -101,7 +100,7 @@ class StateServer:
         lo, hi = self.outer.flat.lo, self.outer.flat.hi
         server = self.outer.node.server
         crcs = publish_state(server, version, self.tensors(), lo, hi)
-        crc = crcs.get("phi", 0)
+        crc = crcs.get(PHI, 0)
         if self.metrics is not None or self.outer.world > 1:
             crc = combine_crcs((crc, (hi - lo) * 4), self.outer.world, self.outer.group)
         if self.metrics is not None:
@@ -167,7 +166,7 @@ def implausible_state(got: dict[str, torch.Tensor], reference: torch.Tensor | No
     from loco.outer.loop import implausible_phi
 
     for name, t in got.items():
-        if name in ("phi", "master") and reference is not None and t.numel():
+        if name in (PHI, MASTER) and reference is not None and t.numel():
             if bad := implausible_phi(t, reference):
                 return f"{name}: {bad}"
         if name.endswith("exp_avg_sq") and t.numel() and float(t.min()) < 0:
@@ -203,11 +202,11 @@ def _choose(node, exclude: set[str], min_round: int, inner: bool, timeout_s: flo
     for info in _hello_all(node, exclude, min(timeout_s, 5.0)):
         if info.current_round < min_round:
             break
-        v = _probe(node, info, "phi", timeout_s)
+        v = _probe(node, info, PHI, timeout_s)
         if v is None:
             exclude.add(info.site)  # does not serve state (join.serve=false)
             continue
-        if inner and _probe(node, info, "master", timeout_s) is None:
+        if inner and _probe(node, info, MASTER, timeout_s) is None:
             log.warning("join: %s does not serve its inner state (join.inner=false there); "
                         "fetching phi only", info.site)  # fmt: skip
             inner = False
@@ -317,20 +316,21 @@ def adopt(joined: Joined, *, outer, engine: FlatEngine, H: int) -> int:
 
     phi and the outer momentum become the source's; the weights become its master weights
     (inner) or phi; the optimizer moments the source's (inner, step count ``version * H``) or
-    fresh (step count 0). Collective (the engine's parameter sync).
+    fresh (step count 0); the error-feedback residual zero. Loads through
+    :meth:`loco.state.RankState.load`. Collective (the engine's parameter sync).
     """
-    st, flat = outer.state, outer.flat
+    numel = outer.state.phi.numel()
     for name, t in joined.tensors.items():  # join() checked them; never load anything else
-        if t.numel() != st.phi.numel() or not bool(torch.isfinite(t).all()):
+        if t.numel() != numel or not bool(torch.isfinite(t).all()):
             raise RuntimeError(f"join: fetched {name} has {t.numel()} values or is not finite")
-    st.phi.copy_(joined.tensors["phi"])
-    st.momentum.copy_(joined.tensors["momentum"])
-    st.rounds = joined.version
-    flat.master().copy_(joined.tensors["master"] if joined.inner else joined.tensors["phi"])
-    for k, v in engine.optim_state_range().items():
-        v.copy_(joined.tensors[f"optim.{k}"]) if joined.inner else v.zero_()
-    engine.optim_step = joined.version * H if joined.inner else 0
-    engine.sync_params(optim_state=True)
+    got = joined.tensors
+    values = {PHI: got[PHI], MOMENTUM: got[MOMENTUM]}
+    if joined.inner:
+        values.update({n: got[n] for n in inner_streams(engine)})
+    else:
+        values[MASTER] = got[PHI]
+    step = joined.version * H if joined.inner else 0
+    RankState(engine, outer).load(values, {OPTIM_STEP: step, OUTER_ROUNDS: joined.version})
     return joined.version * H
 
 

@@ -24,48 +24,56 @@ Overlap (Streaming DiLoCo, ``tau > 0``): the boundary publishes and hands the pu
 background thread; training goes on for ``tau`` inner steps, then the round is merged. Training
 is blocked only for encoding/publishing, for whatever of the pull is still running after
 ``tau`` steps, and for the update itself.
+
+The parts: ``schedule`` (when: H, tau, the last step, the final average's trigger), ``round``
+(one round: encode, publish, pull, plausibility, merge), ``plausible`` (the bound on a
+partner's values), ``stats`` (the ``outer`` records and totals), ``final`` (the final average).
+:class:`OuterLoop` coordinates them; the gossip node alone reads and writes its counters.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from loco.outer.exchange import Outgoing, RangePayloads
+from loco.outer.exchange import RangePayloads
+from loco.outer.final import FINAL_STREAM, FinalAverage
 from loco.outer.flat import FlatView
 from loco.outer.methods import OuterState, OuterStep
+from loco.outer.plausible import MAX_DELTA_RATIO, MAX_PHI_GAP, implausible, implausible_phi
+from loco.outer.round import Round, Rounds
+from loco.outer.schedule import SETTLE_S, Schedule, expected_pulls
+from loco.outer.stats import OuterStats
+
+__all__ = [
+    "FINAL_STREAM",
+    "MAX_DELTA_RATIO",
+    "MAX_PHI_GAP",
+    "SETTLE_S",
+    "OuterLoop",
+    "implausible",
+    "implausible_phi",
+]
 
 log = logging.getLogger(__name__)
 
-FINAL_STREAM = "final"
-SETTLE_S = 1.0  # at the end: quiet time (no pull served) before the node may close
-
-
-@dataclass
-class _Round:
-    t: int
-    step: int  # inner step of the boundary
-    out: Outgoing
-    partners: list[str]
-    started: float
-    stall: float = 0.0
-    pulled: dict[str, tuple[torch.Tensor | None, torch.Tensor | None, str]] = field(
-        default_factory=dict
-    )
-    thread: threading.Thread | None = None
-    served_before: float = 0.0
+_Round = Round  # the name before the split
 
 
 class OuterLoop:
     """Drives the outer rounds of one rank; call :meth:`on_step_end` after every inner step.
+
+    The coordinator of :class:`~loco.outer.schedule.Schedule` (when),
+    :class:`~loco.outer.round.Rounds` (one round), :class:`~loco.outer.stats.OuterStats`
+    (records) and :class:`~loco.outer.final.FinalAverage`. Subclasses may override
+    :meth:`on_step_end`, :meth:`_boundary` (the start of round ``t``) and :meth:`_publish`
+    (every stream the rounds publish goes through it).
 
     Args:
         step: the outer update (``build_outer``).
@@ -113,10 +121,8 @@ class OuterLoop:
         final_average: bool = False,
         closers: list[Callable[[], None]] | None = None,
     ) -> None:
-        if H < 1:
-            raise ValueError(f"outer.H={H} must be >= 1")
-        if not 0 <= tau < H:
-            raise ValueError(f"outer.tau={tau} must be in [0, outer.H) = [0, {H})")
+        final_average = final_average and node is not None and not all_live
+        self.schedule = Schedule(H=H, steps=steps, tau=tau, final_average=final_average)
         if (node is None) != (payloads is None):
             raise ValueError("give both node and payloads (noloco, diloco) or neither (local)")
         self.method, self.flat, self.H, self.steps = step, flat, H, steps
@@ -126,18 +132,46 @@ class OuterLoop:
         self.metrics, self.pull_timeout_s = metrics, pull_timeout_s
         self.join_timeout_s, self.linger_s = join_timeout_s, linger_s
         self.say = say or (lambda msg: None)
-        self.final_average = final_average and node is not None and not all_live
+        self.final_average = final_average
         self.final: dict[str, Any] | None = None  # the final average's record, once done
         self.closers = list(closers) if closers is not None else ([node.close] if node else [])
         # the outer state lives in host memory (fp32), whatever the engine's device
         self.state = OuterState.start(flat.master().detach().cpu())
-        self.pending: _Round | None = None
+        self.pending: Round | None = None
+        self.last: Round | None = None
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="outer-pull")
-        self.last: _Round | None = None
-        self.history: list[dict[str, Any]] = []
-        self._mark = time.perf_counter()  # end of the previous round (utilization window)
-        self._stall = 0.0  # seconds training was blocked by rounds in the window
-        self.totals = {"bytes_sent": 0.0, "bytes_recv": 0.0, "rounds": 0, "dropped": 0}
+        self.stats = OuterStats(node=node, world=world, group=group, metrics=metrics,
+                                all_live=all_live)  # fmt: skip
+        self.rounds = Rounds(method=step, flat=flat, state=self.state, node=node,
+                             payloads=payloads, site=site, all_live=all_live, mix=mix,
+                             pool=self._pool, pull_timeout_s=pull_timeout_s,
+                             publish=self._publish)  # fmt: skip
+        self._averager = (
+            FinalAverage(
+                flat=flat,
+                state=self.state,
+                node=node,
+                payloads=payloads,
+                site=site,
+                live=self._live,
+                pool=self._pool,
+                pull_timeout_s=pull_timeout_s,
+                stats=self.stats,
+                say=self.say,
+            )  # fmt: skip
+            if final_average
+            else None
+        )
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """One record per merged round (``step``, ``round`` and the ``outer`` line's fields)."""
+        return self.stats.history
+
+    @property
+    def totals(self) -> dict[str, Any]:
+        """The run's bytes sent and received (site sums), rounds, and rounds with a drop."""
+        return self.stats.totals
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -146,23 +180,25 @@ class OuterLoop:
         if self.payloads is not None:  # load the codec kernels now, not inside round 1
             self.payloads.warm_up()
         if self.node is not None and self.rank == 0 and self.node.membership is not None:
-            want = len(self.node.peers) + 1
-            t0 = time.monotonic()
-            while len(self.node.live_sites()) < want:
-                if time.monotonic() - t0 > self.join_timeout_s:
-                    self.say(
-                        f"outer: {len(self.node.live_sites())}/{want} sites live after "
-                        f"{self.join_timeout_s:.0f} s; starting anyway"
-                    )
-                    break
-                time.sleep(0.1)
-                self.node.membership.beat()  # do not wait for the next heartbeat
-            else:
-                self.say(f"outer: all {want} sites live")
+            self._wait_live()
         if self.world > 1:
             dist.barrier(group=self.group)
-        self._mark = time.perf_counter()
+        self.stats.restart()
         return self
+
+    def _wait_live(self) -> None:
+        want = len(self.node.peers) + 1
+        t0 = time.monotonic()
+        while len(self.node.live_sites()) < want:
+            if time.monotonic() - t0 > self.join_timeout_s:
+                self.say(
+                    f"outer: {len(self.node.live_sites())}/{want} sites live after "
+                    f"{self.join_timeout_s:.0f} s; starting anyway"
+                )
+                return
+            time.sleep(0.1)
+            self.node.membership.beat()  # do not wait for the next heartbeat
+        self.say(f"outer: all {want} sites live")
 
     def finish(self) -> None:
         """Merge a round still in flight; give the partners time to pull the last round (and the
@@ -171,31 +207,19 @@ class OuterLoop:
             self._merge(self.pending)
         if self.node is None:
             return
-        want, since = 0, None
-        if self.last is not None and self.last.partners:
-            want = (1 if self.all_live else 2) * len(self.last.partners)  # streams x partners
+        last_partners = self.last.partners if self.last is not None else None
+        want = expected_pulls(last_partners, self.all_live,
+                              self.final["peers"] if self.final is not None else None)  # fmt: skip
+        since = 0.0
+        if last_partners:
             since = self.last.served_before
-        if self.final is not None:
-            want += self.final["peers"]
-            since = self.final["served_before"] if since is None else since
-        # ``want`` counts partners, not their ranks' pulls (a partner with more ranks, or with
-        # ranges across two of ours, pulls more than once): once it is reached, stay until no
-        # pull has arrived for SETTLE_S (its ranks pull together), within linger_s in all
-        t0 = last_change = time.monotonic()
-        last = None
-        while want and time.monotonic() - t0 < self.linger_s:
-            served = self.node.metrics.snapshot().get("served_pulls", 0.0)
-            now = time.monotonic()
-            if served != last:
-                last, last_change = served, now
-            if served - since >= want and now - last_change >= SETTLE_S:
-                break
-            time.sleep(0.05)
+        elif self.final is not None:
+            since = self.final["served_before"]
+        # once ``want`` pulls arrived, stay until none has arrived for SETTLE_S (a partner's
+        # ranks pull together), within linger_s in all
+        self.node.wait_quiet(want, since=since, quiet_s=SETTLE_S, timeout_s=self.linger_s)
         # what the partners pulled after the last record (collective: every rank calls finish)
-        g = self.node.round_metrics()
-        sent, recv = self._site_sum([g.get("bytes_sent", 0.0), g.get("bytes_recv", 0.0)])
-        self.totals["bytes_sent"] += sent
-        self.totals["bytes_recv"] += recv
+        sent, _ = self.stats.gossip_sums()
         if self.final is not None:
             self.final["bytes_sent"] += sent
 
@@ -218,14 +242,15 @@ class OuterLoop:
     def on_step_end(self, done: int) -> None:
         """The trainer's hook: run, start or merge a round after inner step ``done``."""
         p = self.pending
-        if p is not None and (done >= p.step + self.tau or done >= self.steps):
+        if p is not None and self.schedule.merge_due(p.step, done):
             self._merge(p)
-        if done % self.H == 0:
-            self._boundary(done // self.H, done, overlap=self.tau > 0 and done < self.steps)
-        if done == self.steps and self.final_average:
+        if (t := self.schedule.round_at(done)) is not None:
+            self._boundary(t, done, overlap=self.schedule.overlaps(done))
+        if self.schedule.final_due(done):
             self._final(done)
 
     def _live(self) -> list[str]:
+        """Rank 0's live sites, broadcast to the site's ranks. Collective when world > 1."""
         live = self.node.live_sites() if self.rank == 0 else None
         if self.world > 1:
             obj = [live]
@@ -244,242 +269,34 @@ class OuterLoop:
 
     @torch.no_grad()
     def _boundary(self, t: int, done: int, overlap: bool) -> None:
+        """Start round ``t`` at inner step ``done``: publish, then pull and merge now, or (with
+        ``overlap`` and partners) pull in the background and merge ``tau`` steps later."""
         t0 = time.perf_counter()
-        theta = self.flat.master()
-        delta = theta.detach().float().cpu() - self.state.phi
-        partners = self._partners(t)
-        if self.payloads is None:
-            out = Outgoing(t, delta, self.state.phi.clone(), (), 0)
-            served = 0.0
-        else:
-            out, bufs = self.payloads.encode(t, delta, self.state.phi, self.state.momentum)
-            served = self.node.metrics.snapshot().get("served_pulls", 0.0)
-            for stream, (buf, label) in bufs.items():
-                if stream == "delta" or not self.all_live:  # DiLoCo never pulls phi
-                    self._publish(t, stream, buf, label)
-        r = _Round(t, done, out, partners, t0, served_before=served)
-        if overlap and partners:
-            r.thread = threading.Thread(target=self._pull_all, args=(r,), daemon=True,
-                                        name=f"outer-pull-{t}")  # fmt: skip
-            r.thread.start()
+        delta = self.rounds.delta()
+        r = self.rounds.open(t, done, delta, self._partners(t), t0)
+        if overlap and r.partners:
+            self.rounds.start_pulls(r)
             r.stall = time.perf_counter() - t0
             self.pending = r
             return
-        self._pull_all(r)
+        self.rounds.pull_all(r)
         self._merge(r, blocking_since=t0)
 
     def _publish(self, t: int, stream: str, buf: Any, label: str) -> None:
         """Publish this rank's encoded ``stream`` of round ``t`` (codec ``label``)."""
         self.node.publish(t, stream, buf, codec=label)
 
-    def _pull_all(self, r: _Round) -> None:
-        """Pull every partner's delta (and phi) concurrently; fill ``r.pulled``."""
-        streams = ("delta",) if self.all_live else ("delta", "phi")
-        jobs = {
-            (p, s): self._pool.submit(self.payloads.pull, self.node, p, r.t, s, self.pull_timeout_s)
-            for p in r.partners
-            for s in streams
-        }  # fmt: skip
-        for p in r.partners:
-            d, cause = jobs[(p, "delta")].result()
-            if self.all_live:  # DiLoCo ignores phi (all sites hold the same): not pulled
-                ph = r.out.phi if d is not None else None
-            else:
-                ph, cause_phi = jobs[(p, "phi")].result()
-                cause = cause or cause_phi
-            if d is not None and ph is not None:
-                bad = implausible(d, ph, r.out.delta, r.out.phi)
-                if bad:
-                    d = ph = None
-                    cause = "implausible"
-                    log.warning("round %d: partner %s sent an implausible payload: %s", r.t, p, bad)
-                    if self.node is not None:
-                        self.node.metrics.add("fail_implausible")
-                        self.node.strike(p, r.t, f"implausible payload: {bad}")
-            if d is None or ph is None:
-                log.warning("round %d: partner %s dropped (%s); n = 1 for it", r.t, p, cause)
-            r.pulled[p] = (d, ph, cause)
-
-    @torch.no_grad()
-    def _merge(self, r: _Round, blocking_since: float | None = None) -> None:
+    def _merge(self, r: Round, blocking_since: float | None = None) -> None:
         t0 = blocking_since if blocking_since is not None else time.perf_counter()
-        if r.thread is not None:
-            r.thread.join()
+        r.join()
         self.pending = None
-        ok = {p: v for p, v in r.pulled.items() if v[0] is not None and v[1] is not None}
-        members = sorted([(self.site, r.out.delta, r.out.phi)] + [(p, d, ph) for p, (d, ph, _) in ok.items()],
-                         key=lambda m: m[0])  # fmt: skip
-        if len(members) == 1:
-            deltas, phis = [r.out.delta], [r.out.phi]
-        else:
-            deltas, phis = [m[1] for m in members], [m[2] for m in members]
-        # consensus distance from the pulled phi (before the update)
-        sq = sum(float((ph - self.state.phi).double().pow(2).sum()) for _, (_, ph, _) in ok.items())
-        cnt = float(len(ok) * self.state.phi.numel()) if not self.all_live else 0.0
-        theta = self.flat.master()
-        theta_local = theta.clone() if r.thread is not None else None
-        try:
-            self.method.apply(theta, self.state, deltas, phis)
-        except ValueError as e:  # cannot happen with checked payloads; never apply a bad value
-            log.warning("round %d: %s; local step instead", r.t, e)
-            ok, sq, cnt = {}, 0.0, 0.0
-            deltas, phis = [r.out.delta], [r.out.phi]
-            self.method.apply(theta, self.state, deltas, phis)
-        self.last_means = self._means(deltas, phis)
-        if theta_local is not None:
-            theta.mul_(1 - self.mix).add_(theta_local, alpha=self.mix)
-        self.flat.sync()
+        merged = self.rounds.merge(r)
+        self.last_means = merged.means
         end = time.perf_counter()
         r.stall += end - t0
         self.last = r
-        self._record(r, ok, sq, cnt, end)
+        self.stats.round(r, merged.ok, merged.sq, merged.cnt, end, merged.means)
 
-    def _site_sum(self, values: list[float]) -> list[float]:
-        """``values`` summed over the site's ranks (float64; collective when world > 1)."""
-        vec = torch.tensor(values, dtype=torch.float64)
-        if self.world > 1:
-            dist.all_reduce(vec, group=self.group)
-        return vec.tolist()
-
-    @staticmethod
-    def _means(deltas: list[torch.Tensor], phis: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        return torch.stack(deltas).mean(0), torch.stack(phis).mean(0)
-
-    def _record(self, r: _Round, ok: dict, sq: float, cnt: float, end: float) -> None:
-        g = self.node.round_metrics() if self.node is not None else {}
-        n = 1 + len(ok)
-        sent, recv, sq_all, cnt_all, n_sum, dropped = self._site_sum(
-            [g.get("bytes_sent", 0.0), g.get("bytes_recv", 0.0), sq, cnt, n, float(n < 1 + len(r.partners))]
-        )  # fmt: skip
-        wall = end - self._mark
-        util = max(0.0, wall - self._stall - r.stall) / wall if wall > 0 else 1.0
-        self._mark, self._stall = end, 0.0
-        self.totals["bytes_sent"] += sent
-        self.totals["bytes_recv"] += recv
-        self.totals["rounds"] += 1
-        self.totals["dropped"] += int(dropped > 0)
-        rec = dict(
-            partner=",".join(r.partners),
-            n=n,
-            n_mean=n_sum / self.world,
-            dropped=",".join(f"{p}:{c}" for p, (d, ph, c) in r.pulled.items() if p not in ok),
-            bytes_sent=sent,
-            bytes_recv=recv,
-            round_seconds=end - r.started,
-            stall_seconds=r.stall,
-            consensus_distance=(sq_all / cnt_all) ** 0.5 if cnt_all else None,
-            compute_utilization=util,
-            mean_crc=_crc(self.last_means[:1] if self.all_live else self.last_means),
-        )
-        for k, v in g.items():
-            if k.startswith("fail_") or k in ("retries", "strikes", "bans"):
-                rec[k] = v
-        self.history.append({"step": r.step, "round": r.t, **rec})
-        if self.metrics is not None:
-            self.metrics.log("outer", step=r.step, round=r.t, **rec)
-
-    @torch.no_grad()
     def _final(self, done: int) -> None:
         """The final average over every live site (module docstring)."""
-        t0 = time.perf_counter()
-        t = done // self.H + 1  # never a regular round: no boundary follows the last step
-        theta = self.flat.master()
-        own = theta.detach().float().cpu().clone()
-        served = self.node.metrics.snapshot().get("served_pulls", 0.0)
-        self.node.publish(t, FINAL_STREAM, self.payloads.raw(own), codec="raw")
-        peers = [s for s in self._live() if s != self.site]
-        jobs = {p: self._pool.submit(self.payloads.pull, self.node, p, t, FINAL_STREAM,
-                                     self.pull_timeout_s, "none") for p in peers}  # fmt: skip
-        got = {p: jobs[p].result() for p in peers}
-        for p, (v, _) in got.items():
-            if v is not None and (bad := implausible_phi(v, own)):
-                log.warning("final average: %s sent implausible weights: %s", p, bad)
-                self.node.strike(p, t, f"implausible final weights: {bad}")
-                got[p] = (None, "implausible")
-        ok = torch.tensor([float(got[p][0] is not None) for p in peers], dtype=torch.float64)
-        if self.world > 1 and peers:  # the same members on every rank of the site
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.group)
-        kept = {p for p, k in zip(peers, ok.tolist(), strict=True) if k > 0}
-        members = sorted([(self.site, own)] + [(p, got[p][0]) for p in kept], key=lambda m: m[0])
-        vals = [m[1] for m in members]
-        sq = sum(float((v - own).double().pow(2).sum()) for v in vals)
-        mean = torch.stack(vals).mean(0)
-        theta.copy_(mean.to(theta.device, theta.dtype))
-        self.state.phi.copy_(mean)
-        self.flat.sync()
-        g = self.node.round_metrics()
-        sent, recv, sq_all, cnt_all = self._site_sum([g.get("bytes_sent", 0.0),
-            g.get("bytes_recv", 0.0), sq, float(len(kept) * own.numel())])  # fmt: skip
-        self.totals["bytes_sent"] += sent
-        self.totals["bytes_recv"] += recv
-        left_out = [f"{p}:{got[p][1] or 'rank'}" for p in peers if p not in kept]
-        rec = dict(final=True, partner=",".join(m[0] for m in members if m[0] != self.site),
-                   n=len(vals), dropped=",".join(left_out), bytes_sent=sent, bytes_recv=recv,
-                   round_seconds=time.perf_counter() - t0,
-                   consensus_distance=(sq_all / cnt_all) ** 0.5 if cnt_all else None,
-                   mean_crc=_crc((mean,)))  # fmt: skip
-        self.final = {"peers": len(peers), "served_before": served, **rec}
-        if left_out:
-            self.say(f"final average: {', '.join(left_out)} left out; averaged {len(vals)} sites")
-        if self.metrics is not None:
-            self.metrics.log("outer", step=done, round=t, **rec)
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "phi": self.state.phi.clone(),
-            "momentum": self.state.momentum.clone(),
-            "rounds": self.state.rounds,
-            "payloads": self.payloads.state_dict() if self.payloads is not None else None,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.state.phi.copy_(state["phi"])
-        self.state.momentum.copy_(state["momentum"])
-        self.state.rounds = int(state["rounds"])
-        if self.payloads is not None and state.get("payloads") is not None:
-            self.payloads.load_state_dict(state["payloads"])
-
-
-# A partner's finite payload is still refused when it is far outside what training produces:
-# its delta more than MAX_DELTA_RATIO times this site's own (same optimizer, same steps), or its
-# phi farther from this site's phi than MAX_PHI_GAP times the RMS of this site's phi (sites that
-# share an init stay within a few percent of each other; even two independent random inits are
-# only sqrt(2) apart). Garbage of any finite size (1e30, random words) is never applied.
-MAX_DELTA_RATIO = 100.0
-MAX_PHI_GAP = 10.0
-
-
-def _rms(x: torch.Tensor) -> float:
-    return float(x.double().pow(2).mean().sqrt()) if x.numel() else 0.0
-
-
-def implausible(
-    delta: torch.Tensor, phi: torch.Tensor, own_delta: torch.Tensor, own_phi: torch.Tensor
-) -> str:
-    """Why a partner's decoded (finite) ``delta`` / ``phi`` must not be applied, or ``""``."""
-    rd, own_rd = _rms(delta), _rms(own_delta)
-    if rd > MAX_DELTA_RATIO * own_rd + 1e-12:
-        return f"delta RMS {rd:.3g} is over {MAX_DELTA_RATIO:g}x this site's {own_rd:.3g}"
-    return implausible_phi(phi, own_phi)
-
-
-def implausible_phi(phi: torch.Tensor, own_phi: torch.Tensor) -> str:
-    """Why a partner's decoded (finite) weights ``phi`` must not be applied, or ``""``."""
-    gap, own_rp = _rms(phi - own_phi), _rms(own_phi)
-    if gap > MAX_PHI_GAP * own_rp + 1e-12:
-        return (
-            f"phi is {gap:.3g} (RMS) from this site's, over {MAX_PHI_GAP:g}x its RMS {own_rp:.3g}"
-        )
-    return ""
-
-
-def _crc(ts: tuple[torch.Tensor, ...]) -> int:
-    """CRC-32 of the bytes of the group means: equal on every member of a group."""
-    import zlib
-
-    crc = 0
-    for t in ts:
-        crc = zlib.crc32(t.contiguous().numpy().tobytes(), crc)
-    return crc
+        self.final = self._averager.run(done, self.schedule.final_round(done))

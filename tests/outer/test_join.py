@@ -18,6 +18,7 @@ import torch
 
 from loco.gossip import GossipNode, GossipServer, rank_range
 from loco.outer.join import fetch_range, join, publish_state
+from loco.state import MOMENTUM, PHI
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN, LAYOUT = "joinrun", "layout0"
@@ -26,7 +27,7 @@ P = 10_000  # elements of the (padded) flat vector: 40 kB per stream
 
 def values(seed: int, version: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed * 1000 + version)
-    return {"phi": torch.randn(P, generator=g), "momentum": torch.randn(P, generator=g)}
+    return {PHI: torch.randn(P, generator=g), MOMENTUM: torch.randn(P, generator=g)}
 
 
 def site_servers(site: str, nproc: int, seed: int, version: int, round: int) -> list[GossipServer]:
@@ -70,21 +71,21 @@ def test_joiner_gets_the_newest_members_state_bitwise_over_other_rank_counts():
         got = join(node=node, lo=0, hi=P, timeout_s=30)
         assert got is not None and (got.site, got.version, got.failed) == ("eu", 6, [])
         want = values(1, 6)
-        for k in ("phi", "momentum"):
+        for k in (PHI, MOMENTUM):
             assert torch.equal(got.tensors[k], want[k])
         # a joiner with 3 ranks: each range is cut from the 2 owner ranks that intersect it
         info = node.client.hello(src[0].address, expect_site="eu")
         parts = []
         for r in range(3):
             lo, hi = rank_range(P, 3, r)
-            t, code, cause, _ = fetch_range(node.client, info, "phi", 6, lo, hi, 10.0)
+            t, code, cause, _ = fetch_range(node.client, info, PHI, 6, lo, hi, 10.0)
             assert code == 0, cause
             parts.append(t)
-        assert torch.equal(torch.cat(parts), want["phi"])
+        assert torch.equal(torch.cat(parts), want[PHI])
         # the member publishes version 8 into the same slot: the old version is refused
         for s in src:
-            publish_state(s, 8, {"phi": torch.zeros(s.hi - s.lo)}, s.lo, s.hi)
-        _, code, cause, _ = fetch_range(node.client, info, "phi", 6, 0, P, 10.0)
+            publish_state(s, 8, {PHI: torch.zeros(s.hi - s.lo)}, s.lo, s.hi)
+        _, code, cause, _ = fetch_range(node.client, info, PHI, 6, 0, P, 10.0)
         assert code == 1 and "version 8" in cause
     finally:
         node.close()
@@ -126,7 +127,7 @@ def test_source_dying_mid_fetch_makes_the_joiner_use_another_member():
         got = join(node=node, lo=0, hi=P, timeout_s=60, fetch_timeout_s=20, say=said.append)
         assert proc.wait(timeout=10) == 1  # the source died mid-stream
         assert got is not None and (got.site, got.version, got.failed) == ("asia", 4, ["eu"])
-        assert torch.equal(got.tensors["phi"], values(2, 4)["phi"])
+        assert torch.equal(got.tensors[PHI], values(2, 4)[PHI])
         assert len(said) == 1 and "eu failed" in said[0] and "another member" in said[0]
         assert time.monotonic() - t0 < 20
     finally:
@@ -163,7 +164,7 @@ def test_inner_state_is_fetched_when_served(inner_served):
         if inner_served:
             assert all(torch.equal(got.tensors[k], v) for k, v in extra.items())
         else:
-            assert set(got.tensors) == {"phi", "momentum"}
+            assert set(got.tensors) == {PHI, MOMENTUM}
     finally:
         node.close()
         src[0].stop(grace=0)
@@ -173,14 +174,14 @@ def _publish_bad_state(server: GossipServer, version: int, kind: str) -> None:
     """State streams a hostile member might serve: a non-raw codec label, or NaN, or weights
     far from everyone's, under the slots and names an honest member uses."""
     n = server.hi - server.lo
-    for name in ("phi", "momentum"):
+    for name in (PHI, MOMENTUM):
         data = torch.randn(n, generator=torch.Generator().manual_seed(5)).numpy()
         codec = "raw"
         if kind == "opaque":
             codec = "int8"  # bytes that are not raw fp32: must never land in the joiner's buffer
         elif kind == "nan":
             data[3] = float("nan")
-        elif kind == "far" and name == "phi":
+        elif kind == "far" and name == PHI:
             data = data * 1e6
         for key in (f"{name}@{version % 2}", name):
             server.publish_state(key, version, data.tobytes(), codec=codec)
@@ -195,11 +196,11 @@ def test_hostile_state_is_refused_and_the_next_member_used(kind):
     good = site_servers("asia", 1, seed=2, version=4, round=4)
     node = joiner({"eu": evil[0].address, "asia": good[0].address})
     try:
-        own = values(2, 0)["phi"]  # the joiner's own initial weights: the plausibility reference
+        own = values(2, 0)[PHI]  # the joiner's own initial weights: the plausibility reference
         got = join(node=node, lo=0, hi=P, timeout_s=30, fetch_timeout_s=5, reference=own)
         assert got is not None and (got.site, got.version, got.failed) == ("asia", 4, ["eu"])
         want = values(2, 4)
-        for k in ("phi", "momentum"):
+        for k in (PHI, MOMENTUM):
             assert torch.equal(got.tensors[k], want[k])
         assert node.metrics.snapshot().get("strikes", 0) >= 1
     finally:

@@ -1,0 +1,172 @@
+"""One outer round of one rank: encode and publish, pull every partner, check, merge.
+
+:class:`Rounds` does the work of a round on the rank's own range; the ``OuterLoop`` decides
+when (``loco.outer.schedule``) and records it (``loco.outer.stats``)::
+
+    r = rounds.open(t, done, delta, partners, t0)   # encode(delta + e), phi; publish
+    rounds.pull_all(r)                              # (a thread, with overlap) fills r.pulled
+    merged = rounds.merge(r)                        # apply with the DECODED values, site order
+
+A partner whose pull failed, or whose payload is implausible (``loco.outer.plausible``; one
+strike and ``fail_implausible``), is dropped for the round: with nobody left it is the local
+step (n = 1).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from loco.outer.exchange import Outgoing, RangePayloads
+from loco.outer.flat import FlatView
+from loco.outer.methods import OuterState, OuterStep
+from loco.outer.plausible import implausible
+
+log = logging.getLogger("loco.outer.loop")
+
+Pulled = tuple[torch.Tensor | None, torch.Tensor | None, str]  # delta, phi, cause of a failure
+
+
+@dataclass
+class Round:
+    """One round in flight or merged: its number, boundary step, own decoded values, partners,
+    start (``perf_counter``), training stall so far, what each partner gave, the background
+    pull thread (overlap) and the node's served-pulls mark at the boundary."""
+
+    t: int
+    step: int  # inner step of the boundary
+    out: Outgoing
+    partners: list[str]
+    started: float
+    stall: float = 0.0
+    pulled: dict[str, Pulled] = field(default_factory=dict)
+    thread: threading.Thread | None = None
+    served_before: float = 0.0
+
+    def join(self) -> None:
+        """Wait for the background pulls, if any."""
+        if self.thread is not None:
+            self.thread.join()
+
+
+@dataclass
+class Merged:
+    """What a merge used: the partners that answered, this rank's squared phi distance to them
+    and its element count (consensus distance), and the group means (delta, phi)."""
+
+    ok: dict[str, Pulled]
+    sq: float
+    cnt: float
+    means: tuple[torch.Tensor, ...]
+
+
+class Rounds:
+    """The work of a round on this rank's range.
+
+    Args:
+        method: the outer update; flat: the engine's flat view; state: the outer state.
+        node, payloads: the rank's ``GossipNode`` and :class:`RangePayloads` (None: local).
+        site: this site's name. all_live: DiLoCo (only the delta stream travels).
+        mix: overlap's ``theta <- mix * theta_local + (1 - mix) * phi``.
+        pool: the pull threads. pull_timeout_s: deadline of one pull (None: the node's).
+        publish: ``publish(t, stream, buf, label)``, the loop's (overridable) publisher.
+    """
+
+    def __init__(self, *, method: OuterStep, flat: FlatView, state: OuterState, node: Any,
+                 payloads: RangePayloads | None, site: str, all_live: bool, mix: float,
+                 pool: ThreadPoolExecutor, pull_timeout_s: float | None,
+                 publish: Callable[[int, str, Any, str], None]) -> None:  # fmt: skip
+        self.method, self.flat, self.state = method, flat, state
+        self.node, self.payloads, self.site, self.all_live = node, payloads, site, all_live
+        self.mix, self.pool, self.pull_timeout_s, self.publish = mix, pool, pull_timeout_s, publish
+
+    def delta(self) -> torch.Tensor:
+        """This site's inner progress on the rank's range: ``theta - phi`` (fp32, host)."""
+        return self.flat.master().detach().float().cpu() - self.state.phi
+
+    def open(self, t: int, done: int, delta: torch.Tensor, partners: list[str],
+             started: float) -> Round:  # fmt: skip
+        """Encode round ``t`` (boundary at step ``done``) and publish it; no pull yet."""
+        if self.payloads is None:
+            out = Outgoing(t, delta, self.state.phi.clone(), (), 0)
+            served = 0.0
+        else:
+            out, bufs = self.payloads.encode(t, delta, self.state.phi, self.state.momentum)
+            served = self.node.served_mark()
+            for stream, (buf, label) in bufs.items():
+                if stream == "delta" or not self.all_live:  # DiLoCo never pulls phi
+                    self.publish(t, stream, buf, label)
+        return Round(t, done, out, partners, started, served_before=served)
+
+    def start_pulls(self, r: Round) -> None:
+        """Run :meth:`pull_all` of ``r`` on a background thread (overlap)."""
+        r.thread = threading.Thread(target=self.pull_all, args=(r,), daemon=True,
+                                    name=f"outer-pull-{r.t}")  # fmt: skip
+        r.thread.start()
+
+    def pull_all(self, r: Round) -> None:
+        """Pull every partner's delta (and phi) concurrently; fill ``r.pulled``."""
+        streams = ("delta",) if self.all_live else ("delta", "phi")
+        jobs = {
+            (p, s): self.pool.submit(self.payloads.pull, self.node, p, r.t, s, self.pull_timeout_s)
+            for p in r.partners
+            for s in streams
+        }  # fmt: skip
+        for p in r.partners:
+            d, cause = jobs[(p, "delta")].result()
+            if self.all_live:  # DiLoCo ignores phi (all sites hold the same): not pulled
+                ph = r.out.phi if d is not None else None
+            else:
+                ph, cause_phi = jobs[(p, "phi")].result()
+                cause = cause or cause_phi
+            if d is not None and ph is not None:
+                d, ph, cause = self._check(r, p, d, ph, cause)
+            if d is None or ph is None:
+                log.warning("round %d: partner %s dropped (%s); n = 1 for it", r.t, p, cause)
+            r.pulled[p] = (d, ph, cause)
+
+    def _check(self, r: Round, p: str, d: torch.Tensor, ph: torch.Tensor, cause: str) -> Pulled:
+        """``(d, ph, cause)`` of partner ``p``, or ``(None, None, "implausible")`` with a strike
+        when they are implausible."""
+        bad = implausible(d, ph, r.out.delta, r.out.phi)
+        if not bad:
+            return d, ph, cause
+        log.warning("round %d: partner %s sent an implausible payload: %s", r.t, p, bad)
+        if self.node is not None:
+            self.node.count_failure("implausible")
+            self.node.strike(p, r.t, f"implausible payload: {bad}")
+        return None, None, "implausible"
+
+    @torch.no_grad()
+    def merge(self, r: Round) -> Merged:
+        """Apply round ``r`` (its pulls done) to the state and the engine; sync the engine."""
+        ok = {p: v for p, v in r.pulled.items() if v[0] is not None and v[1] is not None}
+        members = sorted([(self.site, r.out.delta, r.out.phi)] + [(p, d, ph) for p, (d, ph, _) in ok.items()],
+                         key=lambda m: m[0])  # fmt: skip
+        if len(members) == 1:
+            deltas, phis = [r.out.delta], [r.out.phi]
+        else:
+            deltas, phis = [m[1] for m in members], [m[2] for m in members]
+        # consensus distance from the pulled phi (before the update)
+        sq = sum(float((ph - self.state.phi).double().pow(2).sum()) for _, (_, ph, _) in ok.items())
+        cnt = float(len(ok) * self.state.phi.numel()) if not self.all_live else 0.0
+        theta = self.flat.master()
+        theta_local = theta.clone() if r.thread is not None else None
+        try:
+            self.method.apply(theta, self.state, deltas, phis)
+        except ValueError as e:  # cannot happen with checked payloads; never apply a bad value
+            log.warning("round %d: %s; local step instead", r.t, e)
+            ok, sq, cnt = {}, 0.0, 0.0
+            deltas, phis = [r.out.delta], [r.out.phi]
+            self.method.apply(theta, self.state, deltas, phis)
+        means = (torch.stack(deltas).mean(0), torch.stack(phis).mean(0))
+        if theta_local is not None:
+            theta.mul_(1 - self.mix).add_(theta_local, alpha=self.mix)
+        self.flat.sync()
+        return Merged(ok, sq, cnt, means)

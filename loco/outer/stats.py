@@ -1,0 +1,113 @@
+"""The outer loop's statistics: one ``outer`` record per round, run totals and history.
+
+Every figure is summed over the site's ranks (:meth:`OuterStats.site_sum`, collective when the
+site has more than one rank), so rank 0's record describes the whole site. The gossip figures
+(bytes, ``fail_<cause>``, retries, strikes, bans) are the node's counters since the previous
+record (``GossipNode.round_metrics``).
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+_GOSSIP_KEYS = ("retries", "strikes", "bans")
+
+
+def mean_crc(ts: tuple[torch.Tensor, ...]) -> int:
+    """CRC-32 of the bytes of the group means: equal on every member of a group."""
+    crc = 0
+    for t in ts:
+        crc = zlib.crc32(t.contiguous().numpy().tobytes(), crc)
+    return crc
+
+
+class OuterStats:
+    """Records of one rank's outer rounds (``history``), the run's ``totals``, and rank 0's
+    ``outer`` lines in metrics.jsonl.
+
+    Args:
+        node: the rank's ``GossipNode`` (None: no gossip figures).
+        world, group: the site's ranks (figures are summed over them).
+        metrics: rank 0's ``MetricsWriter`` (None on the other ranks).
+        all_live: DiLoCo (the phi mean is the same on every site: ``mean_crc`` covers the delta
+            mean only).
+    """
+
+    def __init__(self, *, node: Any = None, world: int = 1,
+                 group: dist.ProcessGroup | None = None, metrics: Any = None,
+                 all_live: bool = False) -> None:  # fmt: skip
+        self.node, self.world, self.group = node, world, group
+        self.metrics, self.all_live = metrics, all_live
+        self.history: list[dict[str, Any]] = []
+        self.totals: dict[str, Any] = {"bytes_sent": 0.0, "bytes_recv": 0.0, "rounds": 0,
+                                       "dropped": 0}  # fmt: skip
+        self._mark = time.perf_counter()  # end of the previous round (utilization window)
+        self._stall = 0.0  # seconds training was blocked by rounds in the window
+
+    def restart(self) -> None:
+        """Open the utilization window now (after the start-up wait)."""
+        self._mark = time.perf_counter()
+
+    def site_sum(self, values: list[float]) -> list[float]:
+        """``values`` summed over the site's ranks (float64; collective when world > 1)."""
+        vec = torch.tensor(values, dtype=torch.float64)
+        if self.world > 1:
+            dist.all_reduce(vec, group=self.group)
+        return vec.tolist()
+
+    def gossip_sums(self, extra: tuple[float, ...] = ()) -> list[float]:
+        """``[bytes_sent, bytes_recv, *extra]`` summed over the site's ranks, the bytes being
+        the gossip traffic since the previous record; the bytes are added to the totals.
+        Collective."""
+        g = self.node.round_metrics() if self.node is not None else {}
+        sums = self.site_sum([g.get("bytes_sent", 0.0), g.get("bytes_recv", 0.0), *extra])
+        self.totals["bytes_sent"] += sums[0]
+        self.totals["bytes_recv"] += sums[1]
+        return sums
+
+    def round(self, r: Any, ok: dict[str, Any], sq: float, cnt: float, end: float,
+              means: tuple[torch.Tensor, ...]) -> dict[str, Any]:  # fmt: skip
+        """Record merged round ``r`` (a ``loco.outer.round.Round``): ``ok`` the partners used,
+        ``sq`` / ``cnt`` this rank's squared phi distance to them and its element count,
+        ``end`` the merge's end (``perf_counter``), ``means`` the group means. Collective."""
+        g = self.node.round_metrics() if self.node is not None else {}
+        n = 1 + len(ok)
+        sent, recv, sq_all, cnt_all, n_sum, dropped = self.site_sum(
+            [g.get("bytes_sent", 0.0), g.get("bytes_recv", 0.0), sq, cnt, n, float(n < 1 + len(r.partners))]
+        )  # fmt: skip
+        wall = end - self._mark
+        util = max(0.0, wall - self._stall - r.stall) / wall if wall > 0 else 1.0
+        self._mark, self._stall = end, 0.0
+        self.totals["bytes_sent"] += sent
+        self.totals["bytes_recv"] += recv
+        self.totals["rounds"] += 1
+        self.totals["dropped"] += int(dropped > 0)
+        rec = dict(
+            partner=",".join(r.partners),
+            n=n,
+            n_mean=n_sum / self.world,
+            dropped=",".join(f"{p}:{c}" for p, (d, ph, c) in r.pulled.items() if p not in ok),
+            bytes_sent=sent,
+            bytes_recv=recv,
+            round_seconds=end - r.started,
+            stall_seconds=r.stall,
+            consensus_distance=(sq_all / cnt_all) ** 0.5 if cnt_all else None,
+            compute_utilization=util,
+            mean_crc=mean_crc(means[:1] if self.all_live else means),
+        )
+        for k, v in g.items():
+            if k.startswith("fail_") or k in _GOSSIP_KEYS:
+                rec[k] = v
+        self.history.append({"step": r.step, "round": r.t, **rec})
+        self.log(r.step, r.t, rec)
+        return rec
+
+    def log(self, step: int, round: int, rec: dict[str, Any]) -> None:
+        """Write one ``outer`` line (rank 0 only: the ranks without a writer skip it)."""
+        if self.metrics is not None:
+            self.metrics.log("outer", step=step, round=round, **rec)
