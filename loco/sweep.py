@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import math
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,24 @@ def sweep_row(overrides: list[str], res: dict[str, Any]) -> dict[str, Any]:
         failed=",".join(r["site"] for r in sites if r.get("exit") != 0),
     )
     return row
+
+
+@dataclass
+class Sweep:
+    """The state of one ``python -m loco.local -m`` sweep (its jobs run in this process): one row
+    per job and the multirun's sweep directory, where :meth:`write` puts the table."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    dir: Path | None = None
+
+    def add(self, overrides: list[str], res: dict[str, Any], sweep_dir: Path) -> None:
+        """Record the job of ``overrides`` with ``run_federation``'s result ``res``."""
+        self.rows.append(sweep_row(overrides, res))
+        self.dir = sweep_dir
+
+    def write(self) -> str:
+        """Write the table files (see :func:`write_sweep`) and return the table text."""
+        return write_sweep(self.rows, self.dir if self.dir is not None else Path("."))
 
 
 def _cell(v: Any) -> str:

@@ -77,7 +77,7 @@ def _task(dcfg: DictConfig) -> None:
         cfg = to_config(dcfg)
         require_site(cfg)
         preflight(cfg)
-        from loco.site import launch
+        from loco.launch import launch
 
         launch(cfg, Path(HydraConfig.get().runtime.output_dir))
     except RankExited as e:

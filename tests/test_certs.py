@@ -12,8 +12,8 @@ import pytest
 from cryptography import x509
 
 from loco.certs import ca_dir, create_file, site_bundle, write_run_certs
+from loco.federation import Federation, site_args
 from loco.gossip import GossipClient, GossipServer, TlsConfig
-from loco.local import Federation, site_args
 
 SITES = ["eu", "us", "asia"]
 

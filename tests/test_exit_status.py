@@ -27,8 +27,8 @@ from loco.errors import (
     describe,
     exit_status,
 )
-from loco.local import table
-from loco.site import config_checks
+from loco.federation import table
+from loco.rank import config_checks
 from loco.trainer import check_finite
 from tests.workers import ROOT, run_worker
 

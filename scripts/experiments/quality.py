@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from loco.local import run_federation  # noqa: E402
+from loco.federation import run_federation  # noqa: E402
 from loco.metrics import read_metrics  # noqa: E402
 
 SITES = ["eu", "us", "asia", "sa"]

@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from loco.local import Federation, run_federation
+from loco.federation import Federation, run_federation
 from loco.metrics import read_metrics
 
 TINY = [
@@ -58,8 +59,10 @@ def assert_no_nan_applied(tmp: Path, sites: list[str]) -> None:
             assert recs, (s, kind)
             bad = [r["step"] for r in recs if r["loss"] is None or not math.isfinite(r["loss"])]
             assert not bad, f"{s}: non-finite {kind} loss at steps {bad}"
-        final = torch.load(tmp / s / "final_params.pt", weights_only=True)
-        assert bool(torch.isfinite(final).all()), f"{s}: non-finite final parameters"
+        final = load_file(str(tmp / s / "model.safetensors"))
+        assert all(bool(torch.isfinite(t).all()) for t in final.values()), (
+            f"{s}: non-finite final parameters"
+        )
 
 
 def distances(tmp: Path, site: str) -> dict[int, float | None]:

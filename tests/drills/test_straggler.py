@@ -16,19 +16,18 @@ SLOW = (2, 5)
 
 
 def test_straggler_site(tmp_path, monkeypatch):
-    import torch
 
     from loco.metrics import read_metrics
 
     faults = {"slow": {"site": "us", "factor": 3.0, "rounds": list(SLOW)}}
-    run_drill(tmp_path, SITES, faults, ["train.steps=35", "outer.H=5"], monkeypatch)
+    res = run_drill(tmp_path, SITES, faults, ["train.steps=35", "outer.H=5"], monkeypatch)
+    rows = {r["site"]: r for r in res["sites"]}
     assert_no_nan_applied(tmp_path, SITES)
     recs = {s: outer(tmp_path, s) for s in SITES}
     assert all(r["n"] == 2 and not r["dropped"] for rs in recs.values() for r in rs)
     assert check_groups_agree(recs) == 2 * 7
-    a = torch.load(tmp_path / "eu" / "final_params.pt")
-    b = torch.load(tmp_path / "us" / "final_params.pt")
-    assert torch.equal(a, b)
+    a, b = rows["eu"]["final_params_crc32"], rows["us"]["final_params_crc32"]
+    assert a is not None and a == b  # CRC-32 of the exact bytes of the final parameters
     # the fault was real: us's inner steps ran well under 0.75x as fast while slow (1/3 in
     # theory; its windows also hold the rounds' own time, and on 2 cores shared with other
     # work the ratio was measured up to 0.60; without the fault it is ~1)

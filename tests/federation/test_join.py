@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from loco.local import free_base_ports
+from loco.federation import free_base_ports
 from loco.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]

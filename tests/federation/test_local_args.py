@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from loco.config import compose
-from loco.local import free_base_ports, site_args, summarize, table
+from loco.federation import free_base_ports, site_args, summarize, table
 
 
 def test_site_args_for_known_and_new_sites(tmp_path):

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-
-import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMON = [
@@ -33,6 +32,6 @@ def test_resume_mid_run_equals_straight_run(tmp_path):
         shutil.rmtree(p)
     (ck / "latest").write_text("step_0000015\n")
     worker(tmp_path / "resumed", "train.steps=30", "checkpoint.every=15", "resume=latest")
-    a = torch.load(tmp_path / "straight" / "final_params.pt")
-    b = torch.load(tmp_path / "resumed" / "final_params.pt")
-    assert torch.equal(a, b)
+    a = json.loads((tmp_path / "straight" / "summary.json").read_text())["final_params_crc32"]
+    b = json.loads((tmp_path / "resumed" / "summary.json").read_text())["final_params_crc32"]
+    assert a is not None and a == b  # CRC-32 of the exact bytes of the final flat vector
