@@ -12,7 +12,7 @@ from loco.checkpoint import CheckpointWriter
 from loco.config import LocoConfig
 from loco.data import SiteData, load_corpus
 from loco.data.corpus import Corpus
-from loco.engine.base import Engine
+from loco.engine.base import Engine, OptimOptions
 from loco.engine.zero import ZeroEngine
 from loco.model import GPT, build_model
 
@@ -40,6 +40,18 @@ def model_from(cfg: LocoConfig, corpus: Corpus) -> GPT:
     )
 
 
+def optim_options(cfg: LocoConfig) -> OptimOptions:
+    """The inner optimizer's options from ``optim.*`` (its name is ``optim.name``)."""
+    o = cfg.optim
+    return OptimOptions(
+        weight_decay=o.weight_decay,
+        betas=(o.beta1, o.beta2),
+        eps=o.eps,
+        momentum=o.momentum,
+        nesterov=o.nesterov,
+    )
+
+
 def engine_from(
     cfg: LocoConfig, model: torch.nn.Module, group: dist.ProcessGroup | None = None
 ) -> Engine:
@@ -49,11 +61,7 @@ def engine_from(
         model,
         optim=o.name,
         lr=cfg.train.lr,
-        weight_decay=o.weight_decay,
-        betas=(o.beta1, o.beta2),
-        eps=o.eps,
-        momentum=o.momentum,
-        nesterov=o.nesterov,
+        **optim_options(cfg).kwargs(),
         grad_clip=cfg.train.grad_clip,
         group=group,
         stage=z.stage,
@@ -186,7 +194,7 @@ def outer_from(
 
     from loco.outer import build_outer
     from loco.outer.exchange import RangePayloads, codec_options
-    from loco.outer.flat import FlatView
+    from loco.outer.flat_view import FlatView
     from loco.outer.loop import OuterLoop
     from loco.testing import faults as lfaults
 

@@ -17,6 +17,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from loco.gossip.options import GossipOptions
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
@@ -44,7 +46,28 @@ def _fraction(key: str, value: float, lo_open: bool = False, hi_open: bool = Tru
         )
 
 
-MODEL_SIZES = ("tiny", "small", "gpt2-124m")
+# Allowed names come from the library registries (codecs, model sizes, outer methods), in their
+# order; ``MODEL_SIZES``, ``CODECS`` and ``OUTER_METHODS`` read them. Those modules pull in
+# torch; they are imported on first validation (``register()`` below validates the defaults).
+_REGISTRIES = {
+    "MODEL_SIZES": ("loco.model.gpt", "SIZES"),
+    "CODECS": ("loco.compress.codecs", "CODECS"),
+    "OUTER_METHODS": ("loco.outer.methods", "OUTER_METHODS"),
+}
+
+
+def _names(registry: str) -> tuple[str, ...]:
+    """The names of a library registry (``MODEL_SIZES``, ``CODECS`` or ``OUTER_METHODS``)."""
+    import importlib
+
+    module, attr = _REGISTRIES[registry]
+    return tuple(getattr(importlib.import_module(module), attr))
+
+
+def __getattr__(name: str) -> tuple[str, ...]:
+    if name in _REGISTRIES:
+        return _names(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -59,7 +82,7 @@ class ModelConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        _choice("model.size", self.size, MODEL_SIZES)
+        _choice("model.size", self.size, _names("MODEL_SIZES"))
         for k in ("vocab_size", "n_layer", "n_head", "d_model"):
             v = getattr(self, k)
             if v is not None:
@@ -229,7 +252,7 @@ class OuterConfig:
     final_average: bool = False  # noloco: after the last step, average the weights over all sites
 
     def __post_init__(self) -> None:
-        _choice("outer.method", self.method, ("noloco", "diloco", "local"))
+        _choice("outer.method", self.method, _names("OUTER_METHODS"))
         _positive("outer.H", self.H)
         _fraction("outer.alpha", self.alpha)
         _positive("outer.beta", self.beta, zero_ok=True)
@@ -251,9 +274,6 @@ class OuterConfig:
             raise ConfigError(f"outer.final_average={self.final_average!r} must be true or false")
 
 
-CODECS = ("none", "bf16", "int8", "int4", "fp4", "topk")
-
-
 @dataclass
 class CompressionConfig:
     """Codec per outgoing stream: the delta and the slow weights phi."""
@@ -267,8 +287,9 @@ class CompressionConfig:
     topk_fraction: float = 0.1
 
     def __post_init__(self) -> None:
-        _choice("compression.codec", self.codec, CODECS)
-        _choice("compression.phi_codec", self.phi_codec, CODECS)
+        codecs = _names("CODECS")
+        _choice("compression.codec", self.codec, codecs)
+        _choice("compression.phi_codec", self.phi_codec, codecs)
         _positive("compression.block", self.block)
         _choice("compression.scale_dtype", self.scale_dtype, ("fp32", "fp16"))
         _fraction("compression.topk_fraction", self.topk_fraction, lo_open=True, hi_open=False)
@@ -294,32 +315,10 @@ class CompressionConfig:
 
 
 @dataclass
-class GossipConfig:
+class GossipConfig(GossipOptions):
     """gRPC between sites (``loco.gossip``). mTLS unless ``insecure`` is set explicitly;
-    plaintext on a non-loopback ``site.listen`` also needs ``insecure_public``."""
-
-    insecure: bool = False
-    insecure_public: bool = False  # with insecure: allow plaintext on a non-loopback site.listen
-    cert_dir: str | None = None  # this site's bundle DIR/<site> of `python -m loco.certs --out DIR`
-    pull_timeout_s: float = 60.0  # deadline of a whole pull, retries included
-    hello_timeout_s: float = 5.0  # deadline of one Hello / heartbeat
-    heartbeat_s: float = 5.0
-    dead_after: int = 3  # missed heartbeats before a site is dead
-    strikes: int = 3  # bad payloads before a peer is banned
-    ban_rounds: int = 5
-    max_retries: int = 6  # retries per stall on UNAVAILABLE
-    backoff_s: float = 0.2
-    backoff_max_s: float = 2.0
-    parallel_streams: int = 1
-    chunk_bytes: int = 1 << 20
-    keep_rounds: int = 2
-    keepalive_s: float = 30.0
-    max_wait_s: float = 600.0
-    # concurrent Pull/FetchState/Health.Watch streams a rank serves, in total and per peer site;
-    # more are refused (busy, retried). Defaults: loco/gossip/server.py MAX_STREAMS
-    max_streams: int = 256
-    max_streams_per_peer: int = 128
-    odd: str = "triple"  # odd site count: one group of three, or one site sits out
+    plaintext on a non-loopback ``site.listen`` also needs ``insecure_public``. The keys and
+    their defaults: ``loco.gossip.options.GossipOptions``."""
 
     def __post_init__(self) -> None:
         for k in (

@@ -14,7 +14,7 @@ from loco.checkpoint.state import streams_of
 from loco.engine.zero import ZeroEngine
 from loco.gossip import GossipNode, GossipServer
 from loco.outer.exchange import RangePayloads, codec_options
-from loco.outer.flat import FlatView
+from loco.outer.flat_view import FlatView
 from loco.outer.join import OUTER_STREAMS, StateServer, adopt, inner_streams, join
 from loco.outer.loop import OuterLoop
 from loco.outer.methods import build_outer

@@ -4,7 +4,7 @@ Two small Protocols, one per seam, name every call their consumers make:
 
 - :class:`StepEngine`, the trainer's seam (``loco.trainer``): run a forward on ``model``, then
   ``backward`` / ``step``.
-- :class:`FlatEngine`, the flat-state seam (``loco.outer.flat``, ``loco.outer.join``,
+- :class:`FlatEngine`, the flat-state seam (``loco.outer.flat_view``, ``loco.outer.join``,
   ``loco.checkpoint.state``, ``loco.build``): this rank's range of the fp32 flat parameter
   space, its master weights and optimizer state, and the collectives that publish writes.
 
@@ -16,6 +16,7 @@ engine's group calls it, the same number of times, in the same order.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -149,16 +150,37 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
+@dataclass(frozen=True)
+class OptimOptions:
+    """The inner optimizer's keyword arguments with their defaults, declared once.
+
+    :func:`build_optimizer`, ``flat_optim.build_flat_optimizer`` and
+    ``loco.engine.zero.ZeroEngine`` take these keywords (their defaults read this class);
+    ``loco.build`` fills one from ``optim.*`` and passes ``kwargs()`` on. ``adamw`` uses
+    ``betas``/``eps``, ``sgd`` ``momentum``/``nesterov``; both ``weight_decay``.
+    """
+
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    momentum: float = 0.9
+    nesterov: bool = False
+
+    def kwargs(self) -> dict[str, Any]:
+        """The options as keyword arguments."""
+        return asdict(self)
+
+
 def build_optimizer(
     model: nn.Module,
     *,
     name: str,
     lr: float,
-    weight_decay: float = 0.0,
-    betas: tuple[float, float] = (0.9, 0.95),
-    eps: float = 1e-8,
-    momentum: float = 0.9,
-    nesterov: bool = False,
+    weight_decay: float = OptimOptions.weight_decay,
+    betas: tuple[float, float] = OptimOptions.betas,
+    eps: float = OptimOptions.eps,
+    momentum: float = OptimOptions.momentum,
+    nesterov: bool = OptimOptions.nesterov,
 ) -> torch.optim.Optimizer:
     """The torch optimizer that defines loco's inner-step semantics (``adamw`` or ``sgd``)."""
     groups = param_groups(model, weight_decay)

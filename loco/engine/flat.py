@@ -9,10 +9,11 @@ sharded, reduced or exchanged.
 
 A group of ``world`` ranks pads the vector to ``padded_numel(world)`` (a multiple of
 ``world * ALIGN``) and gives rank ``r`` the contiguous shard ``[r * S, (r + 1) * S)`` with
-``S = padded_numel(world) // world``. A parameter may straddle two (or more) shards. The padding
-depends on ``world`` and is never exchanged: :meth:`FlatLayout.owned_range` clips a shard to the
-real ``numel``, and that global range is what the outer loop and checkpoints address, so sites of
-different sizes agree on every index. :attr:`FlatLayout.hash` covers names, shapes and order, not
+``S = padded_numel(world) // world``: that is :func:`loco.ranges.rank_range` on the padded size,
+the one ownership rule the gossip layer uses too. A parameter may straddle two (or more) shards.
+The padding depends on ``world`` and is never exchanged: :meth:`FlatLayout.owned_range` clips a
+shard to the real ``numel``, and that global range is what the outer loop and checkpoints
+address, so sites of different sizes agree on every index. :attr:`FlatLayout.hash` covers names, shapes and order, not
 the world size.
 """
 
@@ -23,6 +24,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from loco.ranges import owners as _owners
+from loco.ranges import rank_range
 
 ALIGN = 16
 """Shard sizes are multiples of this many elements (64 bytes in fp32)."""
@@ -107,8 +111,9 @@ class FlatLayout:
         """Rank ``rank``'s shard ``[r*S, (r+1)*S)`` of the padded vector (may reach past P)."""
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is outside a group of {world} ranks")
-        size = self.padded_numel(world) // world
-        return rank * size, (rank + 1) * size
+        # the one ownership rule (loco.ranges, shared with gossip) on the padded size: the padded
+        # size is a multiple of world, so r*padded//world == r*S exactly
+        return rank_range(self.padded_numel(world), world, rank)
 
     def owned_range(self, rank: int, world: int) -> tuple[int, int]:
         """The real part of rank's shard, clipped to ``[0, P)``; may be empty (lo == hi)."""
@@ -116,14 +121,11 @@ class FlatLayout:
         return min(lo, self.numel), min(hi, self.numel)
 
     def owners(self, span: tuple[int, int], world: int) -> list[tuple[int, int, int]]:
-        """Split ``span`` by owner: a list of ``(rank, lo, hi)`` in rank order."""
-        size = self.padded_numel(world) // world
-        out = []
-        for r in range(span[0] // size, min(world, -(-span[1] // size))):
-            piece = intersect(span, (r * size, (r + 1) * size))
-            if piece is not None:
-                out.append((r, *piece))
-        return out
+        """Split ``span`` by owner: a list of ``(rank, lo, hi)`` in rank order.
+
+        :func:`loco.ranges.owners` on the padded size, the rule :meth:`shard_range` uses.
+        """
+        return _owners(self.padded_numel(world), world, span[0], span[1])
 
     def pieces(
         self, spans: list[tuple[int, int]], world: int

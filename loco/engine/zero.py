@@ -54,6 +54,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from loco.engine.base import OptimOptions
 from loco.engine.comm import Comm
 from loco.engine.flat import FlatLayout
 from loco.engine.flat_optim import build_flat_optimizer
@@ -119,7 +120,7 @@ class ZeroEngine:
     Args:
         model: the model (a ``GPT`` or any module; stage 3 shards per ``model.blocks``).
         optim: ``adamw`` or ``sgd``, with ``lr``, ``weight_decay``, ``betas``, ``eps``,
-            ``momentum``, ``nesterov`` as in ``base.build_optimizer``.
+            ``momentum``, ``nesterov`` as in ``base.OptimOptions``.
         grad_clip: clip the global gradient norm to this value; 0 disables.
         group: the process group of this site's ranks; None is the default group (or a single
             rank when torch.distributed is not initialized).
@@ -145,11 +146,11 @@ class ZeroEngine:
         *,
         optim: str = "adamw",
         lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.95),
-        eps: float = 1e-8,
-        momentum: float = 0.9,
-        nesterov: bool = False,
+        weight_decay: float = OptimOptions.weight_decay,
+        betas: tuple[float, float] = OptimOptions.betas,
+        eps: float = OptimOptions.eps,
+        momentum: float = OptimOptions.momentum,
+        nesterov: bool = OptimOptions.nesterov,
         grad_clip: float = 0.0,
         group: dist.ProcessGroup | None = None,
         stage: int = 2,
@@ -208,11 +209,7 @@ class ZeroEngine:
             self.opt_lo,
             self.opt_hi,
             self.layout.decay_runs((self.opt_lo, self.opt_hi)),
-            weight_decay=weight_decay,
-            betas=betas,
-            eps=eps,
-            momentum=momentum,
-            nesterov=nesterov,
+            **OptimOptions(weight_decay, betas, eps, momentum, nesterov).kwargs(),
             device=self.opt_device,
             pin_memory=offload,
         )

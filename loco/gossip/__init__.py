@@ -12,6 +12,7 @@ Public API (see docs/gossip.md)::
 """
 
 from .client import GossipClient, PeerInfo, PullResult, RankInfo, ReceivedSegment
+from .counters import GossipMetrics
 from .errors import (
     AuthError,
     BadPayload,
@@ -24,15 +25,15 @@ from .errors import (
     PullTimeout,
     RoundEvicted,
 )
+from .framing import PROTOCOL_VERSION
 from .mailbox import Mailbox, Segment
 from .membership import Membership
-from .metrics import GossipMetrics
 from .node import GossipNode
+from .options import GossipOptions
 from .pairing import group_of, pairing, partners
 from .ranges import owners, rank_range
 from .server import GossipServer
 from .tls import TlsConfig
-from .wire import PROTOCOL_VERSION
 
 __all__ = [
     "AuthError",
@@ -42,6 +43,7 @@ __all__ = [
     "GossipError",
     "GossipMetrics",
     "GossipNode",
+    "GossipOptions",
     "GossipServer",
     "Mailbox",
     "Membership",

@@ -24,6 +24,7 @@ import grpc
 import numpy as np
 
 from ._pb import gossip_pb2 as pb
+from .counters import GossipMetrics
 from .errors import (
     BadPayload,
     BadRequest,
@@ -35,11 +36,7 @@ from .errors import (
     from_rpc_error,
     is_retryable,
 )
-from .metrics import GossipMetrics
-from .ranges import rank_range, split_range
-from .server import SERVICE
-from .tls import TlsConfig, channel_credentials
-from .wire import (
+from .framing import (
     ITEMSIZE,
     MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
@@ -47,6 +44,10 @@ from .wire import (
     decode_chunk,
     identity,
 )
+from .options import GossipOptions
+from .ranges import rank_range, split_range
+from .server import SERVICE
+from .tls import TlsConfig, channel_credentials
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def default_segment_bytes(numel: int) -> int:
     return 8 * numel + SEGMENT_SLACK
 
 
-def channel_options(keepalive_s: float = 30.0) -> list[tuple[str, int]]:
+def channel_options(keepalive_s: float = GossipOptions.keepalive_s) -> list[tuple[str, int]]:
     """Channel args of the client: message limits, keepalive, fast reconnects."""
     return [
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -214,15 +215,15 @@ class GossipClient:
         layout_hash: str,
         tls: TlsConfig | None = None,
         insecure: bool = False,
-        timeout_s: float = 60.0,
-        hello_timeout_s: float = 5.0,
-        backoff_s: float = 0.2,
-        backoff_max_s: float = 2.0,
-        max_retries: int = 6,
-        parallel_streams: int = 1,
-        strikes: int = 3,
-        ban_rounds: int = 5,
-        keepalive_s: float = 30.0,
+        timeout_s: float = GossipOptions.pull_timeout_s,
+        hello_timeout_s: float = GossipOptions.hello_timeout_s,
+        backoff_s: float = GossipOptions.backoff_s,
+        backoff_max_s: float = GossipOptions.backoff_max_s,
+        max_retries: int = GossipOptions.max_retries,
+        parallel_streams: int = GossipOptions.parallel_streams,
+        strikes: int = GossipOptions.strikes,
+        ban_rounds: int = GossipOptions.ban_rounds,
+        keepalive_s: float = GossipOptions.keepalive_s,
         validate: Validator | None = None,
         metrics: GossipMetrics | None = None,
         max_workers: int = 32,

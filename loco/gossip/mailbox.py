@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from .wire import DEFAULT_CHUNK_BYTES, ITEMSIZE, MAX_CHUNK_BYTES, crc32_combine, grid_crcs
+from .framing import DEFAULT_CHUNK_BYTES, ITEMSIZE, MAX_CHUNK_BYTES, crc32_combine, grid_crcs
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,12 @@ import threading
 import time
 
 from .client import GossipClient, PeerInfo, PullResult, Validator
+from .counters import GossipMetrics
 from .errors import GossipError, PeerUnavailable
 from .membership import Membership
-from .metrics import GossipMetrics
+from .options import GossipOptions
 from .pairing import partners
-from .server import MAX_STREAMS, MAX_STREAMS_PER_PEER, GossipServer
+from .server import GossipServer
 from .tls import TlsConfig
 
 
@@ -55,28 +56,28 @@ class GossipNode:
         listen: str,
         peers: dict[str, str],
         seed: int = 0,
-        odd: str = "triple",
+        odd: str = GossipOptions.odd,
         heartbeat: bool | None = None,
         tls: TlsConfig | None = None,
-        cert_dir: str | None = None,
-        insecure: bool = False,
-        pull_timeout_s: float = 60.0,
-        hello_timeout_s: float = 5.0,
-        heartbeat_s: float = 5.0,
-        dead_after: int = 3,
-        strikes: int = 3,
-        ban_rounds: int = 5,
-        parallel_streams: int = 1,
-        chunk_bytes: int = 1 << 20,
-        keep_rounds: int = 2,
-        backoff_s: float = 0.2,
-        backoff_max_s: float = 2.0,
-        max_retries: int = 6,
-        keepalive_s: float = 30.0,
-        max_wait_s: float = 600.0,
-        max_streams: int = MAX_STREAMS,
-        max_streams_per_peer: int = MAX_STREAMS_PER_PEER,
-        insecure_public: bool = False,
+        cert_dir: str | None = GossipOptions.cert_dir,
+        insecure: bool = GossipOptions.insecure,
+        pull_timeout_s: float = GossipOptions.pull_timeout_s,
+        hello_timeout_s: float = GossipOptions.hello_timeout_s,
+        heartbeat_s: float = GossipOptions.heartbeat_s,
+        dead_after: int = GossipOptions.dead_after,
+        strikes: int = GossipOptions.strikes,
+        ban_rounds: int = GossipOptions.ban_rounds,
+        parallel_streams: int = GossipOptions.parallel_streams,
+        chunk_bytes: int = GossipOptions.chunk_bytes,
+        keep_rounds: int = GossipOptions.keep_rounds,
+        backoff_s: float = GossipOptions.backoff_s,
+        backoff_max_s: float = GossipOptions.backoff_max_s,
+        max_retries: int = GossipOptions.max_retries,
+        keepalive_s: float = GossipOptions.keepalive_s,
+        max_wait_s: float = GossipOptions.max_wait_s,
+        max_streams: int = GossipOptions.max_streams,
+        max_streams_per_peer: int = GossipOptions.max_streams_per_peer,
+        insecure_public: bool = GossipOptions.insecure_public,
         validate: Validator | None = None,
     ) -> None:
         if tls is None and cert_dir and not insecure:

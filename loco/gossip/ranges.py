@@ -1,24 +1,14 @@
-"""Flat-space arithmetic: which rank owns which range of the flat vector."""
+"""Flat-space arithmetic for gossip: range ownership (from :mod:`loco.ranges`) and splitting.
+
+:func:`rank_range` and :func:`owners` are defined once, in :mod:`loco.ranges`, and shared with the
+engine (``FlatLayout.shard_range``), so a site's gossip rank table and its engine shards agree.
+"""
 
 from __future__ import annotations
 
+from loco.ranges import owners, rank_range
 
-def rank_range(flat_size: int, nproc: int, rank: int) -> tuple[int, int]:
-    """Range ``[rank*P//N, (rank+1)*P//N)`` owned by ``rank`` of a site with ``nproc`` ranks."""
-    if not 0 <= rank < nproc:
-        raise ValueError(f"rank {rank} not in [0, {nproc})")
-    return rank * flat_size // nproc, (rank + 1) * flat_size // nproc
-
-
-def owners(flat_size: int, nproc: int, lo: int, hi: int) -> list[tuple[int, int, int]]:
-    """Ranks whose range intersects ``[lo, hi)``, as ``(rank, a, b)`` with the intersection."""
-    out = []
-    for r in range(nproc):
-        rlo, rhi = rank_range(flat_size, nproc, r)
-        a, b = max(lo, rlo), min(hi, rhi)
-        if a < b:
-            out.append((r, a, b))
-    return out
+__all__ = ["owners", "rank_range", "split_range"]
 
 
 def split_range(lo: int, hi: int, parts: int) -> list[tuple[int, int]]:

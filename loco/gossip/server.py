@@ -19,12 +19,8 @@ import grpc
 
 from ._pb import gossip_pb2 as pb
 from ._pb import health_pb2, health_pb2_grpc
-from .mailbox import Mailbox, RoundEvictedError, Segment
-from .metrics import GossipMetrics
-from .ranges import rank_range
-from .tls import TlsConfig, peer_site, server_credentials
-from .wire import (
-    DEFAULT_CHUNK_BYTES,
+from .counters import GossipMetrics
+from .framing import (
     MAX_CHUNK_BYTES,
     MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
@@ -33,6 +29,10 @@ from .wire import (
     encode_header,
     identity,
 )
+from .mailbox import Mailbox, RoundEvictedError, Segment
+from .options import GossipOptions
+from .ranges import rank_range
+from .tls import TlsConfig, peer_site, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,8 @@ SERVICE = "loco.v1.Gossip"
 # 4 parallel_streams sub-streams, and a long poll for the next round posted while the last
 # streams of this one drain: 8 x 2 x 4 x 2 = 128 per peer. A triple group has two partners:
 # 2 x 128 = 256 in total (a joiner's FetchState fits in what that leaves in practice).
-MAX_STREAMS = 256
-MAX_STREAMS_PER_PEER = 128
+MAX_STREAMS = GossipOptions.max_streams  # 256
+MAX_STREAMS_PER_PEER = GossipOptions.max_streams_per_peer  # 128
 # workers beyond the stream slots: Hello, Health.Check and refusals always find a free thread
 UNARY_WORKERS = 16
 
@@ -113,7 +113,7 @@ class StreamSlots:
             return self._n if peer is None else self._by_peer.get(peer, 0)
 
 
-def server_options(keepalive_s: float = 30.0) -> list[tuple[str, int]]:
+def server_options(keepalive_s: float = GossipOptions.keepalive_s) -> list[tuple[str, int]]:
     """Channel args of the server: message limits, keepalive, no port sharing."""
     return [
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -169,14 +169,14 @@ class GossipServer:
         insecure: bool = False,
         members: list[str] | None = None,
         rank_addresses: list[str] | None = None,
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-        keep_rounds: int = 2,
-        max_wait_s: float = 600.0,
+        chunk_bytes: int = GossipOptions.chunk_bytes,
+        keep_rounds: int = GossipOptions.keep_rounds,
+        max_wait_s: float = GossipOptions.max_wait_s,
         max_streams: int = MAX_STREAMS,
         max_streams_per_peer: int = MAX_STREAMS_PER_PEER,
         unary_workers: int = UNARY_WORKERS,
         allow_public_plaintext: bool = False,
-        keepalive_s: float = 30.0,
+        keepalive_s: float = GossipOptions.keepalive_s,
         metrics: GossipMetrics | None = None,
     ) -> None:
         if tls is None and not insecure:

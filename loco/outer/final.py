@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from loco.outer.exchange import RangePayloads
-from loco.outer.flat import FlatView
+from loco.outer.flat_view import FlatView
 from loco.outer.methods import OuterState
 from loco.outer.plausible import implausible_phi
 from loco.outer.stats import OuterStats, mean_crc

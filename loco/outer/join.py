@@ -345,7 +345,7 @@ def site_crc(t: torch.Tensor, world: int, group: dist.ProcessGroup | None = None
 
 def combine_crcs(mine: tuple[int, int], world: int, group=None) -> int:
     """Combine every rank's ``(crc32, nbytes)`` in rank order. Collective."""
-    from loco.gossip.wire import crc32_combine
+    from loco.gossip.framing import crc32_combine
 
     parts = [mine]
     if world > 1:

@@ -44,7 +44,7 @@ import torch.distributed as dist
 
 from loco.outer.exchange import RangePayloads
 from loco.outer.final import FINAL_STREAM, FinalAverage
-from loco.outer.flat import FlatView
+from loco.outer.flat_view import FlatView
 from loco.outer.methods import OuterState, OuterStep
 from loco.outer.plausible import MAX_DELTA_RATIO, MAX_PHI_GAP, implausible, implausible_phi
 from loco.outer.round import Round, Rounds

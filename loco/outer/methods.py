@@ -10,6 +10,7 @@ caller can drop that member and retry with the members that remain.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -145,15 +146,25 @@ class DiLoCo(OuterStep):
         state.phi.sub_(step, alpha=self.lr)
 
 
-NOLOCO_KEYS = ("alpha", "beta", "gamma", "consensus", "nesterov")
+# the outer methods by name (``outer.method``), in the order error messages list them
+OUTER_METHODS: dict[str, type[OuterStep]] = {"noloco": NoLoCo, "diloco": DiLoCo, "local": Local}
+
+
+def _keywords(cls: type[OuterStep]) -> tuple[str, ...]:
+    """The keyword arguments a method's constructor takes."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY)
+
+
+NOLOCO_KEYS = _keywords(NoLoCo)
 
 
 def build_outer(method: str, **kw: float | bool | str) -> OuterStep:
     """An outer step by name, with only the keywords that method takes."""
-    if method == "noloco":
-        return NoLoCo(**{k: kw[k] for k in NOLOCO_KEYS if k in kw})
-    if method == "local":
-        return Local(**{k: kw[k] for k in NOLOCO_KEYS if k in kw})
-    if method == "diloco":
-        return DiLoCo(**{k: kw[k] for k in ("lr", "momentum", "nesterov") if k in kw})
-    raise ValueError(f"outer.method={method!r} is not allowed; choose noloco, diloco or local")
+    cls = OUTER_METHODS.get(method)
+    if cls is None:
+        *head, last = OUTER_METHODS
+        raise ValueError(
+            f"outer.method={method!r} is not allowed; choose {', '.join(head)} or {last}"
+        )
+    return cls(**{k: kw[k] for k in _keywords(cls) if k in kw})

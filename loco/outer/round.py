@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from loco.outer.exchange import Outgoing, RangePayloads
-from loco.outer.flat import FlatView
+from loco.outer.flat_view import FlatView
 from loco.outer.methods import OuterState, OuterStep
 from loco.outer.plausible import implausible
 

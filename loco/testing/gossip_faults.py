@@ -19,9 +19,9 @@ import grpc
 
 from loco.gossip.client import GossipClient, PeerInfo
 from loco.gossip.errors import PeerUnavailable
+from loco.gossip.framing import decode_chunk, encode_header
 from loco.gossip.mailbox import Segment
 from loco.gossip.server import GossipServer
-from loco.gossip.wire import decode_chunk, encode_header
 
 
 @dataclass

@@ -44,7 +44,7 @@ from loco.checkpoint.format import layout_json, plan
 from loco.checkpoint.state import streams_of
 from loco.engine.zero import ZeroEngine
 from loco.model.gpt import GPT, GPTConfig
-from loco.outer.flat import FlatView
+from loco.outer.flat_view import FlatView
 from loco.outer.loop import OuterLoop
 from loco.outer.methods import build_outer
 

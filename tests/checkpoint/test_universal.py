@@ -25,7 +25,7 @@ from loco.checkpoint.format import layout_json
 from loco.checkpoint.state import aliases, streams_of
 from loco.engine.zero import ZeroEngine
 from loco.outer.exchange import RangePayloads, codec_options
-from loco.outer.flat import FlatView
+from loco.outer.flat_view import FlatView
 from loco.outer.loop import OuterLoop
 from loco.outer.methods import build_outer
 from tests.engine.dist_utils import batches, run_ranks, tiny_gpt

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from loco.engine.base import build_optimizer
+from loco.engine.base import OptimOptions, build_optimizer
 
 
 class PlainEngine:
@@ -28,11 +28,11 @@ class PlainEngine:
         *,
         optim: str = "adamw",
         lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.95),
-        eps: float = 1e-8,
-        momentum: float = 0.9,
-        nesterov: bool = False,
+        weight_decay: float = OptimOptions.weight_decay,
+        betas: tuple[float, float] = OptimOptions.betas,
+        eps: float = OptimOptions.eps,
+        momentum: float = OptimOptions.momentum,
+        nesterov: bool = OptimOptions.nesterov,
         grad_clip: float = 0.0,
         group: dist.ProcessGroup | None = None,
     ) -> None:
@@ -46,11 +46,7 @@ class PlainEngine:
             model,
             name=optim,
             lr=lr,
-            weight_decay=weight_decay,
-            betas=betas,
-            eps=eps,
-            momentum=momentum,
-            nesterov=nesterov,
+            **OptimOptions(weight_decay, betas, eps, momentum, nesterov).kwargs(),
         )
         self._params = [p for p in model.parameters() if p.requires_grad]
 

@@ -157,3 +157,62 @@ def test_owners_partition_any_span(sizes: list[int], world: int, a: int, b: int)
         assert rs <= s < t <= rt
     runs = layout.decay_runs((lo, hi))
     assert sum(t - s for s, t, _ in runs) == hi - lo
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 300), min_size=1, max_size=12),
+    world=st.integers(1, 9),
+    a=st.integers(0, 4000),
+    b=st.integers(0, 4000),
+)
+def test_one_ownership_rule_for_engine_and_gossip(
+    sizes: list[int], world: int, a: int, b: int
+) -> None:
+    """The engine's shards and gossip's rank ranges are one rule (``loco.ranges``).
+
+    ``loco.build`` gives the gossip layer ``flat_size = padded_numel(world)``; on that size
+    ``rank_range`` must give exactly ``FlatLayout.shard_range`` and ``owners`` the same pieces, or
+    a partner's rank table would not line up with its engine's shards.
+    """
+    from loco import ranges
+    from loco.gossip import owners, rank_range
+    from loco.gossip import ranges as gossip_ranges
+
+    assert gossip_ranges.rank_range is ranges.rank_range is rank_range
+    assert gossip_ranges.owners is ranges.owners is owners
+    model = torch.nn.ParameterList(torch.nn.Parameter(torch.zeros(n)) for n in sizes)
+    layout = FlatLayout(model)
+    padded = layout.padded_numel(world)
+    size = padded // world
+    for r in range(world):
+        assert layout.shard_range(r, world) == rank_range(padded, world, r)
+        assert rank_range(padded, world, r) == (r * size, (r + 1) * size)
+    lo, hi = sorted((min(a, padded), min(b, padded)))
+    brute = []
+    for r in range(world):
+        rlo, rhi = r * size, (r + 1) * size
+        if max(lo, rlo) < min(hi, rhi):
+            brute.append((r, max(lo, rlo), min(hi, rhi)))
+    assert layout.owners((lo, hi), world) == owners(padded, world, lo, hi) == brute
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    flat_size=st.integers(0, 5000),
+    nproc=st.integers(1, 17),
+    a=st.integers(0, 6000),
+    b=st.integers(0, 6000),
+)
+def test_owners_matches_every_rank_scan(flat_size: int, nproc: int, a: int, b: int) -> None:
+    """``loco.ranges.owners`` (which skips ranks before ``lo``) equals a scan of every rank,
+    also for sizes that are not a multiple of the rank count (uneven ranges)."""
+    from loco.ranges import owners, rank_range
+
+    lo, hi = min(a, b), max(a, b)
+    scan = []
+    for r in range(nproc):
+        rlo, rhi = rank_range(flat_size, nproc, r)
+        if max(lo, rlo) < min(hi, rhi):
+            scan.append((r, max(lo, rlo), min(hi, rhi)))
+    assert owners(flat_size, nproc, lo, hi) == scan

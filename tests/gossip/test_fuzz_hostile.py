@@ -34,8 +34,8 @@ from loco.certs import write_run_certs
 from loco.gossip import GossipClient, GossipError, PeerInfo, PullResult
 from loco.gossip import errors as gerrors
 from loco.gossip._pb import gossip_pb2 as pb
+from loco.gossip.framing import MAX_CHUNK_BYTES, encode_data, encode_header
 from loco.gossip.ranges import rank_range
-from loco.gossip.wire import MAX_CHUNK_BYTES, encode_data, encode_header
 from tests.hostile.member import Abort, HostileMember, Stall, segment_header, site_tls
 
 RUN, LAYOUT, SITE = "run-fuzz", "layout-fuzz", "us"

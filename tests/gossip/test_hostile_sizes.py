@@ -117,7 +117,7 @@ def test_empty_data_chunks_are_refused(clients):
     deadline (the old client timed out after the whole deadline instead of striking)."""
     import itertools
 
-    from loco.gossip.wire import encode_data
+    from loco.gossip.framing import encode_data
 
     with _member(flat_size=100) as m:
         head = _segment(m, 0, 100, bytes(400), codec="raw")[0]

@@ -146,7 +146,7 @@ def test_validate_hook_rejects_and_strikes(sites, clients):
 
 
 def test_chunk_crc_is_zlib_crc32_of_data():
-    from loco.gossip.wire import decode_chunk, encode_data
+    from loco.gossip.framing import decode_chunk, encode_data
 
     data = memoryview(bytes(range(256)) * 5000)
     h, got, crc = decode_chunk(encode_data(data))
@@ -157,7 +157,7 @@ def test_crc32_combine_matches_zlib():
     import os
     import random
 
-    from loco.gossip.wire import crc32_combine
+    from loco.gossip.framing import crc32_combine
 
     rng = random.Random(0)
     for n in [0, 1, 7, 4096, (1 << 20) + 3]:

@@ -18,9 +18,9 @@ from loco.gossip import GossipClient, GossipServer, TlsConfig
 from loco.gossip._pb import gossip_pb2 as pb
 from loco.gossip._pb import health_pb2, health_pb2_grpc
 from loco.gossip.errors import PeerBusy
+from loco.gossip.framing import identity
 from loco.gossip.server import SERVICE, peer_host
 from loco.gossip.tls import channel_credentials
-from loco.gossip.wire import identity
 
 RUN, LAYOUT, P = "run-caps", "layout-caps", 1000
 MEMBERS = ["eu", "us", "asia"]

@@ -28,10 +28,7 @@ from pathlib import Path
 import grpc
 
 from loco.gossip._pb import gossip_pb2 as pb
-from loco.gossip.ranges import rank_range
-from loco.gossip.server import SERVICE
-from loco.gossip.tls import TlsConfig, server_credentials
-from loco.gossip.wire import (
+from loco.gossip.framing import (
     DEFAULT_CHUNK_BYTES,
     ITEMSIZE,
     PROTOCOL_VERSION,
@@ -40,6 +37,9 @@ from loco.gossip.wire import (
     encode_header,
     identity,
 )
+from loco.gossip.ranges import rank_range
+from loco.gossip.server import SERVICE
+from loco.gossip.tls import TlsConfig, server_credentials
 
 HelloFn = Callable[[pb.HelloRequest], pb.HelloResponse]
 StreamFn = Callable[[object], Iterable[object]]
