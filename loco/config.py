@@ -47,8 +47,8 @@ def _fraction(key: str, value: float, lo_open: bool = False, hi_open: bool = Tru
 
 
 # Allowed names come from the library registries (codecs, model sizes, outer methods), in their
-# order; ``MODEL_SIZES``, ``CODECS`` and ``OUTER_METHODS`` read them. Those modules pull in
-# torch; they are imported on first validation (``register()`` below validates the defaults).
+# order. Those modules pull in torch; they are imported on first validation (``register()``
+# below validates the defaults).
 _REGISTRIES = {
     "MODEL_SIZES": ("loco.model.gpt", "SIZES"),
     "CODECS": ("loco.compress.codecs", "CODECS"),
@@ -62,12 +62,6 @@ def _names(registry: str) -> tuple[str, ...]:
 
     module, attr = _REGISTRIES[registry]
     return tuple(getattr(importlib.import_module(module), attr))
-
-
-def __getattr__(name: str) -> tuple[str, ...]:
-    if name in _REGISTRIES:
-        return _names(name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass

@@ -81,12 +81,18 @@ def from_checkpoint(path: str | Path) -> tuple[GPT, dict[str, Any]]:
 
 def export(model: GPT, out: str | Path, meta: dict[str, Any] | None = None) -> Path:
     """Write ``model`` to ``out`` (safetensors, or a torch file when it ends in ``.pt``)."""
+    return save_weights(model.cfg, model.state_dict(), out, meta)
+
+
+def save_weights(cfg: GPTConfig, weights: dict[str, torch.Tensor], out: str | Path,
+                 meta: dict[str, Any] | None = None) -> Path:  # fmt: skip
+    """Write the named ``weights`` of a GPT with config ``cfg`` as :func:`export` does."""
     out = Path(out)
-    state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().float().contiguous() for k, v in weights.items()}
     state.pop(TIED, None)
     info = {
         "format": FORMAT,
-        "gpt_config": json.dumps(dataclasses.asdict(model.cfg)),
+        "gpt_config": json.dumps(dataclasses.asdict(cfg)),
         **{k: str(v) for k, v in (meta or {}).items() if v is not None},
     }
     out.parent.mkdir(parents=True, exist_ok=True)

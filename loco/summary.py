@@ -64,25 +64,15 @@ def params_crc32(flat: torch.Tensor) -> int:
     return zlib.crc32(flat.detach().float().cpu().contiguous().numpy().tobytes())
 
 
-class _Weights:
-    """What ``loco.export.export`` reads of a model: its ``cfg`` and its ``state_dict()``."""
-
-    def __init__(self, cfg: Any, state: dict[str, torch.Tensor]) -> None:
-        self.cfg, self._state = cfg, state
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self._state
-
-
 def write_final_model(run_dir: Path, engine: Any, model: Any, flat: torch.Tensor,
                       meta: dict[str, Any]) -> Path:  # fmt: skip
     """Write ``flat`` (the final parameters in ``engine.layout`` order) as ``run_dir/MODEL_FILE``
     in ``loco.export``'s format (``loco.export.load_model`` reads it back)."""
-    from loco.export import export
+    from loco.export import save_weights
 
     # own storage per tensor: safetensors refuses tensors that share memory
     state = {k: v.clone() for k, v in engine.layout.unflatten(flat).items()}
-    return export(_Weights(model.cfg, state), run_dir / MODEL_FILE, meta)  # type: ignore[arg-type]
+    return save_weights(model.cfg, state, run_dir / MODEL_FILE, meta)
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:

@@ -182,7 +182,7 @@ class RangePayloads:
             from loco.outer import lattice
 
             def exact(n: int) -> int:
-                return lattice._HEAD.size + 20 * -(-n // LATTICE_BLOCK) + n + 4
+                return lattice.frame_bytes(n, LATTICE_BLOCK)
         else:
             opts = self.delta_options if codec == self.codec else self.phi_options
             c = make_codec(codec, **opts)

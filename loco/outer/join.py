@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from loco.engine.base import FlatEngine
 from loco.gossip import GossipError, PeerInfo, Segment
+from loco.outer.plausible import implausible_phi
 from loco.state import MASTER, MOMENTUM, OPTIM_STEP, OUTER_ROUNDS, PHI, SERVED, RankState
 
 log = logging.getLogger(__name__)
@@ -163,8 +164,6 @@ def implausible_state(got: dict[str, torch.Tensor], reference: torch.Tensor | No
     """Why fetched state must not be adopted, or ``""``: weights (phi, master) far from this
     site's own initial weights ``reference`` (same test as a partner's phi in a round), or
     second moments below zero. Values are already known to be finite."""
-    from loco.outer.loop import implausible_phi
-
     for name, t in got.items():
         if name in (PHI, MASTER) and reference is not None and t.numel():
             if bad := implausible_phi(t, reference):

@@ -96,6 +96,11 @@ def encode(
     return body + struct.pack("<I", zlib.crc32(body)), _values(idx, s, n)
 
 
+def frame_bytes(numel: int, block: int = 256) -> int:
+    """The size of a frame of ``numel`` values in blocks of ``block``."""
+    return _HEAD.size + _blocks(numel, block) * (4 + 8 + 8) + numel + 4
+
+
 def _header(mv: memoryview, max_numel: int | None) -> tuple[int, int, int, int]:
     """``(numel, block, nblocks, frame size)`` of a frame, every field checked against the
     others and the frame's length (the CRC is not checked). Allocates nothing."""
@@ -110,7 +115,7 @@ def _header(mv: memoryview, max_numel: int | None) -> tuple[int, int, int, int]:
         raise PayloadError(f"bad lattice header: numel {n}, block {block}, blocks {nb}")
     if max_numel is not None and n > max_numel:
         raise PayloadError(f"lattice frame holds {n} values, more than max_numel {max_numel}")
-    size = _HEAD.size + nb * (4 + 8 + 8) + n + 4
+    size = frame_bytes(n, block)
     if len(mv) != size:
         raise PayloadError(f"lattice frame of {len(mv)} bytes, header implies {size}")
     return n, block, nb, size
