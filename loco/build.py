@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from loco.checkpoint import CheckpointWriter
 from loco.config import LocoConfig
@@ -15,6 +14,7 @@ from loco.data.corpus import Corpus
 from loco.engine.base import Engine, OptimOptions
 from loco.engine.zero import ZeroEngine
 from loco.model import GPT, build_model
+from loco.site_comm import SiteComm
 
 
 def corpus_from(cfg: LocoConfig) -> Corpus:
@@ -52,9 +52,7 @@ def optim_options(cfg: LocoConfig) -> OptimOptions:
     )
 
 
-def engine_from(
-    cfg: LocoConfig, model: torch.nn.Module, group: dist.ProcessGroup | None = None
-) -> Engine:
+def engine_from(cfg: LocoConfig, model: torch.nn.Module, comm: SiteComm | None = None) -> Engine:
     """The site's ZeRO engine (``zero.stage`` 0 is replicated, gradients all-reduced)."""
     o, z = cfg.optim, cfg.zero
     return ZeroEngine(
@@ -63,7 +61,7 @@ def engine_from(
         lr=cfg.train.lr,
         **optim_options(cfg).kwargs(),
         grad_clip=cfg.train.grad_clip,
-        group=group,
+        comm=comm,
         stage=z.stage,
         grad_accum=cfg.train.grad_accum,
         bucket_mb=z.bucket_mb,
@@ -77,7 +75,8 @@ def engine_from(
     )
 
 
-def data_from(cfg: LocoConfig, corpus: Corpus, *, rank: int, world: int) -> SiteData:
+def data_from(cfg: LocoConfig, corpus: Corpus, comm: SiteComm) -> SiteData:
+    """This rank's view of the site's data (its rows of every global batch)."""
     assert cfg.site is not None
     d, t = cfg.data, cfg.train
     return SiteData(
@@ -91,14 +90,14 @@ def data_from(cfg: LocoConfig, corpus: Corpus, *, rank: int, world: int) -> Site
         seq_len=t.seq_len,
         batch_size=t.batch_size,
         grad_accum=t.grad_accum,
-        rank=rank,
-        world=world,
+        rank=comm.rank,
+        world=comm.world,
         seed=t.seed,
     )
 
 
 def checkpoint_writer_from(
-    cfg: LocoConfig, run_dir: Path, engine, *, rank: int, world: int, group=None
+    cfg: LocoConfig, run_dir: Path, engine, comm: SiteComm
 ) -> CheckpointWriter:
     """The site's universal checkpoint writer (``checkpoint.*``) with the manifest's fields."""
     import dataclasses
@@ -126,8 +125,8 @@ def checkpoint_writer_from(
         },
         "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
     }
-    return CheckpointWriter(d if d.is_absolute() else run_dir / d, rank=rank, world=world,
-                            keep=cfg.checkpoint.keep, meta=meta, group=group)  # fmt: skip
+    return CheckpointWriter(d if d.is_absolute() else run_dir / d, comm=comm,
+                            keep=cfg.checkpoint.keep, meta=meta)  # fmt: skip
 
 
 def threads_for(cfg: LocoConfig, world: int) -> int:
@@ -177,10 +176,8 @@ def gossip_kwargs(cfg: LocoConfig) -> dict:
 def outer_from(
     cfg: LocoConfig,
     engine: Engine,
+    comm: SiteComm,
     *,
-    rank: int,
-    world: int,
-    group: dist.ProcessGroup | None = None,
     metrics=None,
     say=None,
 ):
@@ -225,7 +222,7 @@ def outer_from(
         from loco.gossip import GossipNode
 
         node = GossipNode(
-            rank=rank, nproc=world, flat_size=flat.padded, layout_hash=flat.layout_hash,
+            rank=comm.rank, nproc=comm.world, flat_size=flat.padded, layout_hash=flat.layout_hash,
             **gossip_kwargs(cfg),
         )  # fmt: skip
         closers.append(node.close)
@@ -238,7 +235,7 @@ def outer_from(
             # the proxies' addresses are in place before the first Hello is answered, so no
             # partner caches a direct address that bypasses the emulated link
             node.server.bind()
-            closers.insert(0, _wan_proxy(cfg, node, rank=rank, world=world, group=group))
+            closers.insert(0, _wan_proxy(cfg, node, comm))
         node.start()
         opts = dict(block=c.block, scale_dtype=c.scale_dtype, stochastic=c.stochastic,
                     topk_fraction=c.topk_fraction)  # fmt: skip
@@ -246,20 +243,20 @@ def outer_from(
             shard=(flat.slo, flat.shi), owned=(flat.lo, flat.hi), codec=c.codec,
             phi_codec=c.phi_codec, delta_options=codec_options(c.codec, **opts),
             phi_options=codec_options(c.phi_codec, **opts), error_feedback=c.error_feedback,
-            seed=cfg.train.seed * 1009 + rank, flat_size=flat.padded, phi_lattice=o.phi_lattice,
+            seed=cfg.train.seed * 1009 + comm.rank, flat_size=flat.padded, phi_lattice=o.phi_lattice,
             phi_lattice_window=o.phi_lattice_window,
         )  # fmt: skip
     loop = OuterLoop if faults is None else partial(lfaults.FaultyOuterLoop, faults=faults)
     return loop(
         step=step, flat=flat, H=o.H, steps=cfg.train.steps, node=node, payloads=payloads,
-        site=cfg.site.name, all_live=o.method == "diloco", tau=o.tau, mix=o.mix, group=group,
-        rank=rank, world=world, metrics=metrics, pull_timeout_s=cfg.gossip.pull_timeout_s,
+        site=cfg.site.name, all_live=o.method == "diloco", tau=o.tau, mix=o.mix, comm=comm,
+        metrics=metrics, pull_timeout_s=cfg.gossip.pull_timeout_s,
         join_timeout_s=o.join_timeout_s, linger_s=min(10.0, cfg.gossip.pull_timeout_s), say=say,
         final_average=o.final_average, closers=closers,
     )  # fmt: skip
 
 
-def _wan_proxy(cfg: LocoConfig, node, *, rank: int, world: int, group=None):
+def _wan_proxy(cfg: LocoConfig, node, comm: SiteComm):
     """Emulated WAN (``wan.*``) on this rank's inbound link: a delay/rate TCP proxy in front of
     its gossip server, advertised by Hello as the rank's address, so every pull of this rank's
     payload crosses it (Hello and heartbeats go direct). Returns the proxy's ``stop``."""
@@ -269,13 +266,8 @@ def _wan_proxy(cfg: LocoConfig, node, *, rank: int, world: int, group=None):
     host = node.server.address.rpartition(":")[0]
     proxy = DelayProxy(node.server.address, listen=f"{host}:0", delay_s=w.rtt_ms / 2000.0,
                        rate_bps=w.bandwidth_mbit * 1e6, jitter_s=w.jitter_ms / 2000.0,
-                       loss=w.loss, seed=cfg.train.seed * 1009 + rank)  # fmt: skip
-    addrs = [proxy.start()]
-    if world > 1:
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, addrs[0], group=group)
-        addrs = gathered
-    node.server.set_rank_addresses(addrs)
+                       loss=w.loss, seed=cfg.train.seed * 1009 + comm.rank)  # fmt: skip
+    node.server.set_rank_addresses(comm.all_gather_object(proxy.start()))
     # at the end, give what the server already handed to the proxy time to cross the link:
     # one RTT plus a round's worth of this rank's payload (<= 8 bytes per value) at the rate
     lo, hi = node.lo, node.hi

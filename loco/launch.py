@@ -20,6 +20,7 @@ from loco import dist as ldist
 from loco.config import LocoConfig
 from loco.errors import EXIT_CONFIG, EXIT_CRASH, EXIT_RUN, RankExited, exit_status, one_line
 from loco.rank import run_rank
+from loco.site_comm import SiteComm
 from loco.summary import read_summary
 
 
@@ -36,7 +37,7 @@ def _spawned(
             init_method=init_method,
             checkpointing=cfg.zero.activation_checkpointing,
         )
-        run_rank(cfg, run_dir, rank, world, rank)
+        run_rank(cfg, run_dir, SiteComm(), rank)
     except Exception as e:
         status = exit_status(e)
         if status not in (EXIT_CONFIG, EXIT_RUN) or os.environ.get("LOCO_DEBUG"):
@@ -72,9 +73,9 @@ def _under_torchrun(cfg: LocoConfig, run_dir: Path) -> dict[str, Any] | None:
         checkpointing=cfg.zero.activation_checkpointing,
     )
     try:
-        obj = [str(run_dir)]
-        dist.broadcast_object_list(obj, src=0)  # every rank writes under rank 0's run dir
-        return run_rank(cfg, Path(obj[0]), rank, world, int(os.environ["LOCAL_RANK"]))
+        comm = SiteComm()
+        run_dir = Path(comm.broadcast_object(str(run_dir)))  # every rank writes under rank 0's
+        return run_rank(cfg, run_dir, comm, int(os.environ["LOCAL_RANK"]))
     finally:
         dist.destroy_process_group()
 
@@ -108,5 +109,5 @@ def launch(cfg: LocoConfig, run_dir: Path) -> dict[str, Any] | None:
     if ldist.under_torchrun():
         return _under_torchrun(cfg, run_dir)
     if cfg.site.nproc == 1:
-        return run_rank(cfg, run_dir, 0, 1, 0)
+        return run_rank(cfg, run_dir, SiteComm.single(), 0)
     return _spawn(cfg, run_dir)

@@ -1,6 +1,6 @@
 """One rank of a site: build its parts from the configuration, resume or join, train, summarize.
 
-:func:`run_rank` is the composition root of a rank (the process group, when ``world > 1``, is
+:func:`run_rank` is the composition root of a rank (the site's process group, if it has more than one
 already up: ``loco.launch`` starts it). The mapping from configuration to objects is
 ``loco.build``; the run summary and the final model are ``loco.summary``.
 """
@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from loco import build
 from loco import dist as ldist
@@ -29,6 +28,7 @@ from loco.config import ConfigError, LocoConfig
 from loco.errors import JoinError
 from loco.metrics import MetricsWriter
 from loco.progress import Progress
+from loco.site_comm import SiteComm
 from loco.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ Say = Callable[[str], None]
 
 
 def join_live_run(
-    cfg: LocoConfig, outer: Any, engine: Any, *, rank: int, world: int, metrics: Any, say: Any
+    cfg: LocoConfig, outer: Any, engine: Any, *, comm: SiteComm, metrics: Any, say: Any
 ) -> int:
     """``resume=peer`` (or, with ``join.auto``, no checkpoint while members are past round 0):
     take a live member's state through FetchState. Returns the step to start at (0: fresh).
@@ -59,8 +59,8 @@ def join_live_run(
     joined = join(
         node=outer.node, lo=outer.flat.lo, hi=outer.flat.hi,
         inner_names=inner_streams(engine) if cfg.join.inner else (), min_round=0 if want else 1,
-        timeout_s=cfg.join.timeout_s, fetch_timeout_s=cfg.join.fetch_timeout_s, rank=rank,
-        world=world, say=say, reference=outer.state.phi,
+        timeout_s=cfg.join.timeout_s, fetch_timeout_s=cfg.join.fetch_timeout_s, comm=comm,
+        say=say, reference=outer.state.phi,
     )  # fmt: skip
     if joined is None:
         if want:
@@ -70,7 +70,7 @@ def join_live_run(
             )
         return 0
     start = adopt(joined, outer=outer, engine=engine, H=cfg.outer.H)
-    crc = site_crc(outer.state.phi, world)
+    crc = site_crc(outer.state.phi, comm)
     what = "phi, momentum, master weights and optimizer moments" if joined.inner else "phi"
     say(
         f"joined the run from {joined.site} at round {joined.version} (step {start}): {what}, "
@@ -114,6 +114,7 @@ def seed_everything(seed: int) -> None:
 class Parts:
     """What a rank trains with, built from the configuration (``loco.build``)."""
 
+    comm: SiteComm
     device: torch.device
     corpus: Any
     model: Any
@@ -128,8 +129,8 @@ def _say_for(site: str, rank: int) -> Say:
     return lambda msg: print(f"loco[{site}] {msg}", file=sys.stderr, flush=True)
 
 
-def build_parts(cfg: LocoConfig, *, rank: int, world: int, local_rank: int, say: Say) -> Parts:
-    """The device, corpus, model, engine and data of this rank. Collective when ``world > 1``
+def build_parts(cfg: LocoConfig, *, comm: SiteComm, local_rank: int, say: Say) -> Parts:
+    """The device, corpus, model, engine and data of this rank. Collective over ``comm``
     (rank 0 builds the corpus cache, the others read it after a barrier). Raises ConfigError
     when a part refuses the configuration."""
     assert cfg.site is not None
@@ -144,24 +145,23 @@ def build_parts(cfg: LocoConfig, *, rank: int, world: int, local_rank: int, say:
         )
     with config_checks():
         # rank 0 builds the corpus cache; the others read it once it is complete
-        if rank == 0:
+        if comm.rank == 0:
             corpus = build.corpus_from(cfg)
-        if world > 1:
-            dist.barrier()
-        if rank != 0:
+        comm.barrier()
+        if comm.rank != 0:
             corpus = build.corpus_from(cfg)
         model = build.model_from(cfg, corpus).to(device)
         say(
-            f"model {cfg.model.size}: {model.num_params():,} parameters; {world} rank(s) on "
+            f"model {cfg.model.size}: {model.num_params():,} parameters; {comm.world} rank(s) on "
             f"{device.type}"
         )
-        engine = build.engine_from(cfg, model)
-        data = build.data_from(cfg, corpus, rank=rank, world=world)
+        engine = build.engine_from(cfg, model, comm)
+        data = build.data_from(cfg, corpus, comm)
     say(
         f"data {corpus.name}: shard {cfg.site.shard}/{cfg.data.num_shards} ({cfg.data.split}) "
         f"{data.shard_tokens:,} tokens; global batch {data.global_rows} x {cfg.train.seq_len}"
     )
-    return Parts(device, corpus, model, engine, data)
+    return Parts(comm, device, corpus, model, engine, data)
 
 
 def find_resume(cfg: LocoConfig, ckpt: Any, say: Say) -> Path | None:
@@ -176,12 +176,12 @@ def find_resume(cfg: LocoConfig, ckpt: Any, say: Say) -> Path | None:
 
 
 def resume_or_join(cfg: LocoConfig, resume_from: Path | None, outer: Any, engine: Any, *,
-                   rank: int, world: int, metrics: Any, say: Say) -> int:  # fmt: skip
+                   comm: SiteComm, metrics: Any, say: Say) -> int:  # fmt: skip
     """The step to start at: from checkpoint ``resume_from`` when given, else from a live
     member (:func:`join_live_run`), else 0. Raises CheckpointError, ConfigError, JoinError."""
     if resume_from is None:
-        return join_live_run(cfg, outer, engine, rank=rank, world=world, metrics=metrics, say=say)
-    info = restore(Checkpoint(resume_from), engine=engine, outer=outer, rank=rank, world=world,
+        return join_live_run(cfg, outer, engine, comm=comm, metrics=metrics, say=say)
+    info = restore(Checkpoint(resume_from), engine=engine, outer=outer, comm=comm,
                    optimizer=cfg.checkpoint.optimizer)  # fmt: skip
     notes = f" ({'; '.join(info['notes'])})" if info["notes"] else ""
     say(f"resumed from {resume_from} at step {info['step']}{notes}")
@@ -205,13 +205,13 @@ def _step_hook(cfg: LocoConfig, outer: Any, metrics: Any) -> Callable[[int], Non
     return on_step_end
 
 
-def _saver(cfg: LocoConfig, ckpt: Any, engine: Any, outer: Any, *, rank: int,
+def _saver(cfg: LocoConfig, ckpt: Any, engine: Any, outer: Any, *, comm: SiteComm,
            metrics: Any) -> Callable[[int], None]:  # fmt: skip
     """The trainer's ``checkpoint``: this rank's ranges to host memory beside the next backward
     (fenced before the next optimizer step); its own file is written in the background."""
 
     def save(step: int) -> None:
-        tensors, span, scalars = capture(engine, outer, rank=rank,
+        tensors, span, scalars = capture(engine, outer, comm=comm,
                                          optimizer=cfg.checkpoint.optimizer)  # fmt: skip
         rnd = step // cfg.outer.H
         ckpt.save(step, tensors, range=span, scalars=scalars, overlap=True,
@@ -231,16 +231,15 @@ def make_trainer(cfg: LocoConfig, parts: Parts, *, ckpt: Any, outer: Any, metric
         warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio, grad_accum=t.grad_accum,
         eval_every=t.eval_every, eval_batches=t.eval_batches, log_every=t.log_every,
         seq_len=t.seq_len, round_every=cfg.outer.H,
-        tokens_are_bytes=parts.corpus.tokens_are_bytes, device=parts.device, metrics=metrics,
+        tokens_are_bytes=parts.corpus.tokens_are_bytes, device=parts.device, comm=parts.comm,
+        metrics=metrics,
         progress=progress, before_step=ckpt.fence, checkpoint_ready=outer.settled,
         on_step_end=on_step_end,
     )  # fmt: skip
 
 
-def run_rank(
-    cfg: LocoConfig, run_dir: Path, rank: int, world: int, local_rank: int
-) -> dict[str, Any]:
-    """Train this rank; the process group (if ``world > 1``) is already initialized. Rank 0
+def run_rank(cfg: LocoConfig, run_dir: Path, comm: SiteComm, local_rank: int) -> dict[str, Any]:
+    """Train this rank of the site ``comm`` (its process group, if any, is up). Rank 0
     writes ``metrics.jsonl``, ``summary.json``, ``model.safetensors`` and ``report.md`` in
     ``run_dir``. Returns the run summary.
 
@@ -248,11 +247,11 @@ def run_rank(
     training), CheckpointError when ``resume=latest`` finds an unusable checkpoint, JoinError /
     TrainingError (loco.errors) for the run-time failures it explains."""
     assert cfg.site is not None
-    site = cfg.site.name
-    torch.set_num_threads(build.threads_for(cfg, world))
+    site, rank = cfg.site.name, comm.rank
+    torch.set_num_threads(build.threads_for(cfg, comm.world))
     say = _say_for(site, rank)
-    parts = build_parts(cfg, rank=rank, world=world, local_rank=local_rank, say=say)
-    ckpt = build.checkpoint_writer_from(cfg, run_dir, parts.engine, rank=rank, world=world)
+    parts = build_parts(cfg, comm=comm, local_rank=local_rank, say=say)
+    ckpt = build.checkpoint_writer_from(cfg, run_dir, parts.engine, comm)
     resume_from = find_resume(cfg, ckpt, say)
     metrics = MetricsWriter(run_dir / "metrics.jsonl", site=site, rank=rank) if rank == 0 else None
     progress = None
@@ -261,20 +260,19 @@ def run_rank(
     # the outer loop: rounds every outer.H steps (local never talks); its state is on this rank's
     # range, so it is checkpointed per rank beside the engine's shard
     with config_checks():
-        outer = build.outer_from(cfg, parts.engine, rank=rank, world=world, metrics=metrics,
-                                 say=say)  # fmt: skip
-    start = resume_or_join(cfg, resume_from, outer, parts.engine, rank=rank, world=world,
-                           metrics=metrics, say=say)  # fmt: skip
+        outer = build.outer_from(cfg, parts.engine, comm, metrics=metrics, say=say)
+    start = resume_or_join(cfg, resume_from, outer, parts.engine, comm=comm, metrics=metrics,
+                           say=say)  # fmt: skip
     on_step_end = _step_hook(cfg, outer, metrics)
     outer.start()
-    save = _saver(cfg, ckpt, parts.engine, outer, rank=rank, metrics=metrics)
+    save = _saver(cfg, ckpt, parts.engine, outer, comm=comm, metrics=metrics)
     trainer = make_trainer(cfg, parts, ckpt=ckpt, outer=outer, metrics=metrics,
                            progress=progress, on_step_end=on_step_end)  # fmt: skip
     try:
         summary = trainer.fit(start, checkpoint=save, ckpt_every=cfg.checkpoint.every)
         ckpt.wait()  # the last checkpoint is committed before the run ends
         outer.finish()
-        summary.update(site=site, nproc=world, params=parts.model.num_params(),
+        summary.update(site=site, nproc=comm.world, params=parts.model.num_params(),
                        gossip_insecure=gossip_plaintext(cfg))  # fmt: skip
         summary.update(lsummary.outer_summary(cfg, outer, trainer.step - start))
         flat = lsummary.final_params(outer)  # collective

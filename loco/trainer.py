@@ -16,13 +16,13 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from loco.data.sampler import SiteData
 from loco.engine.base import StepEngine
 from loco.errors import TrainingError
 from loco.metrics import MetricsWriter
 from loco.progress import Progress
+from loco.site_comm import SiteComm
 
 
 def lr_schedule(
@@ -70,7 +70,7 @@ class Trainer:
         round_every: int = 0,
         tokens_are_bytes: bool = True,
         device: torch.device | str = "cpu",
-        group: dist.ProcessGroup | None = None,
+        comm: SiteComm | None = None,
         metrics: MetricsWriter | None = None,
         progress: Progress | None = None,
         on_step_end: Callable[[int], None] | None = None,
@@ -92,8 +92,7 @@ class Trainer:
         self.round_every = round_every
         self.tokens_are_bytes = tokens_are_bytes
         self.device = torch.device(device)
-        self.group = group
-        self.world = dist.get_world_size(group) if dist.is_initialized() else 1
+        self.comm = comm if comm is not None else SiteComm()
         self.metrics, self.progress = metrics, progress
         self.on_step_end = on_step_end
         self.before_step = before_step
@@ -106,11 +105,7 @@ class Trainer:
         return step // self.round_every if self.round_every else 0
 
     def _site_mean(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64)
-        if self.world > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
-            t /= self.world
-        return t.tolist()
+        return self.comm.mean(values)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

@@ -14,6 +14,7 @@ from loco import build
 from loco.config import compose
 from loco.export import export, from_checkpoint, load_exported, load_model
 from loco.sample import main as sample_main
+from loco.site_comm import SiteComm
 from tests.workers import run_worker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +45,7 @@ def test_exported_model_gives_the_trained_models_validation_loss(run, tmp_path):
     assert a.head.weight is a.wte.weight  # still tied after loading
     # the run's final eval: the same fixed validation batches through the exported model
     cfg = compose(ARGS)
-    data = build.data_from(cfg, build.corpus_from(cfg), rank=0, world=1)
+    data = build.data_from(cfg, build.corpus_from(cfg), SiteComm.single())
     with torch.no_grad():
         losses = [float(a(*data.val_batch(i))) for i in range(cfg.train.eval_batches)]
         x, _ = data.val_batch(0)

@@ -18,6 +18,7 @@ from loco.outer.flat_view import FlatView
 from loco.outer.join import OUTER_STREAMS, StateServer, adopt, inner_streams, join
 from loco.outer.loop import OuterLoop
 from loco.outer.methods import build_outer
+from loco.site_comm import SiteComm
 from loco.state import EF_CALLS, EF_RESIDUAL, OPTIM_STEP, OUTER_ROUNDS, RankState, is_outer
 from tests.engine.dist_utils import batches, tiny_gpt
 
@@ -61,15 +62,15 @@ def test_the_seams_names_are_the_checkpoints(tmp_path):
     assert list(state.names()) == NAMES
     assert [n for n in NAMES if is_outer(n)] == list(state.outer_names())
     assert [n for n in NAMES if not is_outer(n)] == list(state.inner_names())
-    tensors, span, scalars = capture(eng, outer, rank=0)
+    tensors, span, scalars = capture(eng, outer, comm=SiteComm.single())
     assert streams_of(tensors) == NAMES and span == eng.flat_range
     assert {k: scalars[k] for k in (OPTIM_STEP, OUTER_ROUNDS, EF_CALLS)} == state.scalars()
     meta = {"run_id": "t", "layout": layout_json(eng.layout)}
-    w = CheckpointWriter(tmp_path, rank=0, world=1, keep=1, meta=meta)
+    w = CheckpointWriter(tmp_path, keep=1, meta=meta)
     w.save(2, tensors, range=span, scalars=scalars, manifest={"streams": streams_of(tensors)})
     w.wait()
     assert read_manifest(latest_checkpoint(tmp_path))["streams"] == NAMES
-    lean, _, lean_scalars = capture(eng, outer, rank=0, optimizer=False)
+    lean, _, lean_scalars = capture(eng, outer, comm=SiteComm.single(), optimizer=False)
     assert streams_of(lean) == list(state.names(optimizer=False))
     assert OPTIM_STEP not in lean_scalars
     assert RankState(eng).names() == ("master", "optim.exp_avg", "optim.exp_avg_sq")

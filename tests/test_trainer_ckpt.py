@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from loco import build
 from loco.config import compose
+from loco.site_comm import SiteComm
 from loco.trainer import Trainer
 
 
@@ -14,7 +15,7 @@ def make_trainer(steps: int, **kw) -> Trainer:
                    "train.batch_size=2", "train.seq_len=16", "train.threads=1"])  # fmt: skip
     corpus = build.corpus_from(cfg)
     engine = build.engine_from(cfg, build.model_from(cfg, corpus))
-    data = build.data_from(cfg, corpus, rank=0, world=1)
+    data = build.data_from(cfg, corpus, SiteComm.single())
     return Trainer(engine=engine, data=data, steps=steps, lr=1e-3, warmup_steps=1,
                    min_lr_ratio=1.0, grad_accum=1, eval_every=100, eval_batches=1, log_every=100,
                    seq_len=16, eval_at_end=False, **kw)  # fmt: skip

@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from loco.checkpoint.format import CheckpointError
 from loco.checkpoint.reader import Checkpoint
+from loco.site_comm import SiteComm
 from loco.state import (
     EF_CALLS,
     EF_RESIDUAL,
@@ -61,9 +61,10 @@ def aliases(model: torch.nn.Module, layout: Any) -> dict[str, str]:
 
 
 def capture(
-    engine: Any, outer: Any = None, *, rank: int, optimizer: bool = True
+    engine: Any, outer: Any = None, *, comm: SiteComm, optimizer: bool = True
 ) -> tuple[dict[str, torch.Tensor], tuple[int, int], dict[str, Any]]:
-    """This rank's entries (live views: the writer copies them), its range, its scalars.
+    """This rank's entries (live views: the writer copies them), its range, its scalars
+    (site rank 0 adds the frozen parameters and buffers).
 
     The range streams and their scalars are :class:`loco.state.RankState`'s, under its names."""
     state = RankState(engine, outer)
@@ -73,7 +74,7 @@ def capture(
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     scalars.update(_rng_scalars())
-    if rank == 0:
+    if comm.rank == 0:
         for n, p in engine.model.named_parameters():
             if not p.requires_grad:
                 tensors[f"frozen.{n}"] = p.detach()
@@ -93,10 +94,8 @@ def restore(
     *,
     engine: Any,
     outer: Any = None,
-    rank: int = 0,
-    world: int = 1,
+    comm: SiteComm | None = None,
     optimizer: bool = True,
-    group: dist.ProcessGroup | None = None,
 ) -> dict[str, Any]:
     """Load checkpoint ``ck`` into this rank's engine (and outer loop). Collective.
 
@@ -106,6 +105,8 @@ def restore(
     :meth:`loco.state.RankState.load`.
     """
     m = ck.manifest
+    comm = comm if comm is not None else SiteComm.single()
+    rank, world = comm.rank, comm.world
     state = RankState(engine, outer)
     src = rank if ck.world == world else rank % ck.world
     notes: list[str] = []
@@ -123,10 +124,7 @@ def restore(
         _check_rngs(ck, got, ck.scalars(src))
     except CheckpointError as e:
         err = str(e)
-    if world > 1:
-        errs: list[Any] = [None] * world
-        dist.all_gather_object(errs, err, group=group)
-        err = next((e for e in errs if e is not None), None)
+    err = next((e for e in comm.all_gather_object(err) if e is not None), None)
     if err is not None:
         raise CheckpointError(err)
 

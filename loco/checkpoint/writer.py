@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from loco.checkpoint.format import (
     FORMAT,
@@ -50,6 +49,7 @@ from loco.checkpoint.format import (
     steps,
 )
 from loco.fsutil import atomic_write
+from loco.site_comm import SiteComm
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +95,9 @@ class CheckpointWriter:
 
     Args:
         directory: the site's checkpoint directory (shared by its ranks).
-        rank, world: this rank in the site's group of ``world`` ranks.
+        comm: the site's ranks (``SiteComm``; one barrier per save); None: one rank.
         keep: committed checkpoints kept (older ones are removed after a commit).
         meta: fields copied into every manifest (run id, site, config, layout, ...).
-        group: the site's process group (one barrier per save; None: the default group).
         commit_timeout_s: rank 0 waits at most this long for the other ranks' parts.
     """
 
@@ -106,19 +105,17 @@ class CheckpointWriter:
         self,
         directory: str | Path,
         *,
-        rank: int = 0,
-        world: int = 1,
+        comm: SiteComm | None = None,
         keep: int = 2,
         meta: dict[str, Any] | None = None,
-        group: dist.ProcessGroup | None = None,
         commit_timeout_s: float = 600.0,
     ) -> None:
         if keep < 1:
             raise ValueError(f"checkpoint.keep={keep} must be >= 1")
         self.dir = Path(directory)
-        self.rank, self.world, self.keep = rank, world, keep
+        self.comm = comm if comm is not None else SiteComm.single()
+        self.rank, self.world, self.keep = self.comm.rank, self.comm.world, keep
         self.meta = dict(meta or {})
-        self.group = group
         self.commit_timeout_s = commit_timeout_s
         self._staging: torch.Tensor | None = None
         self._thread: threading.Thread | None = None
@@ -159,8 +156,7 @@ class CheckpointWriter:
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
-        if self.world > 1:
-            dist.barrier(group=self.group)
+        self.comm.barrier()
         entries, total = plan(tensors)
         staging = self._staging_for(tensors, total)
         self._snapped.clear()

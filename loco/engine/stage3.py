@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from loco.engine.comm import Comm
 from loco.engine.flat import FlatLayout
+from loco.site_comm import SiteComm
 
 _FREE, _INFLIGHT, _READY = "free", "inflight", "ready"
 
@@ -92,7 +92,7 @@ class BlockShards:
         self,
         model: nn.Module,
         layout: FlatLayout,
-        comm: Comm,
+        comm: SiteComm,
         master: torch.Tensor,
         lo: int,
         full: torch.Tensor,

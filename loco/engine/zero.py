@@ -50,15 +50,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from loco.engine.base import OptimOptions
-from loco.engine.comm import Comm
 from loco.engine.flat import FlatLayout
 from loco.engine.flat_optim import build_flat_optimizer
 from loco.engine.stage3 import BlockShards, unit_of
+from loco.site_comm import SiteComm
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -112,8 +111,8 @@ class ZeroEngine:
     """ZeRO-sharded training of one model on the ranks of one process group.
 
     Implements the ``Engine`` Protocol of ``loco.engine.base`` (both seams, every stage).
-    Build it on every rank of ``group`` with the same model architecture; parameters are
-    broadcast from group rank 0 first. The engine takes over the model's trainable parameters
+    Build it on every rank of the site (``comm``) with the same model architecture; parameters are
+    broadcast from site rank 0 first. The engine takes over the model's trainable parameters
     (they become views into its buffers); frozen parameters stay as they are, replicated and
     never communicated.
 
@@ -122,8 +121,8 @@ class ZeroEngine:
         optim: ``adamw`` or ``sgd``, with ``lr``, ``weight_decay``, ``betas``, ``eps``,
             ``momentum``, ``nesterov`` as in ``base.OptimOptions``.
         grad_clip: clip the global gradient norm to this value; 0 disables.
-        group: the process group of this site's ranks; None is the default group (or a single
-            rank when torch.distributed is not initialized).
+        comm: the site's ranks (``loco.site_comm.SiteComm``); None: the default group, or a
+            single rank when torch.distributed is not initialized.
         stage: 0, 1, 2 or 3 (see the module docstring).
         grad_accum: micro-batches per optimizer step; ``backward`` is called this many times
             before each ``step`` (stages 0-1 communicate only in the last one).
@@ -152,7 +151,7 @@ class ZeroEngine:
         momentum: float = OptimOptions.momentum,
         nesterov: bool = OptimOptions.nesterov,
         grad_clip: float = 0.0,
-        group: dist.ProcessGroup | None = None,
+        comm: SiteComm | None = None,
         stage: int = 2,
         grad_accum: int = 1,
         bucket_mb: float = 25.0,
@@ -178,7 +177,7 @@ class ZeroEngine:
         self.stage, self.grad_accum, self.grad_clip = stage, grad_accum, grad_clip
         self.compute_dtype = _dtype(compute_dtype, "compute_dtype")
         self.reduce_dtype = _dtype(reduce_dtype, "reduce_dtype")
-        self.comm = Comm(group)
+        self.comm = comm if comm is not None else SiteComm()
         self.world, self.rank = self.comm.world, self.comm.rank
         self.collective = self.comm.resolve(collective)
         self.prefetch, self.max_inflight = prefetch, max_inflight
@@ -193,8 +192,7 @@ class ZeroEngine:
         self.offload = offload
         self.opt_device = torch.device("cpu") if offload else self.device
 
-        if self.world > 1:
-            self._broadcast_module()
+        self.comm.broadcast_module(model)
         self.layout = FlatLayout(model)
         self.numel = self.layout.numel
         self.padded = self.layout.padded_numel(self.world)
@@ -238,11 +236,6 @@ class ZeroEngine:
             self._install_checkpointing()
 
     # ---------------------------------------------------------------- construction
-
-    @torch.no_grad()
-    def _broadcast_module(self) -> None:
-        for t in list(self.model.parameters()) + list(self.model.buffers()):
-            dist.broadcast(t.data, src=self.comm.global_rank(0), group=self.comm.group)
 
     @torch.no_grad()
     def _build_storage(self) -> None:
@@ -454,7 +447,7 @@ class ZeroEngine:
             grad.div_(self.world)
         sq = torch.linalg.vector_norm(grad).square()  # no P-sized temporary
         if self.world > 1 and self.stage > 0:
-            sq = self.comm.all_reduce_scalar(sq)
+            sq = self.comm.sum_tensor(sq)
         norm = sq.sqrt()
         if self.grad_clip > 0:
             grad.mul_(torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0))

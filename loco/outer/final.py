@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from loco.outer.exchange import RangePayloads
 from loco.outer.flat_view import FlatView
@@ -97,7 +96,7 @@ class FinalAverage:
 
     def _agree(self, peers: list[str], got: dict[str, Any]) -> set[str]:
         """The peers that answered on every rank of the site (collective when world > 1)."""
-        ok = torch.tensor([float(got[p][0] is not None) for p in peers], dtype=torch.float64)
-        if self.stats.world > 1 and peers:  # the same members on every rank of the site
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.stats.group)
-        return {p for p, k in zip(peers, ok.tolist(), strict=True) if k > 0}
+        ok = [float(got[p][0] is not None) for p in peers]
+        if peers:  # the same members on every rank of the site
+            ok = self.stats.comm.min(ok)
+        return {p for p, k in zip(peers, ok, strict=True) if k > 0}

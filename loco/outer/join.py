@@ -29,11 +29,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
 from loco.engine.base import FlatEngine
 from loco.gossip import GossipError, PeerInfo, Segment
 from loco.outer.plausible import implausible_phi
+from loco.site_comm import SiteComm
 from loco.state import MASTER, MOMENTUM, OPTIM_STEP, OUTER_ROUNDS, PHI, SERVED, RankState
 
 log = logging.getLogger(__name__)
@@ -102,8 +102,8 @@ class StateServer:
         server = self.outer.node.server
         crcs = publish_state(server, version, self.tensors(), lo, hi)
         crc = crcs.get(PHI, 0)
-        if self.metrics is not None or self.outer.world > 1:
-            crc = combine_crcs((crc, (hi - lo) * 4), self.outer.world, self.outer.group)
+        if self.metrics is not None or self.outer.comm.multi:
+            crc = combine_crcs((crc, (hi - lo) * 4), self.outer.comm)
         if self.metrics is not None:
             self.metrics.log("serve", step=version * self.outer.H, round=version, phi_crc=crc)
 
@@ -213,14 +213,6 @@ def _choose(node, exclude: set[str], min_round: int, inner: bool, timeout_s: flo
     return None
 
 
-def _sum(values: list[int], world: int, group, op=dist.ReduceOp.MAX) -> list[int]:
-    if world == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.int64)
-    dist.all_reduce(t, op=op, group=group)
-    return [int(x) for x in t.tolist()]
-
-
 def join(
     *,
     node,
@@ -231,9 +223,7 @@ def join(
     min_round: int = 0,
     timeout_s: float = 300.0,
     fetch_timeout_s: float = 60.0,
-    rank: int = 0,
-    world: int = 1,
-    group: dist.ProcessGroup | None = None,
+    comm: SiteComm | None = None,
     say: Callable[[str], None] | None = None,
     reference: torch.Tensor | None = None,
 ) -> Joined | None:
@@ -246,11 +236,13 @@ def join(
         min_round: only members whose current round is at least this are sources (auto
             joining uses 1: a run that has not finished a round is started fresh instead).
         timeout_s: give up (return None) after this long; ``fetch_timeout_s`` bounds one fetch.
+        comm: the site's ranks (None: one rank).
         reference: this rank's own weights on ``[lo, hi)`` (its initial phi): a source whose
             phi or master weights are implausibly far from them is refused (struck, next one).
     Returns None when no member qualifies by the deadline (every rank returns None).
     """
     say = say or (lambda msg: None)
+    comm = comm if comm is not None else SiteComm.single()
     t0 = time.monotonic()
     end = t0 + timeout_s
     exclude: set[str] = set()
@@ -259,7 +251,7 @@ def join(
     inner = bool(inner_names)
     while True:
         choice = None
-        if rank == 0:
+        if comm.rank == 0:
             while choice is None and time.monotonic() < end:
                 choice = _choose(node, exclude, min_round, inner, fetch_timeout_s)
                 if choice is None and min_round > 0:
@@ -267,11 +259,7 @@ def join(
                 if choice is None:
                     exclude.clear()  # a member that failed may be back; wait a little
                     time.sleep(1.0)
-        if world > 1:
-            box = [choice]
-            dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0)
-                                       if group is not None else 0, group=group)  # fmt: skip
-            choice = box[0]
+        choice = comm.broadcast_object(choice)
         if choice is None:
             return None
         site, info, version, inner = choice
@@ -293,13 +281,13 @@ def join(
                 log.warning("join: %s served implausible state: %s", site, bad)
         else:
             got = {name: torch.empty(0) for name in names}
-        (worst,) = _sum([code], world, group)
+        (worst,) = comm.max_int([code])
         if worst == _OK:
             return Joined(site, version, got, inner, time.monotonic() - t0, nbytes, tries, failed)
         if time.monotonic() >= end:
             return None
         if worst == _FAILED:
-            if rank == 0:
+            if comm.rank == 0:
                 exclude.add(site)
             failed.append(site)
             say(
@@ -333,24 +321,20 @@ def adopt(joined: Joined, *, outer, engine: FlatEngine, H: int) -> int:
     return joined.version * H
 
 
-def site_crc(t: torch.Tensor, world: int, group: dist.ProcessGroup | None = None) -> int:
+def site_crc(t: torch.Tensor, comm: SiteComm) -> int:
     """CRC-32 of the bytes of the site's whole vector whose rank-ordered pieces are ``t``
     (equals ``zlib.crc32`` of the concatenation). Collective."""
     import zlib
 
     mine = (zlib.crc32(t.contiguous().numpy().tobytes()), t.numel() * t.element_size())
-    return combine_crcs(mine, world, group)
+    return combine_crcs(mine, comm)
 
 
-def combine_crcs(mine: tuple[int, int], world: int, group=None) -> int:
+def combine_crcs(mine: tuple[int, int], comm: SiteComm) -> int:
     """Combine every rank's ``(crc32, nbytes)`` in rank order. Collective."""
     from loco.gossip.framing import crc32_combine
 
-    parts = [mine]
-    if world > 1:
-        parts = [None] * world
-        dist.all_gather_object(parts, mine, group=group)
     crc = 0
-    for c, n in parts:
+    for c, n in comm.all_gather_object(mine):
         crc = crc32_combine(crc, c, n)
     return crc

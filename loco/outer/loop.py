@@ -40,7 +40,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from loco.outer.exchange import RangePayloads
 from loco.outer.final import FINAL_STREAM, FinalAverage
@@ -50,6 +49,7 @@ from loco.outer.plausible import MAX_DELTA_RATIO, MAX_PHI_GAP, implausible, impl
 from loco.outer.round import Round, Rounds
 from loco.outer.schedule import SETTLE_S, Schedule, expected_pulls
 from loco.outer.stats import OuterStats
+from loco.site_comm import SiteComm
 
 __all__ = [
     "FINAL_STREAM",
@@ -87,7 +87,7 @@ class OuterLoop:
             delta stream travels (DiLoCo's update does not use phi, equal on every site).
         tau, mix: overlap: merge ``tau`` inner steps after the boundary with
             ``theta <- mix * theta_local + (1 - mix) * phi``; ``tau = 0`` blocks.
-        group, rank, world: the site's process group (live-set broadcast, metric sums).
+        comm: the site's ranks (``SiteComm``: live-set broadcast, metric sums); None: one rank.
         metrics: rank 0's ``MetricsWriter``.
         pull_timeout_s: deadline of one pull (None: the node's default).
         join_timeout_s: at start, rank 0 waits up to this long for every peer to be live.
@@ -110,9 +110,7 @@ class OuterLoop:
         all_live: bool = False,
         tau: int = 0,
         mix: float = 0.5,
-        group: dist.ProcessGroup | None = None,
-        rank: int = 0,
-        world: int = 1,
+        comm: SiteComm | None = None,
         metrics: Any = None,
         pull_timeout_s: float | None = None,
         join_timeout_s: float = 60.0,
@@ -128,7 +126,7 @@ class OuterLoop:
         self.method, self.flat, self.H, self.steps = step, flat, H, steps
         self.node, self.payloads, self.site, self.all_live = node, payloads, site, all_live
         self.tau, self.mix = tau, mix
-        self.group, self.rank, self.world = group, rank, world
+        self.comm = comm if comm is not None else SiteComm.single()
         self.metrics, self.pull_timeout_s = metrics, pull_timeout_s
         self.join_timeout_s, self.linger_s = join_timeout_s, linger_s
         self.say = say or (lambda msg: None)
@@ -140,7 +138,7 @@ class OuterLoop:
         self.pending: Round | None = None
         self.last: Round | None = None
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="outer-pull")
-        self.stats = OuterStats(node=node, world=world, group=group, metrics=metrics,
+        self.stats = OuterStats(node=node, comm=self.comm, metrics=metrics,
                                 all_live=all_live)  # fmt: skip
         self.rounds = Rounds(method=step, flat=flat, state=self.state, node=node,
                              payloads=payloads, site=site, all_live=all_live, mix=mix,
@@ -179,10 +177,9 @@ class OuterLoop:
         """Wait (rank 0, up to ``join_timeout_s``) until every configured peer is live."""
         if self.payloads is not None:  # load the codec kernels now, not inside round 1
             self.payloads.warm_up()
-        if self.node is not None and self.rank == 0 and self.node.membership is not None:
+        if self.node is not None and self.comm.rank == 0 and self.node.membership is not None:
             self._wait_live()
-        if self.world > 1:
-            dist.barrier(group=self.group)
+        self.comm.barrier()
         self.stats.restart()
         return self
 
@@ -251,13 +248,8 @@ class OuterLoop:
 
     def _live(self) -> list[str]:
         """Rank 0's live sites, broadcast to the site's ranks. Collective when world > 1."""
-        live = self.node.live_sites() if self.rank == 0 else None
-        if self.world > 1:
-            obj = [live]
-            dist.broadcast_object_list(obj, src=dist.get_global_rank(self.group, 0)
-                                       if self.group is not None else 0, group=self.group)  # fmt: skip
-            live = obj[0]
-        return list(live)
+        live = self.node.live_sites() if self.comm.rank == 0 else None
+        return list(self.comm.broadcast_object(live))
 
     def _partners(self, t: int) -> list[str]:
         if self.node is None:

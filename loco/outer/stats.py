@@ -13,7 +13,8 @@ import zlib
 from typing import Any
 
 import torch
-import torch.distributed as dist
+
+from loco.site_comm import SiteComm
 
 _GOSSIP_KEYS = ("retries", "strikes", "bans")
 
@@ -32,16 +33,15 @@ class OuterStats:
 
     Args:
         node: the rank's ``GossipNode`` (None: no gossip figures).
-        world, group: the site's ranks (figures are summed over them).
+        comm: the site's ranks (``SiteComm``; figures are summed over them).
         metrics: rank 0's ``MetricsWriter`` (None on the other ranks).
         all_live: DiLoCo (the phi mean is the same on every site: ``mean_crc`` covers the delta
             mean only).
     """
 
-    def __init__(self, *, node: Any = None, world: int = 1,
-                 group: dist.ProcessGroup | None = None, metrics: Any = None,
+    def __init__(self, *, node: Any = None, comm: SiteComm | None = None, metrics: Any = None,
                  all_live: bool = False) -> None:  # fmt: skip
-        self.node, self.world, self.group = node, world, group
+        self.node, self.comm = node, comm if comm is not None else SiteComm.single()
         self.metrics, self.all_live = metrics, all_live
         self.history: list[dict[str, Any]] = []
         self.totals: dict[str, Any] = {"bytes_sent": 0.0, "bytes_recv": 0.0, "rounds": 0,
@@ -55,10 +55,7 @@ class OuterStats:
 
     def site_sum(self, values: list[float]) -> list[float]:
         """``values`` summed over the site's ranks (float64; collective when world > 1)."""
-        vec = torch.tensor(values, dtype=torch.float64)
-        if self.world > 1:
-            dist.all_reduce(vec, group=self.group)
-        return vec.tolist()
+        return self.comm.sum(values)
 
     def gossip_sums(self, extra: tuple[float, ...] = ()) -> list[float]:
         """``[bytes_sent, bytes_recv, *extra]`` summed over the site's ranks, the bytes being
@@ -90,7 +87,7 @@ class OuterStats:
         rec = dict(
             partner=",".join(r.partners),
             n=n,
-            n_mean=n_sum / self.world,
+            n_mean=n_sum / self.comm.world,
             dropped=",".join(f"{p}:{c}" for p, (d, ph, c) in r.pulled.items() if p not in ok),
             bytes_sent=sent,
             bytes_recv=recv,

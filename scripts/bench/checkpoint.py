@@ -47,6 +47,7 @@ from loco.model.gpt import GPT, GPTConfig
 from loco.outer.flat_view import FlatView
 from loco.outer.loop import OuterLoop
 from loco.outer.methods import build_outer
+from loco.site_comm import SiteComm
 
 
 def _cpu_name() -> str:
@@ -109,7 +110,7 @@ def main() -> None:
             fwd_bwd()
             engine.step(1e-4)
             sync()
-            tensors, span, scalars = capture(engine, outer, rank=0)
+            tensors, span, scalars = capture(engine, outer, comm=SiteComm.single())
             nbytes = plan(tensors)[1]
             m = {"streams": streams_of(tensors)}
             t0 = time.perf_counter()

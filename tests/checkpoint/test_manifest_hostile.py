@@ -22,6 +22,7 @@ import torch
 
 from loco.checkpoint import Checkpoint, CheckpointError, CheckpointWriter, latest_checkpoint
 from loco.checkpoint.format import ALIGN, MANIFEST, MANIFEST_CRC, manifest_crc32, rank_file
+from loco.site_comm import SiteComm
 from tests.engine.dist_utils import run_ranks
 from tests.hostile.rss import peak_growth_mib
 
@@ -43,7 +44,7 @@ def _write_rank(rank: int, world: int, d: str) -> None:
         tensors["buffer.scale"] = torch.ones(3, 5, dtype=torch.float16)
     layout = {"hash": "t", "numel": P,
               "params": [{"name": "w", "shape": [10, 10], "offset": 0, "numel": P}]}  # fmt: skip
-    w = CheckpointWriter(d, rank=rank, world=world, meta={"layout": layout,
+    w = CheckpointWriter(d, comm=SiteComm(), meta={"layout": layout,
                          "aliases": {"w_tied": "w"}})  # fmt: skip
     w.save(7, tensors, range=(lo, hi), scalars={"optim_step": 7},
            manifest={"streams": STREAMS})  # fmt: skip
@@ -287,6 +288,7 @@ def test_huge_claimed_sizes_allocate_nothing(saved, tmp_path, mutate):
     store(path, m)
     setup = f"""
 from loco.checkpoint import Checkpoint, CheckpointError
+from loco.site_comm import SiteComm
 path = {str(path)!r}
 """
     code = """

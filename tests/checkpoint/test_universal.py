@@ -28,6 +28,7 @@ from loco.outer.exchange import RangePayloads, codec_options
 from loco.outer.flat_view import FlatView
 from loco.outer.loop import OuterLoop
 from loco.outer.methods import build_outer
+from loco.site_comm import SiteComm
 from tests.engine.dist_utils import batches, run_ranks, tiny_gpt
 
 ROWS = 6  # global batch: divisible by 1, 2 and 3 ranks
@@ -85,8 +86,8 @@ def save(eng: ZeroEngine, outer: OuterLoop, d: Path, rank: int, world: int, step
          optimizer: bool = True) -> CheckpointWriter:  # fmt: skip
     meta = {"run_id": "test", "layout": layout_json(eng.layout),
             "aliases": aliases(eng.model, eng.layout)}  # fmt: skip
-    w = CheckpointWriter(d, rank=rank, world=world, keep=2, meta=meta)
-    tensors, span, scalars = capture(eng, outer, rank=rank, optimizer=optimizer)
+    w = CheckpointWriter(d, comm=SiteComm(), keep=2, meta=meta)
+    tensors, span, scalars = capture(eng, outer, comm=SiteComm(), optimizer=optimizer)
     w.save(step, tensors, range=span, scalars=scalars,
            manifest={"round": step // 4, "streams": streams_of(tensors)})  # fmt: skip
     return w
@@ -117,7 +118,7 @@ def phase_load(rank: int, world: int, d: str, src: str, stage: int, dst: str | N
     ref = torch.load(Path(d) / "ref.pt")
     eng, outer = make(stage=stage, seed=9)  # another init: everything must come from the file
     ck = Checkpoint(latest_checkpoint(Path(d) / src))
-    info = restore(ck, engine=eng, outer=outer, rank=rank, world=world)
+    info = restore(ck, engine=eng, outer=outer, comm=SiteComm())
     assert info["step"] == 2 and eng.optim_step == 2
     assert outer.state.rounds == 3 and outer.payloads.ef.calls == 7
     lo, hi = eng.flat_range
