@@ -186,17 +186,15 @@ def outer_from(
     ``local`` builds no gossip node: it never talks. The node publishes this rank's shard of the
     engine's padded flat vector, so its flat size is the padded size.
     """
-    import warnings
     from functools import partial
 
     from loco.outer import build_outer
-    from loco.outer.exchange import RangePayloads, codec_options
     from loco.outer.flat_view import FlatView
     from loco.outer.loop import OuterLoop
     from loco.testing import faults as lfaults
 
     assert cfg.site is not None
-    o, c = cfg.outer, cfg.compression
+    o = cfg.outer
     flat = FlatView(engine)
     nesterov = o.nesterov if o.nesterov is not None else o.method == "diloco"
     step = build_outer(o.method, alpha=o.alpha, beta=o.beta, gamma=o.gamma, lr=o.lr,
@@ -204,48 +202,9 @@ def outer_from(
     node = payloads = None
     closers: list = []
     faults = lfaults.load(cfg.site.name)  # drills only: $LOCO_FAULTS
-    talk = o.method != "local"
-    if talk and not cfg.gossip.insecure and not cfg.gossip.cert_dir:
-        msg = (
-            f"outer={o.method} but no gossip.cert_dir (and gossip.insecure=false): this site "
-            "trains ALONE, every round is the local step (n = 1). To join the other sites make "
-            "certificates with `python -m loco.certs --out DIR --sites ...` and set "
-            "gossip.cert_dir=DIR/<site> (or gossip.insecure=true on loopback); python -m loco.local "
-            "does this for you"
-        )
-        if say is not None:
-            say(f"WARNING: {msg}")
-        else:
-            warnings.warn(msg, stacklevel=2)
-        talk = False
-    if talk:
-        from loco.gossip import GossipNode
-
-        node = GossipNode(
-            rank=comm.rank, nproc=comm.world, flat_size=flat.padded, layout_hash=flat.layout_hash,
-            **gossip_kwargs(cfg),
-        )  # fmt: skip
-        closers.append(node.close)
-        if faults is not None:
-            from loco.testing.gossip_faults import cut_links
-
-            cut_links(node.client, faults.blocked)
-        w = cfg.wan
-        if w.rtt_ms > 0 or w.bandwidth_mbit > 0 or w.jitter_ms > 0 or w.loss > 0:
-            # the proxies' addresses are in place before the first Hello is answered, so no
-            # partner caches a direct address that bypasses the emulated link
-            node.server.bind()
-            closers.insert(0, _wan_proxy(cfg, node, comm))
-        node.start()
-        opts = dict(block=c.block, scale_dtype=c.scale_dtype, stochastic=c.stochastic,
-                    topk_fraction=c.topk_fraction)  # fmt: skip
-        payloads = RangePayloads(
-            shard=(flat.slo, flat.shi), owned=(flat.lo, flat.hi), codec=c.codec,
-            phi_codec=c.phi_codec, delta_options=codec_options(c.codec, **opts),
-            phi_options=codec_options(c.phi_codec, **opts), error_feedback=c.error_feedback,
-            seed=cfg.train.seed * 1009 + comm.rank, flat_size=flat.padded, phi_lattice=o.phi_lattice,
-            phi_lattice_window=o.phi_lattice_window,
-        )  # fmt: skip
+    if _talks(cfg, say):
+        node = _gossip_node(cfg, flat, comm, closers, blocked=faults.blocked if faults else None)
+        payloads = _payloads(cfg, flat, comm)
     loop = OuterLoop if faults is None else partial(lfaults.FaultyOuterLoop, faults=faults)
     return loop(
         step=step, flat=flat, H=o.H, steps=cfg.train.steps, node=node, payloads=payloads,
@@ -253,6 +212,70 @@ def outer_from(
         metrics=metrics, pull_timeout_s=cfg.gossip.pull_timeout_s,
         join_timeout_s=o.join_timeout_s, linger_s=min(10.0, cfg.gossip.pull_timeout_s), say=say,
         final_average=o.final_average, closers=closers,
+    )  # fmt: skip
+
+
+def _talks(cfg: LocoConfig, say) -> bool:
+    """Whether this site gossips: its outer method talks and it has credentials (or is
+    plaintext). A talking method without either trains alone, with one warning."""
+    import warnings
+
+    method = cfg.outer.method
+    if method == "local":
+        return False
+    if cfg.gossip.insecure or cfg.gossip.cert_dir:
+        return True
+    msg = (
+        f"outer={method} but no gossip.cert_dir (and gossip.insecure=false): this site "
+        "trains ALONE, every round is the local step (n = 1). To join the other sites make "
+        "certificates with `python -m loco.certs --out DIR --sites ...` and set "
+        "gossip.cert_dir=DIR/<site> (or gossip.insecure=true on loopback); python -m loco.local "
+        "does this for you"
+    )
+    if say is not None:
+        say(f"WARNING: {msg}")
+    else:
+        warnings.warn(msg, stacklevel=3)
+    return False
+
+
+def _gossip_node(cfg: LocoConfig, flat, comm: SiteComm, closers: list, blocked=None):
+    """This rank's started gossip node (behind the emulated WAN when ``wan.*`` is set); its
+    closers are added to ``closers``. ``blocked``: drills only, links to cut."""
+    from loco.gossip import GossipNode
+
+    node = GossipNode(
+        rank=comm.rank, nproc=comm.world, flat_size=flat.padded, layout_hash=flat.layout_hash,
+        **gossip_kwargs(cfg),
+    )  # fmt: skip
+    closers.append(node.close)
+    if blocked is not None:
+        from loco.testing.gossip_faults import cut_links
+
+        cut_links(node.client, blocked)
+    w = cfg.wan
+    if w.rtt_ms > 0 or w.bandwidth_mbit > 0 or w.jitter_ms > 0 or w.loss > 0:
+        # the proxies' addresses are in place before the first Hello is answered, so no
+        # partner caches a direct address that bypasses the emulated link
+        node.server.bind()
+        closers.insert(0, _wan_proxy(cfg, node, comm))
+    node.start()
+    return node
+
+
+def _payloads(cfg: LocoConfig, flat, comm: SiteComm):
+    """This rank's encoder and decoder of round payloads (``compression.*``)."""
+    from loco.outer.exchange import RangePayloads, codec_options
+
+    c, o = cfg.compression, cfg.outer
+    opts = dict(block=c.block, scale_dtype=c.scale_dtype, stochastic=c.stochastic,
+                topk_fraction=c.topk_fraction)  # fmt: skip
+    return RangePayloads(
+        shard=(flat.slo, flat.shi), owned=(flat.lo, flat.hi), codec=c.codec,
+        phi_codec=c.phi_codec, delta_options=codec_options(c.codec, **opts),
+        phi_options=codec_options(c.phi_codec, **opts), error_feedback=c.error_feedback,
+        seed=cfg.train.seed * 1009 + comm.rank, flat_size=flat.padded, phi_lattice=o.phi_lattice,
+        phi_lattice_window=o.phi_lattice_window,
     )  # fmt: skip
 
 

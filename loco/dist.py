@@ -59,7 +59,7 @@ def init_group(
     """Join this rank's process group; ``checkpointing``: the engine will use activation
     checkpointing (its imports must come first, see ``prepare_activation_checkpointing``)."""
     if checkpointing:
-        from loco.engine.zero import prepare_activation_checkpointing
+        from loco.engine.recompute import prepare_activation_checkpointing
 
         prepare_activation_checkpointing()
     dist.init_process_group(

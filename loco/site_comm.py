@@ -103,6 +103,19 @@ class SiteComm:
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         return gather(out, shard, group=self.group, async_op=True)
 
+    def all_gather_shards(self, full: torch.Tensor, lo: int, hi: int) -> None:
+        """Every rank's equal-size shard of ``full`` (this rank's is ``[lo, hi)``) to every rank,
+        blocking. On gloo one asynchronous broadcast per owner, all in flight at once, measured
+        ~3x faster than gloo's all-gather for 4 MiB at N=2 (docs/zero-engine.md); elsewhere
+        ``all_gather_into_tensor``."""
+        if self.backend == "gloo":
+            size = hi - lo
+            works = [self.broadcast(full[r * size : (r + 1) * size], r) for r in range(self.world)]
+            for w in works:
+                w.wait()
+        else:
+            self.all_gather_into(full, full[lo:hi]).wait()
+
     # ---------------------------------------------------------------- small (blocking)
 
     def _reduce_small(self, x: torch.Tensor, op: Any) -> torch.Tensor:

@@ -137,6 +137,30 @@ class Trainer:
         norm = self.engine.step(lr)
         return float(loss_sum) / self.grad_accum, lr, norm
 
+    def _log_train(self, done: int, losses: list[float], lr: float, norm: float, tps: float,
+                   tokens_per_step: int) -> None:  # fmt: skip
+        """One ``train`` record: the site's mean loss over the window and this rank's rates."""
+        (site_loss,) = self._site_mean([sum(losses) / len(losses)])
+        rec = dict(loss=site_loss, lr=lr, grad_norm=norm, tokens_per_s=tps,
+                   tokens=done * tokens_per_step)  # fmt: skip
+        self.history.append({"step": done, "kind": "train", **rec})
+        if self.metrics:
+            self.metrics.log("train", step=done, round=self._round(done), **rec)
+        if self.progress:
+            self.progress.update(done, loss=site_loss, lr=lr, **{"tok/s": tps})
+
+    def _log_eval(self, done: int, tokens_per_step: int) -> float:
+        """Evaluate, record an ``eval`` line; returns the validation loss."""
+        ev = self.evaluate()
+        self.history.append({"step": done, "kind": "eval", **ev})
+        if self.metrics:
+            self.metrics.log("eval", step=done, round=self._round(done),
+                             tokens=done * tokens_per_step, **ev)  # fmt: skip
+        if self.progress:
+            figs = "  ".join(f"{k} {v:.4f}" for k, v in ev.items())
+            self.progress.message(f"eval step {done}: val {figs}")
+        return ev["loss"]
+
     def fit(
         self, start: int = 0, checkpoint: Callable[[int], None] | None = None, ckpt_every: int = 0
     ) -> dict[str, Any]:
@@ -161,39 +185,13 @@ class Trainer:
                 self.on_step_end(done)
                 self.hook_seconds += time.perf_counter() - t0
             if done % self.log_every == 0 or done == self.steps:
-                elapsed = time.perf_counter() - window_t
-                (site_loss,) = self._site_mean([sum(losses) / len(losses)])
-                tps = window_steps * tokens_per_step / max(elapsed, 1e-9)
-                rec = dict(
-                    loss=site_loss,
-                    lr=lr,
-                    grad_norm=norm,
-                    tokens_per_s=tps,
-                    tokens=done * tokens_per_step,
-                )
-                self.history.append({"step": done, "kind": "train", **rec})
-                if self.metrics:
-                    self.metrics.log("train", step=done, round=self._round(done), **rec)
-                if self.progress:
-                    self.progress.update(done, loss=site_loss, lr=lr, **{"tok/s": tps})
+                tps = window_steps * tokens_per_step / max(time.perf_counter() - window_t, 1e-9)
+                self._log_train(done, losses, lr, norm, tps, tokens_per_step)
                 losses, window_steps = [], 0
                 window_t = time.perf_counter()
             if done % self.eval_every == 0 or (self.eval_at_end and done == self.steps):
                 t0 = time.perf_counter()
-                ev = self.evaluate()
-                last_eval = ev["loss"]
-                self.history.append({"step": done, "kind": "eval", **ev})
-                if self.metrics:
-                    self.metrics.log(
-                        "eval",
-                        step=done,
-                        round=self._round(done),
-                        tokens=done * tokens_per_step,
-                        **ev,
-                    )
-                if self.progress:
-                    figs = "  ".join(f"{k} {v:.4f}" for k, v in ev.items())
-                    self.progress.message(f"eval step {done}: val {figs}")
+                last_eval = self._log_eval(done, tokens_per_step)
                 window_t += time.perf_counter() - t0  # eval time is not training throughput
             ckpt_due = ckpt_due or bool(ckpt_every and done % ckpt_every == 0)
             if checkpoint is not None and ckpt_due:

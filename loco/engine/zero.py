@@ -40,71 +40,57 @@ the gradient buckets on the wire. Gradients are accumulated in fp32.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import functools
-import sys
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from loco.engine.base import OptimOptions
+from loco.engine.buckets import GradBuckets, plan_groups
 from loco.engine.flat import FlatLayout
 from loco.engine.flat_optim import build_flat_optimizer
-from loco.engine.stage3 import BlockShards, unit_of
+from loco.engine.offload import HostStep
+from loco.engine.recompute import checkpoint_blocks
+from loco.engine.stage3 import unit_of
+from loco.engine.storage import build_storage
 from loco.site_comm import SiteComm
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def prepare_activation_checkpointing() -> None:
-    """Import what ``torch.utils.checkpoint`` imports on its first call (``torch._dynamo``).
+def _check_options(stage: int, grad_accum: int, bucket_mb: float, max_inflight: int,
+                   grad_clip: float) -> None:  # fmt: skip
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero.stage={stage!r}; choose 0, 1, 2 or 3")
+    if grad_accum < 1:
+        raise ValueError(f"grad_accum={grad_accum} must be >= 1")
+    if bucket_mb <= 0:
+        raise ValueError(f"zero.bucket_mb={bucket_mb} must be > 0")
+    if max_inflight < 1:
+        raise ValueError(f"zero.max_inflight={max_inflight} must be >= 1")
+    if grad_clip < 0:
+        raise ValueError(f"grad_clip={grad_clip} must be >= 0 (0 disables clipping)")
 
-    Call it before ``init_process_group`` in every process that will train with
-    ``activation_checkpointing``. Importing ``torch._dynamo`` while a process group exists
-    makes torch keep that group alive past ``destroy_process_group()`` (torch 2.13, gloo):
-    its worker threads then live into interpreter shutdown, and a worker that drops a finished
-    collective's tensor there needs the GIL and aborts the process ("terminate called without
-    an active exception"; docs/LOG.md, 2026-11-26). Imported first, nothing keeps the group.
-    """
-    import torch._dynamo  # noqa: F401
+
+def _offload_applies(offload: bool, device: torch.device) -> bool:
+    if offload and device.type != "cuda":
+        warnings.warn(
+            "zero.offload applies to GPU runs only: on a CPU run the master weights and "
+            "optimizer state are already in host memory, so offload is ignored",
+            stacklevel=3,
+        )
+        return False
+    return offload
 
 
 def _dtype(name: str, key: str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"zero.{key}={name!r}; choose one of {', '.join(DTYPES)}")
     return DTYPES[name]
-
-
-OFFLOAD_PARTS = 8
-"""The offloaded optimizer step runs in up to this many parts, copies overlapped with compute."""
-OFFLOAD_MIN_PART = 1 << 20
-"""Values per part at least (smaller parts cost more in launches than they hide)."""
-
-
-@dataclass
-class _Bucket:
-    """Gradients of a set of whole parameters, reduced together.
-
-    ``spans`` are the bucket's contiguous global ranges; its buffer is their concatenation.
-    ``pieces`` split the buffer by owner: ``(owner, buf_lo, buf_hi, global_lo, global_hi)``.
-    """
-
-    index: int
-    spans: list[tuple[int, int]]
-    params: list[int]
-    pos: dict[int, int]
-    size: int
-    pieces: list[tuple[int, int, int, int, int]] = field(default_factory=list)
-    ready: int = 0
-    launched: bool = False
-    buf: torch.Tensor | None = None
-    works: list[Any] = field(default_factory=list)
 
 
 class ZeroEngine:
@@ -163,16 +149,7 @@ class ZeroEngine:
         prefetch: bool = True,
         max_inflight: int = 2,
     ) -> None:
-        if stage not in (0, 1, 2, 3):
-            raise ValueError(f"zero.stage={stage!r}; choose 0, 1, 2 or 3")
-        if grad_accum < 1:
-            raise ValueError(f"grad_accum={grad_accum} must be >= 1")
-        if bucket_mb <= 0:
-            raise ValueError(f"zero.bucket_mb={bucket_mb} must be > 0")
-        if max_inflight < 1:
-            raise ValueError(f"zero.max_inflight={max_inflight} must be >= 1")
-        if grad_clip < 0:
-            raise ValueError(f"grad_clip={grad_clip} must be >= 0 (0 disables clipping)")
+        _check_options(stage, grad_accum, bucket_mb, max_inflight, grad_clip)
         self.model = model
         self.stage, self.grad_accum, self.grad_clip = stage, grad_accum, grad_clip
         self.compute_dtype = _dtype(compute_dtype, "compute_dtype")
@@ -182,14 +159,7 @@ class ZeroEngine:
         self.collective = self.comm.resolve(collective)
         self.prefetch, self.max_inflight = prefetch, max_inflight
         self.device = next(model.parameters()).device
-        if offload and self.device.type != "cuda":
-            warnings.warn(
-                "zero.offload applies to GPU runs only: on a CPU run the master weights and "
-                "optimizer state are already in host memory, so offload is ignored",
-                stacklevel=2,
-            )
-            offload = False
-        self.offload = offload
+        self.offload = offload = _offload_applies(offload, self.device)
         self.opt_device = torch.device("cpu") if offload else self.device
 
         self.comm.broadcast_module(model)
@@ -201,132 +171,50 @@ class ZeroEngine:
         # the optimizer's range: the whole vector when replicated, else this rank's shard
         self.opt_lo, self.opt_hi = (0, self.padded) if stage == 0 else (self.lo, self.hi)
 
-        self._build_storage()
+        st = build_storage(model, self.layout, self.comm, stage=stage, padded=self.padded,
+                           opt_range=(self.opt_lo, self.opt_hi), shard=(self.lo, self.hi),
+                           compute_dtype=self.compute_dtype, device=self.device, offload=offload,
+                           prefetch=prefetch)  # fmt: skip
+        self.flat_param, self.master, self.shards = st.flat_param, st.master, st.shards
+        self.grad = st.grad
+        self._uploaded = False  # the offloaded step uploaded the new weights itself
         self.optimizer = build_flat_optimizer(
-            optim,
-            self.opt_lo,
-            self.opt_hi,
-            self.layout.decay_runs((self.opt_lo, self.opt_hi)),
+            optim, self.opt_lo, self.opt_hi, self.layout.decay_runs((self.opt_lo, self.opt_hi)),
             **OptimOptions(weight_decay, betas, eps, momentum, nesterov).kwargs(),
-            device=self.opt_device,
-            pin_memory=offload,
-        )
+            device=self.opt_device, pin_memory=offload,
+        )  # fmt: skip
+        self.host_step = None
+        if offload:
+            self.host_step = HostStep(optimizer=self.optimizer, master=self.master,
+                                      device=self.device)  # fmt: skip
         self._build_buckets(bucket_mb)
         self._micro = 0
-        self._next_launch = 0
-        self._inflight: collections.deque[_Bucket] = collections.deque()
-        self.overlapped_buckets = 0
-        """Buckets launched from inside backward (before autograd finished), since the start."""
-        self._handles: list[Any] = []
-        for i, p in enumerate(self.layout.params):
-            self._handles.append(
-                p.register_post_accumulate_grad_hook(functools.partial(self._grad_hook, i))
-            )
-        if self.shards is not None:
-            self._handles += self.shards.install()
+        self._handles: list[Any] = self._install_hooks()
         if activation_checkpointing:
-            if self.world > 1 and "torch._dynamo" not in sys.modules:
-                warnings.warn(
-                    "zero.activation_checkpointing: call loco.engine.zero."
-                    "prepare_activation_checkpointing() before init_process_group, else the "
-                    "process group outlives destroy_process_group() and the process may abort "
-                    "at exit",
-                    stacklevel=2,
-                )
-            self._install_checkpointing()
+            checkpoint_blocks(self.model, in_group=self.comm.multi)
+
+    def _install_hooks(self) -> list[Any]:
+        """A post-accumulate-grad hook per parameter (and stage 3's gather hooks)."""
+        hook = self._grad_hook
+        handles = [p.register_post_accumulate_grad_hook(functools.partial(hook, i))
+                   for i, p in enumerate(self.layout.params)]  # fmt: skip
+        return handles + (self.shards.install() if self.shards is not None else [])
 
     # ---------------------------------------------------------------- construction
 
-    @torch.no_grad()
-    def _build_storage(self) -> None:
-        full = torch.zeros(self.padded, dtype=torch.float32)
-        full[: self.numel] = self.layout.flatten()
-        cd, dev = self.compute_dtype, self.device
-        master_is_view = self.stage < 3 and cd == torch.float32 and not self.offload
-        self.flat_param: torch.Tensor | None = None
-        self.shards: BlockShards | None = None
-        if self.stage < 3:
-            self.flat_param = full.to(device=dev, dtype=cd)
-            for spec, p in zip(self.layout.specs, self.layout.params, strict=True):
-                p.data = self.flat_param[spec.offset : spec.end].view(spec.shape)
-        if master_is_view:
-            assert self.flat_param is not None
-            self.master = self.flat_param[self.opt_lo : self.opt_hi]
-        else:
-            self.master = full[self.opt_lo : self.opt_hi].clone().to(self.opt_device)
-            if self.offload:
-                self.master = self.master.pin_memory()
-        if self.stage == 3:
-            self.shards = BlockShards(
-                self.model,
-                self.layout,
-                self.comm,
-                self.master,
-                self.lo,
-                full,
-                dtype=cd,
-                device=dev,
-                prefetch=self.prefetch,
-            )
-        for _name, p in self.model.named_parameters():
-            if not p.requires_grad and p.is_floating_point():
-                p.data = p.data.to(cd)  # frozen parameters compute in the same dtype
-        # gradients: full fp32 accumulator (stages 0-1) or this rank's fp32 shard (2-3)
-        n = self.padded if self.stage < 2 else self.hi - self.lo
-        self.grad = torch.zeros(n, dtype=torch.float32, device=dev)
-        self._copy_stream: Any = None
-        self._uploaded = False
-        if self.offload:
-            self._grad_host = torch.zeros(
-                self.opt_hi - self.opt_lo, dtype=torch.float32, pin_memory=True
-            )
-
     def _build_buckets(self, bucket_mb: float) -> None:
-        specs = self.layout.specs
-        groups: list[list[int]] = []
         if self.stage == 3:
             assert self.shards is not None
             groups = [list(u.params) for u in reversed(self.shards.units) if u.params]
         else:
-            limit = max(1, int(bucket_mb * 2**20 / self.reduce_dtype.itemsize))
-            cur: list[int] = []
-            size = 0
-            for i in reversed(range(len(specs))):
-                cur.append(i)
-                size += specs[i].numel
-                if size >= limit:
-                    groups.append(cur)
-                    cur, size = [], 0
-            if cur:
-                groups.append(cur)
-        self.buckets: list[_Bucket] = []
-        self._bucket_of: dict[int, _Bucket] = {}
-        for k, idx in enumerate(groups):
-            order = sorted(idx, key=lambda i: specs[i].offset)
-            spans = self.layout.spans_of(order)
-            pos = {i: self.layout.buffer_offset(spans, specs[i].offset) for i in order}
-            size = sum(b - a for a, b in spans)
-            b = _Bucket(k, spans, order, pos, size, self.layout.pieces(spans, self.world))
-            self.buckets.append(b)
-            for i in order:
-                self._bucket_of[i] = b
-
-    def _install_checkpointing(self) -> None:
-        blocks = getattr(self.model, "blocks", None)
-        if not isinstance(blocks, nn.ModuleList):
-            raise ValueError(
-                "zero.activation_checkpointing needs model.blocks (an nn.ModuleList of "
-                "transformer blocks); disable it for this model"
+            groups = plan_groups(
+                self.layout, max(1, int(bucket_mb * 2**20 / self.reduce_dtype.itemsize))
             )
-        for block in blocks:
-            orig = block.forward
-
-            def ckpt_forward(*args: Any, _orig: Any = orig, **kwargs: Any) -> Any:
-                if torch.is_grad_enabled():
-                    return checkpoint(_orig, *args, use_reentrant=False, **kwargs)
-                return _orig(*args, **kwargs)
-
-            block.forward = ckpt_forward
+        self.buckets = GradBuckets(layout=self.layout, groups=groups, comm=self.comm,
+                                   grad=self.grad, lo=0 if self.stage < 2 else self.lo,
+                                   stage=self.stage, collective=self.collective,
+                                   reduce_dtype=self.reduce_dtype,
+                                   max_inflight=self.max_inflight)  # fmt: skip
 
     # ---------------------------------------------------------------- gradients
 
@@ -340,76 +228,14 @@ class ZeroEngine:
         p.grad = None
         if g is None:
             return
-        spec = self.layout.specs[i]
-        b = self._bucket_of[i]
-        if self.stage < 2:
-            self.grad[spec.offset : spec.end].add_(g.reshape(-1))
-        else:
-            if b.buf is None:
-                b.buf = torch.zeros(b.size, dtype=self.reduce_dtype, device=self.device)
-            b.buf[b.pos[i] : b.pos[i] + spec.numel].add_(g.reshape(-1))
-        if self._comm_now():
-            b.ready += 1
-            if self.shards is not None and b.ready == len(b.params):
-                self.shards.free(self.shards.units[unit_of(self.model, spec.name)])
-            while self._next_launch < len(self.buckets) and self.buckets[
-                self._next_launch
-            ].ready == len(self.buckets[self._next_launch].params):
-                self._launch(self.buckets[self._next_launch])
-                self._next_launch += 1
-                self.overlapped_buckets += 1
+        self.buckets.add(i, g)
+        if self._comm_now() and self.buckets.mark_ready(i) and self.shards is not None:
+            self.shards.free(self.shards.units[unit_of(self.model, self.layout.specs[i].name)])
 
-    def _launch(self, b: _Bucket) -> None:
-        if self.stage < 2:
-            a, e = b.spans[0]
-            view = self.grad[a:e]
-            b.buf = view if self.reduce_dtype == torch.float32 else view.to(self.reduce_dtype)
-        elif b.buf is None:  # no gradient reached this bucket on this rank: contribute zeros
-            b.buf = torch.zeros(b.size, dtype=self.reduce_dtype, device=self.device)
-        works = []
-        if self.world > 1:
-            if self.stage == 0 or self.collective == "allreduce":
-                works.append(self.comm.all_reduce(b.buf))
-            else:
-                for r, bs, be, _, _ in b.pieces:
-                    works.append(self.comm.reduce(b.buf[bs:be], r))
-        b.works, b.launched = works, True
-        self._inflight.append(b)
-        if self.stage >= 2:
-            while len(self._inflight) > self.max_inflight:
-                self._finish(self._inflight.popleft())
-
-    @torch.no_grad()
-    def _finish(self, b: _Bucket) -> None:
-        for w in b.works:
-            w.wait()
-        buf = b.buf
-        assert buf is not None
-        if self.stage < 2:
-            if buf.dtype != self.grad.dtype:
-                a, e = b.spans[0]
-                if self.stage == 0 or self.collective == "allreduce":
-                    self.grad[a:e].copy_(buf)
-                else:
-                    for r, bs, be, s, t in b.pieces:
-                        if r == self.rank:
-                            self.grad[s:t].copy_(buf[bs:be])
-        else:
-            for r, bs, be, s, t in b.pieces:
-                if r == self.rank:
-                    self.grad[s - self.lo : t - self.lo].add_(buf[bs:be])
-        b.buf, b.works = None, []
-
-    def _flush(self) -> None:
-        """Launch every bucket not launched yet (in order) and wait for all of them."""
-        while self._next_launch < len(self.buckets):
-            self._launch(self.buckets[self._next_launch])
-            self._next_launch += 1
-        while self._inflight:
-            self._finish(self._inflight.popleft())
-        for b in self.buckets:
-            b.ready, b.launched = 0, False
-        self._next_launch = 0
+    @property
+    def overlapped_buckets(self) -> int:
+        """Buckets launched from inside backward (before autograd finished), since the start."""
+        return self.buckets.overlapped
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backpropagate one micro-batch's loss (already divided by ``grad_accum``).
@@ -425,7 +251,7 @@ class ZeroEngine:
         self._micro += 1
         loss.backward()
         if self._comm_now():
-            self._flush()
+            self.buckets.flush()
         if self.shards is not None:
             self.shards.free_all()
 
@@ -441,7 +267,7 @@ class ZeroEngine:
             raise ValueError("step() called before any backward(); call backward(loss) first")
         if not self._comm_now():  # fewer micro-batches than grad_accum: reduce what we have
             self._micro = self.grad_accum
-            self._flush()
+            self.buckets.flush()
         grad = self.grad[self.opt_lo : self.opt_hi] if self.stage < 2 else self.grad
         if self.world > 1:
             grad.div_(self.world)
@@ -451,44 +277,16 @@ class ZeroEngine:
         norm = sq.sqrt()
         if self.grad_clip > 0:
             grad.mul_(torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0))
-        if self.offload:
-            self._offload_step(grad, lr)
+        if self.host_step is not None:
+            up = self.flat_param
+            self.host_step.run(grad, lr, up[self.opt_lo : self.opt_hi] if up is not None else None)
+            self._uploaded = up is not None
         else:
             self.optimizer.step(self.master, grad, lr)
         self._publish()
         self.grad.zero_()
         self._micro = 0
         return float(norm)
-
-    @torch.no_grad()
-    def _offload_step(self, grad: torch.Tensor, lr: float) -> None:
-        """The optimizer step on the host, pipelined in parts (ZeRO-Offload): part i+1's
-        gradient comes down and part i-1's new weights go up on a copy stream while the CPU
-        updates part i. The same update as one piece (elementwise; ulps at the cuts, fused AdamW)."""
-        n = grad.numel()
-        k = max(1, min(OFFLOAD_PARTS, n // OFFLOAD_MIN_PART))
-        parts = [(i * n // k, (i + 1) * n // k) for i in range(k)]
-        main = torch.cuda.current_stream(self.device)
-        if self._copy_stream is None:
-            self._copy_stream = torch.cuda.Stream(self.device)
-        cs = self._copy_stream
-        cs.wait_stream(main)  # the gradient is averaged and clipped
-        down = []
-        with torch.cuda.stream(cs):
-            for a, b in parts:
-                self._grad_host[a:b].copy_(grad[a:b], non_blocking=True)
-                ev = torch.cuda.Event()
-                ev.record(cs)
-                down.append(ev)
-        up = self.flat_param[self.opt_lo : self.opt_hi] if self.flat_param is not None else None
-        for i, ((a, b), ev) in enumerate(zip(parts, down, strict=True)):
-            ev.synchronize()
-            self.optimizer.step(self.master, self._grad_host, lr, part=(a, b), count=i == 0)
-            if up is not None:  # stages 0-2: upload this part now (stage 3 gathers from master)
-                with torch.cuda.stream(cs):
-                    up[a:b].copy_(self.master[a:b], non_blocking=True)
-        main.wait_stream(cs)  # uploads done before the next use of the parameters
-        self._uploaded = up is not None
 
     @torch.no_grad()
     def _publish(self) -> None:
@@ -503,24 +301,7 @@ class ZeroEngine:
         elif self.master.data_ptr() != fp[self.opt_lo :].data_ptr():
             fp[self.opt_lo : self.opt_hi].copy_(self.master, non_blocking=self.offload)
         if self.stage > 0 and self.world > 1:
-            self._all_gather_params(fp)
-
-    def _all_gather_params(self, fp: torch.Tensor) -> None:
-        """Every rank's shard of ``fp`` to every rank.
-
-        On gloo, one asynchronous broadcast per owner, all in flight at once, measured ~3x
-        faster than gloo's all-gather for 4 MiB at N=2 (docs/zero-engine.md); elsewhere
-        ``all_gather_into_tensor``.
-        """
-        if self.comm.backend == "gloo":
-            size = self.hi - self.lo
-            works = [
-                self.comm.broadcast(fp[r * size : (r + 1) * size], r) for r in range(self.world)
-            ]
-            for w in works:
-                w.wait()
-        else:
-            self.comm.all_gather_into(fp, fp[self.lo : self.hi]).wait()
+            self.comm.all_gather_shards(fp, self.lo, self.hi)
 
     @contextlib.contextmanager
     def gathered(self) -> Iterator[nn.Module]:

@@ -213,6 +213,42 @@ def _choose(node, exclude: set[str], min_round: int, inner: bool, timeout_s: flo
     return None
 
 
+def _pick(node, exclude: set[str], min_round: int, inner: bool, fetch_timeout_s: float,
+          end: float) -> tuple | None:  # fmt: skip
+    """Rank 0: the source to fetch from (:func:`_choose`), waiting for one until ``end``;
+    None at once when auto joining (``min_round > 0``) finds nobody past round 0."""
+    while time.monotonic() < end:
+        choice = _choose(node, exclude, min_round, inner, fetch_timeout_s)
+        if choice is not None or min_round > 0:
+            return choice
+        exclude.clear()  # a member that failed may be back; wait a little
+        time.sleep(1.0)
+    return None
+
+
+def _fetch_all(node, site: str, info, names: tuple[str, ...], version: int,
+               span: tuple[int, int], timeout_s: float,
+               reference: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], int, str, int]:  # fmt: skip
+    """Every stream of ``names`` on ``span`` from ``site`` at ``version``: ``(values, code,
+    cause, bytes)``. Implausible state (against ``reference``) is refused and struck."""
+    lo, hi = span
+    if lo >= hi:
+        return {name: torch.empty(0) for name in names}, _OK, "", 0
+    got: dict[str, torch.Tensor] = {}
+    nbytes = 0
+    for name in names:
+        t, code, cause, n = fetch_range(node.client, info, name, version, lo, hi, timeout_s)
+        nbytes += n
+        if code != _OK:
+            return got, code, cause, nbytes
+        got[name] = t
+    if bad := implausible_state(got, reference):
+        node.strike(site, version, f"implausible state: {bad}")
+        log.warning("join: %s served implausible state: %s", site, bad)
+        return got, _FAILED, "implausible", nbytes
+    return got, _OK, "", nbytes
+
+
 def join(
     *,
     node,
@@ -250,37 +286,20 @@ def join(
     tries = nbytes = 0
     inner = bool(inner_names)
     while True:
-        choice = None
-        if comm.rank == 0:
-            while choice is None and time.monotonic() < end:
-                choice = _choose(node, exclude, min_round, inner, fetch_timeout_s)
-                if choice is None and min_round > 0:
-                    break  # auto joining: nobody is past round 0, start fresh
-                if choice is None:
-                    exclude.clear()  # a member that failed may be back; wait a little
-                    time.sleep(1.0)
+        choice = (
+            _pick(node, exclude, min_round, inner, fetch_timeout_s, end) if comm.rank == 0 else None
+        )
         choice = comm.broadcast_object(choice)
         if choice is None:
             return None
         site, info, version, inner = choice
         tries += 1
         names = streams + (inner_names if inner else ())
-        got: dict[str, torch.Tensor] = {}
-        code, cause = _OK, ""
         left = max(0.1, min(fetch_timeout_s, end - time.monotonic()))
-        if lo < hi:
-            for name in names:
-                t, code, cause, n = fetch_range(node.client, info, name, version, lo, hi, left)
-                nbytes += n
-                if code != _OK:
-                    break
-                got[name] = t
-            if code == _OK and (bad := implausible_state(got, reference)):
-                code, cause = _FAILED, "implausible"
-                node.strike(site, version, f"implausible state: {bad}")
-                log.warning("join: %s served implausible state: %s", site, bad)
-        else:
-            got = {name: torch.empty(0) for name in names}
+        got, code, cause, n = _fetch_all(
+            node, site, info, names, version, (lo, hi), left, reference
+        )
+        nbytes += n
         (worst,) = comm.max_int([code])
         if worst == _OK:
             return Joined(site, version, got, inner, time.monotonic() - t0, nbytes, tries, failed)

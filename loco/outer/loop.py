@@ -144,22 +144,12 @@ class OuterLoop:
                              payloads=payloads, site=site, all_live=all_live, mix=mix,
                              pool=self._pool, pull_timeout_s=pull_timeout_s,
                              publish=self._publish)  # fmt: skip
-        self._averager = (
-            FinalAverage(
-                flat=flat,
-                state=self.state,
-                node=node,
-                payloads=payloads,
-                site=site,
-                live=self._live,
-                pool=self._pool,
-                pull_timeout_s=pull_timeout_s,
-                stats=self.stats,
-                say=self.say,
-            )  # fmt: skip
-            if final_average
-            else None
-        )
+        self._averager = None
+        if final_average:
+            self._averager = FinalAverage(flat=flat, state=self.state, node=node,
+                                          payloads=payloads, site=site, live=self._live,
+                                          pool=self._pool, pull_timeout_s=pull_timeout_s,
+                                          stats=self.stats, say=self.say)  # fmt: skip
 
     @property
     def history(self) -> list[dict[str, Any]]:

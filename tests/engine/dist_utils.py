@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from loco.engine.zero import prepare_activation_checkpointing
+from loco.engine.recompute import prepare_activation_checkpointing
 from loco.model.gpt import GPT, GPTConfig
 
 TIMEOUT = datetime.timedelta(seconds=60)

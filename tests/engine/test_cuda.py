@@ -82,9 +82,9 @@ def test_two_ranks_gloo_device_tensors(device: str) -> None:
 def test_offload_matches_no_offload(stage: int, compute_dtype: str, monkeypatch) -> None:
     """Offload (masters and AdamW state pinned on the CPU, step there) == the GPU step; the
     host step runs in several parts, copies overlapped (small parts so the tiny model has some)."""
-    from loco.engine import zero
+    from loco.engine import offload as host
 
-    monkeypatch.setattr(zero, "OFFLOAD_MIN_PART", 4096)
+    monkeypatch.setattr(host, "OFFLOAD_MIN_PART", 4096)
     results = []
     for offload in (False, True):
         model = tiny_gpt().cuda()
@@ -92,7 +92,7 @@ def test_offload_matches_no_offload(stage: int, compute_dtype: str, monkeypatch)
         if offload:
             assert eng.master.device.type == "cpu" and eng.master.is_pinned()
             assert all(v.is_pinned() for v in eng.optimizer.state.values())
-            assert eng._grad_host.is_pinned()
+            assert eng.host_step.grad_host.is_pinned()
             assert next(model.parameters()).is_cuda
         losses, norms = train(eng, 0, 1, 1, LR["adamw"])
         results.append((losses, norms, eng.gather_full()))

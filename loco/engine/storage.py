@@ -1,0 +1,60 @@
+"""Where a ZeRO engine's values live, per stage: the compute parameters (the model's trainable
+parameters become views into one flat buffer, stages 0-2, or into block units, stage 3), the fp32
+masters of the optimizer's range, and the fp32 gradient accumulator (table: ``loco.engine.zero``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from loco.engine.flat import FlatLayout
+from loco.engine.stage3 import BlockShards
+from loco.site_comm import SiteComm
+
+
+@dataclass
+class Storage:
+    flat_param: torch.Tensor | None
+    """The compute parameters, full (stages 0-2; None in stage 3)."""
+    master: torch.Tensor
+    """fp32 masters of the optimizer's range (a view of ``flat_param`` when they coincide)."""
+    shards: BlockShards | None
+    """Stage 3's block units (None otherwise)."""
+    grad: torch.Tensor
+    """fp32 gradient: the whole padded vector (stages 0-1) or this rank's shard (2-3)."""
+
+
+@torch.no_grad()
+def build_storage(model: nn.Module, layout: FlatLayout, comm: SiteComm, *, stage: int,
+                  padded: int, opt_range: tuple[int, int], shard: tuple[int, int],
+                  compute_dtype: torch.dtype, device: torch.device,
+                  offload: bool, prefetch: bool) -> Storage:  # fmt: skip
+    """Move ``model``'s trainable parameters into the engine's buffers (its parameters become
+    views) and make the masters and the gradient. ``opt_range``: the optimizer's global range;
+    ``shard``: this rank's. With ``offload`` the masters are in pinned host memory."""
+    full = torch.zeros(padded, dtype=torch.float32)
+    full[: layout.numel] = layout.flatten()
+    opt_lo, opt_hi = opt_range
+    flat_param: torch.Tensor | None = None
+    shards: BlockShards | None = None
+    if stage < 3:
+        flat_param = full.to(device=device, dtype=compute_dtype)
+        for spec, p in zip(layout.specs, layout.params, strict=True):
+            p.data = flat_param[spec.offset : spec.end].view(spec.shape)
+    if stage < 3 and compute_dtype == torch.float32 and not offload:
+        assert flat_param is not None
+        master = flat_param[opt_lo:opt_hi]
+    else:
+        master = full[opt_lo:opt_hi].clone().to("cpu" if offload else device)
+        if offload:
+            master = master.pin_memory()
+    if stage == 3:
+        shards = BlockShards(model, layout, comm, master, shard[0], full, dtype=compute_dtype,
+                             device=device, prefetch=prefetch)  # fmt: skip
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point():
+            p.data = p.data.to(compute_dtype)  # frozen parameters compute in the same dtype
+    n = padded if stage < 2 else shard[1] - shard[0]
+    return Storage(flat_param, master, shards, torch.zeros(n, dtype=torch.float32, device=device))
