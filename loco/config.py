@@ -133,6 +133,7 @@ class TrainConfig:
     log_every: int = 10
     threads: int = 0  # torch intra-op threads per rank; 0: cores / nproc
     progress: bool = True
+    tensorboard: bool = True  # TensorBoard events in <site run dir>/tensorboard/ (rank 0)
 
     def __post_init__(self) -> None:
         for k in (

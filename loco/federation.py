@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from loco.config import CONF_DIR, ConfigError, compose
 from loco.errors import describe as describe_exit
@@ -318,11 +318,12 @@ def _bytes(n: Any) -> str:
     return "-"
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    """The per-site summary table (plain text, aligned); a non-zero exit names its kind
-    (``2 config``, ``3 run-time``, ``1 crash``, ``-9 crash (SIGKILL)``: loco.errors)."""
-    head = ["site", "exit", "steps", "val loss", "distance", "rounds", "dropped", "bytes sent",
-            "DDP bytes", "DDP / sent", "utilization"]  # fmt: skip
+_HEAD = ["site", "exit", "steps", "val loss", "distance", "rounds", "dropped", "bytes sent",
+         "DDP bytes", "DDP / sent", "utilization"]  # fmt: skip
+
+
+def _cells(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """One list of formatted cells per site, in the order of ``_HEAD``."""
     body = []
     for r in rows:
         sent, ddp = r.get("bytes_sent"), r.get("ddp_bytes")
@@ -334,11 +335,43 @@ def table(rows: list[dict[str, Any]]) -> str:
             _bytes(ddp), _fmt(ratio, ".0f") + ("x" if ratio else ""),
             _fmt(r.get("compute_utilization"), ".0%"),
         ])  # fmt: skip
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
+    return body
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The per-site summary table (plain text, aligned); a non-zero exit names its kind
+    (``2 config``, ``3 run-time``, ``1 crash``, ``-9 crash (SIGKILL)``: loco.errors)."""
+    body = _cells(rows)
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(_HEAD)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(_HEAD, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths, strict=True)) for b in body]
     return "\n".join(lines)
+
+
+def print_table(rows: list[dict[str, Any]], file: TextIO | None = None) -> None:
+    """Print the summary table on ``file`` (stdout): a ``rich`` table on a terminal, else
+    :func:`table`'s plain text (the same cells)."""
+    file = file if file is not None else sys.stdout
+    if not file.isatty():
+        print(table(rows), file=file, flush=True)
+        return
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    grid = Table(box=box.SIMPLE_HEAD, show_edge=False)
+    for i, head in enumerate(_HEAD):
+        grid.add_column(head, justify="left" if i < 2 else "right")  # figures right-aligned
+    for cells in _cells(rows):
+        grid.add_row(*map(Text, cells))  # Text: a cell is never read as rich markup
+    console = Console(file=file, highlight=False)
+    # never shorten a figure to fit a narrow terminal: let the terminal wrap the line instead
+    natural = console.measure(grid, options=console.options.update_width(10_000)).maximum
+    console.width = max(console.width, natural)
+    console.print(grid)
+    file.flush()
 
 
 def run_federation(overrides: list[str], run_dir: Path, timeout: float | None = None) -> dict:
@@ -391,7 +424,7 @@ def _write_results(run_dir: Path, out: dict[str, Any]) -> None:
     (run_dir / "federation.json").write_text(json.dumps(out, indent=2) + "\n")
     text = table(rows)
     (run_dir / "summary.txt").write_text(text + "\n")
-    print(text, flush=True)
+    print_table(rows)
     from loco.report import try_write_report
 
     sites = [r["site"] for r in rows]

@@ -253,7 +253,10 @@ def run_rank(cfg: LocoConfig, run_dir: Path, comm: SiteComm, local_rank: int) ->
     parts = build_parts(cfg, comm=comm, local_rank=local_rank, say=say)
     ckpt = build.checkpoint_writer_from(cfg, run_dir, parts.engine, comm)
     resume_from = find_resume(cfg, ckpt, say)
-    metrics = MetricsWriter(run_dir / "metrics.jsonl", site=site, rank=rank) if rank == 0 else None
+    metrics: MetricsWriter | None = None
+    if rank == 0:  # metrics.jsonl, and TensorBoard events of the same records
+        events = run_dir / "tensorboard" if cfg.train.tensorboard else None
+        metrics = MetricsWriter(run_dir / "metrics.jsonl", site=site, rank=rank, events=events)
     progress = None
     if rank == 0 and cfg.train.progress:
         progress = Progress(cfg.train.steps, prefix=f"loco[{site}] ")
