@@ -275,7 +275,8 @@ def _payloads(cfg: LocoConfig, flat, comm: SiteComm):
         phi_codec=c.phi_codec, delta_options=codec_options(c.codec, **opts),
         phi_options=codec_options(c.phi_codec, **opts), error_feedback=c.error_feedback,
         seed=cfg.train.seed * 1009 + comm.rank, flat_size=flat.padded, phi_lattice=o.phi_lattice,
-        phi_lattice_window=o.phi_lattice_window,
+        phi_lattice_window=o.phi_lattice_window, phi_lattice_bits=o.phi_lattice_bits,
+        phi_lattice_margin=o.phi_lattice_margin, phi_every=o.phi_every,
     )  # fmt: skip
 
 

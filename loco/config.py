@@ -244,6 +244,10 @@ class OuterConfig:
     phi_lattice: bool = False  # send phi modulo-quantized next to the receiver's phi (~1.1 B/value)
     # lattice grid steps per largest outer-momentum value of a block: larger = finer, narrower
     phi_lattice_window: float = 8.0
+    # lattice bits per value (2-8); below 8 the grid follows the partner spread last observed
+    phi_lattice_bits: int = 8
+    phi_lattice_margin: float = 2.0  # bits < 8: window = margin x the observed spread
+    phi_every: int = 1  # lattice: send phi every N rounds (the others keep their own phi)
     final_average: bool = False  # noloco: after the last step, average the weights over all sites
 
     def __post_init__(self) -> None:
@@ -265,6 +269,10 @@ class OuterConfig:
             raise ConfigError(f"outer.nesterov={self.nesterov!r} must be true, false or null")
         _choice("outer.consensus", self.consensus, ("momentum", "weights"))
         _positive("outer.phi_lattice_window", self.phi_lattice_window)
+        if not 2 <= self.phi_lattice_bits <= 8:
+            raise ConfigError(f"outer.phi_lattice_bits={self.phi_lattice_bits} must be in 2..8")
+        _positive("outer.phi_lattice_margin", self.phi_lattice_margin)
+        _positive("outer.phi_every", self.phi_every)
         if not isinstance(self.final_average, bool):
             raise ConfigError(f"outer.final_average={self.final_average!r} must be true or false")
 

@@ -13,6 +13,7 @@ error-feedback residual when its codec is lossy and ``error_feedback`` is on.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,8 @@ import torch
 from loco.compress import ErrorFeedback, PayloadError, decode, encode, make_codec
 from loco.compress.wire import HEADER_SIZE
 from loco.errors import TrainingError
+from loco.outer import lattice
+from loco.outer.lattice import Spread
 
 STREAMS = ("delta", "phi")
 LATTICE_BLOCK = 256  # values per block of a lattice phi frame (lattice.encode's default)
@@ -65,7 +68,13 @@ class RangePayloads:
         flat_size: the padded flat size P' (bounds a received frame's length).
         phi_lattice: send phi with :mod:`loco.outer.lattice` (~1.09 bytes per value, decoded
             next to the receiver's own phi; needs partners with the same rank count).
-        phi_lattice_window: the lattice's grid steps per largest momentum value of a block.
+        phi_lattice_window: the lattice's grid steps per largest momentum value of a block
+            (8-bit frames).
+        phi_lattice_bits: lattice bits per value (2-8); below 8 the grid follows the partner
+            spread last observed (:class:`loco.outer.lattice.Spread`) times
+            ``phi_lattice_margin``; the first frame is 8-bit.
+        phi_every: send phi every this many rounds (rounds 1, 1 + N, ...); the other rounds
+            publish a frame without values and keep their own phi (lattice only).
     """
 
     def __init__(
@@ -82,12 +91,20 @@ class RangePayloads:
         flat_size: int | None = None,
         phi_lattice: bool = False,
         phi_lattice_window: float = 8.0,
+        phi_lattice_bits: int = 8,
+        phi_lattice_margin: float = 2.0,
+        phi_every: int = 1,
     ) -> None:
         self.slo, self.shi = shard
         self.lo, self.hi = owned
         assert self.slo <= self.lo <= self.hi <= self.shi, (shard, owned)
         self.codec, self.phi_codec = codec, "lattice" if phi_lattice else phi_codec
         self.lattice_window = phi_lattice_window
+        self.lattice_bits, self.lattice_margin = phi_lattice_bits, phi_lattice_margin
+        self.phi_every = phi_every
+        self.spread = Spread()
+        self.lattice_blocks = self.lattice_failed = 0  # decoded blocks, and how many failed
+        self._lock = threading.Lock()
         self._ref: torch.Tensor | None = None  # own exact phi of the round (lattice decoding)
         # bound on what a partner's frame may ask us to allocate: a partner with fewer ranks
         # sends bigger segments, at most its whole padded vector (P plus a little padding)
@@ -131,17 +148,32 @@ class RangePayloads:
             raise TrainingError("the local delta or phi holds NaN/Inf; refusing to publish it")
         dbuf, dlab, dval = self._encode(delta, self.codec, self.delta_options, self.ef)
         if self.phi_codec == "lattice":
-            from loco.outer import lattice
-
-            ref = self._padded(phi)
-            mom = self._padded(momentum if momentum is not None else torch.zeros_like(phi))
-            pbuf, full = lattice.encode(ref, mom, block=LATTICE_BLOCK, window=self.lattice_window)
-            plab, pval, self._ref = "lattice", full[: self.numel].clone(), ref
+            pbuf, pval = self._encode_lattice(round, phi, momentum)
+            plab = "lattice"
         else:
             pbuf, plab, pval = self._encode(phi, self.phi_codec, self.phi_options, None)
         nbytes = memoryview(dbuf).nbytes + memoryview(pbuf).nbytes
         out = Outgoing(round, dval, pval, (dbuf, pbuf), nbytes)
         return out, {"delta": (dbuf, dlab), "phi": (pbuf, plab)}
+
+    def _encode_lattice(self, round: int, phi: torch.Tensor,
+                        momentum: torch.Tensor | None) -> tuple[bytes, torch.Tensor]:  # fmt: skip
+        """The lattice frame of ``phi`` for ``round`` and own decoded values on [lo, hi)."""
+        ref = self._padded(phi)
+        self._ref = ref
+        if (round - 1) % self.phi_every:
+            return lattice.skip_frame(ref.numel()), ref[: self.numel].clone()
+        with self._lock:
+            spread = self.spread.value
+        bits, steps = self.lattice_bits, None
+        if spread is not None and bits < 8 and spread.numel() == -(-ref.numel() // LATTICE_BLOCK):
+            steps = lattice.steps_for_spread(ref, spread, bits, LATTICE_BLOCK, self.lattice_margin)
+        else:
+            bits = 8  # nothing observed yet (or 8 bits asked): the momentum rule
+        mom = self._padded(momentum if momentum is not None else torch.zeros_like(phi))
+        buf, full = lattice.encode(ref, mom, block=LATTICE_BLOCK, window=self.lattice_window,
+                                   bits=bits, steps=steps)  # fmt: skip
+        return buf, full[: self.numel].clone()
 
     # ------------------------------------------------------------------ pulling
 
@@ -154,11 +186,14 @@ class RangePayloads:
         def check(buf, numel: int) -> None:
             mv = memoryview(buf).cast("B")
             if lattice_ref is not None:
-                from loco.outer import lattice
-
                 if lattice.frame_numel(mv) != lattice_ref.numel():
                     raise PayloadError("lattice phi needs partners with the same rank count")
-                t = lattice.decode(mv, lattice_ref, max_numel=lattice_ref.numel())
+                got = lattice.decode(mv, lattice_ref, max_numel=lattice_ref.numel())
+                with self._lock:
+                    self.spread.observe(got)
+                    self.lattice_blocks += got.blocks
+                    self.lattice_failed += got.failed
+                t = got.values
             elif raw:
                 if len(mv) != self.numel * 4 or numel != self.numel:
                     raise PayloadError(f"raw payload of {len(mv)} bytes for {self.numel} values")
@@ -179,7 +214,6 @@ class RangePayloads:
         if codec in LOSSLESS:
             return None
         if codec == "lattice":
-            from loco.outer import lattice
 
             def exact(n: int) -> int:
                 return lattice.frame_bytes(n, LATTICE_BLOCK)

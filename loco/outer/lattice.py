@@ -1,39 +1,48 @@
-"""phi in about one byte per value, using the receiver's own phi as side information.
+"""phi in a few bits per value, using the receiver's own phi as side information.
 
 Partners' slow weights are close (they differ by a few outer steps), so the sender quantizes
-``phi`` on a fine per-block grid of step ``s`` and sends only each grid index modulo 256
+``phi`` on a per-block grid of step ``s`` and sends only each grid index modulo ``2**bits``
 (modulo / lattice quantization, as in Davies et al., ICLR 2021). The receiver picks, for every
 value, the grid point with that residue nearest to ITS OWN phi: exact up to ``s / 2`` whenever
-the two phis differ by less than ``127 s``. Two checksums per block of the full grid indices
-(their sum and their index-weighted sum) detect a wrong pick; the decoder then raises
-``PayloadError`` and the partner is dropped for the round (never a wrong value applied). The
-sender's own decoded value is the same grid point, computed with the same fp32 operations, so
-both members of a pair still average identical numbers.
+the two phis differ by less than about ``(2**(bits-1) - 1) * s``. A 32-bit hash per block of
+the full grid indices detects a wrong pick; such a block is never applied: the decoder returns
+the receiver's own phi there (no pull on that block this round) and counts it. The sender's own
+decoded value is the same grid point, computed with the same fp32 operations, so both members of
+a pair average identical numbers wherever both decodes succeed.
 
-The step is ``s = max(max|m| / 8, max|phi| / 4096)`` per block (``m``: the sender's outer
-momentum, i.e. its last phi movement): the window is +-16 recent steps, the error 1/16 step.
+The step of a block is chosen by the sender (:func:`steps_for_spread`): the window covers
+``margin`` times the largest partner difference it last observed on that block
+(:class:`Spread`), or, before any observation, ``max|m| / window`` (``m``: its outer momentum, the
+last phi movement) with 8 bits. The frame carries the steps (bf16), so the receiver need not
+know the rule.
 
-Frame (little-endian): ``b"LLAT"``, version u8, 3 pad bytes, numel u64, block u32, nblocks u32,
-steps f32[nblocks], sums i64[nblocks], weighted sums i64[nblocks], codes u8[numel], CRC-32 of
-everything before it (u32). ``1 <= block <= MAX_BLOCK`` and ``nblocks = ceil(numel / block)``,
-so the decoder's padded working size ``nblocks * block`` is below ``numel + MAX_BLOCK``.
+Frame (little-endian): ``b"LLAT"``, version u8 (2), bits u8, 2 pad bytes, numel u64, block u32,
+nblocks u32, steps bf16[nblocks], hashes u32[nblocks], codes (``bits`` per value, packed MSB
+first, unused low bits of the last byte zero), CRC-32 of everything before it (u32).
+``bits == 0`` is a frame without values ("no phi this round": ``nblocks == 0``, the receiver keeps
+its own phi). Otherwise ``2 <= bits <= 8``, ``1 <= block <= MAX_BLOCK`` and
+``nblocks = ceil(numel / block)``, so the decoder's padded working size is below
+``numel + MAX_BLOCK``.
 """
 
 from __future__ import annotations
 
 import struct
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from loco.compress import PayloadError
 
-MAGIC, VERSION = b"LLAT", 1
-_HEAD = struct.Struct("<4sB3xQII")
-MAX_BLOCK = 1 << 16  # largest block a frame may use (the encoder's default is 256)
-WINDOW_STEPS = 8.0  # s = max|m| / 8: the window is 127 s ~ 16 x the largest recent step
+MAGIC, VERSION = b"LLAT", 2
+_HEAD = struct.Struct("<4sBB2xQII")
+MAX_BLOCK = 1 << 16  # largest block a frame may use
+WINDOW_STEPS = 8.0  # before any observation: s = max|m| / 8, the window 127 s ~ 16 max|m|
 REL_FLOOR = 2.0**-12  # s >= max|phi| / 4096 (round 1: m = 0)
+MAX_INDEX = 2**30  # |phi / s| above this is not a grid a sender makes: the block fails
+_HASH_MUL = 0x9E3779B1
 
 
 def _blocks(n: int, block: int) -> int:
@@ -47,78 +56,148 @@ def _pad(x: torch.Tensor, block: int) -> torch.Tensor:
     return out.view(nb, block)
 
 
+def _bf16(s: torch.Tensor) -> torch.Tensor:
+    """``s`` rounded to bf16 (what the frame carries), as fp32."""
+    return s.to(torch.bfloat16).to(torch.float32)
+
+
+def _floor(phi: torch.Tensor, block: int) -> torch.Tensor:
+    return _pad(phi.float(), block).abs().amax(1) * REL_FLOOR
+
+
 def steps_for(phi: torch.Tensor, momentum: torch.Tensor, block: int = 256,
               window: float = WINDOW_STEPS) -> torch.Tensor:  # fmt: skip
-    """The grid step of every block (fp32, > 0): ``max|m| / window`` (at least the floor)."""
-    p = _pad(phi.float(), block).abs().amax(1)
+    """The grid step of every block before any observation (fp32, > 0): ``max|m| / window``,
+    at least the floor ``max|phi| / 4096``; for 8-bit frames."""
     m = _pad(momentum.float(), block).abs().amax(1)
-    s = torch.maximum(m / window, p * REL_FLOOR)
-    return torch.clamp(s, min=1e-30)
+    s = torch.maximum(m / window, _floor(phi, block))
+    return _bf16(torch.clamp(s, min=1e-30))
+
+
+def steps_for_spread(phi: torch.Tensor, spread: torch.Tensor, bits: int, block: int,
+                     margin: float) -> torch.Tensor:  # fmt: skip
+    """The grid step of every block whose window (``2**(bits-1) - 1`` steps either side) covers
+    ``margin * spread`` (the largest partner difference observed on the block), at least the
+    floor ``max|phi| / 4096``."""
+    half = float(2 ** (bits - 1) - 1) if bits > 1 else 0.5
+    s = torch.maximum(margin * spread.float() / half, _floor(phi, block))
+    return _bf16(torch.clamp(s, min=1e-30))
 
 
 def _grid(x: torch.Tensor, s: torch.Tensor, block: int) -> torch.Tensor:
-    """Full grid indices round(x / s) (int64), [nblocks, block]."""
-    return torch.round(_pad(x, block) / s[:, None]).to(torch.int64)
+    """Full grid indices round(x / s) (int64), [nblocks, block]; |index| capped at MAX_INDEX."""
+    q = torch.round(_pad(x, block) / s[:, None])
+    return torch.clamp(q, -MAX_INDEX, MAX_INDEX).to(torch.int64)
 
 
 def _values(idx: torch.Tensor, s: torch.Tensor, n: int) -> torch.Tensor:
     return (idx.to(torch.float32) * s[:, None]).reshape(-1)[:n].clone()
 
 
-def _checks(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    w = torch.arange(1, idx.shape[1] + 1, dtype=torch.int64)
-    return idx.sum(1), (idx * w).sum(1)
+def _hashes(idx: torch.Tensor) -> torch.Tensor:
+    """A 32-bit hash per block of the full indices: sum of index times an odd constant per
+    position, mod 2**32 (a wrong pick changes an index by a multiple of ``2**bits``)."""
+    pos = torch.arange(idx.shape[1], dtype=torch.int64)
+    mul = ((pos * _HASH_MUL + 0x7F4A7C15) & 0xFFFFFFFF) | 1
+    return (idx * mul).sum(1) & 0xFFFFFFFF
 
 
-def encode(
-    phi: torch.Tensor, momentum: torch.Tensor, block: int = 256, window: float = WINDOW_STEPS
-) -> tuple[bytes, torch.Tensor]:
-    """``(frame, own decoded phi)``. ValueError if ``phi`` holds NaN/Inf. ``window``: grid
-    steps per largest momentum value of a block (larger: finer grid, narrower window; the
-    frame carries the steps, so the receiver need not know it)."""
+def _pack(codes: torch.Tensor, bits: int) -> bytes:
+    c = codes.numpy().astype(np.uint8)
+    if bits == 8:
+        return c.tobytes()
+    planes = np.unpackbits(c[:, None], axis=1)[:, 8 - bits :]
+    return np.packbits(planes.reshape(-1)).tobytes()
+
+
+def _unpack(mv: memoryview, offset: int, n: int, bits: int) -> torch.Tensor:
+    """``n`` codes of ``bits`` bits (int64); PayloadError if the last byte's unused bits are set."""
+    nbytes = (n * bits + 7) // 8
+    raw = np.frombuffer(mv, np.uint8, nbytes, offset)
+    if bits == 8:
+        return torch.from_numpy(raw.astype(np.int64))
+    planes = np.unpackbits(raw)
+    if planes[n * bits :].any():
+        raise PayloadError("lattice codes: the unused bits of the last byte are not zero")
+    weights = (1 << np.arange(bits - 1, -1, -1)).astype(np.int64)
+    return torch.from_numpy(planes[: n * bits].reshape(n, bits).astype(np.int64) @ weights)
+
+
+def frame_bytes(numel: int, block: int = 256, bits: int = 8) -> int:
+    """The size of a frame of ``numel`` values in blocks of ``block`` at ``bits`` per value."""
+    if bits == 0:
+        return _HEAD.size + 4
+    return _HEAD.size + _blocks(numel, block) * (2 + 4) + (numel * bits + 7) // 8 + 4
+
+
+def _frame(n: int, bits: int, block: int, nb: int, parts: tuple[bytes, ...]) -> bytes:
+    body = _HEAD.pack(MAGIC, VERSION, bits, n, block, nb) + b"".join(parts)
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def skip_frame(numel: int) -> bytes:
+    """A frame without values: the receiver keeps its own phi on these ``numel`` values."""
+    return _frame(numel, 0, 1, 0, ())
+
+
+def encode(phi: torch.Tensor, momentum: torch.Tensor, block: int = 256,
+           window: float = WINDOW_STEPS, *, bits: int = 8,
+           steps: torch.Tensor | None = None) -> tuple[bytes, torch.Tensor]:  # fmt: skip
+    """``(frame, own decoded phi)``. ``steps``: the grid step per block (from
+    :func:`steps_for_spread`); None: :func:`steps_for` (``momentum``, ``window``). ValueError
+    if ``phi`` holds NaN/Inf or an argument is out of range."""
     if not window > 0:
         raise ValueError(f"window={window} must be > 0")
     if not 1 <= block <= MAX_BLOCK:
         raise ValueError(f"block={block}; use 1 <= block <= {MAX_BLOCK}")
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits={bits}; use 2 <= bits <= 8")
     x = phi.detach().reshape(-1).float().cpu()
     if not bool(torch.isfinite(x).all()):
         raise ValueError("phi holds NaN/Inf; refusing to encode it")
     n = x.numel()
-    s = steps_for(x, momentum.detach().reshape(-1).cpu(), block, window)
+    if steps is None:
+        s = steps_for(x, momentum.detach().reshape(-1).cpu(), block, window)
+    else:
+        s = _bf16(steps.float())
+        if s.numel() != _blocks(n, block) or not bool((s > 0).all() & torch.isfinite(s).all()):
+            raise ValueError("steps: one finite positive step per block")
     idx = _grid(x, s, block)
-    sums, wsums = _checks(idx)
-    codes = (idx.reshape(-1)[:n] % 256).to(torch.uint8)
-    body = b"".join((
-        _HEAD.pack(MAGIC, VERSION, n, block, s.numel()),
-        s.numpy().astype("<f4").tobytes(), sums.numpy().astype("<i8").tobytes(),
-        wsums.numpy().astype("<i8").tobytes(), codes.numpy().tobytes(),
-    ))  # fmt: skip
-    return body + struct.pack("<I", zlib.crc32(body)), _values(idx, s, n)
+    codes = idx.reshape(-1)[:n] % (1 << bits)
+    parts = (s.to(torch.bfloat16).view(torch.int16).numpy().astype("<i2").tobytes(),
+             _hashes(idx).numpy().astype("<u4").tobytes(), _pack(codes, bits))  # fmt: skip
+    return _frame(n, bits, block, s.numel(), parts), _values(idx, s, n)
 
 
-def frame_bytes(numel: int, block: int = 256) -> int:
-    """The size of a frame of ``numel`` values in blocks of ``block``."""
-    return _HEAD.size + _blocks(numel, block) * (4 + 8 + 8) + numel + 4
+@dataclass(frozen=True)
+class _Head:
+    numel: int
+    bits: int
+    block: int
+    nblocks: int
+    size: int
 
 
-def _header(mv: memoryview, max_numel: int | None) -> tuple[int, int, int, int]:
-    """``(numel, block, nblocks, frame size)`` of a frame, every field checked against the
-    others and the frame's length (the CRC is not checked). Allocates nothing."""
+def _header(mv: memoryview, max_numel: int | None) -> _Head:
+    """The frame's header, every field checked against the others and the frame's length (the
+    CRC is not checked). Allocates nothing."""
     if len(mv) < _HEAD.size + 4:
         raise PayloadError(f"lattice frame of {len(mv)} bytes is too short")
-    magic, ver, n, block, nb = _HEAD.unpack_from(mv)
+    magic, ver, bits, n, block, nb = _HEAD.unpack_from(mv)
     if magic != MAGIC:
         raise PayloadError("not a lattice phi frame (magic)")
     if ver != VERSION:
         raise PayloadError(f"lattice frame version {ver}, this build reads {VERSION}")
-    if not 1 <= block <= MAX_BLOCK or nb != _blocks(n, block):
+    if bits != 0 and not 2 <= bits <= 8:
+        raise PayloadError(f"lattice frame with {bits} bits per value")
+    if not 1 <= block <= MAX_BLOCK or nb != (0 if bits == 0 else _blocks(n, block)):
         raise PayloadError(f"bad lattice header: numel {n}, block {block}, blocks {nb}")
     if max_numel is not None and n > max_numel:
         raise PayloadError(f"lattice frame holds {n} values, more than max_numel {max_numel}")
-    size = frame_bytes(n, block)
+    size = frame_bytes(n, block, bits)
     if len(mv) != size:
         raise PayloadError(f"lattice frame of {len(mv)} bytes, header implies {size}")
-    return n, block, nb, size
+    return _Head(n, bits, block, nb, size)
 
 
 def _view(buf: object) -> memoryview:
@@ -129,51 +208,97 @@ def _view(buf: object) -> memoryview:
 
 
 def frame_numel(buf: bytes | bytearray | memoryview) -> int:
-    """The number of values a frame holds, from a header checked for magic, version, block
-    range, block count and the frame's exact length (so the result is at most ``len(buf)``;
-    the CRC is left to :func:`decode`). PayloadError if it is not such a frame."""
-    return _header(_view(buf), None)[0]
+    """The number of values a frame holds, from a header checked for magic, version, bits,
+    block range, block count and the frame's exact length (so the result is at most
+    ``len(buf)``; the CRC is left to :func:`decode`). PayloadError if it is not such a frame."""
+    return _header(_view(buf), None).numel
+
+
+@dataclass
+class Decoded:
+    """A decoded frame: the values (the receiver's own phi on failed blocks), the blocks that
+    failed their hash, and per block the largest ``|decoded - reference|`` (NaN where failed;
+    empty for a frame without values)."""
+
+    values: torch.Tensor
+    failed: int
+    blocks: int
+    spread: torch.Tensor
+    block: int = 0
 
 
 def decode(buf: bytes | bytearray | memoryview, ref: torch.Tensor,
-           max_numel: int | None = None) -> torch.Tensor:  # fmt: skip
+           max_numel: int | None = None) -> Decoded:  # fmt: skip
     """The sender's phi, reconstructed next to the receiver's own ``ref`` (same length).
 
-    The header (``1 <= block <= MAX_BLOCK``, block count, numel <= ``max_numel`` and
-    == ``ref.numel()``, exact frame length) and the CRC are checked before anything sized by the
-    header is allocated; the working set is then O(numel + MAX_BLOCK).
+    The header (bits, ``1 <= block <= MAX_BLOCK``, block count, numel <= ``max_numel`` and
+    == ``ref.numel()``, exact frame length), the CRC, the steps (finite, > 0) and the codes'
+    padding bits are checked before anything sized by the header is allocated; the working set
+    is then O(numel + MAX_BLOCK). A block whose hash disagrees (the two phis are too far apart
+    for its grid) takes ``ref``'s values and is counted in ``failed``.
 
     Raises:
-        PayloadError: malformed frame, wrong length, or a block whose checksums disagree
-            (the two phis are too far apart for the grid: the partner must be dropped).
+        PayloadError: malformed frame, wrong length, bad CRC, steps or padding.
     """
     mv = _view(buf)
-    n, block, nb, size = _header(mv, max_numel)
+    h = _header(mv, max_numel)
+    n, nb, block = h.numel, h.nblocks, h.block
     if ref.numel() != n:
         raise PayloadError(f"lattice frame holds {n} values, the reference {ref.numel()}")
-    (crc,) = struct.unpack_from("<I", mv, size - 4)
-    if zlib.crc32(mv[: size - 4]) != crc:
+    (crc,) = struct.unpack_from("<I", mv, h.size - 4)
+    if zlib.crc32(mv[: h.size - 4]) != crc:
         raise PayloadError("lattice frame checksum mismatch")
+    own = ref.detach().reshape(-1).float().cpu()
+    if h.bits == 0:
+        return Decoded(own.clone(), 0, 0, torch.zeros(0))
     o = _HEAD.size
-    s = torch.from_numpy(np.frombuffer(mv, "<f4", nb, o).astype(np.float32))
+    raw = torch.from_numpy(np.frombuffer(mv, "<i2", nb, o).astype(np.int16))
+    s = raw.view(torch.bfloat16).to(torch.float32)
     if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
         raise PayloadError("lattice steps must be finite and > 0")
-    sums = torch.from_numpy(np.frombuffer(mv, "<i8", nb, o + 4 * nb).astype(np.int64))
-    wsums = torch.from_numpy(np.frombuffer(mv, "<i8", nb, o + 12 * nb).astype(np.int64))
-    r = _grid(ref.detach().reshape(-1).float().cpu(), s, block)  # reference grid indices
+    hashes = torch.from_numpy(np.frombuffer(mv, "<u4", nb, o + 2 * nb).astype(np.int64))
     c = torch.zeros(nb * block, dtype=torch.int64)  # the sender's padded values are 0 -> index 0
-    c[:n] = torch.from_numpy(np.frombuffer(mv, np.uint8, n, o + 20 * nb).copy())
+    c[:n] = _unpack(mv, o + 6 * nb, n, h.bits)
     c = c.view(nb, block)
+    p = _pad(own, block)
+    far = (p.abs() / s[:, None] >= MAX_INDEX).any(1)  # no sender makes such a grid
+    r = torch.round(p / s[:, None]).clamp(-MAX_INDEX, MAX_INDEX).to(torch.int64)
     if n < nb * block:
         r.view(-1)[n:] = 0
-    idx = c + 256 * torch.round((r - c).to(torch.float64) / 256).to(torch.int64)
-    got_s, got_w = _checks(idx)
-    bad = (got_s != sums) | (got_w != wsums)
-    if bool(bad.any()):
-        raise PayloadError(
-            f"lattice: {int(bad.sum())} of {nb} blocks are outside the window around our phi"
-        )
-    out = _values(idx, s, n)
-    if not bool(torch.isfinite(out).all()):
+    mod = 1 << h.bits
+    idx = c + mod * torch.round((r - c).to(torch.float64) / mod).to(torch.int64)
+    bad = (_hashes(idx) != hashes) | far
+    vals = idx.to(torch.float32) * s[:, None]
+    vals = torch.where(bad[:, None], p, vals)
+    if not bool(torch.isfinite(vals).all()):
         raise PayloadError("lattice values are not finite")
-    return out
+    spread = (vals - p).abs().amax(1)
+    spread[bad] = float("nan")
+    return Decoded(vals.reshape(-1)[:n].clone(), int(bad.sum()), nb, spread, block)
+
+
+class Spread:
+    """A rank's running estimate, per block, of the largest difference between its phi and a
+    partner's, from every decoded frame: the new observation where it is larger, otherwise a
+    decay toward it; a failed block is widened by ``grow``. Drives :func:`steps_for_spread`."""
+
+    def __init__(self, decay: float = 0.5, grow: float = 4.0) -> None:
+        self.decay, self.grow = decay, grow
+        self.value: torch.Tensor | None = None
+
+    def observe(self, d: Decoded) -> None:
+        """Take the spread of a decoded frame (frames without values are ignored)."""
+        if d.blocks == 0:
+            return
+        seen = d.spread.float()
+        if self.value is None or self.value.numel() != seen.numel():
+            ok = ~torch.isnan(seen)
+            typical = float(seen[ok].max()) if bool(ok.any()) else 0.0
+            self.value = torch.where(ok, seen, torch.full_like(seen, 4 * typical))
+            return
+        old = self.value
+        kept = torch.maximum(seen, old * self.decay)
+        ok = ~torch.isnan(seen)
+        typical = float(seen[ok].max()) if bool(ok.any()) else float(old.max())
+        widened = torch.clamp(old * self.grow, min=typical)  # a block never seen stays open
+        self.value = torch.where(ok, kept, widened)

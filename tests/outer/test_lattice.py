@@ -22,7 +22,8 @@ def test_roundtrip_next_to_a_close_reference_is_the_senders_own_value():
     assert (own - phi).abs().max() <= s / 2 + 1e-9
     for scale in (0.0, 1e-3, 5e-3):
         ref = phi + scale * torch.randn(phi.numel())
-        assert torch.equal(lattice.decode(buf, ref), own)
+        got = lattice.decode(buf, ref)
+        assert got.failed == 0 and torch.equal(got.values, own)
 
 
 def test_a_larger_window_setting_gives_a_finer_grid_and_a_narrower_window():
@@ -34,19 +35,22 @@ def test_a_larger_window_setting_gives_a_finer_grid_and_a_narrower_window():
     assert (own32 - phi).abs().max() <= s32.max() / 2 + 1e-9
     assert len(buf32) == len(buf8)  # still one byte per value
     ref = phi + 60 * s32.min() * torch.ones_like(phi)
-    assert torch.equal(lattice.decode(buf32, ref), own32)  # 60 steps away: inside
-    with pytest.raises(PayloadError, match="outside the window"):
-        lattice.decode(buf32, phi + 200 * s32.max())  # 200 of its steps away: outside
-    assert torch.equal(lattice.decode(buf8, phi + 200 * s32.max()), own8)  # 50 of 8's: inside
+    assert torch.equal(lattice.decode(buf32, ref).values, own32)  # 60 steps away: inside
+    far = phi + 200 * s32.max()  # 200 of its steps away: outside, every block
+    got = lattice.decode(buf32, far)
+    assert got.failed == got.blocks and torch.equal(got.values, far)
+    assert torch.equal(lattice.decode(buf8, far).values, own8)  # 50 of 8's: inside
     with pytest.raises(ValueError, match="window"):
         lattice.encode(phi, m, window=0.0)
 
 
-def test_reference_outside_the_window_is_detected():
+def test_reference_outside_the_window_is_detected_and_our_own_phi_kept():
     phi, m = _phi()
     buf, _ = lattice.encode(phi, m)
-    with pytest.raises(PayloadError, match="outside the window"):
-        lattice.decode(buf, phi + 1.0)
+    ref = phi + 1.0
+    got = lattice.decode(buf, ref)
+    assert got.failed == got.blocks == 12 and torch.equal(got.values, ref)
+    assert bool(torch.isnan(got.spread).all())
 
 
 def test_one_value_off_by_one_wrap_is_detected():
@@ -55,8 +59,10 @@ def test_one_value_off_by_one_wrap_is_detected():
     s = float(lattice.steps_for(phi, m)[0])
     ref = phi.clone()
     ref[3] += 200 * s  # this one value picks the neighbouring grid point of its residue
-    with pytest.raises(PayloadError):
-        lattice.decode(buf, ref)
+    got = lattice.decode(buf, ref)
+    assert got.failed == 1  # only block 0 fails; it keeps our own values
+    assert torch.equal(got.values[:256], ref[:256])
+    assert torch.equal(got.values[256:], lattice.encode(phi, m)[1][256:])
 
 
 @pytest.mark.parametrize("cut", [0, 10, -1])
@@ -78,3 +84,48 @@ def test_nonfinite_phi_is_refused():
     phi[2] = float("nan")
     with pytest.raises(ValueError):
         lattice.encode(phi, m)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+def test_low_bit_frames_decode_inside_the_window_and_fail_per_block_outside(bits):
+    n, block = 4099, 256
+    g = torch.Generator().manual_seed(bits)
+    phi = torch.randn(n, generator=g) * 0.05
+    diff = torch.randn(n, generator=g) * 1e-3
+    nb = -(-n // block)
+    spread = torch.full((nb,), float(diff.abs().max()))
+    steps = lattice.steps_for_spread(phi, spread, bits, block, margin=1.0)
+    buf, own = lattice.encode(phi, torch.zeros(n), block=block, bits=bits, steps=steps)
+    assert len(buf) == lattice.frame_bytes(n, block, bits)
+    assert len(buf) <= n * bits / 8 + nb * 6 + 40
+    assert float((own - phi).abs().max()) <= float(steps.max()) / 2 * (1 + 1e-6)
+    # the receiver is within the window (margin 1 covers the largest difference)
+    got = lattice.decode(buf, phi + diff)
+    assert got.failed == 0 and torch.equal(got.values, own)
+    # one block far outside: only that block falls back to our own phi
+    ref = phi + diff
+    ref[block : 2 * block] += 10 * float(steps[1]) * 2**bits
+    got = lattice.decode(buf, ref)
+    assert got.failed == 1 and torch.equal(got.values[block : 2 * block], ref[block : 2 * block])
+    assert torch.equal(got.values[:block], own[:block])
+
+
+def test_skip_frame_keeps_our_own_phi():
+    ref = torch.randn(1000)
+    buf = lattice.skip_frame(1000)
+    assert len(buf) == lattice.frame_bytes(1000, 256, 0) == 28
+    got = lattice.decode(buf, ref)
+    assert got.blocks == 0 and torch.equal(got.values, ref)
+    with pytest.raises(PayloadError, match="reference"):
+        lattice.decode(buf, torch.zeros(999))
+
+
+def test_spread_follows_observations_and_widens_failed_blocks():
+    sp = lattice.Spread(decay=0.5, grow=4.0)
+    d = lattice.Decoded(torch.zeros(3), 1, 3, torch.tensor([1.0, float("nan"), 0.5]))
+    sp.observe(d)
+    assert sp.value.tolist() == [1.0, 4.0, 0.5]  # never seen: 4 x the largest seen
+    sp.observe(lattice.Decoded(torch.zeros(3), 1, 3, torch.tensor([0.1, 0.2, float("nan")])))
+    assert sp.value.tolist() == [0.5, 2.0, 2.0]  # decay to half; failed: x4
+    sp.observe(lattice.Decoded(torch.zeros(0), 0, 0, torch.zeros(0)))  # a skip frame: ignored
+    assert sp.value.tolist() == [0.5, 2.0, 2.0]

@@ -14,12 +14,15 @@ from loco.outer import lattice
 from tests.hostile.rss import peak_growth_mib
 
 
-def _frame(n: int, block: int, nb: int | None = None, version: int = lattice.VERSION) -> bytes:
-    """A frame with a valid CRC: steps 1.0, codes 0 and checksums that match a zero phi."""
+def _frame(n: int, block: int, nb: int | None = None, version: int = lattice.VERSION,
+           bits: int = 8) -> bytes:  # fmt: skip
+    """A frame with a valid CRC: steps 1.0 (bf16 0x3F80), codes 0 and hashes that match a zero
+    phi."""
     nb = -(-n // block) if nb is None else nb
     body = b"".join((
-        lattice._HEAD.pack(lattice.MAGIC, version, n, block, nb),
-        np.ones(nb, "<f4").tobytes(), np.zeros(2 * nb, "<i8").tobytes(), bytes(n),
+        lattice._HEAD.pack(lattice.MAGIC, version, bits, n, block, nb),
+        np.full(nb, 0x3F80, "<u2").tobytes(), np.zeros(nb, "<u4").tobytes(),
+        bytes((n * bits + 7) // 8),
     ))  # fmt: skip
     return body + struct.pack("<I", zlib.crc32(body))
 
@@ -41,7 +44,7 @@ buf, ref = _frame(1000, 1 << 26), torch.zeros(1000)
 """
     code = """
 try:
-    __out = ["decoded", lattice.decode(buf, ref).numel(), len(buf)]
+    __out = ["decoded", lattice.decode(buf, ref).values.numel(), len(buf)]
 except PayloadError as e:
     __out = ["refused", str(e), len(buf)]
 """
@@ -54,7 +57,9 @@ except PayloadError as e:
 @pytest.mark.parametrize(
     "buf,match",
     [(_frame(1000, 0, nb=1), "block 0"), (_frame(1000, lattice.MAX_BLOCK + 1), "block"),
-     (_frame(1000, 1 << 26), "block"), (_frame(1000, 256, version=2), "version"),
+     (_frame(1000, 1 << 26), "block"), (_frame(1000, 256, version=1), "version"),
+     (_frame(1000, 256, bits=1), "bits"), (_frame(1000, 256, bits=9), "bits"),
+     (_frame(1000, 256, bits=0), "blocks"), (_frame(1000, 256, bits=3)[:-1], "bytes"),
      (_frame(1000, 256, nb=3), "blocks 3"), (_frame(999, 256), "reference"),
      (_frame(1000, 256)[:-1], "bytes"), (_frame(1000, 256) + b"\0", "bytes")],
 )  # fmt: skip
@@ -76,7 +81,7 @@ def test_max_numel_is_checked_before_any_allocation(monkeypatch):
 def test_frame_numel_checks_version_and_length():
     assert lattice.frame_numel(_frame(1000, 256)) == 1000
     with pytest.raises(PayloadError, match="version"):
-        lattice.frame_numel(_frame(1000, 256, version=2))
+        lattice.frame_numel(_frame(1000, 256, version=1))
     with pytest.raises(PayloadError, match="block"):
         lattice.frame_numel(_frame(1000, 1 << 26))
     claims_2_40 = _frame(1000, 256)[:8] + struct.pack("<Q", 1 << 40) + _frame(1000, 256)[16:]
@@ -94,7 +99,9 @@ def test_honest_frames_decode_bit_identically_to_the_senders_values(block, n):
     assert lattice.frame_numel(buf) == n
     ref = phi + 1e-4 * torch.randn(n, generator=g)
     got = lattice.decode(buf, ref, max_numel=n)
-    assert got.dtype == own.dtype and torch.equal(got.view(torch.int32), own.view(torch.int32))
+    assert got.failed == 0 and got.blocks == -(-n // block)
+    v = got.values
+    assert v.dtype == own.dtype and torch.equal(v.view(torch.int32), own.view(torch.int32))
     with pytest.raises(PayloadError, match="max_numel"):
         lattice.decode(buf, ref, max_numel=n - 1)
 
@@ -104,3 +111,25 @@ def test_encoder_refuses_a_block_the_decoder_would_refuse():
         lattice.encode(torch.zeros(10), torch.zeros(10), block=lattice.MAX_BLOCK + 1)
     with pytest.raises(ValueError, match="block"):
         lattice.encode(torch.zeros(10), torch.zeros(10), block=0)
+
+
+def test_codes_with_padding_bits_set_are_refused():
+    phi = torch.linspace(-0.1, 0.1, 13)
+    steps = torch.full((1,), 0.01)
+    buf = bytearray(lattice.encode(phi, torch.zeros(13), bits=3, steps=steps)[0])
+    assert (13 * 3) % 8  # the last code byte has unused bits
+    buf[-5] |= 1  # the last code byte, before the CRC
+    body = bytes(buf[:-4])
+    buf[-4:] = struct.pack("<I", zlib.crc32(body))
+    with pytest.raises(PayloadError, match="unused bits"):
+        lattice.decode(bytes(buf), phi)
+
+
+def test_steps_that_are_not_finite_and_positive_are_refused():
+    frame = bytearray(_frame(1000, 256))
+    head = lattice._HEAD.size
+    for bad in (0x0000, 0xBF80, 0x7F80, 0x7FC0):  # 0, -1, inf, nan
+        frame[head : head + 2] = struct.pack("<H", bad)
+        frame[-4:] = struct.pack("<I", zlib.crc32(bytes(frame[:-4])))
+        with pytest.raises(PayloadError, match="steps"):
+            lattice.decode(bytes(frame), torch.zeros(1000))
