@@ -111,18 +111,7 @@ class DelayProxy:
                 data = await reader.read(64 << 10)
                 if not data:
                     break
-                now = time.monotonic()
-                tx = len(data) * 8 / self.rate_bps if self.rate_bps else 0.0
-                depart = max(now, self._link_free[direction]) + tx
-                lost = self._lost(len(data))
-                if lost:  # a retransmission timeout: this chunk waits, the link idles
-                    depart += self.rto_s
-                self._link_free[direction] = depart
-                delay = self.delay_s
-                if self.jitter_s:
-                    delay = max(0.0, delay + self._rng.uniform(-self.jitter_s, self.jitter_s))
-                at = max(depart + delay, last_at)  # in order, as on one TCP connection
-                last_at = at
+                at = last_at = self._arrival(direction, len(data), last_at)
                 queue.append((at, data))
                 queued += len(data)
                 if queued >= self.buffer_bytes:
@@ -137,6 +126,20 @@ class DelayProxy:
                 await task
             except (ConnectionError, OSError):
                 pass
+
+    def _arrival(self, direction: str, nbytes: int, last_at: float) -> float:
+        """When ``nbytes`` read now reach the other side: after the link is free and they are
+        sent at the rate (plus a retransmission timeout if lost), the delay (with jitter), and
+        never before the previous chunk (in order, as on one TCP connection)."""
+        tx = nbytes * 8 / self.rate_bps if self.rate_bps else 0.0
+        depart = max(time.monotonic(), self._link_free[direction]) + tx
+        if self._lost(nbytes):  # a retransmission timeout: this chunk waits, the link idles
+            depart += self.rto_s
+        self._link_free[direction] = depart
+        delay = self.delay_s
+        if self.jitter_s:
+            delay = max(0.0, delay + self._rng.uniform(-self.jitter_s, self.jitter_s))
+        return max(depart + delay, last_at)
 
     def _lost(self, nbytes: int) -> int:
         """How many of the packets carrying ``nbytes`` are lost (each with probability loss)."""
