@@ -1,33 +1,40 @@
-"""Quality at a fixed token budget: DDP-equivalent vs DiLoCo vs NoLoCo vs local-only, 4 sites.
+"""Quality at a fixed token budget: DDP vs DiLoCo vs NoLoCo vs the frontier, seeds and spread.
 
-Every method sees the same tokens: 4 workers x ``batch`` sequences x ``steps`` steps.
+Every method sees the same tokens: 4 workers x ``batch`` sequences x ``steps`` steps (8 workers
+for the ``-8`` rows, each with the same per-worker batch).
 
 - ``ddp``: ONE site with 4 ranks (``site.nproc=4``, ZeRO stage 0: gradients all-reduced every
   step; ``outer.H`` past the last step, so no outer round), the exact data-parallel baseline;
   its bytes are what a ring all-reduce moves (2 x 4 bytes per parameter per step per worker).
-- ``diloco``: 4 sites, all in one group every H steps (outer Nesterov SGD, lr 0.7, momentum 0.9).
+- ``diloco``: 4 sites, all in one group every H steps (outer Nesterov SGD, lr 0.7, momentum 0.9),
+  fp32 deltas.
 - ``noloco``: 4 sites, random pairs every H steps (n = 2), int8 deltas, exact phi; ``NOLOCO``
   below: DiLoCo's outer optimizer on the pair's mean delta, the gamma pull on phi directly,
   and the final average over the sites after the last step.
-- ``noloco-paper`` (``--only``): the spec's update with the paper's settings, no final average.
-- ``local``: 4 sites that never talk.
-- ``noloco-lattice``: ``noloco`` with phi sent modulo-quantized (``outer.phi_lattice=true``).
+- ``frontier``: ``noloco`` with sparse 2-bit deltas (``compression=sparse``) and coded phi
+  (``FRONTIER``); ``frontier-fragments`` adds streaming fragments; ``frontier-8`` runs 8 sites.
+- ``noloco-paper``: the spec's update with the paper's settings, no final average.
+- ``local``: 4 sites that never talk. ``noloco-lattice``: 8-bit lattice phi.
 
-Each run is a real ``loco.local`` federation (real processes, real gRPC on loopback). Writes
-``docs/quality.md`` (table) and ``docs/quality.png`` (validation loss against tokens) unless
-``--out`` says otherwise, and prints one JSON line per method.
+Each run is a real ``loco.local`` federation (real processes, real gRPC on loopback). Every
+(row, seed) result is appended to ``<out>/results.jsonl``; the table and plots are rebuilt from
+all results in that file, so rows and seeds can be run in separate invocations:
 
-    python scripts/experiments/quality.py                  # full: tiny, 4000 steps, H = 50 (~50 min)
-    python scripts/experiments/quality.py --short          # smoke: 60 steps, H = 20
+    python scripts/experiments/quality.py --rows ddp diloco --seeds 0 1 2
+    python scripts/experiments/quality.py --rows frontier --seeds 0 1 2      # adds its rows
+    python scripts/experiments/quality.py --report-only                      # table from the file
+    python scripts/experiments/quality.py --short                            # smoke: 60 steps
 
-The same comparison as a Hydra sweep (one table at the end, without the DDP run):
-``python -m loco.local -m outer=noloco,diloco,local federation.sites=[eu,us,asia,sa] ...``
+Writes ``quality.md`` (table: mean and sd over seeds), ``quality.png`` (validation loss against
+tokens) and ``bytes_loss.png`` (bytes per parameter per round against loss, every row) in
+``--out`` (default docs/), and prints one JSON line per run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 import time
@@ -40,6 +47,7 @@ from loco.federation import run_federation  # noqa: E402
 from loco.metrics import read_metrics  # noqa: E402
 
 SITES = ["eu", "us", "asia", "sa"]
+SITES8 = SITES + ["af", "oc", "me", "na"]
 # NoLoCo as run in the table (docs/quality.md says how these were chosen): pairwise rounds with
 # DiLoCo's outer optimizer on the pair's mean delta (Nesterov, alpha 0.9, beta 0.7), the gamma
 # pull on phi directly (gamma 1: each pair meets at its mean phi), and the final average
@@ -47,36 +55,47 @@ NOLOCO = [
     "outer=noloco", "outer.alpha=0.9", "outer.beta=0.7", "outer.gamma=1.0",
     "outer.consensus=weights", "outer.nesterov=true", "outer.final_average=true",
 ]  # fmt: skip
-DEFAULT = ["ddp", "diloco", "noloco", "local", "noloco-lattice"]
+# the frontier: sparse low-bit deltas with error feedback and lattice phi at a few bits
+FRONTIER = NOLOCO + [
+    "compression=sparse", "outer.phi_lattice=true", "outer.phi_lattice_bits=3",
+    "outer.phi_every=2",
+]  # fmt: skip
+FRAGMENTS = ["outer.fragments=5"]
+DEFAULT = ["ddp", "diloco", "noloco", "frontier"]
 
 
-def methods(H: int, codec: str, steps: int) -> dict[str, list[str]]:
+def rows(H: int, codec: str, steps: int) -> dict[str, tuple[list[str], int]]:
+    """name -> (overrides, sites)."""
     fed = f"federation.sites=[{','.join(SITES)}]"
+    fed8 = f"federation.sites=[{','.join(SITES8)}]"
+    h = f"outer.H={H}"
     return {
-        "ddp": ["federation.sites=[eu]", "site.nproc=4", "outer=local", f"outer.H={steps + 1}"],
-        "diloco": [fed, "outer=diloco", f"outer.H={H}", "compression=none"],
-        "noloco": [fed, *NOLOCO, f"outer.H={H}", f"compression={codec}"],
-        # the spec's update with the paper's settings (conf/outer/noloco.yaml), no final average
-        "noloco-paper": [fed, "outer=noloco", f"outer.H={H}", f"compression={codec}"],
-        "local": [fed, "outer=local", f"outer.H={H}"],
-        # NoLoCo with phi modulo-quantized next to the receiver's phi: ~2.1 bytes/param/round;
-        # grid max|m| / 12 per block (the default 8 is coarser: +5.2% vs DDP at 80 rounds)
-        "noloco-lattice": [
-            fed,
-            *NOLOCO,
-            f"outer.H={H}",
-            f"compression={codec}",
-            "outer.phi_lattice=true",
-            "outer.phi_lattice_window=12",
-        ],
-        # optional (--only ... noloco-phi-bf16): phi in bf16, 3.03 instead of 5.02 bytes/param
-        "noloco-phi-bf16": [
-            fed,
-            *NOLOCO,
-            f"outer.H={H}",
-            f"compression={codec}",
-            "compression.phi_codec=bf16",
-        ],  # fmt: skip
+        "ddp": (
+            ["federation.sites=[eu]", "site.nproc=4", "outer=local", f"outer.H={steps + 1}"],
+            1,
+        ),
+        "diloco": ([fed, "outer=diloco", h, "compression=none"], 4),
+        "noloco": ([fed, *NOLOCO, h, f"compression={codec}"], 4),
+        "frontier": ([fed, *FRONTIER, h], 4),
+        "frontier-fragments": ([fed, *FRONTIER, *FRAGMENTS, h], 4),
+        "frontier-8": ([fed8, *FRONTIER, h], 8),
+        "noloco-paper": ([fed, "outer=noloco", h, f"compression={codec}"], 4),
+        "local": ([fed, "outer=local", h], 4),
+        "noloco-lattice": (
+            [
+                fed,
+                *NOLOCO,
+                h,
+                f"compression={codec}",
+                "outer.phi_lattice=true",
+                "outer.phi_lattice_window=12",
+            ],
+            4,
+        ),  # fmt: skip
+        "noloco-phi-bf16": (
+            [fed, *NOLOCO, h, f"compression={codec}", "compression.phi_codec=bf16"],
+            4,
+        ),  # fmt: skip
     }
 
 
@@ -98,6 +117,55 @@ def curve(run: Path, sites: list[str], workers_per_site: int) -> list[tuple[floa
     return out
 
 
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def run_one(name: str, seed: int, a: argparse.Namespace, stamp: str) -> dict:
+    """Run row ``name`` at ``seed``; its result record (also appended to results.jsonl)."""
+    ov, nsites = rows(a.H, a.codec, a.steps)[name]
+    evals = max(a.H // 2, a.steps // 12)
+    common = [
+        f"model={a.model}", f"train.steps={a.steps}", f"train.batch_size={a.batch}",
+        f"train.seq_len={a.seq_len}", f"train.eval_every={evals}", "train.eval_batches=8",
+        f"train.log_every={max(1, evals // 2)}", "gossip.insecure=true",
+        f"data.num_shards={max(4, nsites)}", f"train.warmup_steps={max(1, a.steps // 20)}",
+        f"train.seed={seed}",
+    ]  # fmt: skip
+    run = a.runs / stamp / f"{name}-s{seed}"
+    t0 = time.monotonic()
+    out = run_federation(ov + common + (a.set if name != "ddp" else []), run, timeout=a.timeout)
+    wall = time.monotonic() - t0
+    site_rows = out["sites"]
+    sites = [r["site"] for r in site_rows]
+    vals = [r["val_loss"] for r in site_rows if r.get("val_loss") is not None]
+    params = next((r.get("params") for r in site_rows if r.get("params")), 0)
+    workers = 4 if name == "ddp" else nsites
+    rounds = max(1, a.steps // a.H)
+    if name == "ddp":  # ring all-reduce every step: 2 x 4 bytes per parameter per worker
+        sent = workers * 8.0 * params * a.steps
+    else:
+        sent = float(sum(r.get("bytes_sent") or 0 for r in site_rows))
+    dist = [r["final_distance"] for r in site_rows if r.get("final_distance") is not None]
+    util = [r["compute_utilization"] for r in site_rows if r.get("compute_utilization") is not None]
+    before = [r["final_average_distance"] for r in site_rows if r.get("final_average_distance")]
+    rec = {
+        "row": name, "seed": seed, "steps": a.steps, "H": a.H, "model": a.model,
+        "ok": all(r.get("exit") == 0 for r in site_rows), "val_loss": _mean(vals),
+        "bytes_sent": sent, "params": params, "workers": workers, "rounds": rounds,
+        # what one site (one worker for DDP) sends per parameter per round of H steps
+        "bytes_per_param_round": sent / workers / max(params, 1) / rounds,
+        "consensus_distance": _mean(before) if before else _mean(dist),
+        "compute_utilization": _mean(util) if name != "ddp" else None,
+        "wall_s": wall, "run": str(run), "set": a.set if name != "ddp" else [],
+        "curve": curve(run, sites, 4 if name == "ddp" else 1),
+    }  # fmt: skip
+    with open(a.out / "results.jsonl", "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    print(json.dumps({k: v for k, v in rec.items() if k != "curve"}), flush=True)
+    return rec
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--short", action="store_true", help="a quick smoke run (60 steps, H = 20)")
@@ -106,140 +174,152 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="sequences per worker per step")
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--model", default="tiny")
-    ap.add_argument("--codec", default="int8")
+    ap.add_argument("--codec", default="int8", help="the delta codec of the noloco rows")
     ap.add_argument(
+        "--rows",
         "--only",
         nargs="*",
         default=None,
-        help="methods: ddp diloco noloco noloco-paper local noloco-lattice noloco-phi-bf16 "
-        f"(default: {' '.join(DEFAULT)})",
+        help=f"rows: {' '.join(rows(50, 'int8', 1))} (default: {' '.join(DEFAULT)})",
     )
+    ap.add_argument("--seeds", nargs="*", type=int, default=[0])
     ap.add_argument("--runs", type=Path, default=ROOT / "outputs" / "quality")
-    ap.add_argument("--out", type=Path, default=ROOT / "docs", help="where quality.md/.png go")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs", help="where the table goes")
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument(
         "--set",
         nargs="*",
         default=[],
-        help="extra Hydra overrides for the federated methods (not DDP), e.g. outer.beta=1.0",
+        help="extra Hydra overrides for the federated rows (not DDP)",
     )
+    ap.add_argument("--report-only", action="store_true", help="rebuild the table only")
     a = ap.parse_args()
     if a.short:
         a.steps, a.H = 60, 20
-    evals = max(a.H // 2, a.steps // 12)
-    common = [
-        f"model={a.model}", f"train.steps={a.steps}", f"train.batch_size={a.batch}",
-        f"train.seq_len={a.seq_len}", f"train.eval_every={evals}", "train.eval_batches=8",
-        f"train.log_every={max(1, evals // 2)}", "gossip.insecure=true", "data.num_shards=4",
-        "train.warmup_steps=" + str(max(1, a.steps // 20)),
-    ]  # fmt: skip
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    results = {}
-    for name, ov in methods(a.H, a.codec, a.steps).items():
-        if name not in (a.only or DEFAULT):
-            continue
-        run = a.runs / stamp / name
-        t0 = time.monotonic()
-        extra = a.set if name != "ddp" else []
-        out = run_federation(ov + common + extra, run, timeout=a.timeout)
-        wall = time.monotonic() - t0
-        rows = out["sites"]
-        sites = [r["site"] for r in rows]
-        ok = all(r.get("exit") == 0 for r in rows)
-        vals = [r["val_loss"] for r in rows if r.get("val_loss") is not None]
-        params = next((r.get("params") for r in rows if r.get("params")), 0)
-        if name == "ddp":  # 4 workers, ring all-reduce every step
-            sent = 4 * 8.0 * params * a.steps
-        elif name == "local":
-            sent = 0.0
-        else:
-            sent = sum(r.get("bytes_sent") or 0 for r in rows)
-        dist = [r["final_distance"] for r in rows if r.get("final_distance") is not None]
-        util = [r["compute_utilization"] for r in rows if r.get("compute_utilization") is not None]
-        # NoLoCo with the final average: how far apart the sites were right before it
-        before = [r["final_average_distance"] for r in rows if r.get("final_average_distance")]
-        results[name] = {
-            "method": name, "ok": ok, "val_loss": sum(vals) / len(vals) if vals else None,
-            "val_loss_sites": vals, "bytes_sent": sent, "wall_s": wall,
-            "consensus_distance": sum(dist) / len(dist) if dist else None,
-            "distance_before_average": sum(before) / len(before) if before else None,
-            "compute_utilization": sum(util) / len(util) if util and name != "ddp" else None,
-            "curve": curve(run, sites, 4 if name == "ddp" else 1), "run": str(run),
-            "tokens": a.steps * a.batch * a.seq_len * 4,
-        }  # fmt: skip
-        print(json.dumps({k: v for k, v in results[name].items() if k != "curve"}), flush=True)
-    write_report(results, a)
-
-
-def write_report(results: dict, a: argparse.Namespace) -> None:
     a.out.mkdir(parents=True, exist_ok=True)
-    ddp = results.get("ddp", {}).get("val_loss")
-    dil = results.get("diloco", {}).get("val_loss")
+    if not a.report_only:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for name in a.rows or DEFAULT:
+            for seed in a.seeds:
+                run_one(name, seed, a, stamp)
+    write_report(a)
+
+
+def _stats(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return m, sd
+
+
+def aggregate(records: list[dict]) -> dict[str, dict]:
+    """Per row (and budget): mean and sd of the loss over seeds, mean of the other figures."""
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        if r.get("ok") and r.get("val_loss") is not None:
+            key = f"{r['row']}{' ' + ' '.join(r['set']) if r.get('set') else ''}"
+            groups.setdefault(key, []).append(r)
+    out = {}
+    for key, rs in groups.items():
+        m, sd = _stats([r["val_loss"] for r in rs])
+        cds = [r["consensus_distance"] for r in rs if r.get("consensus_distance") is not None]
+        uts = [r["compute_utilization"] for r in rs if r.get("compute_utilization") is not None]
+        out[key] = {
+            "row": rs[0]["row"], "loss": m, "sd": sd, "seeds": sorted(r["seed"] for r in rs),
+            "bpr": _mean([r["bytes_per_param_round"] for r in rs]),
+            "cd": _mean(cds), "util": _mean(uts), "curve": rs[0]["curve"],
+        }  # fmt: skip
+    return out
+
+
+def _vs(x: dict, ref: dict | None) -> str:
+    if ref is None:
+        return "-"
+    if ref is x:
+        return "+0.0%"
+    d = (x["loss"] / ref["loss"] - 1) * 100
+    tie = " (tie)" if abs(x["loss"] - ref["loss"]) < max(x["sd"], ref["sd"]) else ""
+    return f"{d:+.1f}%{tie}"
+
+
+def write_report(a: argparse.Namespace) -> None:
+    path = a.out / "results.jsonl"
+    records = (
+        [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    )
+    records = [r for r in records if r.get("steps") == a.steps and r.get("model") == a.model]
+    agg = aggregate(records)
+    ddp, dil = agg.get("ddp"), agg.get("diloco")
     lines = [
-        f"# Quality at a fixed token budget ({time.strftime('%Y-%m-%d %H:%M')})",
+        f"# Quality at {a.steps} steps, H = {a.H} ({time.strftime('%Y-%m-%d %H:%M')})",
         "",
-        f"`python scripts/experiments/quality.py{''.join(' ' + x for x in sys.argv[1:])}`: "
-        f"model {a.model}, "
-        f"4 workers x {a.batch} x {a.seq_len} tokens x {a.steps} steps "
-        f"({a.steps * a.batch * a.seq_len * 4:,} tokens per method), H = {a.H}, NoLoCo delta codec "
-        f"{a.codec} (phi exact); machine: {platform.machine()}, {_cores()} CPU cores, shared.",
+        f"`python scripts/experiments/quality.py --steps {a.steps} --H {a.H} ...` (results "
+        f"accumulated in `{path.name}`): model {a.model}, 4 workers x {a.batch} x {a.seq_len} "
+        f"tokens x {a.steps} steps; machine: {platform.machine()}, {_cores()} CPU cores, shared.",
         "",
-        "| method | final val loss | vs DDP | vs DiLoCo | bytes on the wire | DDP / bytes | "
-        "consensus distance | utilization | wall |",
+        "| row | val loss (mean ± sd) | seeds | vs DDP | vs DiLoCo | bytes/param/round | "
+        "DDP / bytes | consensus distance | utilization |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for name, r in results.items():
-        v = r["val_loss"]
-
-        def rel(ref: float | None, v: float | None = v) -> str:
-            return f"{(v / ref - 1) * 100:+.1f}%" if v and ref else "-"
-
-        ddp_bytes = results.get("ddp", {}).get("bytes_sent")
-        ratio = f"{ddp_bytes / r['bytes_sent']:.0f}x" if ddp_bytes and r["bytes_sent"] else "-"
-        cd = f"{r['consensus_distance']:.2e}" if r["consensus_distance"] is not None else "-"
-        if r.get("distance_before_average") is not None:
-            cd += f" ({r['distance_before_average']:.2e} before the final average)"
-        ut = r.get("compute_utilization")
-        ut = f"{ut:.2f}" if ut is not None else "-"
+    for key, x in agg.items():
+        ratio = f"{ddp['bpr'] / x['bpr']:.0f}x" if ddp and x["bpr"] else "-"
+        cd = f"{x['cd']:.2e}" if x["cd"] is not None else "-"
+        ut = f"{x['util']:.2f}" if x["util"] is not None else "-"
         lines.append(
-            f"| {name}{'' if r['ok'] else ' (a site failed)'} | {v:.4f} | {rel(ddp)} | {rel(dil)} "
-            f"| {r['bytes_sent'] / 1e6:.1f} MB | {ratio} | {cd} | {ut} | {r['wall_s']:.0f} s |"
-            if v is not None
-            else f"| {name} | failed | | | | | | | |"
+            f"| {key} | {x['loss']:.4f} ± {x['sd']:.4f} | {','.join(map(str, x['seeds']))} "
+            f"| {_vs(x, ddp)} | {_vs(x, dil)} | {x['bpr']:.3f} | {ratio} | {cd} | {ut} |"
         )
     lines += [
         "",
-        "Bytes: what the sites' gossip servers sent (delta + phi, all sites); DDP: 2 x 4 bytes "
-        "per parameter per step per worker (ring all-reduce). Consensus distance: RMS distance "
-        "of each site's final parameters from the sites' mean (0 after NoLoCo's final average; "
-        "in brackets the RMS distance between sites right before it). Loss: mean over the "
-        "sites. Utilization: inner compute time over wall time, mean over rounds (loopback).",
+        "bytes/param/round: what one site sends (delta + phi, and the final average spread over "
+        "the rounds) per parameter per round of H steps; DDP: one worker's ring all-reduce "
+        "traffic over H steps (2 x 4 bytes per parameter per step). A difference smaller than "
+        "the larger sd of the two rows is a tie. Consensus distance: RMS distance between the "
+        "sites right before NoLoCo's final average (else of the final parameters from their "
+        "mean). Utilization: inner compute time over wall time (loopback).",
         "",
-        "![validation loss against tokens](quality.png)",
+        "![validation loss against tokens](quality.png) ![bytes against loss](bytes_loss.png)",
         "",
     ]
     (a.out / "quality.md").write_text("\n".join(lines))
+    _plots(agg, a)
+    print(f"wrote {a.out / 'quality.md'}", flush=True)
+
+
+def _plots(agg: dict[str, dict], a: argparse.Namespace) -> None:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        for name, r in results.items():
-            if r["curve"]:
-                xs, ys = zip(*r["curve"], strict=True)
-                ax.plot(xs, ys, marker=".", label=name)
-        ax.set_xlabel("tokens (all workers)")
-        ax.set_ylabel("validation loss (mean over sites)")
-        ax.set_title(f"{a.model}, 4 workers, H = {a.H}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(a.out / "quality.png", dpi=110)
     except ImportError:
         print("matplotlib is not installed: no PNG", file=sys.stderr)
-    print(f"wrote {a.out / 'quality.md'} and {a.out / 'quality.png'}", flush=True)
+        return
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for key, x in agg.items():
+        if x["curve"]:
+            xs, ys = zip(*x["curve"], strict=True)
+            ax.plot(xs, ys, marker=".", label=key)
+    ax.set_xlabel("tokens (all workers)")
+    ax.set_ylabel("validation loss (mean over sites)")
+    ax.set_title(
+        f"{a.model}, H = {a.H}, seed {min(min(x['seeds']) for x in agg.values()) if agg else 0}"
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(a.out / "quality.png", dpi=110)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for key, x in agg.items():
+        if x["bpr"]:
+            ax.errorbar([x["bpr"]], [x["loss"]], yerr=[x["sd"]], fmt="o", capsize=3, label=key)
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes per parameter per round (one site)")
+    ax.set_ylabel("final validation loss (mean over seeds)")
+    ax.set_title(f"{a.model}, {a.steps} steps, H = {a.H}")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(a.out / "bytes_loss.png", dpi=110)
 
 
 def _cores() -> int:
