@@ -56,19 +56,21 @@ class OuterStep:
         state: OuterState,
         deltas: list[torch.Tensor],
         phis: list[torch.Tensor],
+        own: torch.Tensor | None = None,
     ) -> None:
-        """Update ``state`` and set ``theta <- phi``. ``deltas[0]``/``phis[0]`` are this site's."""
+        """Update ``state`` and set ``theta <- phi``. ``deltas``/``phis``: the group's decoded
+        values (this site's among them); ``own``: this site's phi as the others decoded it (its
+        entry in ``phis``; None: ``state.phi``, exact)."""
         n = state.phi.numel()
         _check("deltas", deltas, n)
         _check("phis", phis, n)
         assert theta.numel() == n
-        self._update(state, deltas, phis)
+        self._update(state, deltas, phis, state.phi if own is None else own)
         state.rounds += 1
         theta.copy_(state.phi)
 
-    def _update(
-        self, state: OuterState, deltas: list[torch.Tensor], phis: list[torch.Tensor]
-    ) -> None:
+    def _update(self, state: OuterState, deltas: list[torch.Tensor], phis: list[torch.Tensor],
+                own: torch.Tensor) -> None:  # fmt: skip
         raise NotImplementedError
 
 
@@ -100,11 +102,12 @@ class NoLoCo(OuterStep):
         self.alpha, self.beta, self.gamma = alpha, beta, gamma
         self.consensus, self.nesterov = consensus, nesterov
 
-    def _update(
-        self, state: OuterState, deltas: list[torch.Tensor], phis: list[torch.Tensor]
-    ) -> None:
+    def _update(self, state: OuterState, deltas: list[torch.Tensor], phis: list[torch.Tensor],
+                own: torch.Tensor) -> None:  # fmt: skip
         mean_delta = torch.stack(deltas).mean(0)
-        gap = state.phi - torch.stack(phis).mean(0)
+        # from decoded values only: every member of the group computes the same gaps, which sum
+        # to zero over the group, so a lossy phi code moves no group's mean
+        gap = own - torch.stack(phis).mean(0)
         g = mean_delta.mul(self.beta)
         if self.consensus == "momentum":
             g.sub_(gap, alpha=self.gamma)
@@ -120,8 +123,8 @@ class Local(NoLoCo):
 
     name = "local"
 
-    def apply(self, theta, state, deltas, phis) -> None:  # type: ignore[override]
-        super().apply(theta, state, deltas[:1], phis[:1])
+    def apply(self, theta, state, deltas, phis, own=None) -> None:  # type: ignore[override]
+        super().apply(theta, state, deltas[:1], phis[:1], own)
 
 
 class DiLoCo(OuterStep):
@@ -132,9 +135,8 @@ class DiLoCo(OuterStep):
     def __init__(self, *, lr: float = 0.7, momentum: float = 0.9, nesterov: bool = True) -> None:
         self.lr, self.mu, self.nesterov = lr, momentum, nesterov
 
-    def _update(
-        self, state: OuterState, deltas: list[torch.Tensor], phis: list[torch.Tensor]
-    ) -> None:
+    def _update(self, state: OuterState, deltas: list[torch.Tensor], phis: list[torch.Tensor],
+                own: torch.Tensor) -> None:  # fmt: skip
         g = -torch.stack(deltas).mean(0)
         buf = state.momentum
         # torch.optim.SGD: the first step initialises the buffer to g (no dampening)
