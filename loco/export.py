@@ -1,9 +1,13 @@
-"""Export a trained model: ``python -m loco.export <checkpoint | checkpoints dir | run dir> [out]``.
+"""Export a trained model: ``python -m loco.export SOURCE [OUT] [--format loco|hf]``.
 
-Writes one safetensors file (``.pt``: a torch file) of the full model: every tensor of
-``loco.model.GPT``'s ``state_dict`` by name and shape (the output head is tied to ``wte.weight``
-and stored once), fp32, with the architecture (``GPTConfig``) and the source (run id, site,
-step) as metadata. :func:`load_model` reads it back, or reads a checkpoint directly.
+SOURCE is a checkpoint, a checkpoints directory, a run directory or an exported file.
+``--format loco`` (the default) writes one safetensors file (``.pt``: a torch file) of the full
+model: every tensor of ``loco.model.GPT``'s ``state_dict`` by name and shape (the output head is
+tied to ``wte.weight`` and stored once), fp32, with the architecture (``GPTConfig``) and the
+source (run id, site, step) as metadata, and a BPE tokenizer's file as metadata ``tokenizer``.
+:func:`load_model` reads it back, or reads a checkpoint directly. ``--format hf`` writes a
+Hugging Face GPT-2 directory (:mod:`loco.hf`). A mistake is one line ``loco.export: error: ...``
+and exit status 2.
 """
 
 from __future__ import annotations
@@ -13,15 +17,18 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
+from loco.data.tokenizer import RUN_FILE, Tokenizer, byte_tokenizer, from_json
+from loco.data.tokenizer import load as load_tokenizer
 from loco.model import GPT
 from loco.model.gpt import SIZES, GPTConfig
 
 FORMAT = "loco-gpt"
 TIED = "head.weight"  # same tensor as wte.weight
+FORMATS = ("loco", "hf")  # --format: this module's file, or a Hugging Face directory
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -64,29 +71,93 @@ def config_of(state: dict[str, torch.Tensor], model_cfg: dict[str, Any]) -> GPTC
     )
 
 
-def from_checkpoint(path: str | Path) -> tuple[GPT, dict[str, Any]]:
-    """The model of checkpoint ``path`` (see :func:`resolve_checkpoint`) and its metadata."""
+def _checkpoint(path: str | Path) -> tuple[GPT, dict[str, Any], dict[str, Any]]:
+    """The model of checkpoint ``path``, its metadata and the run's configuration."""
     from loco.checkpoint import model_state_dict, read_manifest
 
     ck = resolve_checkpoint(path)
     manifest = read_manifest(ck)
     state = model_state_dict(ck)
-    cfg = config_of(state, manifest.get("config", {}).get("model", {}))
+    config = manifest.get("config")
+    config = config if isinstance(config, dict) else {}
+    cfg = config_of(state, config.get("model") or {})
     model = GPT(cfg)
     model.load_state_dict(state)
     meta = {k: manifest.get(k) for k in ("run_id", "site", "step")}
     meta["source"] = str(ck)
-    return model.eval(), meta
+    return model.eval(), meta, config
 
 
-def export(model: GPT, out: str | Path, meta: dict[str, Any] | None = None) -> Path:
+def from_checkpoint(path: str | Path) -> tuple[GPT, dict[str, Any]]:
+    """The model of checkpoint ``path`` (see :func:`resolve_checkpoint`) and its metadata."""
+    model, meta, _ = _checkpoint(path)
+    return model, meta
+
+
+def run_tokenizer(ck: Path, data_cfg: Any) -> Tokenizer | None:
+    """The tokenizer of the run that wrote checkpoint ``ck`` (``data_cfg``: its ``data``
+    config): bytes, the BPE copied into its run directory, or None (a .bin corpus)."""
+    data_cfg = data_cfg if isinstance(data_cfg, dict) else {}
+    if data_cfg.get("source") == "bin":
+        return None
+    kind = data_cfg.get("tokenizer", "bytes")
+    if kind == "bytes":
+        return byte_tokenizer()
+    for d in (ck, ck.parent, ck.parent.parent):
+        if (d / RUN_FILE).is_file():
+            return load_tokenizer(d / RUN_FILE)
+    raise ValueError(
+        f"the run used data.tokenizer={str(kind)[:20]}, but its {RUN_FILE} is not in the run "
+        f"directory {ck.parent.parent}; copy it there or give --tokenizer FILE"
+    )
+
+
+def file_tokenizer(path: Path, info: dict[str, str], cfg: GPTConfig) -> Tokenizer | None:
+    """The tokenizer of exported file ``path``: its metadata's, else a run's copy beside it,
+    else bytes for a vocabulary of 256, else None (unknown)."""
+    if "tokenizer" in info:
+        raw = info["tokenizer"]
+        if not isinstance(raw, str):
+            raise ValueError(f"{path}: its metadata tokenizer is not text; re-export it")
+        return from_json(raw.encode(), f"{path} (metadata tokenizer)")
+    if (path.parent / RUN_FILE).is_file():
+        return load_tokenizer(path.parent / RUN_FILE)
+    return byte_tokenizer() if cfg.vocab_size == 256 else None
+
+
+def load_run(source: str | Path, tokenizer: str | Path | None = None
+             ) -> tuple[GPT, dict[str, Any], Tokenizer | None]:  # fmt: skip
+    """The model, metadata and tokenizer (None: unknown) of an exported file or a checkpoint;
+    ``tokenizer``: a tokenizer file to use instead of the one the source names."""
+    p = Path(source)
+    if p.is_file():
+        model, info = load_exported(p)
+        meta: dict[str, Any] = {k: info.get(k) for k in ("run_id", "site", "step", "source")}
+        tok = None if tokenizer else file_tokenizer(p, info, model.cfg)
+    elif not p.exists():
+        raise ValueError(f"{p} does not exist")
+    else:
+        model, meta, config = _checkpoint(p)
+        tok = None if tokenizer else run_tokenizer(Path(meta["source"]), config.get("data"))
+    if tokenizer:
+        tok = load_tokenizer(tokenizer)
+    if tok is not None and tok.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens, more than the model's "
+                         f"{model.cfg.vocab_size}: it is not this model's")  # fmt: skip
+    return model, meta, tok
+
+
+def export(model: GPT, out: str | Path, meta: dict[str, Any] | None = None,
+           tokenizer: Tokenizer | None = None) -> Path:  # fmt: skip
     """Write ``model`` to ``out`` (safetensors, or a torch file when it ends in ``.pt``)."""
-    return save_weights(model.cfg, model.state_dict(), out, meta)
+    return save_weights(model.cfg, model.state_dict(), out, meta, tokenizer)
 
 
 def save_weights(cfg: GPTConfig, weights: dict[str, torch.Tensor], out: str | Path,
-                 meta: dict[str, Any] | None = None) -> Path:  # fmt: skip
-    """Write the named ``weights`` of a GPT with config ``cfg`` as :func:`export` does."""
+                 meta: dict[str, Any] | None = None,
+                 tokenizer: Tokenizer | None = None) -> Path:  # fmt: skip
+    """Write the named ``weights`` of a GPT with config ``cfg`` as :func:`export` does; a BPE
+    ``tokenizer`` goes into the metadata (byte tokens need none)."""
     out = Path(out)
     state = {k: v.detach().float().contiguous() for k, v in weights.items()}
     state.pop(TIED, None)
@@ -95,6 +166,8 @@ def save_weights(cfg: GPTConfig, weights: dict[str, torch.Tensor], out: str | Pa
         "gpt_config": json.dumps(dataclasses.asdict(cfg)),
         **{k: str(v) for k, v in (meta or {}).items() if v is not None},
     }
+    if tokenizer is not None and tokenizer.kind != "bytes":
+        info["tokenizer"] = tokenizer.to_json().decode()
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".pt":
         torch.save({"metadata": info, "state_dict": state}, out)
@@ -105,22 +178,33 @@ def save_weights(cfg: GPTConfig, weights: dict[str, torch.Tensor], out: str | Pa
     return out
 
 
-def load_exported(path: str | Path) -> tuple[GPT, dict[str, str]]:
-    """The model of an exported file and its metadata."""
-    path = Path(path)
-    if path.suffix == ".pt":
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        info, state = blob["metadata"], blob["state_dict"]
-    else:
+def _read_exported(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    try:
+        if path.suffix == ".pt":
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            return blob["metadata"], blob["state_dict"]
         from safetensors import safe_open
         from safetensors.torch import load_file
 
         with safe_open(str(path), framework="pt") as f:
             info = f.metadata() or {}
-        state = load_file(str(path))
-    if info.get("format") != FORMAT:
+        return info, load_file(str(path))
+    except Exception as e:  # a file that is not one: safetensors, pickle and key errors
+        raise ValueError(f"{path} is not a readable exported model ({str(e)[:120]})") from None
+
+
+def load_exported(path: str | Path) -> tuple[GPT, dict[str, str]]:
+    """The model of an exported file and its metadata."""
+    path = Path(path)
+    info, state = _read_exported(path)
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
         raise ValueError(f"{path} is not a model exported by loco.export (no {FORMAT} metadata)")
-    model = GPT(GPTConfig(**json.loads(info["gpt_config"])))
+    try:
+        model = GPT(GPTConfig(**json.loads(info["gpt_config"])))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(
+            f"{path}: bad gpt_config metadata ({str(e)[:120]}); re-export it"
+        ) from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     if set(missing) - {TIED} or unexpected:
         raise ValueError(f"{path}: missing {missing}, unexpected {unexpected}; re-export it")
@@ -137,21 +221,61 @@ def load_model(path: str | Path) -> tuple[GPT, dict[str, Any]]:
     return from_checkpoint(p)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line ``<tag>: error: ...``, exit 2."""
+
+    def __init__(self, tag: str, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.tag = tag
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.tag}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def default_out(source: str | Path, meta: dict[str, Any], fmt: str) -> Path:
+    """Where an export goes without OUT: beside the run's checkpoints, or beside the file."""
+    src = Path(source)
+    base = src.parent if src.is_file() else Path(meta["source"]).parent.parent
+    if fmt == "hf":
+        return base / "hf"
+    if src.is_file():
+        raise ValueError(f"{src} is an exported file already; give OUT (e.g. model.pt)")
+    return base / "model.safetensors"
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m loco.export", description=__doc__.split("\n")[0])
-    ap.add_argument("source", help="a step_NNNNNNN checkpoint, a checkpoints dir or a run dir")
-    ap.add_argument("out", nargs="?", help="output file (default: <run dir>/model.safetensors)")
-    args = ap.parse_args(argv)
+    ap = OneLineParser("loco.export", prog="python -m loco.export",
+                       description=__doc__.split("\n")[0])  # fmt: skip
+    ap.add_argument("source", help="a step_NNNNNNN checkpoint, a checkpoints dir, a run dir or "
+                    "an exported file")  # fmt: skip
+    ap.add_argument("out", nargs="?", help="output (default: <run dir>/model.safetensors; "
+                    "--format hf: the directory <run dir>/hf)")  # fmt: skip
+    ap.add_argument("--format", choices=FORMATS, default="loco", help="loco: one safetensors "
+                    "(or .pt) file; hf: a Hugging Face GPT-2 directory")  # fmt: skip
+    ap.add_argument("--tokenizer", help=f"the run's tokenizer file ({RUN_FILE}) when it is not "
+                    "in the run directory")  # fmt: skip
+    args = ap.parse_intermixed_args(argv)  # RUN --format hf OUT: OUT after an option
     try:
-        model, meta = from_checkpoint(args.source)
-        ck = Path(meta["source"])
-        out = Path(args.out) if args.out else ck.parent.parent / "model.safetensors"
-        export(model, out, meta)
+        model, meta, tok = load_run(args.source, args.tokenizer)
+        out = Path(args.out) if args.out else default_out(args.source, meta, args.format)
+        if args.format == "hf":
+            from loco.hf import save_hf
+
+            save_hf(model, out, tok, meta)
+        else:
+            export(model, out, meta, tok)
     except ValueError as e:
         print(f"loco.export: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"loco.export: error: cannot write {e.filename}: {e.strerror or e}; choose "
+              "another OUT", file=sys.stderr)  # fmt: skip
+        return 2
     n = model.num_params()
-    print(f"loco.export: {out}: {n:,} parameters from {ck} (step {meta.get('step')})")
+    what = f"{tok.kind} tokenizer" if tok else "no tokenizer"
+    src = meta.get("source") or args.source
+    print(f"loco.export: {out}: {n:,} parameters, {what}, from {src} (step {meta.get('step')})")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Corpora, byte tokens, per-site shards and deterministic batches."""
+"""Corpora, their tokenizers (bytes or a byte-level BPE), per-site shards and batches."""
 
 from loco.data.corpus import Corpus, load_corpus, stdlib_corpus
 from loco.data.sampler import SiteData, TokenSampler, shard_segments, split_train_val

@@ -201,6 +201,7 @@ class SiteData:
         self.val = TokenSampler(val_tokens, val, seq_len=seq_len, seed=seed, key="validation")
         self.shard_tokens = self.train.total
         self.B, self.accum, self.rank, self.world = batch_size, grad_accum, rank, world
+        self.token_bytes = corpus.token_bytes
 
     @property
     def global_rows(self) -> int:
@@ -209,6 +210,13 @@ class SiteData:
     def train_batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         off = (self.rank * self.accum + micro) * self.B
         return self.train.batch(step, global_rows=self.global_rows, rows=self.B, offset=off)
+
+    def text_bytes(self, tokens: torch.Tensor) -> int:
+        """The number of text bytes ``tokens`` stand for (what bits per byte divide by); 0 when
+        the corpus's tokens stand for no known text (a .bin file of token ids)."""
+        if self.token_bytes is None:
+            return 0
+        return int(self.token_bytes[tokens.cpu().numpy()].sum())
 
     def val_batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.val.batch(
