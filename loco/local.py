@@ -19,7 +19,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from loco.config import ConfigError, compose, to_config
+from loco.config import CONF_DIR, ConfigError, compose, to_config
 from loco.federation import run_federation
 from loco.sweep import Sweep
 
@@ -30,7 +30,9 @@ def _hydra_task(site_overrides: list[str], sweep: Sweep) -> Callable[[], None]:
     """The Hydra entry point of one job: run its federation; in a multirun, add its row to
     ``sweep``, else exit 130 (interrupted) or 1 (a site failed)."""
 
-    @hydra.main(config_path="../conf", config_name="config", version_base=None)
+    # absolute: a relative path resolves against the package, not this file, when the
+    # console script loco-local calls main(): conf/ is not a package
+    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
     def task(dcfg: DictConfig) -> None:
         hc = HydraConfig.get()
         overrides = list(hc.overrides.task) + site_overrides

@@ -231,7 +231,7 @@ def make_trainer(cfg: LocoConfig, parts: Parts, *, ckpt: Any, outer: Any, metric
         warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio, grad_accum=t.grad_accum,
         eval_every=t.eval_every, eval_batches=t.eval_batches, log_every=t.log_every,
         seq_len=t.seq_len, round_every=cfg.outer.H,
-        tokens_are_bytes=parts.corpus.tokens_are_bytes, device=parts.device, comm=parts.comm,
+        device=parts.device, comm=parts.comm,
         metrics=metrics,
         progress=progress, before_step=ckpt.fence, checkpoint_ready=outer.settled,
         on_step_end=on_step_end,
@@ -257,6 +257,7 @@ def run_rank(cfg: LocoConfig, run_dir: Path, comm: SiteComm, local_rank: int) ->
     if rank == 0:  # metrics.jsonl, and TensorBoard events of the same records
         events = run_dir / "tensorboard" if cfg.train.tensorboard else None
         metrics = MetricsWriter(run_dir / "metrics.jsonl", site=site, rank=rank, events=events)
+        parts.corpus.save_tokenizer(run_dir)  # a BPE's file, for export and sample
     progress = None
     if rank == 0 and cfg.train.progress:
         progress = Progress(cfg.train.steps, prefix=f"loco[{site}] ")

@@ -68,7 +68,6 @@ class Trainer:
         log_every: int = 10,
         seq_len: int,
         round_every: int = 0,
-        tokens_are_bytes: bool = True,
         device: torch.device | str = "cpu",
         comm: SiteComm | None = None,
         metrics: MetricsWriter | None = None,
@@ -90,7 +89,6 @@ class Trainer:
         self.eval_every, self.eval_batches, self.log_every = eval_every, eval_batches, log_every
         self.eval_at_end = eval_at_end
         self.round_every = round_every
-        self.tokens_are_bytes = tokens_are_bytes
         self.device = torch.device(device)
         self.comm = comm if comm is not None else SiteComm()
         self.metrics, self.progress = metrics, progress
@@ -112,15 +110,19 @@ class Trainer:
         """Mean validation loss over ``eval_batches`` fixed batches of the site's ranks."""
         was_training = self.model.training
         self.model.eval()
-        total = 0.0
+        total, nbytes, ntokens = 0.0, 0, 0
         for i in range(self.eval_batches):
             x, y = self.data.val_batch(i)
             total += float(self.model(x.to(self.device), y.to(self.device)))
+            nbytes, ntokens = nbytes + self.data.text_bytes(y), ntokens + y.numel()
         self.model.train(was_training)
-        (loss,) = self._site_mean([total / self.eval_batches])
+        # every rank scores as many tokens: the site's bytes per token is the mean of its ranks'
+        loss, per_token = self._site_mean([total / self.eval_batches, nbytes / ntokens])
         out = {"loss": loss}
-        key = "bpb" if self.tokens_are_bytes else "bits_per_token"
-        out[key] = loss / math.log(2)
+        if per_token > 0:  # tokens of text (bytes, BPE): bits per byte of that text
+            out["bpb"] = loss / (math.log(2) * per_token)
+        else:
+            out["bits_per_token"] = loss / math.log(2)
         return out
 
     def train_step(self, step: int) -> tuple[float, float, float]:

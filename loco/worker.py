@@ -10,6 +10,7 @@ work, one line ``loco: error: ...``; 3 a run-time failure loco explains in one l
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from loco.config import ConfigError, LocoConfig, compose, require_site, to_config
+from loco.config import CONF_DIR, ConfigError, LocoConfig, compose, require_site, to_config
 from loco.errors import EXIT_CONFIG, EXIT_CRASH, EXIT_INTERRUPTED, RankExited, exit_status, one_line
 
 _NO_PREFLIGHT = (
@@ -33,6 +34,26 @@ _NO_PREFLIGHT = (
     "--shell-completion",
     "-sc",
 )
+
+
+_PEERS = re.compile(r"(\+{0,2}site\.peers)=\[(.*)\]", re.S)
+_PEER = re.compile(r"[a-z][a-z0-9_-]{0,31}(=[^\s'\"\\,=]+)?")  # NAME or NAME=ADDRESS, no quotes
+
+
+def quote_peers(args: list[str]) -> list[str]:
+    """``args`` with a ``site.peers=[us=HOST:PORT,...]`` override (the README's form, whose
+    ``=`` inside a list Hydra's grammar refuses) quoted as ``site.peers=['us=HOST:PORT',...]``.
+    Only a list of bare ``NAME`` and ``NAME=ADDRESS`` entries, at least one with an address,
+    is rewritten; every other argument (and an already quoted list) is returned unchanged."""
+    out = []
+    for a in args:
+        m = _PEERS.fullmatch(a)
+        entries = [e.strip() for e in m.group(2).split(",")] if m else []
+        if entries and any("=" in e for e in entries) and all(map(_PEER.fullmatch, entries)):
+            quoted = ",".join(f"'{e}'" for e in entries)
+            a = f"{m.group(1)}=[{quoted}]"
+        out.append(a)
+    return out
 
 
 def _fail(e: BaseException, status: int) -> None:
@@ -69,7 +90,9 @@ def preflight(cfg: LocoConfig) -> None:
         )
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base=None)
+# absolute: a relative path resolves against the package, not this file, when a console
+# script (loco-worker) calls main(): conf/ is not a package
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
 def _task(dcfg: DictConfig) -> None:
     """Run the site; a known failure exits with its status and one line (loco.errors), anything
     else goes up to Hydra, which prints its traceback and exits 1."""
@@ -91,6 +114,7 @@ def _task(dcfg: DictConfig) -> None:
 
 def main() -> None:
     """Entry point: validate the overrides (exit 2 before Hydra makes a run dir), then run."""
+    sys.argv[1:] = quote_peers(sys.argv[1:])  # Hydra reads sys.argv itself
     args = sys.argv[1:]
     if not any(a.split("=")[0] in _NO_PREFLIGHT for a in args):
         # validate before Hydra creates run directories, so an error is one line and no work

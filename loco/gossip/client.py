@@ -220,6 +220,10 @@ class GossipClient:
                 self._strikes[site] = 0
                 self._banned_until[site] = round + 1 + self.ban_rounds
         self.metrics.add("strikes")
+        self.metrics.add_peer(site, "strikes")
+        if banned:
+            self.metrics.add_peer(site, "bans")
+            self.metrics.set_peer(site, "banned_until", round + 1 + self.ban_rounds)
         log.warning("bad payload from %s (strike %d/%d): %s", site, n, self.max_strikes, err)
         if banned:
             self.metrics.add("bans")
@@ -344,6 +348,7 @@ class GossipClient:
             raise BadPayload(f"{peer.site}: validate failed: {e!r}", peer=peer.site) from e
 
     def _count(self, res: PullResult) -> None:
+        self.metrics.add_peer(res.peer, "bytes_recv", res.bytes_recv)
         if res.ok:
             self.metrics.add("pulls_ok")
             self.metrics.add("pull_seconds", res.seconds)

@@ -6,6 +6,7 @@ import threading
 from collections import defaultdict
 
 BASE_KEYS = ("bytes_sent", "bytes_recv", "pulls_ok", "pulls_failed", "pull_seconds")
+MAX_PEERS = 4096  # peer names kept by the per-peer counters; others are not counted there
 
 
 class GossipMetrics:
@@ -15,15 +16,43 @@ class GossipMetrics:
     ``fail_<cause>`` (cause in unavailable, timeout, evicted, mismatch, auth, bad_payload,
     banned, bad_request, rpc), ``strikes``, ``bans``, ``retries``, ``served_pulls``,
     ``served_fail_<reason>``, ``hello_ok``, ``hello_failed``.
+
+    Per peer site (for the Status RPC; never in ``snapshot()`` nor metrics.jsonl):
+    ``bytes_sent``, ``bytes_recv``, ``strikes``, ``bans``, ``banned_until``, ``paired_round``,
+    ``paired_ok``.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._c: dict[str, float] = defaultdict(float)
+        self._peers: dict[str, dict[str, float]] = {}
 
     def add(self, key: str, value: float = 1) -> None:
         with self._lock:
             self._c[key] += value
+
+    def add_peer(self, peer: str, key: str, value: float = 1) -> None:
+        """Add ``value`` to ``key`` of ``peer`` (a site name from a checked source)."""
+        with self._lock:
+            if (c := self._peer(peer)) is not None:
+                c[key] = c.get(key, 0.0) + value
+
+    def set_peer(self, peer: str, key: str, value: float) -> None:
+        """Set ``key`` of ``peer`` to ``value`` (the latest wins)."""
+        with self._lock:
+            if (c := self._peer(peer)) is not None:
+                c[key] = value
+
+    def by_peer(self) -> dict[str, dict[str, float]]:
+        """A copy of the per-peer counters: ``{site: {key: value}}``."""
+        with self._lock:
+            return {p: dict(c) for p, c in self._peers.items()}
+
+    def _peer(self, peer: str) -> dict[str, float] | None:
+        c = self._peers.get(peer)
+        if c is None and len(self._peers) < MAX_PEERS:
+            c = self._peers[peer] = {}
+        return c
 
     def snapshot(self) -> dict[str, float]:
         """A copy of all counters."""

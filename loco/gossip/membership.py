@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ class PeerState:
     live: bool = False
     misses: int = 0
     last_error: str = ""
+    seen: float = 0.0  # time.monotonic() of its last good Hello; 0.0 if never
 
 
 class Membership:
@@ -96,6 +98,7 @@ class Membership:
                     "peer %s live (nproc %d, round %d)", p.name, info.nproc, info.current_round
                 )
             p.info, p.live, p.misses, p.last_error = info, True, 0, ""
+            p.seen = time.monotonic()
         return True
 
     def start(self) -> None:
@@ -131,5 +134,6 @@ class Membership:
             return p.info if p is not None and p.live else None
 
     def states(self) -> dict[str, PeerState]:
+        """A copy of every configured peer's state."""
         with self._lock:
             return {n: PeerState(**vars(p)) for n, p in self._peers.items()}

@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 import time
 
+from ._pb import gossip_pb2 as pb
 from .client import GossipClient, PeerInfo, PullResult, Validator
 from .counters import GossipMetrics
 from .errors import GossipError, PeerUnavailable
@@ -23,6 +24,7 @@ from .membership import Membership
 from .options import GossipOptions
 from .pairing import partners
 from .server import GossipServer
+from .status import member_status
 from .tls import TlsConfig
 
 
@@ -118,6 +120,8 @@ class GossipNode:
         self._infos: dict[str, PeerInfo] = {}
         self._lock = threading.Lock()
         self._last_metrics: dict[str, float] = {}
+        self._pairing: tuple[int, list[str]] | None = None  # the last (round, partners)
+        self.server.status_source = self.status
 
     @property
     def lo(self) -> int:
@@ -167,7 +171,16 @@ class GossipNode:
     def partners(self, round: int, live_sites: list[str] | None = None) -> list[str]:
         """Partner sites of this site in ``round`` (empty: local round, n = 1)."""
         live = self.live_sites() if live_sites is None else live_sites
-        return partners(self.seed, round, live, self.site, self.odd)
+        got = partners(self.seed, round, live, self.site, self.odd)
+        self._pairing = (round, list(got))
+        return got
+
+    def status(self) -> pb.StatusResponse:
+        """What the Status RPC answers on this rank (``loco.gossip.status.member_status``)."""
+        return member_status(
+            self.server, peers=sorted(self.peers), membership=self.membership,
+            pairing=self._pairing,
+        )  # fmt: skip
 
     def peer_info(self, site: str) -> PeerInfo | None:
         """Hello answer of ``site`` (membership cache, else a Hello now); None if unreachable."""
@@ -236,9 +249,17 @@ class GossipNode:
             res = PullResult(peer=partner, round=round, stream=stream, lo=lo, hi=hi, error=e)
             self.metrics.add("pulls_failed")
             self.metrics.add(f"fail_{e.cause}")
+            self._mark_pull(partner, round, False)
             return res
         res = self.client.pull(info, round, stream, lo, hi, **kw)
+        self._mark_pull(partner, round, res.ok)
         if not res.ok and res.cause in ("unavailable", "mismatch"):
             with self._lock:
                 self._infos.pop(partner, None)  # re-Hello next time (it may have restarted)
         return res
+
+    def _mark_pull(self, partner: str, round: int, ok: bool) -> None:
+        """The latest round pulled from a configured peer, and whether it came (for Status)."""
+        if partner in self.peers:
+            self.metrics.set_peer(partner, "paired_round", round)
+            self.metrics.set_peer(partner, "paired_ok", float(ok))

@@ -1,42 +1,38 @@
-"""The gRPC server of one rank: Hello, long-poll Pull, FetchState and grpc.health.v1.
+"""The gRPC server of one rank: Hello, long-poll Pull, FetchState, Status and grpc.health.v1.
 
 One ``GossipServer`` per rank. Address convention: the site's ``listen`` address is rank 0's;
 rank r listens on ``port + r`` of the same host, unless explicit ``rank_addresses`` are given
 (tests bind port 0 and set them after ``start()``). Hello reports every rank's address and range.
+Its parts: :mod:`.admission` (membership and stream caps), :mod:`.serving` (Pull and
+FetchState), :mod:`.health`, :mod:`.status` (what Status reports).
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import threading
-import time
-import zlib
 from collections.abc import Callable, Iterator
 from concurrent import futures
 
 import grpc
 
 from ._pb import gossip_pb2 as pb
-from ._pb import health_pb2, health_pb2_grpc
+from ._pb import health_pb2_grpc
+from .admission import Admission, StreamSlots, is_loopback_host, peer_host
 from .counters import GossipMetrics
-from .framing import (
-    MAX_CHUNK_BYTES,
-    MAX_MESSAGE_BYTES,
-    PROTOCOL_VERSION,
-    crc32_combine,
-    encode_data,
-    encode_header,
-    identity,
-)
-from .mailbox import Mailbox, RoundEvictedError, Segment
+from .framing import MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, identity
+from .health import SERVICE, HealthService
+from .mailbox import Mailbox, Segment
 from .options import GossipOptions
 from .ranges import rank_range
-from .tls import TlsConfig, peer_site, server_credentials
+from .serving import RangeService, stream_segments
+from .status import member_status
+from .tls import TlsConfig, server_credentials
 
 log = logging.getLogger(__name__)
 
-SERVICE = "loco.v1.Gossip"
+__all__ = ["SERVICE", "GossipServer", "StreamSlots", "is_loopback_host", "peer_host",
+           "server_options", "split_address"]  # fmt: skip
 
 # Stream caps. Worst case for one partner site: 8 ranks pulling delta and phi at once from one
 # rank of ours (a 1-rank site owns every partner rank's range), each pull split into up to
@@ -45,72 +41,8 @@ SERVICE = "loco.v1.Gossip"
 # 2 x 128 = 256 in total (a joiner's FetchState fits in what that leaves in practice).
 MAX_STREAMS = GossipOptions.max_streams  # 256
 MAX_STREAMS_PER_PEER = GossipOptions.max_streams_per_peer  # 128
-# workers beyond the stream slots: Hello, Health.Check and refusals always find a free thread
+# workers beyond the stream slots: Hello, Status, Health.Check and refusals always find a thread
 UNARY_WORKERS = 16
-
-
-def is_loopback_host(host: str) -> bool:
-    """True for ``localhost``, 127.0.0.0/8 and ::1 (brackets allowed); False for anything else,
-    including an empty host, 0.0.0.0, :: and every other name (it may resolve anywhere)."""
-    h = host.strip()
-    if h.startswith("[") and h.endswith("]"):
-        h = h[1:-1]
-    if h.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(h).is_loopback
-    except ValueError:
-        return False
-
-
-def peer_host(peer: str) -> str:
-    """Host of a gRPC ``context.peer()`` string (``ipv4:1.2.3.4:5``, ``ipv6:[::1]:5``)."""
-    _, _, rest = peer.partition(":")
-    host = rest.rpartition(":")[0] if rest.count(":") else rest
-    return host or peer
-
-
-class StreamSlots:
-    """Streaming RPCs in flight, per peer and in total. ``acquire`` never blocks."""
-
-    def __init__(self, total: int, per_peer: int) -> None:
-        if total < 1 or per_peer < 1:
-            raise ValueError(f"stream caps must be >= 1, got total={total} per_peer={per_peer}")
-        self.total, self.per_peer = total, per_peer
-        self._lock = threading.Lock()
-        self._n = 0
-        self._by_peer: dict[str, int] = {}
-
-    def acquire(self, peer: str) -> Callable[[], None] | str:
-        """A release function (idempotent) for a new slot of ``peer``, or why there is none."""
-        with self._lock:
-            held = self._by_peer.get(peer, 0)
-            if held >= self.per_peer:
-                return f"{peer} already holds {held} streams (max_streams_per_peer)"
-            if self._n >= self.total:
-                return f"server holds {self._n} streams (max_streams)"
-            self._n += 1
-            self._by_peer[peer] = held + 1
-        done = threading.Event()
-
-        def release() -> None:
-            with self._lock:
-                if done.is_set():
-                    return
-                done.set()
-                self._n -= 1
-                left = self._by_peer[peer] - 1
-                if left:
-                    self._by_peer[peer] = left
-                else:
-                    del self._by_peer[peer]
-
-        return release
-
-    def held(self, peer: str | None = None) -> int:
-        """Slots in use by ``peer``, or in total."""
-        with self._lock:
-            return self._n if peer is None else self._by_peer.get(peer, 0)
 
 
 def server_options(keepalive_s: float = GossipOptions.keepalive_s) -> list[tuple[str, int]]:
@@ -130,6 +62,26 @@ def server_options(keepalive_s: float = GossipOptions.keepalive_s) -> list[tuple
 def split_address(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host, int(port)
+
+
+def _check_options(
+    who: str, listen: str, *, tls: TlsConfig | None, insecure: bool,
+    allow_public_plaintext: bool, unary_workers: int, chunk_bytes: int,
+) -> None:  # fmt: skip
+    """ValueError for a server without TLS material nor ``insecure``, plaintext on a public
+    address without ``allow_public_plaintext``, or out-of-range workers or chunk size."""
+    if tls is None and not insecure:
+        raise ValueError("GossipServer needs tls=TlsConfig(...) or insecure=True (plaintext)")
+    if insecure and not allow_public_plaintext and not is_loopback_host(split_address(listen)[0]):
+        raise ValueError(
+            f"GossipServer {who}: plaintext (insecure=True) on non-loopback {listen} "
+            "lets anyone who reaches it read the model; use tls=, a loopback address, or "
+            "allow_public_plaintext=True (gossip.insecure_public=true)"
+        )
+    if unary_workers < 1:
+        raise ValueError(f"unary_workers={unary_workers} must be >= 1")
+    if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
+        raise ValueError(f"chunk_bytes must be in (0, {MAX_CHUNK_BYTES}]")
 
 
 class GossipServer:
@@ -152,7 +104,11 @@ class GossipServer:
         max_streams, max_streams_per_peer: concurrent streaming RPCs (Pull, FetchState,
             Health.Watch) in total and per peer site (authenticated name; in plaintext, per peer
             host); one over a cap is refused at once with RESOURCE_EXHAUSTED (``PeerBusy``).
-        unary_workers: threads beyond ``max_streams`` for Hello, Health.Check and refusals.
+        unary_workers: threads beyond ``max_streams`` for Hello, Status, Health.Check and
+            refusals.
+
+    ``status_source``: what the Status RPC answers (default: this server's own figures, see
+    ``loco.gossip.status.member_status``).
     """
 
     def __init__(
@@ -179,22 +135,11 @@ class GossipServer:
         keepalive_s: float = GossipOptions.keepalive_s,
         metrics: GossipMetrics | None = None,
     ) -> None:
-        if tls is None and not insecure:
-            raise ValueError("GossipServer needs tls=TlsConfig(...) or insecure=True (plaintext)")
-        if (
-            insecure
-            and not allow_public_plaintext
-            and not is_loopback_host(split_address(listen)[0])
-        ):
-            raise ValueError(
-                f"GossipServer {site}/{rank}: plaintext (insecure=True) on non-loopback {listen} "
-                "lets anyone who reaches it read the model; use tls=, a loopback address, or "
-                "allow_public_plaintext=True (gossip.insecure_public=true)"
-            )
-        if unary_workers < 1:
-            raise ValueError(f"unary_workers={unary_workers} must be >= 1")
-        if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
-            raise ValueError(f"chunk_bytes must be in (0, {MAX_CHUNK_BYTES}]")
+        _check_options(
+            f"{site}/{rank}", listen, tls=tls, insecure=insecure,
+            allow_public_plaintext=allow_public_plaintext, unary_workers=unary_workers,
+            chunk_bytes=chunk_bytes,
+        )  # fmt: skip
         self.site, self.rank, self.nproc, self.flat_size = site, rank, nproc, flat_size
         self.lo, self.hi = rank_range(flat_size, nproc, rank)
         self.run_id, self.layout_hash = run_id, layout_hash
@@ -205,6 +150,16 @@ class GossipServer:
         self.metrics = metrics or GossipMetrics()
         self.mailbox = Mailbox(keep_rounds)
         self.slots = StreamSlots(max_streams, max_streams_per_peer)
+        self.admission = Admission(
+            tls=self.tls, members=self.members, slots=self.slots, metrics=self.metrics
+        )
+        self.ranges = RangeService(
+            run_id=run_id, layout_hash=layout_hash, rank=rank, lo=self.lo, hi=self.hi,
+            mailbox=self.mailbox, admission=self.admission, metrics=self.metrics,
+            max_wait_s=max_wait_s, stream=self._stream,
+        )  # fmt: skip
+        # what Status answers; GossipNode sets its own view (membership, pairing, per peer)
+        self.status_source: Callable[[], pb.StatusResponse] | None = None
         self._stopping = threading.Event()
         self._listen = listen
         self._rank_addresses = rank_addresses
@@ -328,54 +283,29 @@ class GossipServer:
                 response_serializer=pb.HelloResponse.SerializeToString,
             ),
             "Pull": grpc.unary_stream_rpc_method_handler(
-                self._pull,
+                self.ranges.pull,
                 request_deserializer=pb.PullRequest.FromString,
                 response_serializer=identity,
             ),
             "FetchState": grpc.unary_stream_rpc_method_handler(
-                self._fetch_state,
+                self.ranges.fetch_state,
                 request_deserializer=pb.FetchStateRequest.FromString,
                 response_serializer=identity,
+            ),
+            "Status": grpc.unary_unary_rpc_method_handler(
+                self._status,
+                request_deserializer=pb.StatusRequest.FromString,
+                response_serializer=pb.StatusResponse.SerializeToString,
             ),
         }
         self._server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE, handlers),)
         )
-        health_pb2_grpc.add_HealthServicer_to_server(_Health(self), self._server)
-
-    def _authorize(self, context: grpc.ServicerContext) -> str:
-        """The caller's site; aborts PERMISSION_DENIED for a non-member certificate."""
-        if self.tls is None:
-            return ""
-        site = peer_site(context)
-        if site is None or (self.members is not None and site not in self.members):
-            self.metrics.add("served_fail_auth")
-            log.warning("refused peer %s (site %r not a member)", context.peer(), site)
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"site {site!r} is not a member")
-        return site
-
-    def _hold(self, context: grpc.ServicerContext, site: str) -> Callable[[], None]:
-        """A stream slot of the caller (its site, or in plaintext its host), released when the
-        RPC ends; aborts RESOURCE_EXHAUSTED at once when a cap is full."""
-        got = self.slots.acquire(site or peer_host(context.peer()))
-        if isinstance(got, str):
-            self.metrics.add("served_fail_busy")
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"busy: {got}; retry later")
-        context.add_callback(got)  # backstop: the handler's own finally releases it first
-        return got
-
-    def _check_run(self, context, run_id: str, layout_hash: str) -> None:
-        if run_id != self.run_id or layout_hash != self.layout_hash:
-            self.metrics.add("served_fail_mismatch")
-            context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"run/layout mismatch: server has run_id={self.run_id!r} "
-                f"layout_hash={self.layout_hash!r}, request run_id={run_id!r} "
-                f"layout_hash={layout_hash!r}",
-            )
+        health = HealthService(self.admission, self.max_wait_s, self._stopping)
+        health_pb2_grpc.add_HealthServicer_to_server(health, self._server)
 
     def _hello(self, req: pb.HelloRequest, context) -> pb.HelloResponse:
-        self._authorize(context)
+        self.admission.authorize(context)
         ranks = [
             pb.RankInfo(
                 rank=r,
@@ -397,140 +327,18 @@ class GossipServer:
             rank=self.rank,
         )
 
-    def _check_range(self, context, lo: int, hi: int) -> None:
-        if not (self.lo <= lo < hi <= self.hi):
-            self.metrics.add("served_fail_bad_request")
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"range [{lo},{hi}) not inside rank {self.rank}'s [{self.lo},{self.hi})",
-            )
-
-    def _pull(self, req: pb.PullRequest, context) -> Iterator[bytes]:
-        site = self._authorize(context)
-        self._check_run(context, req.run_id, req.layout_hash)
-        self._check_range(context, req.lo, req.hi)
-        release = self._hold(context, site)
-        try:
-            yield from self._serve_pull(req, context)
-        finally:
-            release()
-
-    def _serve_pull(self, req: pb.PullRequest, context) -> Iterator[bytes]:
-        left = context.time_remaining()
-        timeout = self.max_wait_s if left is None else min(left, self.max_wait_s)
-        try:
-            segs = self.mailbox.wait(req.round, req.stream, timeout, context.is_active)
-        except RoundEvictedError as e:
-            self.metrics.add("served_fail_evicted")
-            context.abort(grpc.StatusCode.NOT_FOUND, str(e))
-        if segs is None:
-            self.metrics.add("served_fail_timeout")
-            context.abort(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"round {req.round} stream {req.stream!r} not published in time",
-            )
-        self.metrics.add("served_pulls")
-        yield from self._stream(segs, req.lo, req.hi, req.round, req.stream, context)
-
-    def _fetch_state(self, req: pb.FetchStateRequest, context) -> Iterator[bytes]:
-        site = self._authorize(context)
-        self._check_run(context, req.run_id, req.layout_hash)
-        self._check_range(context, req.lo, req.hi)
-        got = self.mailbox.state(req.name)
-        if got is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"no state {req.name!r} published")
-        version, segs = got
-        release = self._hold(context, site)
-        try:
-            yield from self._stream(segs, req.lo, req.hi, version, req.name, context)
-        finally:
-            release()
-
-    def _watch_health(self, status: int, context) -> Iterator[health_pb2.HealthCheckResponse]:
-        """Health.Watch: the status, then nothing until the caller leaves, its deadline, the
-        server stops or ``max_wait_s`` passes; the stream then ends OK (callers re-Watch)."""
-        release = self._hold(context, self._authorize(context))
-        try:
-            yield health_pb2.HealthCheckResponse(status=status)
-            left = context.time_remaining()
-            end = time.monotonic() + (
-                self.max_wait_s if left is None else min(left, self.max_wait_s)
-            )
-            while context.is_active() and not self._stopping.is_set():
-                wait = end - time.monotonic()
-                if wait <= 0:
-                    break
-                self._stopping.wait(min(wait, 0.25))
-        finally:
-            release()
+    def _status(self, req: pb.StatusRequest, context) -> pb.StatusResponse:
+        self.admission.authorize(context)
+        if self.status_source is not None:
+            return self.status_source()
+        return member_status(self, peers=sorted((self.members or set()) - {self.site}))
 
     def _stream(
         self, segs: list[Segment], lo: int, hi: int, round: int, stream: str, context
     ) -> Iterator[bytes]:
-        """Header + data chunks for every segment intersecting [lo, hi); raw ones are sliced."""
-        for seg in segs:
-            a, b = max(lo, seg.lo), min(hi, seg.hi)
-            if a >= b:
-                continue
-            if seg.codec == "raw":
-                b0, b1, s_lo, s_hi = (a - seg.lo) * seg.itemsize, (b - seg.lo) * seg.itemsize, a, b
-            else:
-                b0, b1, s_lo, s_hi = 0, len(seg.data), seg.lo, seg.hi
-            plan = _chunk_plan(seg, b0, b1)
-            crc = 0
-            for p0, p1, c in plan:
-                crc = crc32_combine(crc, c, p1 - p0)
-            header = pb.SegmentHeader(
-                run_id=self.run_id, layout_hash=self.layout_hash, round=round, stream=stream,
-                codec=seg.codec, dtype=seg.dtype, lo=s_lo, hi=s_hi, length=b1 - b0, crc32=crc,
-                site=self.site, rank=self.rank,
-            )  # fmt: skip
-            yield encode_header(header)
-            for p0, p1, c in plan:
-                msg = encode_data(seg.data[p0:p1], c)
-                self.metrics.add("bytes_sent", p1 - p0)
-                yield msg
-
-
-def _chunk_plan(seg: Segment, b0: int, b1: int) -> list[tuple[int, int, int]]:
-    """Chunks ``(start, end, crc32)`` of bytes [b0, b1) of ``seg``, cut on its CRC grid.
-
-    Whole grid blocks reuse the CRC computed at publish; only a partial first or last block
-    is checksummed again.
-    """
-    g, n = seg.grid_bytes, len(seg.data)
-    out = []
-    pos = b0
-    while pos < b1:
-        k = pos // g
-        end = min(b1, (k + 1) * g)
-        if pos == k * g and end == min(n, (k + 1) * g) and k < len(seg.grid):
-            out.append((pos, end, seg.grid[k]))
-        else:
-            out.append((pos, end, zlib.crc32(seg.data[pos:end])))
-        pos = end
-    return out
-
-
-class _Health(health_pb2_grpc.HealthServicer):
-    """grpc.health.v1: SERVING for "" and loco.v1.Gossip while the server runs. Members only
-    (like every RPC); Watch holds a stream slot and ends after at most ``max_wait_s``."""
-
-    _known = ("", SERVICE)
-
-    def __init__(self, server: GossipServer) -> None:
-        self._srv = server
-
-    def Check(self, request, context):  # noqa: N802 (gRPC naming)
-        self._srv._authorize(context)
-        if request.service not in self._known:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
-        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
-
-    def Watch(self, request, context):  # noqa: N802
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if request.service in self._known
-            else health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
-        )
-        yield from self._srv._watch_health(status, context)
+        """The wire messages of [lo, hi) of ``segs`` (see ``serving.stream_segments``); a
+        subclass may wrap it (``loco.testing.gossip_faults.FaultyServer``)."""
+        return stream_segments(
+            segs, lo, hi, round, stream, run_id=self.run_id, layout_hash=self.layout_hash,
+            site=self.site, rank=self.rank, metrics=self.metrics,
+        )  # fmt: skip

@@ -132,3 +132,63 @@ class Chunk(_message.Message):
     data: bytes
     crc32: int
     def __init__(self, header: _Optional[_Union[SegmentHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ("site",)
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    def __init__(self, site: _Optional[str] = ...) -> None: ...
+
+class SiteStatus(_message.Message):
+    __slots__ = ("site", "live", "round", "nproc", "paired_round", "paired_ok", "bytes_sent", "bytes_recv", "strikes", "bans", "banned_until", "misses", "seen_ms_ago", "last_error")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    NPROC_FIELD_NUMBER: _ClassVar[int]
+    PAIRED_ROUND_FIELD_NUMBER: _ClassVar[int]
+    PAIRED_OK_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECV_FIELD_NUMBER: _ClassVar[int]
+    STRIKES_FIELD_NUMBER: _ClassVar[int]
+    BANS_FIELD_NUMBER: _ClassVar[int]
+    BANNED_UNTIL_FIELD_NUMBER: _ClassVar[int]
+    MISSES_FIELD_NUMBER: _ClassVar[int]
+    SEEN_MS_AGO_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    live: bool
+    round: int
+    nproc: int
+    paired_round: int
+    paired_ok: bool
+    bytes_sent: int
+    bytes_recv: int
+    strikes: int
+    bans: int
+    banned_until: int
+    misses: int
+    seen_ms_ago: int
+    last_error: str
+    def __init__(self, site: _Optional[str] = ..., live: _Optional[bool] = ..., round: _Optional[int] = ..., nproc: _Optional[int] = ..., paired_round: _Optional[int] = ..., paired_ok: _Optional[bool] = ..., bytes_sent: _Optional[int] = ..., bytes_recv: _Optional[int] = ..., strikes: _Optional[int] = ..., bans: _Optional[int] = ..., banned_until: _Optional[int] = ..., misses: _Optional[int] = ..., seen_ms_ago: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...
+
+class StatusResponse(_message.Message):
+    __slots__ = ("run_id", "protocol_version", "site", "rank", "nproc", "heartbeat", "pairing_round", "partners", "sites")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    NPROC_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    PAIRING_ROUND_FIELD_NUMBER: _ClassVar[int]
+    PARTNERS_FIELD_NUMBER: _ClassVar[int]
+    SITES_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    protocol_version: int
+    site: str
+    rank: int
+    nproc: int
+    heartbeat: bool
+    pairing_round: int
+    partners: _containers.RepeatedScalarFieldContainer[str]
+    sites: _containers.RepeatedCompositeFieldContainer[SiteStatus]
+    def __init__(self, run_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., site: _Optional[str] = ..., rank: _Optional[int] = ..., nproc: _Optional[int] = ..., heartbeat: _Optional[bool] = ..., pairing_round: _Optional[int] = ..., partners: _Optional[_Iterable[str]] = ..., sites: _Optional[_Iterable[_Union[SiteStatus, _Mapping]]] = ...) -> None: ...

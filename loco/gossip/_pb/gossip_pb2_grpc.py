@@ -50,6 +50,11 @@ class GossipStub:
                 request_serializer=gossip__pb2.FetchStateRequest.SerializeToString,
                 response_deserializer=gossip__pb2.Chunk.FromString,
                 _registered_method=True)
+        self.Status = channel.unary_unary(
+                '/loco.v1.Gossip/Status',
+                request_serializer=gossip__pb2.StatusRequest.SerializeToString,
+                response_deserializer=gossip__pb2.StatusResponse.FromString,
+                _registered_method=True)
 
 
 class GossipServicer:
@@ -78,6 +83,14 @@ class GossipServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Status(self, request, context):
+        """Read-only view of the federation as the answering rank sees it (python -m loco.status):
+        live sites, rounds, pairing, bytes, strikes and bans. Members only, like every RPC.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GossipServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +108,11 @@ def add_GossipServicer_to_server(servicer, server):
                     servicer.FetchState,
                     request_deserializer=gossip__pb2.FetchStateRequest.FromString,
                     response_serializer=gossip__pb2.Chunk.SerializeToString,
+            ),
+            'Status': grpc.unary_unary_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=gossip__pb2.StatusRequest.FromString,
+                    response_serializer=gossip__pb2.StatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +196,33 @@ class Gossip:
             '/loco.v1.Gossip/FetchState',
             gossip__pb2.FetchStateRequest.SerializeToString,
             gossip__pb2.Chunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loco.v1.Gossip/Status',
+            gossip__pb2.StatusRequest.SerializeToString,
+            gossip__pb2.StatusResponse.FromString,
             options,
             channel_credentials,
             insecure,
