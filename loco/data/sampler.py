@@ -66,18 +66,7 @@ def shard_segments(
     if not 0 <= shard < num_shards:
         raise ValueError(f"site.shard={shard} must be in [0, data.num_shards={num_shards})")
     if split == "iid":
-        chunks = [
-            (s, min(s + chunk_tokens, b))
-            for a, b in _merge(train)
-            for s in range(a, b, chunk_tokens)
-        ]
-        if len(chunks) < num_shards:
-            raise ValueError(
-                f"{len(chunks)} chunks cannot fill {num_shards} shards; lower data.chunk_tokens={chunk_tokens}"
-            )
-        order = np.random.default_rng(0x10C0).permutation(len(chunks))
-        mine = sorted(chunks[i] for j, i in enumerate(order) if j % num_shards == shard)
-        return np.array(mine, np.int64)
+        return _iid_shard(train, num_shards, shard, chunk_tokens)
     if split != "noniid":
         raise ValueError(f"data.split={split!r} is not allowed; choose iid or noniid")
     train_set = {(int(a), int(b)) for a, b in train}
@@ -91,17 +80,8 @@ def shard_segments(
         # a package larger than a shard's fair share is split by its sub-packages
         g = "/".join(d.name.split("/")[:2]) if size[d.group] > fair else d.group
         groups.setdefault(g, []).append((d.start, d.end))
-    if len(groups) < num_shards:
-        # too few groups (e.g. one text file): contiguous pieces of the train tokens
-        total = int(sum(b - a for a, b in train))
-        lo, hi = total * shard // num_shards, total * (shard + 1) // num_shards
-        out, pos = [], 0
-        for a, b in train:
-            s, e = max(a, a + lo - pos), min(b, a + hi - pos)
-            if s < e:
-                out.append((s, e))
-            pos += b - a
-        return np.array(out, np.int64)
+    if len(groups) < num_shards:  # too few groups (e.g. one text file)
+        return _contiguous_shard(train, num_shards, shard)
     loads = [0] * num_shards
     owner: dict[str, int] = {}
     for name, segs in sorted(groups.items(), key=lambda kv: (-sum(e - s for s, e in kv[1]), kv[0])):
@@ -110,6 +90,33 @@ def shard_segments(
         loads[k] += sum(e - s for s, e in segs)
     mine = sorted(seg for name, segs in groups.items() if owner[name] == shard for seg in segs)
     return np.array(mine, np.int64)
+
+
+def _iid_shard(train: Segments, num_shards: int, shard: int, chunk_tokens: int) -> Segments:
+    """Chunks of at most ``chunk_tokens`` dealt to shards in a fixed pseudo-random order."""
+    chunks = [
+        (s, min(s + chunk_tokens, b)) for a, b in _merge(train) for s in range(a, b, chunk_tokens)
+    ]
+    if len(chunks) < num_shards:
+        raise ValueError(
+            f"{len(chunks)} chunks cannot fill {num_shards} shards; lower data.chunk_tokens={chunk_tokens}"
+        )
+    order = np.random.default_rng(0x10C0).permutation(len(chunks))
+    mine = sorted(chunks[i] for j, i in enumerate(order) if j % num_shards == shard)
+    return np.array(mine, np.int64)
+
+
+def _contiguous_shard(train: Segments, num_shards: int, shard: int) -> Segments:
+    """Shard ``shard`` of ``num_shards`` contiguous pieces of the train tokens."""
+    total = int(sum(b - a for a, b in train))
+    lo, hi = total * shard // num_shards, total * (shard + 1) // num_shards
+    out, pos = [], 0
+    for a, b in train:
+        s, e = max(a, a + lo - pos), min(b, a + hi - pos)
+        if s < e:
+            out.append((s, e))
+        pos += b - a
+    return np.array(out, np.int64)
 
 
 def _merge(segments: Segments) -> list[tuple[int, int]]:
