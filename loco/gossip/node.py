@@ -206,10 +206,10 @@ class GossipNode:
         """Count a bad payload of ``partner`` found after its pull (see GossipClient.strike)."""
         self.client.strike(partner, round, reason)
 
-    def count_failure(self, cause: str) -> None:
-        """Count a failure that the caller found after a pull: ``fail_<cause>`` in the next
-        :meth:`round_metrics`. No strike; call :meth:`strike` for that."""
-        self.metrics.add(f"fail_{cause}")
+    def count_failure(self, cause: str, n: int = 1) -> None:
+        """Count ``n`` failures that the caller found after a pull: ``fail_<cause>`` in the
+        next :meth:`round_metrics`. No strike; call :meth:`strike` for that."""
+        self.metrics.add(f"fail_{cause}", n)
 
     def served_mark(self) -> float:
         """The number of pulls this rank has served so far: a mark for :meth:`wait_quiet`."""

@@ -31,8 +31,10 @@ LOSSLESS = ("none",)
 
 
 def codec_options(codec: str, *, block: int, scale_dtype: str, stochastic: bool,
-                  topk_fraction: float) -> dict[str, object]:  # fmt: skip
-    """The ``loco.compress`` keyword options of ``codec`` from the ``compression.*`` keys."""
+                  topk_fraction: float, sparse_k: int = 64,
+                  sparse_bits: int = 2) -> dict[str, object]:  # fmt: skip
+    """The ``loco.compress`` keyword options of ``codec`` from the ``compression.*`` keys
+    (sparse: ``block`` is the chunk, ``sparse_k`` / ``sparse_bits`` its k and bits)."""
     rounding = "stochastic" if stochastic else "nearest"
     if codec == "none":
         return {}
@@ -41,6 +43,8 @@ def codec_options(codec: str, *, block: int, scale_dtype: str, stochastic: bool,
     opts: dict[str, object] = {"block": block, "scale_dtype": scale_dtype, "rounding": rounding}
     if codec == "topk":
         opts["k"] = max(1, min(block, round(topk_fraction * block)))
+    if codec == "sparse":
+        opts.update(k=sparse_k, bits=sparse_bits)
     return opts
 
 
@@ -70,9 +74,9 @@ class RangePayloads:
             next to the receiver's own phi; needs partners with the same rank count).
         phi_lattice_window: the lattice's grid steps per largest momentum value of a block
             (8-bit frames).
-        phi_lattice_bits: lattice bits per value (2-8); below 8 the grid follows the partner
-            spread last observed (:class:`loco.outer.lattice.Spread`) times
-            ``phi_lattice_margin``; the first frame is 8-bit.
+        phi_lattice_bits: lattice bits per value (2-8); the grid follows the partner spread
+            last observed (:class:`loco.outer.lattice.Spread`) times ``phi_lattice_margin``;
+            before any observation the frame is 8-bit with the momentum rule.
         phi_every: send phi every this many rounds (rounds 1, 1 + N, ...); the other rounds
             publish a frame without values and keep their own phi (lattice only).
     """
@@ -166,10 +170,10 @@ class RangePayloads:
         with self._lock:
             spread = self.spread.value
         bits, steps = self.lattice_bits, None
-        if spread is not None and bits < 8 and spread.numel() == -(-ref.numel() // LATTICE_BLOCK):
+        if spread is not None and spread.numel() == -(-ref.numel() // LATTICE_BLOCK):
             steps = lattice.steps_for_spread(ref, spread, bits, LATTICE_BLOCK, self.lattice_margin)
         else:
-            bits = 8  # nothing observed yet (or 8 bits asked): the momentum rule
+            bits = 8  # nothing observed yet: 8 bits, the momentum rule
         mom = self._padded(momentum if momentum is not None else torch.zeros_like(phi))
         buf, full = lattice.encode(ref, mom, block=LATTICE_BLOCK, window=self.lattice_window,
                                    bits=bits, steps=steps)  # fmt: skip
@@ -177,11 +181,14 @@ class RangePayloads:
 
     # ------------------------------------------------------------------ pulling
 
-    def validator(self, sink: list[torch.Tensor], raw: bool, lattice_ref=None):
+    def validator(self, sink: list[torch.Tensor], raw: bool, lattice_ref=None,
+                  failed: list[int] | None = None):  # fmt: skip
         """A gossip ``validate`` callable ``check(buf, numel)``: decode each received payload
         of ``numel`` values (raw: check it is finite fp32 of the right length; a frame may not
         claim more values than its segment), append the values to ``sink``; raise on anything
-        bad so the gossip client counts a strike and fails the pull."""
+        bad so the gossip client counts a strike and fails the pull. ``failed``: where the
+        lattice blocks that kept our own phi are counted, per frame."""
+        failed = failed if failed is not None else []
 
         def check(buf, numel: int) -> None:
             mv = memoryview(buf).cast("B")
@@ -193,6 +200,7 @@ class RangePayloads:
                     self.spread.observe(got)
                     self.lattice_blocks += got.blocks
                     self.lattice_failed += got.failed
+                failed.append(got.failed)
                 t = got.values
             elif raw:
                 if len(mv) != self.numel * 4 or numel != self.numel:
@@ -268,8 +276,9 @@ class RangePayloads:
         if codec is None:
             codec = self.codec if stream == "delta" else self.phi_codec
         ref = self._ref if codec == "lattice" else None
+        failed: list[int] = []
         kw: dict[str, object] = {
-            "validate": self.validator(values, codec in LOSSLESS, ref),
+            "validate": self.validator(values, codec in LOSSLESS, ref, failed),
             "codec": "raw" if codec in LOSSLESS else codec,
             "segment_bytes": self.segment_bytes(codec),
         }
@@ -281,6 +290,8 @@ class RangePayloads:
         res = node.pull(partner, round, stream, lo=self.lo, hi=self.hi, **kw)
         if not res.ok:
             return None, res.cause
+        if sum(failed):  # blocks outside the window: our own phi there, no pull on them
+            node.count_failure("lattice_blocks", sum(failed))
         try:
             return self.assemble(res, values, stream), ""
         except PayloadError as e:

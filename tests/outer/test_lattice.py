@@ -129,3 +129,27 @@ def test_spread_follows_observations_and_widens_failed_blocks():
     assert sp.value.tolist() == [0.5, 2.0, 2.0]  # decay to half; failed: x4
     sp.observe(lattice.Decoded(torch.zeros(0), 0, 0, torch.zeros(0)))  # a skip frame: ignored
     assert sp.value.tolist() == [0.5, 2.0, 2.0]
+
+
+def test_range_payloads_send_8_bits_first_then_fewer_and_skip_between():
+    from loco.outer.exchange import RangePayloads
+
+    n = 4096
+    g = torch.Generator().manual_seed(7)
+    phi = torch.randn(n, generator=g) * 0.05
+    a, b = (RangePayloads(shard=(0, n), owned=(0, n), codec="int8", phi_lattice=True,
+                          phi_lattice_bits=3, phi_every=2) for _ in range(2))  # fmt: skip
+    zero = torch.zeros(n)
+    sizes = []
+    for t in (1, 2, 3):
+        _, bufs_a = a.encode(t, zero, phi, torch.randn(n, generator=g) * 1e-3)
+        other = phi + torch.randn(n, generator=g) * 1e-3
+        b.encode(t, zero, other, zero)  # b's own phi of the round: the decoding reference
+        sink: list[torch.Tensor] = []
+        b.validator(sink, False, b._ref)(bufs_a["phi"][0], n)
+        a.validator([], False, a._ref)(b.encode(t, zero, other, zero)[1]["phi"][0], n)
+        sizes.append(len(bufs_a["phi"][0]))
+    assert sizes[0] == lattice.frame_bytes(n, 256, 8)  # nothing observed yet: 8 bits
+    assert sizes[1] == lattice.frame_bytes(n, 256, 0) == 28  # round 2: no phi
+    assert sizes[2] == lattice.frame_bytes(n, 256, 3)  # round 3: 3 bits, from the spread seen
+    assert a.lattice_failed == 0 and b.lattice_failed == 0
