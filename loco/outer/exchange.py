@@ -96,7 +96,7 @@ class RangePayloads:
         phi_lattice: bool = False,
         phi_lattice_window: float = 8.0,
         phi_lattice_bits: int = 8,
-        phi_lattice_margin: float = 2.0,
+        phi_lattice_margin: float = 8.0,
         phi_every: int = 1,
     ) -> None:
         self.slo, self.shi = shard
