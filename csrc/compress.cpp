@@ -51,13 +51,19 @@ inline float u2f(uint32_t u) {
 // ----------------------------------------------------------------------------- layout
 
 void check_args(int64_t codec, int64_t block, int64_t k) {
-  TORCH_CHECK(codec >= kNone && codec <= kTopk, "loco: unknown codec id ", codec);
+  TORCH_CHECK(codec >= kNone && codec <= kSparse, "loco: unknown codec id ", codec);
   if (codec == kNone || codec == kBf16) return;
   TORCH_CHECK(block >= 1, "loco: block must be >= 1");
   if (codec == kInt4 || codec == kFp4) TORCH_CHECK(block % 2 == 0, "loco: 4-bit block must be even");
   if (codec == kTopk) {
     TORCH_CHECK(block <= 65536, "loco: top-k block must be <= 65536");
     TORCH_CHECK(k >= 1 && k <= block, "loco: top-k k must be in [1, block]");
+  }
+  if (codec == kSparse) {
+    const int64_t kk = k & kSparseKMask, bits = k >> kSparseBitsShift;
+    TORCH_CHECK(block <= 65536, "loco: sparse block must be <= 65536");
+    TORCH_CHECK(k >= 0 && kk >= 1 && kk <= block, "loco: sparse k must be in [1, block]");
+    TORCH_CHECK(bits >= 1 && bits <= 4, "loco: sparse bits must be in [1, 4]");
   }
 }
 
@@ -105,6 +111,13 @@ inline float make_scale(float amax, float qmax, bool fp16, uint16_t* bits16, boo
   return s;
 }
 
+// Largest fp16 value <= s, for finite s >= 0 (at most 65504).
+inline uint16_t half_floor(float s) {
+  uint16_t h = half_ceil(s);
+  if (h > 0x7BFFu || half_to_float(h) > s) --h;
+  return h;
+}
+
 inline void store_scale(uint8_t* scales, int64_t b, float s, uint16_t bits16, bool fp16) {
   if (fp16) {
     std::memcpy(scales + 2 * b, &bits16, 2);
@@ -134,6 +147,49 @@ inline bool scale_ok(const uint8_t* scales, int64_t b, bool fp16) {
   std::memcpy(&u, scales + 4 * b, 4);
   return (u & 0x80000000u) == 0 && (u & 0x7F800000u) != 0x7F800000u;
 }
+
+// ----------------------------------------------------------------------------- bit fields
+
+// LSB-first fields of up to 16 bits: field e of width w is bits [e*w, (e+1)*w) of the region,
+// bit i of the region is bit (i % 8) of byte i / 8 (sparse indices and codes).
+struct BitWriter {
+  uint8_t* p;
+  uint64_t acc = 0;
+  int n = 0;
+  explicit BitWriter(uint8_t* q) : p(q) {}
+  void put(uint32_t v, int64_t w) {
+    acc |= static_cast<uint64_t>(v) << n;
+    n += static_cast<int>(w);
+    while (n >= 8) {
+      *p++ = static_cast<uint8_t>(acc);
+      acc >>= 8;
+      n -= 8;
+    }
+  }
+  void flush() {  // the last byte's unused high bits are zero
+    if (n > 0) *p++ = static_cast<uint8_t>(acc);
+    acc = 0;
+    n = 0;
+  }
+};
+
+// Reads fields in order; never reads a byte past the last field's.
+struct BitReader {
+  const uint8_t* p;
+  uint64_t acc = 0;
+  int n = 0;
+  explicit BitReader(const uint8_t* q) : p(q) {}
+  uint32_t get(int64_t w) {
+    while (n < w) {
+      acc |= static_cast<uint64_t>(*p++) << n;
+      n += 8;
+    }
+    const uint32_t v = static_cast<uint32_t>(acc) & ((1u << w) - 1u);
+    acc >>= w;
+    n -= static_cast<int>(w);
+    return v;
+  }
+};
 
 // ----------------------------------------------------------------------------- kernels
 
@@ -207,6 +263,7 @@ int64_t quantize_cpu(const at::Tensor& x, const std::optional<at::Tensor>& resid
   uint8_t* pay = payload.data_ptr<uint8_t>();
   if (n == 0) return kOk;
   const float* xp = x.data_ptr<float>();
+  if (codec == kSparse) return LOCO_DISPATCH(quantize_sparse, xp, r, pay, L, fp16, seed);
   if (codec == kNone || codec == kBf16) {
     TORCH_CHECK(reinterpret_cast<uintptr_t>(pay) % (codec == kNone ? 4 : 2) == 0,
                 "loco: payload must be aligned");
@@ -217,7 +274,42 @@ int64_t quantize_cpu(const at::Tensor& x, const std::optional<at::Tensor>& resid
 
 // ----------------------------------------------------------------------------- dequantize
 
+// Every record of a sparse payload: both scales valid and lo <= hi, zero padding bits, indices
+// strictly increasing and inside the chunk. Precedence: bad scale, bad padding, bad index.
+int64_t validate_sparse(const uint8_t* pay, const Layout& L, bool fp16) {
+  std::atomic<int> flags{0};  // bit 0: scale, bit 1: padding, bit 2: index
+  at::parallel_for(0, L.nb, std::max<int64_t>(1, 65536 / L.block), [&](int64_t b0, int64_t b1) {
+    int f = 0;
+    for (int64_t b = b0; b < b1; ++b) {
+      const SparseRec R = sparse_rec(std::min(L.block, L.n - b * L.block), L.k, L.ib, L.bits, L.ss);
+      const uint8_t* rec = pay + b * L.rec;
+      if (!scale_ok(rec, 0, fp16) || !scale_ok(rec, 1, fp16) ||
+          !(load_scale(rec, 0, fp16) <= load_scale(rec, 1, fp16))) {
+        f |= 1;
+        continue;
+      }
+      const uint8_t* idx = rec + 2 * L.ss;
+      const int64_t ui = (R.kb * L.ib) & 7, uc = (R.kb * L.bits) & 7;  // bits used, last byte
+      if ((ui && (idx[R.ibytes - 1] >> ui)) || (uc && (idx[R.ibytes + R.cbytes - 1] >> uc))) f |= 2;
+      BitReader rd(idx);
+      int64_t prev = -1;
+      for (int64_t c = 0; c < R.kb; ++c) {
+        const int64_t j = rd.get(L.ib);
+        if (j <= prev || j >= R.len) {
+          f |= 4;
+          break;
+        }
+        prev = j;
+      }
+    }
+    if (f) flags.fetch_or(f);
+  });
+  const int f = flags.load();
+  return (f & 1) ? kBadScale : ((f & 2) ? kBadPadding : ((f & 4) ? kBadIndex : kOk));
+}
+
 int64_t validate(const uint8_t* pay, const Layout& L, int64_t codec, bool fp16) {
+  if (codec == kSparse) return validate_sparse(pay, L, fp16);
   if (codec == kNone) {
     uint32_t bad = 0;
     for (int64_t i = 0; i < L.n; ++i) {
@@ -282,6 +374,14 @@ int64_t dequantize_cpu(const at::Tensor& payload, at::Tensor& out, int64_t codec
   const int64_t st = validate(pay, L, codec, fp16);
   if (st != kOk || L.n == 0) return st;
   float* o = out.data_ptr<float>();
+  if (codec == kSparse) {
+    if (accumulate) {
+      LOCO_DISPATCH(dequantize_sparse<true>, pay, o, L, fp16);
+    } else {
+      LOCO_DISPATCH(dequantize_sparse<false>, pay, o, L, fp16);
+    }
+    return kOk;
+  }
   if (accumulate) {
     LOCO_DISPATCH(dequantize_impl<true>, pay, o, L, codec, fp16);
   } else {

@@ -16,7 +16,13 @@
 namespace loco {
 
 // Codec ids as written in the wire header.
-enum CodecId : int64_t { kNone = 0, kBf16 = 1, kInt8 = 2, kInt4 = 3, kFp4 = 4, kTopk = 5 };
+enum CodecId : int64_t {
+  kNone = 0, kBf16 = 1, kInt8 = 2, kInt4 = 3, kFp4 = 4, kTopk = 5, kSparse = 6
+};
+
+// sparse: the k argument (and header field) carries k | bits << kSparseBitsShift.
+constexpr int kSparseBitsShift = 24;
+constexpr int64_t kSparseKMask = (int64_t{1} << kSparseBitsShift) - 1;
 
 // Status codes returned by the ops (0 = ok). Python maps them to ValueError / PayloadError.
 enum Status : int64_t {
@@ -24,8 +30,9 @@ enum Status : int64_t {
   kNonFinite = 1,   // encode: input (x + residual) has NaN or Inf
   kOverflow = 2,    // encode: a value or scale does not fit the target format
   kBadScale = 3,    // decode: a scale is negative, NaN or Inf
-  kBadIndex = 4,    // decode: top-k indices not strictly increasing or out of the block
-  kBadPadding = 5,  // decode: the unused low nibble of the last 4-bit byte is not zero
+  kBadIndex = 4,    // decode: top-k / sparse indices not strictly increasing or out of the block
+  kBadPadding = 5,  // decode: the unused low nibble of the last 4-bit byte (sparse: a padding
+                    // bit of an index or code region) is not zero
   kBadValue = 6,    // decode: a none/bf16 value is NaN or Inf
 };
 
@@ -85,11 +92,37 @@ LOCO_HD int fp4_stochastic(float a, float u) {
 }
 
 // Byte layout of a payload (docs/wire-format.md): scales first, then codes (top-k: indices,
-// then values). Mirrored by reference.payload_nbytes.
+// then values; sparse: one record per chunk, see SparseRec). Mirrored by
+// reference.payload_nbytes.
 struct Layout {
   int64_t n = 0, block = 1, k = 0, nb = 0, ss = 4, isz = 1, ktot = 0;
   int64_t codes_off = 0, vals_off = 0, total = 0;
+  int64_t bits = 0, ib = 0, rec = 0;  // sparse: value bits, index bits, full-chunk record bytes
 };
+
+// A sparse chunk's record: lo and hi scales (ss bytes each), kb indices of ib bits, kb codes of
+// `bits` bits, each region LSB-first and padded to a byte. Records follow in chunk order; only
+// the last chunk's may be shorter (kb = min(k, its length)).
+struct SparseRec {
+  int64_t len = 0, kb = 0, ibytes = 0, cbytes = 0, size = 0;
+};
+
+LOCO_HD SparseRec sparse_rec(int64_t len, int64_t k, int64_t ib, int64_t bits, int64_t ss) {
+  SparseRec R;
+  R.len = len;
+  R.kb = k < len ? k : len;
+  R.ibytes = (R.kb * ib + 7) / 8;
+  R.cbytes = (R.kb * bits + 7) / 8;
+  R.size = 2 * ss + R.ibytes + R.cbytes;
+  return R;
+}
+
+// ceil(log2(block)), at least 1: bits of a chunk-relative index.
+LOCO_HD int64_t sparse_index_bits(int64_t block) {
+  int64_t b = 1;
+  while ((int64_t{1} << b) < block) ++b;
+  return b;
+}
 
 inline Layout make_layout(int64_t n, int64_t codec, int64_t block, int64_t k, bool fp16) {
   Layout L;
@@ -123,10 +156,28 @@ inline Layout make_layout(int64_t n, int64_t codec, int64_t block, int64_t k, bo
       L.total = L.vals_off + L.ktot;
       break;
     }
+    case kSparse: {
+      L.k = k & kSparseKMask;
+      L.bits = k >> kSparseBitsShift;
+      L.ib = sparse_index_bits(block);
+      L.codes_off = 0;
+      L.rec = sparse_rec(block, L.k, L.ib, L.bits, L.ss).size;
+      L.total = L.nb == 0 ? 0
+                          : (L.nb - 1) * L.rec +
+                                sparse_rec(n - (L.nb - 1) * block, L.k, L.ib, L.bits, L.ss).size;
+      break;
+    }
     default:
       L.total = -1;  // unknown codec: callers check the codec id first
   }
   return L;
+}
+
+// sparse: decoded magnitude of index m, lo + m * w with w = (hi - lo) / (L - 0.5); with one level
+// (1 bit) the midpoint, so the largest value of a chunk always shrinks and error feedback stays
+// bounded even when lo is 0. Callers compile without FMA contraction (m * w, then + lo).
+LOCO_HD float sparse_level(float lo, float hi, float w, float m, int64_t levels) {
+  return levels == 1 ? lo + (hi - lo) * 0.5f : lo + m * w;
 }
 
 // Largest code magnitude the encoder emits.

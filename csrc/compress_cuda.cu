@@ -1,7 +1,7 @@
-// CUDA kernels of the loco codecs (none, bf16, int8, int4, fp4), registered for the CUDA
+// CUDA kernels of the loco codecs (none, bf16, int8, int4, fp4, sparse), registered for the CUDA
 // dispatch key of torch.ops.loco.quantize / dequantize. Same bits as the CPU kernels and the
-// pure-torch reference (built with --fmad=false; IEEE division for 1 / s). top-k has no CUDA
-// kernel: loco/compress routes it to the reference, which runs on the GPU with torch ops.
+// pure-torch reference (built with --fmad=false; IEEE division). top-k has no CUDA kernel:
+// loco/compress routes it to the host (codecs._OnHost).
 //
 // Built only when torch has CUDA and nvcc exists (loco/compress/_ext.py).
 #include <ATen/ATen.h>
@@ -529,6 +529,318 @@ __global__ void dequantize_kernel(const uint8_t* __restrict__ pay, float* __rest
   }
 }
 
+// ----------------------------------------------------------------------------- sparse
+// One thread block per chunk (grid-stride over chunks): (1) v = x (+ r), written back to r,
+// and max |v|; (2) the kb-th largest |v| bits T by a 4-pass radix select (8-bit digits, a shared
+// histogram, the digit found by one warp's scan); (3) the selected indices in ascending order:
+// every |v| > T and the first (lowest-index) ties == T, by an ordered compaction over contiguous
+// per-thread segments; (4) scales, codes and residual; (5) the record's bit fields, one byte a
+// thread. Same selection, rounding and layout as sparse_* in compress_kernels.inc.
+
+constexpr int kSparseThreads = 256;
+
+// Largest fp16 value <= s for finite s >= 0 (at most 65504); same as half_floor in compress.cpp.
+__device__ __forceinline__ uint16_t half_floor(float s) {
+  uint16_t h = half_ceil(s);
+  if (h > 0x7BFFu || half_to_float(h) > s) --h;
+  return h;
+}
+
+// Max over the thread block (blockDim.x a multiple of 32); every thread gets it. red: >= 32.
+__device__ __forceinline__ uint32_t block_max(uint32_t v, uint32_t* red) {
+  for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xFFFFFFFFu, v, o));
+  __syncthreads();  // red may still be read by a previous call
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  uint32_t out = 0;
+  for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) out = max(out, red[w]);
+  return out;
+}
+
+// Exclusive prefix sum of v in thread order; *total = the block's sum. red: >= 32.
+__device__ __forceinline__ int32_t block_exclusive_scan(int32_t v, int32_t* red, int32_t* total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int32_t incl = v;
+  for (int o = 1; o < 32; o <<= 1) {
+    const int32_t t = __shfl_up_sync(0xFFFFFFFFu, incl, o);
+    if (lane >= o) incl += t;
+  }
+  __syncthreads();  // red may still be read by a previous call
+  if (lane == 31) red[warp] = incl;
+  __syncthreads();
+  int32_t before = 0, sum = 0;
+  for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) {
+    before += w < warp ? red[w] : 0;
+    sum += red[w];
+  }
+  *total = sum;
+  return before + incl - v;
+}
+
+// The kb-th largest of the chunk's |v| bits; *want = how many values equal to it are selected
+// (the lowest-index ones). Called by the whole block.
+__device__ uint32_t sparse_radix_select(const float* v, int64_t len, int64_t kb, uint32_t* hist,
+                                        uint32_t* s_digit, uint32_t* s_above, int32_t* want) {
+  uint32_t prefix = 0, pmask = 0;
+  uint32_t need = static_cast<uint32_t>(kb);  // <= the count of values matching prefix
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+    __syncthreads();
+    for (int64_t j = threadIdx.x; j < len; j += blockDim.x) {
+      const uint32_t a = f2u(v[j]) & 0x7FFFFFFFu;
+      if ((a & pmask) == prefix) atomicAdd(&hist[(a >> shift) & 0xFFu], 1u);
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) {  // lane l: bins 255 - 8l down to 248 - 8l
+      const int lane = threadIdx.x;
+      uint32_t c[8], sum = 0;
+      for (int i = 0; i < 8; ++i) {
+        c[i] = hist[255 - 8 * lane - i];
+        sum += c[i];
+      }
+      uint32_t incl = sum;
+      for (int o = 1; o < 32; o <<= 1) {
+        const uint32_t t = __shfl_up_sync(0xFFFFFFFFu, incl, o);
+        if (lane >= o) incl += t;
+      }
+      uint32_t acc = incl - sum;  // values in higher bins
+      if (acc < need && need <= incl) {  // exactly one lane
+        for (int i = 0; i < 8; ++i) {
+          if (acc + c[i] >= need) {
+            *s_digit = static_cast<uint32_t>(255 - 8 * lane - i);
+            *s_above = acc;
+            break;
+          }
+          acc += c[i];
+        }
+      }
+    }
+    __syncthreads();
+    prefix |= *s_digit << shift;
+    pmask |= 0xFFu << shift;
+    need -= *s_above;
+  }
+  *want = static_cast<int32_t>(need);
+  return prefix;
+}
+
+// The selected indices of a chunk, ascending, into sel[0, kb): |v| > T, then the first `want`
+// values equal to T. Threads own contiguous segments so that the order is the index order.
+__device__ void sparse_compact(const float* v, int64_t len, uint32_t T, int32_t want,
+                               int32_t* red, int32_t* sel) {
+  const int64_t seg = (len + blockDim.x - 1) / blockDim.x;
+  const int64_t j0 = min(static_cast<int64_t>(threadIdx.x) * seg, len), j1 = min(j0 + seg, len);
+  int32_t gt = 0, eq = 0;
+  for (int64_t j = j0; j < j1; ++j) {
+    const uint32_t a = f2u(v[j]) & 0x7FFFFFFFu;
+    gt += a > T ? 1 : 0;
+    eq += a == T ? 1 : 0;
+  }
+  int32_t total;
+  const int32_t eq_before = block_exclusive_scan(eq, red, &total);
+  const int32_t take = min(max(want - eq_before, 0), eq);
+  int32_t pos = block_exclusive_scan(gt + take, red, &total);
+  int32_t eq_seen = eq_before;
+  for (int64_t j = j0; j < j1; ++j) {
+    const uint32_t a = f2u(v[j]) & 0x7FFFFFFFu;
+    bool s = a > T;
+    if (a == T) s = eq_seen++ < want;
+    if (s) sel[pos++] = static_cast<int32_t>(j);
+  }
+}
+
+// Byte t of a region of kb fields of w bits (LSB first), the fields being (sel[e] >> sh) & mask.
+__device__ __forceinline__ uint8_t field_byte(const int32_t* sel, int64_t kb, int64_t w, int sh,
+                                              int64_t t) {
+  const uint32_t mask = (1u << w) - 1u;
+  uint32_t byte = 0;
+  const int64_t e1 = min((8 * t + 7) / w, kb - 1);
+  for (int64_t e = (8 * t) / w; e <= e1; ++e) {
+    const uint32_t f = (static_cast<uint32_t>(sel[e]) >> sh) & mask;
+    const int64_t d = e * w - 8 * t;  // the field's first bit, relative to the byte's
+    byte |= d >= 0 ? f << d : f >> -d;
+  }
+  return static_cast<uint8_t>(byte & 0xFFu);
+}
+
+// Field e (w <= 16 bits, LSB first) of a region; reads only the bytes that hold it.
+__device__ __forceinline__ uint32_t get_field(const uint8_t* p, int64_t e, int64_t w) {
+  const int64_t bit = e * w;
+  const int sh = static_cast<int>(bit & 7);
+  const int nbytes = (sh + static_cast<int>(w) + 7) >> 3;
+  uint32_t word = 0;
+  for (int i = 0; i < nbytes; ++i) word |= static_cast<uint32_t>(p[(bit >> 3) + i]) << (8 * i);
+  return (word >> sh) & ((1u << w) - 1u);
+}
+
+// Writes the chunk's scales (thread 0); returns the fp32 values used for coding, or false when
+// hi overflows fp16 (flags[1] set, nothing written).
+__device__ __forceinline__ bool sparse_scales(uint32_t lo_bits, uint32_t hi_bits, bool fp16,
+                                              uint8_t* rec, float* lo, float* hi) {
+  *lo = u2f(lo_bits);
+  *hi = u2f(hi_bits);
+  uint32_t w[2] = {lo_bits, hi_bits};
+  int nb = 4;
+  if (fp16) {
+    const uint16_t l16 = half_floor(*lo), h16 = half_ceil(*hi);
+    if ((h16 & 0x7C00u) == 0x7C00u) return false;
+    *lo = half_to_float(l16);
+    *hi = half_to_float(h16);
+    w[0] = l16;
+    w[1] = h16;
+    nb = 2;
+  }
+  for (int s = 0; s < 2; ++s)
+    for (int c = 0; c < nb; ++c) rec[s * nb + c] = static_cast<uint8_t>(w[s] >> (8 * c));
+  return true;
+}
+
+// Codes and residual of the selected values; sel[c] becomes j | code << 16.
+__device__ void sparse_codes(const float* v, float* r, int32_t* sel, int64_t kb, float lo,
+                             float hi, int64_t bits, int64_t seed, int64_t base) {
+  const int64_t levels = int64_t{1} << (bits - 1);
+  const float top = static_cast<float>(levels - 1);
+  const float w = (hi - lo) / (static_cast<float>(levels) - 0.5f);
+  for (int64_t c = threadIdx.x; c < kb; c += blockDim.x) {
+    const int32_t j = sel[c];
+    const float x = v[j];
+    const float y = clampf(w > 0.0f ? (fabsf(x) - lo) / w : 0.0f, 0.0f, top);
+    float m;
+    if (seed < 0) {
+      m = rne_small(y);
+    } else {
+      m = floor_small(y + uniform24(static_cast<uint32_t>(seed), base + j));
+      m = m > top ? top : m;
+    }
+    const float mag = sparse_level(lo, hi, w, m, levels);
+    const bool neg = x < 0.0f;
+    if (r != nullptr) r[j] = x - (neg ? -mag : mag);
+    const int32_t code = (neg ? 1 << (bits - 1) : 0) | static_cast<int32_t>(m);
+    sel[c] = j | (code << 16);
+  }
+}
+
+// flags[0]: a non-finite chunk, flags[1]: an fp16 overflow. sel: kb ints per thread block.
+__global__ void __launch_bounds__(kSparseThreads)
+    sparse_quantize_kernel(const float* __restrict__ x, float* __restrict__ r,
+                           uint8_t* __restrict__ pay, Layout L, bool fp16, int64_t seed,
+                           int32_t* __restrict__ scratch, int* __restrict__ flags) {
+  __shared__ uint32_t hist[256];
+  __shared__ uint32_t red[32];
+  __shared__ uint32_t s_digit, s_above;
+  __shared__ float s_lo, s_hi;
+  __shared__ int s_ok;
+  int32_t* sel = scratch + static_cast<int64_t>(blockIdx.x) * L.k;
+  for (int64_t b = blockIdx.x; b < L.nb; b += gridDim.x) {
+    const int64_t base = b * L.block;
+    const SparseRec R = sparse_rec(min(L.block, L.n - base), L.k, L.ib, L.bits, L.ss);
+    uint32_t m = 0;
+    for (int64_t j = threadIdx.x; j < R.len; j += blockDim.x) {
+      float t = x[base + j];
+      if (r != nullptr) {
+        t = t + r[base + j];
+        r[base + j] = t;  // the residual of every value not sent
+      }
+      m = max(m, f2u(t) & 0x7FFFFFFFu);
+    }
+    const uint32_t amax = block_max(m, red);  // syncs: r's new values are visible to the block
+    if (amax >= 0x7F800000u) {  // NaN or Inf; the caller resets the residual
+      if (threadIdx.x == 0) atomicOr(&flags[0], 1);
+      continue;
+    }
+    const float* v = r != nullptr ? r + base : x + base;
+    int32_t want;
+    const uint32_t T = sparse_radix_select(v, R.len, R.kb, hist, &s_digit, &s_above, &want);
+    sparse_compact(v, R.len, T, want, reinterpret_cast<int32_t*>(red), sel);
+    uint8_t* rec = pay + b * L.rec;
+    if (threadIdx.x == 0) {
+      float lo, hi;
+      s_ok = sparse_scales(T, amax, fp16, rec, &lo, &hi) ? 1 : 0;
+      if (!s_ok) atomicOr(&flags[1], 1);
+      s_lo = lo;
+      s_hi = hi;
+    }
+    __syncthreads();  // sel complete, scales known
+    if (!s_ok) continue;
+    sparse_codes(v, r != nullptr ? r + base : nullptr, sel, R.kb, s_lo, s_hi, L.bits, seed, base);
+    __syncthreads();
+    uint8_t* idx = rec + 2 * L.ss;
+    for (int64_t t = threadIdx.x; t < R.ibytes; t += blockDim.x)
+      idx[t] = field_byte(sel, R.kb, L.ib, 0, t);
+    for (int64_t t = threadIdx.x; t < R.cbytes; t += blockDim.x)
+      idx[R.ibytes + t] = field_byte(sel, R.kb, L.bits, 16, t);
+    __syncthreads();  // sel and the shared values are reused by the next chunk
+  }
+}
+
+// One thread per chunk: flags[0] |= 1 bad scale, 2 bad padding, 4 bad index (the host applies
+// the precedence of validate_sparse in compress.cpp).
+__global__ void sparse_validate_kernel(const uint8_t* __restrict__ pay, Layout L, bool fp16,
+                                       int* __restrict__ flags) {
+  for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; b < L.nb;
+       b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const SparseRec R =
+        sparse_rec(min(L.block, L.n - b * L.block), L.k, L.ib, L.bits, L.ss);
+    const uint8_t* rec = pay + b * L.rec;
+    bool bad_scale = false;
+    for (int s = 0; s < 2; ++s) {
+      uint32_t u;
+      if (fp16) {
+        u = static_cast<uint32_t>(rec[2 * s] | (rec[2 * s + 1] << 8));
+        bad_scale = bad_scale || (u & 0x8000u) || (u & 0x7C00u) == 0x7C00u;
+      } else {
+        u = f2u(load_scale(rec, s, false));
+        bad_scale = bad_scale || (u & 0x80000000u) || (u & 0x7F800000u) == 0x7F800000u;
+      }
+    }
+    if (bad_scale || !(load_scale(rec, 0, fp16) <= load_scale(rec, 1, fp16))) {
+      atomicOr(&flags[0], 1);
+      continue;
+    }
+    const uint8_t* idx = rec + 2 * L.ss;
+    const int64_t ui = (R.kb * L.ib) & 7, uc = (R.kb * L.bits) & 7;
+    if ((ui && (idx[R.ibytes - 1] >> ui)) || (uc && (idx[R.ibytes + R.cbytes - 1] >> uc)))
+      atomicOr(&flags[0], 2);
+    int64_t prev = -1;
+    for (int64_t c = 0; c < R.kb; ++c) {
+      const int64_t j = get_field(idx, c, L.ib);
+      if (j <= prev || j >= R.len) {
+        atomicOr(&flags[0], 4);
+        break;
+      }
+      prev = j;
+    }
+  }
+}
+
+// out (+)= decode, one thread block per chunk; returns at once when validation failed.
+template <bool ACC>
+__global__ void sparse_dequantize_kernel(const uint8_t* __restrict__ pay, float* __restrict__ out,
+                                         Layout L, bool fp16, const int* __restrict__ flags) {
+  if (flags[0] != 0) return;
+  const int64_t levels = int64_t{1} << (L.bits - 1);
+  for (int64_t b = blockIdx.x; b < L.nb; b += gridDim.x) {
+    const int64_t base = b * L.block;
+    const SparseRec R = sparse_rec(min(L.block, L.n - base), L.k, L.ib, L.bits, L.ss);
+    const uint8_t* rec = pay + b * L.rec;
+    const float lo = load_scale(rec, 0, fp16), hi = load_scale(rec, 1, fp16);
+    const float w = (hi - lo) / (static_cast<float>(levels) - 0.5f);
+    if (!ACC) {
+      for (int64_t j = threadIdx.x; j < R.len; j += blockDim.x) out[base + j] = 0.0f;
+      __syncthreads();
+    }
+    const uint8_t* idx = rec + 2 * L.ss;
+    for (int64_t c = threadIdx.x; c < R.kb; c += blockDim.x) {
+      const int64_t j = get_field(idx, c, L.ib);
+      const uint32_t code = get_field(idx + R.ibytes, c, L.bits);
+      const float m = static_cast<float>(code & static_cast<uint32_t>(levels - 1));
+      const float mag = sparse_level(lo, hi, w, m, levels);
+      const float d = (code >> (L.bits - 1)) ? -mag : mag;
+      out[base + j] = ACC ? out[base + j] + d : d;
+    }
+  }
+}
+
 int grid_for(int64_t work) {
   const int64_t blocks = (work + kThreads - 1) / kThreads;
   return static_cast<int>(blocks < 65535 * 8 ? (blocks > 0 ? blocks : 1) : 65535 * 8);
@@ -538,13 +850,49 @@ bool aligned(const void* p, int64_t a) { return reinterpret_cast<uintptr_t>(p) %
 
 // ----------------------------------------------------------------------------- ops
 
-void check_codec(int64_t codec, int64_t block) {
-  TORCH_CHECK(codec >= kNone && codec <= kFp4,
-              "loco: codec id ", codec, " has no CUDA kernel (top-k runs the reference)");
+void check_codec(int64_t codec, int64_t block, int64_t k) {
+  TORCH_CHECK((codec >= kNone && codec <= kFp4) || codec == kSparse,
+              "loco: codec id ", codec, " has no CUDA kernel (top-k runs on the host)");
   if (codec != kNone && codec != kBf16) {
     TORCH_CHECK(block >= 1, "loco: block must be >= 1");
     if (codec == kInt4 || codec == kFp4) TORCH_CHECK(block % 2 == 0, "loco: 4-bit block must be even");
   }
+  if (codec == kSparse) {
+    const int64_t kk = k & kSparseKMask, bits = k >> kSparseBitsShift;
+    TORCH_CHECK(block <= 65536, "loco: sparse block must be <= 65536");
+    TORCH_CHECK(k >= 0 && kk >= 1 && kk <= block, "loco: sparse k must be in [1, block]");
+    TORCH_CHECK(bits >= 1 && bits <= 4, "loco: sparse bits must be in [1, 4]");
+  }
+}
+
+// Sparse encode: one thread block per chunk, each with kb ints of scratch (at most 64 MiB).
+void launch_sparse_quantize(const float* x, float* r, uint8_t* pay, const Layout& L, bool fp16,
+                            int64_t seed, int* flags, const at::Tensor& like,
+                            cudaStream_t stream) {
+  const int64_t grid = std::min<int64_t>({L.nb, 8192, std::max<int64_t>(1, (int64_t{1} << 24) / L.k)});
+  auto scratch = at::empty({grid * L.k}, like.options().dtype(at::kInt));
+  sparse_quantize_kernel<<<static_cast<int>(grid), kSparseThreads, 0, stream>>>(
+      x, r, pay, L, fp16, seed, scratch.data_ptr<int32_t>(), flags);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Sparse decode: validate every record, then decode (the second kernel returns at once on a
+// flag, leaving out untouched). Returns the status, with validate_sparse's precedence.
+int64_t sparse_dequantize(const uint8_t* pay, float* o, const Layout& L, bool fp16,
+                          bool accumulate, const at::Tensor& like, cudaStream_t stream) {
+  auto flags = at::zeros({2}, like.options().dtype(at::kInt));
+  int* fl = flags.data_ptr<int>();
+  sparse_validate_kernel<<<grid_for(L.nb), kThreads, 0, stream>>>(pay, L, fp16, fl);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int grid = static_cast<int>(std::min<int64_t>(L.nb, 65535 * 16));
+  if (accumulate) {
+    sparse_dequantize_kernel<true><<<grid, kSparseThreads, 0, stream>>>(pay, o, L, fp16, fl);
+  } else {
+    sparse_dequantize_kernel<false><<<grid, kSparseThreads, 0, stream>>>(pay, o, L, fp16, fl);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int f = flags.cpu().data_ptr<int>()[0];
+  return (f & 1) ? kBadScale : ((f & 2) ? kBadPadding : ((f & 4) ? kBadIndex : kOk));
 }
 
 // Launches the warp-per-block kernel for blocks [0, nfull) when the block size and alignment
@@ -581,7 +929,7 @@ bool launch_warp_quantize(const float* x, float* r, uint8_t* pay, const Layout& 
 int64_t quantize_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual,
                       at::Tensor& payload, int64_t codec, int64_t block, int64_t k, bool fp16,
                       int64_t seed) {
-  check_codec(codec, block);
+  check_codec(codec, block, k);
   TORCH_CHECK(x.is_cuda() && payload.is_cuda() && x.device() == payload.device(),
               "loco: x and payload must be on the same CUDA device");
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "loco: x must be contiguous fp32");
@@ -606,7 +954,9 @@ int64_t quantize_cuda(const at::Tensor& x, const std::optional<at::Tensor>& resi
   auto stream = c10::cuda::getCurrentCUDAStream();
   const float* xp = x.data_ptr<float>();
   uint8_t* pay = payload.data_ptr<uint8_t>();
-  if (codec == kNone || codec == kBf16) {
+  if (codec == kSparse) {
+    launch_sparse_quantize(xp, r, pay, L, fp16, seed, fl, x, stream);
+  } else if (codec == kNone || codec == kBf16) {
     TORCH_CHECK(aligned(pay, codec == kNone ? 4 : 2), "loco: payload must be aligned");
     const bool vec = aligned(xp, 16) && (r == nullptr || aligned(r, 16)) &&
                      aligned(pay, codec == kNone ? 16 : 8);
@@ -631,7 +981,7 @@ int64_t quantize_cuda(const at::Tensor& x, const std::optional<at::Tensor>& resi
 
 int64_t dequantize_cuda(const at::Tensor& payload, at::Tensor& out, int64_t codec, int64_t block,
                         int64_t k, bool fp16, bool accumulate) {
-  check_codec(codec, block);
+  check_codec(codec, block, k);
   TORCH_CHECK(out.is_cuda() && payload.is_cuda() && out.device() == payload.device(),
               "loco: out and payload must be on the same CUDA device");
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous(),
@@ -645,6 +995,9 @@ int64_t dequantize_cuda(const at::Tensor& payload, at::Tensor& out, int64_t code
               L.total);
   if (n == 0) return kOk;
   auto stream = c10::cuda::getCurrentCUDAStream();
+  if (codec == kSparse)
+    return sparse_dequantize(payload.data_ptr<uint8_t>(), out.data_ptr<float>(), L, fp16,
+                             accumulate, out, stream);
   auto flags = at::zeros({2}, out.options().dtype(at::kInt));
   int* fl = flags.data_ptr<int>();
   const uint8_t* pay = payload.data_ptr<uint8_t>();

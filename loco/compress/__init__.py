@@ -9,7 +9,7 @@ Public API (a contract, see docs/architecture.md, "Public contracts")::
     buf = ef.encode(delta)                     # ONE pass: (delta + residual) -> payload, residual
 
 Any malformed buffer makes ``decode`` raise :class:`PayloadError` (a ValueError) and nothing
-else. Encoding NaN/Inf raises ValueError. Codecs: none, bf16, int8, int4, fp4, topk; byte layouts
+else. Encoding NaN/Inf raises ValueError. Codecs: none, bf16, int8, int4, fp4, topk, sparse; byte layouts
 in docs/wire-format.md. The compiled ``torch.ops.loco`` kernels are used when they build (see
 ``loco.compress._ext``); otherwise the bit-identical pure-torch reference runs.
 """
@@ -104,7 +104,7 @@ def _frame(
         dev = torch.empty(plen, dtype=torch.uint8, device=x32.device)
         codec.quantize(x32, residual, dev, seed)
         payload.copy_(dev)
-    head = Header(codec.codec_id, dtype_id, codec.flags, n, codec.block, codec.k, plen,
+    head = Header(codec.codec_id, dtype_id, codec.flags, n, codec.block, codec.k_field, plen,
                   crc32c(payload))  # fmt: skip
     frame[:HEADER_SIZE].copy_(torch.frombuffer(bytearray(head.pack(crc32c)), dtype=torch.uint8))
     return frame
@@ -124,10 +124,11 @@ def encode(x: torch.Tensor, codec: str | Codec = "int8", *, seed: int = 0,
 
     Args:
         x: the tensor; it is flattened, and ``decode`` returns a flat tensor of its dtype.
-        codec: ``none``, ``bf16``, ``int8``, ``int4``, ``fp4``, ``topk`` or a Codec instance.
+        codec: ``none``, ``bf16``, ``int8``, ``int4``, ``fp4``, ``topk``, ``sparse`` or a
+            Codec instance.
         seed: stochastic-rounding seed (used only with ``rounding="stochastic"``).
-        **options: codec options: ``block``, ``k`` (topk), ``scale_dtype`` ("fp32"/"fp16"),
-            ``rounding`` ("nearest"/"stochastic").
+        **options: codec options: ``block``, ``k`` (topk, sparse), ``bits`` (sparse),
+            ``scale_dtype`` ("fp32"/"fp16"), ``rounding`` ("nearest"/"stochastic").
 
     Raises:
         ValueError: unknown codec or option, or ``x`` holds NaN/Inf (never shipped).

@@ -25,6 +25,7 @@ __all__ = [
     "Int4Codec",
     "Fp4Codec",
     "TopkCodec",
+    "SparseCodec",
     "CODECS",
     "make_codec",
     "codec_from_header",
@@ -38,9 +39,10 @@ _ENCODE_ERRORS = {
     "scale_dtype='fp32' or a wider codec",
 }
 _DECODE_ERRORS = {
-    ref.BAD_SCALE: "a block scale is negative, NaN, Inf or so large that a value decodes to Inf",
+    ref.BAD_SCALE: "a block scale is negative, NaN, Inf or so large that a value decodes to Inf "
+    "(sparse: or a chunk's low scale is above its high one)",
     ref.BAD_INDEX: "top-k indices are not strictly increasing inside their block",
-    ref.BAD_PADDING: "the unused low nibble of the last byte is not zero",
+    ref.BAD_PADDING: "the unused low nibble of the last byte (sparse: a padding bit) is not zero",
     ref.BAD_VALUE: "a value is NaN or Inf",
 }
 
@@ -52,6 +54,8 @@ class Codec(Protocol):
     Contract: ``quantize`` writes exactly ``payload_nbytes(x.numel())`` bytes and, when
     ``residual`` is given, sets ``residual = x + residual - decode(payload)`` in the same pass.
     ``dequantize`` checks every scale / index / padding byte before touching ``out``.
+    ``k_field`` is the header's (and the kernels') k argument: ``k`` for top-k,
+    ``k | bits << 24`` for sparse, 0 otherwise.
     """
 
     name: ClassVar[str]
@@ -61,6 +65,8 @@ class Codec(Protocol):
     def block(self) -> int: ...
     @property
     def k(self) -> int: ...
+    @property
+    def k_field(self) -> int: ...
     @property
     def flags(self) -> int: ...
 
@@ -81,11 +87,14 @@ def _backend(device: torch.device, codec_id: int):  # noqa: ANN202 - ops namespa
         return _OnHost
     if device.type == "cuda" and ext_has_cuda():
         return ext_ops()
+    if device.type == "cuda" and codec_id == ref.SPARSE:
+        return _OnHost  # no CUDA build: the host, as top-k (same bytes as the CPU)
     return ref
 
 
 class _OnHost:
-    """top-k of device tensors, computed on the CPU (kernel or reference) and copied back.
+    """top-k (and sparse without CUDA kernels) of device tensors, computed on the CPU (kernel
+    or reference) and copied back.
 
     top-k has no CUDA kernel; torch's own ops on the GPU gave payloads that differ from the CPU
     reference's bytes, so device tensors go through the one host implementation instead.
@@ -137,7 +146,7 @@ class _BaseCodec:
             raise ValueError(f"{self.name}: block={self.block}; use 1 <= block <= 1048576")
         if not self.has_blocks and (self.block or self.k or self.scale_dtype != "fp32"):
             raise ValueError(f"{self.name} has no blocks: leave block, k and scale_dtype unset")
-        if self.codec_id != ref.TOPK and self.k:
+        if self.codec_id not in (ref.TOPK, ref.SPARSE) and self.k:
             raise ValueError(f"{self.name}: k={self.k} applies to topk only; leave it unset")
 
     @property
@@ -150,9 +159,14 @@ class _BaseCodec:
             FLAG_STOCHASTIC if self.rounding == "stochastic" else 0
         )
 
+    @property
+    def k_field(self) -> int:
+        """The header's k field, also the kernels' k argument."""
+        return self.k
+
     def payload_nbytes(self, numel: int) -> int:
         """Bytes of the payload (header excluded) for ``numel`` values."""
-        return ref.payload_nbytes(numel, self.codec_id, self.block, self.k, self.fp16_scale)
+        return ref.payload_nbytes(numel, self.codec_id, self.block, self.k_field, self.fp16_scale)
 
     def bytes_per_param(self, numel: int = 1 << 26) -> float:
         """Payload bytes per value for a vector of ``numel`` values (header excluded)."""
@@ -164,7 +178,7 @@ class _BaseCodec:
         """Fill ``payload`` from ``x (+ residual)``; raise ValueError on NaN/Inf or overflow."""
         s = seed if self.rounding == "stochastic" else -1
         be = _backend(x.device, self.codec_id)
-        status = be.quantize(x, residual, payload, self.codec_id, self.block, self.k,
+        status = be.quantize(x, residual, payload, self.codec_id, self.block, self.k_field,
                              self.fp16_scale, s)  # fmt: skip
         if status:
             raise ValueError(f"loco.compress {self.name}: {_ENCODE_ERRORS.get(status, status)}")
@@ -172,8 +186,8 @@ class _BaseCodec:
     def dequantize(self, payload: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
         """``out (+)= decode(payload)``; raise PayloadError (out untouched) on bad content."""
         be = _backend(out.device, self.codec_id)
-        status = be.dequantize(payload, out, self.codec_id, self.block, self.k, self.fp16_scale,
-                               accumulate)  # fmt: skip
+        status = be.dequantize(payload, out, self.codec_id, self.block, self.k_field,
+                               self.fp16_scale, accumulate)  # fmt: skip
         if status:
             raise PayloadError(f"{self.name} payload: {_DECODE_ERRORS.get(status, status)}")
 
@@ -267,8 +281,51 @@ class TopkCodec(_BaseCodec):
             )
 
 
+@dataclass(frozen=True)
+class SparseCodec(_BaseCodec):
+    """SparseLoCo-style sparse low-bit deltas: per chunk of ``block`` values the ``k`` largest
+    magnitudes (ties: lower index), each as a chunk-relative index of ceil(log2(block)) bits and
+    a ``bits``-bit code (sign + magnitude index m on the grid lo + m * (hi - lo) / (L - 0.5),
+    L = 2^(bits-1), with lo / hi the smallest sent / largest magnitude of the chunk, two scales
+    per chunk). Use with error feedback. Defaults: 120 bytes per 4096 values (0.0293 per value;
+    fp16 scales 0.0283). Layout and rounding: docs/wire-format.md.
+
+    ``bits`` in 1..4 (1: the sign only, every magnitude (lo + hi) / 2). The header's k field
+    carries ``k | bits << 24``. A chunk's record must carry at most ``MAX_VALUES_PER_BYTE``
+    values per byte: any k when block <= 4096.
+    """
+
+    block: int = 4096
+    k: int = 64
+    bits: int = 2
+    name: ClassVar[str] = "sparse"
+    codec_id: ClassVar[int] = ref.SPARSE
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.block > 65536:
+            raise ValueError(f"sparse: block={self.block}; use block <= 65536")
+        if not 1 <= self.k <= self.block:
+            raise ValueError(f"sparse: k={self.k}; use 1 <= k <= block ({self.block})")
+        if not 1 <= self.bits <= 4:
+            raise ValueError(f"sparse: bits={self.bits}; use 1 <= bits <= 4")
+        rec = ref.sparse_record(
+            self.k, ref.sparse_index_bits(self.block), self.bits, 2 if self.fp16_scale else 4
+        )
+        if self.block > MAX_VALUES_PER_BYTE * rec:
+            raise ValueError(
+                f"sparse: block={self.block} with k={self.k} sends {rec} bytes per chunk, "
+                f"over {MAX_VALUES_PER_BYTE} values per byte; raise k or use block <= 4096"
+            )
+
+    @property
+    def k_field(self) -> int:
+        return self.k | self.bits << ref.SPARSE_BITS_SHIFT
+
+
 CODECS: dict[str, type[_BaseCodec]] = {
-    c.name: c for c in (NoneCodec, Bf16Codec, Int8Codec, Int4Codec, Fp4Codec, TopkCodec)
+    c.name: c
+    for c in (NoneCodec, Bf16Codec, Int8Codec, Int4Codec, Fp4Codec, TopkCodec, SparseCodec)
 }
 _BY_ID = {c.codec_id: c for c in CODECS.values()}
 _OPTIONS = {
@@ -278,6 +335,7 @@ _OPTIONS = {
     "int4": ("block", "scale_dtype", "rounding"),
     "fp4": ("block", "scale_dtype", "rounding"),
     "topk": ("block", "k", "scale_dtype", "rounding"),
+    "sparse": ("block", "k", "bits", "scale_dtype", "rounding"),
 }
 
 
@@ -306,10 +364,14 @@ def codec_from_header(codec_id: int, block: int, k: int, flags: int) -> Codec:
         if block or k or fp16:
             raise PayloadError(f"{cls.name}: block/k/fp16-scale fields must be 0")
         return cls(rounding=rounding)
-    if cls is not TopkCodec and k:
+    if cls not in (TopkCodec, SparseCodec) and k:
         raise PayloadError(f"{cls.name}: k field must be 0, got {k}")
-    try:
-        kw = {"k": k} if cls is TopkCodec else {}
+    kw: dict[str, int] = {}
+    if cls is TopkCodec:
+        kw = {"k": k}
+    elif cls is SparseCodec:
+        kw = dict(zip(("k", "bits"), ref.sparse_fields(k), strict=True))
+    try:  # every field is checked (ranges, expansion bound) before anything is allocated
         return cls(block=block, scale_dtype="fp16" if fp16 else "fp32", rounding=rounding, **kw)
     except ValueError as e:
         raise PayloadError(f"bad header field: {e}") from None

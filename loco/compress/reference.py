@@ -13,8 +13,11 @@ import torch
 __all__ = ["quantize", "dequantize", "crc32c", "payload_nbytes", "hash_uniform"]
 
 # Codec ids and status codes: keep in sync with csrc/compress.h.
-NONE, BF16, INT8, INT4, FP4, TOPK = range(6)
+NONE, BF16, INT8, INT4, FP4, TOPK, SPARSE = range(7)
 OK, NON_FINITE, OVERFLOW, BAD_SCALE, BAD_INDEX, BAD_PADDING, BAD_VALUE = range(7)
+# sparse: the header's (and the ops') k field carries k | bits << SPARSE_BITS_SHIFT.
+SPARSE_BITS_SHIFT = 24
+SPARSE_K_MASK = (1 << SPARSE_BITS_SHIFT) - 1
 
 _M32 = 0xFFFFFFFF
 _FP4_MAG = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -47,7 +50,29 @@ def payload_nbytes(n: int, codec: int, block: int, k: int, fp16_scale: bool) -> 
             return scales
         ktot = (nb - 1) * k + min(k, n - (nb - 1) * block)
         return scales + ktot * (1 if block <= 256 else 2) + ktot
+    if codec == SPARSE:
+        if nb == 0:
+            return 0
+        kk, bits = sparse_fields(k)
+        ib, ss = sparse_index_bits(block), 2 if fp16_scale else 4
+        last = min(kk, n - (nb - 1) * block)
+        return (nb - 1) * sparse_record(kk, ib, bits, ss) + sparse_record(last, ib, bits, ss)
     raise ValueError(f"unknown codec id {codec}")
+
+
+def sparse_fields(k_field: int) -> tuple[int, int]:
+    """(k, bits) of a sparse k field (``k | bits << 24``)."""
+    return k_field & SPARSE_K_MASK, k_field >> SPARSE_BITS_SHIFT
+
+
+def sparse_index_bits(block: int) -> int:
+    """Bits of one chunk-relative index: ceil(log2(block)), at least 1 (4096: 12)."""
+    return max(1, (block - 1).bit_length())
+
+
+def sparse_record(kb: int, ib: int, bits: int, ss: int) -> int:
+    """Bytes of one chunk's record: low and high scale, kb indices, kb codes (byte-padded)."""
+    return 2 * ss + (kb * ib + 7) // 8 + (kb * bits + 7) // 8
 
 
 # ----------------------------------------------------------------------------- random bits
@@ -183,6 +208,8 @@ def quantize(
             residual.copy_(v - h.to(torch.float32))
         return OK
 
+    if codec == SPARSE:
+        return sparse_quantize(v, residual, payload, block, k, fp16_scale, seed)
     qmax = _qmax(codec)
     nb = -(-n // block)
     amax = torch.empty(nb, dtype=torch.float32, device=v.device)
@@ -315,6 +342,8 @@ def dequantize(
         if not bool(torch.isfinite(d).all()):
             return BAD_VALUE
         d = d.to(torch.float32)
+    elif codec == SPARSE:
+        return sparse_dequantize(payload, out, block, k, fp16_scale, accumulate)
     else:
         nb = -(-n // block)
         ss = 2 if fp16_scale else 4
@@ -386,6 +415,178 @@ def _topk_decode(
     else:
         out.zero_()
         out[g] = d
+    return OK
+
+
+# ----------------------------------------------------------------------------- sparse
+
+
+def _half_round(s: torch.Tensor, up: bool) -> torch.Tensor:
+    """fp16 value next to finite ``s >= 0``: the smallest >= s (``up``; Inf above 65504) or the
+    largest <= s (at most 65504), as the fp16 bit pattern (int32)."""
+    h = s.to(torch.float16)
+    bits = h.view(torch.int16).to(torch.int32) & 0xFFFF
+    if up:
+        return bits + (h.to(torch.float32) < s).to(torch.int32)
+    return bits - (h.to(torch.float32) > s).to(torch.int32)
+
+
+def _pack_bits(vals: torch.Tensor, width: int) -> torch.Tensor:
+    """Rows of ``width``-bit fields -> rows of bytes, LSB first; the last byte's unused high bits
+    are zero."""
+    rows, cnt = vals.shape
+    nbytes = (cnt * width + 7) // 8
+    shifts = torch.arange(width, device=vals.device, dtype=torch.int32)
+    bits = ((vals.to(torch.int32).unsqueeze(-1) >> shifts) & 1).reshape(rows, cnt * width)
+    bits = torch.cat([bits, bits.new_zeros(rows, nbytes * 8 - cnt * width)], dim=1)
+    weights = torch.arange(8, device=vals.device, dtype=torch.int32)
+    return (bits.view(rows, nbytes, 8) << weights).sum(-1).to(torch.uint8)
+
+
+def _unpack_bits(region: torch.Tensor, cnt: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`_pack_bits`: (fields as int64 rows, True per row whose padding is 0)."""
+    rows = region.shape[0]
+    shifts = torch.arange(8, device=region.device, dtype=torch.int32)
+    bits = ((region.to(torch.int32).unsqueeze(-1) >> shifts) & 1).reshape(rows, -1)
+    pad_ok = ~bits[:, cnt * width :].any(dim=1)
+    weights = torch.arange(width, device=region.device, dtype=torch.int32)
+    fields = (bits[:, : cnt * width].view(rows, cnt, width) << weights).sum(-1)
+    return fields.to(torch.int64), pad_ok
+
+
+def _sparse_parts(n: int, block: int, k: int) -> list[tuple[int, int, int, int]]:
+    """(first chunk, end chunk, chunk length, entries per chunk) of the full chunks and of the
+    short last one."""
+    full, nb = n // block, -(-n // block)
+    parts = [(0, full, block, min(k, block))] if full else []
+    if full < nb:
+        parts.append((full, nb, n - full * block, min(k, n - full * block)))
+    return parts
+
+
+def _sparse_step(lo: torch.Tensor, hi: torch.Tensor, levels: int) -> torch.Tensor:
+    """Magnitude step of each chunk: (hi - lo) / (L - 0.5), fp32 (unused with one level)."""
+    return (hi - lo) / torch.full_like(hi, levels - 0.5)
+
+
+def sparse_quantize(
+    v: torch.Tensor,
+    residual: torch.Tensor | None,
+    payload: torch.Tensor,
+    block: int,
+    k_field: int,
+    fp16: bool,
+    seed: int,
+) -> int:
+    """Sparse codec of finite ``v`` (docs/wire-format.md): per chunk the top-k by magnitude,
+    sign + (bits-1)-bit magnitude on the grid lo + m * (hi - lo) / (L - 0.5) (1 bit: the
+    midpoint of lo and hi)."""
+    k, bits = sparse_fields(k_field)
+    ib, ss, levels = sparse_index_bits(block), 2 if fp16 else 4, 1 << (bits - 1)
+    n = v.numel()
+    absbits = (v.view(torch.int32) & 0x7FFFFFFF).to(torch.int64)
+    if residual is not None:
+        residual.copy_(v)
+    off = 0
+    for c0, c1, length, kb in _sparse_parts(n, block, k):
+        rows, rec = c1 - c0, sparse_record(kb, ib, bits, ss)
+        span = slice(c0 * block, c0 * block + rows * length)
+        mags = absbits[span].view(rows, length)
+        j = torch.arange(length, device=v.device, dtype=torch.int64)
+        # key = |v| bits << 32 | (2^32 - 1 - j): larger magnitude first, then lower index
+        top = torch.topk((mags << 32) | (_M32 - j), kb, dim=1, sorted=False).indices
+        idx = torch.sort(top, dim=1).values
+        lo = mags.gather(1, idx).amin(1).to(torch.int32).view(torch.float32)
+        hi = mags.amax(1).to(torch.int32).view(torch.float32)
+        if fp16:
+            hb, lb = _half_round(hi, up=True), _half_round(lo, up=False)
+            if bool(((hb & 0x7C00) == 0x7C00).any()):
+                return OVERFLOW
+            hi16 = hb.to(torch.int16).view(torch.float16)
+            lo16 = lb.to(torch.int16).view(torch.float16)
+            hi, lo = hi16.to(torch.float32), lo16.to(torch.float32)
+            scales = torch.stack([lo16, hi16], 1).view(torch.uint8).view(rows, 2 * ss)
+        else:
+            scales = torch.stack([lo, hi], 1).view(torch.uint8).view(rows, 2 * ss)
+        g = idx + (torch.arange(c0, c1, device=v.device) * block).unsqueeze(1)
+        vals = v[g]
+        m, dec = _sparse_codes(vals, lo, hi, levels, seed, g)
+        codes = ((vals < 0).to(torch.int64) << (bits - 1)) | m
+        recs = torch.cat([scales, _pack_bits(idx, ib), _pack_bits(codes, bits)], dim=1)
+        payload[off : off + rows * rec].copy_(recs.reshape(-1))
+        off += rows * rec
+        if residual is not None:
+            residual[g] = vals - dec
+    return OK
+
+
+def _sparse_codes(
+    vals: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, levels: int, seed: int,
+    g: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Magnitude indices m (int64) and decoded values of the selected ``vals`` (rows x kb)."""
+    lo, hi = lo.unsqueeze(1), hi.unsqueeze(1)
+    w = _sparse_step(lo, hi, levels)
+    a = vals.abs()
+    y = torch.where(w > 0, (a - lo) / torch.where(w > 0, w, torch.ones_like(w)), 0.0)
+    y = torch.clamp(y, 0.0, levels - 1.0)
+    if seed < 0:
+        m = torch.round(y)
+    else:
+        m = torch.clamp(torch.floor(y + hash_uniform(seed, g)), max=levels - 1.0)
+    mag = _sparse_level(lo, hi, w, m, levels)
+    return m.to(torch.int64), torch.where(vals < 0, -mag, mag)
+
+
+def _sparse_level(
+    lo: torch.Tensor, hi: torch.Tensor, w: torch.Tensor, m: torch.Tensor, levels: int
+) -> torch.Tensor:
+    """Decoded magnitude of index m: lo + m * w; with one level (1 bit) the midpoint
+    lo + (hi - lo) * 0.5, so that the largest value of a chunk always shrinks (error feedback
+    stays bounded even when lo is 0)."""
+    if levels == 1:
+        return (lo + (hi - lo) * 0.5).expand_as(m)
+    return lo + m * w
+
+
+def sparse_dequantize(
+    payload: torch.Tensor, out: torch.Tensor, block: int, k_field: int, fp16: bool,
+    accumulate: bool,
+) -> int:  # fmt: skip
+    """Validate every record of a sparse payload (scales, padding bits, index order), then
+    ``out (+)= decode``. Status precedence: BAD_SCALE, BAD_PADDING, BAD_INDEX."""
+    k, bits = sparse_fields(k_field)
+    ib, ss, levels = sparse_index_bits(block), 2 if fp16 else 4, 1 << (bits - 1)
+    n = out.numel()
+    decoded, status, off = [], set(), 0
+    for c0, c1, length, kb in _sparse_parts(n, block, k):
+        rows, rec = c1 - c0, sparse_record(kb, ib, bits, ss)
+        recs = payload[off : off + rows * rec].view(rows, rec)
+        off += rows * rec
+        s = _scale_values(recs[:, : 2 * ss].clone().reshape(-1), 2 * rows, fp16)
+        if s is None or not bool((s[0::2] <= s[1::2]).all()):
+            status.add(BAD_SCALE)
+            continue
+        ibytes = (kb * ib + 7) // 8
+        idx, pad_i = _unpack_bits(recs[:, 2 * ss : 2 * ss + ibytes], kb, ib)
+        codes, pad_c = _unpack_bits(recs[:, 2 * ss + ibytes :], kb, bits)
+        if not bool((pad_i & pad_c).all()):
+            status.add(BAD_PADDING)
+        if not bool((idx[:, 1:] > idx[:, :-1]).all() and (idx < length).all()):
+            status.add(BAD_INDEX)
+        lo, hi = s[0::2].unsqueeze(1), s[1::2].unsqueeze(1)
+        m = (codes & (levels - 1)).to(torch.float32)
+        mag = _sparse_level(lo, hi, _sparse_step(lo, hi, levels), m, levels)
+        d = torch.where((codes >> (bits - 1)) == 1, -mag, mag)
+        decoded.append((idx + (torch.arange(c0, c1, device=out.device) * block).unsqueeze(1), d))
+    for st in (BAD_SCALE, BAD_PADDING, BAD_INDEX):
+        if st in status:
+            return st
+    if not accumulate:
+        out.zero_()
+    for g, d in decoded:
+        g, d = g.reshape(-1), d.reshape(-1)
+        out[g] = out[g] + d if accumulate else d  # -0.0 stays -0.0 without accumulate
     return OK
 
 

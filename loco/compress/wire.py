@@ -5,12 +5,13 @@ Layout (little-endian; full description in docs/wire-format.md)::
     off size field
       0    4 magic            b"LOCO"
       4    1 version          1
-      5    1 codec id         0 none, 1 bf16, 2 int8, 3 int4, 4 fp4, 5 topk
+      5    1 codec id         0 none, 1 bf16, 2 int8, 3 int4, 4 fp4, 5 topk, 6 sparse
       6    1 dtype            dtype decode() returns: 0 float32, 1 float16, 2 bfloat16
       7    1 flags            bit 0: fp16 scales, bit 1: stochastic rounding; others 0
       8    8 numel            number of values (u64)
      16    4 block            elements per block (u32; 0 for none/bf16)
-     20    4 k                top-k entries per block (u32; 0 unless topk)
+     20    4 k                top-k entries per block (u32; 0 unless topk); sparse:
+                              k | bits << 24 (entries per chunk, value bits 1..4)
      24    8 payload_len      bytes after the header (u64)
      32    4 payload_crc      CRC-32C of the payload
      36    4 header_crc       CRC-32C of bytes 0..35

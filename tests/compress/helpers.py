@@ -28,7 +28,14 @@ CONFIGS: list[tuple[str, dict]] = [
     ("topk", {"block": 16, "k": 16}),
     ("topk", {"block": 512, "k": 100}),
     ("topk", {"block": 64, "k": 3, "rounding": "stochastic"}),
-]
+    ("sparse", {}),
+    ("sparse", {"block": 64, "k": 5, "bits": 1}),
+    ("sparse", {"block": 100, "k": 9, "bits": 3, "scale_dtype": "fp16"}),
+    ("sparse", {"block": 256, "k": 256, "bits": 4}),
+    ("sparse", {"block": 32, "k": 7, "rounding": "stochastic"}),
+    ("sparse", {"block": 4096, "k": 64, "bits": 4, "scale_dtype": "fp16",
+                "rounding": "stochastic"}),
+]  # fmt: skip
 
 
 def config_id(cfg: tuple[str, dict]) -> str:
@@ -44,6 +51,11 @@ def ext_or_skip():
             pytest.fail(f"compiled kernels required but unavailable: {lc.ext_error()}")
         pytest.skip(f"compiled kernels unavailable: {lc.ext_error()}")
     return ops
+
+
+def op_args(codec) -> tuple:  # noqa: ANN001
+    """The kernels' (codec, block, k, fp16_scale) arguments of a codec (k: the header's field)."""
+    return (codec.codec_id, codec.block, codec.k_field, codec.fp16_scale)
 
 
 def scales_per_element(codec, payload: torch.Tensor, n: int) -> torch.Tensor:  # noqa: ANN001

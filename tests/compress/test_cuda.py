@@ -2,10 +2,13 @@
 
 Every codec: none, bf16, int8, int4 and fp4 run the CUDA kernels (the warp-per-block fast path
 for blocks of 64-1024 values, the general path for other blocks, misaligned views and the last
-partial block); top-k runs the reference on the GPU and must give the CPU's bytes too.
+partial block); sparse runs one thread block per chunk (radix select, ordered compaction, bit
+packing); top-k runs on the host and must give the CPU's bytes too.
 """
 
 from __future__ import annotations
+
+import random
 
 import pytest
 import torch
@@ -13,7 +16,7 @@ import torch
 import loco.compress as lc
 from loco.compress import reference as ref
 
-from .helpers import CONFIGS, config_id, ext_or_skip
+from .helpers import CONFIGS, config_id, ext_or_skip, op_args
 from .test_kernels import KINDS, _inputs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -29,6 +32,8 @@ CUDA_CONFIGS = [c for c in CONFIGS if c[0] != "topk"] + [
     ("int4", {"block": 1024, "scale_dtype": "fp32"}),
     ("fp4", {"block": 512, "rounding": "stochastic"}),
     ("int4", {"block": 96}),  # a multiple of 32 without a fast path
+    ("sparse", {"block": 16, "k": 3, "bits": 3}),  # > 8192 chunks: thread blocks loop
+    ("sparse", {"block": 65536, "k": 700, "bits": 2, "scale_dtype": "fp16"}),
 ]
 SIZES = (0, 1, 3, 255, 256, 257, 10_001, 3 * 2**16 + 77)
 
@@ -49,7 +54,7 @@ def _check_encode(ops, codec, x, r, seed, offset=0):  # noqa: ANN001, ANN202
     """Quantize x (+ r) with the reference on the CPU and the kernel on the GPU; compare all
     bits. ``offset`` places the GPU copies at that many elements into a bigger buffer
     (misaligned for the vector loads)."""
-    a = (codec.codec_id, codec.block, codec.k, codec.fp16_scale)
+    a = op_args(codec)
     n = x.numel()
     p_cpu = torch.empty(codec.payload_nbytes(n), dtype=torch.uint8)
     r_cpu = r.clone() if r is not None else None
@@ -76,7 +81,7 @@ def test_cuda_matches_reference(cfg, ops):
     name, opts = cfg
     codec = lc.make_codec(name, **opts)
     seed = 99 if opts.get("rounding") == "stochastic" else -1
-    a = (codec.codec_id, codec.block, codec.k, codec.fp16_scale)
+    a = op_args(codec)
     g = torch.Generator().manual_seed(0)
     for n in SIZES:
         x = torch.randn(n, generator=g) * 5
@@ -97,7 +102,7 @@ def test_cuda_matches_reference(cfg, ops):
                 assert torch.equal(_bits(o_gpu), _bits(o_cpu)), (name, opts, n, acc, offset)
 
 
-@pytest.mark.parametrize("name", ["int8", "int4", "fp4", "bf16"])
+@pytest.mark.parametrize("name", ["int8", "int4", "fp4", "bf16", "sparse"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_cuda_edge_inputs(name, kind, ops):
     """Zeros, -0, huge, denormal, tiny, ties and wide exponents: same status and bits."""
@@ -106,11 +111,11 @@ def test_cuda_edge_inputs(name, kind, ops):
         _check_encode(ops, codec, _inputs(n, kind, seed=n), None, -1)
 
 
-@pytest.mark.parametrize("name", ["none", "bf16", "int8", "int4", "fp4"])
+@pytest.mark.parametrize("name", ["none", "bf16", "int8", "int4", "fp4", "sparse"])
 def test_cuda_statuses(name, ops):
     """NaN input -> status 1; a bad scale or value -> the reference's status, out untouched."""
     codec = lc.make_codec(name)
-    a = (codec.codec_id, codec.block, codec.k, codec.fp16_scale)
+    a = op_args(codec)
     x = torch.randn(1000)
     x[517] = float("nan")
     _check_encode(ops, codec, x, torch.zeros(1000), -1)
@@ -147,9 +152,38 @@ def test_cuda_api_roundtrip(ops):
         out = torch.zeros(1000, device="cuda")
         lc.decode_accumulate(buf, out)
         assert torch.equal(out.cpu(), lc.decode(buf))
-    for name in ("int8", "int4", "topk"):
+    for name in ("int8", "int4", "topk", "sparse"):
         ef = lc.ErrorFeedback(name, 1000, device="cuda")
         ef_cpu = lc.ErrorFeedback(name, 1000)
         for _ in range(3):
             assert ef.encode(x) == ef_cpu.encode(x.cpu())
         assert torch.equal(ef.residual.cpu(), ef_cpu.residual)
+
+
+@pytest.mark.parametrize("opts", [{}, {"block": 100, "k": 9, "bits": 3, "scale_dtype": "fp16"}],
+                         ids=str)  # fmt: skip
+def test_cuda_sparse_validation_equals_reference(opts, ops):
+    """Corrupted sparse payloads (scales, padding bits, index order, several at once): the CUDA
+    status equals the reference's and ``out`` is untouched on any error; ties, zero chunks and
+    chunks of very different scales encode to the CPU's bytes."""
+    codec = lc.make_codec("sparse", **opts)
+    a = op_args(codec)
+    rng, g = random.Random(5), torch.Generator().manual_seed(6)
+    n = 3 * codec.block + 7
+    good = _check_encode(ops, codec, torch.randn(n, generator=g), None, -1)
+    for _ in range(200):
+        p = good.clone()
+        for _ in range(rng.randint(1, 4)):
+            i = rng.randrange(p.numel())
+            p[i] = rng.choice([0x00, 0xFF, 0x80, 0x7F, int(p[i]) ^ (1 << rng.randrange(8))])
+        o = torch.randn(n, generator=g)
+        o_gpu = o.cuda()
+        st = ops.dequantize(p.cuda(), o_gpu, *a, True)
+        o_ref = o.clone()
+        assert st == ref.dequantize(p, o_ref, *a, True)
+        assert torch.equal(_bits(o_gpu), _bits(o_ref))
+    x = torch.randint(-2, 3, (n,), generator=g).float()  # ties everywhere
+    x[: codec.block] = 0.0
+    x[codec.block : 2 * codec.block] *= 1e-30
+    _check_encode(ops, codec, x, torch.randn(n, generator=g) * 1e-3, -1)
+    _check_encode(ops, codec, x, None, 123)

@@ -9,7 +9,7 @@ import torch
 import loco.compress as lc
 from loco.compress import reference as ref
 
-from .helpers import CONFIGS, config_id, ext_or_skip
+from .helpers import CONFIGS, config_id, ext_or_skip, op_args
 
 SIZES = [0, 1, 2, 3, 7, 16, 255, 256, 257, 1000, 4099]
 
@@ -45,7 +45,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 def _run_both(codec, x, residual, seed):  # noqa: ANN001, ANN202
     ops = ext_or_skip()
-    args = (codec.codec_id, codec.block, codec.k, codec.fp16_scale, seed)
+    args = (*op_args(codec), seed)
     n = x.numel()
     p_ext = torch.full((codec.payload_nbytes(n),), 0xAB, dtype=torch.uint8)
     p_ref = p_ext.clone()
@@ -92,7 +92,7 @@ def test_dequantize_matches_reference(cfg, simd):
     ops = ext_or_skip()
     name, opts = cfg
     codec = lc.make_codec(name, **opts)
-    args = (codec.codec_id, codec.block, codec.k, codec.fp16_scale)
+    args = op_args(codec)
     for n in SIZES:
         x = _inputs(n, "randn", seed=n)
         payload = torch.empty(codec.payload_nbytes(n), dtype=torch.uint8)
@@ -110,7 +110,7 @@ def test_nonfinite_input_reported(cfg):
     ops = ext_or_skip()
     name, opts = cfg
     codec = lc.make_codec(name, **opts)
-    args = (codec.codec_id, codec.block, codec.k, codec.fp16_scale, -1)
+    args = (*op_args(codec), -1)
     for bad in (float("nan"), float("inf"), -float("inf")):
         x = torch.randn(300)
         x[123] = bad
@@ -155,7 +155,7 @@ def test_fp4_rounding_every_boundary(simd):
     a = torch.cat([a, -a])
     x = torch.stack([torch.full_like(a, 6.0), a], dim=1).reshape(-1)  # block of 2: s = 6/6 = 1
     codec = lc.make_codec("fp4", block=2, scale_dtype="fp32")
-    args = (codec.codec_id, codec.block, codec.k, codec.fp16_scale)
+    args = op_args(codec)
     p1 = torch.empty(codec.payload_nbytes(x.numel()), dtype=torch.uint8)
     p2 = p1.clone()
     r1, r2 = torch.zeros_like(x), torch.zeros_like(x)
