@@ -19,7 +19,8 @@ from loco.site_comm import SiteComm
 
 def corpus_from(cfg: LocoConfig) -> Corpus:
     d = cfg.data
-    return load_corpus(d.source, d.path, d.val_path, d.cache_dir, vocab_size=cfg.model.vocab_size)
+    return load_corpus(d.source, d.path, d.val_path, d.cache_dir, vocab_size=cfg.model.vocab_size,
+                       tokenizer=d.tokenizer, bpe_vocab=d.vocab_size)  # fmt: skip
 
 
 def model_from(cfg: LocoConfig, corpus: Corpus) -> GPT:
@@ -211,7 +212,9 @@ def outer_from(
         site=cfg.site.name, all_live=o.method == "diloco", tau=o.tau, mix=o.mix, comm=comm,
         metrics=metrics, pull_timeout_s=cfg.gossip.pull_timeout_s,
         join_timeout_s=o.join_timeout_s, linger_s=min(10.0, cfg.gossip.pull_timeout_s), say=say,
-        final_average=o.final_average, closers=closers,
+        final_average=o.final_average, closers=closers, fragments=o.fragments,
+        fragment_tau=o.fragment_tau,
+        payloads_for=partial(_payloads, cfg, flat, comm) if payloads is not None else None,
     )  # fmt: skip
 
 
@@ -244,9 +247,13 @@ def _gossip_node(cfg: LocoConfig, flat, comm: SiteComm, closers: list, blocked=N
     closers are added to ``closers``. ``blocked``: drills only, links to cut."""
     from loco.gossip import GossipNode
 
+    kw = gossip_kwargs(cfg)
+    # the mailbox's window and a ban count gossip round ids: F of them per round with fragments
+    kw["keep_rounds"] *= cfg.outer.fragments
+    kw["ban_rounds"] *= cfg.outer.fragments
     node = GossipNode(
         rank=comm.rank, nproc=comm.world, flat_size=flat.padded, layout_hash=flat.layout_hash,
-        **gossip_kwargs(cfg),
+        **kw,
     )  # fmt: skip
     closers.append(node.close)
     if blocked is not None:
@@ -263,15 +270,17 @@ def _gossip_node(cfg: LocoConfig, flat, comm: SiteComm, closers: list, blocked=N
     return node
 
 
-def _payloads(cfg: LocoConfig, flat, comm: SiteComm):
-    """This rank's encoder and decoder of round payloads (``compression.*``)."""
+def _payloads(cfg: LocoConfig, flat, comm: SiteComm, span: tuple[int, int] | None = None):
+    """This rank's encoder and decoder of round payloads (``compression.*``); with ``span``,
+    of that piece of its owned range only (a streaming fragment's)."""
     from loco.outer.exchange import RangePayloads, codec_options
 
     c, o = cfg.compression, cfg.outer
     opts = dict(block=c.block, scale_dtype=c.scale_dtype, stochastic=c.stochastic,
-                topk_fraction=c.topk_fraction)  # fmt: skip
+                topk_fraction=c.topk_fraction, sparse_k=c.sparse_k,
+                sparse_bits=c.sparse_bits)  # fmt: skip
     return RangePayloads(
-        shard=(flat.slo, flat.shi), owned=(flat.lo, flat.hi), codec=c.codec,
+        shard=span or (flat.slo, flat.shi), owned=span or (flat.lo, flat.hi), codec=c.codec,
         phi_codec=c.phi_codec, delta_options=codec_options(c.codec, **opts),
         phi_options=codec_options(c.phi_codec, **opts), error_feedback=c.error_feedback,
         seed=cfg.train.seed * 1009 + comm.rank, flat_size=flat.padded, phi_lattice=o.phi_lattice,

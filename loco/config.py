@@ -91,7 +91,9 @@ class DataConfig:
     ``source``: ``stdlib`` (the running interpreter's standard library source, bytes),
     ``text`` (a UTF-8 text file at ``path``, bytes) or ``bin`` (a nanoGPT-style uint16 token
     file at ``path``; ``val_path`` optional). ``split``: ``iid`` (chunks dealt to shards at
-    random) or ``noniid`` (whole top-level packages per shard).
+    random) or ``noniid`` (whole top-level packages per shard). ``tokenizer``: ``bytes``
+    (vocabulary 256) or ``bpe`` (a byte-level BPE of ``vocab_size`` tokens, default 8192,
+    trained on the text corpus once and cached; not for ``bin``).
     """
 
     source: str = "stdlib"
@@ -102,9 +104,12 @@ class DataConfig:
     num_shards: int = 3
     chunk_tokens: int = 16384
     cache_dir: str | None = None
+    tokenizer: str = "bytes"
+    vocab_size: int | None = None  # tokenizer=bpe: its vocabulary (None: 8192)
 
     def __post_init__(self) -> None:
         _choice("data.source", self.source, ("stdlib", "text", "bin"))
+        _check_tokenizer(self)
         _choice("data.split", self.split, ("iid", "noniid"))
         if self.source in ("text", "bin") and not self.path:
             raise ConfigError(
@@ -113,6 +118,27 @@ class DataConfig:
         _fraction("data.val_fraction", self.val_fraction, lo_open=True)
         _positive("data.num_shards", self.num_shards)
         _positive("data.chunk_tokens", self.chunk_tokens)
+
+
+def _check_tokenizer(d: DataConfig) -> None:
+    from loco.data.tokenizer import MAX_VOCAB, MIN_BPE_VOCAB
+
+    _choice("data.tokenizer", d.tokenizer, ("bytes", "bpe"))
+    if d.tokenizer == "bytes" and d.vocab_size is not None:
+        raise ConfigError(
+            f"data.vocab_size={d.vocab_size} is the size of a BPE; add data.tokenizer=bpe or "
+            "drop data.vocab_size (byte tokens have 256)"
+        )
+    if d.tokenizer == "bpe" and d.source == "bin":
+        raise ConfigError(
+            "data.tokenizer=bpe needs text (data.source=stdlib or text); a .bin file holds "
+            "token ids already: drop data.tokenizer"
+        )
+    if d.vocab_size is not None and not MIN_BPE_VOCAB <= d.vocab_size <= MAX_VOCAB:
+        raise ConfigError(
+            f"data.vocab_size={d.vocab_size} must be in {MIN_BPE_VOCAB}..{MAX_VOCAB} "
+            "(the 256 bytes, some merges; ids are stored in 16 bits)"
+        )
 
 
 @dataclass
@@ -240,13 +266,17 @@ class OuterConfig:
     consensus: str = "momentum"
     tau: int = 0  # streaming overlap: inner steps the pull may run behind (0 = blocking)
     mix: float = 0.5
+    # streaming fragments: F pieces of the flat space, one synced every H / F steps (1: rounds)
+    fragments: int = 1
+    # overlap of one fragment's sync in inner steps, < H / F; null: H / F - 1 (docs/outer.md)
+    fragment_tau: int | None = None
     join_timeout_s: float = 60.0  # at start, wait this long for every peer site to be live
     phi_lattice: bool = False  # send phi modulo-quantized next to the receiver's phi (~1.1 B/value)
     # lattice grid steps per largest outer-momentum value of a block: larger = finer, narrower
     phi_lattice_window: float = 8.0
     # lattice bits per value (2-8); below 8 the grid follows the partner spread last observed
     phi_lattice_bits: int = 8
-    phi_lattice_margin: float = 2.0  # bits < 8: window = margin x the observed spread
+    phi_lattice_margin: float = 8.0  # window = margin x the largest partner difference seen
     phi_every: int = 1  # lattice: send phi every N rounds (the others keep their own phi)
     final_average: bool = False  # noloco: after the last step, average the weights over all sites
 
@@ -262,6 +292,7 @@ class OuterConfig:
         _fraction("outer.mix", self.mix, hi_open=False)
         if self.tau >= self.H:
             raise ConfigError(f"outer.tau={self.tau} must be < outer.H={self.H}")
+        self._check_fragments()
         _positive("outer.join_timeout_s", self.join_timeout_s, zero_ok=True)
         if not isinstance(self.phi_lattice, bool):
             raise ConfigError(f"outer.phi_lattice={self.phi_lattice!r} must be true or false")
@@ -276,6 +307,19 @@ class OuterConfig:
         if not isinstance(self.final_average, bool):
             raise ConfigError(f"outer.final_average={self.final_average!r} must be true or false")
 
+    def _check_fragments(self) -> None:
+        _positive("outer.fragments", self.fragments)
+        if self.H % self.fragments:
+            raise ConfigError(f"outer.fragments={self.fragments} must divide outer.H={self.H} "
+                              "(a fragment syncs every H / fragments steps)")  # fmt: skip
+        stride = self.H // self.fragments
+        if self.fragment_tau is not None and not 0 <= self.fragment_tau < stride:
+            raise ConfigError(f"outer.fragment_tau={self.fragment_tau} must be in [0, outer.H / "
+                              f"outer.fragments) = [0, {stride})")  # fmt: skip
+        if self.fragments > 1 and self.tau:
+            raise ConfigError(f"outer.tau={self.tau} overlaps whole rounds; with outer.fragments="
+                              f"{self.fragments} set outer.tau=0 and outer.fragment_tau")  # fmt: skip
+
 
 @dataclass
 class CompressionConfig:
@@ -288,6 +332,8 @@ class CompressionConfig:
     stochastic: bool = False
     error_feedback: bool = True
     topk_fraction: float = 0.1
+    sparse_k: int = 64  # sparse: values sent per chunk of compression.block values
+    sparse_bits: int = 2  # sparse: bits per sent value (sign + magnitude), 1..4
 
     def __post_init__(self) -> None:
         codecs = _names("CODECS")
@@ -315,6 +361,28 @@ class CompressionConfig:
                     f"{self.topk_fraction:g} is not a valid top-k layout ({e}); raise "
                     "compression.topk_fraction or lower compression.block"
                 ) from None
+        if "sparse" in (self.codec, self.phi_codec):
+            self._check_sparse()
+
+    def _check_sparse(self) -> None:
+        """The sparse layout of compression.block / sparse_k / sparse_bits, as the codec
+        checks it, so that a bad one fails at start-up with one line."""
+        from loco.compress import make_codec
+        from loco.outer.exchange import codec_options
+
+        if not 1 <= self.sparse_bits <= 4:
+            raise ConfigError(f"compression.sparse_bits={self.sparse_bits} must be in 1..4")
+        opts = codec_options("sparse", block=self.block, scale_dtype=self.scale_dtype,
+                             stochastic=self.stochastic, topk_fraction=self.topk_fraction,
+                             sparse_k=self.sparse_k, sparse_bits=self.sparse_bits)  # fmt: skip
+        try:
+            make_codec("sparse", **opts)
+        except ValueError as e:
+            raise ConfigError(
+                f"compression.block={self.block} with compression.sparse_k={self.sparse_k} is "
+                f"not a valid sparse layout ({e}; k is compression.sparse_k, block is "
+                "compression.block)"
+            ) from None
 
 
 @dataclass

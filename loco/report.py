@@ -87,7 +87,7 @@ def _row(site: str, d: Path, evals: list, outers: list) -> list[str]:
         site,
         str(s.get("steps", evals[-1]["step"] if evals else "-")),
         f"{val:.4f}" if val is not None else "-",
-        str(len(outers)),
+        str(len({r.get("round") for r in outers})),  # with fragments: a record per sync
         f"{sent / 1e6:.2f} MB",
         f"{dist[-1]:.3g}" if dist else "-",
     ]

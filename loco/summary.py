@@ -26,12 +26,12 @@ MODEL_FILE = "model.safetensors"  # the final model in a site's run directory
 def outer_summary(cfg: LocoConfig, outer: Any, steps: int) -> dict[str, Any]:
     """Outer-loop figures of a run of ``steps`` inner steps: rounds, bytes beside DDP's,
     utilization, consensus."""
-    hist = outer.history
+    hist = outer.history  # one record per round, or per fragment's sync (``fragment``)
     return {
         "outer": cfg.outer.method,
         "codec": cfg.compression.codec if cfg.outer.method != "local" else "none",
-        "rounds": len(hist),
-        "rounds_dropped": sum(1 for h in hist if h["dropped"]),
+        "rounds": len({h["round"] for h in hist}),
+        "rounds_dropped": len({h["round"] for h in hist if h["dropped"]}),
         "bytes_sent": outer.totals["bytes_sent"],
         "bytes_recv": outer.totals["bytes_recv"],
         # DDP all-reduces about 2 x 4 bytes per parameter per inner step (ring, fp32)
@@ -42,15 +42,18 @@ def outer_summary(cfg: LocoConfig, outer: Any, steps: int) -> dict[str, Any]:
         # the final average (outer.final_average): sites averaged, their distance before it
         "final_average_n": outer.final["n"] if outer.final else None,
         "final_average_distance": outer.final["consensus_distance"] if outer.final else None,
-        "consensus_distance": next(
-            (
-                h["consensus_distance"]
-                for h in reversed(hist)
-                if h["consensus_distance"] is not None
-            ),
-            None,
-        ),
+        "consensus_distance": last_distance(hist),
     }
+
+
+def last_distance(hist: list[dict[str, Any]]) -> float | None:
+    """The consensus distance of the last round that measured one: its record's, or with
+    fragments the RMS over its fragments' syncs (fragments are of equal size)."""
+    got = [h for h in hist if h["consensus_distance"] is not None]
+    if not got:
+        return None
+    last = [h["consensus_distance"] for h in got if h["round"] == got[-1]["round"]]
+    return last[0] if len(last) == 1 else (sum(d * d for d in last) / len(last)) ** 0.5
 
 
 def final_params(outer: Any) -> torch.Tensor | None:

@@ -25,6 +25,11 @@ background thread; training goes on for ``tau`` inner steps, then the round is m
 is blocked only for encoding/publishing, for whatever of the pull is still running after
 ``tau`` steps, and for the update itself.
 
+Streaming fragments (``fragments = F > 1``, ``loco.outer.fragments``): the flat space is cut into
+``F`` fragments, synced one at a time every ``H / F`` inner steps (each every ``H`` steps), each
+sync overlapped for ``tau`` steps; a sync is a round of the fragment's piece, with the gossip
+round id ``j`` of the schedule (pairing, publish, pull) and ``t`` its round in the records.
+
 The parts: ``schedule`` (when: H, tau, the last step, the final average's trigger), ``round``
 (one round: encode, publish, pull, plausibility, merge), ``plausible`` (the bound on a
 partner's values), ``stats`` (the ``outer`` records and totals), ``final`` (the final average).
@@ -44,6 +49,7 @@ import torch
 from loco.outer.exchange import RangePayloads
 from loco.outer.final import FINAL_STREAM, FinalAverage
 from loco.outer.flat_view import FlatView
+from loco.outer.fragments import Fragments
 from loco.outer.methods import OuterState, OuterStep
 from loco.outer.plausible import MAX_DELTA_RATIO, MAX_PHI_GAP, implausible, implausible_phi
 from loco.outer.round import Round, Rounds
@@ -95,6 +101,11 @@ class OuterLoop:
         final_average: after the last step, average the weights over every live site (see the
             module docstring); ignored for DiLoCo (already one model) and local (never talks).
         closers: called by :meth:`close` in order (default: ``node.close``).
+        fragments: ``F``, streaming fragments (1: whole rounds; then ``tau`` overlaps a round).
+        fragment_tau: with ``F > 1``, the overlap of one fragment's sync (< ``H / F``; None:
+            ``H / F - 1``, the most the schedule allows).
+        payloads_for: with ``F > 1`` and ``payloads``, ``payloads_for((a, b))`` builds the
+            :class:`RangePayloads` of the piece ``[a, b)`` (same options).
     """
 
     def __init__(
@@ -118,9 +129,13 @@ class OuterLoop:
         say: Callable[[str], None] | None = None,
         final_average: bool = False,
         closers: list[Callable[[], None]] | None = None,
+        fragments: int = 1,
+        fragment_tau: int | None = None,
+        payloads_for: Callable[[tuple[int, int]], RangePayloads] | None = None,
     ) -> None:
         final_average = final_average and node is not None and not all_live
-        self.schedule = Schedule(H=H, steps=steps, tau=tau, final_average=final_average)
+        self.schedule = Schedule.make(H=H, steps=steps, tau=tau, final_average=final_average,
+                                      fragments=fragments, fragment_tau=fragment_tau)  # fmt: skip
         if (node is None) != (payloads is None):
             raise ValueError("give both node and payloads (noloco, diloco) or neither (local)")
         self.method, self.flat, self.H, self.steps = step, flat, H, steps
@@ -136,14 +151,18 @@ class OuterLoop:
         # the outer state lives in host memory (fp32), whatever the engine's device
         self.state = OuterState.start(flat.master().detach().cpu())
         self.pending: Round | None = None
-        self.last: Round | None = None
+        self.last: Round | None = None  # the last merged round (with fragments: its last sync)
+        self.last_sync: Round | None = None  # the last merged sync (a round without fragments)
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="outer-pull")
         self.stats = OuterStats(node=node, comm=self.comm, metrics=metrics,
                                 all_live=all_live)  # fmt: skip
-        self.rounds = Rounds(method=step, flat=flat, state=self.state, node=node,
-                             payloads=payloads, site=site, all_live=all_live, mix=mix,
-                             pool=self._pool, pull_timeout_s=pull_timeout_s,
-                             publish=self._publish)  # fmt: skip
+        kw = dict(method=step, flat=flat, state=self.state, node=node, payloads=payloads,
+                  site=site, all_live=all_live, mix=mix, pool=self._pool,
+                  pull_timeout_s=pull_timeout_s, publish=self._publish)  # fmt: skip
+        self.rounds = Rounds(**kw)
+        self.fragments = (
+            Fragments(F=fragments, payloads_for=payloads_for, **kw) if fragments > 1 else None
+        )
         self._averager = None
         if final_average:
             self._averager = FinalAverage(flat=flat, state=self.state, node=node,
@@ -194,12 +213,13 @@ class OuterLoop:
             self._merge(self.pending)
         if self.node is None:
             return
-        last_partners = self.last.partners if self.last is not None else None
+        last = self.last_sync
+        last_partners = last.partners if last is not None else None
         want = expected_pulls(last_partners, self.all_live,
                               self.final["peers"] if self.final is not None else None)  # fmt: skip
         since = 0.0
         if last_partners:
-            since = self.last.served_before
+            since = last.served_before
         elif self.final is not None:
             since = self.final["served_before"]
         # once ``want`` pulls arrived, stay until none has arrived for SETTLE_S (a partner's
@@ -211,7 +231,8 @@ class OuterLoop:
             self.final["bytes_sent"] += sent
 
     def settled(self) -> bool:
-        """No round in flight: the state is that of a round boundary (safe to checkpoint)."""
+        """No round (no fragment's sync) in flight: every value's state is that of a boundary
+        (safe to checkpoint). With ``tau < H / F`` this holds ``H / F - tau`` steps per sync."""
         return self.pending is None
 
     def close(self) -> None:
@@ -227,12 +248,12 @@ class OuterLoop:
     # ------------------------------------------------------------------ rounds
 
     def on_step_end(self, done: int) -> None:
-        """The trainer's hook: run, start or merge a round after inner step ``done``."""
+        """The trainer's hook: run, start or merge a round (a sync) after inner step ``done``."""
         p = self.pending
         if p is not None and self.schedule.merge_due(p.step, done):
             self._merge(p)
-        if (t := self.schedule.round_at(done)) is not None:
-            self._boundary(t, done, overlap=self.schedule.overlaps(done))
+        if (j := self.schedule.round_at(done)) is not None:
+            self._boundary(j, done, overlap=self.schedule.overlaps(done))
         if self.schedule.final_due(done):
             self._final(done)
 
@@ -249,34 +270,55 @@ class OuterLoop:
             return [s for s in live if s != self.site]
         return self.node.partners(t, live)
 
+    def _rounds_of(self, j: int) -> tuple[Rounds, int, int | None]:
+        """The rounds of sync ``j``, its round and its fragment (None without fragments)."""
+        if self.fragments is None:
+            return self.rounds, j, None
+        t, f = self.schedule.round_of(j), self.schedule.fragment_of(j)
+        return self.fragments.rounds_for(j, t, f), t, f
+
     @torch.no_grad()
     def _boundary(self, t: int, done: int, overlap: bool) -> None:
-        """Start round ``t`` at inner step ``done``: publish, then pull and merge now, or (with
-        ``overlap`` and partners) pull in the background and merge ``tau`` steps later."""
+        """Start round ``t`` (with fragments: sync ``t``) at inner step ``done``: publish, then
+        pull and merge now, or (with ``overlap`` and partners) pull in the background and
+        merge ``tau`` steps later."""
         t0 = time.perf_counter()
-        delta = self.rounds.delta()
-        r = self.rounds.open(t, done, delta, self._partners(t), t0)
+        rounds, rnd, f = self._rounds_of(t)
+        delta = rounds.delta()
+        r = rounds.open(rnd, done, delta, self._partners(t), t0, wire=None if f is None else t,
+                        fragment=f)  # fmt: skip
         if overlap and r.partners:
-            self.rounds.start_pulls(r)
+            rounds.start_pulls(r)
             r.stall = time.perf_counter() - t0
             self.pending = r
             return
-        self.rounds.pull_all(r)
+        rounds.pull_all(r)
         self._merge(r, blocking_since=t0)
 
     def _publish(self, t: int, stream: str, buf: Any, label: str) -> None:
-        """Publish this rank's encoded ``stream`` of round ``t`` (codec ``label``)."""
-        self.node.publish(t, stream, buf, codec=label)
+        """Publish this rank's encoded ``stream`` of round ``t`` (codec ``label``; with
+        fragments, of sync ``t``: the rank's piece of its fragment)."""
+        if self.fragments is not None:
+            self.fragments.publish(self.node, t, stream, buf, label)
+        else:
+            self.node.publish(t, stream, buf, codec=label)
 
     def _merge(self, r: Round, blocking_since: float | None = None) -> None:
         t0 = blocking_since if blocking_since is not None else time.perf_counter()
         r.join()
         self.pending = None
-        merged = self.rounds.merge(r)
+        if r.fragment is None:
+            merged = self.rounds.merge(r)
+        else:
+            merged = self.fragments.rounds[r.fragment].merge(r)
+            # whole rounds done: what checkpoints and joins call the state's rounds
+            self.state.rounds = r.t - (r.fragment < self.fragments.F - 1)
         self.last_means = merged.means
         end = time.perf_counter()
         r.stall += end - t0
-        self.last = r
+        self.last_sync = r
+        if r.fragment is None or r.fragment == self.fragments.F - 1:
+            self.last = r
         self.stats.round(r, merged.ok, merged.sq, merged.cnt, end, merged.means)
 
     def _final(self, done: int) -> None:

@@ -37,7 +37,9 @@ Pulled = tuple[torch.Tensor | None, torch.Tensor | None, str]  # delta, phi, cau
 class Round:
     """One round in flight or merged: its number, boundary step, own decoded values, partners,
     start (``perf_counter``), training stall so far, what each partner gave, the background
-    pull thread (overlap) and the node's served-pulls mark at the boundary."""
+    pull thread (overlap) and the node's served-pulls mark at the boundary. A streaming
+    fragment's sync (``loco.outer.fragments``) also has its fragment and its gossip round id
+    ``wire`` (publish, pull, strikes); a whole round's id is ``t``."""
 
     t: int
     step: int  # inner step of the boundary
@@ -48,6 +50,13 @@ class Round:
     pulled: dict[str, Pulled] = field(default_factory=dict)
     thread: threading.Thread | None = None
     served_before: float = 0.0
+    wire: int | None = None
+    fragment: int | None = None
+
+    @property
+    def rid(self) -> int:
+        """The gossip round id of this round's payloads."""
+        return self.t if self.wire is None else self.wire
 
     def join(self) -> None:
         """Wait for the background pulls, if any."""
@@ -90,9 +99,11 @@ class Rounds:
         """This site's inner progress on the rank's range: ``theta - phi`` (fp32, host)."""
         return self.flat.master().detach().float().cpu() - self.state.phi
 
-    def open(self, t: int, done: int, delta: torch.Tensor, partners: list[str],
-             started: float) -> Round:  # fmt: skip
-        """Encode round ``t`` (boundary at step ``done``) and publish it; no pull yet."""
+    def open(self, t: int, done: int, delta: torch.Tensor, partners: list[str], started: float,
+             wire: int | None = None, fragment: int | None = None) -> Round:  # fmt: skip
+        """Encode round ``t`` (boundary at step ``done``) and publish it as gossip round
+        ``wire`` (default ``t``); no pull yet."""
+        rid = t if wire is None else wire
         if self.payloads is None:
             out = Outgoing(t, delta, self.state.phi.clone(), (), 0)
             served = 0.0
@@ -101,20 +112,21 @@ class Rounds:
             served = self.node.served_mark()
             for stream, (buf, label) in bufs.items():
                 if stream == "delta" or not self.all_live:  # DiLoCo never pulls phi
-                    self.publish(t, stream, buf, label)
-        return Round(t, done, out, partners, started, served_before=served)
+                    self.publish(rid, stream, buf, label)
+        return Round(t, done, out, partners, started, served_before=served, wire=wire,
+                     fragment=fragment)  # fmt: skip
 
     def start_pulls(self, r: Round) -> None:
         """Run :meth:`pull_all` of ``r`` on a background thread (overlap)."""
         r.thread = threading.Thread(target=self.pull_all, args=(r,), daemon=True,
-                                    name=f"outer-pull-{r.t}")  # fmt: skip
+                                    name=f"outer-pull-{r.rid}")  # fmt: skip
         r.thread.start()
 
     def pull_all(self, r: Round) -> None:
         """Pull every partner's delta (and phi) concurrently; fill ``r.pulled``."""
         streams = ("delta",) if self.all_live else ("delta", "phi")
         jobs = {
-            (p, s): self.pool.submit(self.payloads.pull, self.node, p, r.t, s, self.pull_timeout_s)
+            (p, s): self.pool.submit(self.payloads.pull, self.node, p, r.rid, s, self.pull_timeout_s)
             for p in r.partners
             for s in streams
         }  # fmt: skip
@@ -128,7 +140,7 @@ class Rounds:
             if d is not None and ph is not None:
                 d, ph, cause = self._check(r, p, d, ph, cause)
             if d is None or ph is None:
-                log.warning("round %d: partner %s dropped (%s); n = 1 for it", r.t, p, cause)
+                log.warning("round %d: partner %s dropped (%s); n = 1 for it", r.rid, p, cause)
             r.pulled[p] = (d, ph, cause)
 
     def _check(self, r: Round, p: str, d: torch.Tensor, ph: torch.Tensor, cause: str) -> Pulled:
@@ -137,10 +149,10 @@ class Rounds:
         bad = implausible(d, ph, r.out.delta, r.out.phi)
         if not bad:
             return d, ph, cause
-        log.warning("round %d: partner %s sent an implausible payload: %s", r.t, p, bad)
+        log.warning("round %d: partner %s sent an implausible payload: %s", r.rid, p, bad)
         if self.node is not None:
             self.node.count_failure("implausible")
-            self.node.strike(p, r.t, f"implausible payload: {bad}")
+            self.node.strike(p, r.rid, f"implausible payload: {bad}")
         return None, None, "implausible"
 
     @torch.no_grad()
@@ -159,12 +171,12 @@ class Rounds:
         theta = self.flat.master()
         theta_local = theta.clone() if r.thread is not None else None
         try:
-            self.method.apply(theta, self.state, deltas, phis)
+            self.method.apply(theta, self.state, deltas, phis, own=r.out.phi)
         except ValueError as e:  # cannot happen with checked payloads; never apply a bad value
-            log.warning("round %d: %s; local step instead", r.t, e)
+            log.warning("round %d: %s; local step instead", r.rid, e)
             ok, sq, cnt = {}, 0.0, 0.0
             deltas, phis = [r.out.delta], [r.out.phi]
-            self.method.apply(theta, self.state, deltas, phis)
+            self.method.apply(theta, self.state, deltas, phis, own=r.out.phi)
         means = (torch.stack(deltas).mean(0), torch.stack(phis).mean(0))
         if theta_local is not None:
             theta.mul_(1 - self.mix).add_(theta_local, alpha=self.mix)

@@ -1,5 +1,9 @@
 """The outer loop's statistics: one ``outer`` record per round, run totals and history.
 
+With streaming fragments there is one record per fragment's sync: ``round`` is its round,
+``fragment`` its fragment, and every figure (bytes, stall, utilization since the previous
+record, consensus distance over the fragment's values) is that sync's.
+
 Every figure is summed over the site's ranks (:meth:`OuterStats.site_sum`, collective when the
 site has more than one rank), so rank 0's record describes the whole site. The gossip figures
 (bytes, ``fail_<cause>``, retries, strikes, bans) are the node's counters since the previous
@@ -97,6 +101,8 @@ class OuterStats:
             compute_utilization=util,
             mean_crc=mean_crc(means[:1] if self.all_live else means),
         )
+        if r.fragment is not None:  # a streaming fragment's sync (``round`` is its round)
+            rec["fragment"] = r.fragment
         for k, v in g.items():
             if k.startswith("fail_") or k in _GOSSIP_KEYS:
                 rec[k] = v
