@@ -235,7 +235,11 @@ class ZeroConfig:
     reduce_dtype: str = "fp32"
     mixed_precision: str = "fp32"
     activation_checkpointing: bool = False
-    offload: bool = False
+    # false | cpu (ZeRO-Offload, GPU runs; true means cpu) | nvme (ZeRO-Infinity: masters and
+    # moments in files under nvme_dir, the step streamed in parts; any device)
+    offload: bool | str = False
+    nvme_dir: str = ""  # the NVMe tier's folder (scratch files; a local disk for O_DIRECT)
+    nvme_part_mb: float = 16.0  # fp32 MiB per streamed part of the tier's optimizer step
     collective: str = "auto"  # how stages 1-3 reduce gradients: auto | reduce | allreduce
     prefetch: bool = True  # stage 3 gathers the next block ahead of use
     max_inflight: int = 2  # stage 2-3 gradient buckets in flight
@@ -247,6 +251,13 @@ class ZeroConfig:
         _positive("zero.bucket_mb", self.bucket_mb)
         _choice("zero.reduce_dtype", self.reduce_dtype, ("fp32", "bf16"))
         _choice("zero.mixed_precision", self.mixed_precision, ("fp32", "bf16"))
+        mode = self.offload.lower() if isinstance(self.offload, str) else self.offload
+        _choice("zero.offload", mode, (False, True, "false", "true", "cpu", "nvme"))
+        _positive("zero.nvme_part_mb", self.nvme_part_mb)
+        if mode == "nvme" and not self.nvme_dir:
+            raise ConfigError(
+                "zero.offload=nvme needs zero.nvme_dir=<folder on a local NVMe disk> (scratch)"
+            )
 
 
 @dataclass

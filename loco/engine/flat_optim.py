@@ -29,6 +29,9 @@ class FlatOptimizer:
             elements outside every run (padding) are never touched.
         weight_decay: the decay of the ``decay`` runs; the others get none.
         device: where the state lives.
+        pin_memory: the state in page-locked host memory.
+        tiered: hold no state: it lives in files (``loco.engine.tier``) and every step is
+            :meth:`step_window` on buffers the caller brings.
     """
 
     state_names: tuple[str, ...] = ()
@@ -42,6 +45,7 @@ class FlatOptimizer:
         weight_decay: float,
         device: torch.device,
         pin_memory: bool = False,
+        tiered: bool = False,
     ) -> None:
         self.lo, self.hi = lo, hi
         self.weight_decay = weight_decay
@@ -53,16 +57,21 @@ class FlatOptimizer:
         }
         self.state: dict[str, torch.Tensor] = {
             name: torch.zeros(hi - lo, dtype=torch.float32, device=device, pin_memory=pin_memory)
-            for name in self.state_names
+            for name in (() if tiered else self.state_names)
         }
 
     def _views(
-        self, flat: torch.Tensor, decay: bool, part: tuple[int, int] | None = None
+        self, flat: torch.Tensor, decay: bool, part: tuple[int, int] | None = None, base: int = 0
     ) -> list[torch.Tensor]:
+        """Views of the ``decay`` runs inside ``part``; ``flat[0]`` is range index ``base``."""
         if part is None:
             return [flat[a:b] for a, b in self.spans[decay]]
         lo, hi = part
-        return [flat[max(a, lo) : min(b, hi)] for a, b in self.spans[decay] if a < hi and b > lo]
+        return [
+            flat[max(a, lo) - base : min(b, hi) - base]
+            for a, b in self.spans[decay]
+            if a < hi and b > lo
+        ]
 
     @torch.no_grad()
     def step(
@@ -85,6 +94,28 @@ class FlatOptimizer:
             if ps:
                 state = {k: self._views(v, decay, part) for k, v in self.state.items()}
                 self._update(ps, self._views(grad, decay, part), state, decay=decay, lr=lr)
+
+    @torch.no_grad()
+    def step_window(
+        self,
+        param: torch.Tensor,
+        grad: torch.Tensor,
+        state: dict[str, torch.Tensor],
+        lr: float,
+        window: tuple[int, int],
+        count: bool,
+    ) -> None:
+        """:meth:`step` on ``part=window`` where ``param``, ``grad`` and each ``state[name]``
+        (every name of ``state_names``) hold only ``[a, b)`` of the range (relative to ``lo``),
+        as the tier streams them in: the same kernel calls on the same values, so the same bits."""
+        if count:
+            self.step_count += 1
+        a = window[0]
+        for decay in (True, False):
+            ps = self._views(param, decay, window, a)
+            if ps:
+                st = {k: self._views(state[k], decay, window, a) for k in self.state_names}
+                self._update(ps, self._views(grad, decay, window, a), st, decay=decay, lr=lr)
 
     def _update(
         self,
@@ -131,10 +162,12 @@ class FlatAdamW(FlatOptimizer):
         device: torch.device,
         pin_memory: bool = False,
         fused: bool | None = None,
+        tiered: bool = False,
     ) -> None:
         super().__init__(
-            lo, hi, runs, weight_decay=weight_decay, device=device, pin_memory=pin_memory
-        )
+            lo, hi, runs, weight_decay=weight_decay, device=device, pin_memory=pin_memory,
+            tiered=tiered,
+        )  # fmt: skip
         self.betas, self.eps = betas, eps
         self.fused = _has_fused_adamw(torch.device(device)) if fused is None else fused
 
@@ -186,11 +219,13 @@ class FlatSGD(FlatOptimizer):
         weight_decay: float,
         device: torch.device,
         pin_memory: bool = False,
+        tiered: bool = False,
     ) -> None:
         self.state_names = ("momentum",) if momentum != 0 else ()
         super().__init__(
-            lo, hi, runs, weight_decay=weight_decay, device=device, pin_memory=pin_memory
-        )
+            lo, hi, runs, weight_decay=weight_decay, device=device, pin_memory=pin_memory,
+            tiered=tiered,
+        )  # fmt: skip
         if nesterov and momentum <= 0:
             raise ValueError("nesterov=True needs momentum > 0; set momentum or drop nesterov")
         self.momentum, self.nesterov = momentum, nesterov
@@ -230,16 +265,18 @@ def build_flat_optimizer(
     nesterov: bool,
     device: torch.device,
     pin_memory: bool = False,
+    tiered: bool = False,
 ) -> FlatOptimizer:
-    """The flat counterpart of ``base.build_optimizer`` (``adamw`` or ``sgd``)."""
+    """The flat counterpart of ``base.build_optimizer`` (``adamw`` or ``sgd``); ``tiered``:
+    no state in memory (see :class:`FlatOptimizer`)."""
     if name == "adamw":
         return FlatAdamW(
             lo, hi, runs, betas=betas, eps=eps, weight_decay=weight_decay,
-            device=device, pin_memory=pin_memory,
+            device=device, pin_memory=pin_memory, tiered=tiered,
         )  # fmt: skip
     if name == "sgd":
         return FlatSGD(
             lo, hi, runs, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-            device=device, pin_memory=pin_memory,
+            device=device, pin_memory=pin_memory, tiered=tiered,
         )  # fmt: skip
     raise ValueError(f"unknown optimizer {name!r}; choose adamw or sgd")

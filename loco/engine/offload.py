@@ -1,8 +1,10 @@
 """ZeRO-Offload's optimizer step (arXiv 2101.06840): fp32 masters and optimizer state in pinned
-host memory, the step on the CPU, pipelined in parts so the copies overlap the update."""
+host memory, the step on the CPU, pipelined in parts so the copies overlap the update; and the
+NVMe tier's step (ZeRO-Infinity, arXiv 2104.07857), streamed from files the same way."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -56,3 +58,80 @@ class HostStep:
                 with torch.cuda.stream(cs):
                     up[a:b].copy_(self.master[a:b], non_blocking=True)
         main.wait_stream(cs)
+
+
+class TierStep:
+    """The optimizer step of an engine whose fp32 masters and moments live in an NVMe tier.
+
+    Args:
+        optimizer: the flat optimizer, built ``tiered`` (no state in memory).
+        tier: the tier holding ``master`` and the optimizer's moments of its range.
+        compute: the compute parameters of the range (any device, the compute dtype): after a
+            step, and after :meth:`commit`, they hold the new masters.
+
+    :meth:`run` streams the parts: part k+1 is read and part k-1 written while part k is
+    updated, with the optimizer's own kernel on each part (the same bits as the step on the
+    whole range in memory). The range API works on staged copies: :meth:`staged` loads a
+    stream, :meth:`commit` writes staged streams back (``sync_params``), a step drops them.
+    """
+
+    def __init__(self, *, optimizer: Any, tier: Any, compute: torch.Tensor) -> None:
+        self.optimizer, self.tier, self.compute = optimizer, tier, compute
+        self._staged: dict[str, torch.Tensor] = {}
+        self.blocked_s = self.step_s = 0.0
+        self.steps = 0
+
+    @torch.no_grad()
+    def run(self, grad: torch.Tensor, lr: float) -> None:
+        """Update the tier's masters and moments from ``grad`` (the range's averaged, clipped
+        gradient) and copy the new masters into ``compute``."""
+        self._staged.clear()
+        t0 = time.perf_counter()
+        tier, n = self.tier, len(self.tier.parts)
+        slots = len(tier.slots)
+        reads: dict[int, list[int]] = {0: tier.read(0, 0)} if n else {}
+        writes: dict[int, list[int]] = {}
+        for k in range(n):
+            self._block(tier, reads.pop(k))
+            if k + 1 < n:
+                self._block(tier, writes.pop(k + 1 - slots, []))  # the slot part k+1 reuses
+                reads[k + 1] = tier.read(k + 1, (k + 1) % slots)
+            a, b = tier.parts[k]
+            bufs = tier.buffers(k, k % slots)
+            g = grad[a:b] if grad.device.type == "cpu" else grad[a:b].cpu()
+            state = {name: bufs[name] for name in self.optimizer.state_names}
+            self.optimizer.step_window(bufs["master"], g, state, lr, (a, b), count=k == 0)
+            self.compute[a:b].copy_(bufs["master"])
+            writes[k] = tier.write(k, k % slots)
+        for reqs in writes.values():
+            self._block(tier, reqs)
+        self.step_s += time.perf_counter() - t0
+        self.steps += 1
+
+    def _block(self, tier: Any, requests: list[int]) -> None:
+        t0 = time.perf_counter()
+        tier.wait(requests)
+        self.blocked_s += time.perf_counter() - t0
+
+    def staged(self, name: str) -> torch.Tensor:
+        """Stream ``name`` of the whole range, loaded once until the next step or commit."""
+        if name not in self._staged:
+            self._staged[name] = self.tier.load(name)
+        return self._staged[name]
+
+    @torch.no_grad()
+    def commit(self, optim_state: bool) -> None:
+        """Write the staged master (and, with ``optim_state``, the staged moments) back to the
+        tier and the master into ``compute``; forget every staged copy."""
+        staged, self._staged = self._staged, {}
+        if "master" in staged:
+            self.tier.store("master", staged["master"])
+            self.compute.copy_(staged["master"])
+        if optim_state:
+            for name in self.optimizer.state_names:
+                if name in staged:
+                    self.tier.store(name, staged[name])
+
+    def close(self) -> None:
+        self._staged.clear()
+        self.tier.close()

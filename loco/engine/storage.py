@@ -24,18 +24,23 @@ class Storage:
     """Stage 3's block units (None otherwise)."""
     grad: torch.Tensor
     """fp32 gradient: the whole padded vector (stages 0-1) or this rank's shard (2-3)."""
+    initial: torch.Tensor | None = None
+    """With ``nvme``: the fp32 masters to write into the tier (``master`` is then the compute
+    copy of the range, which the tier's step keeps up to date)."""
 
 
 @torch.no_grad()
 def build_storage(model: nn.Module, layout: FlatLayout, comm: SiteComm, *, stage: int,
                   padded: int, opt_range: tuple[int, int], shard: tuple[int, int],
                   compute_dtype: torch.dtype, device: torch.device,
-                  offload: bool, prefetch: bool) -> Storage:  # fmt: skip
+                  offload: bool, prefetch: bool, nvme: bool = False) -> Storage:  # fmt: skip
     """Move ``model``'s trainable parameters into the engine's buffers (its parameters become
     views) and make the masters and the gradient. ``opt_range``: the optimizer's global range;
-    ``shard``: this rank's. With ``offload`` the masters are in pinned host memory."""
+    ``shard``: this rank's. With ``offload`` the masters are in pinned host memory; with
+    ``nvme`` they go to the tier (``initial``) and ``master`` is the range's compute copy."""
     full = torch.zeros(padded, dtype=torch.float32)
-    full[: layout.numel] = layout.flatten()
+    for spec, p in zip(layout.specs, layout.params, strict=True):  # no P-sized temporary
+        full[spec.offset : spec.end].copy_(p.detach().reshape(-1))
     opt_lo, opt_hi = opt_range
     flat_param: torch.Tensor | None = None
     shards: BlockShards | None = None
@@ -43,7 +48,12 @@ def build_storage(model: nn.Module, layout: FlatLayout, comm: SiteComm, *, stage
         flat_param = full.to(device=device, dtype=compute_dtype)
         for spec, p in zip(layout.specs, layout.params, strict=True):
             p.data = flat_param[spec.offset : spec.end].view(spec.shape)
-    if stage < 3 and compute_dtype == torch.float32 and not offload:
+    initial = full[opt_lo:opt_hi] if nvme else None
+    if nvme and flat_param is not None:
+        master = flat_param[opt_lo:opt_hi]
+    elif nvme:
+        master = full[opt_lo:opt_hi].to(device=device, dtype=compute_dtype, copy=True)
+    elif stage < 3 and compute_dtype == torch.float32 and not offload:
         assert flat_param is not None
         master = flat_param[opt_lo:opt_hi]
     else:
@@ -57,4 +67,5 @@ def build_storage(model: nn.Module, layout: FlatLayout, comm: SiteComm, *, stage
         if not p.requires_grad and p.is_floating_point():
             p.data = p.data.to(compute_dtype)  # frozen parameters compute in the same dtype
     n = padded if stage < 2 else shard[1] - shard[0]
-    return Storage(flat_param, master, shards, torch.zeros(n, dtype=torch.float32, device=device))
+    grad = torch.zeros(n, dtype=torch.float32, device=device)
+    return Storage(flat_param, master, shards, grad, initial)

@@ -53,10 +53,11 @@ from loco.engine.base import OptimOptions
 from loco.engine.buckets import GradBuckets, plan_groups
 from loco.engine.flat import FlatLayout
 from loco.engine.flat_optim import build_flat_optimizer
-from loco.engine.offload import HostStep
+from loco.engine.offload import HostStep, TierStep
 from loco.engine.recompute import checkpoint_blocks
 from loco.engine.stage3 import unit_of
 from loco.engine.storage import build_storage
+from loco.engine.tier import NvmeTier
 from loco.site_comm import SiteComm
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -76,15 +77,25 @@ def _check_options(stage: int, grad_accum: int, bucket_mb: float, max_inflight: 
         raise ValueError(f"grad_clip={grad_clip} must be >= 0 (0 disables clipping)")
 
 
-def _offload_applies(offload: bool, device: torch.device) -> bool:
-    if offload and device.type != "cuda":
+OFFLOAD_MODES = {False: "none", True: "cpu", "false": "none", "none": "none", "cpu": "cpu",
+                 "true": "cpu", "nvme": "nvme"}  # fmt: skip
+
+
+def _offload_mode(offload: bool | str, device: torch.device, nvme_dir: str) -> str:
+    """``none``, ``cpu`` (GPU runs only: ignored with a warning on a CPU run) or ``nvme``."""
+    mode = OFFLOAD_MODES.get(offload.lower() if isinstance(offload, str) else offload)
+    if mode is None:
+        raise ValueError(f"zero.offload={offload!r}; choose false, cpu or nvme")
+    if mode == "nvme" and not nvme_dir:
+        raise ValueError("zero.offload=nvme needs zero.nvme_dir (a folder on a local NVMe disk)")
+    if mode == "cpu" and device.type != "cuda":
         warnings.warn(
             "zero.offload applies to GPU runs only: on a CPU run the master weights and "
             "optimizer state are already in host memory, so offload is ignored",
             stacklevel=3,
         )
-        return False
-    return offload
+        return "none"
+    return mode
 
 
 def _dtype(name: str, key: str) -> torch.dtype:
@@ -117,9 +128,13 @@ class ZeroEngine:
         compute_dtype: ``fp32`` or ``bf16``: the dtype of the model's parameters and
             activations; the master weights and optimizer state are always fp32.
         activation_checkpointing: recompute each block of ``model.blocks`` in backward.
-        offload: keep the fp32 masters and optimizer state in pinned host memory and run the
-            step on the CPU (ZeRO-Offload). Applies to GPU runs only; on a CPU run it is
-            ignored with a warning, because everything already lives in host memory.
+        offload: ``false``, ``cpu`` (``True``) or ``nvme``. ``cpu``: the fp32 masters and
+            optimizer state in pinned host memory, the step on the CPU (ZeRO-Offload; GPU runs
+            only, ignored with a warning on a CPU run). ``nvme``: masters and moments in files
+            under ``nvme_dir``, the step streamed through them in parts (ZeRO-Infinity,
+            ``loco.engine.tier``), on any device.
+        nvme_dir: the NVMe tier's folder (``offload=nvme``); its files are scratch.
+        nvme_part_mb: MiB of fp32 values per streamed part of the tier's step.
         collective: ``auto``, ``reduce`` or ``allreduce``: how stages 1-3 reduce a bucket.
         prefetch: stage 3: gather the next block while the current one computes.
         max_inflight: stages 2-3: buckets in flight before the oldest is waited for.
@@ -144,7 +159,9 @@ class ZeroEngine:
         reduce_dtype: str = "fp32",
         compute_dtype: str = "fp32",
         activation_checkpointing: bool = False,
-        offload: bool = False,
+        offload: bool | str = False,
+        nvme_dir: str = "",
+        nvme_part_mb: float = 16.0,
         collective: str = "auto",
         prefetch: bool = True,
         max_inflight: int = 2,
@@ -159,7 +176,8 @@ class ZeroEngine:
         self.collective = self.comm.resolve(collective)
         self.prefetch, self.max_inflight = prefetch, max_inflight
         self.device = next(model.parameters()).device
-        self.offload = offload = _offload_applies(offload, self.device)
+        self.offload_mode = _offload_mode(offload, self.device, nvme_dir)
+        self.offload = offload = self.offload_mode == "cpu"
         self.opt_device = torch.device("cpu") if offload else self.device
 
         self.comm.broadcast_module(model)
@@ -174,16 +192,18 @@ class ZeroEngine:
         st = build_storage(model, self.layout, self.comm, stage=stage, padded=self.padded,
                            opt_range=(self.opt_lo, self.opt_hi), shard=(self.lo, self.hi),
                            compute_dtype=self.compute_dtype, device=self.device, offload=offload,
-                           prefetch=prefetch)  # fmt: skip
+                           nvme=self.offload_mode == "nvme", prefetch=prefetch)  # fmt: skip
         self.flat_param, self.master, self.shards = st.flat_param, st.master, st.shards
         self.grad = st.grad
         self._uploaded = False  # the offloaded step uploaded the new weights itself
         self.optimizer = build_flat_optimizer(
             optim, self.opt_lo, self.opt_hi, self.layout.decay_runs((self.opt_lo, self.opt_hi)),
             **OptimOptions(weight_decay, betas, eps, momentum, nesterov).kwargs(),
-            device=self.opt_device, pin_memory=offload,
+            device=self.opt_device, pin_memory=offload, tiered=st.initial is not None,
         )  # fmt: skip
-        self.host_step = None
+        self.host_step, self.tier_step = None, None
+        if st.initial is not None:
+            self.tier_step = self._build_tier(nvme_dir, nvme_part_mb, st.initial)
         if offload:
             self.host_step = HostStep(optimizer=self.optimizer, master=self.master,
                                       device=self.device)  # fmt: skip
@@ -192,6 +212,16 @@ class ZeroEngine:
         self._handles: list[Any] = self._install_hooks()
         if activation_checkpointing:
             checkpoint_blocks(self.model, in_group=self.comm.multi)
+
+    def _build_tier(self, directory: str, part_mb: float, initial: torch.Tensor) -> TierStep:
+        """The NVMe tier of the optimizer's range, its master stream set to ``initial``."""
+        if part_mb <= 0:
+            raise ValueError(f"zero.nvme_part_mb={part_mb} must be > 0")
+        names = ("master", *self.optimizer.state_names)
+        tier = NvmeTier(directory=directory, numel=self.opt_hi - self.opt_lo, names=names,
+                        part_numel=max(1, int(part_mb * 2**18)), tag=f"r{self.rank}")  # fmt: skip
+        tier.store("master", initial)  # the moments start at zero: the files are created empty
+        return TierStep(optimizer=self.optimizer, tier=tier, compute=self.master)
 
     def _install_hooks(self) -> list[Any]:
         """A post-accumulate-grad hook per parameter (and stage 3's gather hooks)."""
@@ -281,6 +311,8 @@ class ZeroEngine:
             up = self.flat_param
             self.host_step.run(grad, lr, up[self.opt_lo : self.opt_hi] if up is not None else None)
             self._uploaded = up is not None
+        elif self.tier_step is not None:
+            self.tier_step.run(grad, lr)  # writes the new masters into the compute copy
         else:
             self.optimizer.step(self.master, grad, lr)
         self._publish()
@@ -329,13 +361,20 @@ class ZeroEngine:
         After writing, every rank of the group must call :meth:`sync_params`.
         """
         lo, hi = self.flat_range
-        return self.master[lo - self.opt_lo : hi - self.opt_lo]
+        master = self.tier_step.staged("master") if self.tier_step else self.master
+        return master[lo - self.opt_lo : hi - self.opt_lo]
 
     def optim_state_range(self) -> dict[str, torch.Tensor]:
         """Writable fp32 views of the optimizer state on ``flat_range`` (``exp_avg`` and
         ``exp_avg_sq`` for AdamW, ``momentum`` for SGD); the step count is ``optim_step``."""
         lo, hi = self.flat_range
-        return {k: v[lo - self.opt_lo : hi - self.opt_lo] for k, v in self.optimizer.state.items()}
+        return {k: v[lo - self.opt_lo : hi - self.opt_lo] for k, v in self._optim_state().items()}
+
+    def _optim_state(self) -> dict[str, torch.Tensor]:
+        """The optimizer state of its whole range (staged from the tier with ``nvme``)."""
+        if self.tier_step is None:
+            return self.optimizer.state
+        return {k: self.tier_step.staged(k) for k in self.optimizer.state_names}
 
     @property
     def optim_step(self) -> int:
@@ -350,18 +389,23 @@ class ZeroEngine:
     def sync_params(self, optim_state: bool = False) -> None:
         """Propagate writes to ``master_range`` (and, with ``optim_state``, to the optimizer
         state) to the compute parameters of every rank. Collective."""
+        ts = self.tier_step
         if self.stage == 0 and self.world > 1:
-            tensors = [self.master] + (list(self.optimizer.state.values()) if optim_state else [])
+            master = ts.staged("master") if ts else self.master
+            tensors = [master] + (list(self._optim_state().values()) if optim_state else [])
             for t in tensors:  # replicated state: all-gather every rank's range
                 self.comm.all_gather_into(t, t[self.lo : self.hi].clone()).wait()
+        if ts is not None:
+            ts.commit(optim_state)  # staged writes to the tier, the masters to the compute copy
         self._publish()
 
     @torch.no_grad()
     def gather_full(self) -> torch.Tensor:
         """The full fp32 flat vector (length P) on every rank, on the CPU. Collective."""
+        master = self.tier_step.staged("master") if self.tier_step else self.master
         if self.stage == 0 or self.world == 1:
-            return self.master[: self.numel].detach().float().cpu().clone()
-        shard = self.master.to(self.device)
+            return master[: self.numel].detach().float().cpu().clone()
+        shard = master.to(self.device)
         out = torch.empty(self.padded, dtype=torch.float32, device=self.device)
         self.comm.all_gather_into(out, shard).wait()
         return out[: self.numel].cpu()
@@ -426,3 +470,5 @@ class ZeroEngine:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self.tier_step is not None:
+            self.tier_step.close()  # the tier's files are scratch
