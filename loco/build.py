@@ -38,6 +38,8 @@ def model_from(cfg: LocoConfig, corpus: Corpus) -> GPT:
         n_layer=m.n_layer,
         n_head=m.n_head,
         d_model=m.d_model,
+        moe=m.moe.options(),
+        ep=m.moe.ep,
     )
 
 
@@ -56,6 +58,9 @@ def optim_options(cfg: LocoConfig) -> OptimOptions:
 def engine_from(cfg: LocoConfig, model: torch.nn.Module, comm: SiteComm | None = None) -> Engine:
     """The site's ZeRO engine (``zero.stage`` 0 is replicated, gradients all-reduced)."""
     o, z = cfg.optim, cfg.zero
+    bind_site = getattr(model, "bind_site", None)
+    if bind_site is not None:  # an MoE model: its expert-parallel group among the site's ranks
+        bind_site(comm if comm is not None else SiteComm())
     return ZeroEngine(
         model,
         optim=o.name,

@@ -50,7 +50,7 @@ def _fraction(key: str, value: float, lo_open: bool = False, hi_open: bool = Tru
 # order. Those modules pull in torch; they are imported on first validation (``register()``
 # below validates the defaults).
 _REGISTRIES = {
-    "MODEL_SIZES": ("loco.model.gpt", "SIZES"),
+    "MODEL_SIZES": ("loco.model", "MODEL_SIZES"),
     "CODECS": ("loco.compress.codecs", "CODECS"),
     "OUTER_METHODS": ("loco.outer.methods", "OUTER_METHODS"),
 }
@@ -65,6 +65,41 @@ def _names(registry: str) -> tuple[str, ...]:
 
 
 @dataclass
+class MoeConfig:
+    """Mixture-of-experts options (``model.moe.*``, used by the ``moe-*`` sizes): ``experts``
+    per MoE layer (one every ``every`` blocks), top-``k`` gating (1: Switch, 2: GShard),
+    ``capacity_factor`` (places per expert = factor * k * tokens / experts, at least
+    ``min_capacity``; the rest is dropped), the load-balancing and router z-loss coefficients,
+    ``residual`` (DeepSpeed-MoE's residual MoE: a dense MLP plus one expert) and ``ep``, the
+    ranks that share the experts (None: site.nproc; it must divide site.nproc and experts)."""
+
+    experts: int = 8
+    k: int = 1
+    capacity_factor: float = 1.25
+    min_capacity: int = 4
+    aux_coef: float = 0.01
+    z_coef: float = 0.001
+    residual: bool = False
+    every: int = 2
+    ep: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.ep is not None:
+            _positive("model.moe.ep", self.ep)
+        try:
+            self.options()
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+
+    def options(self) -> Any:
+        """The layers' ``loco.model.MoEOptions``."""
+        from loco.model.moe import MoEOptions
+
+        kw = {k: v for k, v in vars(self).items() if k != "ep"}
+        return MoEOptions(**kw)
+
+
+@dataclass
 class ModelConfig:
     """Model architecture. ``size`` picks a preset; the other fields override it."""
 
@@ -74,6 +109,7 @@ class ModelConfig:
     n_head: int | None = None
     d_model: int | None = None
     dropout: float = 0.0
+    moe: MoeConfig = field(default_factory=MoeConfig)
 
     def __post_init__(self) -> None:
         _choice("model.size", self.size, _names("MODEL_SIZES"))
@@ -516,6 +552,19 @@ class LocoConfig:
                 f"run_id={self.run_id!r} must be 1-64 letters, digits, '.', '-' or '_'"
             )
         _check_public_plaintext(self.gossip, self.site)
+        _check_expert_parallel(self.model, self.site)
+
+
+def _check_expert_parallel(model: ModelConfig, site: SiteConfig | None) -> None:
+    """``model.moe.ep`` divides the site's ranks and the experts (MoE sizes only)."""
+    if site is None or not model.size.startswith("moe-"):
+        return
+    ep = model.moe.ep or site.nproc
+    if site.nproc % ep or model.moe.experts % ep:
+        raise ConfigError(
+            f"model.moe.ep={ep} (unset: site.nproc) must divide site.nproc={site.nproc} and "
+            f"model.moe.experts={model.moe.experts}; set model.moe.ep to a common divisor"
+        )
 
 
 def _check_public_plaintext(gossip: GossipConfig, site: SiteConfig | None) -> None:

@@ -103,6 +103,31 @@ class SiteComm:
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         return gather(out, shard, group=self.group, async_op=True)
 
+    def all_to_all(self, out: torch.Tensor, inp: torch.Tensor) -> dist.Work | None:
+        """Rank i's chunk j of ``inp`` (equal chunks along dim 0) into rank j's chunk i of
+        ``out``; counts the whole input (the mixture-of-experts dispatch and combine)."""
+        self.stats.add("all_to_all", inp.numel() * inp.element_size())
+        return dist.all_to_all_single(out, inp, group=self.group, async_op=True)
+
+    def subgroup(self, size: int) -> SiteComm:
+        """This rank's group when the site's ranks are cut into consecutive groups of ``size``
+        (expert parallelism inside a site). Collective: every rank calls it with the same size."""
+        if size < 1 or self.world % size:
+            raise ValueError(f"a group of {size} ranks does not divide the site's {self.world}")
+        if size == self.world:
+            return self
+        if size == 1:
+            return SiteComm.single()
+        from loco.dist import collective_timeout
+
+        mine = None
+        for start in range(0, self.world, size):
+            ranks = [self.global_rank(r) for r in range(start, start + size)]
+            group = dist.new_group(ranks, timeout=collective_timeout())
+            if start <= self.rank < start + size:
+                mine = group
+        return SiteComm(mine)
+
     def all_gather_shards(self, full: torch.Tensor, lo: int, hi: int) -> None:
         """Every rank's equal-size shard of ``full`` (this rank's is ``[lo, hi)``) to every rank,
         blocking. On gloo one asynchronous broadcast per owner, all in flight at once, measured

@@ -145,6 +145,9 @@ class Trainer:
         (site_loss,) = self._site_mean([sum(losses) / len(losses)])
         rec = dict(loss=site_loss, lr=lr, grad_norm=norm, tokens_per_s=tps,
                    tokens=done * tokens_per_step)  # fmt: skip
+        routing = getattr(self.model, "train_metrics", None)  # MoE models: the site's routing
+        if routing is not None:
+            rec.update(routing())
         self.history.append({"step": done, "kind": "train", **rec})
         if self.metrics:
             self.metrics.log("train", step=done, round=self._round(done), **rec)

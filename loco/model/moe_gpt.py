@@ -1,0 +1,109 @@
+"""The GPT with mixture-of-experts MLPs (``model=moe-tiny``, ``model=moe-small``).
+
+Blocks ``every-1, 2*every-1, ...`` (every other block by default) have an :class:`MoELayer` in
+place of the dense MLP; everything else is :class:`~loco.model.gpt.GPT`. With k = 1 a token
+uses as many parameters as in the dense model of the same size (its active parameters).
+
+The training loss: ``forward(idx, targets)`` returns the cross-entropy whose *value* is the
+dense model's (so train losses compare across models) and whose *gradient* also carries every
+MoE layer's ``aux_coef * aux + z_coef * z`` (added as ``reg - reg.detach()``, exactly 0.0).
+:meth:`train_metrics` returns and resets the routing figures since its last call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from loco.model.gpt import GPT, SIZES, Block, GPTConfig
+from loco.model.moe import MoELayer, MoEOptions
+from loco.site_comm import SiteComm
+
+# name -> (dense architecture); the experts come from MoEOptions
+MOE_SIZES: dict[str, dict[str, int]] = {
+    "moe-tiny": dict(SIZES["tiny"]),
+    "moe-small": dict(SIZES["small"]),
+}
+
+
+class MoEBlock(Block):
+    """A pre-norm block whose MLP is an :class:`MoELayer`."""
+
+    def __init__(self, cfg: GPTConfig, opts: MoEOptions) -> None:
+        super().__init__(cfg)
+        self.mlp = MoELayer(cfg, opts)
+
+
+class MoEGPT(GPT):
+    """:class:`GPT` with MoE MLPs; ``ep`` ranks of the site share the experts (see
+    :meth:`bind_site`)."""
+
+    def __init__(self, cfg: GPTConfig, opts: MoEOptions, ep: int | None = None) -> None:
+        super().__init__(cfg)
+        self.moe, self.ep = opts, ep
+        for i in range(opts.every - 1, cfg.n_layer, opts.every):
+            self.blocks[i] = MoEBlock(cfg, opts)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        for layer in self.moe_layers():
+            # the expert's output projection scaled like the dense one (GPT-2's residual rule)
+            layer.experts.proj_weight.normal_(0.0, 0.02 / (2 * self.cfg.n_layer) ** 0.5)
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [b.mlp for b in self.blocks if isinstance(b, MoEBlock)]
+
+    def bind_site(self, comm: SiteComm) -> None:
+        """Set the site's ranks: ``ep`` of them (None: all) share the experts, in consecutive
+        groups. Collective (the groups are created on every rank)."""
+        ep = comm.world if self.ep is None else self.ep
+        if ep < 1 or comm.world % ep:
+            raise ValueError(
+                f"model.moe.ep={ep} must divide site.nproc={comm.world}; set model.moe.ep to a "
+                "divisor of it"
+            )
+        if self.moe.experts % ep:
+            raise ValueError(f"model.moe.ep={ep} must divide model.moe.experts={self.moe.experts}")
+        group = comm.subgroup(ep)
+        for layer in self.moe_layers():
+            layer.bind(comm, group)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        out = super().forward(idx, targets)
+        regs = [m.regulariser for m in self.moe_layers() if m.regulariser is not None]
+        if targets is None or not regs:
+            return out
+        reg = torch.stack(regs).sum().to(out.dtype)
+        return out + (reg - reg.detach())
+
+    def train_metrics(self) -> dict[str, float]:
+        """The site's routing since the last call, over the MoE layers: ``moe_aux_loss`` and
+        ``moe_z_loss`` (means per layer forward), ``moe_drop_frac`` (dropped / assignments)
+        and ``moe_load_<e>`` (expert e's share of the kept assignments; 1/E when balanced)."""
+        layers = self.moe_layers()
+        tally = torch.stack([m.tally for m in layers]).sum(dim=0)
+        for m in layers:
+            m.tally.zero_()
+        calls, assigned, kept = float(tally[4]), float(tally[3]), tally[5:]
+        if calls == 0:
+            return {}
+        out = {
+            "moe_aux_loss": float(tally[0]) / calls,
+            "moe_z_loss": float(tally[1]) / calls,
+            "moe_drop_frac": float(tally[2]) / assigned,
+        }
+        total = max(1.0, float(kept.sum()))
+        out.update({f"moe_load_{e}": v / total for e, v in enumerate(kept.tolist())})
+        return out
+
+
+def build_moe_model(size: str, *, vocab_size: int, seq_len: int, dropout: float = 0.0,
+                    moe: MoEOptions | None = None, ep: int | None = None,
+                    **overrides: int | None) -> MoEGPT:  # fmt: skip
+    """Build a named MoE size; ``overrides`` replace any architecture field."""
+    if size not in MOE_SIZES:
+        raise ValueError(f"unknown MoE model size {size!r}; choose one of {', '.join(MOE_SIZES)}")
+    arch = {**MOE_SIZES[size], **{k: v for k, v in overrides.items() if v is not None}}
+    cfg = GPTConfig(vocab_size=vocab_size, seq_len=seq_len, dropout=dropout, **arch)
+    return MoEGPT(cfg, moe or MoEOptions(), ep=ep)
