@@ -14,7 +14,10 @@ BAD = [
     (["+site=eu", "train.stpes=3"], ["train.stpes", "steps"]),
     (["+site=eu", "train.steps=abc"], ["train.steps", "Integer"]),
     (["+site=eu", "zero.stage=5"], ["zero.stage", "0, 1, 2, 3"]),
-    (["+site=eu", "model=huge"], ["model", "'huge'", "gpt2-124m, moe-small, moe-tiny, small, tiny"]),
+    (
+        ["+site=eu", "model=huge"],
+        ["model", "'huge'", "gpt2-124m, moe-small, moe-tiny, small, tiny"],
+    ),
     (["+site=eu", "optim=adam"], ["optim", "adamw, sgd"]),
     (["+site=eu", "outer=fedavg"], ["outer", "diloco, local, noloco"]),
     (["+site=eu", "compression=zip"], ["compression", "int8"]),
