@@ -252,9 +252,16 @@ def _talks(cfg: LocoConfig, say) -> bool:
 def _gossip_node(cfg: LocoConfig, flat, comm: SiteComm, closers: list, blocked=None):
     """This rank's started gossip node (behind the emulated WAN when ``wan.*`` is set); its
     closers are added to ``closers``. ``blocked``: drills only, links to cut."""
+    from loco.config import ConfigError
     from loco.gossip import GossipNode
+    from loco.gossip.rank_address import rank_binds
 
     kw = gossip_kwargs(cfg)
+    try:
+        kw["bind"] = rank_binds(cfg.site.listen, comm.rank, cfg.site.advertise,
+                                comm.all_gather_object)  # fmt: skip
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     # the mailbox's window and a ban count gossip round ids: F of them per round with fragments
     kw["keep_rounds"] *= cfg.outer.fragments
     kw["ban_rounds"] *= cfg.outer.fragments
@@ -273,6 +280,9 @@ def _gossip_node(cfg: LocoConfig, flat, comm: SiteComm, closers: list, blocked=N
         # partner caches a direct address that bypasses the emulated link
         node.server.bind()
         closers.insert(0, _wan_proxy(cfg, node, comm))
+    elif comm.world > 1:  # every rank's real address: its own host when ranks span machines
+        node.server.bind()
+        node.server.set_rank_addresses(comm.all_gather_object(node.server.address))
     node.start()
     return node
 

@@ -248,8 +248,15 @@ class SiteConfig:
     device: str = "cpu"
     shard: int = 0
     peers: list[str] = field(default_factory=list)
+    advertise: str = ""  # this machine's host when the site's ranks span machines ('' derives it)
 
     def __post_init__(self) -> None:
+        if self.advertise and not re.fullmatch(r"[A-Za-z0-9._-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]",
+                                               self.advertise):  # fmt: skip
+            raise ConfigError(
+                f"site.advertise={self.advertise!r} must be this machine's host name or address, "
+                "without a port (an IPv6 address in [brackets]), or empty to derive it"
+            )
         if not re.fullmatch(r"[a-z][a-z0-9_-]{0,31}", self.name):
             raise ConfigError(f"site.name={self.name!r} must be lowercase letters, digits, - or _")
         m = re.fullmatch(r"(.+):(\d+)", self.listen)

@@ -62,6 +62,7 @@ def init_group(
         from loco.engine.recompute import prepare_activation_checkpointing
 
         prepare_activation_checkpointing()
+    _pick_interface(backend)
     dist.init_process_group(
         backend=backend,
         init_method=init_method,
@@ -69,6 +70,21 @@ def init_group(
         world_size=world,
         timeout=collective_timeout(),
     )
+
+
+def _pick_interface(backend: str) -> None:
+    """A site on several machines: unless the user chose one, gloo's (NCCL's bootstrap) network
+    interface is the one that routes to the rendezvous host. Their default is the address the
+    host name resolves to, often loopback, which the other machines cannot reach."""
+    master = os.environ.get("MASTER_ADDR", "")
+    var = "NCCL_SOCKET_IFNAME" if backend == "nccl" else "GLOO_SOCKET_IFNAME"
+    if not master or var in os.environ:
+        return
+    from loco.gossip.rank_address import collective_interface
+
+    name = collective_interface(master)
+    if name is not None:
+        os.environ[var] = name
 
 
 def spawn(fn: Callable[..., Any], nproc: int, args: tuple) -> None:

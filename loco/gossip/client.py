@@ -203,7 +203,7 @@ class GossipClient:
             self.metrics.add("hello_failed")
             raise PeerMismatch(f"{address}: " + "; ".join(problems), peer=expect_site or address)
         self.metrics.add("hello_ok")
-        return info
+        return info.dialed_at(address)
 
     # ---------------------------------------------------------------- strikes
 

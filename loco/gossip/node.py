@@ -23,6 +23,7 @@ from .errors import GossipError, PeerUnavailable
 from .membership import Membership
 from .options import GossipOptions
 from .pairing import partners
+from .rank_address import rank_listen
 from .server import GossipServer
 from .status import member_status
 from .tls import TlsConfig
@@ -33,8 +34,10 @@ class GossipNode:
 
     Args:
         site, rank, nproc, flat_size, run_id, layout_hash: identity and layout.
-        listen: rank 0's ``host:port`` (the site's address); rank r binds port + r
-            (port 0: any free port, then give Hello the real ones via ``set_rank_addresses``).
+        listen: the site's ``host:port``; rank r binds port + r of that host (port 0: any free
+            port), then give Hello every rank's real address via ``server.set_rank_addresses``.
+        bind: this rank's own ``host:port`` instead (a site on several machines:
+            loco.gossip.rank_address.rank_binds).
         peers: ``{site: rank-0 address}`` of the other sites (seed peers).
         seed, odd: pairing seed and odd-count policy ("triple" or "sit_out").
         heartbeat: run the membership heartbeats here (rank 0 of each site).
@@ -57,6 +60,7 @@ class GossipNode:
         layout_hash: str,
         listen: str,
         peers: dict[str, str],
+        bind: str = "",
         seed: int = 0,
         odd: str = GossipOptions.odd,
         heartbeat: bool | None = None,
@@ -84,14 +88,12 @@ class GossipNode:
     ) -> None:
         if tls is None and cert_dir and not insecure:
             tls = TlsConfig.for_site(cert_dir, site)
-        host, _, port = listen.rpartition(":")
-        port_r = int(port) + rank if int(port) else 0
         self.site, self.rank, self.seed, self.odd = site, rank, seed, odd
         self.metrics = GossipMetrics()
         members = sorted(set(peers) | {site})
         self.server = GossipServer(
             site=site, rank=rank, nproc=nproc, flat_size=flat_size, run_id=run_id,
-            layout_hash=layout_hash, listen=f"{host}:{port_r}", tls=tls, insecure=insecure,
+            layout_hash=layout_hash, listen=bind or rank_listen(listen, rank), tls=tls, insecure=insecure,
             members=members, chunk_bytes=chunk_bytes, keep_rounds=keep_rounds, metrics=self.metrics,
             keepalive_s=keepalive_s, max_wait_s=max_wait_s, max_streams=max_streams,
             max_streams_per_peer=max_streams_per_peer, allow_public_plaintext=insecure_public,

@@ -7,7 +7,7 @@ pull (see :mod:`loco.gossip.client`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ._pb import gossip_pb2 as pb
 from .errors import GossipError
@@ -63,6 +63,18 @@ class PeerInfo:
             ranks=tuple(RankInfo(r.rank, r.address, r.lo, r.hi) for r in msg.ranks),
             current_round=msg.current_round,
         )
+
+    def dialed_at(self, address: str) -> PeerInfo:
+        """This answer with every rank served on a wildcard host (a site listening on all its
+        interfaces) given the host it was reached at, ``address``'s."""
+        host = address.rpartition(":")[0]
+        ranks = tuple(
+            replace(r, address=f"{host}:{r.address.rpartition(':')[2]}")
+            if r.address.rpartition(":")[0] in ("0.0.0.0", "[::]", "::")
+            else r
+            for r in self.ranks
+        )
+        return replace(self, ranks=ranks)
 
     def problems(self) -> list[str]:
         """What makes this rank table unusable: the ranks must be ``0..nproc-1`` in order,

@@ -48,8 +48,9 @@ class OuterStats:
         self.node, self.comm = node, comm if comm is not None else SiteComm.single()
         self.metrics, self.all_live = metrics, all_live
         self.history: list[dict[str, Any]] = []
+        # own_bytes_sent: what this rank's server sent (the others are sums over the site)
         self.totals: dict[str, Any] = {"bytes_sent": 0.0, "bytes_recv": 0.0, "rounds": 0,
-                                       "dropped": 0}  # fmt: skip
+                                       "dropped": 0, "own_bytes_sent": 0.0}  # fmt: skip
         self._mark = time.perf_counter()  # end of the previous round (utilization window)
         self._stall = 0.0  # seconds training was blocked by rounds in the window
 
@@ -67,6 +68,7 @@ class OuterStats:
         Collective."""
         g = self.node.round_metrics() if self.node is not None else {}
         sums = self.site_sum([g.get("bytes_sent", 0.0), g.get("bytes_recv", 0.0), *extra])
+        self.totals["own_bytes_sent"] += g.get("bytes_sent", 0.0)
         self.totals["bytes_sent"] += sums[0]
         self.totals["bytes_recv"] += sums[1]
         return sums
@@ -86,6 +88,7 @@ class OuterStats:
         self._mark, self._stall = end, 0.0
         self.totals["bytes_sent"] += sent
         self.totals["bytes_recv"] += recv
+        self.totals["own_bytes_sent"] += g.get("bytes_sent", 0.0)
         self.totals["rounds"] += 1
         self.totals["dropped"] += int(dropped > 0)
         rec = dict(
