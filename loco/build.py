@@ -77,6 +77,7 @@ def engine_from(cfg: LocoConfig, model: torch.nn.Module, comm: SiteComm | None =
         offload=z.offload,
         nvme_dir=z.nvme_dir,
         nvme_part_mb=z.nvme_part_mb,
+        offload_params=z.offload_params,
         collective=z.collective,
         prefetch=z.prefetch,
         max_inflight=z.max_inflight,

@@ -283,6 +283,7 @@ class ZeroConfig:
     offload: bool | str = False
     nvme_dir: str = ""  # the NVMe tier's folder (scratch files; a local disk for O_DIRECT)
     nvme_part_mb: float = 16.0  # fp32 MiB per streamed part of the tier's optimizer step
+    offload_params: str = "none"  # none | nvme: stage 3's parameter shard on the tier too
     collective: str = "auto"  # how stages 1-3 reduce gradients: auto | reduce | allreduce
     prefetch: bool = True  # stage 3 gathers the next block ahead of use
     max_inflight: int = 2  # stage 2-3 gradient buckets in flight
@@ -301,6 +302,9 @@ class ZeroConfig:
             raise ConfigError(
                 "zero.offload=nvme needs zero.nvme_dir=<folder on a local NVMe disk> (scratch)"
             )
+        _choice("zero.offload_params", self.offload_params, ("none", "nvme"))
+        if self.offload_params == "nvme" and (mode != "nvme" or self.stage != 3):
+            raise ConfigError("zero.offload_params=nvme needs zero.stage=3 and zero.offload=nvme")
 
 
 @dataclass

@@ -67,7 +67,9 @@ class TierStep:
         optimizer: the flat optimizer, built ``tiered`` (no state in memory).
         tier: the tier holding ``master`` and the optimizer's moments of its range.
         compute: the compute parameters of the range (any device, the compute dtype): after a
-            step, and after :meth:`commit`, they hold the new masters.
+            step, and after :meth:`commit`, they hold the new masters. None: they are the
+            tier's ``param`` stream (stage 3 with the parameters on the tier), written with the
+            masters, and ``params`` is the ``ParamFile`` the gathers read them through.
 
     :meth:`run` streams the parts: part k+1 is read and part k-1 written while part k is
     updated, with the optimizer's own kernel on each part (the same bits as the step on the
@@ -75,8 +77,10 @@ class TierStep:
     stream, :meth:`commit` writes staged streams back (``sync_params``), a step drops them.
     """
 
-    def __init__(self, *, optimizer: Any, tier: Any, compute: torch.Tensor) -> None:
-        self.optimizer, self.tier, self.compute = optimizer, tier, compute
+    def __init__(self, *, optimizer: Any, tier: Any, compute: torch.Tensor | None,
+                 params: Any = None) -> None:  # fmt: skip
+        self.optimizer, self.tier, self.compute, self.params = optimizer, tier, compute, params
+        self._read = ("master", *optimizer.state_names)
         self._staged: dict[str, torch.Tensor] = {}
         self.blocked_s = self.step_s = 0.0
         self.steps = 0
@@ -86,22 +90,27 @@ class TierStep:
         """Update the tier's masters and moments from ``grad`` (the range's averaged, clipped
         gradient) and copy the new masters into ``compute``."""
         self._staged.clear()
+        if self.params is not None:
+            self.params.reset()
         t0 = time.perf_counter()
         tier, n = self.tier, len(self.tier.parts)
         slots = len(tier.slots)
-        reads: dict[int, list[int]] = {0: tier.read(0, 0)} if n else {}
+        reads: dict[int, list[int]] = {0: tier.read(0, 0, self._read)} if n else {}
         writes: dict[int, list[int]] = {}
         for k in range(n):
             self._block(tier, reads.pop(k))
             if k + 1 < n:
                 self._block(tier, writes.pop(k + 1 - slots, []))  # the slot part k+1 reuses
-                reads[k + 1] = tier.read(k + 1, (k + 1) % slots)
+                reads[k + 1] = tier.read(k + 1, (k + 1) % slots, self._read)
             a, b = tier.parts[k]
             bufs = tier.buffers(k, k % slots)
             g = grad[a:b] if grad.device.type == "cpu" else grad[a:b].cpu()
             state = {name: bufs[name] for name in self.optimizer.state_names}
             self.optimizer.step_window(bufs["master"], g, state, lr, (a, b), count=k == 0)
-            self.compute[a:b].copy_(bufs["master"])
+            if self.compute is not None:
+                self.compute[a:b].copy_(bufs["master"])
+            else:
+                bufs["param"].copy_(bufs["master"])
             writes[k] = tier.write(k, k % slots)
         for reqs in writes.values():
             self._block(tier, reqs)
@@ -124,9 +133,14 @@ class TierStep:
         """Write the staged master (and, with ``optim_state``, the staged moments) back to the
         tier and the master into ``compute``; forget every staged copy."""
         staged, self._staged = self._staged, {}
+        if self.params is not None:
+            self.params.reset()
         if "master" in staged:
             self.tier.store("master", staged["master"])
-            self.compute.copy_(staged["master"])
+            if self.compute is not None:
+                self.compute.copy_(staged["master"])
+            else:
+                self.tier.store("param", staged["master"])
         if optim_state:
             for name in self.optimizer.state_names:
                 if name in staged:

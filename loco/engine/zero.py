@@ -57,7 +57,7 @@ from loco.engine.offload import HostStep, TierStep
 from loco.engine.recompute import checkpoint_blocks
 from loco.engine.stage3 import unit_of
 from loco.engine.storage import build_storage
-from loco.engine.tier import NvmeTier
+from loco.engine.tier import NvmeTier, ParamFile
 from loco.site_comm import SiteComm
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -135,6 +135,9 @@ class ZeroEngine:
             ``loco.engine.tier``), on any device.
         nvme_dir: the NVMe tier's folder (``offload=nvme``); its files are scratch.
         nvme_part_mb: MiB of fp32 values per streamed part of the tier's step.
+        offload_params: ``none`` or ``nvme`` (stage 3 with ``offload=nvme``): this rank's shard
+            of the compute parameters lives on the tier too; each block's own pieces are read
+            from it at every gather, the next block's prefetched in forward and backward order.
         collective: ``auto``, ``reduce`` or ``allreduce``: how stages 1-3 reduce a bucket.
         prefetch: stage 3: gather the next block while the current one computes.
         max_inflight: stages 2-3: buckets in flight before the oldest is waited for.
@@ -162,6 +165,7 @@ class ZeroEngine:
         offload: bool | str = False,
         nvme_dir: str = "",
         nvme_part_mb: float = 16.0,
+        offload_params: str = "none",
         collective: str = "auto",
         prefetch: bool = True,
         max_inflight: int = 2,
@@ -203,7 +207,9 @@ class ZeroEngine:
         )  # fmt: skip
         self.host_step, self.tier_step = None, None
         if st.initial is not None:
-            self.tier_step = self._build_tier(nvme_dir, nvme_part_mb, st.initial)
+            self.tier_step = self._build_tier(nvme_dir, nvme_part_mb, st.initial, offload_params)
+        elif offload_params != "none":
+            raise ValueError(f"zero.offload_params={offload_params!r} needs zero.offload=nvme")
         if offload:
             self.host_step = HostStep(optimizer=self.optimizer, master=self.master,
                                       device=self.device)  # fmt: skip
@@ -213,15 +219,31 @@ class ZeroEngine:
         if activation_checkpointing:
             checkpoint_blocks(self.model, in_group=self.comm.multi)
 
-    def _build_tier(self, directory: str, part_mb: float, initial: torch.Tensor) -> TierStep:
-        """The NVMe tier of the optimizer's range, its master stream set to ``initial``."""
+    def _build_tier(self, directory: str, part_mb: float, initial: torch.Tensor,
+                    offload_params: str) -> TierStep:  # fmt: skip
+        """The NVMe tier of the optimizer's range, its master stream set to ``initial`` (and,
+        with ``offload_params=nvme``, the ``param`` stream the stage-3 gathers read)."""
         if part_mb <= 0:
             raise ValueError(f"zero.nvme_part_mb={part_mb} must be > 0")
-        names = ("master", *self.optimizer.state_names)
+        if offload_params not in ("none", "nvme"):
+            raise ValueError(f"zero.offload_params={offload_params!r}; choose none or nvme")
+        if offload_params == "nvme" and self.shards is None:
+            raise ValueError("zero.offload_params=nvme needs zero.stage=3 (stages 0-2 keep full "
+                             "compute parameters on every rank)")  # fmt: skip
+        names = dict.fromkeys(("master", *self.optimizer.state_names), torch.float32)
+        if offload_params == "nvme":
+            names["param"] = self.compute_dtype
         tier = NvmeTier(directory=directory, numel=self.opt_hi - self.opt_lo, names=names,
                         part_numel=max(1, int(part_mb * 2**18)), tag=f"r{self.rank}")  # fmt: skip
         tier.store("master", initial)  # the moments start at zero: the files are created empty
-        return TierStep(optimizer=self.optimizer, tier=tier, compute=self.master)
+        if offload_params == "none":
+            return TierStep(optimizer=self.optimizer, tier=tier, compute=self.master)
+        assert self.shards is not None
+        tier.store("param", initial)
+        own = [[(s - self.lo, t - self.lo) for r, _, _, s, t in u.pieces if r == self.rank]
+               for u in self.shards.units]  # fmt: skip
+        self.master = self.shards.master = ParamFile(tier, own)  # the shard leaves memory
+        return TierStep(optimizer=self.optimizer, tier=tier, compute=None, params=self.master)
 
     def _install_hooks(self) -> list[Any]:
         """A post-accumulate-grad hook per parameter (and stage 3's gather hooks)."""

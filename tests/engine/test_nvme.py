@@ -78,14 +78,30 @@ def test_one_rank_same_bits_as_in_memory(tmp_path, stage: int, kw: dict) -> None
     assert not os.path.exists(tier.root)  # scratch: gone at close
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_stage3_parameters_on_the_tier(tmp_path, dtype: str) -> None:
+    """``offload_params=nvme``: the shard of compute parameters leaves memory, every gather
+    reads its own pieces from the tier (the next block's prefetched), and the 10 steps keep the
+    in-memory bits."""
+    ref = engine(3, "false", "", compute_dtype=dtype)
+    ref_l = train(ref, 0, 1)
+    eng = engine(3, "nvme", str(tmp_path), compute_dtype=dtype, offload_params="nvme")
+    params = eng.shards.master
+    assert not isinstance(params, torch.Tensor) and "param" in eng.tier_step.tier.names
+    assert train(eng, 0, 1) == ref_l
+    assert params.waited >= STEPS * 2 * 3 and params.prefetched >= params.waited // 2
+    a, b = finish(ref), finish(eng)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def _two_ranks(rank: int, world: int, d: str) -> None:
-    for stage in (1, 2, 3):
+    for stage, kw in ((1, {}), (2, {}), (3, {}), (3, {"offload_params": "nvme"})):
         ref = engine(stage, "false", "")
         ref_l = train(ref, rank, world)
-        eng = engine(stage, "nvme", os.path.join(d, f"s{stage}"))
-        assert train(eng, rank, world) == ref_l, stage
+        eng = engine(stage, "nvme", os.path.join(d, f"s{stage}"), **kw)
+        assert train(eng, rank, world) == ref_l, (stage, kw)
         a, b = finish(ref), finish(eng)
-        assert all(torch.equal(a[k], b[k]) for k in a), stage
+        assert all(torch.equal(a[k], b[k]) for k in a), (stage, kw)
 
 
 def test_two_ranks_same_bits_as_in_memory(tmp_path) -> None:
@@ -154,7 +170,8 @@ def test_checkpoint_from_the_tier_reshards_into_the_tier(tmp_path) -> None:
     for stage, offload in ((3, "nvme"), (0, "false")):
         eng = ZeroEngine(tiny_gpt(seed=7), stage=stage, offload=offload, optim="adamw",
                          weight_decay=0.1, grad_clip=0.5, nvme_dir=str(tmp_path / "t2"),
-                         nvme_part_mb=PART_MB)  # fmt: skip
+                         nvme_part_mb=PART_MB,
+                         offload_params="nvme" if offload == "nvme" else "none")  # fmt: skip
         info = restore(Checkpoint(latest_checkpoint(tmp_path / "ck")), engine=eng, outer=None,
                        comm=SiteComm())  # fmt: skip
         assert info["step"] == 3 and eng.optim_step == 3
@@ -219,6 +236,14 @@ def test_config_and_engine_errors(tmp_path) -> None:
         ZeroEngine(tiny_gpt(), offload="nvme")
     with pytest.raises(ValueError, match="choose false, cpu or nvme"):
         ZeroEngine(tiny_gpt(), offload="ssd")
+    with pytest.raises(ConfigError, match="offload_params=nvme needs zero.stage=3"):
+        ZeroConfig(stage=2, offload="nvme", nvme_dir="x", offload_params="nvme")
+    with pytest.raises(ValueError, match="needs zero.stage=3"):
+        ZeroEngine(
+            tiny_gpt(), stage=2, offload="nvme", nvme_dir=str(tmp_path), offload_params="nvme"
+        )
+    with pytest.raises(ValueError, match="needs zero.offload=nvme"):
+        ZeroEngine(tiny_gpt(), stage=3, offload_params="nvme")
 
 
 def _cgroup_ok() -> bool:
