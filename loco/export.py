@@ -23,8 +23,9 @@ import torch
 
 from loco.data.tokenizer import RUN_FILE, Tokenizer, byte_tokenizer, from_json
 from loco.data.tokenizer import load as load_tokenizer
-from loco.model import GPT
-from loco.model.gpt import SIZES, GPTConfig
+from loco.model import GPT, MODEL_SIZES
+from loco.model.gpt import GPTConfig
+from loco.model.moe_gpt import model_of_state
 
 FORMAT = "loco-gpt"
 TIED = "head.weight"  # same tensor as wte.weight
@@ -57,7 +58,7 @@ def config_of(state: dict[str, torch.Tensor], model_cfg: dict[str, Any]) -> GPTC
     ``model`` config section, which the shapes cannot tell)."""
     vocab, d_model = state["wte.weight"].shape
     n_layer = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
-    n_head = model_cfg.get("n_head") or SIZES.get(model_cfg.get("size", ""), {}).get("n_head")
+    n_head = model_cfg.get("n_head") or MODEL_SIZES.get(model_cfg.get("size", ""), {}).get("n_head")
     if not n_head:
         raise ValueError("the checkpoint's config has no model.n_head nor a known model.size")
     return GPTConfig(
@@ -66,9 +67,16 @@ def config_of(state: dict[str, torch.Tensor], model_cfg: dict[str, Any]) -> GPTC
         n_layer=n_layer,
         n_head=int(n_head),
         d_model=d_model,
-        mlp_ratio=state["blocks.0.mlp.fc.weight"].shape[0] // d_model,
+        mlp_ratio=_mlp_width(state) // d_model,
         bias="blocks.0.attn.qkv.bias" in state,
     )
+
+
+def _mlp_width(state: dict[str, torch.Tensor]) -> int:
+    """The MLP's hidden width: block 0's dense MLP, or its experts' (an MoE block)."""
+    if "blocks.0.mlp.fc.weight" in state:
+        return state["blocks.0.mlp.fc.weight"].shape[0]
+    return state["blocks.0.mlp.experts.fc_weight"].shape[2]
 
 
 def _checkpoint(path: str | Path) -> tuple[GPT, dict[str, Any], dict[str, Any]]:
@@ -81,7 +89,7 @@ def _checkpoint(path: str | Path) -> tuple[GPT, dict[str, Any], dict[str, Any]]:
     config = manifest.get("config")
     config = config if isinstance(config, dict) else {}
     cfg = config_of(state, config.get("model") or {})
-    model = GPT(cfg)
+    model = model_of_state(cfg, state, (config.get("model") or {}).get("moe"))
     model.load_state_dict(state)
     meta = {k: manifest.get(k) for k in ("run_id", "site", "step")}
     meta["source"] = str(ck)
@@ -150,14 +158,16 @@ def load_run(source: str | Path, tokenizer: str | Path | None = None
 def export(model: GPT, out: str | Path, meta: dict[str, Any] | None = None,
            tokenizer: Tokenizer | None = None) -> Path:  # fmt: skip
     """Write ``model`` to ``out`` (safetensors, or a torch file when it ends in ``.pt``)."""
-    return save_weights(model.cfg, model.state_dict(), out, meta, tokenizer)
+    return save_weights(model.cfg, model.state_dict(), out, meta, tokenizer,
+                        moe=getattr(model, "moe", None))  # fmt: skip
 
 
 def save_weights(cfg: GPTConfig, weights: dict[str, torch.Tensor], out: str | Path,
                  meta: dict[str, Any] | None = None,
-                 tokenizer: Tokenizer | None = None) -> Path:  # fmt: skip
+                 tokenizer: Tokenizer | None = None, moe: Any = None) -> Path:  # fmt: skip
     """Write the named ``weights`` of a GPT with config ``cfg`` as :func:`export` does; a BPE
-    ``tokenizer`` goes into the metadata (byte tokens need none)."""
+    ``tokenizer`` goes into the metadata (byte tokens need none), and so do an MoE model's
+    options ``moe`` (``loco.model.MoEOptions``)."""
     out = Path(out)
     state = {k: v.detach().float().contiguous() for k, v in weights.items()}
     state.pop(TIED, None)
@@ -166,6 +176,8 @@ def save_weights(cfg: GPTConfig, weights: dict[str, torch.Tensor], out: str | Pa
         "gpt_config": json.dumps(dataclasses.asdict(cfg)),
         **{k: str(v) for k, v in (meta or {}).items() if v is not None},
     }
+    if moe is not None:
+        info["moe_config"] = json.dumps(dataclasses.asdict(moe))
     if tokenizer is not None and tokenizer.kind != "bytes":
         info["tokenizer"] = tokenizer.to_json().decode()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -200,7 +212,8 @@ def load_exported(path: str | Path) -> tuple[GPT, dict[str, str]]:
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         raise ValueError(f"{path} is not a model exported by loco.export (no {FORMAT} metadata)")
     try:
-        model = GPT(GPTConfig(**json.loads(info["gpt_config"])))
+        cfg = GPTConfig(**json.loads(info["gpt_config"]))
+        model = model_of_state(cfg, state, json.loads(info.get("moe_config", "null")))
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(
             f"{path}: bad gpt_config metadata ({str(e)[:120]}); re-export it"

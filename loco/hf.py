@@ -148,6 +148,9 @@ def save_hf(model: GPT, out: str | Path, tokenizer: Tokenizer | None = None,
     ``out``. Raises ValueError when ``out`` is a file or another non-empty directory."""
     from safetensors.torch import save
 
+    if getattr(model, "moe", None) is not None:
+        raise ValueError("the Hugging Face GPT-2 layout has no experts: export an MoE model with "
+                         "--format loco")  # fmt: skip
     out = Path(out)
     check_out_dir(out)
     cfg, meta = model.cfg, {k: v for k, v in (meta or {}).items() if v is not None}

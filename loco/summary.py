@@ -75,7 +75,9 @@ def write_final_model(run_dir: Path, engine: Any, model: Any, flat: torch.Tensor
 
     # own storage per tensor: safetensors refuses tensors that share memory
     state = {k: v.clone() for k, v in engine.layout.unflatten(flat).items()}
-    return save_weights(model.cfg, state, run_dir / MODEL_FILE, meta)
+    return save_weights(
+        model.cfg, state, run_dir / MODEL_FILE, meta, moe=getattr(model, "moe", None)
+    )
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:

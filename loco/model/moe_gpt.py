@@ -12,6 +12,10 @@ MoE layer's ``aux_coef * aux + z_coef * z`` (added as ``reg - reg.detach()``, ex
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
 from loco.model.gpt import GPT, SIZES, Block, GPTConfig
@@ -107,3 +111,36 @@ def build_moe_model(size: str, *, vocab_size: int, seq_len: int, dropout: float 
     arch = {**MOE_SIZES[size], **{k: v for k, v in overrides.items() if v is not None}}
     cfg = GPTConfig(vocab_size=vocab_size, seq_len=seq_len, dropout=dropout, **arch)
     return MoEGPT(cfg, moe or MoEOptions(), ep=ep)
+
+
+def _routing_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The fields of ``options`` (a run's ``model.moe`` or an export's metadata, untrusted)
+    that :class:`MoEOptions` takes."""
+    known = {f.name for f in dataclasses.fields(MoEOptions)}
+    if options is not None and not isinstance(options, Mapping):
+        raise ValueError("the model's MoE options are not a mapping; re-export it")
+    return {k: v for k, v in (options or {}).items() if k in known}
+
+
+def model_of_state(
+    cfg: GPTConfig, state: Mapping[str, torch.Tensor], options: Mapping[str, Any] | None
+) -> GPT:
+    """An empty model for the weights ``state``: :class:`MoEGPT` when they hold experts, else
+    :class:`GPT`. The experts, their blocks and the residual MoE come from the names and
+    shapes; the gating (``k``, ...) from ``options``. Raises ValueError on a mismatch."""
+    moe_blocks = sorted(
+        int(name.split(".")[1]) for name in state if name.endswith(".mlp.experts.fc_weight")
+    )
+    if not moe_blocks:
+        return GPT(cfg)
+    experts = int(state[f"blocks.{moe_blocks[0]}.mlp.experts.fc_weight"].shape[0])
+    every = moe_blocks[0] + 1
+    kw = {**_routing_options(options), "experts": experts, "every": every,
+          "residual": f"blocks.{moe_blocks[0]}.mlp.coef.weight" in state}  # fmt: skip
+    try:
+        opts = MoEOptions(**kw)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"the model's MoE options are not valid ({str(e)[:120]})") from None
+    if moe_blocks != list(range(every - 1, cfg.n_layer, every)):
+        raise ValueError(f"MoE layers in blocks {moe_blocks[:8]} do not follow every={every}")
+    return MoEGPT(cfg, opts)
