@@ -3,7 +3,8 @@
 ``write_report(run_dir)`` works on a site's run directory (its own ``metrics.jsonl``) and on a
 ``loco.local`` federation directory (one ``<site>/metrics.jsonl`` per site). Plots: validation
 loss per site against tokens (``val_loss.png``), bytes sent per round (``bytes.png``),
-consensus distance per round (``consensus.png``). matplotlib (Agg backend) draws them; without
+consensus distance per round (``consensus.png``); for mixture-of-experts runs the routing
+(``moe.png``: load-balancing loss, drop fraction, busiest expert's share). matplotlib (Agg backend) draws them; without
 it the report is written without plots, with one warning.
 """
 
@@ -93,6 +94,24 @@ def _row(site: str, d: Path, evals: list, outers: list) -> list[str]:
     ]
 
 
+MOE_PLOT = "moe.png"  # only for mixture-of-experts runs
+
+
+def _moe_lines(runs: dict[str, Path]) -> dict[str, tuple[list, list]]:
+    """Per site: the load-balancing loss, the drop fraction and the busiest expert's share of
+    the tokens against the step (MoE runs' ``train`` records; empty for dense runs)."""
+    lines: dict[str, tuple[list, list]] = {}
+    for s, d in runs.items():
+        recs = [r for r in read_metrics(d / "metrics.jsonl", "train") if "moe_drop_frac" in r]
+        for r in recs:
+            r["moe_load_max"] = max(v for k, v in r.items() if k.startswith("moe_load_"))
+        for key, what in (("moe_aux_loss", "aux loss"), ("moe_drop_frac", "drop fraction"),
+                          ("moe_load_max", "busiest expert's share")):  # fmt: skip
+            if recs:
+                lines[f"{s} {what}"] = _series(recs, "step", key)
+    return lines
+
+
 def write_report(run_dir: str | Path, title: str | None = None) -> Path | None:
     """Write ``run_dir/report.md`` and its PNGs; returns its path (None: no metrics here)."""
     run_dir = Path(run_dir)
@@ -119,6 +138,10 @@ def write_report(run_dir: str | Path, title: str | None = None) -> Path | None:
         for name, what in zip(PLOTS, ("Validation loss", "Bytes per round", "Consensus distance"),
                               strict=True):  # fmt: skip
             lines += [f"## {what}", "", f"![{what}]({name})", ""]
+        moe = _moe_lines(runs)
+        if moe:
+            _plot(plt, run_dir / MOE_PLOT, "experts: routing (train records)", "step", "value", moe)
+            lines += ["## Experts", "", f"![Experts]({MOE_PLOT})", ""]
     else:
         lines.append("(no plots: matplotlib is not installed)")
     path = run_dir / "report.md"

@@ -3,6 +3,8 @@ against 1 rank holding every expert (batch 8): the same per-step losses at ZeRO 
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 
 from loco.metrics import read_metrics
@@ -37,6 +39,9 @@ def _compare(one_rank, tmp_path, stage: int) -> None:
     assert rec["moe_drop_frac"] == 0.0
     assert sum(rec[f"moe_load_{e}"] for e in range(8)) == pytest.approx(1.0)
     assert rec["moe_aux_loss"] > 0 and rec["moe_z_loss"] > 0
+    if importlib.util.find_spec("matplotlib") is not None:  # the report's routing plot
+        assert (tmp_path / "moe.png").stat().st_size > 0
+        assert "![Experts](moe.png)" in (tmp_path / "report.md").read_text()
 
 
 def test_ep2_matches_one_rank_at_stage_3(one_rank, tmp_path):
