@@ -182,7 +182,7 @@ class ZeroEngine:
         self.device = next(model.parameters()).device
         self.offload_mode = _offload_mode(offload, self.device, nvme_dir)
         self.offload = offload = self.offload_mode == "cpu"
-        self.opt_device = torch.device("cpu") if offload else self.device
+        self.opt_device = torch.device("cpu") if self.offload_mode != "none" else self.device
 
         self.comm.broadcast_module(model)
         self.layout = FlatLayout(model)

@@ -269,3 +269,49 @@ def test_capacity_only_the_tier_fits_under_the_memory_limit(tmp_path) -> None:
     assert r["peak_free"]["false"] - r["peak_free"]["nvme"] > 4 * r["numel"]
     assert r["rc_capped"] == {"nvme": 0, "false": -signal.SIGKILL}
     assert r["losses_capped_nvme"] == r["losses_free"]["nvme"] == r["losses_free"]["false"]
+
+
+WORKER = ["model=tiny", "+site=eu", "train.seq_len=64", "train.log_every=1", "train.eval_every=1000",
+          "train.progress=false", "site.nproc=2", "train.batch_size=4", "zero.stage=3"]  # fmt: skip
+
+
+def test_worker_two_ranks_stage3_on_the_tier_same_losses(tmp_path) -> None:
+    """The real entry point, 2 gloo ranks, stage 3 with masters, moments and parameters on the
+    tier: the in-memory run's losses bitwise, and the tier's scratch folders gone at the end."""
+    from tests.workers import run_worker, train_losses
+
+    common = [*WORKER, "train.steps=4"]
+    mem = run_worker([*common, "zero.offload=false"], tmp_path / "mem")
+    assert mem.returncode == 0, mem.stderr[-2000:]
+    tier = tmp_path / "tier"
+    nvme = run_worker([*common, "zero.offload=nvme", f"zero.nvme_dir={tier}",
+                       "zero.offload_params=nvme"], tmp_path / "nvme")  # fmt: skip
+    assert nvme.returncode == 0, nvme.stderr[-2000:]
+    assert train_losses(tmp_path / "nvme") == train_losses(tmp_path / "mem")
+    assert len(train_losses(tmp_path / "mem")) == 4
+    assert list(tier.iterdir()) == []  # both ranks removed their scratch folders at exit
+
+
+@pytest.mark.slow
+def test_worker_killed_on_the_tier_resumes_from_its_checkpoint(tmp_path) -> None:
+    """kill -9 of a 2-rank tier run after a checkpoint; ``resume=latest`` on the tier continues
+    with the in-memory run's losses bitwise (slow: three worker runs)."""
+    from tests.workers import run_worker, train_losses
+
+    common = [*WORKER, "train.steps=12", "checkpoint.every=3", "checkpoint.keep=10"]
+    ref = run_worker([*common, "zero.offload=false"], tmp_path / "mem")
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    want = train_losses(tmp_path / "mem")
+    run, nv = tmp_path / "cut", ["zero.offload=nvme", f"zero.nvme_dir={tmp_path / 'tier'}"]
+    cmd = [sys.executable, "-m", "loco.worker", *common, *nv, f"hydra.run.dir={run}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (run / "checkpoints" / "step_0000003" / "manifest.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    again = run_worker([*common, *nv, "resume=latest"], run)
+    assert again.returncode == 0 and "resumed from" in again.stderr, again.stderr[-2000:]
+    got = train_losses(run)
+    assert got[12] == want[12] and all(got[s] == want[s] for s in got)
