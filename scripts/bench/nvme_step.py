@@ -9,7 +9,7 @@ on I/O per step, and the time the same reads and writes take with no compute in 
 (measured right after, same files): hidden = 1 - blocked / io_only. Prints ONE JSON line.
 
     python scripts/bench/nvme_step.py --dir DIR [--d-model 512 --layers 4 --vocab 8192]
-        [--stage 2] [--device cpu|cuda] [--part-mb 16]
+        [--stage 2] [--device cpu|cuda] [--part-mb 16] [--offload-params (stage 3)]
 """
 
 from __future__ import annotations
@@ -50,9 +50,10 @@ def build(mode: str, args: argparse.Namespace) -> ZeroEngine:
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=args.vocab, seq_len=args.seq, n_layer=args.layers,
                     n_head=max(1, args.d_model // 64), d_model=args.d_model)  # fmt: skip
+    params = "nvme" if mode == "nvme" and args.offload_params else "none"
     return ZeroEngine(GPT(cfg).to(args.device), stage=args.stage, optim="adamw",
                       weight_decay=0.1, offload=mode, nvme_dir=args.dir,
-                      nvme_part_mb=args.part_mb)  # fmt: skip
+                      nvme_part_mb=args.part_mb, offload_params=params)  # fmt: skip
 
 
 def one_step(eng: ZeroEngine, x: torch.Tensor, device: str) -> tuple[float, float, float]:
@@ -116,6 +117,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--part-mb", type=float, default=16.0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--offload-params", action="store_true", help="stage 3: parameters on the tier")
     args = p.parse_args()
     rows = run(args, ("false", "cpu", "nvme"))
     same = rows["nvme"]["losses"] == rows["false"]["losses"]
@@ -123,6 +125,7 @@ def main() -> None:
         del r["losses"]
     base = rows["false"]["step_s"]
     print(json.dumps({"bench": "nvme_step", "device": args.device, "stage": args.stage,
+                      "offload_params": args.offload_params, "part_mb": args.part_mb,
                       "numel": rows["false"]["numel"], "torch_threads": torch.get_num_threads(),
                       "rows": rows, "step_vs_no_offload": {m: round(r["step_s"] / base, 3)
                                                            for m, r in rows.items()},
