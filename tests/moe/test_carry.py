@@ -7,8 +7,6 @@ about experts: these tests check that it holds."""
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 import time
 
 import pytest
@@ -18,7 +16,7 @@ from loco.export import load_model
 from loco.federation import free_base_ports, run_federation
 from tests.federation.test_join import records, start
 from tests.federation.test_local import outer_records
-from tests.workers import ROOT, run_worker, train_losses
+from tests.workers import run_worker, train_losses
 
 COMMON = [
     "+site=eu",
@@ -56,13 +54,16 @@ def _resume_at(tmp_path, src: str, ref: dict[int, float], nproc: int, stage: int
         assert got[s] == pytest.approx(ref[s], rel=1e-5, abs=1e-6), (nproc, s, got[s], ref[s])
 
 
-def _sample(source) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "loco.sample", str(source), "--prompt", "def ", "--tokens", "16",
-           "--temperature", "0"]  # fmt: skip
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+def _cli(main, argv: list[str], capsys) -> tuple[int, str, str]:
+    """A command's ``main(argv)`` in this process: (status, stdout, stderr)."""
+    rc = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
 
 
-def test_ep2_checkpoint_resumes_at_ep1_and_exports_and_samples(tmp_path):
+def test_ep2_checkpoint_resumes_at_ep1_and_exports_and_samples(tmp_path, capsys):
+    from loco import export, sample
+
     ref = _run(tmp_path / "two", 2, "zero.stage=2")
     _resume_at(tmp_path, "two", ref, 1, 0)
     # the final model (summary), the checkpoint and an export are one MoE model, bitwise
@@ -73,16 +74,15 @@ def test_ep2_checkpoint_resumes_at_ep1_and_exports_and_samples(tmp_path):
     for (n, p), q in zip(final.state_dict().items(), ck.state_dict().values(), strict=True):
         assert torch.equal(p, q), n
     out = run / "exp.pt"
-    p = subprocess.run([sys.executable, "-m", "loco.export", str(run), str(out)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert p.returncode == 0, p.stderr
-    a, b = _sample(run), _sample(out)
-    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
-    assert a.stdout == b.stdout and a.stdout.startswith("def ")
-    hf = subprocess.run([sys.executable, "-m", "loco.export", str(run), str(run / "hf"),
-                         "--format", "hf"], cwd=ROOT, capture_output=True, text=True,
-                        timeout=120)  # fmt: skip
-    assert hf.returncode == 2 and "no experts" in hf.stderr
+    rc, _, err = _cli(export.main, [run, out], capsys)
+    assert rc == 0, err
+    # loco.sample (KV cache) from the checkpoint and from the export: the same greedy text
+    args = ["--prompt", "def ", "--tokens", "16", "--temperature", "0"]
+    (ra, a, ea), (rb, b, eb) = (_cli(sample.main, [src, *args], capsys) for src in (run, out))
+    assert ra == rb == 0, ea + eb
+    assert a == b and a.startswith("def ")
+    rc, _, err = _cli(export.main, [run, run / "hf", "--format", "hf"], capsys)
+    assert rc == 2 and "no experts" in err
 
 
 @pytest.mark.slow
