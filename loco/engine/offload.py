@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from loco.engine.tier import NvmeTier, ParamFile
+
 OFFLOAD_PARTS = 8
 """The offloaded optimizer step runs in up to this many parts, copies overlapped with compute."""
 OFFLOAD_MIN_PART = 1 << 20
@@ -149,3 +151,33 @@ class TierStep:
     def close(self) -> None:
         self._staged.clear()
         self.tier.close()
+
+
+def build_tier_step(*, optimizer: Any, directory: str, part_mb: float, initial: torch.Tensor,
+                    compute: torch.Tensor, rank: int, shards: Any = None, lo: int = 0,
+                    compute_dtype: torch.dtype = torch.float32,
+                    offload_params: str = "none") -> TierStep:  # fmt: skip
+    """The NVMe tier of ``optimizer``'s range with its master stream set to ``initial`` (the
+    moments start at zero: the files are created empty), and its step. With
+    ``offload_params=nvme`` (stage 3: ``shards`` is the engine's ``BlockShards``, ``lo`` its
+    shard's first index) the ``param`` stream holds the shard in ``compute_dtype`` and the
+    gathers read it through a ``ParamFile`` (``TierStep.params``) instead of ``compute``."""
+    if part_mb <= 0:
+        raise ValueError(f"zero.nvme_part_mb={part_mb} must be > 0")
+    if offload_params not in ("none", "nvme"):
+        raise ValueError(f"zero.offload_params={offload_params!r}; choose none or nvme")
+    if offload_params == "nvme" and shards is None:
+        raise ValueError("zero.offload_params=nvme needs zero.stage=3 (stages 0-2 keep full "
+                         "compute parameters on every rank)")  # fmt: skip
+    names = dict.fromkeys(("master", *optimizer.state_names), torch.float32)
+    if offload_params == "nvme":
+        names["param"] = compute_dtype
+    tier = NvmeTier(directory=directory, numel=optimizer.hi - optimizer.lo, names=names,
+                    part_numel=max(1, int(part_mb * 2**18)), tag=f"r{rank}")  # fmt: skip
+    tier.store("master", initial)
+    if offload_params == "none":
+        return TierStep(optimizer=optimizer, tier=tier, compute=compute)
+    tier.store("param", initial)
+    own = [[(s - lo, t - lo) for r, _, _, s, t in u.pieces if r == rank] for u in shards.units]
+    shards.master = ParamFile(tier, own)
+    return TierStep(optimizer=optimizer, tier=tier, compute=None, params=shards.master)

@@ -53,11 +53,10 @@ from loco.engine.base import OptimOptions
 from loco.engine.buckets import GradBuckets, plan_groups
 from loco.engine.flat import FlatLayout
 from loco.engine.flat_optim import build_flat_optimizer
-from loco.engine.offload import HostStep, TierStep
+from loco.engine.offload import HostStep, build_tier_step
 from loco.engine.recompute import checkpoint_blocks
 from loco.engine.stage3 import unit_of
 from loco.engine.storage import build_storage
-from loco.engine.tier import NvmeTier, ParamFile
 from loco.site_comm import SiteComm
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -207,7 +206,13 @@ class ZeroEngine:
         )  # fmt: skip
         self.host_step, self.tier_step = None, None
         if st.initial is not None:
-            self.tier_step = self._build_tier(nvme_dir, nvme_part_mb, st.initial, offload_params)
+            self.tier_step = build_tier_step(
+                optimizer=self.optimizer, directory=nvme_dir, part_mb=nvme_part_mb,
+                initial=st.initial, compute=self.master, rank=self.rank, shards=self.shards,
+                lo=self.lo, compute_dtype=self.compute_dtype, offload_params=offload_params,
+            )  # fmt: skip
+            if self.tier_step.params is not None:
+                self.master = self.tier_step.params  # stage 3's shard left memory for the tier
         elif offload_params != "none":
             raise ValueError(f"zero.offload_params={offload_params!r} needs zero.offload=nvme")
         if offload:
@@ -218,32 +223,6 @@ class ZeroEngine:
         self._handles: list[Any] = self._install_hooks()
         if activation_checkpointing:
             checkpoint_blocks(self.model, in_group=self.comm.multi)
-
-    def _build_tier(self, directory: str, part_mb: float, initial: torch.Tensor,
-                    offload_params: str) -> TierStep:  # fmt: skip
-        """The NVMe tier of the optimizer's range, its master stream set to ``initial`` (and,
-        with ``offload_params=nvme``, the ``param`` stream the stage-3 gathers read)."""
-        if part_mb <= 0:
-            raise ValueError(f"zero.nvme_part_mb={part_mb} must be > 0")
-        if offload_params not in ("none", "nvme"):
-            raise ValueError(f"zero.offload_params={offload_params!r}; choose none or nvme")
-        if offload_params == "nvme" and self.shards is None:
-            raise ValueError("zero.offload_params=nvme needs zero.stage=3 (stages 0-2 keep full "
-                             "compute parameters on every rank)")  # fmt: skip
-        names = dict.fromkeys(("master", *self.optimizer.state_names), torch.float32)
-        if offload_params == "nvme":
-            names["param"] = self.compute_dtype
-        tier = NvmeTier(directory=directory, numel=self.opt_hi - self.opt_lo, names=names,
-                        part_numel=max(1, int(part_mb * 2**18)), tag=f"r{self.rank}")  # fmt: skip
-        tier.store("master", initial)  # the moments start at zero: the files are created empty
-        if offload_params == "none":
-            return TierStep(optimizer=self.optimizer, tier=tier, compute=self.master)
-        assert self.shards is not None
-        tier.store("param", initial)
-        own = [[(s - self.lo, t - self.lo) for r, _, _, s, t in u.pieces if r == self.rank]
-               for u in self.shards.units]  # fmt: skip
-        self.master = self.shards.master = ParamFile(tier, own)  # the shard leaves memory
-        return TierStep(optimizer=self.optimizer, tier=tier, compute=None, params=self.master)
 
     def _install_hooks(self) -> list[Any]:
         """A post-accumulate-grad hook per parameter (and stage 3's gather hooks)."""
