@@ -70,8 +70,10 @@ class MoeConfig:
     per MoE layer (one every ``every`` blocks), top-``k`` gating (1: Switch, 2: GShard),
     ``capacity_factor`` (places per expert = factor * k * tokens / experts, at least
     ``min_capacity``; the rest is dropped), the load-balancing and router z-loss coefficients,
-    ``residual`` (DeepSpeed-MoE's residual MoE: a dense MLP plus one expert) and ``ep``, the
-    ranks that share the experts (None: site.nproc; it must divide site.nproc and experts)."""
+    ``residual`` (DeepSpeed-MoE's residual MoE: a dense MLP plus one expert), ``pyramid``
+    (experts of the MoE layers in the second half; 0: ``experts``; with ``residual``:
+    DeepSpeed-MoE's PR-MoE) and ``ep``, the ranks that share the experts (None: site.nproc; it
+    must divide site.nproc and the experts of every layer)."""
 
     experts: int = 8
     k: int = 1
@@ -81,6 +83,7 @@ class MoeConfig:
     z_coef: float = 0.001
     residual: bool = False
     every: int = 2
+    pyramid: int = 0
     ep: int | None = None
 
     def __post_init__(self) -> None:
@@ -571,7 +574,7 @@ def _check_expert_parallel(model: ModelConfig, site: SiteConfig | None) -> None:
     if site is None or not model.size.startswith("moe-"):
         return
     ep = model.moe.ep or site.nproc
-    if site.nproc % ep or model.moe.experts % ep:
+    if site.nproc % ep or model.moe.experts % ep or model.moe.pyramid % ep:
         raise ConfigError(
             f"model.moe.ep={ep} (unset: site.nproc) must divide site.nproc={site.nproc} and "
             f"model.moe.experts={model.moe.experts}; set model.moe.ep to a common divisor"

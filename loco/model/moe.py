@@ -24,6 +24,7 @@ so the engine's SUM over the site's ranks yields the full gradient at the owner.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -48,6 +49,7 @@ class MoEOptions:
     z_coef: float = 0.001
     residual: bool = False
     every: int = 2  # an MoE MLP in every ``every``-th block (blocks every-1, 2*every-1, ...)
+    pyramid: int = 0  # experts of the MoE layers in the model's second half (0: ``experts``)
 
     def __post_init__(self) -> None:
         if self.experts < 1:
@@ -64,6 +66,14 @@ class MoEOptions:
             raise ValueError("model.moe.min_capacity and model.moe.every must be >= 1")
         if self.aux_coef < 0 or self.z_coef < 0:
             raise ValueError("model.moe.aux_coef and model.moe.z_coef must be >= 0")
+        if self.pyramid < 0 or 0 < self.pyramid < self.k:
+            raise ValueError(f"model.moe.pyramid={self.pyramid} must be 0 (off) or >= model.moe.k")
+
+    def for_block(self, block: int, n_layer: int) -> MoEOptions:
+        """The options of the MoE layer in ``block``: ``pyramid`` experts in the second half."""
+        if self.pyramid and block >= n_layer // 2:
+            return dataclasses.replace(self, experts=self.pyramid)
+        return self
 
     def capacity(self, tokens: int) -> int:
         """Places per expert for ``tokens`` tokens in training."""

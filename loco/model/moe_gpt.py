@@ -45,7 +45,7 @@ class MoEGPT(GPT):
         super().__init__(cfg)
         self.moe, self.ep = opts, ep
         for i in range(opts.every - 1, cfg.n_layer, opts.every):
-            self.blocks[i] = MoEBlock(cfg, opts)
+            self.blocks[i] = MoEBlock(cfg, opts.for_block(i, cfg.n_layer))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -67,8 +67,12 @@ class MoEGPT(GPT):
                 f"model.moe.ep={ep} must divide site.nproc={comm.world}; set model.moe.ep to a "
                 "divisor of it"
             )
-        if self.moe.experts % ep:
-            raise ValueError(f"model.moe.ep={ep} must divide model.moe.experts={self.moe.experts}")
+        for layer in self.moe_layers():
+            if layer.opts.experts % ep:
+                raise ValueError(
+                    f"model.moe.ep={ep} must divide the experts of every MoE layer "
+                    f"({layer.opts.experts})"
+                )
         group = comm.subgroup(ep)
         for layer in self.moe_layers():
             layer.bind(comm, group)
@@ -86,7 +90,9 @@ class MoEGPT(GPT):
         ``moe_z_loss`` (means per layer forward), ``moe_drop_frac`` (dropped / assignments)
         and ``moe_load_<e>`` (expert e's share of the kept assignments; 1/E when balanced)."""
         layers = self.moe_layers()
-        tally = torch.stack([m.tally for m in layers]).sum(dim=0)
+        width = max(m.tally.numel() for m in layers)  # pyramid: layers of different widths
+        tally = torch.stack([torch.nn.functional.pad(m.tally, (0, width - m.tally.numel()))
+                             for m in layers]).sum(dim=0)  # fmt: skip
         for m in layers:
             m.tally.zero_()
         calls, assigned, kept = float(tally[4]), float(tally[3]), tally[5:]
@@ -134,9 +140,11 @@ def model_of_state(
     if not moe_blocks:
         return GPT(cfg)
     experts = int(state[f"blocks.{moe_blocks[0]}.mlp.experts.fc_weight"].shape[0])
+    last = int(state[f"blocks.{moe_blocks[-1]}.mlp.experts.fc_weight"].shape[0])
     every = moe_blocks[0] + 1
     kw = {**_routing_options(options), "experts": experts, "every": every,
-          "residual": f"blocks.{moe_blocks[0]}.mlp.coef.weight" in state}  # fmt: skip
+          "residual": f"blocks.{moe_blocks[0]}.mlp.coef.weight" in state,
+          "pyramid": last if last != experts else 0}  # fmt: skip
     try:
         opts = MoEOptions(**kw)
     except (TypeError, ValueError) as e:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from loco.model.gpt import GPTConfig
 from loco.site_comm import SiteComm
 from tests.engine.dist_utils import run_ranks
 from tests.moe.helpers import CFG, moe_gpt
@@ -14,11 +15,12 @@ from tests.moe.helpers import CFG, moe_gpt
 ROWS = 4  # per rank
 
 
-def _reference(world: int, opts: dict) -> tuple[list[float], list[torch.Tensor]]:
-    """Every rank's loss and the mean of their gradients, computed by one model of all experts."""
-    m = moe_gpt(**opts).train()
+def _reference(world: int, opts: dict, cfg: GPTConfig):
+    """Every rank's loss, the mean of their gradients and the batch, computed by one model of
+    all experts."""
+    m = moe_gpt(cfg=cfg, **opts).train()
     g = torch.Generator().manual_seed(7)
-    x = torch.randint(0, CFG.vocab_size, (world * ROWS, CFG.seq_len), generator=g)
+    x = torch.randint(0, cfg.vocab_size, (world * ROWS, cfg.seq_len), generator=g)
     losses = []
     for r in range(world):
         rows = x[r * ROWS : (r + 1) * ROWS]
@@ -28,11 +30,11 @@ def _reference(world: int, opts: dict) -> tuple[list[float], list[torch.Tensor]]
     return [float(v) for v in losses], [p.grad.clone() for p in m.parameters()], x
 
 
-def _check(rank: int, world: int, ep: int, opts: dict) -> None:
+def _check(rank: int, world: int, ep: int, opts: dict, cfg: GPTConfig = CFG) -> None:
     torch.set_num_threads(1)
     site = SiteComm()
-    ref_losses, ref_grads, x = _reference(world, opts)
-    m = moe_gpt(**opts).train()
+    ref_losses, ref_grads, x = _reference(world, opts, cfg)
+    m = moe_gpt(cfg=cfg, **opts).train()
     m.ep = ep
     m.bind_site(site)
     rows = x[rank * ROWS : (rank + 1) * ROWS]
@@ -45,8 +47,8 @@ def _check(rank: int, world: int, ep: int, opts: dict) -> None:
         assert torch.allclose(g, want, rtol=1e-4, atol=1e-6), float((g - want).abs().max())
     # 2 all-to-alls forward + 2 backward per MoE layer, each of the (E, C, d) fp32 buffer
     group = m.moe_layers()[0].experts.comm
-    cap = m.moe.capacity(rows.numel())
-    want_bytes = len(m.moe_layers()) * 4 * m.moe.experts * cap * CFG.d_model * 4
+    want_bytes = sum(4 * layer.opts.experts * layer.opts.capacity(rows.numel()) * cfg.d_model * 4
+                     for layer in m.moe_layers())  # fmt: skip
     assert group.stats.bytes.get("all_to_all", 0) == (want_bytes if ep > 1 else 0)
 
 
@@ -55,8 +57,10 @@ def test_two_ranks_sharing_the_experts_match_one_process_holding_all(k):
     run_ranks(_check, 2, 2, {"k": k, "capacity_factor": 4.0})
 
 
-def test_residual_moe_over_two_ranks():
-    run_ranks(_check, 2, 2, {"residual": True, "capacity_factor": 4.0})
+def test_pyramid_residual_moe_over_two_ranks():
+    """PR-MoE (residual, 8 experts in the second half's layer, 4 before) shared by 2 ranks."""
+    cfg = GPTConfig(vocab_size=64, seq_len=16, n_layer=4, n_head=2, d_model=32)
+    run_ranks(_check, 2, 2, {"residual": True, "pyramid": 8, "capacity_factor": 8.0}, cfg)
 
 
 @pytest.mark.slow

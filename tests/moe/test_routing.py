@@ -172,3 +172,26 @@ def test_config_rejects_bad_moe_options_with_one_line(overrides, words):
 def test_config_accepts_the_moe_sizes():
     cfg = compose(["+site=eu", "model=moe-small", "model.moe.k=2", "site.nproc=2"])
     assert cfg.model.size == "moe-small" and cfg.model.moe.options().k == 2
+
+
+def test_pyramid_residual_moe_has_more_experts_in_the_second_half():
+    """PR-MoE: residual MoE layers with ``pyramid`` experts in the model's second half; the
+    metrics cover every expert index, and the weights alone rebuild the same model."""
+    from loco.model.gpt import GPTConfig
+    from loco.model.moe_gpt import model_of_state
+
+    cfg = GPTConfig(vocab_size=64, seq_len=16, n_layer=4, n_head=2, d_model=32)
+    m = moe_gpt(cfg=cfg, residual=True, pyramid=8)
+    assert [layer.opts.experts for layer in m.moe_layers()] == [4, 8]  # blocks 1 and 3
+    x = torch.randint(0, CFG.vocab_size, (2, CFG.seq_len))
+    m.train()
+    m(x, x).backward()
+    fig = m.train_metrics()
+    assert sum(fig[f"moe_load_{e}"] for e in range(8)) == pytest.approx(1.0)
+    again = model_of_state(cfg, m.state_dict(), {"k": 1})
+    assert again.moe.pyramid == 8 and again.moe.residual
+    again.load_state_dict(m.state_dict())
+    m.eval(), again.eval()
+    assert torch.equal(m(x), again(x))
+    with pytest.raises(ValueError, match="pyramid"):
+        MoEOptions(pyramid=-1)
