@@ -195,7 +195,12 @@ class OuterLoop:
     def _wait_live(self) -> None:
         want = len(self.node.peers) + 1
         t0 = time.monotonic()
-        while len(self.node.live_sites()) < want:
+        while len(live := self.node.live_sites()) < want:
+            running = [s for s in live if s != self.site
+                       and (i := self.node.peer_info(s)) is not None and i.current_round > 0]  # fmt: skip
+            if running:  # a late start (restart, joiner): the run goes on without the dead
+                self.say(f"outer: {len(live)}/{want} sites live, the run is under way; starting")
+                return
             if time.monotonic() - t0 > self.join_timeout_s:
                 self.say(
                     f"outer: {len(self.node.live_sites())}/{want} sites live after "
