@@ -55,10 +55,12 @@ NOLOCO = [
     "outer=noloco", "outer.alpha=0.9", "outer.beta=0.7", "outer.gamma=1.0",
     "outer.consensus=weights", "outer.nesterov=true", "outer.final_average=true",
 ]  # fmt: skip
-# the frontier: sparse low-bit deltas with error feedback and lattice phi at a few bits
+# the frontier: sparse low-bit deltas with error feedback and the best measured coded phi
+# (docs/outer.md: 8-bit lattice every round, window 8x the largest partner difference seen;
+# fewer bits or phi every other round drifted apart, see docs/LOG.md)
 FRONTIER = NOLOCO + [
-    "compression=sparse", "outer.phi_lattice=true", "outer.phi_lattice_bits=3",
-    "outer.phi_every=2",
+    "compression=sparse", "outer.phi_lattice=true", "outer.phi_lattice_bits=8",
+    "outer.phi_lattice_margin=8", "outer.phi_every=1",
 ]  # fmt: skip
 FRAGMENTS = ["outer.fragments=5"]
 DEFAULT = ["ddp", "diloco", "noloco", "frontier"]
