@@ -195,3 +195,27 @@ def test_pyramid_residual_moe_has_more_experts_in_the_second_half():
     assert torch.equal(m(x), again(x))
     with pytest.raises(ValueError, match="pyramid"):
         MoEOptions(pyramid=-1)
+
+
+@pytest.mark.parametrize(
+    "moe_config",
+    ['{"k": "x"}', "[1, 2]", '{"k": 3}', '{"capacity_factor": NaN}', "not json"],
+)
+def test_an_exported_moe_model_with_bad_options_is_refused_with_a_cause(tmp_path, moe_config):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from loco.export import load_model, save_weights
+
+    m = moe_gpt(experts=2)
+    good = save_weights(m.cfg, m.state_dict(), tmp_path / "m.safetensors", moe=m.moe)
+    again, _ = load_model(good)
+    assert isinstance(again, MoEGPT) and again.moe == m.moe
+    with safe_open(str(good), framework="pt") as f:
+        info = dict(f.metadata())
+    info["moe_config"] = moe_config
+    bad = tmp_path / "bad.safetensors"
+    save_file(load_file(str(good)), str(bad), metadata=info)
+    with pytest.raises(ValueError) as e:
+        load_model(bad)
+    assert "\n" not in str(e.value) and "bad.safetensors" in str(e.value)
