@@ -217,4 +217,7 @@ class MoELayer(nn.Module):
         zl = z_sum / total
         self.regulariser = self.opts.aux_coef * aux + self.opts.z_coef * zl
         fig = torch.stack([aux.detach(), zl.detach(), dropped, total * self.opts.k, total / total])
-        self.tally += torch.cat([fig, kept]).double().cpu()
+        row = torch.cat([fig, kept]).double()
+        if self.tally.device != row.device:  # kept where the model runs: no sync per forward
+            self.tally = self.tally.to(row.device)
+        self.tally += row

@@ -91,7 +91,7 @@ class MoEGPT(GPT):
         and ``moe_load_<e>`` (expert e's share of the kept assignments; 1/E when balanced)."""
         layers = self.moe_layers()
         width = max(m.tally.numel() for m in layers)  # pyramid: layers of different widths
-        tally = torch.stack([torch.nn.functional.pad(m.tally, (0, width - m.tally.numel()))
+        tally = torch.stack([torch.nn.functional.pad(m.tally.cpu(), (0, width - m.tally.numel()))
                              for m in layers]).sum(dim=0)  # fmt: skip
         for m in layers:
             m.tally.zero_()
