@@ -52,6 +52,8 @@ step bench_compress 120 $py scripts/bench/compress.py --device cuda
 step test_engine_cuda 150 "${PYTEST[@]}" -m "not slow" -s tests/engine/test_cuda.py
 # 5. bf16 step time of stages 0-3 (+ offload) beside DDP and FSDP2 on one GPU (one JSON line)
 step bench_zero_step 120 $py scripts/bench/zero_step.py --device cuda --world 1 --dtype bf16 --model small --batch 16 --seq-len 256 --rounds 20
+# 5b. MoE on CUDA: routing, dispatch and combine == CPU; stage 3 over a one-rank NCCL group
+step test_moe_cuda 60 "${PYTEST[@]}" tests/moe/test_cuda.py
 # 6. if time is left: kernel bandwidth at 4x the size (launch/sync cost matters less)
 step bench_compress_256m 100 $py scripts/bench/compress.py --device cuda --numel 268435456 --codecs int8,int4,fp4,bf16
 # at most 8 files come back from the device machine: summary.txt + one log per step
