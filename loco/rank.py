@@ -268,7 +268,7 @@ def run_rank(cfg: LocoConfig, run_dir: Path, comm: SiteComm, local_rank: int) ->
     start = resume_or_join(cfg, resume_from, outer, parts.engine, comm=comm, metrics=metrics,
                            say=say)  # fmt: skip
     on_step_end = _step_hook(cfg, outer, metrics)
-    outer.start()
+    outer.start(late=start > 0)
     save = _saver(cfg, ckpt, parts.engine, outer, comm=comm, metrics=metrics)
     trainer = make_trainer(cfg, parts, ckpt=ckpt, outer=outer, metrics=metrics,
                            progress=progress, on_step_end=on_step_end)  # fmt: skip

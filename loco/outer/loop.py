@@ -182,23 +182,24 @@ class OuterLoop:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self) -> OuterLoop:
-        """Wait (rank 0, up to ``join_timeout_s``) until every configured peer is live."""
+    def start(self, *, late: bool = False) -> OuterLoop:
+        """Wait (rank 0, up to ``join_timeout_s``) until every configured peer is live.
+        ``late``: this site resumed or joined past step 0; it waits only until a live peer is
+        under way (a member killed for good must not hold a restart back)."""
         if self.payloads is not None:  # load the codec kernels now, not inside round 1
             self.payloads.warm_up()
         if self.node is not None and self.comm.rank == 0 and self.node.membership is not None:
-            self._wait_live()
+            self._wait_live(late)
         self.comm.barrier()
         self.stats.restart()
         return self
 
-    def _wait_live(self) -> None:
+    def _wait_live(self, late: bool) -> None:
         want = len(self.node.peers) + 1
         t0 = time.monotonic()
         while len(live := self.node.live_sites()) < want:
-            running = [s for s in live if s != self.site
-                       and (i := self.node.peer_info(s)) is not None and i.current_round > 0]  # fmt: skip
-            if running:  # a late start (restart, joiner): the run goes on without the dead
+            if late and any(s != self.site and (i := self.node.peer_info(s)) is not None
+                            and i.current_round > 0 for s in live):  # fmt: skip
                 self.say(f"outer: {len(live)}/{want} sites live, the run is under way; starting")
                 return
             if time.monotonic() - t0 > self.join_timeout_s:
