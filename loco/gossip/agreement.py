@@ -1,0 +1,66 @@
+"""Pairing under disagreeing views: a group stands only where all its members proposed it.
+
+With SWIM every site has its own live view; two views that differ give different
+``pairing(seed, round, view)`` results, so A may pick B while B picks C. Each site therefore
+proposes the group its own view gives (:func:`propose`), sends the proposal to the other
+members, and keeps the group only when every other member's proposal for the same round is
+exactly that group (:func:`settle`); otherwise it steps alone (n = 1) that round. A site serves
+or pulls a round's payload only for members of its settled group, so nobody averages with a
+site that did not agree, and every member of a settled group computes the same means.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .pairing import group_of, pairing
+
+MAX_GROUP = 3  # pairs, and one triple when the count is odd
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """``site`` proposes ``group`` (sorted names, itself included) for ``round``."""
+
+    site: str
+    round: int
+    group: tuple[str, ...]
+
+    def valid(self) -> bool:
+        """Bounded and self-consistent (a hostile proposal is ignored, never trusted)."""
+        g = self.group
+        return (
+            0 < len(g) <= MAX_GROUP
+            and self.site in g
+            and list(g) == sorted(set(g))
+            and self.round >= 0
+        )
+
+
+def propose(seed: int, round: int, view: list[str], site: str, odd: str = "triple") -> Proposal:
+    """The group this site's own view gives for ``round``."""
+    return Proposal(site, round, group_of(site, pairing(seed, round, view, odd)))
+
+
+def settle(mine: Proposal, received: dict[str, Proposal]) -> tuple[str, ...]:
+    """The group this site uses: ``mine.group`` if every other member proposed exactly it for
+    the same round, else ``(mine.site,)``. ``received``: proposals by sender name (missing ones,
+    late ones and invalid ones count as disagreement)."""
+    for other in mine.group:
+        if other == mine.site:
+            continue
+        p = received.get(other)
+        if p is None or not p.valid() or p.site != other:
+            return (mine.site,)
+        if p.round != mine.round or p.group != mine.group:
+            return (mine.site,)
+    return mine.group
+
+
+def settle_all(
+    seed: int, round: int, views: dict[str, list[str]], odd: str = "triple"
+) -> dict[str, tuple[str, ...]]:
+    """Every site's settled group when all proposals arrive (a reference for tests and the
+    simulator's loss-free case): ``views`` maps each site to its own live view."""
+    props = {s: propose(seed, round, v, s, odd) for s, v in views.items()}
+    return {s: settle(p, props) for s, p in props.items()}
