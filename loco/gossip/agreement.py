@@ -37,9 +37,33 @@ class Proposal:
         )
 
 
-def propose(seed: int, round: int, view: list[str], site: str, odd: str = "triple") -> Proposal:
-    """The group this site's own view gives for ``round``."""
-    return Proposal(site, round, group_of(site, pairing(seed, round, view, odd)))
+def propose(
+    seed: int,
+    round: int,
+    view: list[str],
+    site: str,
+    odd: str = "triple",
+    roster: list[str] | None = None,
+) -> Proposal:
+    """The group this site's own view gives for ``round``.
+
+    Without ``roster``: the matching of the live ``view``; one name missing from one view
+    reshuffles every pair, so any disagreement anywhere breaks pairs everywhere. With
+    ``roster`` (every member ever known, dead ones included, which changes only on joins): the
+    matching of the roster, less the members dead in this view; a site whose roster partners are
+    all dead is an orphan and is matched among the orphans (a second matching). A disagreement
+    about one member then touches only its own group and the orphans.
+    """
+    if roster is None:
+        return Proposal(site, round, group_of(site, pairing(seed, round, view, odd)))
+    live = set(view) | {site}
+    groups = pairing(seed, round, sorted(set(roster) | {site}), odd)
+    mine = tuple(s for s in group_of(site, groups) if s in live)
+    if len(mine) > 1:
+        return Proposal(site, round, mine)
+    orphans = [g[0] for g in ([s for s in g if s in live] for g in groups) if len(g) == 1]
+    # the orphans' matching draws from another stream than the roster's (round -1 - round)
+    return Proposal(site, round, group_of(site, pairing(seed, -1 - round, orphans, odd)))
 
 
 def settle(mine: Proposal, received: dict[str, Proposal]) -> tuple[str, ...]:
@@ -58,9 +82,13 @@ def settle(mine: Proposal, received: dict[str, Proposal]) -> tuple[str, ...]:
 
 
 def settle_all(
-    seed: int, round: int, views: dict[str, list[str]], odd: str = "triple"
+    seed: int,
+    round: int,
+    views: dict[str, list[str]],
+    odd: str = "triple",
+    roster: list[str] | None = None,
 ) -> dict[str, tuple[str, ...]]:
     """Every site's settled group when all proposals arrive (a reference for tests and the
     simulator's loss-free case): ``views`` maps each site to its own live view."""
-    props = {s: propose(seed, round, v, s, odd) for s, v in views.items()}
+    props = {s: propose(seed, round, v, s, odd, roster) for s, v in views.items()}
     return {s: settle(p, props) for s, p in props.items()}

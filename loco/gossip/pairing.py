@@ -10,6 +10,7 @@ With an odd count, ``odd="triple"`` (default) merges the last three into one gro
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 ODD_POLICIES = ("triple", "sit_out")
@@ -39,7 +40,14 @@ def pairing(
     """
     if odd not in ODD_POLICIES:
         raise ValueError(f"odd={odd!r}; allowed: {ODD_POLICIES}")
-    perm = permutation(seed, round, list(live_sites))
+    return list(_pairing(seed, round, tuple(sorted(set(live_sites))), odd))
+
+
+@functools.lru_cache(maxsize=64)
+def _pairing(
+    seed: int, round: int, names: tuple[str, ...], odd: str
+) -> tuple[tuple[str, ...], ...]:
+    perm = permutation(seed, round, list(names))
     groups = [tuple(perm[i : i + 2]) for i in range(0, len(perm) - len(perm) % 2, 2)]
     if len(perm) % 2:
         last = perm[-1]
@@ -47,7 +55,7 @@ def pairing(
             groups[-1] = groups[-1] + (last,)
         else:
             groups.append((last,))
-    return sorted((tuple(sorted(g)) for g in groups), key=lambda g: g[0])
+    return tuple(sorted((tuple(sorted(g)) for g in groups), key=lambda g: g[0]))
 
 
 def group_of(site: str, groups: list[tuple[str, ...]]) -> tuple[str, ...]:

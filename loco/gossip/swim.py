@@ -177,11 +177,22 @@ class Swim:
         """Sorted names of the members not known dead (suspects included), self included."""
         return sorted([self.site] + [n for n, m in self.members.items() if m.status != DEAD])
 
+    def roster(self) -> list[str]:
+        """Sorted names of every member ever known, dead ones included, self included."""
+        return sorted([self.site, *self.members])
+
     def status(self, name: str) -> int | None:
         m = self.members.get(name)
         return m.status if m is not None else None
 
     # -- driving -------------------------------------------------------------------------
+    def next_tick(self) -> float:
+        """When ``tick`` next has something to do (ticking more often is harmless)."""
+        p = self._probe
+        if p is not None and not p.acked and not p.indirect_sent:
+            return min(self._period_end, p.sent + self.options.ack_timeout_s)
+        return self._period_end
+
     def tick(self, now: float) -> list[tuple[str, Message]]:
         """Advance to ``now``: time out probes and suspects, start a new period when due."""
         out: list[tuple[str, Message]] = []
