@@ -1,0 +1,108 @@
+"""Membership by SWIM over UDP, a drop-in for the all-to-all :class:`Membership`.
+
+Same interface (``live_sites``, ``peer``, ``states``, ``beat``, ``start``, ``stop``), O(1)
+datagrams per site per period instead of a Hello to every peer. Each configured peer's SWIM
+address is its gRPC address (``host:port``) with the same port number over UDP. ``peer(name)``
+says Hello to a live member on demand and caches the answer while it stays live, so the run,
+layout and site checks of the heartbeat still apply, but only to the sites this one pulls from;
+a member whose Hello answers with another run or layout is never live again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from .client import GossipClient, PeerInfo
+from .errors import GossipError, PeerMismatch
+from .membership import PeerState
+from .server import split_address
+from .swim import SwimOptions
+from .swim_udp import UdpSwim
+
+log = logging.getLogger(__name__)
+
+
+class SwimMembership:
+    """Tracks the live members by SWIM; see the module docstring.
+
+    Args:
+        client: the rank's GossipClient (for the on-demand Hello).
+        site, peers: this site's name and ``{site name: gRPC address of its rank 0}``.
+        udp_listen: ``host:port`` this member's SWIM socket binds (port 0: any).
+        key: the run's datagram key (>= 16 bytes, the same at every member).
+        options: SWIM timing; hello_timeout_s: deadline of the on-demand Hello.
+        incarnation: above the previous life's (e.g. the start time in ms) after a restart.
+    """
+
+    def __init__(self, *, client: GossipClient, site: str, peers: dict[str, str],
+                 udp_listen: str, key: bytes, options: SwimOptions | None = None,
+                 hello_timeout_s: float = 2.0, seed: int = 0,
+                 incarnation: int = 0) -> None:  # fmt: skip
+        self.client, self.site, self.hello_timeout_s = client, site, hello_timeout_s
+        self.peers = {n: a for n, a in peers.items() if n != site}
+        book = {n: split_address(a) for n, a in self.peers.items()}
+        self.udp = UdpSwim(site=site, address=split_address(udp_listen), book=book, key=key,
+                           options=options, seed=seed, incarnation=incarnation)  # fmt: skip
+        self._lock = threading.Lock()
+        self._infos: dict[str, PeerInfo] = {}
+        self._errors: dict[str, str] = {}
+        self._refused: set[str] = set()
+
+    def start(self) -> None:
+        self.udp.start()
+
+    def stop(self) -> None:
+        self.udp.stop()
+
+    def beat(self) -> dict[str, bool]:
+        """SWIM runs continuously; this only reports ``{name: live}``."""
+        live = set(self.live_sites())
+        return {n: n in live for n in self.peers}
+
+    def live_sites(self) -> list[str]:
+        """Sorted names of live configured sites (SWIM view, refused ones out), self included."""
+        view = set(self.udp.live())
+        with self._lock:
+            ok = {n for n in self.peers if n in view and n not in self._refused}
+        return sorted(ok | {self.site})
+
+    def peer(self, name: str) -> PeerInfo | None:
+        """Hello answer of a live peer (cached while it stays live); None if dead or refused."""
+        if name not in self.live_sites():
+            with self._lock:
+                self._infos.pop(name, None)
+            return None
+        with self._lock:
+            info = self._infos.get(name)
+        if info is not None:
+            return info
+        try:
+            info = self.client.hello(self.peers[name], expect_site=name,
+                                     timeout_s=self.hello_timeout_s)  # fmt: skip
+        except PeerMismatch as e:
+            log.warning("peer %s refused: %s", name, e)
+            with self._lock:
+                self._refused.add(name)
+                self._errors[name] = str(e)
+            return None
+        except GossipError as e:
+            with self._lock:
+                self._errors[name] = str(e)
+            return None
+        with self._lock:
+            self._infos[name] = info
+            self._errors.pop(name, None)
+        return info
+
+    def states(self) -> dict[str, PeerState]:
+        """Every configured peer's state as the Status RPC reports it."""
+        live = set(self.live_sites())
+        now = time.monotonic()
+        with self._lock:
+            return {
+                n: PeerState(n, a, info=self._infos.get(n), live=n in live,
+                             last_error=self._errors.get(n, ""), seen=now if n in live else 0.0)
+                for n, a in self.peers.items()
+            }  # fmt: skip
