@@ -476,6 +476,12 @@ class GossipConfig(GossipOptions):
                 f"gossip.chunk_bytes={self.chunk_bytes} must be in 1..4194304 (4 MiB)"
             )
         _choice("gossip.odd", self.odd, ("triple", "sit_out"))
+        _choice("gossip.membership", self.membership, ("hello", "swim"))
+        if self.membership == "swim" and not self.insecure:
+            raise ConfigError(
+                "gossip.membership=swim signs datagrams with a key that is no secret; use it "
+                "with gossip.insecure=true, or keep gossip.membership=hello under mTLS"
+            )
 
 
 @dataclass

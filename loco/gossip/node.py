@@ -26,6 +26,7 @@ from .pairing import partners
 from .rank_address import rank_listen
 from .server import GossipServer
 from .status import member_status
+from .swim_membership import SwimMembership, swim_key, swim_membership
 from .tls import TlsConfig
 
 
@@ -84,6 +85,7 @@ class GossipNode:
         max_streams: int = GossipOptions.max_streams,
         max_streams_per_peer: int = GossipOptions.max_streams_per_peer,
         insecure_public: bool = GossipOptions.insecure_public,
+        membership: str = GossipOptions.membership,
         validate: Validator | None = None,
     ) -> None:
         if tls is None and cert_dir and not insecure:
@@ -107,7 +109,7 @@ class GossipNode:
         )  # fmt: skip
         self.peers = {n: a for n, a in peers.items() if n != site}
         run_heartbeat = rank == 0 if heartbeat is None else heartbeat
-        self.membership = (
+        self.membership: Membership | SwimMembership | None = (
             Membership(
                 client=self.client,
                 site=site,
@@ -116,9 +118,12 @@ class GossipNode:
                 dead_after=dead_after,
                 hello_timeout_s=hello_timeout_s,
             )  # fmt: skip
-            if run_heartbeat
+            if run_heartbeat and membership == "hello"
             else None
         )
+        # SWIM binds UDP on the gRPC port number once the server has its port (in start())
+        self._swim = dict(heartbeat_s=heartbeat_s, hello_timeout_s=hello_timeout_s, seed=seed,
+                          key=swim_key(run_id, layout_hash)) if run_heartbeat and membership == "swim" else None  # fmt: skip
         self._infos: dict[str, PeerInfo] = {}
         self._lock = threading.Lock()
         self._last_metrics: dict[str, float] = {}
@@ -136,6 +141,9 @@ class GossipNode:
     def start(self) -> GossipNode:
         """Start serving (and heartbeating on the membership rank)."""
         self.server.start()
+        if self._swim is not None and self.membership is None:
+            self.membership = swim_membership(self.client, self.site, self.peers,
+                                              self.server.address, **self._swim)  # fmt: skip
         if self.membership is not None:
             self.membership.start()
         return self

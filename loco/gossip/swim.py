@@ -122,6 +122,7 @@ class Member:
     status: int = ALIVE
     incarnation: int = 0
     suspect_since: float = 0.0
+    heard: bool = False  # a message from it, or its own alive update, arrived
 
 
 @dataclass
@@ -151,19 +152,21 @@ class SwimOptions:
 @dataclass
 class Swim:
     """One member's SWIM state machine. ``seeds``: names it knows at start (live until shown
-    otherwise); ``incarnation``: its own (a restart must start above its previous one)."""
+    otherwise, or, without ``trust_seeds``, once heard from); ``incarnation``: its own (a
+    restart must start above its previous one)."""
 
     site: str
     seeds: list[str]
     rng: random.Random
     options: SwimOptions = field(default_factory=SwimOptions)
     incarnation: int = 0
+    trust_seeds: bool = True  # seeds are live from the start (a federation started together)
     members: dict[str, Member] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in self.seeds:
             if name != self.site:
-                self.members.setdefault(name, Member())
+                self.members.setdefault(name, Member(heard=self.trust_seeds))
         self._queue: dict[str, int] = {}  # name -> sends left of its latest update
         self._order: list[str] = []
         self._probe: _Probe | None = None
@@ -174,8 +177,13 @@ class Swim:
 
     # -- the view ------------------------------------------------------------------------
     def live(self) -> list[str]:
-        """Sorted names of the members not known dead (suspects included), self included."""
-        return sorted([self.site] + [n for n, m in self.members.items() if m.status != DEAD])
+        """Sorted names of the members heard of and not known dead (suspects included), self
+        included. With ``trust_seeds`` off, a seed counts only once heard from: directly, or by
+        an alive update newer than the seed's incarnation 0 (members that start at their start
+        time as incarnation spread that epidemically)."""
+        return sorted(
+            [self.site] + [n for n, m in self.members.items() if m.status != DEAD and m.heard]
+        )
 
     def roster(self) -> list[str]:
         """Sorted names of every member ever known, dead ones included, self included."""
@@ -296,9 +304,11 @@ class Swim:
         if m is None:
             if u.status == DEAD:
                 return
-            self.members[u.name] = Member(u.status, u.incarnation, now)
+            self.members[u.name] = Member(u.status, u.incarnation, now, u.status == ALIVE)
             self._announce(u.name)
             return
+        if u.status == ALIVE and u.incarnation > m.incarnation:
+            m.heard = True  # a newer alive update can only start at the member itself
         if _overrides(u, m):
             if u.status == SUSPECT and m.status != SUSPECT:
                 m.suspect_since = now
@@ -308,10 +318,10 @@ class Swim:
     def _heard_from(self, name: str, now: float) -> None:
         m = self.members.get(name)
         if m is None:
-            self.members[name] = Member(ALIVE, 0, now)
+            self.members[name] = Member(ALIVE, 0, now, heard=True)
             self._announce(name)
-        elif m.status == DEAD:
-            return  # it must come back with a higher incarnation (its own update)
+        elif m.status != DEAD:  # a dead one must come back with a higher incarnation
+            m.heard = True
 
     def _suspect(self, name: str, now: float) -> None:
         m = self.members.get(name)

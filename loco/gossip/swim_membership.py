@@ -5,11 +5,14 @@ datagrams per site per period instead of a Hello to every peer. Each configured 
 address is its gRPC address (``host:port``) with the same port number over UDP. ``peer(name)``
 says Hello to a live member on demand and caches the answer while it stays live, so the run,
 layout and site checks of the heartbeat still apply, but only to the sites this one pulls from;
-a member whose Hello answers with another run or layout is never live again.
+a member whose Hello answers with another run or layout is never live again. A configured
+peer is live only once heard from (SWIM without ``trust_seeds``), so a site waiting for every
+member at its start waits for members that really run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -44,7 +47,8 @@ class SwimMembership:
         self.peers = {n: a for n, a in peers.items() if n != site}
         book = {n: split_address(a) for n, a in self.peers.items()}
         self.udp = UdpSwim(site=site, address=split_address(udp_listen), book=book, key=key,
-                           options=options, seed=seed, incarnation=incarnation)  # fmt: skip
+                           options=options, seed=seed, incarnation=incarnation,
+                           trust_seeds=False)  # fmt: skip
         self._lock = threading.Lock()
         self._infos: dict[str, PeerInfo] = {}
         self._errors: dict[str, str] = {}
@@ -106,3 +110,21 @@ class SwimMembership:
                              last_error=self._errors.get(n, ""), seen=now if n in live else 0.0)
                 for n, a in self.peers.items()
             }  # fmt: skip
+
+
+def swim_key(run_id: str, layout_hash: str) -> bytes:
+    """The datagram key of a run. Derived from the run id and layout, so it keeps out strays
+    and other runs but is no secret: ``gossip.membership=swim`` is allowed with
+    ``gossip.insecure`` only (mTLS federations keep the Hello heartbeat)."""
+    return hashlib.sha256(f"loco-swim/{run_id}/{layout_hash}".encode()).digest()
+
+
+def swim_membership(client: GossipClient, site: str, peers: dict[str, str], address: str, *,
+                    heartbeat_s: float, hello_timeout_s: float, seed: int,
+                    key: bytes) -> SwimMembership:  # fmt: skip
+    """A node's SWIM membership: one period per ``heartbeat_s``, UDP on ``address``'s port,
+    incarnation = the start time in ms (a restart comes back above its previous life)."""
+    opts = SwimOptions(period_s=heartbeat_s, ack_timeout_s=0.4 * heartbeat_s)
+    return SwimMembership(client=client, site=site, peers=peers, udp_listen=address, key=key,
+                          options=opts, hello_timeout_s=hello_timeout_s, seed=seed,
+                          incarnation=int(time.time() * 1000))  # fmt: skip

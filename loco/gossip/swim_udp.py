@@ -28,7 +28,7 @@ class UdpSwim:
 
     def __init__(self, *, site: str, address: tuple[str, int], book: dict[str, tuple[str, int]],
                  key: bytes, options: SwimOptions | None = None, seed: int = 0,
-                 incarnation: int = 0) -> None:  # fmt: skip
+                 incarnation: int = 0, trust_seeds: bool = True) -> None:  # fmt: skip
         if len(key) < 16:
             raise ValueError("the SWIM key must hold at least 16 bytes")
         self.key, self.book = key, dict(book)
@@ -36,7 +36,7 @@ class UdpSwim:
         self.sock.bind(address)
         self.address = self.sock.getsockname()
         self.swim = Swim(site, list(book), random.Random(seed), options or SwimOptions(),
-                         incarnation=incarnation)  # fmt: skip
+                         incarnation=incarnation, trust_seeds=trust_seeds)  # fmt: skip
         self.lock = threading.Lock()
         self.bytes_sent = self.bytes_recv = self.sent = self.rejected = 0
         self._stop = threading.Event()
@@ -48,7 +48,7 @@ class UdpSwim:
             self.book.update(book)
             for name in book:
                 if name != self.swim.site:
-                    self.swim.members.setdefault(name, Member())
+                    self.swim.members.setdefault(name, Member(heard=self.swim.trust_seeds))
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="swim-udp", daemon=True)
