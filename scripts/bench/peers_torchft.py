@@ -8,7 +8,8 @@ model under the same seed and follows the same warmup + cosine schedule, AdamW (
 matrices only), gradient clipping; torchft's ``DiLoCo`` (outer SGD, the same lr, momentum and
 Nesterov as ``conf/outer/diloco.yaml``) or ``LocalSGD`` syncs every H steps through its
 ``Manager`` and lighthouse. loco's side runs as real federations (``run_federation``) with
-``outer=diloco compression=none`` and the default NoLoCo, in the same invocation.
+``outer=diloco compression=none``, the default NoLoCo, and LocalSGD as loco's DiLoCo with outer
+lr 1 and no momentum (the mean of the weights), in the same invocation.
 
 Figures: final validation loss (mean over groups/sites, ``train.eval_batches`` batches of the
 shared validation split), wall time (start of the processes to their end, the same for both),
@@ -36,6 +37,12 @@ import torch
 import torch.multiprocessing as mp
 
 SITES = ["eu", "us", "asia", "sa", "af", "oc", "me", "na"]
+
+
+# DiLoCo with outer lr 1 and no momentum: theta <- the mean of the sites' weights, LocalSGD
+LOCO_LOCALSGD = [
+    "outer=diloco", "compression=none", "outer.lr=1.0", "outer.momentum=0.0", "outer.nesterov=false",
+]  # fmt: skip
 
 
 def ring_bytes(payload: int, n: int) -> float:
@@ -100,17 +107,20 @@ def _replica(index: int, a: argparse.Namespace, lighthouse: str, method: str, ou
     inner = torch.optim.AdamW(
         [{"params": [p for p in params if p.dim() >= 2], "weight_decay": o.weight_decay},
          {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-        lr=t.lr, betas=(o.beta1, o.beta2), eps=1e-8,
+        lr=t.lr, betas=(o.beta1, o.beta2), eps=o.eps,
     )  # fmt: skip
     timeout = datetime.timedelta(seconds=a.timeout)
     store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     pg = _counting_gloo(timeout)
+    # init_sync=False: with torchft's default the first quorum (at step H for DiLoCo) heals every
+    # group from group 0, throwing away the other groups' first H steps; here every group starts
+    # from the same seeded weights, as loco's sites do
     manager = Manager(
         pg=pg, min_replica_size=a.sites, load_state_dict=model.load_state_dict,
         state_dict=model.state_dict, use_async_quorum=False, replica_id=f"r{index}",
         store_addr="127.0.0.1", store_port=store.port, rank=0, world_size=1,
         lighthouse_addr=lighthouse, hostname="127.0.0.1", timeout=timeout,
-        quorum_timeout=timeout, connect_timeout=timeout,
+        quorum_timeout=timeout, connect_timeout=timeout, init_sync=False,
     )  # fmt: skip
     sched = dict(lr=t.lr, steps=t.steps, warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio)
     if method == "diloco":
@@ -170,6 +180,7 @@ def run_torchft(a: argparse.Namespace, method: str) -> dict:
         "bytes_between_groups": int(sent),
         "allreduce_payload_per_group": rows[0]["payload"] if rows else None,
         "syncs": rows[0]["manager_step"] if rows else None,
+        "train_loop_s": round(max(r["train_s"] for r in rows), 1) if rows else None,
         "params": rows[0]["params"] if rows else None,
     }  # fmt: skip
 
@@ -230,6 +241,7 @@ def main() -> None:
         res["torchft_localsgd"] = run_torchft(a, "localsgd")
         res["loco_diloco"] = run_loco(a, ["outer=diloco", "compression=none"], runs / "diloco")
         res["loco_noloco"] = run_loco(a, [], runs / "noloco")
+        res["loco_localsgd"] = run_loco(a, LOCO_LOCALSGD, runs / "localsgd")
     P = res["torchft_diloco"].get("params") or 0
     line = {
         "bench": "peers_torchft",
@@ -242,6 +254,9 @@ def main() -> None:
         "loco_diloco_over_torchft_diloco": ratios(res["loco_diloco"], res["torchft_diloco"]),
         "loco_noloco_over_torchft_diloco": ratios(res["loco_noloco"], res["torchft_diloco"]),
         "loco_noloco_over_torchft_localsgd": ratios(res["loco_noloco"], res["torchft_localsgd"]),
+        "loco_localsgd_over_torchft_localsgd": ratios(
+            res["loco_localsgd"], res["torchft_localsgd"]
+        ),
         "fp32_ring_bytes_per_sync": int(a.sites * ring_bytes(4 * P, a.sites)),
         "syncs_expected": a.steps // a.H if a.steps else 0,
         "ok": all(v.get("ok") for v in res.values()),
