@@ -52,10 +52,10 @@ from torch import nn
 from loco.engine.base import OptimOptions
 from loco.engine.buckets import GradBuckets, plan_groups
 from loco.engine.flat import FlatLayout
-from loco.engine.flat_optim import build_flat_optimizer
-from loco.engine.offload import HostStep, build_tier_step
+from loco.engine.optim_range import build_optim_range
 from loco.engine.recompute import checkpoint_blocks
 from loco.engine.stage3 import unit_of
+from loco.engine.state_dict import full_state_dict, load_rank_state_dict, rank_state_dict
 from loco.engine.storage import build_storage
 from loco.site_comm import SiteComm
 
@@ -63,7 +63,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _check_options(stage: int, grad_accum: int, bucket_mb: float, max_inflight: int,
-                   grad_clip: float) -> None:  # fmt: skip
+                   grad_clip: float, compute_dtype: str,
+                   reduce_dtype: str) -> tuple[torch.dtype, torch.dtype]:  # fmt: skip
+    """Refuse a bad option with one line naming the fix; the compute and reduce dtypes."""
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"zero.stage={stage!r}; choose 0, 1, 2 or 3")
     if grad_accum < 1:
@@ -74,14 +76,17 @@ def _check_options(stage: int, grad_accum: int, bucket_mb: float, max_inflight: 
         raise ValueError(f"zero.max_inflight={max_inflight} must be >= 1")
     if grad_clip < 0:
         raise ValueError(f"grad_clip={grad_clip} must be >= 0 (0 disables clipping)")
+    return _dtype(compute_dtype, "compute_dtype"), _dtype(reduce_dtype, "reduce_dtype")
 
 
 OFFLOAD_MODES = {False: "none", True: "cpu", "false": "none", "none": "none", "cpu": "cpu",
                  "true": "cpu", "nvme": "nvme"}  # fmt: skip
 
 
-def _offload_mode(offload: bool | str, device: torch.device, nvme_dir: str) -> str:
-    """``none``, ``cpu`` (GPU runs only: ignored with a warning on a CPU run) or ``nvme``."""
+def _offload_mode(offload: bool | str, device: torch.device,
+                  nvme_dir: str) -> tuple[str, torch.device]:  # fmt: skip
+    """``none``, ``cpu`` (GPU runs only: ignored with a warning on a CPU run) or ``nvme``, and
+    the device of the optimizer's state (the CPU unless ``none``)."""
     mode = OFFLOAD_MODES.get(offload.lower() if isinstance(offload, str) else offload)
     if mode is None:
         raise ValueError(f"zero.offload={offload!r}; choose false, cpu or nvme")
@@ -93,8 +98,8 @@ def _offload_mode(offload: bool | str, device: torch.device, nvme_dir: str) -> s
             "optimizer state are already in host memory, so offload is ignored",
             stacklevel=3,
         )
-        return "none"
-    return mode
+        return "none", device
+    return mode, torch.device("cpu") if mode != "none" else device
 
 
 def _dtype(name: str, key: str) -> torch.dtype:
@@ -169,71 +174,43 @@ class ZeroEngine:
         prefetch: bool = True,
         max_inflight: int = 2,
     ) -> None:
-        _check_options(stage, grad_accum, bucket_mb, max_inflight, grad_clip)
-        self.model = model
-        self.stage, self.grad_accum, self.grad_clip = stage, grad_accum, grad_clip
-        self.compute_dtype = _dtype(compute_dtype, "compute_dtype")
-        self.reduce_dtype = _dtype(reduce_dtype, "reduce_dtype")
+        self.compute_dtype, self.reduce_dtype = _check_options(stage, grad_accum, bucket_mb,
+            max_inflight, grad_clip, compute_dtype, reduce_dtype)  # fmt: skip
+        self.model, self.stage = model, stage
+        self.grad_accum, self.grad_clip = grad_accum, grad_clip
         self.comm = comm if comm is not None else SiteComm()
         self.world, self.rank = self.comm.world, self.comm.rank
         self.collective = self.comm.resolve(collective)
         self.prefetch, self.max_inflight = prefetch, max_inflight
         self.device = next(model.parameters()).device
-        self.offload_mode = _offload_mode(offload, self.device, nvme_dir)
+        self.offload_mode, self.opt_device = _offload_mode(offload, self.device, nvme_dir)
         self.offload = offload = self.offload_mode == "cpu"
-        self.opt_device = torch.device("cpu") if self.offload_mode != "none" else self.device
-
         self.comm.broadcast_module(model)
         self.layout = FlatLayout(model)
-        self.numel = self.layout.numel
-        self.padded = self.layout.padded_numel(self.world)
+        self.numel, self.padded = self.layout.numel, self.layout.padded_numel(self.world)
         self.lo, self.hi = self.layout.shard_range(self.rank, self.world)
         self.flat_range = self.layout.owned_range(self.rank, self.world)
-        # the optimizer's range: the whole vector when replicated, else this rank's shard
         self.opt_lo, self.opt_hi = (0, self.padded) if stage == 0 else (self.lo, self.hi)
-
         st = build_storage(model, self.layout, self.comm, stage=stage, padded=self.padded,
                            opt_range=(self.opt_lo, self.opt_hi), shard=(self.lo, self.hi),
                            compute_dtype=self.compute_dtype, device=self.device, offload=offload,
                            nvme=self.offload_mode == "nvme", prefetch=prefetch)  # fmt: skip
-        self.flat_param, self.master, self.shards = st.flat_param, st.master, st.shards
-        self.grad = st.grad
-        self._uploaded = False  # the offloaded step uploaded the new weights itself
-        self.optimizer = build_flat_optimizer(
-            optim, self.opt_lo, self.opt_hi, self.layout.decay_runs((self.opt_lo, self.opt_hi)),
-            **OptimOptions(weight_decay, betas, eps, momentum, nesterov).kwargs(),
-            device=self.opt_device, pin_memory=offload, tiered=st.initial is not None,
-        )  # fmt: skip
-        self.host_step, self.tier_step = None, None
-        if st.initial is not None:
-            self.tier_step = build_tier_step(
-                optimizer=self.optimizer, directory=nvme_dir, part_mb=nvme_part_mb,
-                initial=st.initial, compute=self.master, rank=self.rank, shards=self.shards,
-                lo=self.lo, compute_dtype=self.compute_dtype, offload_params=offload_params,
-            )  # fmt: skip
-            if self.tier_step.params is not None:
-                self.master = self.tier_step.params  # stage 3's shard left memory for the tier
-        elif offload_params != "none":
-            raise ValueError(f"zero.offload_params={offload_params!r} needs zero.offload=nvme")
-        if offload:
-            self.host_step = HostStep(optimizer=self.optimizer, master=self.master,
-                                      device=self.device)  # fmt: skip
-        self._build_buckets(bucket_mb)
-        self._micro = 0
-        self._handles: list[Any] = self._install_hooks()
+        self.flat_param, self.shards, self.grad = st.flat_param, st.shards, st.grad
+        options = OptimOptions(weight_decay, betas, eps, momentum, nesterov)
+        self._range = build_optim_range(optim=optim, options=options, layout=self.layout,
+            opt_range=(self.opt_lo, self.opt_hi), storage=st, device=self.device,
+            opt_device=self.opt_device, offload=offload, nvme_dir=nvme_dir, rank=self.rank,
+            nvme_part_mb=nvme_part_mb, offload_params=offload_params, lo=self.lo,
+            compute_dtype=self.compute_dtype)  # fmt: skip
+        self.optimizer, self.master = self._range.optimizer, self._range.master
+        self.host_step, self.tier_step = self._range.host_step, self._range.tier_step
+        self._handles: list[Any] = self._wire_gradients(bucket_mb)
         if activation_checkpointing:
             checkpoint_blocks(self.model, in_group=self.comm.multi)
 
-    def _install_hooks(self) -> list[Any]:
-        """A post-accumulate-grad hook per parameter (and stage 3's gather hooks)."""
-        hook = self._grad_hook
-        handles = [p.register_post_accumulate_grad_hook(functools.partial(hook, i))
-                   for i, p in enumerate(self.layout.params)]  # fmt: skip
-        return handles + (self.shards.install() if self.shards is not None else [])
-
-    # ---------------------------------------------------------------- construction
-
-    def _build_buckets(self, bucket_mb: float) -> None:
+    def _wire_gradients(self, bucket_mb: float) -> list[Any]:
+        """The gradient buckets (one per block in stage 3) and a post-accumulate-grad hook per
+        parameter that fills them (and stage 3's gather hooks); return the hook handles."""
         if self.stage == 3:
             assert self.shards is not None
             groups = [list(u.params) for u in reversed(self.shards.units) if u.params]
@@ -246,6 +223,11 @@ class ZeroEngine:
                                    stage=self.stage, collective=self.collective,
                                    reduce_dtype=self.reduce_dtype,
                                    max_inflight=self.max_inflight)  # fmt: skip
+        self._micro = 0
+        hook = self._grad_hook
+        handles = [p.register_post_accumulate_grad_hook(functools.partial(hook, i))
+                   for i, p in enumerate(self.layout.params)]  # fmt: skip
+        return handles + (self.shards.install() if self.shards is not None else [])
 
     # ---------------------------------------------------------------- gradients
 
@@ -308,30 +290,22 @@ class ZeroEngine:
         norm = sq.sqrt()
         if self.grad_clip > 0:
             grad.mul_(torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0))
-        if self.host_step is not None:
-            up = self.flat_param
-            self.host_step.run(grad, lr, up[self.opt_lo : self.opt_hi] if up is not None else None)
-            self._uploaded = up is not None
-        elif self.tier_step is not None:
-            self.tier_step.run(grad, lr)  # writes the new masters into the compute copy
-        else:
-            self.optimizer.step(self.master, grad, lr)
-        self._publish()
+        up = self.flat_param[self.opt_lo : self.opt_hi] if self.flat_param is not None else None
+        self._publish(uploaded=self._range.step(grad, lr, up))
         self.grad.zero_()
         self._micro = 0
         return float(norm)
 
     @torch.no_grad()
-    def _publish(self) -> None:
-        """Make the compute parameters match the fp32 masters (collective in stages 1-2)."""
+    def _publish(self, uploaded: bool = False) -> None:
+        """Make the compute parameters match the fp32 masters (collective in stages 1-2);
+        ``uploaded``: the step already wrote this rank's range of them."""
         if self.shards is not None:
             self.shards.free_all()
             return
         fp = self.flat_param
         assert fp is not None
-        if self._uploaded:
-            self._uploaded = False
-        elif self.master.data_ptr() != fp[self.opt_lo :].data_ptr():
+        if not uploaded and self.master.data_ptr() != fp[self.opt_lo :].data_ptr():
             fp[self.opt_lo : self.opt_hi].copy_(self.master, non_blocking=self.offload)
         if self.stage > 0 and self.world > 1:
             self.comm.all_gather_shards(fp, self.lo, self.hi)
@@ -362,20 +336,13 @@ class ZeroEngine:
         After writing, every rank of the group must call :meth:`sync_params`.
         """
         lo, hi = self.flat_range
-        master = self.tier_step.staged("master") if self.tier_step else self.master
-        return master[lo - self.opt_lo : hi - self.opt_lo]
+        return self._range.masters()[lo - self.opt_lo : hi - self.opt_lo]
 
     def optim_state_range(self) -> dict[str, torch.Tensor]:
         """Writable fp32 views of the optimizer state on ``flat_range`` (``exp_avg`` and
         ``exp_avg_sq`` for AdamW, ``momentum`` for SGD); the step count is ``optim_step``."""
         lo, hi = self.flat_range
-        return {k: v[lo - self.opt_lo : hi - self.opt_lo] for k, v in self._optim_state().items()}
-
-    def _optim_state(self) -> dict[str, torch.Tensor]:
-        """The optimizer state of its whole range (staged from the tier with ``nvme``)."""
-        if self.tier_step is None:
-            return self.optimizer.state
-        return {k: self.tier_step.staged(k) for k in self.optimizer.state_names}
+        return {k: v[lo - self.opt_lo : hi - self.opt_lo] for k, v in self._range.state().items()}
 
     @property
     def optim_step(self) -> int:
@@ -390,20 +357,18 @@ class ZeroEngine:
     def sync_params(self, optim_state: bool = False) -> None:
         """Propagate writes to ``master_range`` (and, with ``optim_state``, to the optimizer
         state) to the compute parameters of every rank. Collective."""
-        ts = self.tier_step
+        opt = self._range
         if self.stage == 0 and self.world > 1:
-            master = ts.staged("master") if ts else self.master
-            tensors = [master] + (list(self._optim_state().values()) if optim_state else [])
+            tensors = [opt.masters()] + (list(opt.state().values()) if optim_state else [])
             for t in tensors:  # replicated state: all-gather every rank's range
                 self.comm.all_gather_into(t, t[self.lo : self.hi].clone()).wait()
-        if ts is not None:
-            ts.commit(optim_state)  # staged writes to the tier, the masters to the compute copy
+        opt.commit(optim_state)  # nvme: staged writes to the tier, the masters to the compute copy
         self._publish()
 
     @torch.no_grad()
     def gather_full(self) -> torch.Tensor:
         """The full fp32 flat vector (length P) on every rank, on the CPU. Collective."""
-        master = self.tier_step.staged("master") if self.tier_step else self.master
+        master = self._range.masters()
         if self.stage == 0 or self.world == 1:
             return master[: self.numel].detach().float().cpu().clone()
         shard = master.to(self.device)
@@ -414,62 +379,20 @@ class ZeroEngine:
     @torch.no_grad()
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """``model.state_dict()`` with fp32 master values, full on every rank. Collective."""
-        flat = self.gather_full()
-        spec_of = {id(p): s for s, p in zip(self.layout.specs, self.layout.params, strict=True)}
-        out: dict[str, torch.Tensor] = {}
-        for name, t in self.model.state_dict(keep_vars=True).items():
-            s = spec_of.get(id(t))
-            out[name] = flat[s.offset : s.end].view(s.shape).clone() if s else t.detach().clone()
-        return out
+        return full_state_dict(self)
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's sharded state: masters and optimizer state on ``flat_range``."""
-        frozen = {
-            n: p.detach().clone() for n, p in self.model.named_parameters() if not p.requires_grad
-        }
-        return {
-            "layout_hash": self.layout.hash,
-            "numel": self.numel,
-            "world": self.world,
-            "rank": self.rank,
-            "range": self.flat_range,
-            "master": self.master_range().detach().cpu().clone(),
-            "optim": {k: v.cpu().clone() for k, v in self.optim_state_range().items()},
-            "step": self.optim_step,
-            "frozen": frozen,
-            "buffers": {n: b.detach().clone() for n, b in self.model.named_buffers()},
-        }
+        return rank_state_dict(self, world=self.world, rank=self.rank)
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Load a ``state_dict`` saved by the same rank of a same-layout group. Collective."""
-        if state["layout_hash"] != self.layout.hash:
-            raise ValueError(
-                f"checkpoint layout {state['layout_hash']} differs from this model's "
-                f"{self.layout.hash}; build the same model architecture"
-            )
-        if tuple(state["range"]) != tuple(self.flat_range):
-            raise ValueError(
-                f"checkpoint range {tuple(state['range'])} is not this rank's range "
-                f"{self.flat_range}; resume with the same world size or reshard through "
-                "master_range()/optim_state_range()"
-            )
-        self.master_range().copy_(state["master"])
-        for k, v in self.optim_state_range().items():
-            v.copy_(state["optim"][k])
-        self.optim_step = state["step"]
-        params = dict(self.model.named_parameters())
-        for n, t in state.get("frozen", {}).items():
-            params[n].data.copy_(t)
-        bufs = dict(self.model.named_buffers())
-        for n, t in state.get("buffers", {}).items():
-            bufs[n].copy_(t)
-        self.sync_params(optim_state=True)
+        load_rank_state_dict(self, state)
 
     def close(self) -> None:
         """Remove the engine's hooks (the model keeps its current parameter views)."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        if self.tier_step is not None:
-            self.tier_step.close()  # the tier's files are scratch
+        self._range.close()  # the tier's files are scratch
