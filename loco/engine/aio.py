@@ -65,8 +65,9 @@ def byte_view(t: torch.Tensor, nbytes: int) -> torch.Tensor:
     its last value, up to the rounded length)."""
     base = t.untyped_storage()
     start = t.storage_offset() * t.element_size()
-    if start + nbytes > base.nbytes():
-        raise ValueError(f"{nbytes} bytes reach past the buffer's {base.nbytes() - start}")
+    room = min(round_up(t.numel() * t.element_size()), base.nbytes() - start)
+    if nbytes > room:  # the rounded length, whatever slack the allocation happens to have
+        raise ValueError(f"{nbytes} bytes reach past the buffer's {room}")
     return torch.empty(0, dtype=torch.uint8).set_(base, start, (nbytes,))
 
 
