@@ -182,11 +182,13 @@ class GossipClient:
             layout_hash=self.layout_hash,
             site=self.site,
         )
+        self.metrics.add("hello_bytes", req.ByteSize())
         try:
             resp = call(req, timeout=timeout_s or self.hello_timeout_s)
         except grpc.RpcError as e:
             self.metrics.add("hello_failed")
             raise from_rpc_error(e, expect_site or address) from None
+        self.metrics.add("hello_bytes", resp.ByteSize())
         info = PeerInfo.from_pb(resp)
         problems = []
         if info.run_id != self.run_id:

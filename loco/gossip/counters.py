@@ -15,7 +15,8 @@ class GossipMetrics:
     Keys: ``bytes_sent``, ``bytes_recv``, ``pulls_ok``, ``pulls_failed``, ``pull_seconds``,
     ``fail_<cause>`` (cause in unavailable, timeout, evicted, mismatch, auth, bad_payload,
     banned, bad_request, rpc), ``strikes``, ``bans``, ``retries``, ``served_pulls``,
-    ``served_fail_<reason>``, ``hello_ok``, ``hello_failed``.
+    ``served_fail_<reason>``, ``hello_ok``, ``hello_failed``, ``hello_bytes`` (protobuf bytes of
+    Hello requests sent and answers received).
 
     Per peer site (for the Status RPC; never in ``snapshot()`` nor metrics.jsonl):
     ``bytes_sent``, ``bytes_recv``, ``strikes``, ``bans``, ``banned_until``, ``paired_round``,

@@ -48,9 +48,12 @@ class OuterStats:
         self.node, self.comm = node, comm if comm is not None else SiteComm.single()
         self.metrics, self.all_live = metrics, all_live
         self.history: list[dict[str, Any]] = []
-        # own_bytes_sent: what this rank's server sent (the others are sums over the site)
+        # own_bytes_sent: what this rank's server sent; hello_bytes: the Hello messages (requests
+        # and answers, protobuf bytes) of this rank's heartbeats and partner lookups; the others
+        # are sums over the site
         self.totals: dict[str, Any] = {"bytes_sent": 0.0, "bytes_recv": 0.0, "rounds": 0,
-                                       "dropped": 0, "own_bytes_sent": 0.0}  # fmt: skip
+                                       "dropped": 0, "own_bytes_sent": 0.0,
+                                       "hello_bytes": 0.0}  # fmt: skip
         self._mark = time.perf_counter()  # end of the previous round (utilization window)
         self._stall = 0.0  # seconds training was blocked by rounds in the window
 
@@ -69,6 +72,7 @@ class OuterStats:
         g = self.node.round_metrics() if self.node is not None else {}
         sums = self.site_sum([g.get("bytes_sent", 0.0), g.get("bytes_recv", 0.0), *extra])
         self.totals["own_bytes_sent"] += g.get("bytes_sent", 0.0)
+        self.totals["hello_bytes"] += g.get("hello_bytes", 0.0)
         self.totals["bytes_sent"] += sums[0]
         self.totals["bytes_recv"] += sums[1]
         return sums
@@ -89,6 +93,7 @@ class OuterStats:
         self.totals["bytes_sent"] += sent
         self.totals["bytes_recv"] += recv
         self.totals["own_bytes_sent"] += g.get("bytes_sent", 0.0)
+        self.totals["hello_bytes"] += g.get("hello_bytes", 0.0)
         self.totals["rounds"] += 1
         self.totals["dropped"] += int(dropped > 0)
         rec = dict(

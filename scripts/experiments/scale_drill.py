@@ -57,7 +57,7 @@ def _site_figures(d: Path) -> dict[str, Any]:
         "paired_rounds": len(paired),
         "rounds": len(outer),
         "payload_bytes_sent": summary.get("bytes_sent"),
-        "membership_bytes": summary.get("membership_bytes"),
+        "membership_bytes": summary.get("hello_bytes"),
         "finite": all(x is not None and math.isfinite(x) for x in losses) and bool(losses),
         "distances": {r["round"]: r["consensus_distance"] for r in paired},
         "val_loss": summary.get("val_loss"),
