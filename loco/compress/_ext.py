@@ -16,11 +16,8 @@ Build policy (see docs/wire-format.md, "Kernels and build"):
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import io
-import os
-import shutil
 import threading
 import warnings
 from pathlib import Path
@@ -28,11 +25,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["ext_available", "ext_ops", "ext_has_cuda", "ext_error", "CSRC_DIR"]
+from loco.ext_cache import DISABLE_EXT_ENV, EXT_DIR_ENV, REQUIRE_EXT_ENV, env_flag, load_cached
 
-REQUIRE_EXT_ENV = "LOCO_REQUIRE_EXT"
-DISABLE_EXT_ENV = "LOCO_DISABLE_EXT"
-EXT_DIR_ENV = "LOCO_EXT_DIR"
+__all__ = ["ext_available", "ext_ops", "ext_has_cuda", "ext_error", "CSRC_DIR", "EXT_DIR_ENV"]
+
 
 CSRC_DIR = Path(__file__).resolve().parents[2] / "csrc"
 _CPU_SOURCES = ("compress.cpp",)
@@ -47,22 +43,12 @@ _lock = threading.Lock()
 _state: dict[str, Any] = {"loaded": False, "ops": None, "cuda": False, "error": None}
 
 
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def _want_cuda() -> bool:
     if torch.version.cuda is None:
         return False
     from torch.utils.cpp_extension import CUDA_HOME
 
     return CUDA_HOME is not None and (Path(CUDA_HOME) / "bin" / "nvcc").exists()
-
-
-def _build_dir(tag: str) -> Path:
-    root = os.environ.get(EXT_DIR_ENV)
-    base = Path(root) if root else Path.home() / ".cache" / "loco" / "ext"
-    return base / tag
 
 
 def _source_tag(sources: list[Path], cuda: bool) -> str:
@@ -84,31 +70,12 @@ def _build_and_load(cuda: bool) -> None:
         raise FileNotFoundError(f"kernel sources not found: {missing}")
     tag = _source_tag(sources, cuda)
     name = f"loco_ext_{tag}"
-    build_dir = _build_dir(tag)
-    lib = build_dir / f"{name}.so"
-    if not lib.exists():
-        build_dir.mkdir(parents=True, exist_ok=True)
-        with open(build_dir.parent / f"{tag}.lock", "w") as lock_file:
-            fcntl.flock(lock_file, fcntl.LOCK_EX)  # one compiler at a time across processes
-            try:
-                if not lib.exists():
-                    # Build in a private folder, then publish the library with one rename, so an
-                    # interrupted build never leaves a broken library in the cache.
-                    tmp = build_dir / f"tmp-{os.getpid()}"
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    tmp.mkdir()
-                    _compile(name, sources, tmp, cuda)  # also loads it into this process
-                    os.replace(tmp / f"{name}.so", lib)
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    return
-            finally:
-                fcntl.flock(lock_file, fcntl.LOCK_UN)
-    torch.ops.load_library(str(lib))
+    load_cached(tag, name, lambda tmp: _compile(name, sources, tmp, cuda))
 
 
 def _load() -> None:
     """Build (if needed) and load the library; record the failure instead of raising."""
-    if _flag(DISABLE_EXT_ENV):
+    if env_flag(DISABLE_EXT_ENV):
         _state["error"] = f"{DISABLE_EXT_ENV}=1"
         return
     try:
@@ -116,7 +83,7 @@ def _load() -> None:
         try:
             _build_and_load(cuda)
         except Exception as e:
-            if not cuda or _flag(REQUIRE_EXT_ENV):
+            if not cuda or env_flag(REQUIRE_EXT_ENV):
                 raise
             # Keep the CPU kernels when only the CUDA part fails to build.
             warnings.warn(
@@ -131,7 +98,7 @@ def _load() -> None:
         _state["cuda"] = cuda
     except Exception as e:  # noqa: BLE001 - any build/load failure means "use the reference"
         _state["error"] = f"{type(e).__name__}: {e}"
-        if _flag(REQUIRE_EXT_ENV):
+        if env_flag(REQUIRE_EXT_ENV):
             raise RuntimeError(
                 f"loco: compiling the csrc/ kernels failed and {REQUIRE_EXT_ENV}=1 is set: "
                 f"{_state['error']}"
@@ -184,7 +151,7 @@ def ext_ops() -> Any | None:
         RuntimeError: the build failed and ``LOCO_REQUIRE_EXT=1`` is set.
     """
     _ensure()
-    if _state["ops"] is None and _flag(REQUIRE_EXT_ENV) and not _flag(DISABLE_EXT_ENV):
+    if _state["ops"] is None and env_flag(REQUIRE_EXT_ENV) and not env_flag(DISABLE_EXT_ENV):
         raise RuntimeError(
             f"loco: the csrc/ kernels are unavailable and {REQUIRE_EXT_ENV}=1 is set: "
             f"{_state['error']}"
