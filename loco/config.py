@@ -10,7 +10,7 @@ maps them onto plain keyword arguments in one place.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from loco.gossip.options import GossipOptions
+from loco.model.moe import MoEOptions
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -65,7 +66,7 @@ def _names(registry: str) -> tuple[str, ...]:
 
 
 @dataclass
-class MoeConfig:
+class MoeConfig(MoEOptions):
     """Mixture-of-experts options (``model.moe.*``, used by the ``moe-*`` sizes): ``experts``
     per MoE layer (one every ``every`` blocks), top-``k`` gating (1: Switch, 2: GShard),
     ``capacity_factor`` (places per expert = factor * k * tokens / experts, at least
@@ -73,33 +74,21 @@ class MoeConfig:
     ``residual`` (DeepSpeed-MoE's residual MoE: a dense MLP plus one expert), ``pyramid``
     (experts of the MoE layers in the second half; 0: ``experts``; with ``residual``:
     DeepSpeed-MoE's PR-MoE) and ``ep``, the ranks that share the experts (None: site.nproc; it
-    must divide site.nproc and the experts of every layer)."""
+    must divide site.nproc and the experts of every layer). Defaults: ``MoEOptions``'."""
 
-    experts: int = 8
-    k: int = 1
-    capacity_factor: float = 1.25
-    min_capacity: int = 4
-    aux_coef: float = 0.01
-    z_coef: float = 0.001
-    residual: bool = False
-    every: int = 2
-    pyramid: int = 0
     ep: int | None = None
 
     def __post_init__(self) -> None:
         if self.ep is not None:
             _positive("model.moe.ep", self.ep)
         try:
-            self.options()
+            super().__post_init__()
         except ValueError as e:
             raise ConfigError(str(e)) from e
 
-    def options(self) -> Any:
-        """The layers' ``loco.model.MoEOptions``."""
-        from loco.model.moe import MoEOptions
-
-        kw = {k: v for k, v in vars(self).items() if k != "ep"}
-        return MoEOptions(**kw)
+    def options(self) -> MoEOptions:
+        """The layers' options (these without ``ep``)."""
+        return MoEOptions(**{f.name: getattr(self, f.name) for f in fields(MoEOptions)})
 
 
 @dataclass

@@ -37,7 +37,7 @@ from loco.model.gpt import MLP, GPTConfig
 from loco.site_comm import SiteComm
 
 
-@dataclass(frozen=True)
+@dataclass
 class MoEOptions:
     """The MoE layers' options (``model.moe.*``)."""
 
