@@ -42,6 +42,7 @@ import torch.multiprocessing as mp  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from zero_memory import live_bytes  # noqa: E402
 
+from loco.dist import free_port  # noqa: E402
 from loco.engine.flat import FlatLayout  # noqa: E402
 from loco.engine.flat_optim import build_flat_optimizer  # noqa: E402
 from loco.engine.zero import ZeroEngine  # noqa: E402
@@ -205,14 +206,6 @@ def require(name: str):  # noqa: ANN201
         sys.exit(2)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny")
@@ -234,7 +227,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "res.json")
-        mp.spawn(_worker, args=(args.world, _free_port(), args, out), nprocs=args.world)
+        mp.spawn(_worker, args=(args.world, free_port(), args, out), nprocs=args.world)
         with open(out) as f:
             res = json.load(f)
     P = build_model(args.model, vocab_size=256, seq_len=args.seq_len).num_params()
