@@ -139,7 +139,8 @@ class SwimOptions:
     """``period_s``: one probe per period; ``ack_timeout_s``: wait before indirect probes;
     ``indirect``: helpers asked per failed probe; ``suspect_periods``: periods a suspect has to
     refute before it is dead; ``retransmit``: an update rides ``retransmit * log2(N+1)``
-    messages; ``max_updates``: updates per message."""
+    messages; ``max_updates``: updates per message; ``max_members``: the member table's bound
+    (new names past it are not taken, and counted in ``Swim.overflow``)."""
 
     period_s: float = 1.0
     ack_timeout_s: float = 0.3
@@ -147,6 +148,7 @@ class SwimOptions:
     suspect_periods: int = 4
     retransmit: float = 3.0
     max_updates: int = 8
+    max_members: int = 65536  # names held at most; a message naming more new ones is ignored
 
 
 @dataclass
@@ -173,6 +175,7 @@ class Swim:
         self._seq = 0
         self._relays: dict[int, tuple[str, int]] = {}  # my seq -> (asker, asker's seq)
         self._period_end = -math.inf
+        self.overflow = 0  # new names refused because the member table is full
         self._announce(self.site)
 
     # -- the view ------------------------------------------------------------------------
@@ -302,7 +305,7 @@ class Swim:
             return
         m = self.members.get(u.name)
         if m is None:
-            if u.status == DEAD:
+            if u.status == DEAD or not self._room():
                 return
             self.members[u.name] = Member(u.status, u.incarnation, now, u.status == ALIVE)
             self._announce(u.name)
@@ -315,11 +318,19 @@ class Swim:
             m.status, m.incarnation = u.status, u.incarnation
             self._announce(u.name)
 
+    def _room(self) -> bool:
+        """Whether a new name may enter the member table (else it is counted and ignored)."""
+        if len(self.members) < self.options.max_members:
+            return True
+        self.overflow += 1
+        return False
+
     def _heard_from(self, name: str, now: float) -> None:
         m = self.members.get(name)
         if m is None:
-            self.members[name] = Member(ALIVE, 0, now, heard=True)
-            self._announce(name)
+            if self._room():
+                self.members[name] = Member(ALIVE, 0, now, heard=True)
+                self._announce(name)
         elif m.status != DEAD:  # a dead one must come back with a higher incarnation
             m.heard = True
 

@@ -129,6 +129,18 @@ def test_wire_roundtrip_and_hostile_bytes():
             pass
 
 
+def test_member_table_is_bounded_against_announced_names():
+    """A member that announces names without end fills the table up to ``max_members``; the
+    rest are counted in ``overflow`` and never enter the view."""
+    m = Swim("s0", ["s0", "s1"], random.Random(0), options=SwimOptions(max_members=4))
+    for i in range(10):
+        fake = tuple(Update(f"x{i}-{j}", ALIVE, 1) for j in range(8))
+        m.receive(0.1 * i, Message(PING, "s1", i, updates=fake))
+    assert len(m.members) == 4  # s1 and three announced names
+    assert m.overflow == 10 * 8 - 3
+    assert len(m.live()) == 5  # self and the four held
+
+
 def test_settle_keeps_only_groups_all_members_proposed():
     views = {"a": ["a", "b", "c", "d"], "b": ["a", "b", "c", "d"], "c": ["a", "b", "c", "d"],
              "d": ["a", "b", "c", "d"]}  # fmt: skip
