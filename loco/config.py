@@ -19,6 +19,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from loco.gossip.options import GossipOptions
 from loco.model.moe import MoEOptions
+from loco.outer.sliced import REDUCES as DILOCO_REDUCES
+from loco.outer.sliced import SlicedOptions
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -300,8 +302,9 @@ class ZeroConfig:
 
 
 @dataclass
-class OuterConfig:
-    """The outer step between sites (the updates: loco/outer/methods.py, docs/outer.md)."""
+class OuterConfig(SlicedOptions):
+    """The outer step between sites (the updates: loco/outer/methods.py, docs/outer.md).
+    ``diloco_reduce``: how DiLoCo's mean travels (``loco.outer.sliced.SlicedOptions``)."""
 
     method: str = "noloco"
     H: int = 50
@@ -343,6 +346,7 @@ class OuterConfig:
         if self.tau >= self.H:
             raise ConfigError(f"outer.tau={self.tau} must be < outer.H={self.H}")
         self._check_fragments()
+        self._check_diloco_reduce()
         _positive("outer.join_timeout_s", self.join_timeout_s, zero_ok=True)
         if not isinstance(self.phi_lattice, bool):
             raise ConfigError(f"outer.phi_lattice={self.phi_lattice!r} must be true or false")
@@ -356,6 +360,12 @@ class OuterConfig:
         _positive("outer.phi_every", self.phi_every)
         if not isinstance(self.final_average, bool):
             raise ConfigError(f"outer.final_average={self.final_average!r} must be true or false")
+
+    def _check_diloco_reduce(self) -> None:
+        _choice("outer.diloco_reduce", self.diloco_reduce, DILOCO_REDUCES)
+        if self.method == "diloco" and self.fragments > 1 and self.diloco_reduce == "sliced":
+            raise ConfigError(f"outer.diloco_reduce=sliced reduces whole rounds only; with "
+                              f"outer.fragments={self.fragments} set outer.diloco_reduce=full")  # fmt: skip
 
     def _check_fragments(self) -> None:
         _positive("outer.fragments", self.fragments)

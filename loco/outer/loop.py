@@ -54,6 +54,7 @@ from loco.outer.methods import OuterState, OuterStep
 from loco.outer.plausible import MAX_DELTA_RATIO, MAX_PHI_GAP, implausible, implausible_phi
 from loco.outer.round import Round, Rounds
 from loco.outer.schedule import SETTLE_S, Schedule, expected_pulls
+from loco.outer.sliced import REDUCES, SlicedReduce
 from loco.outer.stats import OuterStats
 from loco.site_comm import SiteComm
 
@@ -106,6 +107,8 @@ class OuterLoop:
             ``H / F - 1``, the most the schedule allows).
         payloads_for: with ``F > 1`` and ``payloads``, ``payloads_for((a, b))`` builds the
             :class:`RangePayloads` of the piece ``[a, b)`` (same options).
+        diloco_reduce: DiLoCo's mean (``loco.outer.sliced``): ``sliced`` (reduce-scatter then
+            all-gather; whole rounds only, fragments use ``full``) or ``full``.
     """
 
     def __init__(
@@ -132,6 +135,7 @@ class OuterLoop:
         fragments: int = 1,
         fragment_tau: int | None = None,
         payloads_for: Callable[[tuple[int, int]], RangePayloads] | None = None,
+        diloco_reduce: str = "sliced",
     ) -> None:
         final_average = final_average and node is not None and not all_live
         self.schedule = Schedule.make(H=H, steps=steps, tau=tau, final_average=final_average,
@@ -159,7 +163,13 @@ class OuterLoop:
         kw = dict(method=step, flat=flat, state=self.state, node=node, payloads=payloads,
                   site=site, all_live=all_live, mix=mix, pool=self._pool,
                   pull_timeout_s=pull_timeout_s, publish=self._publish)  # fmt: skip
-        self.rounds = Rounds(**kw)
+        if diloco_reduce not in REDUCES:
+            raise ValueError(f"diloco_reduce={diloco_reduce!r}: choose {' or '.join(REDUCES)}")
+        sliced = None
+        if all_live and payloads is not None and fragments == 1 and diloco_reduce == "sliced":
+            sliced = SlicedReduce(node=node, payloads=payloads, site=site, P=flat.numel,
+                                  pool=self._pool, pull_timeout_s=pull_timeout_s)  # fmt: skip
+        self.rounds = Rounds(**kw, sliced=sliced)
         self.fragments = (
             Fragments(F=fragments, payloads_for=payloads_for, **kw) if fragments > 1 else None
         )

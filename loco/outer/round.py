@@ -27,6 +27,7 @@ from loco.outer.exchange import Outgoing, RangePayloads
 from loco.outer.flat_view import FlatView
 from loco.outer.methods import OuterState, OuterStep
 from loco.outer.plausible import implausible
+from loco.outer.sliced import SlicedReduce
 
 log = logging.getLogger("loco.outer.loop")
 
@@ -52,6 +53,7 @@ class Round:
     served_before: float = 0.0
     wire: int | None = None
     fragment: int | None = None
+    mean: torch.Tensor | None = None  # DiLoCo's sliced reduce: the assembled mean delta
 
     @property
     def rid(self) -> int:
@@ -85,13 +87,17 @@ class Rounds:
         mix: overlap's ``theta <- mix * theta_local + (1 - mix) * phi``.
         pool: the pull threads. pull_timeout_s: deadline of one pull (None: the node's).
         publish: ``publish(t, stream, buf, label)``, the loop's (overridable) publisher.
+        sliced: DiLoCo's sliced reduce (``loco.outer.sliced``; None: every partner's whole
+            delta is pulled).
     """
 
     def __init__(self, *, method: OuterStep, flat: FlatView, state: OuterState, node: Any,
                  payloads: RangePayloads | None, site: str, all_live: bool, mix: float,
                  pool: ThreadPoolExecutor, pull_timeout_s: float | None,
-                 publish: Callable[[int, str, Any, str], None]) -> None:  # fmt: skip
+                 publish: Callable[[int, str, Any, str], None],
+                 sliced: SlicedReduce | None = None) -> None:  # fmt: skip
         self.method, self.flat, self.state = method, flat, state
+        self.sliced = sliced
         self.node, self.payloads, self.site, self.all_live = node, payloads, site, all_live
         self.mix, self.pool, self.pull_timeout_s, self.publish = mix, pool, pull_timeout_s, publish
 
@@ -107,6 +113,10 @@ class Rounds:
         if self.payloads is None:
             out = Outgoing(t, delta, self.state.phi.clone(), (), 0)
             served = 0.0
+        elif self.sliced is not None:
+            served = self.node.served_mark()
+            members = sorted({*partners, self.site})
+            out = self.sliced.publish(rid, t, delta, self.state.phi, members)
         else:
             out, bufs = self.payloads.encode(t, delta, self.state.phi, self.state.momentum)
             served = self.node.served_mark()
@@ -123,7 +133,11 @@ class Rounds:
         r.thread.start()
 
     def pull_all(self, r: Round) -> None:
-        """Pull every partner's delta (and phi) concurrently; fill ``r.pulled``."""
+        """Pull every partner's delta (and phi) concurrently; fill ``r.pulled`` (sliced: and
+        ``r.mean``)."""
+        if self.sliced is not None:
+            self._pull_sliced(r)
+            return
         streams = ("delta",) if self.all_live else ("delta", "phi")
         jobs = {
             (p, s): self.pool.submit(self.payloads.pull, self.node, p, r.rid, s, self.pull_timeout_s)
@@ -143,6 +157,13 @@ class Rounds:
                 log.warning("round %d: partner %s dropped (%s); n = 1 for it", r.rid, p, cause)
             r.pulled[p] = (d, ph, cause)
 
+    def _pull_sliced(self, r: Round) -> None:
+        """DiLoCo's sliced reduce: ``r.mean``, and ``r.pulled`` saying which partners' deltas
+        are in every average used (a placeholder delta) and why the others are not."""
+        r.mean, used = self.sliced.run(r.rid, r.out.delta, r.out.phi, r.partners)
+        for p, cause in used.items():
+            r.pulled[p] = (torch.zeros(0), r.out.phi, "") if not cause else (None, None, cause)
+
     def _check(self, r: Round, p: str, d: torch.Tensor, ph: torch.Tensor, cause: str) -> Pulled:
         """``(d, ph, cause)`` of partner ``p``, or ``(None, None, "implausible")`` with a strike
         when they are implausible."""
@@ -159,6 +180,8 @@ class Rounds:
     def merge(self, r: Round) -> Merged:
         """Apply round ``r`` (its pulls done) to the state and the engine; sync the engine."""
         ok = {p: v for p, v in r.pulled.items() if v[0] is not None and v[1] is not None}
+        if r.mean is not None:  # sliced: one assembled mean, bitwise the same on every site
+            return self._apply(r, ok, [r.mean], [r.out.phi], 0.0, 0.0)
         members = sorted([(self.site, r.out.delta, r.out.phi)] + [(p, d, ph) for p, (d, ph, _) in ok.items()],
                          key=lambda m: m[0])  # fmt: skip
         if len(members) == 1:
@@ -168,6 +191,11 @@ class Rounds:
         # consensus distance from the pulled phi (before the update)
         sq = sum(float((ph - self.state.phi).double().pow(2).sum()) for _, (_, ph, _) in ok.items())
         cnt = float(len(ok) * self.state.phi.numel()) if not self.all_live else 0.0
+        return self._apply(r, ok, deltas, phis, sq, cnt)
+
+    def _apply(self, r: Round, ok: dict[str, Pulled], deltas: list[torch.Tensor],
+               phis: list[torch.Tensor], sq: float, cnt: float) -> Merged:  # fmt: skip
+        """Apply the group's ``deltas`` / ``phis`` (the local step if they are refused)."""
         theta = self.flat.master()
         theta_local = theta.clone() if r.thread is not None else None
         try:

@@ -1,0 +1,241 @@
+"""DiLoCo's sliced reduce (``loco.outer.sliced``) on loopback: real GossipNodes, real codecs,
+every rank of every site an ``OuterLoop`` on a thread.
+
+What must hold: every site applies bitwise the same mean (so phi stays equal), that mean is
+the full reduce's within the codec's error, a site receives ``2 (n - 1) / n`` deltas instead
+of ``n - 1``, a dead owner's slice is averaged by the others themselves, and sites of
+different rank counts line up.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from loco.compress import PayloadError, encode
+from loco.config import ConfigError, compose
+from loco.gossip import GossipNode
+from loco.outer import build_outer
+from loco.outer.exchange import RangePayloads, codec_options
+from loco.outer.loop import OuterLoop
+from loco.outer.sliced import pack_mean, pieces, unpack_mean
+from loco.ranges import rank_range
+from tests.outer.test_loop import run_parallel
+
+RUN, LAYOUT = "sliced-test", "layout-s"
+P = 3001  # not a multiple of the codec block, nor of the site or rank counts
+H = 5
+
+
+class RangeFlat:
+    """A flat view over ``[lo, hi)`` of a plain tensor (one rank of a site)."""
+
+    def __init__(self, theta: torch.Tensor, lo: int, hi: int, padded: int) -> None:
+        self.theta = theta
+        self.lo, self.hi, self.slo, self.shi = lo, min(hi, P), lo, hi
+        self.numel, self.padded, self.layout_hash = P, padded, LAYOUT
+
+    def master(self) -> torch.Tensor:
+        return self.theta
+
+    def sync(self) -> None:
+        pass
+
+
+def federation(spec: dict[str, int], codec: str, reduce: str = "sliced", dead=(), tau=0):
+    """``{site: [OuterLoop per rank]}``; every site starts from the same weights. The sites in
+    ``dead`` are configured peers that never answer."""
+    theta0 = torch.from_numpy(np.random.default_rng(7).standard_normal(P).astype(np.float32))
+    sites: dict[str, list[OuterLoop]] = {}
+    for site, nproc in spec.items():
+        padded = -(-P // nproc) * nproc
+        nodes = [
+            GossipNode(site=site, rank=r, nproc=nproc, flat_size=padded, run_id=RUN,
+                       layout_hash=LAYOUT, listen="127.0.0.1:0", peers={}, insecure=True,
+                       heartbeat=False, pull_timeout_s=5.0, hello_timeout_s=1.0,
+                       max_retries=1, backoff_s=0.05).start()
+            for r in range(nproc)
+        ]  # fmt: skip
+        addrs = [n.server.address for n in nodes]
+        loops = []
+        for r, node in enumerate(nodes):
+            node.server.set_rank_addresses(addrs)
+            slo, shi = rank_range(padded, nproc, r)
+            flat = RangeFlat(theta0[slo : min(shi, P)].clone(), slo, shi, padded)
+            opts = codec_options(codec, block=256, scale_dtype="fp32", stochastic=False,
+                                 topk_fraction=0.1)  # fmt: skip
+            pay = RangePayloads(shard=(slo, shi), owned=(flat.lo, flat.hi), codec=codec,
+                                delta_options=opts, flat_size=padded)  # fmt: skip
+            loops.append(OuterLoop(step=build_outer("diloco"), flat=flat, H=H, steps=100,
+                                   node=node, payloads=pay, site=site, all_live=True, tau=tau,
+                                   linger_s=1.0, diloco_reduce=reduce))  # fmt: skip
+        sites[site] = loops
+    for site, loops in sites.items():
+        peers = {s: ls[0].node.server.address for s, ls in sites.items() if s != site}
+        peers.update({d: "127.0.0.1:9" for d in dead})  # discard port: refused at once
+        for loop in loops:
+            loop.node.peers = peers
+    return sites
+
+
+def close(sites) -> None:
+    for loops in sites.values():
+        for loop in loops:
+            loop.close()
+
+
+def train_round(sites, seed: int = 0, rounds: int = 1) -> dict[str, torch.Tensor]:
+    """Move every rank's theta (a site's own noise, the same on its ranks' pieces) for
+    ``rounds`` rounds; return each site's true delta at the last boundary (whole vector)."""
+    true: dict[str, list[torch.Tensor]] = {s: [None] * len(ls) for s, ls in sites.items()}
+
+    def run(site: str, r: int, loop: OuterLoop) -> None:
+        g = torch.Generator().manual_seed(seed * 1000 + sum(map(ord, site)))
+        for s in range(1, rounds * H + 1):
+            noise = 0.01 * torch.randn(P, generator=g)
+            loop.flat.theta.add_(noise[loop.flat.lo : loop.flat.hi])
+            if s == rounds * H:
+                true[site][r] = loop.flat.theta - loop.state.phi
+            loop.on_step_end(s)
+        loop.finish()
+
+    run_parallel([lambda s=s, r=r, lp=lp: run(s, r, lp)
+                  for s, ls in sites.items() for r, lp in enumerate(ls)], timeout=90)  # fmt: skip
+    return {s: torch.cat(v) for s, v in true.items()}
+
+
+def site_cat(loops, what) -> torch.Tensor:
+    return torch.cat([what(lp) for lp in loops])
+
+
+def test_sliced_mean_is_bitwise_equal_everywhere_and_the_full_mean_within_the_codec():
+    spec = {"asia": 1, "eu": 1, "sa": 1, "us": 1}
+    got = {}
+    for reduce in ("sliced", "full"):
+        sites = federation(spec, "int8", reduce)
+        try:
+            true = train_round(sites)
+            got[reduce] = {s: site_cat(ls, lambda lp: lp.last_means[0]) for s, ls in sites.items()}
+            phis = {s: site_cat(ls, lambda lp: lp.state.phi) for s, ls in sites.items()}
+            assert all(ls[0].history[0]["n"] == 4 for ls in sites.values())
+        finally:
+            close(sites)
+        means = list(got[reduce].values())
+        assert all(torch.equal(m, means[0]) for m in means), reduce
+        assert all(torch.equal(p, phis["asia"]) for p in phis.values()), reduce
+    exact = torch.stack(list(true.values())).mean(0)
+    big = max(float(d.abs().max()) for d in true.values())
+    # int8 rounds to the nearest of 255 levels of a block's largest value: each decoded delta
+    # is off by <= M / 254; the sliced mean is re-encoded once more (<= M / 254 again)
+    step = big / 254 * 1.001
+    assert float((got["full"]["asia"] - exact).abs().max()) <= step
+    assert float((got["sliced"]["asia"] - exact).abs().max()) <= 2 * step
+    assert float((got["sliced"]["asia"] - exact).abs().max()) > 0  # the codec did round
+
+
+def test_bytes_per_site_are_a_ring_all_reduce():
+    """codec none: a site receives 2 (n - 1) / n deltas (+ the average's frame headers) with
+    ``sliced``, n - 1 with ``full``, measured in the same run."""
+    spec = {"asia": 1, "eu": 1, "sa": 1, "us": 1}
+    n, S = len(spec), 4 * P
+    recv = {}
+    for reduce in ("sliced", "full"):
+        sites = federation(spec, "none", reduce)
+        try:
+            train_round(sites)
+            recv[reduce] = [ls[0].history[0]["bytes_recv"] for ls in sites.values()]
+        finally:
+            close(sites)
+    headers = (n - 1) * (40 + 8 + 1)  # a frame header, the member prefix and mask per average
+    for b in recv["sliced"]:
+        assert 2 * (n - 1) / n * S <= b <= 2 * (n - 1) / n * S + headers + n * 4, recv
+    for b in recv["full"]:
+        assert b == (n - 1) * S, recv
+
+
+def test_a_dead_owner_s_slice_is_averaged_by_every_site_itself():
+    sites = federation({"asia": 1, "eu": 1, "us": 1}, "int8", dead=("sa",))
+    try:
+        true = train_round(sites)
+        recs = {s: ls[0].history[0] for s, ls in sites.items()}
+        means = [site_cat(ls, lambda lp: lp.last_means[0]) for ls in sites.values()]
+    finally:
+        close(sites)
+    for rec in recs.values():
+        assert rec["n"] == 3 and rec["dropped"].startswith("sa:"), rec
+        assert rec["fail_slice_fallback"] == 1, rec  # sa owned slice 2 of 4
+    assert all(torch.equal(m, means[0]) for m in means)
+    exact = torch.stack(list(true.values())).mean(0)
+    big = max(float(d.abs().max()) for d in true.values())
+    assert float((means[0] - exact).abs().max()) <= 2 * big / 254 * 1.001
+
+
+@pytest.mark.parametrize("codec", ["none", "int8"])
+def test_sites_of_two_and_one_ranks_line_up(codec):
+    """Rank boundaries cut the slices; a rank handles its part of each slice."""
+    spec = {"asia": 1, "eu": 2, "us": 1}
+    sites = federation(spec, codec, tau=2 if codec == "int8" else 0)
+    try:
+        true = train_round(sites, rounds=2)
+        means = {s: site_cat(ls, lambda lp: lp.last_means[0]) for s, ls in sites.items()}
+        phis = {s: site_cat(ls, lambda lp: lp.state.phi) for s, ls in sites.items()}
+        recs = [lp.history[-1] for ls in sites.values() for lp in ls]
+    finally:
+        close(sites)
+    assert all(r["n"] == 3 and not r["dropped"] for r in recs), recs
+    assert all(torch.equal(m, means["asia"]) for m in means.values())
+    assert all(torch.equal(p, phis["asia"]) for p in phis.values())
+    if codec == "none":  # lossless: exactly the mean in site order
+        exact = torch.stack([true[s] for s in sorted(true)]).mean(0)
+        assert torch.allclose(means["asia"], exact, atol=1e-6, rtol=0)
+
+
+def test_mean_frame_is_checked_before_use():
+    members = ["asia", "eu", "us"]
+    frame = encode(torch.ones(10), "none")
+    buf = pack_mean(members, ["asia", "us"], frame)
+    values, got = unpack_mean(buf, members, 10)
+    assert got == {"asia", "us"} and torch.equal(values, torch.ones(10))
+    for bad in (
+        buf[:5],  # shorter than its header
+        b"XXXX" + buf[4:],  # magic
+        pack_mean(["asia", "eu"], ["asia"], frame),  # another view of the members
+        buf[:10] + bytes([buf[10] | 0x80]) + buf[11:],  # a mask bit past the members
+        buf[:-1],  # truncated frame
+    ):
+        with pytest.raises(PayloadError):
+            unpack_mean(bad, members, 10)
+    with pytest.raises(PayloadError):  # more values than the segment holds
+        unpack_mean(buf, members, 9)
+    assert struct.calcsize("<4sIH") == 10
+
+
+def test_pieces_tile_the_range():
+    for n in (1, 3, 4, 7):
+        for lo, hi in ((0, P), (17, 1500), (1500, P)):
+            ps = pieces(P, n, lo, hi)
+            assert ps[0][1] == lo and ps[-1][2] == hi
+            assert all(a[2] == b[1] for a, b in zip(ps, ps[1:], strict=False))
+
+
+@pytest.mark.parametrize(
+    "overrides,words",
+    [
+        (["outer.diloco_reduce=ring"], ["outer.diloco_reduce='ring'", "sliced, full"]),
+        (["outer.fragments=5"], ["outer.diloco_reduce=sliced", "outer.diloco_reduce=full"]),
+    ],
+)
+def test_config_rejects_with_one_line(overrides, words):
+    with pytest.raises(ConfigError) as e:
+        compose(["+site=eu", "outer=diloco", *overrides])
+    msg = str(e.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+
+
+def test_config_default_is_sliced_and_full_takes_fragments():
+    assert compose(["+site=eu", "outer=diloco"]).outer.diloco_reduce == "sliced"
+    cfg = compose(["+site=eu", "outer=diloco", "outer.fragments=5", "outer.diloco_reduce=full"])
+    assert (cfg.outer.fragments, cfg.outer.diloco_reduce) == (5, "full")
