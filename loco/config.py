@@ -476,11 +476,6 @@ class GossipConfig(GossipOptions):
             )
         _choice("gossip.odd", self.odd, ("triple", "sit_out"))
         _choice("gossip.membership", self.membership, ("hello", "swim"))
-        if self.membership == "swim" and not self.insecure:
-            raise ConfigError(
-                "gossip.membership=swim signs datagrams with a key that is no secret; use it "
-                "with gossip.insecure=true, or keep gossip.membership=hello under mTLS"
-            )
 
 
 @dataclass

@@ -26,6 +26,7 @@ from .pairing import partners
 from .rank_address import rank_listen
 from .server import GossipServer
 from .status import member_status
+from .swim_keys import PairKeys
 from .swim_membership import SwimMembership, swim_key, swim_membership
 from .tls import TlsConfig
 
@@ -124,6 +125,10 @@ class GossipNode:
         # SWIM binds UDP on the gRPC port number once the server has its port (in start())
         self._swim = dict(heartbeat_s=heartbeat_s, hello_timeout_s=hello_timeout_s, seed=seed,
                           key=swim_key(run_id, layout_hash)) if run_heartbeat and membership == "swim" else None  # fmt: skip
+        if self._swim is not None and self.server.tls is not None:
+            # under mTLS: pairwise keys of this life, handed out by the Swim.Key RPC
+            self._swim.update(key=b"", keys=PairKeys(site, members))
+            self.server.swim_keys = self._swim["keys"].key_for
         self._infos: dict[str, PeerInfo] = {}
         self._lock = threading.Lock()
         self._last_metrics: dict[str, float] = {}

@@ -27,6 +27,7 @@ from .options import GossipOptions
 from .ranges import rank_range
 from .serving import RangeService, stream_segments
 from .status import member_status
+from .swim_key_service import key_handler as swim_key_handler
 from .tls import TlsConfig, server_credentials
 
 log = logging.getLogger(__name__)
@@ -160,6 +161,8 @@ class GossipServer:
         )  # fmt: skip
         # what Status answers; GossipNode sets its own view (membership, pairing, per peer)
         self.status_source: Callable[[], pb.StatusResponse] | None = None
+        # K(site -> caller) of the Swim.Key RPC; GossipNode sets it when SWIM runs under mTLS
+        self.swim_keys: Callable[[str], bytes] | None = None
         self._stopping = threading.Event()
         self._listen = listen
         self._rank_addresses = rank_addresses
@@ -300,6 +303,9 @@ class GossipServer:
         }
         self._server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE, handlers),)
+        )
+        self._server.add_generic_rpc_handlers(
+            (swim_key_handler(self.admission, self.site, lambda: self.swim_keys),)
         )
         health = HealthService(self.admission, self.max_wait_s, self._stopping)
         health_pb2_grpc.add_HealthServicer_to_server(health, self._server)

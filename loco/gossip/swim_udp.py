@@ -1,37 +1,38 @@
-"""SWIM over real UDP sockets: one thread per member, datagrams signed with the run's key.
+"""SWIM over real UDP sockets: one thread per member, every datagram authenticated.
 
-Every datagram is ``HMAC-SHA256(key, body)[:16] + body``; one with a bad tag, over
-``MAX_DATAGRAM`` bytes, or that does not parse is dropped and counted in ``rejected`` (never
-applied). Addresses come from the configured book ``{name: (host, port)}``; a member not in it
+``auth`` seals and opens datagrams (:mod:`loco.gossip.swim_keys`: the run key of insecure runs,
+or pairwise site keys under mTLS). One over ``MAX_DATAGRAM`` bytes, with a bad tag, a stale
+counter, an unknown key or that does not parse is dropped and counted in ``rejected`` (never
+applied; the cause in ``auth.refused``). Addresses come from the configured book ``{name: (host, port)}``; a member not in it
 is learned from the source address of its first authenticated datagram.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import random
 import socket
 import threading
 import time
 
-from .swim import Member, Message, Swim, SwimOptions, WireError, decode, encode
+from .swim import Member, Message, Swim, SwimOptions
+from .swim_keys import TAG, PairKeys, RunKey
 
+__all__ = ["MAX_DATAGRAM", "TAG", "UdpSwim"]
 log = logging.getLogger(__name__)
 MAX_DATAGRAM = 4096
-TAG = 16
 
 
 class UdpSwim:
-    """A :class:`Swim` member on a UDP socket bound to ``address``; ``start``/``stop``."""
+    """A :class:`Swim` member on a UDP socket bound to ``address``; ``start``/``stop``.
+    Datagrams are sealed by ``auth``, or with the run key ``key`` (:class:`RunKey`)."""
 
     def __init__(self, *, site: str, address: tuple[str, int], book: dict[str, tuple[str, int]],
-                 key: bytes, options: SwimOptions | None = None, seed: int = 0,
-                 incarnation: int = 0, trust_seeds: bool = True) -> None:  # fmt: skip
-        if len(key) < 16:
-            raise ValueError("the SWIM key must hold at least 16 bytes")
-        self.key, self.book = key, dict(book)
+                 key: bytes = b"", auth: RunKey | PairKeys | None = None,
+                 options: SwimOptions | None = None, seed: int = 0, incarnation: int = 0,
+                 trust_seeds: bool = True) -> None:  # fmt: skip
+        self.auth = auth if auth is not None else RunKey(key)
+        self.book = dict(book)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(address)
         self.address = self.sock.getsockname()
@@ -69,8 +70,7 @@ class UdpSwim:
             addr = self.book.get(to)
             if addr is None:
                 continue
-            body = encode(msg)
-            data = hmac.new(self.key, body, hashlib.sha256).digest()[:TAG] + body
+            data = self.auth.seal(to, msg)
             try:
                 self.sock.sendto(data, addr)
             except OSError as e:
@@ -80,16 +80,13 @@ class UdpSwim:
             self.sent += 1
 
     def _accept(self, data: bytes, src: tuple[str, int]) -> Message | None:
-        tag, body = data[:TAG], data[TAG:]
-        good = hmac.new(self.key, body, hashlib.sha256).digest()[:TAG]
-        if len(data) > MAX_DATAGRAM or not hmac.compare_digest(tag, good):
+        if len(data) > MAX_DATAGRAM:
+            self.auth.refused["oversize"] += 1
+            msg = None
+        else:
+            msg = self.auth.open(data)
+        if msg is None:
             self.rejected += 1
-            return None
-        try:
-            msg = decode(body)
-        except WireError as e:
-            self.rejected += 1
-            log.debug("swim datagram from %s refused: %s", src, e)
             return None
         self.book.setdefault(msg.src, src)
         return msg

@@ -1,11 +1,15 @@
 """Membership bytes per site per beat: SWIM over UDP vs the all-to-all Hello heartbeat.
 
     python scripts/bench/membership.py [--sizes 4,8,16,32] [--period 0.2] [--beats 25]
+                                       [--auth run,pair]
 
-Prints ONE JSON line. For each N, N real SWIM members (loco.gossip.swim_udp.UdpSwim: one UDP
-socket and one thread each, all in this process, signed datagrams on loopback) run for
-``--beats`` periods; ``swim_bytes_per_beat`` is the datagram bytes a member sent per period
-(UDP/IP headers not counted). Then one member is stopped and ``detect_s`` is the time until
+Prints ONE JSON line. For each N and each datagram authentication (``run``: the run key of
+insecure runs, 16 bytes a datagram; ``pair``: the pairwise site keys of mTLS runs, 28 bytes, the
+keys installed as the Swim.Key RPC hands them out), N real SWIM members
+(loco.gossip.swim_udp.UdpSwim: one UDP socket and one thread each, all in this process, on
+loopback) run for ``--beats`` periods; ``swim_bytes_per_beat`` is the datagram bytes a member
+sent per period (UDP/IP headers not counted). ``key_rpc_bytes``: the protobuf bytes of one real
+Swim.Key call over mTLS, paid once per peer and life under ``pair``. Then one member is stopped and ``detect_s`` is the time until
 every survivor's view has dropped it. The reference, measured in the same run: one real
 GossipServer answers a Hello; ``hello_bytes`` is the protobuf request + response as sent (HTTP/2
 and TLS framing not counted, so the all-to-all figure is a lower bound) and the all-to-all
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +34,7 @@ from loco.gossip import GossipServer  # noqa: E402
 from loco.gossip._pb import gossip_pb2 as pb  # noqa: E402
 from loco.gossip.client import PROTOCOL_VERSION, SERVICE  # noqa: E402
 from loco.gossip.swim import SwimOptions  # noqa: E402
+from loco.gossip.swim_keys import PairKeys, RunKey  # noqa: E402
 from loco.gossip.swim_udp import UdpSwim  # noqa: E402
 
 RUN, LAYOUT = "run-bench", "layout-bench"
@@ -57,12 +63,47 @@ def hello_bytes() -> int:
     return req.ByteSize() + got["resp"]
 
 
-def swim_run(n: int, period: float, beats: int) -> dict:
+def key_rpc_bytes() -> int:
+    """Request + response protobuf bytes of one Swim.Key call between two mTLS sites."""
+    from loco.certs import write_run_certs
+    from loco.gossip import GossipClient, TlsConfig
+    from loco.gossip._pb import swim_pb2
+    from loco.gossip.swim_key_service import fetch_key
+
+    with tempfile.TemporaryDirectory() as d:
+        write_run_certs(d, ["s10", "s11"])
+        tls = {s: TlsConfig.for_site(Path(d) / s, s) for s in ("s10", "s11")}
+    server = GossipServer(site="s10", rank=0, nproc=1, flat_size=1 << 20, run_id=RUN,
+                          layout_hash=LAYOUT, tls=tls["s10"], members=["s10", "s11"])  # fmt: skip
+    server.swim_keys = PairKeys("s10", ["s10", "s11"]).key_for
+    server.start()
+    client = GossipClient(site="s11", run_id=RUN, layout_hash=LAYOUT, tls=tls["s11"])
+    try:
+        key = fetch_key(client, server.address, "s10", 10.0)
+    finally:
+        client.close()
+        server.stop(grace=0)
+    req = swim_pb2.SwimKeyRequest(site="s11")
+    return req.ByteSize() + swim_pb2.SwimKeyResponse(site="s10", key=key).ByteSize()
+
+
+def authenticators(names: list[str], auth: str) -> list[RunKey | PairKeys]:
+    if auth == "run":
+        return [RunKey(b"bench-key-0123456789abcdef") for _ in names]
+    keys = [PairKeys(n, names) for n in names]
+    for k in keys:
+        for other in keys:
+            if other is not k:
+                other.install(k.site, k.key_for(other.site))
+    return keys
+
+
+def swim_run(n: int, period: float, beats: int, auth: str) -> dict:
     opts = SwimOptions(period_s=period, ack_timeout_s=0.3 * period, suspect_periods=4)
-    key = b"bench-key-0123456789abcdef"
+    names = [f"s{i}" for i in range(n)]
     members = [
-        UdpSwim(site=f"s{i}", address=("127.0.0.1", 0), book={}, key=key, options=opts, seed=i)
-        for i in range(n)
+        UdpSwim(site=name, address=("127.0.0.1", 0), book={}, auth=a, options=opts, seed=i)
+        for i, (name, a) in enumerate(zip(names, authenticators(names, auth), strict=True))
     ]
     book = {f"s{i}": m.address for i, m in enumerate(members)}
     for m in members:
@@ -90,6 +131,7 @@ def swim_run(n: int, period: float, beats: int) -> dict:
             m.stop()
     return {
         "n": n,
+        "auth": auth,
         "converged": converged,
         "swim_bytes_per_beat": round(sum(steady) / n, 1),
         "swim_bytes_per_beat_max": round(max(steady), 1),
@@ -105,18 +147,24 @@ def main() -> None:
     ap.add_argument("--sizes", default="4,8,16,32")
     ap.add_argument("--period", type=float, default=0.2)
     ap.add_argument("--beats", type=int, default=25)
+    ap.add_argument("--auth", default="run,pair")
     a = ap.parse_args()
+    auths = a.auth.split(",")
+    if not set(auths) <= {"run", "pair"}:
+        raise SystemExit(f"--auth={a.auth}: a comma list of run and pair")
     hb = hello_bytes()
     rows = []
     for n in (int(x) for x in a.sizes.split(",")):
-        row = swim_run(n, a.period, a.beats)
-        row["all_to_all_bytes_per_beat"] = (n - 1) * hb
-        row["all_to_all_vs_swim"] = round(
-            row["all_to_all_bytes_per_beat"] / row["swim_bytes_per_beat"], 2
-        )
-        rows.append(row)
+        for auth in auths:
+            row = swim_run(n, a.period, a.beats, auth)
+            row["all_to_all_bytes_per_beat"] = (n - 1) * hb
+            row["all_to_all_vs_swim"] = round(
+                row["all_to_all_bytes_per_beat"] / row["swim_bytes_per_beat"], 2
+            )
+            rows.append(row)
     print(json.dumps({"bench": "membership", "period_s": a.period, "beats": a.beats,
-                      "hello_bytes": hb, "sizes": rows}))  # fmt: skip
+                      "hello_bytes": hb, "key_rpc_bytes": key_rpc_bytes() if "pair" in auths else None,
+                      "sizes": rows}))  # fmt: skip
 
 
 if __name__ == "__main__":
