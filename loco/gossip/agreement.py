@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from .pairing import group_of, pairing
 
 MAX_GROUP = 3  # pairs, and one triple when the count is odd
+MAX_NAME = 128  # characters of one site name in a proposal from a peer
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class Proposal:
         g = self.group
         return (
             0 < len(g) <= MAX_GROUP
+            and all(0 < len(s) <= MAX_NAME for s in g)
             and self.site in g
             and list(g) == sorted(set(g))
             and self.round >= 0

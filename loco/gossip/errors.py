@@ -78,6 +78,13 @@ class StateMoved(GossipError):
     cause = "moved"
 
 
+class NotAgreed(GossipError):
+    """The peer did not agree to pair with this site this round: its settled group (pairing
+    agreement, ``loco.gossip.agree_rpc``) does not hold this site (ABORTED)."""
+
+    cause = "not_agreed"
+
+
 class BadRequest(GossipError):
     """The request itself was invalid (range outside the flat space, unknown stream)."""
 
@@ -95,6 +102,7 @@ _BY_CODE: dict[grpc.StatusCode, type[GossipError]] = {
     grpc.StatusCode.OUT_OF_RANGE: BadRequest,
     grpc.StatusCode.DATA_LOSS: BadPayload,
     grpc.StatusCode.RESOURCE_EXHAUSTED: PeerBusy,
+    grpc.StatusCode.ABORTED: NotAgreed,
 }
 
 _TLS_HINTS = ("ssl", "handshake", "certificate", "tls", "x509", "verification", "unauthenticated")

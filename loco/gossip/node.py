@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from ._pb import gossip_pb2 as pb
+from .agree_rpc import Settled, agree
+from .agreement import MAX_GROUP
 from .client import GossipClient, PeerInfo, PullResult, Validator
 from .counters import GossipMetrics
 from .errors import GossipError, PeerUnavailable
@@ -133,6 +136,9 @@ class GossipNode:
         self._lock = threading.Lock()
         self._last_metrics: dict[str, float] = {}
         self._pairing: tuple[int, list[str]] | None = None  # the last (round, partners)
+        # the pairing agreement: every member ever known (dead ones too; grows on joins)
+        self._roster: set[str] = set(members)
+        self._agree_pool = ThreadPoolExecutor(MAX_GROUP - 1, thread_name_prefix="agree")
         self.server.status_source = self.status
 
     @property
@@ -157,6 +163,7 @@ class GossipNode:
         if self.membership is not None:
             self.membership.stop()
         self.client.close()
+        self._agree_pool.shutdown(wait=False, cancel_futures=True)
         self.server.stop(grace=0.5)
 
     def __enter__(self) -> GossipNode:
@@ -189,6 +196,35 @@ class GossipNode:
         got = partners(self.seed, round, live, self.site, self.odd)
         self._pairing = (round, list(got))
         return got
+
+    def require_agreement(self, exempt: tuple[str, ...] = ()) -> None:
+        """From now on this rank serves a round's payload streams (all but ``exempt``) only to
+        the members of the site's settled group of that round (see :meth:`settle`)."""
+        self.server.agreement.require(exempt)
+
+    def agree(self, round: int, live: list[str], timeout_s: float | None = None) -> Settled:
+        """The pairing agreement of ``round`` (site rank 0): propose the group of the live view
+        ``live`` and the roster, fetch the other members' proposals (each within ``timeout_s``,
+        default the pull timeout) and settle (``loco.gossip.agree_rpc.agree``). Every rank of
+        the site then calls :meth:`settle` with the result's group."""
+        self._roster.update(live)
+        return agree(
+            client=self.client, book=self.server.agreement, site=self.site, round=round,
+            view=live, roster=sorted(self._roster), seed=self.seed, odd=self.odd,
+            address_of=self._rank0_address, pool=self._agree_pool,
+            timeout_s=self.client.timeout_s if timeout_s is None else timeout_s,
+        )  # fmt: skip
+
+    def settle(self, round: int, group: tuple[str, ...] | list[str]) -> None:
+        """This site's settled group of ``round``: this rank serves the round to its members."""
+        self.server.agreement.settle(round, tuple(group))
+        self._pairing = (round, [s for s in group if s != self.site])
+
+    def _rank0_address(self, site: str) -> str | None:
+        info = self.peer_info(site)
+        if info is None:
+            return None
+        return next((r.address for r in info.ranks if r.rank == 0), None)
 
     def status(self) -> pb.StatusResponse:
         """What the Status RPC answers on this rank (``loco.gossip.status.member_status``)."""

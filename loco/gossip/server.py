@@ -19,6 +19,7 @@ import grpc
 from ._pb import gossip_pb2 as pb
 from ._pb import health_pb2_grpc
 from .admission import Admission, StreamSlots, is_loopback_host, peer_host
+from .agree_rpc import KEEP_ROUNDS, ProposalBook
 from .counters import GossipMetrics
 from .framing import MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, identity
 from .health import SERVICE, HealthService
@@ -154,10 +155,13 @@ class GossipServer:
         self.admission = Admission(
             tls=self.tls, members=self.members, slots=self.slots, metrics=self.metrics
         )
+        # the pairing agreement: this site's proposals, settled groups, and the Pull gate
+        self.agreement = ProposalBook(metrics=self.metrics, max_wait_s=max_wait_s,
+                                      keep=max(KEEP_ROUNDS, keep_rounds))  # fmt: skip
         self.ranges = RangeService(
             run_id=run_id, layout_hash=layout_hash, rank=rank, lo=self.lo, hi=self.hi,
             mailbox=self.mailbox, admission=self.admission, metrics=self.metrics,
-            max_wait_s=max_wait_s, stream=self._stream,
+            max_wait_s=max_wait_s, stream=self._stream, agreement=self.agreement,
         )  # fmt: skip
         # what Status answers; GossipNode sets its own view (membership, pairing, per peer)
         self.status_source: Callable[[], pb.StatusResponse] | None = None
@@ -223,6 +227,7 @@ class GossipServer:
         """Stop serving; waiting long polls and Health.Watch streams are woken and end."""
         self._stopping.set()
         self.mailbox.close()
+        self.agreement.close()
         self._server.stop(grace).wait(timeout=(grace or 0) + 5)
 
     def __enter__(self) -> GossipServer:
@@ -300,6 +305,11 @@ class GossipServer:
                 request_deserializer=pb.StatusRequest.FromString,
                 response_serializer=pb.StatusResponse.SerializeToString,
             ),
+            "Proposal": grpc.unary_unary_rpc_method_handler(
+                self._proposal,
+                request_deserializer=pb.ProposalRequest.FromString,
+                response_serializer=pb.ProposalResponse.SerializeToString,
+            ),
         }
         self._server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE, handlers),)
@@ -338,6 +348,11 @@ class GossipServer:
         if self.status_source is not None:
             return self.status_source()
         return member_status(self, peers=sorted((self.members or set()) - {self.site}))
+
+    def _proposal(self, req: pb.ProposalRequest, context) -> pb.ProposalResponse:
+        self.admission.authorize(context)
+        self.ranges.check_run(context, req.run_id, req.layout_hash)
+        return self.agreement.serve(req, context)
 
     def _stream(
         self, segs: list[Segment], lo: int, hi: int, round: int, stream: str, context

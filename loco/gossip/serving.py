@@ -14,6 +14,7 @@ import grpc
 
 from ._pb import gossip_pb2 as pb
 from .admission import Admission
+from .agree_rpc import ProposalBook
 from .counters import GossipMetrics
 from .framing import crc32_combine, decode_chunk, encode_data, encode_header
 from .mailbox import Mailbox, RoundEvictedError, Segment
@@ -83,24 +84,29 @@ class RangeService:
         metrics: ``served_*`` counters, and per caller ``bytes_sent``.
         max_wait_s: longest long-poll wait, whatever the caller's deadline.
         stream: :data:`StreamFn` that writes a range (the server's, which a subclass may wrap).
+        agreement: the pairing agreement's gate (None: every admitted caller is served).
     """
 
     def __init__(
         self, *, run_id: str, layout_hash: str, rank: int, lo: int, hi: int, mailbox: Mailbox,
         admission: Admission, metrics: GossipMetrics, max_wait_s: float, stream: StreamFn,
+        agreement: ProposalBook | None = None,
     ) -> None:  # fmt: skip
         self.run_id, self.layout_hash = run_id, layout_hash
         self.rank, self.lo, self.hi = rank, lo, hi
         self.mailbox, self.admission, self.metrics = mailbox, admission, metrics
         self.max_wait_s = max_wait_s
         self._stream = stream
+        self.agreement = agreement
 
     def pull(self, req: pb.PullRequest, context) -> Iterator[bytes]:
         site = self.admission.authorize(context)
-        self._check_run(context, req.run_id, req.layout_hash)
+        self.check_run(context, req.run_id, req.layout_hash)
         self._check_range(context, req.lo, req.hi)
         release = self.admission.hold(context, site)
         try:
+            if self.agreement is not None:  # the caller: its certificate's name, or its claim
+                self.agreement.admit(context, req.round, req.stream, site or req.site)
             msgs = self._serve_pull(req, context)
             yield from self._counted(msgs, self.admission.caller(site, req.site))
         finally:
@@ -108,7 +114,7 @@ class RangeService:
 
     def fetch_state(self, req: pb.FetchStateRequest, context) -> Iterator[bytes]:
         site = self.admission.authorize(context)
-        self._check_run(context, req.run_id, req.layout_hash)
+        self.check_run(context, req.run_id, req.layout_hash)
         self._check_range(context, req.lo, req.hi)
         got = self.mailbox.state(req.name)
         if got is None:
@@ -149,7 +155,7 @@ class RangeService:
                 self.metrics.add_peer(caller, "bytes_sent", len(data))
             yield msg
 
-    def _check_run(self, context, run_id: str, layout_hash: str) -> None:
+    def check_run(self, context, run_id: str, layout_hash: str) -> None:
         if run_id != self.run_id or layout_hash != self.layout_hash:
             self.metrics.add("served_fail_mismatch")
             context.abort(

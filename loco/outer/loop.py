@@ -173,6 +173,8 @@ class OuterLoop:
         self.fragments = (
             Fragments(F=fragments, payloads_for=payloads_for, **kw) if fragments > 1 else None
         )
+        if node is not None and not all_live:  # serve each round only to the agreed group
+            node.require_agreement(exempt=(FINAL_STREAM,))
         self._averager = None
         if final_average:
             self._averager = FinalAverage(flat=flat, state=self.state, node=node,
@@ -230,7 +232,7 @@ class OuterLoop:
         if self.node is None:
             return
         last = self.last_sync
-        last_partners = last.partners if last is not None else None
+        last_partners = last.agreed if last is not None else None
         want = expected_pulls(last_partners, self.all_live,
                               self.final["peers"] if self.final is not None else None)  # fmt: skip
         since = 0.0
@@ -278,13 +280,23 @@ class OuterLoop:
         live = self.node.live_sites() if self.comm.rank == 0 else None
         return list(self.comm.broadcast_object(live))
 
-    def _partners(self, t: int) -> list[str]:
+    def _partners(self, t: int) -> tuple[list[str], dict[str, str]]:
+        """The partners of round ``t`` and, for each one that is not in the group this round,
+        why. DiLoCo: every live site. NoLoCo: the pairing agreement (``loco.gossip.agree_rpc``):
+        rank 0 proposes the group of its live view, exchanges proposals with the other members
+        and settles; the site's ranks all take rank 0's result and open their servers' gates to
+        that group. Collective when world > 1."""
         if self.node is None:
-            return []
-        live = self._live()
+            return [], {}
         if self.all_live:
-            return [s for s in live if s != self.site]
-        return self.node.partners(t, live)
+            return [s for s in self._live() if s != self.site], {}
+        got = None
+        if self.comm.rank == 0:
+            agreed = self.node.agree(t, self.node.live_sites(), self.pull_timeout_s)
+            got = (agreed.group, agreed.proposed, agreed.causes)
+        group, proposed, causes = self.comm.broadcast_object(got)
+        self.node.settle(t, group)
+        return list(proposed), dict(causes)
 
     def _rounds_of(self, j: int) -> tuple[Rounds, int, int | None]:
         """The rounds of sync ``j``, its round and its fragment (None without fragments)."""
@@ -301,9 +313,10 @@ class OuterLoop:
         t0 = time.perf_counter()
         rounds, rnd, f = self._rounds_of(t)
         delta = rounds.delta()
-        r = rounds.open(rnd, done, delta, self._partners(t), t0, wire=None if f is None else t,
-                        fragment=f)  # fmt: skip
-        if overlap and r.partners:
+        partners, refused = self._partners(t)
+        r = rounds.open(rnd, done, delta, partners, t0, wire=None if f is None else t,
+                        fragment=f, refused=refused)  # fmt: skip
+        if overlap and r.agreed:
             rounds.start_pulls(r)
             r.stall = time.perf_counter() - t0
             self.pending = r

@@ -54,6 +54,12 @@ class Round:
     wire: int | None = None
     fragment: int | None = None
     mean: torch.Tensor | None = None  # DiLoCo's sliced reduce: the assembled mean delta
+    refused: dict[str, str] = field(default_factory=dict)  # partner not agreed -> why
+
+    @property
+    def agreed(self) -> list[str]:
+        """The partners of the settled group (pulled); the others did not agree this round."""
+        return [p for p in self.partners if p not in self.refused]
 
     @property
     def rid(self) -> int:
@@ -106,9 +112,11 @@ class Rounds:
         return self.flat.master().detach().float().cpu() - self.state.phi
 
     def open(self, t: int, done: int, delta: torch.Tensor, partners: list[str], started: float,
-             wire: int | None = None, fragment: int | None = None) -> Round:  # fmt: skip
+             wire: int | None = None, fragment: int | None = None,
+             refused: dict[str, str] | None = None) -> Round:  # fmt: skip
         """Encode round ``t`` (boundary at step ``done``) and publish it as gossip round
-        ``wire`` (default ``t``); no pull yet."""
+        ``wire`` (default ``t``); no pull yet. ``refused``: the partners that did not agree
+        to the round's group, with why (never pulled; dropped with that cause)."""
         rid = t if wire is None else wire
         if self.payloads is None:
             out = Outgoing(t, delta, self.state.phi.clone(), (), 0)
@@ -123,8 +131,12 @@ class Rounds:
             for stream, (buf, label) in bufs.items():
                 if stream == "delta" or not self.all_live:  # DiLoCo never pulls phi
                     self.publish(rid, stream, buf, label)
-        return Round(t, done, out, partners, started, served_before=served, wire=wire,
-                     fragment=fragment)  # fmt: skip
+        r = Round(t, done, out, partners, started, served_before=served, wire=wire,
+                  fragment=fragment, refused=dict(refused or {}))  # fmt: skip
+        for p, cause in r.refused.items():
+            log.warning("round %d: partner %s did not agree (%s); n = 1 for it", rid, p, cause)
+            r.pulled[p] = (None, None, cause)
+        return r
 
     def start_pulls(self, r: Round) -> None:
         """Run :meth:`pull_all` of ``r`` on a background thread (overlap)."""
@@ -141,10 +153,10 @@ class Rounds:
         streams = ("delta",) if self.all_live else ("delta", "phi")
         jobs = {
             (p, s): self.pool.submit(self.payloads.pull, self.node, p, r.rid, s, self.pull_timeout_s)
-            for p in r.partners
+            for p in r.agreed
             for s in streams
         }  # fmt: skip
-        for p in r.partners:
+        for p in r.agreed:
             d, cause = jobs[(p, "delta")].result()
             if self.all_live:  # DiLoCo ignores phi (all sites hold the same): not pulled
                 ph = r.out.phi if d is not None else None

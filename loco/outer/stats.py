@@ -20,7 +20,8 @@ import torch
 
 from loco.site_comm import SiteComm
 
-_GOSSIP_KEYS = ("retries", "strikes", "bans")
+# agree_*: the pairing agreement (loco.gossip.agree_rpc)
+_GOSSIP_KEYS = ("retries", "strikes", "bans", "agree_bytes", "agree_seconds")
 
 
 def mean_crc(ts: tuple[torch.Tensor, ...]) -> int:

@@ -18,6 +18,7 @@ import torch
 from loco.compress import decode, encode
 from loco.dist import free_port
 from loco.gossip import GossipNode
+from loco.gossip.agreement import Proposal
 from loco.outer import NoLoCo, build_outer
 from loco.outer.exchange import RangePayloads, codec_options
 from loco.outer.loop import OuterLoop
@@ -80,6 +81,12 @@ def make_sites(names, ports, codec="int8", phi_codec="none", method="noloco", ta
         )  # fmt: skip
         sites[name] = loop
     return sites
+
+
+def proposes_pair(node, t, other):
+    """A bare node (no outer loop) proposes the pair {node, other} for round ``t``, as a real
+    partner's loop does before it pulls (the pairing agreement)."""
+    node.server.agreement.propose(Proposal(node.site, t, tuple(sorted((node.site, other)))))
 
 
 def ports_for(names):
@@ -215,6 +222,7 @@ def test_bad_payload_drops_partner_and_leaves_state(bad):
     try:
         good_delta = encode(torch.zeros(P), "int8", block=256)
         phi = np.zeros(P, np.float32)
+        proposes_pair(evil, 1, "eu")
         if bad == "nan_phi":
             phi[7] = np.nan
             evil.publish(1, "delta", good_delta, codec="int8")
@@ -373,6 +381,7 @@ def test_finite_garbage_drops_partner_and_leaves_state(bad):
     try:
         huge = np.full(P, 1e30, np.float32)
         like = eu.flat.theta.numpy().copy()  # a phi as close as a real partner's
+        proposes_pair(evil, 1, "eu")
         evil.publish(1, "delta", huge if bad == "huge_delta" else np.zeros(P, np.float32))
         evil.publish(1, "phi", huge if bad == "huge_phi" else like)
         phi0 = eu.state.phi.clone()
@@ -396,6 +405,7 @@ def test_implausible_partner_is_banned_after_its_strikes():
                       insecure=True, heartbeat=False).start()  # fmt: skip
     try:
         for t in range(1, 5):  # the mailbox keeps two rounds: publish each one just in time
+            proposes_pair(evil, t, "eu")
             evil.publish(t, "delta", np.full(P, 1e30, np.float32))
             evil.publish(t, "phi", eu.flat.theta.numpy().copy())
             inner_steps(eu, 5 * (t - 1), 5, t)

@@ -192,3 +192,25 @@ class StatusResponse(_message.Message):
     partners: _containers.RepeatedScalarFieldContainer[str]
     sites: _containers.RepeatedCompositeFieldContainer[SiteStatus]
     def __init__(self, run_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., site: _Optional[str] = ..., rank: _Optional[int] = ..., nproc: _Optional[int] = ..., heartbeat: _Optional[bool] = ..., pairing_round: _Optional[int] = ..., partners: _Optional[_Iterable[str]] = ..., sites: _Optional[_Iterable[_Union[SiteStatus, _Mapping]]] = ...) -> None: ...
+
+class ProposalRequest(_message.Message):
+    __slots__ = ("run_id", "layout_hash", "round", "site")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_HASH_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    layout_hash: str
+    round: int
+    site: str
+    def __init__(self, run_id: _Optional[str] = ..., layout_hash: _Optional[str] = ..., round: _Optional[int] = ..., site: _Optional[str] = ...) -> None: ...
+
+class ProposalResponse(_message.Message):
+    __slots__ = ("site", "round", "group")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    round: int
+    group: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, site: _Optional[str] = ..., round: _Optional[int] = ..., group: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -55,6 +55,11 @@ class GossipStub:
                 request_serializer=gossip__pb2.StatusRequest.SerializeToString,
                 response_deserializer=gossip__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.Proposal = channel.unary_unary(
+                '/loco.v1.Gossip/Proposal',
+                request_serializer=gossip__pb2.ProposalRequest.SerializeToString,
+                response_deserializer=gossip__pb2.ProposalResponse.FromString,
+                _registered_method=True)
 
 
 class GossipServicer:
@@ -70,7 +75,8 @@ class GossipServicer:
     def Pull(self, request, context):
         """Long-poll: waits (up to the call deadline) for `round` to be published, then streams the
         requested range. Evicted rounds answer NOT_FOUND, run/layout mismatch FAILED_PRECONDITION,
-        a bad range INVALID_ARGUMENT, a non-member peer PERMISSION_DENIED.
+        a bad range INVALID_ARGUMENT, a non-member peer PERMISSION_DENIED, and (NoLoCo rounds) a
+        caller outside the answering site's settled group of the round ABORTED (not agreed).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -86,6 +92,14 @@ class GossipServicer:
     def Status(self, request, context):
         """Read-only view of the federation as the answering rank sees it (python -m loco.status):
         live sites, rounds, pairing, bytes, strikes and bans. Members only, like every RPC.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Proposal(self, request, context):
+        """Long-poll: waits (up to the call deadline) for the answering site's proposal of `round`.
+        A round older than the kept window answers NOT_FOUND. Members only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -113,6 +127,11 @@ def add_GossipServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=gossip__pb2.StatusRequest.FromString,
                     response_serializer=gossip__pb2.StatusResponse.SerializeToString,
+            ),
+            'Proposal': grpc.unary_unary_rpc_method_handler(
+                    servicer.Proposal,
+                    request_deserializer=gossip__pb2.ProposalRequest.FromString,
+                    response_serializer=gossip__pb2.ProposalResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +242,33 @@ class Gossip:
             '/loco.v1.Gossip/Status',
             gossip__pb2.StatusRequest.SerializeToString,
             gossip__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Proposal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loco.v1.Gossip/Proposal',
+            gossip__pb2.ProposalRequest.SerializeToString,
+            gossip__pb2.ProposalResponse.FromString,
             options,
             channel_credentials,
             insecure,

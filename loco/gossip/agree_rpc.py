@@ -1,0 +1,252 @@
+"""The pairing agreement on the wire: proposals served and fetched, settled groups, the gate.
+
+Per NoLoCo round ``t``, rank 0 of each site (:func:`agree`)::
+
+    mine = propose(seed, t, live view, site, odd, roster)     # loco.gossip.agreement
+    book.propose(mine)                                        # served by the Proposal RPC
+    fetch the proposal of every other member of mine.group    # bounded, concurrent
+    group = settle(mine, received)                            # mine.group, or (site,) alone
+
+and every rank of the site then calls ``book.settle(t, group)`` on its own server. From then on
+(:meth:`ProposalBook.admit`) the rank serves round ``t``'s payload streams only to the members
+of ``group``; a pull from anyone else is refused with ABORTED (the client's cause
+``not_agreed``, the server's counter ``served_fail_not_agreed``); a pull that arrives before
+the settle waits for it (bounded by the call's deadline and ``max_wait_s``).
+
+A proposal from a peer is hostile: its bytes are bounded before they are parsed, and a
+proposal that is not :meth:`~loco.gossip.agreement.Proposal.valid`, or names another site or
+round than asked, is a ``bad_payload`` (no strike: it only costs the pair its round).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from ._pb import gossip_pb2 as pb
+from .agreement import Proposal, propose, settle
+from .counters import GossipMetrics
+from .errors import BadPayload, GossipError, PullTimeout, from_rpc_error, is_retryable
+from .health import SERVICE
+
+KEEP_ROUNDS = 8  # the fewest rounds of proposals and settled groups a rank keeps
+MAX_PROPOSAL_BYTES = 1024  # a valid answer is < 450 bytes (3 names of <= 128 characters)
+PROPOSAL_METHOD = f"/{SERVICE}/Proposal"
+_EVICTED = object()
+
+
+class ProposalBook:
+    """One rank's proposals and settled groups of the last ``keep`` rounds, the Proposal
+    handler, and the gate of the Pull handler.
+
+    Args:
+        metrics: where refusals are counted (``served_fail_not_agreed``, ...).
+        max_wait_s: the longest wait of a Proposal call or of a pull for the settle.
+        keep: rounds kept (at least the mailbox's ``keep_rounds``, so the gate knows the group
+            of every round the mailbox still serves).
+    """
+
+    def __init__(self, *, metrics: GossipMetrics, max_wait_s: float,
+                 keep: int = KEEP_ROUNDS) -> None:  # fmt: skip
+        self.metrics, self.max_wait_s, self.keep = metrics, max_wait_s, max(1, keep)
+        self.required = False
+        self.exempt: frozenset[str] = frozenset()
+        self._proposals: dict[int, Proposal] = {}
+        self._settled: dict[int, tuple[str, ...]] = {}
+        self._closed = False
+        self._cond = threading.Condition()
+
+    def require(self, exempt: tuple[str, ...] = ()) -> None:
+        """Serve round payloads only to settled groups from now on (streams in ``exempt``,
+        e.g. the final average's, are served to anyone the admission lets in)."""
+        self.required, self.exempt = True, frozenset(exempt)
+
+    def propose(self, p: Proposal) -> None:
+        """This site's proposal of ``p.round`` (answered by the Proposal RPC)."""
+        self._put(self._proposals, p.round, p)
+
+    def settle(self, round: int, group: tuple[str, ...]) -> None:
+        """This site's settled group of ``round`` (opens the gate for its members)."""
+        self._put(self._settled, round, tuple(group))
+
+    def settled(self, round: int) -> tuple[str, ...] | None:
+        with self._cond:
+            return self._settled.get(round)
+
+    def close(self) -> None:
+        """Wake every waiter; later waits return at once."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def _put(self, table: dict[int, Any], round: int, value: Any) -> None:
+        with self._cond:
+            table[round] = value
+            floor = max(table) - self.keep + 1
+            for r in [r for r in table if r < floor]:
+                del table[r]
+            self._cond.notify_all()
+
+    def _wait(self, table: dict[int, Any], round: int, timeout: float,
+              alive: Callable[[], bool]) -> Any:  # fmt: skip
+        """``table[round]``, waiting up to ``timeout``; None on timeout or close; ``_EVICTED``
+        for a round older than the kept window."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                if round in table:
+                    return table[round]
+                if table and round <= max(table) - self.keep:
+                    return _EVICTED
+                left = end - time.monotonic()
+                if left <= 0 or self._closed or not alive():
+                    return None
+                self._cond.wait(min(left, 0.25))
+
+    def _timeout(self, context: grpc.ServicerContext) -> float:
+        left = context.time_remaining()
+        return self.max_wait_s if left is None else min(left, self.max_wait_s)
+
+    def serve(self, req: pb.ProposalRequest, context: grpc.ServicerContext) -> pb.ProposalResponse:
+        """The Proposal RPC (admission and run checks done by the caller): long-polls for this
+        site's proposal of ``req.round``."""
+        got = self._wait(self._proposals, req.round, self._timeout(context), context.is_active)
+        if got is _EVICTED:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"proposal of round {req.round} evicted")
+        if got is None:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                          f"no proposal of round {req.round} in time")  # fmt: skip
+        self.metrics.add("served_proposals")
+        return pb.ProposalResponse(site=got.site, round=got.round, group=list(got.group))
+
+    def admit(self, context: grpc.ServicerContext, round: int, stream: str, caller: str) -> None:
+        """Let a Pull of ``stream`` of ``round`` by ``caller`` through, or abort it: ABORTED
+        when ``caller`` is not in this site's settled group (``not_agreed``)."""
+        if not self.required or stream in self.exempt:
+            return
+        group = self._wait(self._settled, round, self._timeout(context), context.is_active)
+        if group is _EVICTED:
+            self.metrics.add("served_fail_evicted")
+            context.abort(grpc.StatusCode.NOT_FOUND, f"round {round} evicted (pairing)")
+        if group is None:
+            self.metrics.add("served_fail_timeout")
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                          f"round {round}: this site has not settled its group in time")  # fmt: skip
+        if caller not in group:
+            self.metrics.add("served_fail_not_agreed")
+            context.abort(grpc.StatusCode.ABORTED,
+                          f"not_agreed: {caller!r} is not in this site's group "
+                          f"{list(group)} of round {round}")  # fmt: skip
+
+
+def fetch_proposal(client: Any, address: str, site: str, round: int, timeout_s: float) -> Proposal:
+    """``site``'s proposal of ``round`` from its rank at ``address`` (a ``GossipClient``'s
+    channel); raises ``GossipError`` (UNAVAILABLE retried with backoff until ``timeout_s``,
+    a bad answer: ``BadPayload``). The protobuf bytes of both messages are counted in
+    ``agree_bytes``."""
+    call = client._channel(address, site).unary_unary(
+        PROPOSAL_METHOD, request_serializer=pb.ProposalRequest.SerializeToString,
+        response_deserializer=bytes,
+    )  # fmt: skip
+    req = pb.ProposalRequest(run_id=client.run_id, layout_hash=client.layout_hash, round=round,
+                             site=client.site)  # fmt: skip
+    end, attempt = time.monotonic() + timeout_s, 0
+    while True:
+        left = end - time.monotonic()
+        if left <= 0:
+            raise PullTimeout(f"{site}: no proposal of round {round} in {timeout_s:.1f} s",
+                              peer=site)  # fmt: skip
+        try:
+            client.metrics.add("agree_bytes", req.ByteSize())
+            raw = call(req, timeout=left)
+            break
+        except grpc.RpcError as e:
+            err = from_rpc_error(e, site)
+            if not is_retryable(err):
+                raise err from None
+        attempt += 1
+        time.sleep(min(client.backoff_max_s, client.backoff_s * 2**attempt, max(0.0, left)))
+    client.metrics.add("agree_bytes", len(raw))
+    if len(raw) > MAX_PROPOSAL_BYTES:
+        raise BadPayload(f"{site}: proposal of {len(raw)} bytes > {MAX_PROPOSAL_BYTES}", peer=site)
+    try:
+        msg = pb.ProposalResponse.FromString(raw)
+    except Exception as e:  # noqa: BLE001 (undecodable bytes from a peer)
+        raise BadPayload(f"{site}: undecodable proposal: {e!r}", peer=site) from None
+    p = Proposal(msg.site, msg.round, tuple(msg.group))
+    if not p.valid() or p.site != site or p.round != round:
+        raise BadPayload(f"{site}: bad proposal {p} for round {round}", peer=site)
+    return p
+
+
+@dataclass
+class Settled:
+    """One site's outcome of the agreement for a round: what it proposed, the group it keeps,
+    and why each other proposed member is not in it (``not_agreed``, or the cause of the failed
+    fetch: ``unavailable``, ``timeout``, ``bad_payload``...)."""
+
+    round: int
+    proposal: Proposal
+    group: tuple[str, ...]
+    causes: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def proposed(self) -> list[str]:
+        """The other members of this site's own proposal."""
+        return [s for s in self.proposal.group if s != self.proposal.site]
+
+    @property
+    def partners(self) -> list[str]:
+        """The other members of the settled group (empty: alone, n = 1)."""
+        return [s for s in self.group if s != self.proposal.site]
+
+
+def agree(
+    *, client: Any, book: ProposalBook, site: str, round: int, view: list[str],
+    roster: list[str], seed: int, odd: str, address_of: Callable[[str], str | None],
+    timeout_s: float, pool: ThreadPoolExecutor,
+) -> Settled:  # fmt: skip
+    """Propose, publish, fetch the other members' proposals and settle (module docstring).
+    ``address_of(site)``: the address of the site's rank 0 (None: unreachable). Counts
+    ``agree_rounds``, ``agree_alone`` (a proposed group not kept) and ``agree_seconds``."""
+    t0 = time.monotonic()
+    mine = propose(seed, round, view, site, odd, roster)
+    book.propose(mine)
+    others = [s for s in mine.group if s != site]
+    jobs = {s: pool.submit(_fetch, client, address_of, s, round, timeout_s) for s in others}
+    received, causes = {}, {}
+    for s, job in jobs.items():
+        got = job.result()
+        if isinstance(got, Proposal):
+            received[s] = got
+        else:
+            causes[s] = got
+    group = settle(mine, received)
+    for s in others:
+        if s not in group:
+            causes.setdefault(s, "not_agreed")
+    secs = time.monotonic() - t0
+    client.metrics.add("agree_rounds")
+    client.metrics.add("agree_seconds", secs)
+    if others and len(group) == 1:
+        client.metrics.add("agree_alone")
+    return Settled(round, mine, group, causes, secs)
+
+
+def _fetch(client: Any, address_of: Callable[[str], str | None], s: str, round: int,
+           timeout_s: float) -> Proposal | str:  # fmt: skip
+    """The proposal of ``s``, or the cause of the failure."""
+    address = address_of(s)
+    if address is None:
+        return "unavailable"
+    try:
+        return fetch_proposal(client, address, s, round, timeout_s)
+    except GossipError as e:
+        return e.cause
