@@ -235,6 +235,8 @@ class OuterLoop:
         last_partners = last.agreed if last is not None else None
         want = expected_pulls(last_partners, self.all_live,
                               self.final["peers"] if self.final is not None else None)  # fmt: skip
+        if self.rounds.sliced is not None and last_partners:  # slice pieces and averages
+            want = self.rounds.sliced.expected_pulls(last_partners)
         since = 0.0
         if last_partners:
             since = last.served_before

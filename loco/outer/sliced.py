@@ -145,6 +145,14 @@ class SlicedReduce:
         self.pool, self.pull_timeout_s = pool, pull_timeout_s
         self.lo, self.hi, self.slo = payloads.lo, payloads.hi, payloads.slo
 
+    def expected_pulls(self, partners: list[str]) -> int:
+        """The pulls of this rank the partners owe for a round at least: one of its delta per
+        partner whose slice meets its range, one of its average per partner if it has one."""
+        members = sorted({*partners, self.site})
+        owned = {k for k, _, _ in pieces(self.P, len(members), self.lo, self.hi)}
+        mine = members.index(self.site) in owned
+        return sum(members.index(p) in owned for p in partners) + (len(partners) if mine else 0)
+
     # ------------------------------------------------------------------ publish
 
     def publish(self, rid: int, round: int, delta: torch.Tensor, phi: torch.Tensor,
@@ -195,6 +203,8 @@ class SlicedReduce:
         """Reduce-scatter and all-gather round ``rid``. Returns ``(mean, used)``: the assembled
         mean on ``[lo, hi)`` and, per partner, ``""`` when its delta is in every average this
         rank used, else the cause."""
+        if not partners:  # alone: the local step on the once-decoded delta, as ``full``
+            return own.clone(), {}
         members = sorted({*partners, self.site})
         n, me = len(members), members.index(self.site)
         mean = torch.empty(self.hi - self.lo, dtype=torch.float32)

@@ -8,8 +8,10 @@ model under the same seed and follows the same warmup + cosine schedule, AdamW (
 matrices only), gradient clipping; torchft's ``DiLoCo`` (outer SGD, the same lr, momentum and
 Nesterov as ``conf/outer/diloco.yaml``) or ``LocalSGD`` syncs every H steps through its
 ``Manager`` and lighthouse. loco's side runs as real federations (``run_federation``) with
-``outer=diloco compression=none``, the default NoLoCo, and LocalSGD as loco's DiLoCo with outer
-lr 1 and no momentum (the mean of the weights), in the same invocation.
+``outer=diloco compression=none`` (its default sliced reduce, and ``outer.diloco_reduce=full``,
+every site pulling every other site's whole delta, as the reference), the default NoLoCo, and
+LocalSGD as loco's DiLoCo with outer lr 1 and no momentum (the mean of the weights), in the same
+invocation.
 
 Figures: final validation loss (mean over groups/sites, ``train.eval_batches`` batches of the
 shared validation split), wall time (start of the processes to their end, the same for both),
@@ -24,6 +26,7 @@ Quorum and heartbeat traffic of either system is not counted. Prints ONE JSON li
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -43,6 +46,10 @@ SITES = ["eu", "us", "asia", "sa", "af", "oc", "me", "na"]
 LOCO_LOCALSGD = [
     "outer=diloco", "compression=none", "outer.lr=1.0", "outer.momentum=0.0", "outer.nesterov=false",
 ]  # fmt: skip
+
+
+# the reference: DiLoCo's mean by every site pulling every other site's whole delta
+LOCO_DILOCO_FULL = ["outer=diloco", "compression=none", "outer.diloco_reduce=full"]
 
 
 def ring_bytes(payload: int, n: int) -> float:
@@ -190,7 +197,8 @@ def run_loco(a: argparse.Namespace, extra: list[str], run_dir: Path) -> dict:
     from loco.federation import run_federation
 
     t0 = time.monotonic()
-    out = run_federation(common_overrides(a) + extra, run_dir, timeout=a.timeout)
+    with contextlib.redirect_stdout(sys.stderr):  # its tables: stdout is the one JSON line
+        out = run_federation(common_overrides(a) + extra, run_dir, timeout=a.timeout)
     wall = time.monotonic() - t0
     rows = out["sites"]
     vals = [r["val_loss"] for r in rows if r.get("val_loss") is not None]
@@ -240,6 +248,7 @@ def main() -> None:
         res["torchft_diloco"] = run_torchft(a, "diloco")
         res["torchft_localsgd"] = run_torchft(a, "localsgd")
         res["loco_diloco"] = run_loco(a, ["outer=diloco", "compression=none"], runs / "diloco")
+        res["loco_diloco_full"] = run_loco(a, LOCO_DILOCO_FULL, runs / "diloco_full")
         res["loco_noloco"] = run_loco(a, [], runs / "noloco")
         res["loco_localsgd"] = run_loco(a, LOCO_LOCALSGD, runs / "localsgd")
     P = res["torchft_diloco"].get("params") or 0
@@ -252,6 +261,10 @@ def main() -> None:
         "bytes_method": "torchft: allreduce payload x 2(n-1)/n per group (ring); loco: gossip bytes_sent",
         **res,
         "loco_diloco_over_torchft_diloco": ratios(res["loco_diloco"], res["torchft_diloco"]),
+        "loco_diloco_full_over_torchft_diloco": ratios(
+            res["loco_diloco_full"], res["torchft_diloco"]
+        ),
+        "loco_diloco_over_loco_diloco_full": ratios(res["loco_diloco"], res["loco_diloco_full"]),
         "loco_noloco_over_torchft_diloco": ratios(res["loco_noloco"], res["torchft_diloco"]),
         "loco_noloco_over_torchft_localsgd": ratios(res["loco_noloco"], res["torchft_localsgd"]),
         "loco_localsgd_over_torchft_localsgd": ratios(

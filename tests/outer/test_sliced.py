@@ -21,7 +21,7 @@ from loco.gossip import GossipNode
 from loco.outer import build_outer
 from loco.outer.exchange import RangePayloads, codec_options
 from loco.outer.loop import OuterLoop
-from loco.outer.sliced import pack_mean, pieces, unpack_mean
+from loco.outer.sliced import SlicedReduce, pack_mean, pieces, unpack_mean
 from loco.ranges import rank_range
 from tests.outer.test_loop import run_parallel
 
@@ -239,3 +239,14 @@ def test_config_default_is_sliced_and_full_takes_fragments():
     assert compose(["+site=eu", "outer=diloco"]).outer.diloco_reduce == "sliced"
     cfg = compose(["+site=eu", "outer=diloco", "outer.fragments=5", "outer.diloco_reduce=full"])
     assert (cfg.outer.fragments, cfg.outer.diloco_reduce) == (5, "full")
+
+
+def test_expected_pulls_count_the_partners_whose_slice_meets_this_range():
+    """eu's rank [0, 1500) of members asia, eu, us: asia's slice [0, 1000) meets it (asia
+    pulls a piece), us's [2000, 3001) does not; both pull eu's average of [1000, 1500)."""
+    pay = RangePayloads(shard=(0, 1500), owned=(0, 1500), codec="none")
+    s = SlicedReduce(node=None, payloads=pay, site="eu", P=P, pool=None, pull_timeout_s=None)
+    assert s.expected_pulls(["asia", "us"]) == 1 + 2
+    pay = RangePayloads(shard=(1500, 3002), owned=(1500, P), codec="none")
+    s = SlicedReduce(node=None, payloads=pay, site="eu", P=P, pool=None, pull_timeout_s=None)
+    assert s.expected_pulls(["asia", "us"]) == 1 + 2
