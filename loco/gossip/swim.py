@@ -9,7 +9,11 @@ periods is *dead*. Every message carries up to ``max_updates`` membership update
 so news reaches everybody in O(log N) periods while each member sends O(1) messages per
 period (1 ping + ``indirect`` ping-reqs at most, plus the acks it owes).
 
-A member that hears itself suspected refutes it with a higher incarnation. Precedence of an
+A member that hears itself suspected refutes it with a higher incarnation (a stale suspicion or
+death claim about it makes it announce its alive update again), and a member that hears directly
+from one it holds dead spreads that death again, so the sender learns it and answers with its
+alive update: a member whose first datagrams were lost (started late, keys not yet fetched)
+is not dead for good. Precedence of an
 update over the state held about a member (the SWIM rules): alive(i) beats suspect/alive(j) if
 i > j; suspect(i) beats alive(j) if i >= j and suspect(j) if i > j; dead beats everything of
 the same or lower incarnation. A restarted member comes back with a higher ``incarnation`` (its
@@ -299,9 +303,10 @@ class Swim:
 
     def _apply(self, u: Update, now: float) -> None:
         if u.name == self.site:
-            if u.status != ALIVE and u.incarnation >= self.incarnation:
-                self.incarnation = u.incarnation + 1  # refute
-                self._announce(self.site)
+            if u.status != ALIVE:
+                if u.incarnation >= self.incarnation:
+                    self.incarnation = u.incarnation + 1  # refute
+                self._announce(self.site)  # a stale claim: the sender needs my alive update
             return
         m = self.members.get(u.name)
         if m is None:
@@ -331,8 +336,10 @@ class Swim:
             if self._room():
                 self.members[name] = Member(ALIVE, 0, now, heard=True)
                 self._announce(name)
-        elif m.status != DEAD:  # a dead one must come back with a higher incarnation
+        elif m.status != DEAD:
             m.heard = True
+        else:  # a dead one must come back with a higher incarnation: tell it it is held dead
+            self._announce(name)  # (it refutes, or re-announces a newer life it already has)
 
     def _suspect(self, name: str, now: float) -> None:
         m = self.members.get(name)

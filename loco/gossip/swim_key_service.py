@@ -4,7 +4,8 @@ Server side: :func:`key_handler` answers a member with ``K(this site -> caller)`
 named by its certificate (never by the request). Client side: :class:`KeyFetcher` fetches the
 keys of the senders this site needs, one at a time on a worker thread, at most once per
 ``min_interval_s`` per sender, only for configured members, and installs them into
-:class:`~loco.gossip.swim_keys.PairKeys`.
+:class:`~loco.gossip.swim_keys.PairKeys`: asked for (a datagram under a key this site lacks),
+and every ``min_interval_s`` for each member whose key it still lacks (one not started yet).
 """
 
 from __future__ import annotations
@@ -94,6 +95,14 @@ class KeyFetcher:
             self._cv.notify()
         self._thread.join(timeout=self.timeout_s + 1)
 
+    def _due(self) -> set[str]:
+        """Configured members whose key is missing and last tried ``min_interval_s`` ago."""
+        now = time.monotonic()
+        return {
+            n for n in self.addresses
+            if not self.keys.has_key(n) and now - self._last.get(n, -1e9) >= self.min_interval_s
+        }  # fmt: skip
+
     def want(self, name: str) -> None:
         if name not in self.addresses:
             return
@@ -110,7 +119,8 @@ class KeyFetcher:
         while True:
             with self._cv:
                 while not self._pending and not self._stop:
-                    self._cv.wait()
+                    self._cv.wait(self.min_interval_s)
+                    self._pending |= self._due()
                 if self._stop:
                     return
                 name = min(self._pending)

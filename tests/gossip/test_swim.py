@@ -36,6 +36,7 @@ class Net:
             s: Swim(s, names, random.Random(seed * 1000 + i)) for i, s in enumerate(names)
         }
         self.latency, self.dead, self.sent = latency, set(), 0
+        self.lost = lambda t, src, to: False  # (time, sender, receiver) -> dropped
         self.queue: list = []
         self.k = 0
 
@@ -48,7 +49,7 @@ class Net:
                     self._post(t, m.tick(t))
             while self.queue and self.queue[0][0] <= t:
                 at, _, to, msg = heapq.heappop(self.queue)
-                if to in self.dead or to not in self.members:
+                if to in self.dead or to not in self.members or self.lost(at, msg.src, to):
                     continue
                 self._post(at, self.members[to].receive(at, msg))
         self.t = t
@@ -102,6 +103,25 @@ def test_restart_with_higher_incarnation_rejoins_and_suspicion_is_refuted():
     net.run(net.t + 20.0)
     assert net.members["s1"].incarnation >= 1
     assert all(m.status("s1") == ALIVE for s, m in net.members.items() if s != "s1")
+
+
+def test_a_member_whose_first_datagrams_are_lost_is_not_dead_for_good():
+    """s3 starts late (the others hold it dead) and its datagrams are dropped for its first
+    periods (under mTLS: until the others fetched its key), longer than its self-announcement
+    lasts: the others tell it they hold it dead, it announces itself again, all see it live."""
+    net = Net(4)
+    names = sorted(net.members)
+    net.dead.add("s3")
+    net.run(15.0)
+    assert all(m.status("s3") == DEAD for s, m in net.members.items() if s != "s3")
+    net.dead.discard("s3")
+    net.members["s3"] = Swim("s3", names, random.Random(7), incarnation=100)
+    net.lost = lambda t, src, to: src == "s3" and t < 15.0 + 4.0
+    net.run(19.0)
+    assert net.members["s3"]._queue.get("s3") is None  # its announcement is spent
+    net.run(40.0)
+    for m in net.members.values():
+        assert m.live() == names
 
 
 def test_wire_roundtrip_and_hostile_bytes():

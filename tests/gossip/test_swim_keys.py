@@ -195,3 +195,32 @@ def test_gossip_nodes_under_mtls_run_swim_with_pairwise_keys(certdir):
     finally:
         for node in nodes:
             node.close()
+
+
+def test_fetcher_gets_the_key_of_a_member_that_starts_later(certdir):
+    from loco.gossip import GossipServer
+    from loco.gossip.swim_key_service import KeyFetcher
+
+    port = _free_port()
+    eu_keys, us_keys = PairKeys("eu", ["eu", "us"]), PairKeys("us", ["eu", "us"])
+    client = GossipClient(site="eu", run_id=RUN, layout_hash=LAYOUT, tls=tls_for(certdir, "eu"))
+    fetcher = KeyFetcher(client=client, keys=eu_keys, addresses={"us": f"127.0.0.1:{port}"},
+                         timeout_s=2.0, min_interval_s=0.1)  # fmt: skip
+    server = GossipServer(site="us", rank=0, nproc=1, flat_size=16, run_id=RUN,
+                          layout_hash=LAYOUT, listen=f"127.0.0.1:{port}",
+                          tls=tls_for(certdir, "us"), members=["eu", "us"])  # fmt: skip
+    server.swim_keys = us_keys.key_for
+    try:
+        fetcher.start()
+        fetcher.want("us")
+        fetcher.want("mallory")  # no configured member: never fetched
+        _wait(lambda: fetcher.counts["failed"] >= 2, 5)  # retried, once per interval at most
+        assert fetcher.counts["failed"] >= 2 and not eu_keys.has_key("us")
+        server.start()
+        _wait(lambda: eu_keys.has_key("us"), 10)
+        assert eu_keys.open(us_keys.seal("eu", _ping("us"))) == _ping("us")
+        assert fetcher.counts["fetched"] == 1
+    finally:
+        fetcher.stop()
+        client.close()
+        server.stop(grace=0)
