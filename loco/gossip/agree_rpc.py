@@ -147,9 +147,9 @@ class ProposalBook:
 
 def fetch_proposal(client: Any, address: str, site: str, round: int, timeout_s: float) -> Proposal:
     """``site``'s proposal of ``round`` from its rank at ``address`` (a ``GossipClient``'s
-    channel); raises ``GossipError`` (UNAVAILABLE retried with backoff until ``timeout_s``,
-    a bad answer: ``BadPayload``). The protobuf bytes of both messages are counted in
-    ``agree_bytes``."""
+    channel); raises ``GossipError`` (UNAVAILABLE retried with backoff, at most the client's
+    ``max_retries`` times and within ``timeout_s``; a bad answer: ``BadPayload``). The
+    protobuf bytes of both messages are counted in ``agree_bytes``."""
     call = client._channel(address, site).unary_unary(
         PROPOSAL_METHOD, request_serializer=pb.ProposalRequest.SerializeToString,
         response_deserializer=bytes,
@@ -168,7 +168,7 @@ def fetch_proposal(client: Any, address: str, site: str, round: int, timeout_s: 
             break
         except grpc.RpcError as e:
             err = from_rpc_error(e, site)
-            if not is_retryable(err):
+            if not is_retryable(err) or attempt >= client.max_retries:
                 raise err from None
         attempt += 1
         time.sleep(min(client.backoff_max_s, client.backoff_s * 2**attempt, max(0.0, left)))
