@@ -28,6 +28,7 @@ import os
 import struct
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .swim import Message, WireError, decode, encode
@@ -93,7 +94,7 @@ class PairKeys:
     overhead = HEADER.size + TAG
 
     def __init__(self, site: str, peers: list[str], *, secret: bytes | None = None,
-                 on_unkeyed=None) -> None:  # fmt: skip
+                 on_unkeyed: Callable[[str], None] | None = None) -> None:  # fmt: skip
         self.site = site
         self.secret = secret if secret is not None else os.urandom(KEY_BYTES)
         if len(self.secret) < KEY_BYTES:
