@@ -1,12 +1,15 @@
 """One rank's view of the gossip layer: its server, its client and (on rank 0) membership.
 
-This is what the outer loop calls. Per round t::
+This is what the outer loop calls. Per NoLoCo round t::
 
-    node.publish(t, "delta", delta_payload)           # this rank's range, before pulling
-    live = node.live_sites()                            # rank 0; broadcast to the other ranks
-    for partner in node.partners(t, live):              # same answer on every site
+    got = node.agree(t, node.live_sites())            # rank 0: propose, exchange, settle
+    node.settle(t, got.group)                           # every rank (rank 0's group, broadcast)
+    node.publish(t, "delta", delta_payload)             # this rank's range, before pulling
+    for partner in got.partners:                        # the settled group, less this site
         res = node.pull(partner, t, "delta")            # this rank's own range [lo, hi)
         if not res.ok: ...                              # local round (n = 1); res.cause counted
+
+(``node.partners(t, live)`` is the message-free pairing, without the agreement.)
 
 Pulls never raise for remote failures (see :class:`~loco.gossip.client.PullResult`).
 """
