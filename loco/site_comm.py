@@ -33,7 +33,7 @@ class CommStats:
 
     Conventions (the ZeRO paper's): an all-reduce of n bytes counts 2n (a reduce-scatter plus an
     all-gather); a reduce of n bytes to an owner counts n; an all-gather counts the full output
-    n; a broadcast counts n on every rank.
+    n; a broadcast counts n on every rank; a point-to-point send counts n on the sender.
     """
 
     bytes: dict[str, int] = field(default_factory=dict)
@@ -108,6 +108,15 @@ class SiteComm:
         ``out``; counts the whole input (the mixture-of-experts dispatch and combine)."""
         self.stats.add("all_to_all", inp.numel() * inp.element_size())
         return dist.all_to_all_single(out, inp, group=self.group, async_op=True)
+
+    def send(self, t: torch.Tensor, dst: int, tag: int) -> dist.Work | None:
+        """``t`` to site rank ``dst`` (point to point; stage 3's expert rows)."""
+        self.stats.add("send", t.numel() * t.element_size())
+        return dist.isend(t, dst=self.global_rank(dst), group=self.group, tag=tag)
+
+    def recv(self, t: torch.Tensor, src: int, tag: int) -> dist.Work | None:
+        """Into ``t`` from site rank ``src`` (the matching :meth:`send`; not counted)."""
+        return dist.irecv(t, src=self.global_rank(src), group=self.group, tag=tag)
 
     def subgroup(self, size: int) -> SiteComm:
         """This rank's group when the site's ranks are cut into consecutive groups of ``size``

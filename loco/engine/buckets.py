@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from loco.engine.experts import GRAD_TAG, ExpertRows, Move, plan_unit
 from loco.engine.flat import FlatLayout
 from loco.site_comm import SiteComm
 
@@ -33,10 +34,12 @@ class Bucket:
     pos: dict[int, int]
     size: int
     pieces: list[tuple[int, int, int, int, int]] = field(default_factory=list)
+    moves: list[Move] = field(default_factory=list)  # expert rows, point to point (experts.py)
     ready: int = 0
     launched: bool = False
     buf: torch.Tensor | None = None
     works: list[Any] = field(default_factory=list)
+    received: list[tuple[Move, torch.Tensor]] = field(default_factory=list)
 
 
 def plan_groups(layout: FlatLayout, limit: int) -> list[list[int]]:
@@ -67,24 +70,24 @@ class GradBuckets:
             ``[lo, lo + len)`` (stages 2-3).
         lo: the first global index of ``grad`` (0 in stages 0-1).
         stage, collective, reduce_dtype, max_inflight: as ``ZeroEngine``'s.
+        rows: stage 3's expert rows (``loco.engine.experts``): a bucket holds only this rank's
+            rows of those parameters and sends them to the owners of their master pieces.
     """
 
     def __init__(self, *, layout: FlatLayout, groups: list[list[int]], comm: SiteComm,
                  grad: torch.Tensor, lo: int, stage: int, collective: str,
-                 reduce_dtype: torch.dtype, max_inflight: int) -> None:  # fmt: skip
+                 reduce_dtype: torch.dtype, max_inflight: int,
+                 rows: ExpertRows | None = None) -> None:  # fmt: skip
         self.layout, self.comm, self.grad, self.lo = layout, comm, grad, lo
         self.stage, self.collective = stage, collective
         self.reduce_dtype, self.max_inflight = reduce_dtype, max_inflight
         self.device = grad.device
         self.buckets: list[Bucket] = []
         self.bucket_of: dict[int, Bucket] = {}
-        specs = layout.specs
         for k, idx in enumerate(groups):
-            order = sorted(idx, key=lambda i: specs[i].offset)
-            spans = layout.spans_of(order)
-            pos = {i: layout.buffer_offset(spans, specs[i].offset) for i in order}
-            size = sum(b - a for a, b in spans)
-            b = Bucket(k, spans, order, pos, size, layout.pieces(spans, comm.world))
+            plan = plan_unit(layout, idx, rows, comm.world)
+            order = sorted(idx, key=lambda i: layout.specs[i].offset)
+            b = Bucket(k, plan.segments, order, plan.pos, plan.size, plan.pieces, plan.moves)
             self.buckets.append(b)
             for i in order:
                 self.bucket_of[i] = b
@@ -106,7 +109,7 @@ class GradBuckets:
         b = self.bucket_of[i]
         if b.buf is None:
             b.buf = torch.zeros(b.size, dtype=self.reduce_dtype, device=self.device)
-        b.buf[b.pos[i] : b.pos[i] + spec.numel].add_(g.reshape(-1))
+        b.buf[b.pos[i] : b.pos[i] + g.numel()].add_(g.reshape(-1))  # expert rows: this rank's
 
     def mark_ready(self, i: int) -> bool:
         """Parameter ``i``'s gradient is final for this step: launch every bucket that is now
@@ -146,16 +149,33 @@ class GradBuckets:
             b.buf = torch.zeros(b.size, dtype=self.reduce_dtype, device=self.device)
         works = []
         if self.comm.multi:
-            if self._allreduce():
+            if self._allreduce() and not b.moves:
                 works.append(self.comm.all_reduce(b.buf))
+            elif self._allreduce():  # the dense pieces only: the expert rows differ by rank
+                works += [self.comm.all_reduce(b.buf[bs:be]) for _, bs, be, _, _ in b.pieces]
             else:
                 for r, bs, be, _, _ in b.pieces:
                     works.append(self.comm.reduce(b.buf[bs:be], r))
+            works += self._send_rows(b)
         b.works, b.launched = works, True
         self._inflight.append(b)
         if self.stage >= 2:
             while len(self._inflight) > self.max_inflight:
                 self._finish(self._inflight.popleft())
+
+    def _send_rows(self, b: Bucket) -> list[Any]:
+        """Expert rows' gradients from the ranks computing them to their master's owner."""
+        assert b.buf is not None
+        me, works = self.comm.rank, []
+        for m in b.moves:
+            if m.computer == me and m.owner != me:
+                piece = b.buf[m.buf : m.buf + m.hi - m.lo]
+                works.append(self.comm.send(piece, m.owner, GRAD_TAG))
+            elif m.owner == me and m.computer != me:
+                got = torch.empty(m.hi - m.lo, dtype=self.reduce_dtype, device=self.device)
+                works.append(self.comm.recv(got, m.computer, GRAD_TAG))
+                b.received.append((m, got))
+        return works
 
     @torch.no_grad()
     def _finish(self, b: Bucket) -> None:
@@ -177,4 +197,11 @@ class GradBuckets:
             for r, bs, be, s, t in b.pieces:
                 if r == rank:
                     self.grad[s - self.lo : t - self.lo].add_(buf[bs:be])
-        b.buf, b.works = None, []
+            for m in b.moves:
+                if m.owner == rank and m.computer == rank:
+                    self.grad[m.lo - self.lo : m.hi - self.lo].add_(
+                        buf[m.buf : m.buf + m.hi - m.lo]
+                    )
+            for m, got in b.received:
+                self.grad[m.lo - self.lo : m.hi - self.lo].add_(got)
+        b.buf, b.works, b.received = None, [], []

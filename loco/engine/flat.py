@@ -100,6 +100,10 @@ class FlatLayout:
     def spec(self, name: str) -> ParamSpec:
         return self.specs[self._index[name]]
 
+    def index(self, name: str) -> int:
+        """The position of parameter ``name`` in :attr:`specs` (KeyError if it is not in it)."""
+        return self._index[name]
+
     # -- sharding -------------------------------------------------------------------------
 
     def padded_numel(self, world: int) -> int:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from loco.engine.experts import GATHER_TAG, ExpertRows, Move, plan_unit
 from loco.engine.flat import FlatLayout
 from loco.site_comm import SiteComm
 
@@ -45,8 +47,10 @@ class Unit:
     params: list[int]
     buf: torch.Tensor
     pieces: list[tuple[int, int, int, int, int]]
+    moves: list[Move] = field(default_factory=list)  # expert rows, point to point (experts.py)
     state: str = _READY
     works: list[Any] = field(default_factory=list)
+    sending: list[torch.Tensor] = field(default_factory=list)  # held until the sends finish
 
 
 class _PreBackward(torch.autograd.Function):
@@ -86,6 +90,8 @@ class BlockShards:
         dtype: compute dtype of the buffers.
         device: where the buffers live.
         prefetch: gather the next unit while the current one computes.
+        rows: the expert rows each rank computes (``loco.engine.experts``): this rank's unit
+            buffers hold only its rows of those parameters. None: every parameter whole.
     """
 
     def __init__(
@@ -100,6 +106,7 @@ class BlockShards:
         dtype: torch.dtype,
         device: torch.device,
         prefetch: bool,
+        rows: ExpertRows | None = None,
     ) -> None:
         self.model, self.layout, self.comm = model, layout, comm
         self.master, self.lo, self.prefetch = master, lo, prefetch
@@ -112,17 +119,17 @@ class BlockShards:
         self.units: list[Unit] = []
         with torch.no_grad():
             for u, idx in enumerate(members):
-                spans = layout.spans_of(idx)
-                buf = torch.empty(sum(b - a for a, b in spans), dtype=dtype, device=device)
+                plan = plan_unit(layout, idx, rows, comm.world)
+                buf = torch.empty(plan.size, dtype=dtype, device=device)
                 pos = 0
-                for a, b in spans:
+                for a, b in plan.segments:
                     buf[pos : pos + b - a].copy_(full[a:b])
                     pos += b - a
                 for i in idx:
-                    spec, p = layout.specs[i], layout.params[i]
-                    off = layout.buffer_offset(spans, spec.offset)
-                    p.data = buf[off : off + spec.numel].view(spec.shape)
-                unit = Unit(u, spans, idx, buf, layout.pieces(spans, comm.world))
+                    shape = rows.kept_shape(i) if rows is not None else layout.specs[i].shape
+                    start = plan.pos[i]
+                    layout.params[i].data = buf[start : start + math.prod(shape)].view(shape)
+                unit = Unit(u, plan.segments, idx, buf, plan.pieces, plan.moves)
                 self.units.append(unit)
                 self.free(unit)
 
@@ -152,14 +159,31 @@ class BlockShards:
                 piece.copy_(self.master[s - self.lo : t - self.lo])
             if self.comm.world > 1:
                 works.append(self.comm.broadcast(piece, r))
+        for m in unit.moves:
+            works += self._move(unit, m)
         unit.works, unit.state = works, _INFLIGHT
+
+    def _move(self, unit: Unit, m: Move) -> list[Any]:
+        """Expert rows from the master's owner to a rank computing them (point to point)."""
+        me, n = self.comm.rank, m.hi - m.lo
+        if m.owner == me:
+            src = self.master[m.lo - self.lo : m.hi - self.lo]
+            if m.computer == me:
+                unit.buf[m.buf : m.buf + n].copy_(src)
+                return []
+            src = src.to(unit.buf.device, unit.buf.dtype)  # a copy if they differ: held until sent
+            unit.sending.append(src)
+            return [self.comm.send(src, m.computer, GATHER_TAG)]
+        if m.computer == me:
+            return [self.comm.recv(unit.buf[m.buf : m.buf + n], m.owner, GATHER_TAG)]
+        return []
 
     def wait(self, unit: Unit) -> None:
         """Make ``unit`` usable (gathering it first if it is free)."""
         self.gather(unit)
         for w in unit.works:
             w.wait()
-        unit.works, unit.state = [], _READY
+        unit.works, unit.sending, unit.state = [], [], _READY
 
     def free(self, unit: Unit) -> None:
         """Release ``unit``'s buffer (after any broadcast into it has finished)."""
@@ -167,7 +191,7 @@ class BlockShards:
             return
         for w in unit.works:
             w.wait()
-        unit.works = []
+        unit.works, unit.sending = [], []
         unit.buf.untyped_storage().resize_(0)
         unit.state = _FREE
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from loco.engine.experts import ExpertRows
 from loco.engine.flat import FlatLayout
 from loco.engine.stage3 import BlockShards
 from loco.site_comm import SiteComm
@@ -33,11 +34,13 @@ class Storage:
 def build_storage(model: nn.Module, layout: FlatLayout, comm: SiteComm, *, stage: int,
                   padded: int, opt_range: tuple[int, int], shard: tuple[int, int],
                   compute_dtype: torch.dtype, device: torch.device,
-                  offload: bool, prefetch: bool, nvme: bool = False) -> Storage:  # fmt: skip
+                  offload: bool, prefetch: bool, nvme: bool = False,
+                  rows: ExpertRows | None = None) -> Storage:  # fmt: skip
     """Move ``model``'s trainable parameters into the engine's buffers (its parameters become
     views) and make the masters and the gradient. ``opt_range``: the optimizer's global range;
     ``shard``: this rank's. With ``offload`` the masters are in pinned host memory; with
-    ``nvme`` they go to the tier (``initial``) and ``master`` is the range's compute copy."""
+    ``nvme`` they go to the tier (``initial``) and ``master`` is the range's compute copy.
+    ``rows``: stage 3's expert rows (only this rank's rows of those parameters in its units)."""
     full = torch.zeros(padded, dtype=torch.float32)
     for spec, p in zip(layout.specs, layout.params, strict=True):  # no P-sized temporary
         full[spec.offset : spec.end].copy_(p.detach().reshape(-1))
@@ -62,7 +65,7 @@ def build_storage(model: nn.Module, layout: FlatLayout, comm: SiteComm, *, stage
             master = master.pin_memory()
     if stage == 3:
         shards = BlockShards(model, layout, comm, master, shard[0], full, dtype=compute_dtype,
-                             device=device, prefetch=prefetch)  # fmt: skip
+                             device=device, prefetch=prefetch, rows=rows)  # fmt: skip
     for p in model.parameters():
         if not p.requires_grad and p.is_floating_point():
             p.data = p.data.to(compute_dtype)  # frozen parameters compute in the same dtype

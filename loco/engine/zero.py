@@ -51,6 +51,7 @@ from torch import nn
 
 from loco.engine.base import OptimOptions
 from loco.engine.buckets import GradBuckets, plan_groups
+from loco.engine.experts import stage3_rows
 from loco.engine.flat import FlatLayout
 from loco.engine.optim_range import build_optim_range
 from loco.engine.recompute import checkpoint_blocks
@@ -191,10 +192,13 @@ class ZeroEngine:
         self.lo, self.hi = self.layout.shard_range(self.rank, self.world)
         self.flat_range = self.layout.owned_range(self.rank, self.world)
         self.opt_lo, self.opt_hi = (0, self.padded) if stage == 0 else (self.lo, self.hi)
+        self.rows = stage3_rows(model, self.layout, self.comm, stage=stage, device=self.device,
+                                offload_params=offload_params)  # fmt: skip
         st = build_storage(model, self.layout, self.comm, stage=stage, padded=self.padded,
                            opt_range=(self.opt_lo, self.opt_hi), shard=(self.lo, self.hi),
                            compute_dtype=self.compute_dtype, device=self.device, offload=offload,
-                           nvme=self.offload_mode == "nvme", prefetch=prefetch)  # fmt: skip
+                           nvme=self.offload_mode == "nvme", prefetch=prefetch,
+                           rows=self.rows)  # fmt: skip
         self.flat_param, self.shards, self.grad = st.flat_param, st.shards, st.grad
         options = OptimOptions(weight_decay, betas, eps, momentum, nesterov)
         self._range = build_optim_range(optim=optim, options=options, layout=self.layout,
@@ -222,7 +226,7 @@ class ZeroEngine:
                                    grad=self.grad, lo=0 if self.stage < 2 else self.lo,
                                    stage=self.stage, collective=self.collective,
                                    reduce_dtype=self.reduce_dtype,
-                                   max_inflight=self.max_inflight)  # fmt: skip
+                                   max_inflight=self.max_inflight, rows=self.rows)  # fmt: skip
         self._micro = 0
         hook = self._grad_hook
         handles = [p.register_post_accumulate_grad_hook(functools.partial(hook, i))

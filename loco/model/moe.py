@@ -19,7 +19,9 @@ rank (the flat parameter space holds the whole model), but with ``ep`` ranks in 
 rank j computes only experts ``[j E/ep, (j+1) E/ep)``: the (E, capacity, d) dispatch buffer goes
 through an all-to-all, the owner runs its experts on every rank's tokens, and a second
 all-to-all brings the outputs back. The other experts' slices get zero gradient on that rank,
-so the engine's SUM over the site's ranks yields the full gradient at the owner.
+so the engine's SUM over the site's ranks yields the full gradient at the owner. At ZeRO stage 3
+the engine keeps only a rank's own experts (``MoEGPT.expert_rows``, ``loco.engine.experts``):
+the stacked parameters are then ``(E/ep, ...)`` views, which ``Experts`` uses as they are.
 """
 
 from __future__ import annotations
@@ -135,12 +137,23 @@ class Experts(nn.Module):
             )
         self.comm = comm
 
+    def rows(self, site_rank: int) -> tuple[int, int]:
+        """The experts ``[lo, hi)`` site rank ``site_rank`` computes (its group rank is
+        ``site_rank % ep``: the groups are consecutive ranks)."""
+        per = self.experts // self.comm.world
+        j = site_rank % self.comm.world
+        return j * per, (j + 1) * per
+
+    def _slice(self, w: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        # an engine may hold only this rank's experts (stage 3: ``loco.engine.experts``)
+        return w if w.shape[0] == hi - lo < self.experts else w[lo:hi]
+
     def _mlp(self, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        h = torch.bmm(x, self.fc_weight[lo:hi])
+        h = torch.bmm(x, self._slice(self.fc_weight, lo, hi))
         if self.fc_bias is not None:
-            h = h + self.fc_bias[lo:hi]
-        y = torch.bmm(F.gelu(h, approximate="tanh"), self.proj_weight[lo:hi])
-        return y + self.proj_bias[lo:hi] if self.proj_bias is not None else y
+            h = h + self._slice(self.fc_bias, lo, hi)
+        y = torch.bmm(F.gelu(h, approximate="tanh"), self._slice(self.proj_weight, lo, hi))
+        return y + self._slice(self.proj_bias, lo, hi) if self.proj_bias is not None else y
 
     def forward(self, buf: torch.Tensor) -> torch.Tensor:
         """``buf`` (E, C, d): every expert's places on this rank -> the experts' outputs."""

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from loco.model.gpt import GPT, SIZES, Block, GPTConfig
-from loco.model.moe import MoELayer, MoEOptions
+from loco.model.moe import Experts, MoELayer, MoEOptions
 from loco.site_comm import SiteComm
 
 # name -> (dense architecture); the experts come from MoEOptions
@@ -76,6 +76,33 @@ class MoEGPT(GPT):
         group = comm.subgroup(ep)
         for layer in self.moe_layers():
             layer.bind(comm, group)
+
+    def num_params(self) -> int:
+        """Distinct parameters, every expert counted (a ZeRO stage-3 engine leaves a rank's
+        stacked expert parameters holding only its own experts: ``expert_rows``)."""
+        seen: set[int] = set()
+        n = 0
+        for module in self.modules():
+            for p in module.parameters(recurse=False):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    whole = isinstance(module, Experts) and p.shape[0] != module.experts
+                    n += p.numel() * module.experts // p.shape[0] if whole else p.numel()
+        return n
+
+    def expert_rows(self, world: int) -> dict[str, list[tuple[int, int]]]:
+        """The experts each of the site's ``world`` ranks computes, per stacked parameter
+        (``{name: [(lo, hi) per rank]}``; empty when every rank computes every expert). The
+        ZeRO engine keeps only a rank's own at stage 3 (``loco.engine.experts``)."""
+        out: dict[str, list[tuple[int, int]]] = {}
+        for name, module in self.named_modules():
+            if not isinstance(module, Experts) or module.comm.world == 1:
+                continue
+            rows = [module.rows(r) for r in range(world)]
+            for pname, p in module.named_parameters(recurse=False):
+                if p.requires_grad:
+                    out[f"{name}.{pname}"] = rows
+        return out
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         out = super().forward(idx, targets)

@@ -11,6 +11,11 @@ for several rounds, so machine noise hits all alike. Per configuration:
 - memory per rank: the engine's state (compute parameters, fp32 masters, gradients, optimizer
   moments held by this rank) and the activations saved for backward in one step (bytes of the
   tensors autograd keeps, counted by ``saved_tensors_hooks``); on CUDA the peak allocated too;
+  at stage 3 also the block buffers (``unit_bytes``: every unit gathered at once;
+  ``max_unit_bytes``: the largest one), which hold only a rank's own experts with ep > 1
+  (``loco.engine.experts``), against the formulas ``4 (P - X + X / ep)`` and
+  ``4 (D_k + X_k / ep)`` (X: the experts' parameters, D_k and X_k: a block's dense and expert
+  parameters);
 - all-to-all bytes per step and rank (counted at ``SiteComm.all_to_all``) against the formula
   ``moe_layers * 4 * E * C * d * 4``: 2 exchanges forward (dispatch, combine) and 2 backward
   of the (E, C, d) fp32 buffer, C = max(min_capacity, ceil(capacity_factor * k * S / E)), S the
@@ -19,7 +24,7 @@ for several rounds, so machine noise hits all alike. Per configuration:
 Prints ONE JSON line.
 
     python scripts/bench/moe.py [--world 2] [--batch 8] [--seq-len 64] [--rounds 5] [--steps 2]
-        [--stage 2] [--k 1] [--capacity-factor 1.25] [--device cuda]
+        [--stage 2] [--k 1] [--capacity-factor 1.25] [--size tiny|small] [--device cuda]
 """
 
 from __future__ import annotations
@@ -72,13 +77,37 @@ def _engine_bytes(eng: ZeroEngine) -> int:
 def _build(kind: str, args: argparse.Namespace, comm: SiteComm, device: torch.device):
     torch.manual_seed(0)
     opts = MoEOptions(k=args.k, capacity_factor=args.capacity_factor)
-    size = "tiny" if kind == "dense" else "moe-tiny"
+    size = args.size if kind == "dense" else f"moe-{args.size}"
     model = build_model(size, vocab_size=256, seq_len=args.seq_len, moe=opts,
                         ep=1 if kind == "moe_ep1" else comm.world).to(device)  # fmt: skip
     if kind != "dense":
         model.bind_site(comm)
     eng = ZeroEngine(model, stage=args.stage, optim="adamw", comm=comm)
     return model, eng
+
+
+def _unit_memory(model, eng: ZeroEngine, ep: int) -> dict[str, int | bool]:
+    """Stage 3's block buffers (bytes if every unit were gathered, the largest unit) against
+    the formulas: a block holds its dense parameters and 1/ep of its experts."""
+    if eng.shards is None:
+        return {}
+    units = [u.buf.numel() * u.buf.element_size() for u in eng.shards.units]
+    size = eng.compute_dtype.itemsize
+    experts = {n: p for n, p in model.named_parameters() if ".experts." in n}
+    X = sum(eng.layout.spec(n).numel for n in experts)
+    want_all = size * (eng.layout.numel - X + X // ep)
+    want_max = 0
+    for u in eng.shards.units:
+        specs = [eng.layout.specs[i] for i in u.params]
+        xk = sum(s.numel for s in specs if s.name in experts)
+        want_max = max(want_max, size * (sum(s.numel for s in specs) - xk + xk // ep))
+    return {
+        "unit_bytes": sum(units),
+        "unit_bytes_formula": want_all,
+        "max_unit_bytes": max(units),
+        "max_unit_bytes_formula": want_max,
+        "unit_bytes_match_formula": sum(units) == want_all and max(units) == want_max,
+    }
 
 
 def _rank(rank: int, world: int, path: str, args: argparse.Namespace) -> None:
@@ -136,7 +165,7 @@ def _report(args, world, built, times, saved, a2a, peak) -> dict:
     S = tokens // world
     cap = opts.capacity(S)
     formula = len(moe_model.moe_layers()) * 4 * opts.experts * cap * d * 4
-    res = {"bench": "moe", "world": world, "stage": args.stage, "k": opts.k,
+    res = {"bench": "moe", "size": args.size, "world": world, "stage": args.stage, "k": opts.k,
            "capacity_factor": opts.capacity_factor, "global_tokens_per_step": tokens,
            "threads_per_rank": 1, "device": args.device}  # fmt: skip
     for k in CONFIGS:
@@ -150,6 +179,7 @@ def _report(args, world, built, times, saved, a2a, peak) -> dict:
             "saved_activation_bytes_per_rank": saved[k],
             "all_to_all_bytes_per_rank_step": a2a[k],
             **({"peak_allocated": peak[k]} if k in peak else {}),
+            **_unit_memory(model, eng, world if k == "moe_ep" else 1),
         }
     res["moe_ep"]["all_to_all_formula"] = formula
     res["moe_ep"]["all_to_all_matches_formula"] = a2a["moe_ep"] == formula
@@ -170,6 +200,7 @@ def main() -> None:
     ap.add_argument("--stage", type=int, default=2)
     ap.add_argument("--k", type=int, default=1)
     ap.add_argument("--capacity-factor", type=float, default=1.25)
+    ap.add_argument("--size", default="tiny", choices=("tiny", "small"))
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

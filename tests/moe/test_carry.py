@@ -64,7 +64,7 @@ def _cli(main, argv: list[str], capsys) -> tuple[int, str, str]:
 def test_ep2_checkpoint_resumes_at_ep1_and_exports_and_samples(tmp_path, capsys):
     from loco import export, sample
 
-    ref = _run(tmp_path / "two", 2, "zero.stage=2")
+    ref = _run(tmp_path / "two", 2, "zero.stage=3")  # each rank keeps only its experts
     _resume_at(tmp_path, "two", ref, 1, 0)
     # the final model (summary), the checkpoint and an export are one MoE model, bitwise
     run = tmp_path / "two"
@@ -92,13 +92,14 @@ def test_ep1_checkpoint_resumes_at_ep2_stage_3(tmp_path):
 
 
 @pytest.mark.slow
-def test_federation_of_moe_sites_with_different_rank_counts(tmp_path):
-    """eu (2 ranks, ep = 2, ZeRO 2) and us (1 rank, ep = 1) under NoLoCo: each rank pulls its
-    range of the flat space (experts included) from whichever partner ranks own it; both sites
-    end on the same parameters."""
+@pytest.mark.parametrize("stage", [2, 3])
+def test_federation_of_moe_sites_with_different_rank_counts(tmp_path, stage):
+    """eu (2 ranks, ep = 2, ZeRO 2, or 3: each rank keeps only its experts) and us (1 rank,
+    ep = 1) under NoLoCo: each rank pulls its range of the flat space (experts included) from
+    whichever partner ranks own it; both sites end on the same parameters."""
     out = run_federation(
         ["federation.sites=[eu,us]", "federation.nproc=[2,1]", "train.steps=15", "outer.H=5",
-         "gossip.insecure=true", "zero.stage=2", "model=moe-tiny", "model.n_layer=2",
+         "gossip.insecure=true", f"zero.stage={stage}", "model=moe-tiny", "model.n_layer=2",
          "train.batch_size=4", "train.seq_len=32", "train.eval_every=10", "train.eval_batches=2",
          "train.log_every=5", "train.warmup_steps=2", "train.lr=3e-3", "outer.final_average=true"],
         tmp_path, timeout=200,

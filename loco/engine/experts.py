@@ -1,0 +1,166 @@
+"""Expert-parallel parameters at ZeRO stage 3: rows of stacked parameters that only some ranks
+compute, kept (gathered, freed, reduced) by those ranks only.
+
+A model may declare, through ``model.expert_rows(world)``, parameters whose first dimension is
+split among the site's ranks: ``{name: [(a_r, b_r) for each site rank r]}``, rank r computing
+rows ``[a_r, b_r)`` (an MoE layer's experts: ``loco.model.moe_gpt.MoEGPT.expert_rows``). At
+stage 3 rank r's block buffer then holds only its rows of such a parameter (the parameter
+becomes a view of shape ``(b_r - a_r, ...)``), and those rows move point to point:
+
+- **gather**: from the owner of each piece of the fp32 master shard (the uniform partition of
+  ``loco.engine.flat``, unchanged: the outer loop, checkpoints and gossip see the same ranges)
+  to each rank that computes it;
+- **gradient**: from each rank that computes it to the owner of the master piece, which sums
+  what arrives (ranks computing the same rows are data-parallel replicas) into its gradient
+  shard.
+
+Everything else (the dense parameters) is gathered and reduced by the group's collectives as
+before. Without declared rows a unit is laid out exactly as ``FlatLayout.spans_of`` lays it
+out, so dense models are unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from loco.engine.flat import FlatLayout
+from loco.site_comm import SiteComm
+
+GATHER_TAG, GRAD_TAG = 17, 18
+"""Point-to-point tags: gathers match gathers and gradients match gradients, each in issue
+order (every rank walks the same moves in the same order)."""
+
+
+@dataclass(frozen=True)
+class Move:
+    """Global values ``[lo, hi)`` between the master owner ``owner`` and the rank ``computer``
+    that computes them; ``buf``: where they sit in this rank's unit buffer (when this rank is
+    ``computer``; -1 otherwise)."""
+
+    owner: int
+    computer: int
+    lo: int
+    hi: int
+    buf: int
+
+
+@dataclass(frozen=True)
+class UnitPlan:
+    """One unit's (or bucket's) buffer on this rank: ``segments`` ``(lo, hi)`` in buffer order,
+    ``pieces`` of the dense segments by owner ``(owner, buf_lo, buf_hi, lo, hi)`` (the
+    collectives), ``moves`` of the expert rows (point to point), ``pos`` of each parameter."""
+
+    segments: list[tuple[int, int]]
+    pieces: list[tuple[int, int, int, int, int]]
+    moves: list[Move]
+    pos: dict[int, int]
+    size: int
+
+
+class ExpertRows:
+    """The rows of each declared parameter that each rank of a ``world``-rank group computes.
+
+    Args:
+        layout: the flat layout (full shapes: every rank's flat space holds every row).
+        rows: ``{name: [(a_r, b_r) per rank]}``; validated against the layout.
+        world, rank: the group.
+    """
+
+    def __init__(self, layout: FlatLayout, rows: Mapping[str, Sequence[tuple[int, int]]],
+                 world: int, rank: int) -> None:  # fmt: skip
+        self.layout, self.world, self.rank = layout, world, rank
+        self.spans: dict[int, list[tuple[int, int]]] = {}
+        for name, per_rank in rows.items():
+            spec = layout.spec(name)
+            if len(per_rank) != world:
+                raise ValueError(
+                    f"expert rows of {name}: {len(per_rank)} entries for {world} ranks"
+                )
+            row = spec.numel // spec.shape[0]
+            spans = []
+            for a, b in per_rank:
+                if not 0 <= a < b <= spec.shape[0]:
+                    raise ValueError(f"expert rows [{a}, {b}) of {name} outside {spec.shape[0]}")
+                spans.append((spec.offset + a * row, spec.offset + b * row))
+            self.spans[layout.index(name)] = spans
+
+    @classmethod
+    def of(cls, model: nn.Module, layout: FlatLayout, world: int, rank: int) -> ExpertRows | None:
+        """The model's declaration (``model.expert_rows(world)``), or None when it has none."""
+        declare = getattr(model, "expert_rows", None)
+        rows = declare(world) if declare is not None and world > 1 else {}
+        return cls(layout, rows, world, rank) if rows else None
+
+    def kept(self, i: int) -> tuple[int, int]:
+        """The global span of parameter ``i`` this rank keeps (the whole one unless declared)."""
+        if i in self.spans:
+            return self.spans[i][self.rank]
+        s = self.layout.specs[i]
+        return s.offset, s.end
+
+    def kept_shape(self, i: int) -> tuple[int, ...]:
+        shape = self.layout.specs[i].shape
+        if i not in self.spans:
+            return shape
+        lo, hi = self.spans[i][self.rank]
+        return ((hi - lo) // (self.layout.specs[i].numel // shape[0]), *shape[1:])
+
+    def plan(self, indices: list[int]) -> UnitPlan:
+        """The buffer of the parameters ``indices`` on this rank (see :class:`UnitPlan`)."""
+        return plan_unit(self.layout, indices, self, self.world)
+
+
+def plan_unit(layout: FlatLayout, indices: list[int], rows: ExpertRows | None,
+              world: int) -> UnitPlan:  # fmt: skip
+    """:meth:`ExpertRows.plan`; with ``rows`` None, the layout's own spans (no moves)."""
+    order = sorted(indices, key=lambda i: layout.specs[i].offset)
+    segments: list[tuple[int, int, bool]] = []
+    pos: dict[int, int] = {}
+    size = 0
+    for i in order:
+        expert = rows is not None and i in rows.spans
+        lo, hi = rows.kept(i) if rows is not None else (layout.specs[i].offset, layout.specs[i].end)
+        pos[i] = size
+        if segments and segments[-1][1] == lo and not expert and not segments[-1][2]:
+            segments[-1] = (segments[-1][0], hi, False)
+        else:
+            segments.append((lo, hi, expert))
+        size += hi - lo
+    pieces, at = [], 0
+    for lo, hi, expert in segments:
+        if not expert:
+            pieces += [
+                (r, at + s - lo, at + t - lo, s, t) for r, s, t in layout.owners((lo, hi), world)
+            ]
+        at += hi - lo
+    moves = _moves(layout, order, rows, pos, world) if rows is not None else []
+    return UnitPlan([(a, b) for a, b, _ in segments], pieces, moves, pos, size)
+
+
+def _moves(layout: FlatLayout, order: list[int], rows: ExpertRows, pos: dict[int, int],
+           world: int) -> list[Move]:  # fmt: skip
+    """Every (master owner, computing rank) piece of the declared rows in ``order``, the same
+    list on every rank."""
+    out = []
+    for i in order:
+        for c, (lo, hi) in enumerate(rows.spans.get(i, [])):
+            for r, s, t in layout.owners((lo, hi), world):
+                buf = pos[i] + s - lo if c == rows.rank else -1
+                out.append(Move(r, c, s, t, buf))
+    return out
+
+
+def stage3_rows(model: nn.Module, layout: FlatLayout, comm: SiteComm, *, stage: int,
+                device: torch.device, offload_params: str) -> ExpertRows | None:  # fmt: skip
+    """The expert rows a ZeRO engine keeps per rank: at stage 3 only, not with the parameter
+    tier (its reads are the dense pieces'), nor for CUDA tensors on gloo (whose point-to-point
+    ops take host memory); None otherwise."""
+    if stage != 3 or offload_params != "none":
+        return None
+    if device.type != "cpu" and comm.backend == "gloo":
+        return None
+    return ExpertRows.of(model, layout, comm.world, comm.rank)
