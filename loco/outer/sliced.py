@@ -96,9 +96,20 @@ def pack_mean(members: list[str], averaged: list[str], frame: Any) -> bytes:
     return head + bytes(mask) + memoryview(frame).cast("B").tobytes()
 
 
+class OtherView(Exception):
+    """A well-formed slice average over another set of members (a membership change seen by
+    one site a round before another): not used, and no strike."""
+
+
+def pack_marker(members: list[str]) -> bytes:
+    """A ``dmean`` frame without values: "no average of mine here" under this view."""
+    return PREFIX.pack(MAGIC, view_crc(members), len(members)) + bytes((len(members) + 7) // 8)
+
+
 def unpack_mean(buf: Any, members: list[str], max_numel: int) -> tuple[torch.Tensor, set[str]]:
     """The values and the averaged members of a ``dmean`` frame. PayloadError when its header
-    is malformed, names another set of members, or its frame does not decode."""
+    is malformed or its frame does not decode; :class:`OtherView` when it is over other
+    members."""
     mv = memoryview(buf).cast("B")
     n = len(members)
     if len(mv) < PREFIX.size:
@@ -106,14 +117,18 @@ def unpack_mean(buf: Any, members: list[str], max_numel: int) -> tuple[torch.Ten
     magic, crc, count = PREFIX.unpack_from(mv)
     if magic != MAGIC:
         raise PayloadError("slice average: bad magic")
-    if count != n or crc != view_crc(members) or count > MAX_MEMBERS:
-        raise PayloadError(f"slice average over another view of the members ({count} of them)")
+    if count > MAX_MEMBERS:
+        raise PayloadError(f"slice average over {count} members (at most {MAX_MEMBERS})")
+    if count != n or crc != view_crc(members):
+        raise OtherView(f"slice average over another view of the members ({count} of them)")
     end = PREFIX.size + (n + 7) // 8
     if len(mv) < end:
         raise PayloadError("slice average: truncated member mask")
     mask = bytes(mv[PREFIX.size : end])
     if n % 8 and mask[-1] >> (n % 8):
         raise PayloadError("slice average: member mask names more members than the view")
+    if len(mv) == end:  # a marker under our own view: that range is not the owner's slice
+        raise PayloadError("slice average asked of a range outside its owner's slice")
     got = {m for i, m in enumerate(members) if mask[i // 8] >> (i % 8) & 1}
     values = decode(mv[end:], max_numel=max_numel).float()
     if not bool(torch.isfinite(values).all()):
@@ -214,15 +229,13 @@ class SlicedReduce:
         others = [(k, a, b) for k, a, b in pieces(self.P, n, self.lo, self.hi) if k != me]
         means = {a: self.pool.submit(self._pull_mean, rid, members[k], a, b, members)
                  for k, a, b in others}  # fmt: skip
-        for _, a, b in mine:
+        piece, frame = None, None
+        for _, a, b in mine:  # at most one: a slice meets a range in one piece
             got = self._collect(rid, jobs[a], missing, own, phi, a, b)
-            val = self._average(own, a, b, got)
-            frame = self._encode_mean(val)
-            averaged = sorted([self.site, *got])
-            label = f"avg.{self.payloads.codec}"
-            self.node.publish(rid, MEAN_STREAM, None,
-                              segments=[self._segment(a, b, pack_mean(members, averaged, frame), label)])  # fmt: skip
+            frame = self._encode_mean(self._average(own, a, b, got))
+            piece = (a, b, pack_mean(members, sorted([self.site, *got]), frame))
             mean[a - self.lo : b - self.lo].copy_(decode(frame).float())
+        self._publish_mean(rid, members, piece)
         for k, a, b in others:
             val, averaged, cause = means[a].result()
             if val is not None:
@@ -241,6 +254,20 @@ class SlicedReduce:
                     missing.setdefault(p, f"not in slice {k}")
             mean[a - self.lo : b - self.lo].copy_(val)
         return mean, {p: missing.get(p, "") for p in partners}
+
+    def _publish_mean(self, rid: int, members: list[str], piece: tuple | None) -> None:
+        """Publish this rank's average ``piece`` ``(a, b, dmean frame)`` and a marker over
+        the rest of its range: whatever range a puller of another view asks for is covered
+        (it reads the marker's view and falls back; no strike)."""
+        if self.lo >= self.hi:
+            return
+        a, b = (piece[0], piece[1]) if piece is not None else (self.hi, self.hi)
+        label, marker = f"avg.{self.payloads.codec}", pack_marker(members)
+        segs = [self._segment(x, y, marker, label)
+                for x, y in ((self.lo, a), (b, self.hi)) if x < y]  # fmt: skip
+        if piece is not None:
+            segs.append(self._segment(a, b, piece[2], label))
+        self.node.publish(rid, MEAN_STREAM, None, segments=segs)
 
     def _pull_deltas(self, rid: int, a: int, b: int, partners: list[str]) -> dict[str, Future]:
         dec = piece_payloads(self.payloads, a, b)
@@ -287,10 +314,15 @@ class SlicedReduce:
         ``(None, None, cause)``; never raises for remote faults."""
         values: list[torch.Tensor] = []
         sets: list[set[str]] = []
+        other: list[str] = []
         dec = piece_payloads(self.payloads, a, b)
 
         def check(buf, numel: int) -> None:
-            v, got = unpack_mean(buf, members, min(numel, dec.max_numel))
+            try:
+                v, got = unpack_mean(buf, members, min(numel, dec.max_numel))
+            except OtherView as e:  # not the owner's fault: nothing of it is used
+                other.append(str(e))
+                return
             values.append(v)
             sets.append(got)
 
@@ -300,6 +332,9 @@ class SlicedReduce:
                              segment_bytes=self._mean_bytes(), timeout_s=timeout)  # fmt: skip
         if not res.ok:
             return None, None, res.cause
+        if other:
+            self.node.count_failure("slice_other_view")
+            return None, None, "other_view"
         try:
             val = dec.assemble(res, values, MEAN_STREAM)
         except PayloadError as e:

@@ -21,7 +21,14 @@ from loco.gossip import GossipNode
 from loco.outer import build_outer
 from loco.outer.exchange import RangePayloads, codec_options
 from loco.outer.loop import OuterLoop
-from loco.outer.sliced import SlicedReduce, pack_mean, pieces, unpack_mean
+from loco.outer.sliced import (
+    OtherView,
+    SlicedReduce,
+    pack_marker,
+    pack_mean,
+    pieces,
+    unpack_mean,
+)
 from loco.ranges import rank_range
 from tests.outer.test_loop import run_parallel
 
@@ -45,9 +52,11 @@ class RangeFlat:
         pass
 
 
-def federation(spec: dict[str, int], codec: str, reduce: str = "sliced", dead=(), tau=0):
+def federation(spec: dict[str, int], codec: str, reduce: str = "sliced", dead=(), tau=0,
+               sees: dict[str, tuple[str, ...]] | None = None):  # fmt: skip
     """``{site: [OuterLoop per rank]}``; every site starts from the same weights. The sites in
-    ``dead`` are configured peers that never answer."""
+    ``dead`` are configured peers that never answer; ``sees[site]``: more dead peers that only
+    ``site`` is configured with (another view of the members)."""
     theta0 = torch.from_numpy(np.random.default_rng(7).standard_normal(P).astype(np.float32))
     sites: dict[str, list[OuterLoop]] = {}
     for site, nproc in spec.items():
@@ -75,7 +84,8 @@ def federation(spec: dict[str, int], codec: str, reduce: str = "sliced", dead=()
         sites[site] = loops
     for site, loops in sites.items():
         peers = {s: ls[0].node.server.address for s, ls in sites.items() if s != site}
-        peers.update({d: "127.0.0.1:9" for d in dead})  # discard port: refused at once
+        extra = (sees or {}).get(site, ())
+        peers.update({d: "127.0.0.1:9" for d in (*dead, *extra)})  # discard port: refused
         for loop in loops:
             loop.node.peers = peers
     return sites
@@ -173,6 +183,27 @@ def test_a_dead_owner_s_slice_is_averaged_by_every_site_itself():
     assert float((means[0] - exact).abs().max()) <= 2 * big / 254 * 1.001
 
 
+def test_another_view_of_the_members_falls_back_without_a_strike():
+    """us counts a dead site sa as a member, asia and eu do not: the averages of either side
+    are over other members, so each side averages the other side's slices itself; nobody is
+    struck, every site still averages all three deltas."""
+    sites = federation({"asia": 1, "eu": 1, "us": 1}, "int8", sees={"us": ("sa",)})
+    try:
+        true = train_round(sites)
+        recs = {s: ls[0].history[0] for s, ls in sites.items()}
+        means = {s: site_cat(ls, lambda lp: lp.last_means[0]) for s, ls in sites.items()}
+    finally:
+        close(sites)
+    for s, rec in recs.items():
+        assert rec["n"] == 3 and not rec.get("strikes"), rec
+        assert rec["fail_slice_other_view"] == 2 if s == "us" else 1, rec
+    assert torch.equal(means["asia"], means["eu"])  # the same averages and the same fallback
+    exact = torch.stack(list(true.values())).mean(0)
+    big = max(float(d.abs().max()) for d in true.values())
+    for m in means.values():
+        assert float((m - exact).abs().max()) <= 2 * big / 254 * 1.001
+
+
 @pytest.mark.parametrize("codec", ["none", "int8"])
 def test_sites_of_two_and_one_ranks_line_up(codec):
     """Rank boundaries cut the slices; a rank handles its part of each slice."""
@@ -202,7 +233,6 @@ def test_mean_frame_is_checked_before_use():
     for bad in (
         buf[:5],  # shorter than its header
         b"XXXX" + buf[4:],  # magic
-        pack_mean(["asia", "eu"], ["asia"], frame),  # another view of the members
         buf[:10] + bytes([buf[10] | 0x80]) + buf[11:],  # a mask bit past the members
         buf[:-1],  # truncated frame
     ):
@@ -210,6 +240,14 @@ def test_mean_frame_is_checked_before_use():
             unpack_mean(bad, members, 10)
     with pytest.raises(PayloadError):  # more values than the segment holds
         unpack_mean(buf, members, 9)
+    with pytest.raises(PayloadError):  # a marker where an average was asked for
+        unpack_mean(pack_marker(members), members, 10)
+    with pytest.raises(OtherView):  # a marker of another view
+        unpack_mean(pack_marker(["asia", "eu"]), members, 10)
+    with pytest.raises(OtherView):  # well formed, over other members: no strike
+        unpack_mean(pack_mean(["asia", "eu"], ["asia"], frame), members, 10)
+    with pytest.raises(PayloadError):  # a member count past the bound
+        unpack_mean(struct.pack("<4sIH", b"LSM1", 0, 5000) + bytes(625) + frame, members, 10)
     assert struct.calcsize("<4sIH") == 10
 
 
