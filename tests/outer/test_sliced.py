@@ -183,6 +183,27 @@ def test_a_dead_owner_s_slice_is_averaged_by_every_site_itself():
     assert float((means[0] - exact).abs().max()) <= 2 * big / 254 * 1.001
 
 
+def test_an_implausible_average_is_struck_and_its_slice_averaged_here():
+    """us publishes finite garbage (1e30) as its slice's average: asia and eu strike it, average
+    that slice themselves, and agree; no garbage reaches them."""
+    sites = federation({"asia": 1, "eu": 1, "us": 1}, "int8")
+    sites["us"][0].rounds.sliced._encode_mean = lambda v: encode(torch.full_like(v, 1e30), "int8")
+    try:
+        true = train_round(sites)
+        recs = {s: ls[0].history[0] for s, ls in sites.items()}
+        means = {s: site_cat(ls, lambda lp: lp.last_means[0]) for s, ls in sites.items()}
+    finally:
+        close(sites)
+    for s in ("asia", "eu"):
+        rec = recs[s]
+        assert rec["fail_implausible"] == 1 and rec["fail_slice_fallback"] == 1, rec
+        assert rec["strikes"] == 1 and rec["n"] == 3, rec
+    assert torch.equal(means["asia"], means["eu"])
+    exact = torch.stack(list(true.values())).mean(0)
+    big = max(float(d.abs().max()) for d in true.values())
+    assert float((means["asia"] - exact).abs().max()) <= 2 * big / 254 * 1.001
+
+
 def test_another_view_of_the_members_falls_back_without_a_strike():
     """us counts a dead site sa as a member, asia and eu do not: the averages of either side
     are over other members, so each side averages the other side's slices itself; nobody is
