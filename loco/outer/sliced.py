@@ -229,7 +229,7 @@ class SlicedReduce:
         others = [(k, a, b) for k, a, b in pieces(self.P, n, self.lo, self.hi) if k != me]
         means = {a: self.pool.submit(self._pull_mean, rid, members[k], a, b, members)
                  for k, a, b in others}  # fmt: skip
-        piece, frame = None, None
+        piece = None
         for _, a, b in mine:  # at most one: a slice meets a range in one piece
             got = self._collect(rid, jobs[a], missing, own, phi, a, b)
             frame = self._encode_mean(self._average(own, a, b, got))

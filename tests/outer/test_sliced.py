@@ -131,6 +131,9 @@ def test_sliced_mean_is_bitwise_equal_everywhere_and_the_full_mean_within_the_co
             got[reduce] = {s: site_cat(ls, lambda lp: lp.last_means[0]) for s, ls in sites.items()}
             phis = {s: site_cat(ls, lambda lp: lp.state.phi) for s, ls in sites.items()}
             assert all(ls[0].history[0]["n"] == 4 for ls in sites.values())
+            # error feedback: each piece's encoder kept its part of the rank's residual
+            assert all(int((ls[0].payloads.ef.residual[:P] != 0).sum()) > P // 2
+                       for ls in sites.values())  # fmt: skip
         finally:
             close(sites)
         means = list(got[reduce].values())
