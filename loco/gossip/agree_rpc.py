@@ -1,17 +1,30 @@
 """The pairing agreement on the wire: proposals served and fetched, settled groups, the gate.
 
-Per NoLoCo round ``t``, rank 0 of each site (:func:`agree`)::
+Per NoLoCo round ``t``, EVERY rank of each site, from the live view its rank 0 broadcast::
 
     mine = propose(seed, t, live view, site, odd, roster)     # loco.gossip.agreement
     book.propose(mine)                                        # served by the Proposal RPC
     fetch the proposal of every other member of mine.group    # bounded, concurrent
     group = settle(mine, received)                            # mine.group, or (site,) alone
+    book.settle(t, group)                                     # this rank's own gate
 
-and every rank of the site then calls ``book.settle(t, group)`` on its own server. From then on
-(:meth:`ProposalBook.admit`) the rank serves round ``t``'s payload streams only to the members
-of ``group``; a pull from anyone else is refused with ABORTED (the client's cause
-``not_agreed``, the server's counter ``served_fail_not_agreed``); a pull that arrives before
-the settle waits for it (bounded by the call's deadline and ``max_wait_s``).
+(:func:`propose_round` at the boundary; :func:`exchange` and the settle where the round's pulls
+run, on a background thread when the round overlaps training.) Same view, same roster: every
+rank of a site proposes the same group; the other members' proposals are fetched from their
+rank 0. From the settle on (:meth:`ProposalBook.admit`) the rank serves round ``t``'s payload
+streams only to the members of ``group``; a pull from anyone else is refused with ABORTED (the
+client's cause ``not_agreed``, the server's counter ``served_fail_not_agreed``); a pull that
+arrives before the settle waits for it (bounded by the call's deadline and ``max_wait_s``).
+
+Each rank settles on its own, so one rank's fetch may fail where another's succeeds. That is
+safe because the gates are per rank too: a rank that settled alone neither pulls the partner
+nor serves it, so the partner's rank pulling that range is refused (``not_agreed``) and steps
+alone on it as well; with the same rank counts on both sites (the same ranges), every range is
+either averaged by both sites or by neither (a failed pull aside, as before). With different
+rank counts a rank's range spans several of the partner's ranks: if those settled differently
+the pull fails as a whole and this rank steps alone, while the partner's rank that settled with
+it may still pull its own smaller piece: one site mixes a piece the other does not, the outcome
+of a one-way failed pull, which rounds already tolerate (never a value from outside the group).
 
 A proposal from a peer is hostile: its bytes are bounded before they are parsed, and a
 proposal that is not :meth:`~loco.gossip.agreement.Proposal.valid`, or names another site or
@@ -208,19 +221,26 @@ class Settled:
         return [s for s in self.group if s != self.proposal.site]
 
 
-def agree(
-    *, client: Any, book: ProposalBook, site: str, round: int, view: list[str],
-    roster: list[str], seed: int, odd: str, address_of: Callable[[str], str | None],
-    timeout_s: float, pool: ThreadPoolExecutor,
-) -> Settled:  # fmt: skip
-    """Propose, publish, fetch the other members' proposals and settle (module docstring).
-    ``address_of(site)``: the address of the site's rank 0 (None: unreachable). Counts
-    ``agree_rounds``, ``agree_alone`` (a proposed group not kept) and ``agree_seconds``."""
-    t0 = time.monotonic()
+def propose_round(*, book: ProposalBook, site: str, round: int, view: list[str],
+                  roster: list[str], seed: int, odd: str) -> Proposal:  # fmt: skip
+    """This site's proposal of ``round`` from ``view``, served from now on by ``book``'s
+    Proposal RPC (no message: cheap enough for the boundary)."""
     mine = propose(seed, round, view, site, odd, roster)
     book.propose(mine)
-    others = [s for s in mine.group if s != site]
-    jobs = {s: pool.submit(_fetch, client, address_of, s, round, timeout_s) for s in others}
+    return mine
+
+
+def exchange(
+    *, client: Any, mine: Proposal, address_of: Callable[[str], str | None], timeout_s: float,
+    pool: ThreadPoolExecutor,
+) -> Settled:  # fmt: skip
+    """Fetch the proposals of the other members of ``mine.group`` (concurrently, each within
+    ``timeout_s``) and settle. ``address_of(site)``: the address to fetch ``site``'s proposal
+    from (None: unreachable). Counts ``agree_rounds``, ``agree_alone`` (a proposed group not
+    kept) and ``agree_seconds``; no collective, so any thread of any rank may call it."""
+    t0 = time.monotonic()
+    others = [s for s in mine.group if s != mine.site]
+    jobs = {s: pool.submit(_fetch, client, address_of, s, mine.round, timeout_s) for s in others}
     received, causes = {}, {}
     for s, job in jobs.items():
         got = job.result()
@@ -237,7 +257,19 @@ def agree(
     client.metrics.add("agree_seconds", secs)
     if others and len(group) == 1:
         client.metrics.add("agree_alone")
-    return Settled(round, mine, group, causes, secs)
+    return Settled(mine.round, mine, group, causes, secs)
+
+
+def agree(
+    *, client: Any, book: ProposalBook, site: str, round: int, view: list[str],
+    roster: list[str], seed: int, odd: str, address_of: Callable[[str], str | None],
+    timeout_s: float, pool: ThreadPoolExecutor,
+) -> Settled:  # fmt: skip
+    """:func:`propose_round` then :func:`exchange` (module docstring)."""
+    mine = propose_round(book=book, site=site, round=round, view=view, roster=roster,
+                         seed=seed, odd=odd)  # fmt: skip
+    return exchange(client=client, mine=mine, address_of=address_of, timeout_s=timeout_s,
+                    pool=pool)  # fmt: skip
 
 
 def _fetch(client: Any, address_of: Callable[[str], str | None], s: str, round: int,

@@ -2,9 +2,10 @@
 
 This is what the outer loop calls. Per NoLoCo round t::
 
-    got = node.agree(t, node.live_sites())            # rank 0: propose, exchange, settle
-    node.settle(t, got.group)                           # every rank (rank 0's group, broadcast)
+    mine = node.propose(t, live)                        # every rank, rank 0's live view
     node.publish(t, "delta", delta_payload)             # this rank's range, before pulling
+    got = node.exchange(mine)                           # the partners' proposals; no collective
+    node.settle(t, got.group)                           # this rank's gate opens to the group
     for partner in got.partners:                        # the settled group, less this site
         res = node.pull(partner, t, "delta")            # this rank's own range [lo, hi)
         if not res.ok: ...                              # local round (n = 1); res.cause counted
@@ -21,8 +22,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from ._pb import gossip_pb2 as pb
-from .agree_rpc import Settled, agree
-from .agreement import MAX_GROUP
+from .agree_rpc import Settled, exchange, propose_round
+from .agreement import MAX_GROUP, Proposal
 from .client import GossipClient, PeerInfo, PullResult, Validator
 from .counters import GossipMetrics
 from .errors import GossipError, PeerUnavailable
@@ -205,18 +206,27 @@ class GossipNode:
         the members of the site's settled group of that round (see :meth:`settle`)."""
         self.server.agreement.require(exempt)
 
-    def agree(self, round: int, live: list[str], timeout_s: float | None = None) -> Settled:
-        """The pairing agreement of ``round`` (site rank 0): propose the group of the live view
-        ``live`` and the roster, fetch the other members' proposals (each within ``timeout_s``,
-        default the pull timeout) and settle (``loco.gossip.agree_rpc.agree``). Every rank of
-        the site then calls :meth:`settle` with the result's group."""
+    def propose(self, round: int, live: list[str]) -> Proposal:
+        """This site's proposal of ``round`` from the live view ``live`` and the roster, served
+        from now on by this rank's Proposal RPC (no message). Every rank of a site given the
+        same views proposes the same group."""
         self._roster.update(live)
-        return agree(
-            client=self.client, book=self.server.agreement, site=self.site, round=round,
-            view=live, roster=sorted(self._roster), seed=self.seed, odd=self.odd,
-            address_of=self._rank0_address, pool=self._agree_pool,
+        return propose_round(book=self.server.agreement, site=self.site, round=round,
+                             view=live, roster=sorted(self._roster), seed=self.seed,
+                             odd=self.odd)  # fmt: skip
+
+    def exchange(self, mine: Proposal, timeout_s: float | None = None) -> Settled:
+        """Fetch the other members' proposals of ``mine`` from their rank 0 (each within
+        ``timeout_s``, default the pull timeout) and settle (``agree_rpc.exchange``); no
+        collective. Then call :meth:`settle` with the result's group."""
+        return exchange(
+            client=self.client, mine=mine, address_of=self._rank0_address, pool=self._agree_pool,
             timeout_s=self.client.timeout_s if timeout_s is None else timeout_s,
         )  # fmt: skip
+
+    def agree(self, round: int, live: list[str], timeout_s: float | None = None) -> Settled:
+        """:meth:`propose` then :meth:`exchange` (``loco.gossip.agree_rpc``)."""
+        return self.exchange(self.propose(round, live), timeout_s)
 
     def settle(self, round: int, group: tuple[str, ...] | list[str]) -> None:
         """This site's settled group of ``round``: this rank serves the round to its members."""

@@ -282,23 +282,19 @@ class OuterLoop:
         live = self.node.live_sites() if self.comm.rank == 0 else None
         return list(self.comm.broadcast_object(live))
 
-    def _partners(self, t: int) -> tuple[list[str], dict[str, str]]:
-        """The partners of round ``t`` and, for each one that is not in the group this round,
-        why. DiLoCo: every live site. NoLoCo: the pairing agreement (``loco.gossip.agree_rpc``):
-        rank 0 proposes the group of its live view, exchanges proposals with the other members
-        and settles; the site's ranks all take rank 0's result and open their servers' gates to
-        that group. Collective when world > 1."""
+    def _partners(self, t: int) -> tuple[list[str], Any]:
+        """The partners of round ``t`` and, for NoLoCo, this site's proposal of it. DiLoCo:
+        every live site. NoLoCo: the other members of the group this site proposes from rank
+        0's live view (``loco.gossip.agree_rpc``); every rank proposes it and later settles it
+        on its own, where the round's pulls run (:meth:`Rounds.agree`), so the boundary never
+        waits for a partner. Collective when world > 1 (the live view's broadcast)."""
         if self.node is None:
-            return [], {}
+            return [], None
+        live = self._live()
         if self.all_live:
-            return [s for s in self._live() if s != self.site], {}
-        got = None
-        if self.comm.rank == 0:
-            agreed = self.node.agree(t, self.node.live_sites(), self.pull_timeout_s)
-            got = (agreed.group, agreed.proposed, agreed.causes)
-        group, proposed, causes = self.comm.broadcast_object(got)
-        self.node.settle(t, group)
-        return list(proposed), dict(causes)
+            return [s for s in live if s != self.site], None
+        mine = self.node.propose(t, live)
+        return [s for s in mine.group if s != self.site], mine
 
     def _rounds_of(self, j: int) -> tuple[Rounds, int, int | None]:
         """The rounds of sync ``j``, its round and its fragment (None without fragments)."""
@@ -309,16 +305,16 @@ class OuterLoop:
 
     @torch.no_grad()
     def _boundary(self, t: int, done: int, overlap: bool) -> None:
-        """Start round ``t`` (with fragments: sync ``t``) at inner step ``done``: publish, then
-        pull and merge now, or (with ``overlap`` and partners) pull in the background and
-        merge ``tau`` steps later."""
+        """Start round ``t`` (with fragments: sync ``t``) at inner step ``done``: propose and
+        publish, then settle the agreement, pull and merge now, or (with ``overlap`` and
+        proposed partners) settle and pull in the background and merge ``tau`` steps later."""
         t0 = time.perf_counter()
         rounds, rnd, f = self._rounds_of(t)
         delta = rounds.delta()
-        partners, refused = self._partners(t)
+        partners, proposal = self._partners(t)
         r = rounds.open(rnd, done, delta, partners, t0, wire=None if f is None else t,
-                        fragment=f, refused=refused)  # fmt: skip
-        if overlap and r.agreed:
+                        fragment=f, proposal=proposal)  # fmt: skip
+        if overlap and r.partners:  # the agreement and the pulls in the background
             rounds.start_pulls(r)
             r.stall = time.perf_counter() - t0
             self.pending = r

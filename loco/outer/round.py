@@ -55,11 +55,19 @@ class Round:
     fragment: int | None = None
     mean: torch.Tensor | None = None  # DiLoCo's sliced reduce: the assembled mean delta
     refused: dict[str, str] = field(default_factory=dict)  # partner not agreed -> why
+    proposal: Any = None  # NoLoCo: this site's proposal, settled by pull_all (agree_rpc)
 
     @property
     def agreed(self) -> list[str]:
         """The partners of the settled group (pulled); the others did not agree this round."""
         return [p for p in self.partners if p not in self.refused]
+
+    def refuse(self, causes: dict[str, str]) -> None:
+        """Drop the partners in ``causes`` (they did not agree to the group): never pulled."""
+        for p, cause in causes.items():
+            log.warning("round %d: partner %s did not agree (%s); n = 1 for it", self.rid, p, cause)
+            self.refused[p] = cause
+            self.pulled[p] = (None, None, cause)
 
     @property
     def rid(self) -> int:
@@ -113,10 +121,12 @@ class Rounds:
 
     def open(self, t: int, done: int, delta: torch.Tensor, partners: list[str], started: float,
              wire: int | None = None, fragment: int | None = None,
-             refused: dict[str, str] | None = None) -> Round:  # fmt: skip
+             refused: dict[str, str] | None = None, proposal: Any = None) -> Round:  # fmt: skip
         """Encode round ``t`` (boundary at step ``done``) and publish it as gossip round
-        ``wire`` (default ``t``); no pull yet. ``refused``: the partners that did not agree
-        to the round's group, with why (never pulled; dropped with that cause)."""
+        ``wire`` (default ``t``); no pull yet. ``refused``: the partners already known not to
+        be in the round's group, with why (never pulled; dropped with that cause).
+        ``proposal``: this site's proposal of the round (its group: ``partners`` and this
+        site), which :meth:`pull_all` settles before it pulls."""
         rid = t if wire is None else wire
         if self.payloads is None:
             out = Outgoing(t, delta, self.state.phi.clone(), (), 0)
@@ -132,10 +142,8 @@ class Rounds:
                 if stream == "delta" or not self.all_live:  # DiLoCo never pulls phi
                     self.publish(rid, stream, buf, label)
         r = Round(t, done, out, partners, started, served_before=served, wire=wire,
-                  fragment=fragment, refused=dict(refused or {}))  # fmt: skip
-        for p, cause in r.refused.items():
-            log.warning("round %d: partner %s did not agree (%s); n = 1 for it", rid, p, cause)
-            r.pulled[p] = (None, None, cause)
+                  fragment=fragment, proposal=proposal)  # fmt: skip
+        r.refuse(dict(refused or {}))
         return r
 
     def start_pulls(self, r: Round) -> None:
@@ -145,8 +153,11 @@ class Rounds:
         r.thread.start()
 
     def pull_all(self, r: Round) -> None:
-        """Pull every partner's delta (and phi) concurrently; fill ``r.pulled`` (sliced: and
-        ``r.mean``)."""
+        """Settle ``r``'s proposal (:meth:`agree`), then pull every agreed partner's delta (and
+        phi) concurrently; fill ``r.pulled`` (sliced: and ``r.mean``). No collective: it runs
+        on a background thread when the round overlaps training."""
+        if r.proposal is not None:
+            self.agree(r)
         if self.sliced is not None:
             self._pull_sliced(r)
             return
@@ -168,6 +179,20 @@ class Rounds:
             if d is None or ph is None:
                 log.warning("round %d: partner %s dropped (%s); n = 1 for it", r.rid, p, cause)
             r.pulled[p] = (d, ph, cause)
+
+    def agree(self, r: Round) -> None:
+        """The pairing agreement of ``r`` on this rank alone (``loco.gossip.agree_rpc``): fetch
+        the other members' proposals, settle (this rank's gate opens to the group), refuse the
+        proposed partners not in it. Any failure settles alone: the partner's pulls of this
+        rank's range are refused at once instead of waiting for a settle that never comes."""
+        try:
+            got = self.node.exchange(r.proposal, self.pull_timeout_s)
+            group, causes = got.group, got.causes
+        except Exception as e:  # noqa: BLE001 (the round goes on alone)
+            log.exception("round %d: the pairing agreement failed", r.rid)
+            group, causes = (self.site,), {p: getattr(e, "cause", "error") for p in r.partners}
+        self.node.settle(r.rid, group)
+        r.refuse(causes)
 
     def _pull_sliced(self, r: Round) -> None:
         """DiLoCo's sliced reduce: ``r.mean``, and ``r.pulled`` saying which partners' deltas

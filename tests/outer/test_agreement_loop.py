@@ -7,6 +7,8 @@ without overlap.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from loco.gossip.pairing import partners as pairing_partners
@@ -106,5 +108,42 @@ def test_overlap_rounds_with_disagreeing_views_step_alone():
         for s in sites.values():
             assert s.history[0]["n"] == 1 and "not_agreed" in s.history[0]["dropped"]
             assert _pulls(s) == (0, 0)
+    finally:
+        _close(sites)
+
+
+LATE_S = 1.0  # how much later the partner reaches the boundary
+MAX_BOUNDARY_S = 0.2  # the boundary's own work: encode + publish ~2 KB, a proposal; no message
+
+
+def test_overlap_boundary_does_not_wait_for_a_late_partner():
+    """tau = 3: eu reaches round 1's boundary LATE_S before us. The agreement runs with the
+    pulls in the background, so eu's boundary takes < MAX_BOUNDARY_S (it used to wait for us's
+    proposal: >= LATE_S), and the round still pairs (n = 2, the same mean on both sites)."""
+    sites = make_sites(["eu", "us"], ports_for(["eu", "us"]), codec="int8", tau=3, H=5, steps=10)
+    eu, us = sites["eu"], sites["us"]
+    took = {}
+
+    def run_eu():
+        g = torch.Generator().manual_seed(0)
+        for s in range(1, 11):
+            eu.flat.theta.add_(0.01 * torch.randn(eu.flat.theta.numel(), generator=g))
+            t0 = time.perf_counter()
+            eu.on_step_end(s)
+            took[s] = time.perf_counter() - t0
+
+    def run_us():
+        time.sleep(LATE_S)
+        inner_steps(us, 0, 10, 1)
+
+    try:
+        run_parallel([run_eu, run_us])
+        assert took[5] < MAX_BOUNDARY_S, took
+        # the merge three steps later waits for the rest: us's boundary, then the pulls
+        assert took[8] > LATE_S - 2 * MAX_BOUNDARY_S, took
+        for a, b in zip(eu.history, us.history, strict=True):
+            assert a["n"] == b["n"] == 2 and a["dropped"] == b["dropped"] == "", (a, b)
+            assert a["mean_crc"] == b["mean_crc"]
+        assert [r["step"] for r in eu.history] == [5, 10]
     finally:
         _close(sites)
