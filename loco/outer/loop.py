@@ -4,7 +4,8 @@ Per round ``t`` (boundary at inner step ``t * H``), on every rank of a site, on 
 
     delta = theta - phi                                  this site's inner progress
     live  = rank 0's live sites, broadcast to the site   so every rank pairs the same way
-    group = pairing(seed, t, live)   (noloco) | all live sites (diloco) | nobody (local)
+    group = pairing(seed, t, live)   (noloco: proposed; settled with the pulls, agree_rpc)
+            | all live sites (diloco) | nobody (local)
     publish encode(delta + e), phi   -> this rank's mailbox
     pull the partners' delta and phi on [lo, hi)         failures: that partner is dropped
     apply (methods.py) with the DECODED values of every member, own included, in site order

@@ -3,8 +3,8 @@
 :class:`Rounds` does the work of a round on the rank's own range; the ``OuterLoop`` decides
 when (``loco.outer.schedule``) and records it (``loco.outer.stats``)::
 
-    r = rounds.open(t, done, delta, partners, t0)   # encode(delta + e), phi; publish
-    rounds.pull_all(r)                              # (a thread, with overlap) fills r.pulled
+    r = rounds.open(t, done, delta, partners, t0, proposal=mine)  # encode, publish
+    rounds.pull_all(r)        # (a thread, with overlap) settle mine (NoLoCo), fill r.pulled
     merged = rounds.merge(r)                        # apply with the DECODED values, site order
 
 A partner whose pull failed, or whose payload is implausible (``loco.outer.plausible``; one
@@ -121,12 +121,11 @@ class Rounds:
 
     def open(self, t: int, done: int, delta: torch.Tensor, partners: list[str], started: float,
              wire: int | None = None, fragment: int | None = None,
-             refused: dict[str, str] | None = None, proposal: Any = None) -> Round:  # fmt: skip
+             proposal: Any = None) -> Round:  # fmt: skip
         """Encode round ``t`` (boundary at step ``done``) and publish it as gossip round
-        ``wire`` (default ``t``); no pull yet. ``refused``: the partners already known not to
-        be in the round's group, with why (never pulled; dropped with that cause).
-        ``proposal``: this site's proposal of the round (its group: ``partners`` and this
-        site), which :meth:`pull_all` settles before it pulls."""
+        ``wire`` (default ``t``); no pull yet. ``proposal``: NoLoCo, this site's proposal of
+        the round (its group: ``partners`` and this site), which :meth:`pull_all` settles
+        before it pulls (None: ``partners`` are pulled as they are)."""
         rid = t if wire is None else wire
         if self.payloads is None:
             out = Outgoing(t, delta, self.state.phi.clone(), (), 0)
@@ -141,10 +140,8 @@ class Rounds:
             for stream, (buf, label) in bufs.items():
                 if stream == "delta" or not self.all_live:  # DiLoCo never pulls phi
                     self.publish(rid, stream, buf, label)
-        r = Round(t, done, out, partners, started, served_before=served, wire=wire,
-                  fragment=fragment, proposal=proposal)  # fmt: skip
-        r.refuse(dict(refused or {}))
-        return r
+        return Round(t, done, out, partners, started, served_before=served, wire=wire,
+                     fragment=fragment, proposal=proposal)  # fmt: skip
 
     def start_pulls(self, r: Round) -> None:
         """Run :meth:`pull_all` of ``r`` on a background thread (overlap)."""
