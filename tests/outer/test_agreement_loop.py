@@ -8,12 +8,21 @@ without overlap.
 from __future__ import annotations
 
 import time
+import zlib
 
+import numpy as np
 import torch
 
+from loco.gossip import GossipNode
 from loco.gossip.pairing import partners as pairing_partners
+from loco.outer import build_outer
+from loco.outer.exchange import RangePayloads, codec_options
+from loco.outer.loop import OuterLoop
 
-from .test_loop import B, inner_steps, make_sites, ports_for, run_parallel
+from .test_fragments import RankFlat
+from .test_loop import LAYOUT, RUN, A, B, G, P, inner_steps, make_sites, ports_for, run_parallel
+
+PADDED = 3008  # two ranks' shards of P = 3001, padded as the engine pads
 
 
 def _pulls(loop) -> tuple[float, float]:
@@ -147,3 +156,61 @@ def test_overlap_boundary_does_not_wait_for_a_late_partner():
         assert [r["step"] for r in eu.history] == [5, 10]
     finally:
         _close(sites)
+
+
+def _rank_loop(name, ports, theta, r):
+    """Rank ``r`` of a two-rank site (its own OuterLoop and GossipNode, rank r on port + r)."""
+    node = GossipNode(
+        site=name, rank=r, nproc=2, flat_size=PADDED, run_id=RUN, layout_hash=LAYOUT,
+        listen=f"127.0.0.1:{ports[name]}",
+        peers={n: f"127.0.0.1:{ports[n]}" for n in ports if n != name},
+        insecure=True, heartbeat=False, pull_timeout_s=5.0, hello_timeout_s=1.0, max_retries=1,
+    ).start()  # fmt: skip
+    flat = RankFlat(theta, PADDED, 2, r)
+    pay = RangePayloads(shard=(flat.slo, flat.shi), owned=(flat.lo, flat.hi), codec="int8",
+                        delta_options=codec_options("int8", block=256, scale_dtype="fp32",
+                                                    stochastic=False, topk_fraction=0.1),
+                        flat_size=PADDED)  # fmt: skip
+    return OuterLoop(step=build_outer("noloco", alpha=A, beta=B, gamma=G), flat=flat, H=5,
+                     steps=10, node=node, payloads=pay, site=name, tau=2, linger_s=2.0)  # fmt: skip
+
+
+def test_one_rank_failing_its_exchange_steps_alone_with_the_partners_matching_rank():
+    """Two sites of two ranks each; eu's rank 1 cannot reach us (its proposal fetch fails:
+    ``unavailable``) while rank 0 can. Rank 1 settles alone, so its gate refuses us's rank 1
+    (``not_agreed``): that range steps alone on both sites, the other range pairs (n = 2, the
+    same mean on both sites), in the overlapped round and the blocking last one alike."""
+    ports = {"eu": 0, "us": 0}
+    while abs(ports["eu"] - ports["us"]) < 2:  # rank r listens on port + r
+        ports = ports_for(["eu", "us"])
+    loops = {}
+    for name in ("eu", "us"):
+        theta = torch.from_numpy(
+            np.random.default_rng(zlib.crc32(name.encode())).standard_normal(P).astype(np.float32)
+        )
+        for r in (0, 1):
+            loops[(name, r)] = _rank_loop(name, ports, theta, r)
+    loops[("eu", 1)].node._rank0_address = lambda site: None  # the fault: one rank's fetch
+
+    def go(key):  # training: each rank moves its own range of the site's theta
+        loop, g = loops[key], torch.Generator().manual_seed(zlib.crc32(key[0].encode()))
+        for s in range(1, 11):
+            loop.flat.master().add_(
+                (0.01 * torch.randn(P, generator=g))[loop.flat.lo : loop.flat.hi]
+            )
+            loop.on_step_end(s)
+        loop.finish()
+
+    try:
+        run_parallel([lambda k=k: go(k) for k in loops])
+        hist = {k: loop.history for k, loop in loops.items()}
+        for t in (0, 1):
+            eu0, us0, eu1, us1 = (hist[k][t] for k in (("eu", 0), ("us", 0), ("eu", 1), ("us", 1)))
+            assert eu0["n"] == us0["n"] == 2 and eu0["dropped"] == us0["dropped"] == "", (eu0, us0)
+            assert eu0["mean_crc"] == us0["mean_crc"]
+            assert eu1["n"] == 1 and eu1["dropped"] == "us:unavailable", eu1
+            assert us1["n"] == 1 and us1["dropped"] == "eu:not_agreed", us1
+        served = loops[("eu", 1)].node.metrics.snapshot()
+        assert served.get("served_pulls", 0) == 0 and served["served_fail_not_agreed"] >= 2
+    finally:
+        _close(loops)
