@@ -308,6 +308,8 @@ class OuterConfig(SlicedOptions):
 
     method: str = "noloco"
     H: int = 50
+    # the paper's values; conf/outer/noloco.yaml (the default) sets NoLoCo's best measured form
+    # (alpha 0.9, gamma 1.0, weights, nesterov, final average), noloco-spec.yaml these
     alpha: float = 0.5
     beta: float = 0.7
     gamma: float = 0.7

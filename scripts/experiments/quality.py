@@ -13,7 +13,7 @@ for the ``-8`` rows, each with the same per-worker batch).
   and the final average over the sites after the last step.
 - ``frontier``: ``noloco`` with sparse 2-bit deltas (``compression=sparse``) and coded phi
   (``FRONTIER``); ``frontier-fragments`` adds streaming fragments; ``frontier-8`` runs 8 sites.
-- ``noloco-paper``: the spec's update with the paper's settings, no final average.
+- ``noloco-paper``: the spec's update with the paper's settings (``outer=noloco-spec``), no final average.
 - ``local``: 4 sites that never talk. ``noloco-lattice``: 8-bit lattice phi.
 
 Each run is a real ``loco.local`` federation (real processes, real gRPC on loopback). Every
@@ -48,7 +48,8 @@ from loco.metrics import read_metrics  # noqa: E402
 
 SITES = ["eu", "us", "asia", "sa"]
 SITES8 = SITES + ["af", "oc", "me", "na"]
-# NoLoCo as run in the table (docs/quality.md says how these were chosen): pairwise rounds with
+# NoLoCo as run in the table (the values of conf/outer/noloco.yaml, spelled out so the row does
+# not move with the defaults; docs/quality.md says how they were chosen): pairwise rounds with
 # DiLoCo's outer optimizer on the pair's mean delta (Nesterov, alpha 0.9, beta 0.7), the gamma
 # pull on phi directly (gamma 1: each pair meets at its mean phi), and the final average
 NOLOCO = [
@@ -81,7 +82,7 @@ def rows(H: int, codec: str, steps: int) -> dict[str, tuple[list[str], int]]:
         "frontier": ([fed, *FRONTIER, h], 4),
         "frontier-fragments": ([fed, *FRONTIER, *FRAGMENTS, h], 4),
         "frontier-8": ([fed8, *FRONTIER, h], 8),
-        "noloco-paper": ([fed, "outer=noloco", h, f"compression={codec}"], 4),
+        "noloco-paper": ([fed, "outer=noloco-spec", h, f"compression={codec}"], 4),
         "local": ([fed, "outer=local", h], 4),
         "noloco-lattice": (
             [

@@ -64,8 +64,9 @@ def test_two_sites_pair_every_round(tmp_path):
         -2000:
     ]
     recs = outer_records(tmp_path, sites)
-    assert [r["n"] for r in recs["eu"]] == [2, 2, 2, 2]
-    assert check_groups_agree(recs) == 8
+    # the default form (conf/outer/noloco.yaml): 4 pairwise rounds, then the final average
+    assert [(r["n"], bool(r.get("final"))) for r in recs["eu"]] == [(2, False)] * 4 + [(2, True)]
+    assert check_groups_agree(recs) == 10  # 2 sites x (4 rounds + the final average)
     # two sites: same start, same means every round -> the same phi, bitwise
     a, b = rows["eu"]["final_params_crc32"], rows["us"]["final_params_crc32"]
     assert a is not None and a == b  # CRC-32 of the exact bytes of the final parameters
@@ -82,7 +83,7 @@ def test_killed_site_never_blocks_a_round(tmp_path):
     round of theirs lasts longer than the pull deadline (plus slack)."""
     sites = ["eu", "us", "asia"]
     deadline = 4.0
-    ov = ["train.steps=40", "outer.H=5", "gossip.insecure=true", "gossip.odd=sit_out",
+    ov = ["train.steps=40", "outer=noloco-spec", "outer.H=5", "gossip.insecure=true", "gossip.odd=sit_out",
           f"gossip.pull_timeout_s={deadline}", "gossip.heartbeat_s=0.5", "gossip.dead_after=2",
           "gossip.hello_timeout_s=1.0", "gossip.max_retries=2", *TINY]  # fmt: skip
     fed = Federation(tmp_path, sites, ov, nproc=1, insecure=True, method="noloco")
@@ -159,7 +160,7 @@ def test_four_sites_consensus_below_local(tmp_path):
     sites = "federation.sites=[eu,us,asia,sa]"
     common = [sites, "train.steps=40", "outer.H=5", "gossip.insecure=true", *TINY]
     nl = run_federation(
-        common + ["outer=noloco", "compression=none"], tmp_path / "noloco", timeout=240
+        common + ["outer=noloco-spec", "compression=none"], tmp_path / "noloco", timeout=240
     )
     lo = run_federation(common + ["outer=local"], tmp_path / "local", timeout=240)
     assert all(r["exit"] == 0 for r in nl["sites"] + lo["sites"])
@@ -174,8 +175,8 @@ def test_four_sites_consensus_below_local(tmp_path):
 def test_overlap_through_emulated_wan(tmp_path):
     """2 sites behind a 100 ms RTT, 20 Mbit/s proxy each; overlap hides most of every pull."""
     out = run_federation(
-        ["federation.sites=[eu,us]", "train.steps=40", "outer.H=10", "outer.tau=3",
-         "gossip.insecure=true", "wan.rtt_ms=100", "wan.bandwidth_mbit=20", *TINY],
+        ["federation.sites=[eu,us]", "train.steps=40", "outer=noloco-spec", "outer.H=10",
+         "outer.tau=3", "gossip.insecure=true", "wan.rtt_ms=100", "wan.bandwidth_mbit=20", *TINY],
         tmp_path, timeout=200,
     )  # fmt: skip
     assert all(r["exit"] == 0 for r in out["sites"])
