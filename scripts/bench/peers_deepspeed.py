@@ -49,11 +49,15 @@ from loco.engine.zero import ZeroEngine  # noqa: E402
 from loco.model.gpt import build_model  # noqa: E402
 
 STAGES = (1, 2, 3)
+# ZeRO-Offload: stage 2 with the optimizer on the host (DeepSpeed: offload_optimizer cpu, which
+# runs DeepSpeedCPUAdam; loco: zero.offload=cpu, on a CPU run the in-memory flat step)
+OFFLOAD = "2_offload"
+KINDS = [f"{s}{n}" for n in (*STAGES, OFFLOAD) for s in ("loco", "ds")]
 
 
-def _ds_config(stage: int, args: argparse.Namespace) -> dict:
+def _ds_config(stage: int, args: argparse.Namespace, offload: bool = False) -> dict:
     bucket = int(args.bucket_mb * 2**20 / 4)  # elements, as DeepSpeed counts them
-    return {
+    cfg = {
         "train_micro_batch_size_per_gpu": args.batch,
         "gradient_accumulation_steps": 1,
         "optimizer": {
@@ -71,15 +75,22 @@ def _ds_config(stage: int, args: argparse.Namespace) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if offload:  # DeepSpeed then builds DeepSpeedCPUAdam (torch_adam would refuse)
+        cfg["optimizer"]["params"].pop("torch_adam")
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    return cfg
 
 
 def _build(kind: str, args: argparse.Namespace) -> Callable[[torch.Tensor], None]:
-    """An engine as a ``train_step(x)`` closure: ``loco1..3`` or ``ds1..3``."""
+    """An engine as a ``train_step(x)`` closure: ``loco1..3``, ``ds1..3``, ``loco2_offload``
+    or ``ds2_offload``."""
     torch.manual_seed(0)
     model = build_model(args.model, vocab_size=256, seq_len=args.seq_len)
-    stage = int(kind[-1])
+    offload = kind.endswith(OFFLOAD)
+    stage = 2 if offload else int(kind[-1])
     if kind.startswith("loco"):
-        eng = ZeroEngine(model, stage=stage, optim="adamw", bucket_mb=args.bucket_mb)
+        eng = ZeroEngine(model, stage=stage, optim="adamw", bucket_mb=args.bucket_mb,
+                         offload="cpu" if offload else False)  # fmt: skip
 
         def step(x: torch.Tensor) -> None:
             eng.backward(eng.model(x[:, :-1], x[:, 1:]))
@@ -89,7 +100,7 @@ def _build(kind: str, args: argparse.Namespace) -> Callable[[torch.Tensor], None
     import deepspeed
 
     ds, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), config=_ds_config(stage, args)
+        model=model, model_parameters=model.parameters(), config=_ds_config(stage, args, offload)
     )
 
     def ds_step(x: torch.Tensor) -> None:
@@ -108,7 +119,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
 
     deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=600))
     torch.set_num_threads(args.threads)
-    kinds = [f"{s}{n}" for n in STAGES for s in ("loco", "ds")]
+    kinds = KINDS
     g = torch.Generator().manual_seed(rank)
     x = torch.randint(0, 256, (args.batch, args.seq_len + 1), generator=g)
     steps, state = {}, {}
@@ -182,7 +193,7 @@ def _offload_adam(model_name: str, reps: int = 20) -> dict:
 def summarize(med: dict[str, float], state: dict[str, int]) -> dict:
     """Per stage: loco and DeepSpeed step time and state bytes, and loco over DeepSpeed."""
     rows = {}
-    for s in STAGES:
+    for s in (*STAGES, OFFLOAD):
         lo, ds = f"loco{s}", f"ds{s}"
         rows[f"stage{s}"] = {
             "loco_step_ms": round(1e3 * med[lo], 2),

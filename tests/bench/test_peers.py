@@ -56,9 +56,14 @@ def test_replica_group_composes_the_site_configuration(index):
 
 def test_deepspeed_summary_ratios_per_stage():
     ds = _load("peers_deepspeed")
-    med = {"loco1": 0.1, "ds1": 0.2, "loco2": 0.3, "ds2": 0.3, "loco3": 0.1, "ds3": 0.4}
-    state = {"loco1": 12, "ds1": 10, "loco2": 10, "ds2": 10, "loco3": 8, "ds3": 16}
+    med = {"loco1": 0.1, "ds1": 0.2, "loco2": 0.3, "ds2": 0.3, "loco3": 0.1, "ds3": 0.4,
+           "loco2_offload": 0.3, "ds2_offload": 0.6}  # fmt: skip
+    state = {"loco1": 12, "ds1": 10, "loco2": 10, "ds2": 10, "loco3": 8, "ds3": 16,
+             "loco2_offload": 10, "ds2_offload": 20}  # fmt: skip
     rows = ds.summarize(med, state)
+    assert set(rows) == {"stage1", "stage2", "stage3", "stage2_offload"}
+    assert rows["stage2_offload"]["step_loco_over_ds"] == 0.5
+    assert rows["stage2_offload"]["state_loco_over_ds"] == 0.5
     assert rows["stage1"]["step_loco_over_ds"] == 0.5
     assert rows["stage1"]["state_loco_over_ds"] == 1.2
     assert rows["stage3"] == {
