@@ -280,7 +280,9 @@ def decode(buf: bytes | bytearray | memoryview, ref: torch.Tensor,
 class Spread:
     """A rank's running estimate, per block, of the largest difference between its phi and a
     partner's, from every decoded frame: the new observation where it is larger, otherwise a
-    decay toward it; a failed block is widened by ``grow``. Drives :func:`steps_for_spread`."""
+    decay toward it; a failed block is widened by ``grow``; a frame with no block decoded
+    resets it (``value`` None: the sender's next frame is 8-bit, the momentum rule). Drives
+    :func:`steps_for_spread`."""
 
     def __init__(self, decay: float = 0.5, grow: float = 4.0) -> None:
         self.decay, self.grow = decay, grow
@@ -291,14 +293,18 @@ class Spread:
         if d.blocks == 0:
             return
         seen = d.spread.float()
+        ok = ~torch.isnan(seen)
+        if not bool(ok.any()):
+            # no block decoded: the estimate is off in scale (round 1's partners start from
+            # one phi, so all it saw was 8-bit coding error); x grow per round would take
+            # rounds to catch up, so the next frame starts over with the momentum rule
+            self.value = None
+            return
+        typical = float(seen[ok].max())
         if self.value is None or self.value.numel() != seen.numel():
-            ok = ~torch.isnan(seen)
-            typical = float(seen[ok].max()) if bool(ok.any()) else 0.0
             self.value = torch.where(ok, seen, torch.full_like(seen, 4 * typical))
             return
         old = self.value
         kept = torch.maximum(seen, old * self.decay)
-        ok = ~torch.isnan(seen)
-        typical = float(seen[ok].max()) if bool(ok.any()) else float(old.max())
         widened = torch.clamp(old * self.grow, min=typical)  # a block never seen stays open
         self.value = torch.where(ok, kept, widened)
