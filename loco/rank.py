@@ -282,6 +282,7 @@ def run_rank(cfg: LocoConfig, run_dir: Path, comm: SiteComm, local_rank: int) ->
         # what each rank's gossip server sent: with a site on several machines, each machine's
         summary["rank_bytes_sent"] = comm.all_gather_object(outer.totals["own_bytes_sent"])
         summary["hello_bytes"] = comm.sum([outer.totals["hello_bytes"]])[0]  # membership traffic
+        summary["swim_bytes"] = comm.sum([outer.totals["swim_bytes"]])[0]  # datagrams, Swim.Key
         flat = lsummary.final_params(outer)  # collective
         summary["final_params_crc32"] = lsummary.params_crc32(flat) if flat is not None else None
         if rank == 0 and flat is not None:

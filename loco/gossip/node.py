@@ -139,6 +139,7 @@ class GossipNode:
         self._infos: dict[str, PeerInfo] = {}
         self._lock = threading.Lock()
         self._last_metrics: dict[str, float] = {}
+        self._swim_folded = 0  # SWIM datagram bytes already added to ``swim_bytes``
         self._pairing: tuple[int, list[str]] | None = None  # the last (round, partners)
         # the pairing agreement: every member ever known (dead ones too; grows on joins)
         self._roster: set[str] = set(members)
@@ -179,6 +180,10 @@ class GossipNode:
     def round_metrics(self) -> dict[str, float]:
         """Counters accumulated since the previous call, plus ``pull_mb_s``: one metrics.jsonl
         ``outer`` record's gossip figures (bytes_sent, bytes_recv, pull_seconds, fail_<cause>...)."""
+        udp = getattr(self.membership, "udp", None)
+        if udp is not None:  # SWIM datagrams this member sent, folded in as ``swim_bytes``
+            sent, self._swim_folded = udp.bytes_sent - self._swim_folded, udp.bytes_sent
+            self.metrics.add("swim_bytes", sent)
         now = self.metrics.snapshot()
         delta = GossipMetrics.delta(now, self._last_metrics)
         self._last_metrics = now

@@ -59,10 +59,12 @@ def fetch_key(client, address: str, site: str, timeout_s: float) -> bytes:
         request_serializer=swim_pb2.SwimKeyRequest.SerializeToString,
         response_deserializer=swim_pb2.SwimKeyResponse.FromString,
     )
+    req = swim_pb2.SwimKeyRequest(site=client.site)
     try:
-        resp = call(swim_pb2.SwimKeyRequest(site=client.site), timeout=timeout_s)
+        resp = call(req, timeout=timeout_s)
     except grpc.RpcError as e:
         raise from_rpc_error(e, site) from None
+    client.metrics.add("swim_bytes", req.ByteSize() + resp.ByteSize())  # membership traffic
     if len(resp.key) != KEY_BYTES or resp.site != site:
         raise ValueError(f"{site}: Swim.Key answered {len(resp.key)} bytes as {resp.site[:64]!r}")
     return resp.key

@@ -54,7 +54,7 @@ class OuterStats:
         # are sums over the site
         self.totals: dict[str, Any] = {"bytes_sent": 0.0, "bytes_recv": 0.0, "rounds": 0,
                                        "dropped": 0, "own_bytes_sent": 0.0,
-                                       "hello_bytes": 0.0}  # fmt: skip
+                                       "hello_bytes": 0.0, "swim_bytes": 0.0}  # fmt: skip
         self._mark = time.perf_counter()  # end of the previous round (utilization window)
         self._stall = 0.0  # seconds training was blocked by rounds in the window
 
@@ -74,6 +74,7 @@ class OuterStats:
         sums = self.site_sum([g.get("bytes_sent", 0.0), g.get("bytes_recv", 0.0), *extra])
         self.totals["own_bytes_sent"] += g.get("bytes_sent", 0.0)
         self.totals["hello_bytes"] += g.get("hello_bytes", 0.0)
+        self.totals["swim_bytes"] += g.get("swim_bytes", 0.0)
         self.totals["bytes_sent"] += sums[0]
         self.totals["bytes_recv"] += sums[1]
         return sums
@@ -95,6 +96,7 @@ class OuterStats:
         self.totals["bytes_recv"] += recv
         self.totals["own_bytes_sent"] += g.get("bytes_sent", 0.0)
         self.totals["hello_bytes"] += g.get("hello_bytes", 0.0)
+        self.totals["swim_bytes"] += g.get("swim_bytes", 0.0)
         self.totals["rounds"] += 1
         self.totals["dropped"] += int(dropped > 0)
         rec = dict(

@@ -57,7 +57,9 @@ def _site_figures(d: Path) -> dict[str, Any]:
         "paired_rounds": len(paired),
         "rounds": len(outer),
         "payload_bytes_sent": summary.get("bytes_sent"),
-        "membership_bytes": summary.get("hello_bytes"),
+        # Hello (heartbeats or on-demand) + SWIM datagrams sent + Swim.Key calls
+        "membership_bytes": sum(summary.get(k) or 0.0 for k in ("hello_bytes", "swim_bytes")),
+        "swim_bytes": summary.get("swim_bytes"),
         "finite": all(x is not None and math.isfinite(x) for x in losses) and bool(losses),
         "distances": {r["round"]: r["consensus_distance"] for r in paired},
         "val_loss": summary.get("val_loss"),
@@ -66,12 +68,13 @@ def _site_figures(d: Path) -> dict[str, Any]:
 
 
 def run(out: Path, sites: int, kill: int, restart: int, replace: int, steps: int, H: int,
-        timeout: float = 900.0) -> dict[str, Any]:  # fmt: skip
-    """Run the drill in ``out``; returns the result (also printed as one JSON line)."""
+        timeout: float = 900.0, extra: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Run the drill in ``out`` (``extra``: more overrides for every site, e.g.
+    ``gossip.membership=swim``); returns the result (also printed as one JSON line)."""
     assert restart + replace <= kill <= sites - 2
     names = [f"s{i:02d}" for i in range(sites)]
     ov = [f"federation.sites=[{','.join(names)}]", *TINY, *FAILURE, f"train.steps={steps}",
-          f"outer.H={H}", f"checkpoint.every={H}", "gossip.odd=sit_out"]  # fmt: skip
+          f"outer.H={H}", f"checkpoint.every={H}", "gossip.odd=sit_out", *(extra or [])]  # fmt: skip
     fed = Federation(out, names, ov, nproc=1, insecure=False, method="noloco")
     victims = names[1 : 1 + kill]  # s00 stays: it is the joiner's seed among others
     restarted, replaced = victims[:restart], victims[restart : restart + replace]
@@ -108,7 +111,7 @@ def run(out: Path, sites: int, kill: int, restart: int, replace: int, steps: int
     last = [f["distances"][max(f["distances"])] for n, f in figs.items()
             if n in survivors and f["distances"]]  # fmt: skip
     result = {
-        "sites": sites, "killed": victims, "restarted": restarted, "replaced": replaced,
+        "sites": sites, "overrides": list(extra or []), "killed": victims, "restarted": restarted, "replaced": replaced,
         "killed_at": killed_at, "wall_s": round(wall, 1),
         "exit": {n: codes.get(n) for n in names},
         "survivors_ok": all(codes.get(n) == 0 for n in survivors),
@@ -118,7 +121,9 @@ def run(out: Path, sites: int, kill: int, restart: int, replace: int, steps: int
         "payload_bytes_per_site_mean": statistics.mean(
             f["payload_bytes_sent"] or 0.0 for n, f in figs.items() if n in survivors),
         "membership_bytes_per_site_mean": statistics.mean(
-            f["membership_bytes"] or 0.0 for n, f in figs.items() if n in survivors),
+            f["membership_bytes"] for n, f in figs.items() if n in survivors),
+        "swim_bytes_per_site_mean": statistics.mean(
+            f["swim_bytes"] or 0.0 for n, f in figs.items() if n in survivors),
         "distance_max_by_round": dict(sorted(by_round.items())),
         "distance_last_max": max(last, default=None),
         "distance_last_median": statistics.median(last) if last else None,
@@ -139,8 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--H", type=int, default=10)
     ap.add_argument("--timeout", type=float, default=900.0)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="an override for every site (repeatable), e.g. gossip.membership=swim")  # fmt: skip
     a = ap.parse_args(argv)
-    r = run(a.out, a.sites, a.kill, a.restart, a.replace, a.steps, a.H, a.timeout)
+    r = run(a.out, a.sites, a.kill, a.restart, a.replace, a.steps, a.H, a.timeout, a.set)
     return 0 if r["survivors_ok"] and r["all_finite"] else 1
 
 

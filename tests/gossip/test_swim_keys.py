@@ -10,10 +10,11 @@ import time
 import pytest
 
 from loco.gossip import GossipClient
+from loco.gossip._pb import swim_pb2
 from loco.gossip.errors import GossipError
 from loco.gossip.swim import PING, Message, SwimOptions, Update, encode
 from loco.gossip.swim_key_service import fetch_key
-from loco.gossip.swim_keys import HEADER, TAG, PairKeys, _mac, key_id
+from loco.gossip.swim_keys import HEADER, KEY_BYTES, TAG, PairKeys, _mac, key_id
 from loco.gossip.swim_membership import SwimMembership
 from tests.gossip.conftest import LAYOUT, RUN, tls_for
 
@@ -185,13 +186,26 @@ def test_gossip_nodes_under_mtls_run_swim_with_pairwise_keys(certdir):
     try:
         for node in nodes:
             node.start()
-        _wait(lambda: all(node.live_sites() == NAMES for node in nodes), 10)
+        # a member can be seen live through a third one's gossip before its key is fetched
+        _wait(lambda: all(node.live_sites() == NAMES and node.membership.fetcher.counts["fetched"] == 2
+                          for node in nodes), 10)  # fmt: skip
         assert all(node.live_sites() == NAMES for node in nodes)
         for node in nodes:
             auth = node.membership.udp.auth
             assert isinstance(auth, PairKeys) and node.server.swim_keys == auth.key_for
             assert node.membership.fetcher.counts["fetched"] == 2
         assert nodes[0].peer_info("us").site == "us"  # Hello over mTLS still works on demand
+        # swim_bytes: every datagram this member sent + its two Swim.Key calls (request and
+        # answer, protobuf bytes), once: the next record holds only what came after
+        node = nodes[1]
+        node.membership.udp.stop()
+        req = swim_pb2.SwimKeyRequest(site=node.site).ByteSize()
+        resp = sum(swim_pb2.SwimKeyResponse(site=p, key=bytes(KEY_BYTES)).ByteSize()
+                   for p in NAMES if p != node.site)  # fmt: skip
+        sent = node.membership.udp.bytes_sent
+        assert sent > 0
+        assert node.round_metrics()["swim_bytes"] == sent + 2 * req + resp
+        assert "swim_bytes" not in node.round_metrics()
     finally:
         for node in nodes:
             node.close()
