@@ -66,7 +66,10 @@ class SwimMembership:
                            auth=keys, options=options, seed=seed, incarnation=incarnation,
                            trust_seeds=False)  # fmt: skip
         self._lock = threading.Lock()
-        self._infos: dict[str, PeerInfo] = {}
+        # Hello answers with their time: asked again after a period (``current_round`` moves;
+        # a late site waits for a peer under way by it)
+        self._infos: dict[str, tuple[PeerInfo, float]] = {}
+        self.info_max_age_s = (options or SwimOptions()).period_s
         self._errors: dict[str, str] = {}
         self._refused: set[str] = set()
 
@@ -95,14 +98,15 @@ class SwimMembership:
         return sorted(ok | {self.site})
 
     def peer(self, name: str) -> PeerInfo | None:
-        """Hello answer of a live peer (cached while it stays live); None if dead or refused."""
+        """Hello answer of a live peer (at most ``info_max_age_s`` old while the peer answers);
+        None if dead or refused."""
         if name not in self.live_sites():
             with self._lock:
                 self._infos.pop(name, None)
             return None
         with self._lock:
-            info = self._infos.get(name)
-        if info is not None:
+            info, at = self._infos.get(name, (None, 0.0))
+        if info is not None and time.monotonic() - at <= self.info_max_age_s:
             return info
         try:
             info = self.client.hello(self.peers[name], expect_site=name,
@@ -116,9 +120,9 @@ class SwimMembership:
         except GossipError as e:
             with self._lock:
                 self._errors[name] = str(e)
-            return None
+            return info  # SWIM still has it live: the previous answer, if any
         with self._lock:
-            self._infos[name] = info
+            self._infos[name] = (info, time.monotonic())
             self._errors.pop(name, None)
         return info
 
@@ -128,7 +132,7 @@ class SwimMembership:
         now = time.monotonic()
         with self._lock:
             return {
-                n: PeerState(n, a, info=self._infos.get(n), live=n in live,
+                n: PeerState(n, a, info=self._infos.get(n, (None,))[0], live=n in live,
                              last_error=self._errors.get(n, ""), seen=now if n in live else 0.0)
                 for n, a in self.peers.items()
             }  # fmt: skip

@@ -1,5 +1,6 @@
 """Drill at scale (slow): 32 real sites of the tiny model on one machine; 4 killed mid-run, 2
-of them restarted from their checkpoints, 1 replaced by a joiner, 1 left dead.
+of them restarted from their checkpoints, 1 replaced by a joiner, 1 left dead; with Hello
+heartbeats and with SWIM membership.
 scripts/experiments/scale_drill.py runs it and prints its figures (docs/drills.md)."""
 
 from __future__ import annotations
@@ -18,8 +19,12 @@ SITES, KILL, RESTART, REPLACE, STEPS, H = 32, 4, 2, 1, 80, 10
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_32_sites_with_kills_restarts_and_a_joiner(tmp_path):
-    r = run(tmp_path, SITES, KILL, RESTART, REPLACE, STEPS, H, timeout=1500)
+@pytest.mark.parametrize("membership", ["hello", "swim"])
+def test_32_sites_with_kills_restarts_and_a_joiner(tmp_path, membership):
+    r = run(tmp_path, SITES, KILL, RESTART, REPLACE, STEPS, H, timeout=1500,
+            extra=[f"gossip.membership={membership}"])  # fmt: skip
+    if membership == "swim":  # its datagrams and Swim.Key calls are counted
+        assert r["swim_bytes_per_site_mean"] > 0, r
     dead = set(r["killed"]) - set(r["restarted"]) - set(r["replaced"])
     assert r["survivors_ok"], r["exit"]
     assert all(r["exit"][n] == -9 for n in dead), r["exit"]

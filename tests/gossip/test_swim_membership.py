@@ -52,3 +52,29 @@ def test_live_sites_peer_info_death_and_a_foreign_run(sites):
         for n, m in members.items():
             if n != "c":
                 m.stop()
+
+
+def test_peer_answers_follow_the_peers_round(sites):
+    """A late site waits for a peer under way by its Hello's ``current_round``: the cached answer
+    is asked again after a period, not kept while the peer stays live (it stayed at its first)."""
+    period = 0.1
+    opts = SwimOptions(period_s=period, ack_timeout_s=0.04, suspect_periods=5)
+    made = {n: sites(n, 1, 64) for n in ("a", "b")}
+    peers = {n: s.address for n, s in made.items()}
+    members = {n: SwimMembership(client=GossipClient(site=n, run_id=RUN, layout_hash=LAYOUT,
+                                                     insecure=True),
+                                 site=n, peers=peers, udp_listen=peers[n], key=KEY, options=opts)
+               for n in peers}  # fmt: skip
+    try:
+        for m in members.values():
+            m.start()
+        _wait(lambda: members["a"].live_sites() == ["a", "b"], 10)
+        first = members["a"].peer("b").current_round
+        assert first < 3
+        made["b"].servers[0].publish(3, "delta", bytes(64 * 4))
+        assert members["a"].peer("b").current_round == first  # within the period: the cache
+        time.sleep(period * 1.5)
+        assert members["a"].peer("b").current_round == 3
+    finally:
+        for m in members.values():
+            m.stop()
