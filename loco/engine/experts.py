@@ -1,4 +1,4 @@
-"""Expert-parallel parameters at ZeRO stage 3: rows of stacked parameters that only some ranks
+"""Expert-parallel parameters at ZeRO stages 2-3: rows of stacked parameters that only some ranks
 compute, kept (gathered, freed, reduced) by those ranks only.
 
 A model may declare, through ``model.expert_rows(world)``, parameters whose first dimension is
@@ -13,6 +13,12 @@ becomes a view of shape ``(b_r - a_r, ...)``), and those rows move point to poin
 - **gradient**: from each rank that computes it to the owner of the master piece, which sums
   what arrives (ranks computing the same rows are data-parallel replicas) into its gradient
   shard.
+
+At stage 2 the same plan lays out the whole compute copy (``plan_unit`` over every parameter:
+the dense part and this rank's rows, ``P - X + X/ep`` values for X expert values), kept between
+steps; the fp32 masters get their own buffer (they can no longer be a view of it), the gradient
+buckets send expert rows to their master's owner as at stage 3, and :func:`publish_compact`
+replaces the all-gather after a step.
 
 Everything else (the dense parameters) is gathered and reduced by the group's collectives as
 before. Without declared rows a unit is laid out exactly as ``FlatLayout.spans_of`` lays it
@@ -102,6 +108,10 @@ class ExpertRows:
         s = self.layout.specs[i]
         return s.offset, s.end
 
+    def own_spans(self) -> list[tuple[int, tuple[int, int]]]:
+        """``(i, kept(i))`` for each declared parameter ``i``."""
+        return [(i, spans[self.rank]) for i, spans in self.spans.items()]
+
     def kept_shape(self, i: int) -> tuple[int, ...]:
         shape = self.layout.specs[i].shape
         if i not in self.spans:
@@ -154,13 +164,51 @@ def _moves(layout: FlatLayout, order: list[int], rows: ExpertRows, pos: dict[int
     return out
 
 
-def stage3_rows(model: nn.Module, layout: FlatLayout, comm: SiteComm, *, stage: int,
-                device: torch.device, offload_params: str) -> ExpertRows | None:  # fmt: skip
-    """The expert rows a ZeRO engine keeps per rank: at stage 3 only, not with the parameter
-    tier (its reads are the dense pieces'), nor for CUDA tensors on gloo (whose point-to-point
-    ops take host memory); None otherwise."""
-    if stage != 3 or offload_params != "none":
+def expert_rows(model: nn.Module, layout: FlatLayout, comm: SiteComm, *, stage: int,
+                device: torch.device, offload_params: str, offload: str = "none",
+                compute_dtype: torch.dtype = torch.float32) -> ExpertRows | None:  # fmt: skip
+    """The expert rows a ZeRO engine keeps per rank: at stages 2-3; not with the parameter tier
+    (its reads are the dense pieces'), nor at stage 2 with an optimizer offload (its step
+    writes the range's compute copy, which is not contiguous here), nor for CUDA tensors on
+    gloo (whose point-to-point ops take host memory), nor at stage 2 when it would not save
+    memory; None otherwise. Stages 0-1 keep every row: their fp32 gradient is the whole vector."""
+    if stage < 2 or offload_params != "none" or (stage == 2 and offload != "none"):
         return None
     if device.type != "cpu" and comm.backend == "gloo":
         return None
-    return ExpertRows.of(model, layout, comm.world, comm.rank)
+    rows = ExpertRows.of(model, layout, comm.world, comm.rank)
+    if rows is None or stage == 3:
+        return rows
+    # stage 2: the copy loses X (1 - 1/ep) values; in fp32 the masters, a view of the full copy
+    # until now, need their own P/N (padded) values
+    left_out = sum(layout.specs[i].numel - (b - a) for i, (a, b) in rows.own_spans())
+    own_masters = layout.padded_numel(comm.world) // comm.world
+    return rows if compute_dtype != torch.float32 or left_out > own_masters else None
+
+
+@torch.no_grad()
+def publish_compact(params: torch.Tensor, master: torch.Tensor, lo: int, plan: UnitPlan,
+                    comm: SiteComm) -> None:  # fmt: skip
+    """Stage 2 with expert rows: write the masters (this rank's shard, from global ``lo``) into
+    the compute parameters ``params`` laid out by ``plan``: the dense pieces broadcast from
+    their owners, the expert rows point to point from their master's owner to each rank
+    computing them. Collective."""
+    me, works, sending = comm.rank, [], []
+    for r, bs, be, s, t in plan.pieces:
+        if r == me:
+            params[bs:be].copy_(master[s - lo : t - lo])
+        if comm.world > 1:
+            works.append(comm.broadcast(params[bs:be], r))
+    for m in plan.moves:
+        n = m.hi - m.lo
+        if m.owner == me:
+            src = master[m.lo - lo : m.hi - lo]
+            if m.computer == me:
+                params[m.buf : m.buf + n].copy_(src)
+                continue
+            sending.append(src.to(params.device, params.dtype))  # held until sent
+            works.append(comm.send(sending[-1], m.computer, GATHER_TAG))
+        elif m.computer == me:
+            works.append(comm.recv(params[m.buf : m.buf + n], m.owner, GATHER_TAG))
+    for w in works:
+        w.wait()

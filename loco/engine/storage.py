@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from loco.engine.experts import ExpertRows
+from loco.engine.experts import ExpertRows, UnitPlan, plan_unit
 from loco.engine.flat import FlatLayout
 from loco.engine.stage3 import BlockShards
 from loco.site_comm import SiteComm
@@ -26,6 +26,8 @@ class Storage:
     grad: torch.Tensor
     """fp32 gradient: the whole padded vector (stages 0-1) or this rank's shard (2-3)."""
     initial: torch.Tensor | None = None
+    compact: UnitPlan | None = None
+    """Stage 2 with expert rows: the layout of ``flat_param`` (dense part and own rows)."""
     """With ``nvme``: the fp32 masters to write into the tier (``master`` is then the compute
     copy of the range, which the tier's step keeps up to date)."""
 
@@ -40,14 +42,23 @@ def build_storage(model: nn.Module, layout: FlatLayout, comm: SiteComm, *, stage
     views) and make the masters and the gradient. ``opt_range``: the optimizer's global range;
     ``shard``: this rank's. With ``offload`` the masters are in pinned host memory; with
     ``nvme`` they go to the tier (``initial``) and ``master`` is the range's compute copy.
-    ``rows``: stage 3's expert rows (only this rank's rows of those parameters in its units)."""
+    ``rows``: the expert rows (only this rank's rows of those parameters in its stage-3 units
+    or its stage-2 compute copy, then laid out by ``Storage.compact``)."""
     full = torch.zeros(padded, dtype=torch.float32)
     for spec, p in zip(layout.specs, layout.params, strict=True):  # no P-sized temporary
         full[spec.offset : spec.end].copy_(p.detach().reshape(-1))
     opt_lo, opt_hi = opt_range
     flat_param: torch.Tensor | None = None
     shards: BlockShards | None = None
-    if stage < 3:
+    compact = None
+    if stage == 2 and rows is not None:
+        compact = plan_unit(layout, list(range(len(layout.specs))), rows, comm.world)
+        flat_param = torch.empty(compact.size, dtype=compute_dtype, device=device)
+        for i, p in enumerate(layout.params):
+            (lo, hi), at = rows.kept(i), compact.pos[i]
+            flat_param[at : at + hi - lo].copy_(full[lo:hi])
+            p.data = flat_param[at : at + hi - lo].view(rows.kept_shape(i))
+    elif stage < 3:
         flat_param = full.to(device=device, dtype=compute_dtype)
         for spec, p in zip(layout.specs, layout.params, strict=True):
             p.data = flat_param[spec.offset : spec.end].view(spec.shape)
@@ -56,7 +67,7 @@ def build_storage(model: nn.Module, layout: FlatLayout, comm: SiteComm, *, stage
         master = flat_param[opt_lo:opt_hi]
     elif nvme:
         master = full[opt_lo:opt_hi].to(device=device, dtype=compute_dtype, copy=True)
-    elif stage < 3 and compute_dtype == torch.float32 and not offload:
+    elif stage < 3 and compute_dtype == torch.float32 and not offload and compact is None:
         assert flat_param is not None
         master = flat_param[opt_lo:opt_hi]
     else:
@@ -71,4 +82,4 @@ def build_storage(model: nn.Module, layout: FlatLayout, comm: SiteComm, *, stage
             p.data = p.data.to(compute_dtype)  # frozen parameters compute in the same dtype
     n = padded if stage < 2 else shard[1] - shard[0]
     grad = torch.zeros(n, dtype=torch.float32, device=device)
-    return Storage(flat_param, master, shards, grad, initial)
+    return Storage(flat_param, master, shards, grad, initial, compact)

@@ -33,6 +33,10 @@ Communication phases of one optimizer step (``grad_accum`` micro-batches, then `
 
 A group of one rank runs the same code without any collective.
 
+Expert parallelism (``loco.engine.experts``): at stage 3, and at stage 2 where it saves memory,
+a rank's compute parameters hold only the expert rows it computes; the flat space, the shards
+and everything on them are unchanged.
+
 Mixed precision: with ``compute_dtype="bf16"`` the model's parameters are bf16 (views into the
 engine's buffers) and the fp32 masters live in the engine; ``reduce_dtype`` picks the dtype of
 the gradient buckets on the wire. Gradients are accumulated in fp32.
@@ -51,7 +55,7 @@ from torch import nn
 
 from loco.engine.base import OptimOptions
 from loco.engine.buckets import GradBuckets, plan_groups
-from loco.engine.experts import stage3_rows
+from loco.engine.experts import expert_rows, publish_compact
 from loco.engine.flat import FlatLayout
 from loco.engine.optim_range import build_optim_range
 from loco.engine.recompute import checkpoint_blocks
@@ -192,14 +196,17 @@ class ZeroEngine:
         self.lo, self.hi = self.layout.shard_range(self.rank, self.world)
         self.flat_range = self.layout.owned_range(self.rank, self.world)
         self.opt_lo, self.opt_hi = (0, self.padded) if stage == 0 else (self.lo, self.hi)
-        self.rows = stage3_rows(model, self.layout, self.comm, stage=stage, device=self.device,
-                                offload_params=offload_params)  # fmt: skip
+        self.rows = expert_rows(model, self.layout, self.comm, stage=stage, device=self.device,
+                                offload_params=offload_params,
+                                offload=self.offload_mode,
+                                compute_dtype=self.compute_dtype)  # fmt: skip
         st = build_storage(model, self.layout, self.comm, stage=stage, padded=self.padded,
                            opt_range=(self.opt_lo, self.opt_hi), shard=(self.lo, self.hi),
                            compute_dtype=self.compute_dtype, device=self.device, offload=offload,
                            nvme=self.offload_mode == "nvme", prefetch=prefetch,
                            rows=self.rows)  # fmt: skip
         self.flat_param, self.shards, self.grad = st.flat_param, st.shards, st.grad
+        self.compact = st.compact
         options = OptimOptions(weight_decay, betas, eps, momentum, nesterov)
         self._range = build_optim_range(optim=optim, options=options, layout=self.layout,
             opt_range=(self.opt_lo, self.opt_hi), storage=st, device=self.device,
@@ -294,7 +301,9 @@ class ZeroEngine:
         norm = sq.sqrt()
         if self.grad_clip > 0:
             grad.mul_(torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0))
-        up = self.flat_param[self.opt_lo : self.opt_hi] if self.flat_param is not None else None
+        up = None
+        if self.flat_param is not None and self.compact is None:
+            up = self.flat_param[self.opt_lo : self.opt_hi]
         self._publish(uploaded=self._range.step(grad, lr, up))
         self.grad.zero_()
         self._micro = 0
@@ -309,6 +318,9 @@ class ZeroEngine:
             return
         fp = self.flat_param
         assert fp is not None
+        if self.compact is not None:  # stage 2, expert rows: no shard is contiguous in fp
+            publish_compact(fp, self.master, self.lo, self.compact, self.comm)
+            return
         if not uploaded and self.master.data_ptr() != fp[self.opt_lo :].data_ptr():
             fp[self.opt_lo : self.opt_hi].copy_(self.master, non_blocking=self.offload)
         if self.stage > 0 and self.world > 1:

@@ -15,7 +15,9 @@ for several rounds, so machine noise hits all alike. Per configuration:
   ``max_unit_bytes``: the largest one), which hold only a rank's own experts with ep > 1
   (``loco.engine.experts``), against the formulas ``4 (P - X + X / ep)`` and
   ``4 (D_k + X_k / ep)`` (X: the experts' parameters, D_k and X_k: a block's dense and expert
-  parameters);
+  parameters); at stages 0-2 the compute copy (``compute_bytes``), which at stage 2 with ep > 1
+  holds the dense part and the rank's own experts, against ``4 (P - X + X / ep)`` (fp32; the
+  masters then have their own ``4 P / N``);
 - all-to-all bytes per step and rank (counted at ``SiteComm.all_to_all``) against the formula
   ``moe_layers * 4 * E * C * d * 4``: 2 exchanges forward (dispatch, combine) and 2 backward
   of the (E, C, d) fp32 buffer, C = max(min_capacity, ceil(capacity_factor * k * S / E)), S the
@@ -84,6 +86,19 @@ def _build(kind: str, args: argparse.Namespace, comm: SiteComm, device: torch.de
         model.bind_site(comm)
     eng = ZeroEngine(model, stage=args.stage, optim="adamw", comm=comm)
     return model, eng
+
+
+def _compute_memory(model, eng: ZeroEngine, ep: int) -> dict[str, int | bool]:
+    """Stages 0-2's compute copy against the formula: the padded flat space, or at stage 2 with
+    ep > 1 the dense part and this rank's experts, ``P - X + X / ep`` values."""
+    if eng.flat_param is None:
+        return {}
+    X = sum(eng.layout.spec(n).numel for n, _ in model.named_parameters() if ".experts." in n)
+    size = eng.compute_dtype.itemsize
+    want = size * (eng.layout.numel - X + X // ep if eng.compact is not None else eng.padded)
+    got = eng.flat_param.numel() * eng.flat_param.element_size()
+    return {"compute_bytes": got, "compute_bytes_formula": want,
+            "compute_bytes_match_formula": got == want}  # fmt: skip
 
 
 def _unit_memory(model, eng: ZeroEngine, ep: int) -> dict[str, int | bool]:
@@ -180,6 +195,7 @@ def _report(args, world, built, times, saved, a2a, peak) -> dict:
             "all_to_all_bytes_per_rank_step": a2a[k],
             **({"peak_allocated": peak[k]} if k in peak else {}),
             **_unit_memory(model, eng, world if k == "moe_ep" else 1),
+            **_compute_memory(model, eng, world if k == "moe_ep" else 1),
         }
     res["moe_ep"]["all_to_all_formula"] = formula
     res["moe_ep"]["all_to_all_matches_formula"] = a2a["moe_ep"] == formula

@@ -24,7 +24,8 @@ def _train(rank: int, world: int, ep: int, own: bool, opts: dict, engine_kw: dic
         m.expert_rows = lambda world: {}
     site = SiteComm()
     m.bind_site(site)
-    eng = ZeroEngine(m, stage=3, optim="adamw", lr=1e-2, grad_clip=1.0, comm=site, **engine_kw)
+    kw = {"stage": 3, **engine_kw}
+    eng = ZeroEngine(m, optim="adamw", lr=1e-2, grad_clip=1.0, comm=site, **kw)
     g = torch.Generator().manual_seed(5)
     accum = eng.grad_accum
     losses = []
