@@ -115,8 +115,11 @@ def run_recipe(tmp_path: Path, steps: int, h: int, timeout: float) -> None:
     assert codes == dict.fromkeys(sites, 0), {s: _tail(tmp_path, s) for s in sites}
     for s in sites:
         recs = _outer(tmp_path / "run" / s)
-        assert len(recs) == steps // h, (s, recs)
-        assert any(r["n"] >= 2 and r["partner"] for r in recs), (s, recs)
+        # the default outer form: steps // h pairwise rounds, then one average over every site
+        rounds = [r for r in recs if not r.get("final")]
+        assert len(rounds) == steps // h, (s, recs)
+        assert any(r["n"] >= 2 and r["partner"] for r in rounds), (s, recs)
+        assert [r["n"] for r in recs if r.get("final")] == [len(sites)], (s, recs)
 
 
 def _check_status(cmd: str, cwd: Path, procs: dict, timeout: float) -> None:
