@@ -280,6 +280,12 @@ class GossipNode:
         next :meth:`round_metrics`. No strike; call :meth:`strike` for that."""
         self.metrics.add(f"fail_{cause}", n)
 
+    def reject(self, partner: str, round: int, cause: str, reason: str) -> None:
+        """A payload of ``partner`` found bad after its pull: :meth:`count_failure` of
+        ``cause`` and a :meth:`strike` with ``reason``."""
+        self.count_failure(cause)
+        self.strike(partner, round, reason)
+
     def served_mark(self) -> float:
         """The number of pulls this rank has served so far: a mark for :meth:`wait_quiet`."""
         return self.metrics.snapshot().get("served_pulls", 0.0)

@@ -295,8 +295,7 @@ class RangePayloads:
         try:
             return self.assemble(res, values, stream), ""
         except PayloadError as e:
-            node.count_failure("bad_payload")
-            node.strike(partner, round, f"{stream} does not assemble: {e}")
+            node.reject(partner, round, "bad_payload", f"{stream} does not assemble: {e}")
             return None, "bad_payload"
 
     def state_dict(self) -> dict[str, object]:

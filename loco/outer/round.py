@@ -206,8 +206,7 @@ class Rounds:
             return d, ph, cause
         log.warning("round %d: partner %s sent an implausible payload: %s", r.rid, p, bad)
         if self.node is not None:
-            self.node.count_failure("implausible")
-            self.node.strike(p, r.rid, f"implausible payload: {bad}")
+            self.node.reject(p, r.rid, "implausible", f"implausible payload: {bad}")
         return None, None, "implausible"
 
     @torch.no_grad()

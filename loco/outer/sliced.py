@@ -338,8 +338,7 @@ class SlicedReduce:
         try:
             val = dec.assemble(res, values, MEAN_STREAM)
         except PayloadError as e:
-            self.node.count_failure("bad_payload")
-            self.node.strike(owner, rid, f"{MEAN_STREAM} does not assemble: {e}")
+            self.node.reject(owner, rid, "bad_payload", f"{MEAN_STREAM} does not assemble: {e}")
             return None, None, "bad_payload"
         return val, set.intersection(*sets) if sets else set(), ""
 
@@ -350,6 +349,5 @@ class SlicedReduce:
         if not bad:
             return val, ""
         log.warning("round %d: %s sent an implausible slice: %s", rid, owner, bad)
-        self.node.count_failure("implausible")
-        self.node.strike(owner, rid, f"implausible payload: {bad}")
+        self.node.reject(owner, rid, "implausible", f"implausible payload: {bad}")
         return None, "implausible"
