@@ -69,7 +69,7 @@ def join_live_run(
                 f"{cfg.join.timeout_s:g}; start a member first (site.peers) or raise join.timeout_s"
             )
         return 0
-    start = adopt(joined, outer=outer, engine=engine, H=cfg.outer.H)
+    start = adopt(joined, outer=outer, engine=engine)  # at the schedule's round boundary
     crc = site_crc(outer.state.phi, comm)
     what = "phi, momentum, master weights and optimizer moments" if joined.inner else "phi"
     say(
@@ -213,7 +213,7 @@ def _saver(cfg: LocoConfig, ckpt: Any, engine: Any, outer: Any, *, comm: SiteCom
     def save(step: int) -> None:
         tensors, span, scalars = capture(engine, outer, comm=comm,
                                          optimizer=cfg.checkpoint.optimizer)  # fmt: skip
-        rnd = step // cfg.outer.H
+        rnd = outer.schedule.rounds_done(step)  # outer.H_warmup: shorter first rounds
         ckpt.save(step, tensors, range=span, scalars=scalars, overlap=True,
                   manifest={"round": rnd, "streams": streams_of(tensors)})  # fmt: skip
         if metrics:
@@ -230,7 +230,7 @@ def make_trainer(cfg: LocoConfig, parts: Parts, *, ckpt: Any, outer: Any, metric
         engine=parts.engine, data=parts.data, steps=t.steps, lr=t.lr,
         warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio, grad_accum=t.grad_accum,
         eval_every=t.eval_every, eval_batches=t.eval_batches, log_every=t.log_every,
-        seq_len=t.seq_len, round_every=cfg.outer.H,
+        seq_len=t.seq_len, round_every=cfg.outer.H, round_of=outer.schedule.rounds_done,
         device=parts.device, comm=parts.comm,
         metrics=metrics,
         progress=progress, before_step=ckpt.fence, checkpoint_ready=outer.settled,

@@ -68,6 +68,7 @@ class Trainer:
         log_every: int = 10,
         seq_len: int,
         round_every: int = 0,
+        round_of: Callable[[int], int] | None = None,
         device: torch.device | str = "cpu",
         comm: SiteComm | None = None,
         metrics: MetricsWriter | None = None,
@@ -89,6 +90,7 @@ class Trainer:
         self.eval_every, self.eval_batches, self.log_every = eval_every, eval_batches, log_every
         self.eval_at_end = eval_at_end
         self.round_every = round_every
+        self.round_of = round_of  # the round a step is in (records); None: step // round_every
         self.device = torch.device(device)
         self.comm = comm if comm is not None else SiteComm()
         self.metrics, self.progress = metrics, progress
@@ -100,6 +102,8 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
 
     def _round(self, step: int) -> int:
+        if self.round_of is not None:
+            return self.round_of(step)
         return step // self.round_every if self.round_every else 0
 
     def _site_mean(self, values: list[float]) -> list[float]:

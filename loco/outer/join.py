@@ -105,7 +105,8 @@ class StateServer:
         if self.metrics is not None or self.outer.comm.multi:
             crc = combine_crcs((crc, (hi - lo) * 4), self.outer.comm)
         if self.metrics is not None:
-            self.metrics.log("serve", step=version * self.outer.H, round=version, phi_crc=crc)
+            step = self.outer.schedule.end(version)
+            self.metrics.log("serve", step=step, round=version, phi_crc=crc)
 
 
 @dataclass
@@ -317,11 +318,13 @@ def join(
 
 
 @torch.no_grad()
-def adopt(joined: Joined, *, outer, engine: FlatEngine, H: int) -> int:
-    """Load ``joined`` into this rank's outer state and engine; returns the step to start at.
+def adopt(joined: Joined, *, outer, engine: FlatEngine, H: int | None = None) -> int:
+    """Load ``joined`` into this rank's outer state and engine; returns the step to start at,
+    the boundary of round ``version``: ``version * H``, or with ``H = None`` the outer loop's
+    schedule's (``outer.schedule.end``, which knows ``outer.H_warmup``).
 
     phi and the outer momentum become the source's; the weights become its master weights
-    (inner) or phi; the optimizer moments the source's (inner, step count ``version * H``) or
+    (inner) or phi; the optimizer moments the source's (inner, step count: that boundary) or
     fresh (step count 0); the error-feedback residual zero. Loads through
     :meth:`loco.state.RankState.load`. Collective (the engine's parameter sync).
     """
@@ -335,9 +338,10 @@ def adopt(joined: Joined, *, outer, engine: FlatEngine, H: int) -> int:
         values.update({n: got[n] for n in inner_streams(engine)})
     else:
         values[MASTER] = got[PHI]
-    step = joined.version * H if joined.inner else 0
+    start = joined.version * H if H is not None else outer.schedule.end(joined.version)
+    step = start if joined.inner else 0
     RankState(engine, outer).load(values, {OPTIM_STEP: step, OUTER_ROUNDS: joined.version})
-    return joined.version * H
+    return start
 
 
 def site_crc(t: torch.Tensor, comm: SiteComm) -> int:

@@ -1,37 +1,46 @@
-"""When the outer loop acts: syncs every ``H / F`` inner steps, overlap ``tau``, the last step.
+"""When the outer loop acts: round boundaries (``H``, or a warm-up of shorter rounds), syncs every
+``H / F`` inner steps of a round, overlap ``tau``, the last step.
 
-Without fragments (``F = 1``) round ``t`` has its boundary at inner step ``t * H``. With
-``F`` streaming fragments (``loco.outer.fragments``) a sync happens every ``stride = H / F``
-inner steps: sync ``j`` (``j >= 1``) at step ``j * stride`` is fragment ``(j - 1) % F`` of round
-``(j + F - 1) // F``, so round ``t``'s fragments sync at ``(t - 1) * H + (f + 1) * stride`` and
-its last one at ``t * H``, the step of a whole round. ``j`` is the sync's gossip round id
-(publish, pull, pairing), unique per (round, fragment); with ``F = 1`` it is ``t``.
+Round ``t`` (``t >= 1``) is ``L_t`` inner steps long: ``L_t = warmup[t - 1]`` for the first
+``len(warmup)`` rounds (``outer.H_warmup``: sync often early), then ``L_t = H``. Its boundary is
+``end(t) = L_1 + ... + L_t`` (``t * H`` without a warm-up). Everything is a function of the
+configuration and the step, so every site, a resumed run and a joiner agree on it.
+
+Without fragments (``F = 1``) round ``t`` syncs at ``end(t)``. With ``F`` streaming fragments
+(``loco.outer.fragments``; every ``L_t`` a multiple of ``F``) round ``t``'s fragment ``f`` syncs at
+``end(t - 1) + (f + 1) * L_t / F``, its last one at ``end(t)``. Sync ``j = (t - 1) * F + f + 1``
+is the gossip round id (publish, pull, pairing), unique per (round, fragment); with ``F = 1``
+it is ``t``.
 
 With overlap (``tau > 0``) a sync is merged ``tau`` inner steps after its boundary, except that
-the last step always merges (and its own boundary, if any, blocks). ``tau < stride``: at most one
-sync is in flight, and every stride has ``stride - tau`` steps with none (checkpoints). After
-the last step the final average runs (when enabled) as id ``last // stride + 1``, never a
-regular sync.
+the last step always merges (and its own boundary, if any, blocks). ``tau`` is below the shortest
+stride ``L_t / F``: at most one sync is in flight, and every stride has steps with none
+(checkpoints). After the last step the final average runs (when enabled) as the id after the
+last sync's, never a regular sync.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from bisect import bisect_right
+from dataclasses import dataclass, field
+from itertools import accumulate
 
 SETTLE_S = 1.0  # at the end: quiet time (no pull served) before the node may close
+MAX_WARMUP_ROUNDS = 10_000  # outer.H_warmup entries: more is a config mistake
 
 
 @dataclass(frozen=True)
 class Schedule:
-    """The outer loop's timetable. Raises ValueError unless ``H >= 1``, ``F >= 1`` divides
-    ``H`` and ``0 <= tau < H / F``.
+    """The outer loop's timetable. Raises ValueError unless ``H >= 1``, every warm-up length
+    ``>= 1``, ``F >= 1`` divides every round length and ``0 <= tau <`` the shortest stride.
 
     Args:
-        H: inner steps per round.
+        H: inner steps per round (after the warm-up).
         steps: the run's last inner step.
         tau: overlap of one sync in inner steps (0: every sync blocks).
         final_average: run the final average after the last step.
         fragments: ``F``, streaming fragments synced on staggered steps (1: whole rounds).
+        warmup: the lengths of the first rounds (``outer.H_warmup``; empty: every round is H).
     """
 
     H: int
@@ -39,48 +48,86 @@ class Schedule:
     tau: int = 0
     final_average: bool = False
     fragments: int = 1
+    warmup: tuple[int, ...] = ()
+    _ends: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.H < 1:
-            raise ValueError(f"outer.H={self.H} must be >= 1")
-        if self.fragments < 1 or self.H % self.fragments:
-            raise ValueError(f"outer.fragments={self.fragments} must be >= 1 and divide "
-                             f"outer.H={self.H}")  # fmt: skip
-        if self.fragments == 1 and not 0 <= self.tau < self.H:
-            raise ValueError(f"outer.tau={self.tau} must be in [0, outer.H) = [0, {self.H})")
-        if not 0 <= self.tau < self.stride:
-            raise ValueError(f"outer.fragment_tau={self.tau} must be in [0, outer.H / "
-                             f"outer.fragments) = [0, {self.stride})")  # fmt: skip
+        object.__setattr__(self, "warmup", tuple(self.warmup))
+        check_lengths(self.H, self.warmup, self.fragments)
+        object.__setattr__(self, "_ends", tuple(accumulate(self.warmup)))
+        lo = self.min_stride
+        rnd = "outer.H" if lo == self.stride else "the shortest round of outer.H_warmup"
+        if self.fragments == 1 and not 0 <= self.tau < lo:
+            raise ValueError(f"outer.tau={self.tau} must be in [0, {rnd}) = [0, {lo})")
+        if not 0 <= self.tau < lo:
+            raise ValueError(f"outer.fragment_tau={self.tau} must be in [0, {rnd} / "
+                             f"outer.fragments) = [0, {lo})")  # fmt: skip
 
     @classmethod
     def make(cls, *, H: int, steps: int, tau: int, final_average: bool, fragments: int,
-             fragment_tau: int | None) -> Schedule:  # fmt: skip
+             fragment_tau: int | None, warmup: tuple[int, ...] = ()) -> Schedule:  # fmt: skip
         """The timetable of ``outer.*``: ``tau`` overlaps whole rounds (``fragments = 1``);
-        with fragments ``fragment_tau`` overlaps a sync (None: ``H / F - 1``, the most allowed)
-        and ``tau`` must be 0."""
+        with fragments ``fragment_tau`` overlaps a sync (None: the shortest stride - 1, the
+        most allowed) and ``tau`` must be 0."""
         if fragments == 1:
-            return cls(H=H, steps=steps, tau=tau, final_average=final_average)
+            return cls(H=H, steps=steps, tau=tau, final_average=final_average, warmup=warmup)
         if tau:
             raise ValueError(f"outer.tau={tau} overlaps whole rounds; with outer.fragments="
                              f"{fragments} set outer.tau=0 and outer.fragment_tau")  # fmt: skip
         if fragment_tau is None:
-            fragment_tau = max(0, H // max(1, fragments) - 1)
+            fragment_tau = max(0, min((H, *warmup)) // max(1, fragments) - 1)
         return cls(H=H, steps=steps, tau=fragment_tau, final_average=final_average,
-                   fragments=fragments)  # fmt: skip
+                   fragments=fragments, warmup=warmup)  # fmt: skip
 
     @property
     def stride(self) -> int:
-        """Inner steps between two syncs (``H / F``)."""
+        """Inner steps between two syncs after the warm-up (``H / F``)."""
         return self.H // self.fragments
 
-    def merge_due(self, boundary_step: int, done: int) -> bool:
-        """A sync whose boundary was at ``boundary_step`` must merge after step ``done``."""
-        return done >= boundary_step + self.tau or done >= self.steps
+    @property
+    def min_stride(self) -> int:
+        """The fewest inner steps between two syncs of the run (warm-up included)."""
+        return min((self.H, *self.warmup)) // self.fragments
+
+    # ------------------------------------------------------------------ rounds and steps
+
+    def length(self, t: int) -> int:
+        """``L_t``, the inner steps of round ``t >= 1``."""
+        return self.warmup[t - 1] if t <= len(self.warmup) else self.H
+
+    def end(self, t: int) -> int:
+        """The boundary step of round ``t >= 0`` (0 for ``t = 0``): what a joiner adopting
+        round ``t``'s state starts at."""
+        w = len(self.warmup)
+        if t <= w:
+            return self._ends[t - 1] if t > 0 else 0
+        return (self._ends[-1] if w else 0) + (t - w) * self.H
+
+    def rounds_done(self, step: int) -> int:
+        """How many rounds have their boundary at or before inner ``step``."""
+        w = len(self.warmup)
+        if w and step < self._ends[-1]:
+            return bisect_right(self._ends, step)
+        return w + (step - (self._ends[-1] if w else 0)) // self.H
+
+    def syncs_done(self, step: int) -> int:
+        """How many syncs (fragments' included) have their boundary at or before ``step``."""
+        t = self.rounds_done(step)
+        part = (step - self.end(t)) // (self.length(t + 1) // self.fragments)
+        return t * self.fragments + part
+
+    def sync_step(self, j: int) -> int:
+        """The boundary step of sync ``j >= 1``."""
+        t, f = self.round_of(j), self.fragment_of(j)
+        return self.end(t - 1) + (f + 1) * (self.length(t) // self.fragments)
 
     def round_at(self, done: int) -> int | None:
         """The sync id ``j`` whose boundary is inner step ``done`` (the round with ``F = 1``),
         or None."""
-        return done // self.stride if done % self.stride == 0 else None
+        if done < 1:
+            return None
+        j = self.syncs_done(done)
+        return j if j > self.syncs_done(done - 1) else None
 
     def round_of(self, j: int) -> int:
         """The round ``t`` of sync ``j``."""
@@ -89,6 +136,12 @@ class Schedule:
     def fragment_of(self, j: int) -> int:
         """The fragment ``f`` of sync ``j``."""
         return (j - 1) % self.fragments
+
+    # ------------------------------------------------------------------ overlap and the end
+
+    def merge_due(self, boundary_step: int, done: int) -> bool:
+        """A sync whose boundary was at ``boundary_step`` must merge after step ``done``."""
+        return done >= boundary_step + self.tau or done >= self.steps
 
     def overlaps(self, done: int) -> bool:
         """The sync of the boundary at step ``done`` runs in the background."""
@@ -100,7 +153,29 @@ class Schedule:
 
     def final_round(self, done: int) -> int:
         """The gossip round id of the final average after step ``done`` (never a sync's)."""
-        return done // self.stride + 1
+        return self.syncs_done(done) + 1
+
+
+def check_lengths(H: int, warmup: tuple[int, ...], fragments: int) -> None:
+    """Raise ValueError (one line naming the fix) unless ``H`` and every warm-up round length
+    are ``>= 1`` and multiples of ``fragments >= 1``, with at most MAX_WARMUP_ROUNDS of them."""
+    if isinstance(H, bool) or not isinstance(H, int) or H < 1:
+        raise ValueError(f"outer.H={H!r} must be an integer >= 1")
+    if len(warmup) > MAX_WARMUP_ROUNDS:
+        raise ValueError(f"outer.H_warmup has {len(warmup)} rounds; give at most "
+                         f"{MAX_WARMUP_ROUNDS} (the later rounds are outer.H long)")  # fmt: skip
+    bad = [x for x in warmup if isinstance(x, bool) or not isinstance(x, int) or x < 1]
+    if bad:
+        raise ValueError(f"outer.H_warmup={list(warmup)}: every round length must be an integer "
+                         f">= 1 (not {bad[0]!r})")  # fmt: skip
+    if not isinstance(fragments, int) or fragments < 1:
+        raise ValueError(f"outer.fragments={fragments!r} must be an integer >= 1")
+    if H % fragments:
+        raise ValueError(f"outer.fragments={fragments} must divide outer.H={H}")
+    if odd := [x for x in warmup if x % fragments]:
+        raise ValueError(f"outer.fragments={fragments} must divide every outer.H_warmup round "
+                         f"length (not {odd[0]}): a fragment syncs every length / fragments "
+                         "steps")  # fmt: skip
 
 
 def expected_pulls(last_partners: list[str] | None, all_live: bool, final_peers: int | None) -> int:

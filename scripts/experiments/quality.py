@@ -15,6 +15,8 @@ for the ``-8`` rows, each with the same per-worker batch).
   (``FRONTIER``); ``frontier-fragments`` adds streaming fragments; ``frontier-8`` runs 8 sites.
 - ``noloco-paper``: the spec's update with the paper's settings (``outer=noloco-spec``), no final average.
 - ``local``: 4 sites that never talk. ``noloco-lattice``: 8-bit lattice phi.
+- ``diloco-warm``, ``noloco-warm``: ``diloco`` and ``noloco`` with an H schedule
+  (``outer.H_warmup``, ``H_WARMUP`` below): short rounds first, then every H steps.
 
 Each run is a real ``loco.local`` federation (real processes, real gRPC on loopback). Every
 (row, seed) result is appended to ``<out>/results.jsonl``; the table and plots are rebuilt from
@@ -64,6 +66,9 @@ FRONTIER = NOLOCO + [
     "outer.phi_lattice_margin=8", "outer.phi_every=1",
 ]  # fmt: skip
 FRAGMENTS = ["outer.fragments=5"]
+# the H schedule of the ``-warm`` rows: short rounds first (sync often early), then outer.H
+# (docs/quality.md, the short budget's H schedule section, says how it was chosen)
+H_WARMUP = "outer.H_warmup=[10,20,40]"
 DEFAULT = ["ddp", "diloco", "noloco", "frontier"]
 
 
@@ -79,6 +84,8 @@ def rows(H: int, codec: str, steps: int) -> dict[str, tuple[list[str], int]]:
         ),
         "diloco": ([fed, "outer=diloco", h, "compression=none"], 4),
         "noloco": ([fed, *NOLOCO, h, f"compression={codec}"], 4),
+        "diloco-warm": ([fed, "outer=diloco", h, H_WARMUP, "compression=none"], 4),
+        "noloco-warm": ([fed, *NOLOCO, h, H_WARMUP, f"compression={codec}"], 4),
         "frontier": ([fed, *FRONTIER, h], 4),
         "frontier-fragments": ([fed, *FRONTIER, *FRAGMENTS, h], 4),
         "frontier-8": ([fed8, *FRONTIER, h], 8),
@@ -144,7 +151,9 @@ def run_one(name: str, seed: int, a: argparse.Namespace, stamp: str) -> dict:
     vals = [r["val_loss"] for r in site_rows if r.get("val_loss") is not None]
     params = next((r.get("params") for r in site_rows if r.get("params")), 0)
     workers = 4 if name == "ddp" else nsites
-    rounds = max(1, a.steps // a.H)
+    # the rounds run (an H schedule runs more than steps // H); DDP: one "round" per H steps
+    ran = [r["rounds"] for r in site_rows if r.get("rounds")]
+    rounds = max(ran) if ran and name != "ddp" else max(1, a.steps // a.H)
     if name == "ddp":  # ring all-reduce every step: 2 x 4 bytes per parameter per worker
         sent = workers * 8.0 * params * a.steps
     else:
@@ -158,6 +167,7 @@ def run_one(name: str, seed: int, a: argparse.Namespace, stamp: str) -> dict:
         "bytes_sent": sent, "params": params, "workers": workers, "rounds": rounds,
         # what one site (one worker for DDP) sends per parameter per round of H steps
         "bytes_per_param_round": sent / workers / max(params, 1) / rounds,
+        "bytes_per_param": sent / workers / max(params, 1),  # over the whole run
         "consensus_distance": _mean(before) if before else _mean(dist),
         "compute_utilization": _mean(util) if name != "ddp" else None,
         "wall_s": wall, "run": str(run), "set": a.set if name != "ddp" else [],
@@ -229,6 +239,9 @@ def aggregate(records: list[dict]) -> dict[str, dict]:
         out[key] = {
             "row": rs[0]["row"], "loss": m, "sd": sd, "seeds": sorted(r["seed"] for r in rs),
             "bpr": _mean([r["bytes_per_param_round"] for r in rs]),
+            "bpp": _mean([r.get("bytes_per_param", r["bytes_per_param_round"] * r["rounds"])
+                          for r in rs]),
+            "rounds": _mean([r["rounds"] for r in rs]),
             "cd": _mean(cds), "util": _mean(uts), "curve": rs[0]["curve"],
         }  # fmt: skip
     return out
@@ -259,23 +272,26 @@ def write_report(a: argparse.Namespace) -> None:
         f"accumulated in `{path.name}`): model {a.model}, 4 workers x {a.batch} x {a.seq_len} "
         f"tokens x {a.steps} steps; machine: {platform.machine()}, {_cores()} CPU cores, shared.",
         "",
-        "| row | val loss (mean ± sd) | seeds | vs DDP | vs DiLoCo | bytes/param/round | "
-        "DDP / bytes | consensus distance | utilization |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| row | val loss (mean ± sd) | seeds | vs DDP | vs DiLoCo | rounds | bytes/param/round | "
+        "bytes/param (run) | DDP / bytes | consensus distance | utilization |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for key, x in agg.items():
-        ratio = f"{ddp['bpr'] / x['bpr']:.0f}x" if ddp and x["bpr"] else "-"
+        ratio = f"{ddp['bpp'] / x['bpp']:.0f}x" if ddp and x["bpp"] else "-"
         cd = f"{x['cd']:.2e}" if x["cd"] is not None else "-"
         ut = f"{x['util']:.2f}" if x["util"] is not None else "-"
         lines.append(
             f"| {key} | {x['loss']:.4f} ± {x['sd']:.4f} | {','.join(map(str, x['seeds']))} "
-            f"| {_vs(x, ddp)} | {_vs(x, dil)} | {x['bpr']:.3f} | {ratio} | {cd} | {ut} |"
+            f"| {_vs(x, ddp)} | {_vs(x, dil)} | {x['rounds']:.0f} | {x['bpr']:.3f} | "
+            f"{x['bpp']:.1f} | {ratio} | {cd} | {ut} |"
         )
     lines += [
         "",
         "bytes/param/round: what one site sends (delta + phi, and the final average spread over "
-        "the rounds) per parameter per round of H steps; DDP: one worker's ring all-reduce "
-        "traffic over H steps (2 x 4 bytes per parameter per step). A difference smaller than "
+        "the rounds) per parameter per round run (an H schedule runs more, shorter rounds); "
+        "bytes/param (run): the same over the whole run, which DDP / bytes compares; DDP: one "
+        "worker's ring all-reduce traffic over H steps (2 x 4 bytes per parameter per step). "
+        "A difference smaller than "
         "the larger sd of the two rows is a tie. Consensus distance: RMS distance between the "
         "sites right before NoLoCo's final average (else of the final parameters from their "
         "mean). Utilization: inner compute time over wall time (loopback).",
