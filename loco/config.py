@@ -308,8 +308,8 @@ class OuterConfig(SlicedOptions):
 
     method: str = "noloco"
     H: int = 50
-    # the lengths of the first rounds (sync often early), then every round is H: [10,20,40]
-    H_warmup: list[int] = field(default_factory=list)
+    # the lengths of the first rounds, then every round is H: [10,10,10,20] (docs/outer.md)
+    H_first: list[int] = field(default_factory=list)
     # the paper's values; conf/outer/noloco.yaml (the default) sets NoLoCo's best measured form
     # (alpha 0.9, gamma 1.0, weights, nesterov, final average), noloco-spec.yaml these
     alpha: float = 0.5
@@ -350,7 +350,7 @@ class OuterConfig(SlicedOptions):
         if self.tau >= self.H:
             raise ConfigError(f"outer.tau={self.tau} must be < outer.H={self.H}")
         self._check_fragments()
-        self._check_H_warmup()
+        self._check_H_first()
         self._check_diloco_reduce()
         _positive("outer.join_timeout_s", self.join_timeout_s, zero_ok=True)
         if not isinstance(self.phi_lattice, bool):
@@ -366,13 +366,13 @@ class OuterConfig(SlicedOptions):
         if not isinstance(self.final_average, bool):
             raise ConfigError(f"outer.final_average={self.final_average!r} must be true or false")
 
-    def _check_H_warmup(self) -> None:
+    def _check_H_first(self) -> None:
         from loco.outer.schedule import Schedule
 
-        try:  # the outer loop's own checks of its timetable (H_warmup against tau, fragments)
+        try:  # the outer loop's own checks of its timetable (H_first against tau, fragments)
             Schedule.make(H=self.H, steps=1, tau=self.tau, final_average=False,
                           fragments=self.fragments, fragment_tau=self.fragment_tau,
-                          warmup=tuple(self.H_warmup))  # fmt: skip
+                          first=tuple(self.H_first))  # fmt: skip
         except ValueError as e:
             raise ConfigError(str(e)) from e
 

@@ -213,7 +213,7 @@ def _saver(cfg: LocoConfig, ckpt: Any, engine: Any, outer: Any, *, comm: SiteCom
     def save(step: int) -> None:
         tensors, span, scalars = capture(engine, outer, comm=comm,
                                          optimizer=cfg.checkpoint.optimizer)  # fmt: skip
-        rnd = outer.schedule.rounds_done(step)  # outer.H_warmup: shorter first rounds
+        rnd = outer.schedule.rounds_done(step)  # outer.H_first: the first rounds
         ckpt.save(step, tensors, range=span, scalars=scalars, overlap=True,
                   manifest={"round": rnd, "streams": streams_of(tensors)})  # fmt: skip
         if metrics:

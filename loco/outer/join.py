@@ -321,7 +321,7 @@ def join(
 def adopt(joined: Joined, *, outer, engine: FlatEngine, H: int | None = None) -> int:
     """Load ``joined`` into this rank's outer state and engine; returns the step to start at,
     the boundary of round ``version``: ``version * H``, or with ``H = None`` the outer loop's
-    schedule's (``outer.schedule.end``, which knows ``outer.H_warmup``).
+    schedule's (``outer.schedule.end``, which knows ``outer.H_first``).
 
     phi and the outer momentum become the source's; the weights become its master weights
     (inner) or phi; the optimizer moments the source's (inner, step count: that boundary) or

@@ -1,7 +1,7 @@
 """The outer round driver of one rank: every ``H`` inner steps, one NoLoCo / DiLoCo / local round.
 
-Per round ``t`` (boundary at inner step ``t * H``; with ``H_warmup`` the first rounds are
-shorter, ``loco.outer.schedule``), on every rank of a site, on its own range::
+Per round ``t`` (boundary at inner step ``t * H``; with ``H_first`` the first rounds have
+lengths of their own, ``loco.outer.schedule``), on every rank of a site, on its own range::
 
     delta = theta - phi                                  this site's inner progress
     live  = rank 0's live sites, broadcast to the site   so every rank pairs the same way
@@ -111,7 +111,7 @@ class OuterLoop:
             :class:`RangePayloads` of the piece ``[a, b)`` (same options).
         diloco_reduce: DiLoCo's mean (``loco.outer.sliced``): ``sliced`` (reduce-scatter then
             all-gather; whole rounds only, fragments use ``full``) or ``full``.
-        H_warmup: the lengths of the first rounds, then every round is ``H`` long
+        H_first: the lengths of the first rounds, then every round is ``H`` long
             (``loco.outer.schedule``; empty: all are).
     """
 
@@ -140,12 +140,12 @@ class OuterLoop:
         fragment_tau: int | None = None,
         payloads_for: Callable[[tuple[int, int]], RangePayloads] | None = None,
         diloco_reduce: str = "sliced",
-        H_warmup: tuple[int, ...] | list[int] = (),
+        H_first: tuple[int, ...] | list[int] = (),
     ) -> None:
         final_average = final_average and node is not None and not all_live
         self.schedule = Schedule.make(H=H, steps=steps, tau=tau, final_average=final_average,
                                       fragments=fragments, fragment_tau=fragment_tau,
-                                      warmup=tuple(H_warmup))  # fmt: skip
+                                      first=tuple(H_first))  # fmt: skip
         if (node is None) != (payloads is None):
             raise ValueError("give both node and payloads (noloco, diloco) or neither (local)")
         self.method, self.flat, self.H, self.steps = step, flat, H, steps

@@ -1,9 +1,9 @@
-"""When the outer loop acts: round boundaries (``H``, or a warm-up of shorter rounds), syncs every
-``H / F`` inner steps of a round, overlap ``tau``, the last step.
+"""When the outer loop acts: round boundaries (every ``H`` steps, after the first rounds'
+own lengths), syncs every ``L / F`` inner steps of a round, overlap ``tau``, the last step.
 
-Round ``t`` (``t >= 1``) is ``L_t`` inner steps long: ``L_t = warmup[t - 1]`` for the first
-``len(warmup)`` rounds (``outer.H_warmup``: sync often early), then ``L_t = H``. Its boundary is
-``end(t) = L_1 + ... + L_t`` (``t * H`` without a warm-up). Everything is a function of the
+Round ``t`` (``t >= 1``) is ``L_t`` inner steps long: ``L_t = first[t - 1]`` for the first
+``len(first)`` rounds (``outer.H_first``), then ``L_t = H``. Its boundary is
+``end(t) = L_1 + ... + L_t`` (``t * H`` without first rounds). Everything is a function of the
 configuration and the step, so every site, a resumed run and a joiner agree on it.
 
 Without fragments (``F = 1``) round ``t`` syncs at ``end(t)``. With ``F`` streaming fragments
@@ -26,21 +26,21 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 
 SETTLE_S = 1.0  # at the end: quiet time (no pull served) before the node may close
-MAX_WARMUP_ROUNDS = 10_000  # outer.H_warmup entries: more is a config mistake
+MAX_FIRST_ROUNDS = 10_000  # outer.H_first entries: more is a config mistake
 
 
 @dataclass(frozen=True)
 class Schedule:
-    """The outer loop's timetable. Raises ValueError unless ``H >= 1``, every warm-up length
+    """The outer loop's timetable. Raises ValueError unless ``H >= 1``, every first round's length
     ``>= 1``, ``F >= 1`` divides every round length and ``0 <= tau <`` the shortest stride.
 
     Args:
-        H: inner steps per round (after the warm-up).
+        H: inner steps per round (after the first rounds).
         steps: the run's last inner step.
         tau: overlap of one sync in inner steps (0: every sync blocks).
         final_average: run the final average after the last step.
         fragments: ``F``, streaming fragments synced on staggered steps (1: whole rounds).
-        warmup: the lengths of the first rounds (``outer.H_warmup``; empty: every round is H).
+        first: the lengths of the first rounds (``outer.H_first``; empty: every round is H).
     """
 
     H: int
@@ -48,15 +48,15 @@ class Schedule:
     tau: int = 0
     final_average: bool = False
     fragments: int = 1
-    warmup: tuple[int, ...] = ()
+    first: tuple[int, ...] = ()
     _ends: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "warmup", tuple(self.warmup))
-        check_lengths(self.H, self.warmup, self.fragments)
-        object.__setattr__(self, "_ends", tuple(accumulate(self.warmup)))
+        object.__setattr__(self, "first", tuple(self.first))
+        check_lengths(self.H, self.first, self.fragments)
+        object.__setattr__(self, "_ends", tuple(accumulate(self.first)))
         lo = self.min_stride
-        rnd = "outer.H" if lo == self.stride else "the shortest round of outer.H_warmup"
+        rnd = "outer.H" if lo == self.stride else "the shortest round of outer.H_first"
         if self.fragments == 1 and not 0 <= self.tau < lo:
             raise ValueError(f"outer.tau={self.tau} must be in [0, {rnd}) = [0, {lo})")
         if not 0 <= self.tau < lo:
@@ -65,47 +65,47 @@ class Schedule:
 
     @classmethod
     def make(cls, *, H: int, steps: int, tau: int, final_average: bool, fragments: int,
-             fragment_tau: int | None, warmup: tuple[int, ...] = ()) -> Schedule:  # fmt: skip
+             fragment_tau: int | None, first: tuple[int, ...] = ()) -> Schedule:  # fmt: skip
         """The timetable of ``outer.*``: ``tau`` overlaps whole rounds (``fragments = 1``);
         with fragments ``fragment_tau`` overlaps a sync (None: the shortest stride - 1, the
         most allowed) and ``tau`` must be 0."""
         if fragments == 1:
-            return cls(H=H, steps=steps, tau=tau, final_average=final_average, warmup=warmup)
+            return cls(H=H, steps=steps, tau=tau, final_average=final_average, first=first)
         if tau:
             raise ValueError(f"outer.tau={tau} overlaps whole rounds; with outer.fragments="
                              f"{fragments} set outer.tau=0 and outer.fragment_tau")  # fmt: skip
         if fragment_tau is None:
-            fragment_tau = max(0, min((H, *warmup)) // max(1, fragments) - 1)
+            fragment_tau = max(0, min((H, *first)) // max(1, fragments) - 1)
         return cls(H=H, steps=steps, tau=fragment_tau, final_average=final_average,
-                   fragments=fragments, warmup=warmup)  # fmt: skip
+                   fragments=fragments, first=first)  # fmt: skip
 
     @property
     def stride(self) -> int:
-        """Inner steps between two syncs after the warm-up (``H / F``)."""
+        """Inner steps between two syncs after the first rounds (``H / F``)."""
         return self.H // self.fragments
 
     @property
     def min_stride(self) -> int:
-        """The fewest inner steps between two syncs of the run (warm-up included)."""
-        return min((self.H, *self.warmup)) // self.fragments
+        """The fewest inner steps between two syncs of the run (first rounds included)."""
+        return min((self.H, *self.first)) // self.fragments
 
     # ------------------------------------------------------------------ rounds and steps
 
     def length(self, t: int) -> int:
         """``L_t``, the inner steps of round ``t >= 1``."""
-        return self.warmup[t - 1] if t <= len(self.warmup) else self.H
+        return self.first[t - 1] if t <= len(self.first) else self.H
 
     def end(self, t: int) -> int:
         """The boundary step of round ``t >= 0`` (0 for ``t = 0``): what a joiner adopting
         round ``t``'s state starts at."""
-        w = len(self.warmup)
+        w = len(self.first)
         if t <= w:
             return self._ends[t - 1] if t > 0 else 0
         return (self._ends[-1] if w else 0) + (t - w) * self.H
 
     def rounds_done(self, step: int) -> int:
         """How many rounds have their boundary at or before inner ``step``."""
-        w = len(self.warmup)
+        w = len(self.first)
         if w and step < self._ends[-1]:
             return bisect_right(self._ends, step)
         return w + (step - (self._ends[-1] if w else 0)) // self.H
@@ -156,24 +156,24 @@ class Schedule:
         return self.syncs_done(done) + 1
 
 
-def check_lengths(H: int, warmup: tuple[int, ...], fragments: int) -> None:
-    """Raise ValueError (one line naming the fix) unless ``H`` and every warm-up round length
-    are ``>= 1`` and multiples of ``fragments >= 1``, with at most MAX_WARMUP_ROUNDS of them."""
+def check_lengths(H: int, first: tuple[int, ...], fragments: int) -> None:
+    """Raise ValueError (one line naming the fix) unless ``H`` and every first round's length
+    are ``>= 1`` and multiples of ``fragments >= 1``, with at most MAX_FIRST_ROUNDS of them."""
     if isinstance(H, bool) or not isinstance(H, int) or H < 1:
         raise ValueError(f"outer.H={H!r} must be an integer >= 1")
-    if len(warmup) > MAX_WARMUP_ROUNDS:
-        raise ValueError(f"outer.H_warmup has {len(warmup)} rounds; give at most "
-                         f"{MAX_WARMUP_ROUNDS} (the later rounds are outer.H long)")  # fmt: skip
-    bad = [x for x in warmup if isinstance(x, bool) or not isinstance(x, int) or x < 1]
+    if len(first) > MAX_FIRST_ROUNDS:
+        raise ValueError(f"outer.H_first has {len(first)} rounds; give at most "
+                         f"{MAX_FIRST_ROUNDS} (the later rounds are outer.H long)")  # fmt: skip
+    bad = [x for x in first if isinstance(x, bool) or not isinstance(x, int) or x < 1]
     if bad:
-        raise ValueError(f"outer.H_warmup={list(warmup)}: every round length must be an integer "
+        raise ValueError(f"outer.H_first={list(first)}: every round length must be an integer "
                          f">= 1 (not {bad[0]!r})")  # fmt: skip
     if not isinstance(fragments, int) or fragments < 1:
         raise ValueError(f"outer.fragments={fragments!r} must be an integer >= 1")
     if H % fragments:
         raise ValueError(f"outer.fragments={fragments} must divide outer.H={H}")
-    if odd := [x for x in warmup if x % fragments]:
-        raise ValueError(f"outer.fragments={fragments} must divide every outer.H_warmup round "
+    if odd := [x for x in first if x % fragments]:
+        raise ValueError(f"outer.fragments={fragments} must divide every outer.H_first round "
                          f"length (not {odd[0]}): a fragment syncs every length / fragments "
                          "steps")  # fmt: skip
 

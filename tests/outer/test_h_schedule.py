@@ -1,4 +1,4 @@
-"""The H schedule (``outer.H_warmup``): short rounds first, then every ``outer.H`` steps.
+"""The H schedule (``outer.H_first``): the first rounds' own lengths, then every ``outer.H`` steps.
 
 The timetable (boundaries, sync ids, fragments, overlap; a fixed H exactly as before), the
 configuration's one-line refusals, a joiner adopting a round's state at that round's boundary,
@@ -18,7 +18,7 @@ import torch
 from loco.config import ConfigError, compose
 from loco.federation import run_federation
 from loco.metrics import read_metrics
-from loco.outer.schedule import MAX_WARMUP_ROUNDS, Schedule
+from loco.outer.schedule import MAX_FIRST_ROUNDS, Schedule
 
 # ------------------------------------------------------------------ the timetable
 
@@ -30,7 +30,7 @@ def boundaries(s: Schedule, steps: int) -> dict[int, int]:
 
 @pytest.mark.parametrize("F,tau", [(1, 0), (1, 7), (5, 0), (5, 4)])
 def test_a_fixed_H_is_the_timetable_it_was(F, tau):
-    """Without a warm-up: sync j at j * H / F, the final average's id after the last sync's."""
+    """Without first rounds: sync j at j * H / F, the final average's id after the last sync's."""
     s = Schedule(H=50, steps=1000, tau=tau, fragments=F)
     stride = 50 // F
     assert boundaries(s, 1000) == {d: d // stride for d in range(stride, 1001, stride)}
@@ -40,8 +40,8 @@ def test_a_fixed_H_is_the_timetable_it_was(F, tau):
     assert all(s.rounds_done(d) == d // 50 for d in range(0, 1001))
 
 
-def test_warmup_rounds_then_every_H_steps():
-    s = Schedule(H=50, steps=1000, warmup=(10, 20, 40))
+def test_first_rounds_then_every_H_steps():
+    s = Schedule(H=50, steps=1000, first=(10, 20, 40))
     got = boundaries(s, 1000)
     want = [10, 30, 70] + list(range(120, 1001, 50))  # 970 is the last: 30 steps unsynced
     assert sorted(got) == want
@@ -55,15 +55,15 @@ def test_warmup_rounds_then_every_H_steps():
     assert all(s.rounds_done(s.end(t)) == t for t in range(60))
 
 
-def test_warmup_longer_than_H_and_ending_past_the_run():
-    s = Schedule(H=10, steps=100, warmup=(30, 30, 30, 30))
+def test_first_rounds_longer_than_H_and_ending_past_the_run():
+    s = Schedule(H=10, steps=100, first=(30, 30, 30, 30))
     assert sorted(boundaries(s, 100)) == [30, 60, 90]  # the run ends inside round 4
     assert s.final_round(100) == 4 and s.rounds_done(100) == 3
 
 
-def test_fragments_with_a_warmup_sync_each_fragment_once_per_round():
+def test_fragments_with_first_rounds_sync_each_fragment_once_per_round():
     F = 5
-    s = Schedule(H=50, steps=400, tau=1, fragments=F, warmup=(10, 20, 40))
+    s = Schedule(H=50, steps=400, tau=1, fragments=F, first=(10, 20, 40))
     got = boundaries(s, 400)
     assert list(got.values()) == list(range(1, len(got) + 1))
     assert sorted(got)[:10] == [2, 4, 6, 8, 10, 14, 18, 22, 26, 30]  # strides 2, then 4
@@ -75,13 +75,13 @@ def test_fragments_with_a_warmup_sync_each_fragment_once_per_round():
     assert s.final_round(400) == max(got.values()) + 1
 
 
-def test_overlap_merges_tau_steps_after_a_warmup_boundary():
-    s = Schedule(H=50, steps=1000, tau=9, warmup=(10, 20))
+def test_overlap_merges_tau_steps_after_a_first_round_boundary():
+    s = Schedule(H=50, steps=1000, tau=9, first=(10, 20))
     assert s.merge_due(10, 19) and not s.merge_due(10, 18)
     assert s.overlaps(10) and not s.overlaps(1000)
     # fragment_tau by default: the shortest stride - 1
     assert Schedule.make(H=50, steps=100, tau=0, final_average=False, fragments=5,
-                         fragment_tau=None, warmup=(10, 20)).tau == 1  # fmt: skip
+                         fragment_tau=None, first=(10, 20)).tau == 1  # fmt: skip
 
 
 def _re(words: str) -> str:
@@ -91,20 +91,20 @@ def _re(words: str) -> str:
 @pytest.mark.parametrize(
     "kw,words",
     [
-        (dict(warmup=(10, 0)), "outer.H_warmup=[10, 0] integer >= 1 (not 0)"),
-        (dict(warmup=(10, -3)), "outer.H_warmup=[10, -3] (not -3)"),
-        (dict(warmup=(2.5,)), "outer.H_warmup=[2.5] (not 2.5)"),
-        (dict(warmup=(True,)), "outer.H_warmup=[True] (not True)"),
-        (dict(warmup=(1,) * (MAX_WARMUP_ROUNDS + 1)), "give at most 10000"),
+        (dict(first=(10, 0)), "outer.H_first=[10, 0] integer >= 1 (not 0)"),
+        (dict(first=(10, -3)), "outer.H_first=[10, -3] (not -3)"),
+        (dict(first=(2.5,)), "outer.H_first=[2.5] (not 2.5)"),
+        (dict(first=(True,)), "outer.H_first=[True] (not True)"),
+        (dict(first=(1,) * (MAX_FIRST_ROUNDS + 1)), "give at most 10000"),
         (
-            dict(warmup=(12,), fragments=5),
-            "outer.fragments=5 must divide every outer.H_warmup (not 12)",
+            dict(first=(12,), fragments=5),
+            "outer.fragments=5 must divide every outer.H_first (not 12)",
         ),
         (
-            dict(warmup=(10,), tau=10),
-            "outer.tau=10 [0, the shortest round of outer.H_warmup) [0, 10)",
+            dict(first=(10,), tau=10),
+            "outer.tau=10 [0, the shortest round of outer.H_first) [0, 10)",
         ),
-        (dict(warmup=(10,), tau=2, fragments=5), "outer.fragment_tau=2 [0, 2)"),
+        (dict(first=(10,), tau=2, fragments=5), "outer.fragment_tau=2 [0, 2)"),
         (dict(H=0), "outer.H=0 >= 1"),
     ],
 )
@@ -117,14 +117,14 @@ def test_schedule_rejects(kw, words):
 @pytest.mark.parametrize(
     "overrides,words",
     [
-        (["outer.H_warmup=[10,0]"], ["outer.H_warmup=[10, 0]", ">= 1"]),
-        (["outer.H_warmup=[10]", "outer.tau=12"], ["outer.tau=12", "[0, 10)"]),
-        (["outer.H_warmup=[12]", "outer.fragments=5"], ["outer.fragments=5", "outer.H_warmup"]),
+        (["outer.H_first=[10,0]"], ["outer.H_first=[10, 0]", ">= 1"]),
+        (["outer.H_first=[10]", "outer.tau=12"], ["outer.tau=12", "[0, 10)"]),
+        (["outer.H_first=[12]", "outer.fragments=5"], ["outer.fragments=5", "outer.H_first"]),
         (
-            ["outer.H_warmup=[10]", "outer.fragments=5", "outer.fragment_tau=3"],
+            ["outer.H_first=[10]", "outer.fragments=5", "outer.fragment_tau=3"],
             ["outer.fragment_tau=3", "[0, 2)"],
         ),  # fmt: skip
-        (["outer.H_warmup=[ten]"], ["outer.H_warmup"]),  # Hydra's type check, one line too
+        (["outer.H_first=[ten]"], ["outer.H_first"]),  # Hydra's type check, one line too
     ],
 )
 def test_config_rejects_with_one_line(overrides, words):
@@ -134,17 +134,17 @@ def test_config_rejects_with_one_line(overrides, words):
     assert "\n" not in msg and all(w in msg for w in words), msg
 
 
-def test_config_accepts_a_warmup():
-    cfg = compose(["+site=eu", "outer.H_warmup=[10,20,40]", "outer.tau=5"])
-    assert (cfg.outer.H_warmup, cfg.outer.H, cfg.outer.tau) == ([10, 20, 40], 50, 5)
-    assert compose(["+site=eu"]).outer.H_warmup == []
+def test_config_accepts_first_rounds():
+    cfg = compose(["+site=eu", "outer.H_first=[10,20,40]", "outer.tau=5"])
+    assert (cfg.outer.H_first, cfg.outer.H, cfg.outer.tau) == ([10, 20, 40], 50, 5)
+    assert compose(["+site=eu"]).outer.H_first == []
 
 
 # ------------------------------------------------------------------ a joiner
 
 
 def test_a_joiner_starts_at_the_boundary_of_the_round_it_adopts():
-    """adopt() of round v's state starts at the warm-up schedule's end(v) (not v * H), and the
+    """adopt() of round v's state starts at the H schedule's end(v) (not v * H), and the
     joiner's next boundary is gossip round v + 1: the members' id for it."""
     from loco.gossip import GossipServer
     from loco.outer import build_outer
@@ -167,8 +167,8 @@ def test_a_joiner_starts_at_the_boundary_of_the_round_it_adopts():
     outer.node = SimpleNamespace(server=server)
     StateServer(outer=outer, inner=True).publish(outer.state.rounds)
     eng2, _ = make(stage=0, seed=9)
-    warm = OuterLoop(step=build_outer("noloco"), flat=FlatView(eng2), H=4, steps=100,
-                     H_warmup=(1, 2, 3, 5))  # fmt: skip
+    sched = OuterLoop(step=build_outer("noloco"), flat=FlatView(eng2), H=4, steps=100,
+                     H_first=(1, 2, 3, 5))  # fmt: skip
     node = GossipNode(site="us", rank=0, nproc=1, flat_size=eng2.padded, run_id="run",
                       layout_hash=eng2.layout_hash, listen="127.0.0.1:0", heartbeat=False,
                       peers={"eu": server.address}, insecure=True)  # fmt: skip
@@ -180,13 +180,13 @@ def test_a_joiner_starts_at_the_boundary_of_the_round_it_adopts():
         node.close()
         server.stop(grace=0)
     assert joined is not None and joined.version == 3
-    start = adopt(joined, outer=warm, engine=eng2)
-    assert start == 1 + 2 + 3 and eng2.optim_step == 6 and warm.state.rounds == 3
-    s = warm.schedule
+    start = adopt(joined, outer=sched, engine=eng2)
+    assert start == 1 + 2 + 3 and eng2.optim_step == 6 and sched.state.rounds == 3
+    s = sched.schedule
     assert [s.round_at(d) for d in range(start + 1, start + 10)] == [
         None, None, None, None, 4, None, None, None, 5,
     ]  # fmt: skip
-    assert adopt(joined, outer=warm, engine=eng2, H=4) == 12  # a fixed H as before
+    assert adopt(joined, outer=sched, engine=eng2, H=4) == 12  # a fixed H as before
 
 
 # ------------------------------------------------------------------ real federations
@@ -196,7 +196,7 @@ TINY = [
     "model.n_layer=2", "model.d_model=64", "model.n_head=2", "train.batch_size=4",
     "train.seq_len=32", "train.eval_every=8", "train.eval_batches=2", "train.log_every=4",
     "train.warmup_steps=2", "train.lr=3e-3", "gossip.insecure=true",
-    "federation.sites=[eu,us]", "outer.H=8", "outer.H_warmup=[2,2,4]",
+    "federation.sites=[eu,us]", "outer.H=8", "outer.H_first=[2,2,4]",
     "outer.final_average=false", "checkpoint.every=12",
 ]  # fmt: skip
 SITES = ["eu", "us"]
@@ -214,7 +214,7 @@ def _paired_alike(recs: dict[str, list[dict]]) -> None:
         assert a["n"] == b["n"] == 2 and a["mean_crc"] == b["mean_crc"], (a, b)
 
 
-def test_a_federation_syncs_on_the_warmup_schedule_and_resumes_on_it(tmp_path):
+def test_a_federation_syncs_on_the_H_schedule_and_resumes_on_it(tmp_path):
     """Rounds at steps 2, 4, 8, then every 8: ids 1..5 to step 24 on both sites, paired; the
     checkpoints at 12 and 24 are rounds 3 and 5; resumed to step 40, rounds 6 and 7 fall at 32
     and 40 on both sites, paired again (they agree on the ids after a resume)."""
