@@ -1,4 +1,4 @@
-"""Expert-parallel parameters at ZeRO stages 2-3: rows of stacked parameters that only some ranks
+"""Expert-parallel parameters at ZeRO stages 1-3: rows of stacked parameters that only some ranks
 compute, kept (gathered, freed, reduced) by those ranks only.
 
 A model may declare, through ``model.expert_rows(world)``, parameters whose first dimension is
@@ -14,7 +14,7 @@ becomes a view of shape ``(b_r - a_r, ...)``), and those rows move point to poin
   what arrives (ranks computing the same rows are data-parallel replicas) into its gradient
   shard.
 
-At stage 2 the same plan lays out the whole compute copy (``plan_unit`` over every parameter:
+At stages 1 and 2 the same plan lays out the whole compute copy (``plan_unit`` over every parameter:
 the dense part and this rank's rows, ``P - X + X/ep`` values for X expert values), kept between
 steps; the fp32 masters get their own buffer (they can no longer be a view of it), the gradient
 buckets send expert rows to their master's owner as at stage 3, and :func:`publish_compact`
@@ -167,17 +167,18 @@ def _moves(layout: FlatLayout, order: list[int], rows: ExpertRows, pos: dict[int
 def expert_rows(model: nn.Module, layout: FlatLayout, comm: SiteComm, *, stage: int,
                 device: torch.device, offload_params: str, offload: str = "none",
                 compute_dtype: torch.dtype = torch.float32) -> ExpertRows | None:  # fmt: skip
-    """The expert rows a ZeRO engine keeps per rank: at stages 2-3; not with the parameter tier
-    (its reads are the dense pieces'), nor at stage 2 with an optimizer offload (its step
+    """The expert rows a ZeRO engine keeps per rank: at stages 1-3; not with the parameter tier
+    (its reads are the dense pieces'), nor at stages 1-2 with an optimizer offload (its step
     writes the range's compute copy, which is not contiguous here), nor for CUDA tensors on
     gloo (whose point-to-point ops take host memory), nor at stage 2 when it would not save
-    memory; None otherwise. Stages 0-1 keep every row: their fp32 gradient is the whole vector."""
-    if stage < 2 or offload_params != "none" or (stage == 2 and offload != "none"):
+    memory; None otherwise. Stage 1 always saves: its fp32 gradient becomes the shard (P/N
+    instead of P, see ``loco.engine.zero``). Stage 0 keeps every row (replicated optimizer)."""
+    if stage < 1 or offload_params != "none" or (stage in (1, 2) and offload != "none"):
         return None
     if device.type != "cpu" and comm.backend == "gloo":
         return None
     rows = ExpertRows.of(model, layout, comm.world, comm.rank)
-    if rows is None or stage == 3:
+    if rows is None or stage != 2:
         return rows
     # stage 2: the copy loses X (1 - 1/ep) values; in fp32 the masters, a view of the full copy
     # until now, need their own P/N (padded) values

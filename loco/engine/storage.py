@@ -24,10 +24,11 @@ class Storage:
     shards: BlockShards | None
     """Stage 3's block units (None otherwise)."""
     grad: torch.Tensor
-    """fp32 gradient: the whole padded vector (stages 0-1) or this rank's shard (2-3)."""
+    """fp32 gradient: the whole padded vector (stages 0-1) or this rank's shard (2-3, and 1
+    with expert rows)."""
     initial: torch.Tensor | None = None
     compact: UnitPlan | None = None
-    """Stage 2 with expert rows: the layout of ``flat_param`` (dense part and own rows)."""
+    """Stages 1-2 with expert rows: the layout of ``flat_param`` (dense part and own rows)."""
     """With ``nvme``: the fp32 masters to write into the tier (``master`` is then the compute
     copy of the range, which the tier's step keeps up to date)."""
 
@@ -43,7 +44,7 @@ def build_storage(model: nn.Module, layout: FlatLayout, comm: SiteComm, *, stage
     ``shard``: this rank's. With ``offload`` the masters are in pinned host memory; with
     ``nvme`` they go to the tier (``initial``) and ``master`` is the range's compute copy.
     ``rows``: the expert rows (only this rank's rows of those parameters in its stage-3 units
-    or its stage-2 compute copy, then laid out by ``Storage.compact``)."""
+    or its stage-1/2 compute copy, then laid out by ``Storage.compact``)."""
     full = torch.zeros(padded, dtype=torch.float32)
     for spec, p in zip(layout.specs, layout.params, strict=True):  # no P-sized temporary
         full[spec.offset : spec.end].copy_(p.detach().reshape(-1))
@@ -51,7 +52,7 @@ def build_storage(model: nn.Module, layout: FlatLayout, comm: SiteComm, *, stage
     flat_param: torch.Tensor | None = None
     shards: BlockShards | None = None
     compact = None
-    if stage == 2 and rows is not None:
+    if stage in (1, 2) and rows is not None:
         compact = plan_unit(layout, list(range(len(layout.specs))), rows, comm.world)
         flat_param = torch.empty(compact.size, dtype=compute_dtype, device=device)
         for i, p in enumerate(layout.params):
@@ -80,6 +81,6 @@ def build_storage(model: nn.Module, layout: FlatLayout, comm: SiteComm, *, stage
     for p in model.parameters():
         if not p.requires_grad and p.is_floating_point():
             p.data = p.data.to(compute_dtype)  # frozen parameters compute in the same dtype
-    n = padded if stage < 2 else shard[1] - shard[0]
+    n = padded if stage < 2 and compact is None else shard[1] - shard[0]
     grad = torch.zeros(n, dtype=torch.float32, device=device)
     return Storage(flat_param, master, shards, grad, initial, compact)

@@ -33,9 +33,11 @@ Communication phases of one optimizer step (``grad_accum`` micro-batches, then `
 
 A group of one rank runs the same code without any collective.
 
-Expert parallelism (``loco.engine.experts``): at stage 3, and at stage 2 where it saves memory,
-a rank's compute parameters hold only the expert rows it computes; the flat space, the shards
-and everything on them are unchanged.
+Expert parallelism (``loco.engine.experts``; X expert values, ``ep`` ranks per expert group):
+at stage 3, at stage 1, and at stage 2 where it saves memory, a rank's compute parameters hold
+only the expert rows it computes (``P - X + X/ep``); stage 1 then keeps the fp32 gradient shard
+(``P/N``) and reduces into it every micro-batch as stage 2 does (``grad_stage``). Stage 0 keeps
+every expert. The flat space, the shards and everything on them are unchanged.
 
 Mixed precision: with ``compute_dtype="bf16"`` the model's parameters are bf16 (views into the
 engine's buffers) and the fp32 masters live in the engine; ``reduce_dtype`` picks the dtype of
@@ -207,6 +209,9 @@ class ZeroEngine:
                            rows=self.rows)  # fmt: skip
         self.flat_param, self.shards, self.grad = st.flat_param, st.shards, st.grad
         self.compact = st.compact
+        self.grad_stage = 2 if stage == 1 and self.compact is not None else stage
+        """The stage whose gradient handling runs: stage 1 with expert rows reduces into the
+        fp32 gradient shard every micro-batch as stage 2 does (see the module docstring)."""
         options = OptimOptions(weight_decay, betas, eps, momentum, nesterov)
         self._range = build_optim_range(optim=optim, options=options, layout=self.layout,
             opt_range=(self.opt_lo, self.opt_hi), storage=st, device=self.device,
@@ -230,8 +235,8 @@ class ZeroEngine:
                 self.layout, max(1, int(bucket_mb * 2**20 / self.reduce_dtype.itemsize))
             )
         self.buckets = GradBuckets(layout=self.layout, groups=groups, comm=self.comm,
-                                   grad=self.grad, lo=0 if self.stage < 2 else self.lo,
-                                   stage=self.stage, collective=self.collective,
+                                   grad=self.grad, lo=0 if self.grad_stage < 2 else self.lo,
+                                   stage=self.grad_stage, collective=self.collective,
                                    reduce_dtype=self.reduce_dtype,
                                    max_inflight=self.max_inflight, rows=self.rows)  # fmt: skip
         self._micro = 0
@@ -244,7 +249,7 @@ class ZeroEngine:
 
     def _comm_now(self) -> bool:
         """Stages 2-3 reduce every micro-batch; stages 0-1 only the last one."""
-        return self.stage >= 2 or self._micro >= self.grad_accum
+        return self.grad_stage >= 2 or self._micro >= self.grad_accum
 
     @torch.no_grad()
     def _grad_hook(self, i: int, p: torch.Tensor) -> None:
@@ -292,7 +297,7 @@ class ZeroEngine:
         if not self._comm_now():  # fewer micro-batches than grad_accum: reduce what we have
             self._micro = self.grad_accum
             self.buckets.flush()
-        grad = self.grad[self.opt_lo : self.opt_hi] if self.stage < 2 else self.grad
+        grad = self.grad[self.opt_lo : self.opt_hi] if self.grad_stage < 2 else self.grad
         if self.world > 1:
             grad.div_(self.world)
         sq = torch.linalg.vector_norm(grad).square()  # no P-sized temporary
@@ -318,7 +323,7 @@ class ZeroEngine:
             return
         fp = self.flat_param
         assert fp is not None
-        if self.compact is not None:  # stage 2, expert rows: no shard is contiguous in fp
+        if self.compact is not None:  # stages 1-2, expert rows: no shard is contiguous in fp
             publish_compact(fp, self.master, self.lo, self.compact, self.comm)
             return
         if not uploaded and self.master.data_ptr() != fp[self.opt_lo :].data_ptr():

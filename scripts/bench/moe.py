@@ -2,7 +2,9 @@
 
 One run, N ranks (default 2), the same global batch: the dense ``tiny`` GPT (the reference),
 ``moe-tiny`` with every rank computing every expert (ep = 1), and ``moe-tiny`` with the experts
-shared by the N ranks (ep = N, tokens dispatched and combined by all-to-all). With k = 1 a token
+shared by the N ranks (ep = N, tokens dispatched and combined by all-to-all), once with every
+rank's compute copy holding every expert (``moe_ep_full``: the reference) and once with each
+rank owning its experts (``moe_ep``, ``loco.engine.experts``). With k = 1 a token
 meets as many weights in moe-tiny as in tiny (the *active* parameters are equal; moe-tiny holds
 8 experts per MoE MLP). Every engine is built up front and they take turns, a few steps each,
 for several rounds, so machine noise hits all alike. Per configuration:
@@ -11,7 +13,8 @@ for several rounds, so machine noise hits all alike. Per configuration:
 - memory per rank: the engine's state (compute parameters, fp32 masters, gradients, optimizer
   moments held by this rank) and the activations saved for backward in one step (bytes of the
   tensors autograd keeps, counted by ``saved_tensors_hooks``); on CUDA the peak allocated too;
-  at stage 3 also the block buffers (``unit_bytes``: every unit gathered at once;
+  per buffer the gradient (``grad_bytes``) and the optimizer state (``optim_state_bytes``)
+  against their formulas (``_held_memory``); at stage 3 also the block buffers (``unit_bytes``: every unit gathered at once;
   ``max_unit_bytes``: the largest one), which hold only a rank's own experts with ep > 1
   (``loco.engine.experts``), against the formulas ``4 (P - X + X / ep)`` and
   ``4 (D_k + X_k / ep)`` (X: the experts' parameters, D_k and X_k: a block's dense and expert
@@ -48,7 +51,7 @@ from loco.engine.zero import ZeroEngine
 from loco.model import MoEOptions, build_model
 from loco.site_comm import SiteComm
 
-CONFIGS = ("dense", "moe_ep1", "moe_ep")
+CONFIGS = ("dense", "moe_ep1", "moe_ep_full", "moe_ep")
 
 
 def _saved_bytes(fn: Callable[[], None]) -> int:
@@ -84,6 +87,8 @@ def _build(kind: str, args: argparse.Namespace, comm: SiteComm, device: torch.de
                         ep=1 if kind == "moe_ep1" else comm.world).to(device)  # fmt: skip
     if kind != "dense":
         model.bind_site(comm)
+    if kind == "moe_ep_full":  # the reference: ep = N, every rank's copy holding every expert
+        model.expert_rows = lambda world: {}
     eng = ZeroEngine(model, stage=args.stage, optim="adamw", comm=comm)
     return model, eng
 
@@ -99,6 +104,26 @@ def _compute_memory(model, eng: ZeroEngine, ep: int) -> dict[str, int | bool]:
     got = eng.flat_param.numel() * eng.flat_param.element_size()
     return {"compute_bytes": got, "compute_bytes_formula": want,
             "compute_bytes_match_formula": got == want}  # fmt: skip
+
+
+def _held_memory(model, eng: ZeroEngine, ep: int) -> dict[str, int | bool]:
+    """Per rank: gradient and optimizer state (fp32 masters, moments; a master that is a view
+    of the compute copy counts there) against the formulas: the gradient is ``4 P`` at stages
+    0-1 (``4 P / N`` at stage 1 with expert rows, as at stages 2-3); the state ``4 P (1 + m)``
+    replicated at stage 0, ``4 (P / N) (1 + m)`` otherwise (m moments)."""
+    n, world = eng.padded, eng.world
+    moments = list(eng.optimizer.state.values())
+    own_master = (
+        eng.flat_param is None or eng.master.data_ptr() != eng.flat_param[eng.opt_lo :].data_ptr()
+    )
+    optim = sum(t.numel() * 4 for t in moments) + (eng.master.numel() * 4 if own_master else 0)
+    rng = n if eng.stage == 0 else n // world
+    grad_want = 4 * (n if eng.stage < 2 and eng.compact is None else n // world)
+    optim_want = 4 * rng * (len(moments) + (1 if own_master else 0))
+    return {"grad_bytes": eng.grad.numel() * 4, "grad_bytes_formula": grad_want,
+            "optim_state_bytes": optim, "optim_state_bytes_formula": optim_want,
+            "held_bytes_match_formula": eng.grad.numel() * 4 == grad_want
+            and optim == optim_want}  # fmt: skip
 
 
 def _unit_memory(model, eng: ZeroEngine, ep: int) -> dict[str, int | bool]:
@@ -196,10 +221,11 @@ def _report(args, world, built, times, saved, a2a, peak) -> dict:
             **({"peak_allocated": peak[k]} if k in peak else {}),
             **_unit_memory(model, eng, world if k == "moe_ep" else 1),
             **_compute_memory(model, eng, world if k == "moe_ep" else 1),
+            **_held_memory(model, eng, world if k == "moe_ep" else 1),
         }
     res["moe_ep"]["all_to_all_formula"] = formula
     res["moe_ep"]["all_to_all_matches_formula"] = a2a["moe_ep"] == formula
-    for k in ("moe_ep1", "moe_ep"):
+    for k in ("moe_ep1", "moe_ep_full", "moe_ep"):
         res[k]["tokens_per_s_vs_dense"] = round(
             res[k]["tokens_per_s"] / res["dense"]["tokens_per_s"], 3
         )
