@@ -406,6 +406,7 @@ class CompressionConfig:
     scale_dtype: str = "fp32"
     stochastic: bool = False
     error_feedback: bool = True
+    ef_decay: float = 1.0  # the residual's weight before each encode (SparseLoCo's beta)
     topk_fraction: float = 0.1
     sparse_k: int = 64  # sparse: values sent per chunk of compression.block values
     sparse_bits: int = 2  # sparse: bits per sent value (sign + magnitude), 1..4
@@ -417,6 +418,7 @@ class CompressionConfig:
         _positive("compression.block", self.block)
         _choice("compression.scale_dtype", self.scale_dtype, ("fp32", "fp16"))
         _fraction("compression.topk_fraction", self.topk_fraction, lo_open=True, hi_open=False)
+        _fraction("compression.ef_decay", self.ef_decay, lo_open=False, hi_open=False)
         if "topk" in (self.codec, self.phi_codec):
             from loco.compress import make_codec
             from loco.outer.exchange import codec_options

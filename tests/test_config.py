@@ -31,6 +31,7 @@ BAD = [
     (["+site=eu", "outer.final_average=maybe"], ["outer.final_average"]),
     (["+site=eu", "outer.nesterov=sometimes"], ["outer.nesterov"]),
     (["+site=eu", "outer.consensus=phi"], ["outer.consensus", "momentum, weights"]),
+    (["+site=eu", "compression.ef_decay=1.5"], ["compression.ef_decay", "[0, 1]"]),
     (
         [
             "+site=eu",

@@ -220,16 +220,21 @@ class ErrorFeedback:
 
     Each :meth:`encode` runs ONE fused pass: ``v = x + residual``, payload = codec(v),
     ``residual = v - decode(payload)``, so what was not sent is sent later and the running sum of
-    decoded values tracks the running sum of inputs.
+    decoded values tracks the running sum of inputs. With ``decay`` < 1 the residual is scaled by
+    ``decay`` first (``v = x + decay * residual``): an accumulator that forgets old unsent values,
+    as SparseLoCo's error feedback does in place of an outer momentum.
 
     If ``x`` holds NaN/Inf (or overflows the codec), ValueError is raised and the residual is
     reset to zero (its previous contents may have been partly consumed).
     """
 
     def __init__(self, codec: str | Codec, numel: int, *, device: str | torch.device = "cpu",
-                 seed: int = 0, **options: object) -> None:  # fmt: skip
+                 seed: int = 0, decay: float = 1.0, **options: object) -> None:  # fmt: skip
         if numel < 0:
             raise ValueError(f"numel={numel}; use numel >= 0")
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay={decay}; use 0 <= decay <= 1")
+        self.decay = float(decay)
         self.codec = make_codec(codec, **options)
         self.numel = int(numel)
         self.residual = torch.zeros(self.numel, dtype=torch.float32, device=device)
@@ -248,6 +253,8 @@ class ErrorFeedback:
         x32 = _flat_f32(x)
         seed = reference._mix32(torch.tensor(self.seed ^ (self.calls * 0x61C88647 & 0xFFFFFFFF)))
         self.calls += 1
+        if self.decay != 1.0:
+            self.residual.mul_(self.decay)
         try:
             return _frame(self.codec, x32, self.residual, int(seed), DTYPE_IDS[x.dtype], out)
         except ValueError:

@@ -68,6 +68,7 @@ class RangePayloads:
         codec, phi_codec: ``loco.compress`` codec names (``none``: raw fp32).
         delta_options, phi_options: codec options (see :func:`codec_options`).
         error_feedback: keep the delta stream's residual between rounds (lossy codecs).
+        ef_decay: scale the kept residual by this before each round's encode (1: keep it all).
         seed: stochastic-rounding seed of the delta stream.
         flat_size: the padded flat size P' (bounds a received frame's length).
         phi_lattice: send phi with :mod:`loco.outer.lattice` (~1.09 bytes per value, decoded
@@ -91,6 +92,7 @@ class RangePayloads:
         delta_options: dict[str, object] | None = None,
         phi_options: dict[str, object] | None = None,
         error_feedback: bool = True,
+        ef_decay: float = 1.0,
         seed: int = 0,
         flat_size: int | None = None,
         phi_lattice: bool = False,
@@ -116,7 +118,9 @@ class RangePayloads:
         self.delta_options = dict(delta_options or {})
         self.phi_options = dict(phi_options or {})
         self.ef = (
-            ErrorFeedback(codec, self.shi - self.slo, seed=seed, **self.delta_options)
+            ErrorFeedback(
+                codec, self.shi - self.slo, seed=seed, decay=ef_decay, **self.delta_options
+            )
             if error_feedback and codec not in LOSSLESS
             else None
         )

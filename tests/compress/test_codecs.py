@@ -138,6 +138,26 @@ def test_error_feedback_sum_tracks_inputs(cfg, backend):
     assert peak < limit, peak
 
 
+@pytest.mark.parametrize("name", ["int4", "sparse"])
+def test_error_feedback_decay_scales_the_kept_residual(name, backend):
+    """With decay b the encoder sends x + b r: new residual = x + b r - decoded, exactly."""
+    n, b = 4096, 0.5
+    opts = {"block": 4096, "k": 64} if name == "sparse" else {}
+    ef = ErrorFeedback(name, n, decay=b, **opts)
+    plain = ErrorFeedback(name, n, **opts)
+    g = torch.Generator().manual_seed(2)
+    x0, x1 = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    ef.encode(x0)
+    plain.encode(x0)
+    assert torch.equal(ef.residual, plain.residual)  # the first encode has nothing to decay
+    r = ef.residual.clone()
+    y = decode(ef.encode(x1))
+    assert float((ef.residual - (x1 + b * r - y)).abs().max()) < 1e-5
+    assert decode(plain.encode(x1)).ne(y).any()  # the undecayed encoder sends something else
+    with pytest.raises(ValueError, match="decay"):
+        ErrorFeedback(name, n, decay=1.5, **opts)
+
+
 def test_error_feedback_resets_on_nonfinite(backend):
     ef = ErrorFeedback("int8", 300)
     ef.encode(torch.randn(300))
