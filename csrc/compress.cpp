@@ -51,7 +51,7 @@ inline float u2f(uint32_t u) {
 // ----------------------------------------------------------------------------- layout
 
 void check_args(int64_t codec, int64_t block, int64_t k) {
-  TORCH_CHECK(codec >= kNone && codec <= kSparse, "loco: unknown codec id ", codec);
+  TORCH_CHECK(codec >= kNone && codec <= kSign, "loco: unknown codec id ", codec);
   if (codec == kNone || codec == kBf16) return;
   TORCH_CHECK(block >= 1, "loco: block must be >= 1");
   if (codec == kInt4 || codec == kFp4) TORCH_CHECK(block % 2 == 0, "loco: 4-bit block must be even");
@@ -239,6 +239,81 @@ int64_t set_simd(int64_t level) {
 #define LOCO_DISPATCH(fn, ...) (base::fn(__VA_ARGS__))
 #endif
 
+// ----------------------------------------------------------------------------- sign
+
+// The sign codec (loco/compress/sign_ref.py): per block the mean magnitude in fixed point,
+// u_j = floor(|v_j| / amax * 2^24) summed exactly, s = fp32(sum * 2^-24 * amax / count), then one
+// bit per value (set: negative). Plain loops; the same bits as the reference in any order.
+int64_t quantize_sign(const float* x, float* r, uint8_t* pay, const Layout& L, bool fp16) {
+  std::atomic<bool> nonfinite{false}, overflow{false};
+  // blocks in groups whose values fill whole payload bytes, so tasks never share a byte
+  const int64_t per = L.block % 8 == 0 ? 1 : 8;
+  const int64_t groups = (L.nb + per - 1) / per;
+  at::parallel_for(0, groups, std::max<int64_t>(1, 65536 / (L.block * per)), [&](int64_t g0,
+                                                                               int64_t g1) {
+    std::vector<float> v(static_cast<size_t>(L.block));
+    for (int64_t b = g0 * per; b < std::min(L.nb, g1 * per); ++b) {
+      const int64_t base = b * L.block, len = std::min(L.block, L.n - base);
+      const int32_t m = base::load_block(x + base, r ? r + base : nullptr, v.data(), len);
+      if (m >= 0x7F800000) {
+        nonfinite = true;
+        return;
+      }
+      const float amax = u2f(static_cast<uint32_t>(m));
+      float s = 0.0f;
+      if (amax > 0.0f) {
+        double total = 0.0;
+        for (int64_t j = 0; j < len; ++j) total += std::floor((std::fabs(v[j]) / amax) * 16777216.0f);
+        s = static_cast<float>(total * 0x1p-24 * static_cast<double>(amax) / static_cast<double>(len));
+      }
+      uint16_t bits16 = 0;
+      if (fp16) {
+        bits16 = c10::Half(s).x;
+        if ((bits16 & 0x7C00u) == 0x7C00u) overflow = true;
+        s = half_to_float(bits16);
+      }
+      store_scale(pay, b, s, bits16, fp16);
+      uint8_t* out = pay + L.codes_off;
+      for (int64_t j = 0; j < len; ++j) {
+        const int64_t i = base + j;
+        const bool neg = v[j] < 0.0f;
+        if ((i & 7) == 0) out[i >> 3] = 0;  // tasks own whole bytes (see `per`)
+        out[i >> 3] |= static_cast<uint8_t>(neg) << (i & 7);
+        if (r) r[i] = v[j] - (neg ? -s : s);
+      }
+    }
+  });
+  if (nonfinite) return kNonFinite;
+  return overflow ? kOverflow : kOk;
+}
+
+int64_t validate_sign(const uint8_t* pay, const Layout& L, bool fp16) {
+  for (int64_t b = 0; b < L.nb; ++b)
+    if (!scale_ok(pay, b, fp16)) return kBadScale;
+  if ((L.n & 7) && (pay[L.total - 1] >> (L.n & 7))) return kBadPadding;
+  return kOk;
+}
+
+template <bool ACC>
+void dequantize_sign(const uint8_t* pay, float* out, const Layout& L, bool fp16) {
+  const uint8_t* bits = pay + L.codes_off;
+  at::parallel_for(0, L.nb, std::max<int64_t>(1, 65536 / L.block), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const float s = load_scale(pay, b, fp16);
+      const int64_t base = b * L.block, len = std::min(L.block, L.n - base);
+      for (int64_t j = 0; j < len; ++j) {
+        const int64_t i = base + j;
+        const float d = ((bits[i >> 3] >> (i & 7)) & 1) ? -s : s;
+        if (ACC) {
+          out[i] = out[i] + d;
+        } else {
+          out[i] = d;
+        }
+      }
+    }
+  });
+}
+
 // ----------------------------------------------------------------------------- quantize
 
 
@@ -264,6 +339,7 @@ int64_t quantize_cpu(const at::Tensor& x, const std::optional<at::Tensor>& resid
   if (n == 0) return kOk;
   const float* xp = x.data_ptr<float>();
   if (codec == kSparse) return LOCO_DISPATCH(quantize_sparse, xp, r, pay, L, fp16, seed);
+  if (codec == kSign) return quantize_sign(xp, r, pay, L, fp16);
   if (codec == kNone || codec == kBf16) {
     TORCH_CHECK(reinterpret_cast<uintptr_t>(pay) % (codec == kNone ? 4 : 2) == 0,
                 "loco: payload must be aligned");
@@ -310,6 +386,7 @@ int64_t validate_sparse(const uint8_t* pay, const Layout& L, bool fp16) {
 
 int64_t validate(const uint8_t* pay, const Layout& L, int64_t codec, bool fp16) {
   if (codec == kSparse) return validate_sparse(pay, L, fp16);
+  if (codec == kSign) return validate_sign(pay, L, fp16);
   if (codec == kNone) {
     uint32_t bad = 0;
     for (int64_t i = 0; i < L.n; ++i) {
@@ -374,6 +451,14 @@ int64_t dequantize_cpu(const at::Tensor& payload, at::Tensor& out, int64_t codec
   const int64_t st = validate(pay, L, codec, fp16);
   if (st != kOk || L.n == 0) return st;
   float* o = out.data_ptr<float>();
+  if (codec == kSign) {
+    if (accumulate) {
+      dequantize_sign<true>(pay, o, L, fp16);
+    } else {
+      dequantize_sign<false>(pay, o, L, fp16);
+    }
+    return kOk;
+  }
   if (codec == kSparse) {
     if (accumulate) {
       LOCO_DISPATCH(dequantize_sparse<true>, pay, o, L, fp16);

@@ -17,7 +17,7 @@ namespace loco {
 
 // Codec ids as written in the wire header.
 enum CodecId : int64_t {
-  kNone = 0, kBf16 = 1, kInt8 = 2, kInt4 = 3, kFp4 = 4, kTopk = 5, kSparse = 6
+  kNone = 0, kBf16 = 1, kInt8 = 2, kInt4 = 3, kFp4 = 4, kTopk = 5, kSparse = 6, kSign = 7
 };
 
 // sparse: the k argument (and header field) carries k | bits << kSparseBitsShift.
@@ -167,6 +167,9 @@ inline Layout make_layout(int64_t n, int64_t codec, int64_t block, int64_t k, bo
                                 sparse_rec(n - (L.nb - 1) * block, L.k, L.ib, L.bits, L.ss).size;
       break;
     }
+    case kSign:  // scales, then one bit per value (LSB first)
+      L.total = L.codes_off + (n + 7) / 8;
+      break;
     default:
       L.total = -1;  // unknown codec: callers check the codec id first
   }

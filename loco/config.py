@@ -440,6 +440,9 @@ class CompressionConfig:
                 ) from None
         if "sparse" in (self.codec, self.phi_codec):
             self._check_sparse()
+        if "sign" in (self.codec, self.phi_codec) and self.stochastic:
+            raise ConfigError("compression.stochastic=true does not apply to the sign codec (it "
+                              "has no rounding); set compression.stochastic=false")  # fmt: skip
 
     def _check_sparse(self) -> None:
         """The sparse layout of compression.block / sparse_k / sparse_bits, as the codec

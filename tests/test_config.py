@@ -33,6 +33,10 @@ BAD = [
     (["+site=eu", "outer.consensus=phi"], ["outer.consensus", "momentum, weights"]),
     (["+site=eu", "compression.ef_decay=1.5"], ["compression.ef_decay", "[0, 1]"]),
     (
+        ["+site=eu", "compression=sign", "compression.stochastic=true"],
+        ["compression.stochastic=false", "sign"],
+    ),
+    (
         [
             "+site=eu",
             "compression=topk",

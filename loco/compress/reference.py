@@ -10,10 +10,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from loco.compress import sign_ref
+
 __all__ = ["quantize", "dequantize", "crc32c", "payload_nbytes", "hash_uniform"]
 
 # Codec ids and status codes: keep in sync with csrc/compress.h.
-NONE, BF16, INT8, INT4, FP4, TOPK, SPARSE = range(7)
+NONE, BF16, INT8, INT4, FP4, TOPK, SPARSE, SIGN = range(8)
 OK, NON_FINITE, OVERFLOW, BAD_SCALE, BAD_INDEX, BAD_PADDING, BAD_VALUE = range(7)
 # sparse: the header's (and the ops') k field carries k | bits << SPARSE_BITS_SHIFT.
 SPARSE_BITS_SHIFT = 24
@@ -39,6 +41,8 @@ def payload_nbytes(n: int, codec: int, block: int, k: int, fp16_scale: bool) -> 
         return 4 * n
     if codec == BF16:
         return 2 * n
+    if codec == SIGN:
+        return sign_ref.payload_nbytes(n, block, fp16_scale)
     nb = -(-n // block)
     scales = nb * (2 if fp16_scale else 4)
     if codec == INT8:
@@ -210,6 +214,8 @@ def quantize(
 
     if codec == SPARSE:
         return sparse_quantize(v, residual, payload, block, k, fp16_scale, seed)
+    if codec == SIGN:
+        return sign_ref.quantize(v, residual, payload, block, fp16_scale)
     qmax = _qmax(codec)
     nb = -(-n // block)
     amax = torch.empty(nb, dtype=torch.float32, device=v.device)
@@ -344,6 +350,10 @@ def dequantize(
         d = d.to(torch.float32)
     elif codec == SPARSE:
         return sparse_dequantize(payload, out, block, k, fp16_scale, accumulate)
+    elif codec == SIGN:
+        d = sign_ref.decode(payload, n, block, fp16_scale)
+        if isinstance(d, int):
+            return d
     else:
         nb = -(-n // block)
         ss = 2 if fp16_scale else 4

@@ -35,6 +35,9 @@ CONFIGS: list[tuple[str, dict]] = [
     ("sparse", {"block": 32, "k": 7, "rounding": "stochastic"}),
     ("sparse", {"block": 4096, "k": 64, "bits": 4, "scale_dtype": "fp16",
                 "rounding": "stochastic"}),
+    ("sign", {}),
+    ("sign", {"block": 7, "scale_dtype": "fp16"}),
+    ("sign", {"block": 4096}),
 ]  # fmt: skip
 
 
