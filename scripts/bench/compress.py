@@ -164,7 +164,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     ap.add_argument("--reps", type=int, default=None, help="timed runs of each kernel (5; cuda 20)")
     ap.add_argument("--ref-reps", type=int, default=1, help="timed runs of each reference")
-    ap.add_argument("--codecs", default="none,bf16,int8,int4,fp4,topk,sparse")
+    ap.add_argument("--codecs", default="none,bf16,int8,int4,fp4,topk,sparse,sign")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--check", action="store_true", help="also compare with the reference bits")
     ap.add_argument(

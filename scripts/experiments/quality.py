@@ -13,6 +13,8 @@ for the ``-8`` rows, each with the same per-worker batch).
   and the final average over the sites after the last step.
 - ``frontier``: ``noloco`` with sparse 2-bit deltas (``compression=sparse``) and coded phi
   (``FRONTIER``); ``frontier-fragments`` adds streaming fragments; ``frontier-8`` runs 8 sites.
+- ``frontier-sign`` (``-8``: 8 sites): DiLoCo with one-bit deltas (``compression=sign``) and
+  error feedback over the sliced reduce; phi is the same on every site, so nothing else moves.
 - ``noloco-paper``: the spec's update with the paper's settings (``outer=noloco-spec``), no final average.
 - ``local``: 4 sites that never talk. ``noloco-lattice``: 8-bit lattice phi.
 - ``diloco-sched``, ``noloco-sched``: ``diloco`` and ``noloco`` with an H schedule
@@ -65,6 +67,9 @@ FRONTIER = NOLOCO + [
     "compression=sparse", "outer.phi_lattice=true", "outer.phi_lattice_bits=8",
     "outer.phi_lattice_margin=8", "outer.phi_every=1",
 ]  # fmt: skip
+# the frontier in DiLoCo's form: one bit per delta value with error feedback over the sliced
+# reduce (no phi to send: every site applies the same mean), ~0.21 bytes/param/round
+FRONTIER_SIGN = ["outer=diloco", "compression=sign"]
 FRAGMENTS = ["outer.fragments=5"]
 # the H schedule of the ``-sched`` rows: 10 rounds of 50 steps, then every 25 (rarely early,
 # often late: docs/quality.md, "An H schedule at the short budget", says how it was chosen;
@@ -90,6 +95,8 @@ def rows(H: int, codec: str, steps: int) -> dict[str, tuple[list[str], int]]:
         "frontier": ([fed, *FRONTIER, h], 4),
         "frontier-fragments": ([fed, *FRONTIER, *FRAGMENTS, h], 4),
         "frontier-8": ([fed8, *FRONTIER, h], 8),
+        "frontier-sign": ([fed, *FRONTIER_SIGN, h], 4),
+        "frontier-sign-8": ([fed8, *FRONTIER_SIGN, h], 8),
         "noloco-paper": ([fed, "outer=noloco-spec", h, f"compression={codec}"], 4),
         "local": ([fed, "outer=local", h], 4),
         "noloco-lattice": (
