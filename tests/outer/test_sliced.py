@@ -169,6 +169,26 @@ def test_bytes_per_site_are_a_ring_all_reduce():
         assert b == (n - 1) * S, recv
 
 
+def test_one_bit_deltas_cost_two_n_minus_one_over_n_sign_payloads():
+    """codec sign: a site receives 2 (n - 1) / n of a one-bit payload (P / 8 bytes of signs
+    and a 4-byte scale per 256 values), plus per frame its header, the member prefix and mask,
+    one partial block's scale and one partial byte."""
+    spec = {"asia": 1, "eu": 1, "sa": 1, "us": 1}
+    n = len(spec)
+    sites = federation(spec, "sign")
+    try:
+        train_round(sites)
+        recv = [ls[0].history[0]["bytes_recv"] for ls in sites.values()]
+    finally:
+        close(sites)
+    body = 2 * (n - 1) / n * P * (1 / 8 + 4 / 256)
+    per_frame = 40 + 8 + 1 + 4 + 1
+    for b in recv:
+        assert body - 2 * (n - 1) * 8 <= b <= body + 2 * (n - 1) * per_frame, (b, body)
+    # fp32 would be 28.4x the body; at this small P the frame headers take a third
+    assert max(recv) < 2 * (n - 1) / n * 4 * P / 15
+
+
 def test_a_dead_owner_s_slice_is_averaged_by_every_site_itself():
     sites = federation({"asia": 1, "eu": 1, "us": 1}, "int8", dead=("sa",))
     try:
@@ -228,11 +248,11 @@ def test_another_view_of_the_members_falls_back_without_a_strike():
         assert float((m - exact).abs().max()) <= 2 * big / 254 * 1.001
 
 
-@pytest.mark.parametrize("codec", ["none", "int8"])
+@pytest.mark.parametrize("codec", ["none", "int8", "sign"])
 def test_sites_of_two_and_one_ranks_line_up(codec):
     """Rank boundaries cut the slices; a rank handles its part of each slice."""
     spec = {"asia": 1, "eu": 2, "us": 1}
-    sites = federation(spec, codec, tau=2 if codec == "int8" else 0)
+    sites = federation(spec, codec, tau=2 if codec != "none" else 0)
     try:
         true = train_round(sites, rounds=2)
         means = {s: site_cat(ls, lambda lp: lp.last_means[0]) for s, ls in sites.items()}
