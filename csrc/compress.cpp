@@ -262,9 +262,18 @@ int64_t quantize_sign(const float* x, float* r, uint8_t* pay, const Layout& L, b
       const float amax = u2f(static_cast<uint32_t>(m));
       float s = 0.0f;
       if (amax > 0.0f) {
-        double total = 0.0;
-        for (int64_t j = 0; j < len; ++j) total += std::floor((std::fabs(v[j]) / amax) * 16777216.0f);
-        s = static_cast<float>(total * 0x1p-24 * static_cast<double>(amax) / static_cast<double>(len));
+        // u_j = floor(|v_j| / amax * 2^24) in [0, 2^24] (truncation is floor for u >= 0); integer
+        // sums are exact in any grouping: int32 lanes over 64 values (< 2^31), then int64
+        int64_t total = 0;
+        for (int64_t j0 = 0; j0 < len; j0 += 64) {
+          const int64_t j1 = std::min(len, j0 + 64);
+          int32_t part = 0;
+          for (int64_t j = j0; j < j1; ++j)
+            part += static_cast<int32_t>((std::fabs(v[j]) / amax) * 16777216.0f);
+          total += part;
+        }
+        s = static_cast<float>(static_cast<double>(total) * 0x1p-24 * static_cast<double>(amax) /
+                               static_cast<double>(len));
       }
       uint16_t bits16 = 0;
       if (fp16) {
@@ -273,13 +282,23 @@ int64_t quantize_sign(const float* x, float* r, uint8_t* pay, const Layout& L, b
         s = half_to_float(bits16);
       }
       store_scale(pay, b, s, bits16, fp16);
+      if (r) {
+        float* rb = r + base;
+        for (int64_t j = 0; j < len; ++j) rb[j] = v[j] - (v[j] < 0.0f ? -s : s);
+      }
       uint8_t* out = pay + L.codes_off;
-      for (int64_t j = 0; j < len; ++j) {
+      for (int64_t j = 0; j < len;) {
         const int64_t i = base + j;
-        const bool neg = v[j] < 0.0f;
+        if ((i & 7) == 0 && j + 8 <= len) {  // a whole byte
+          uint32_t byte = 0;
+          for (int t = 0; t < 8; ++t) byte |= static_cast<uint32_t>(v[j + t] < 0.0f) << t;
+          out[i >> 3] = static_cast<uint8_t>(byte);
+          j += 8;
+          continue;
+        }
         if ((i & 7) == 0) out[i >> 3] = 0;  // tasks own whole bytes (see `per`)
-        out[i >> 3] |= static_cast<uint8_t>(neg) << (i & 7);
-        if (r) r[i] = v[j] - (neg ? -s : s);
+        out[i >> 3] |= static_cast<uint8_t>(v[j] < 0.0f) << (i & 7);
+        ++j;
       }
     }
   });
@@ -301,14 +320,21 @@ void dequantize_sign(const uint8_t* pay, float* out, const Layout& L, bool fp16)
     for (int64_t b = b0; b < b1; ++b) {
       const float s = load_scale(pay, b, fp16);
       const int64_t base = b * L.block, len = std::min(L.block, L.n - base);
-      for (int64_t j = 0; j < len; ++j) {
+      float* ob = out + base;
+      for (int64_t j = 0; j < len;) {
         const int64_t i = base + j;
-        const float d = ((bits[i >> 3] >> (i & 7)) & 1) ? -s : s;
-        if (ACC) {
-          out[i] = out[i] + d;
-        } else {
-          out[i] = d;
+        if ((i & 7) == 0 && j + 8 <= len) {  // a whole byte
+          const uint32_t byte = bits[i >> 3];
+          for (int t = 0; t < 8; ++t) {
+            const float d = ((byte >> t) & 1u) ? -s : s;
+            ob[j + t] = ACC ? ob[j + t] + d : d;
+          }
+          j += 8;
+          continue;
         }
+        const float d = ((bits[i >> 3] >> (i & 7)) & 1) ? -s : s;
+        ob[j] = ACC ? ob[j] + d : d;
+        ++j;
       }
     }
   });
