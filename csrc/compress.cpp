@@ -191,6 +191,16 @@ struct BitReader {
   }
 };
 
+// sign decoding: byte value -> the 8 signs (+1 / -1) it stands for, LSB first
+struct SignTable {
+  alignas(32) float v[256][8];
+  SignTable() {
+    for (int b = 0; b < 256; ++b)
+      for (int t = 0; t < 8; ++t) v[b][t] = ((b >> t) & 1) ? -1.0f : 1.0f;
+  }
+};
+const SignTable kSignTable;
+
 // ----------------------------------------------------------------------------- kernels
 
 namespace base {
@@ -241,103 +251,11 @@ int64_t set_simd(int64_t level) {
 
 // ----------------------------------------------------------------------------- sign
 
-// The sign codec (loco/compress/sign_ref.py): per block the mean magnitude in fixed point,
-// u_j = floor(|v_j| / amax * 2^24) summed exactly, s = fp32(sum * 2^-24 * amax / count), then one
-// bit per value (set: negative). Plain loops; the same bits as the reference in any order.
-int64_t quantize_sign(const float* x, float* r, uint8_t* pay, const Layout& L, bool fp16) {
-  std::atomic<bool> nonfinite{false}, overflow{false};
-  // blocks in groups whose values fill whole payload bytes, so tasks never share a byte
-  const int64_t per = L.block % 8 == 0 ? 1 : 8;
-  const int64_t groups = (L.nb + per - 1) / per;
-  at::parallel_for(0, groups, std::max<int64_t>(1, 65536 / (L.block * per)), [&](int64_t g0,
-                                                                               int64_t g1) {
-    std::vector<float> v(static_cast<size_t>(L.block));
-    for (int64_t b = g0 * per; b < std::min(L.nb, g1 * per); ++b) {
-      const int64_t base = b * L.block, len = std::min(L.block, L.n - base);
-      const int32_t m = base::load_block(x + base, r ? r + base : nullptr, v.data(), len);
-      if (m >= 0x7F800000) {
-        nonfinite = true;
-        return;
-      }
-      const float amax = u2f(static_cast<uint32_t>(m));
-      float s = 0.0f;
-      if (amax > 0.0f) {
-        // u_j = floor(|v_j| / amax * 2^24) in [0, 2^24] (truncation is floor for u >= 0); integer
-        // sums are exact in any grouping: int32 lanes over 64 values (< 2^31), then int64
-        int64_t total = 0;
-        for (int64_t j0 = 0; j0 < len; j0 += 64) {
-          const int64_t j1 = std::min(len, j0 + 64);
-          int32_t part = 0;
-          for (int64_t j = j0; j < j1; ++j)
-            part += static_cast<int32_t>((std::fabs(v[j]) / amax) * 16777216.0f);
-          total += part;
-        }
-        s = static_cast<float>(static_cast<double>(total) * 0x1p-24 * static_cast<double>(amax) /
-                               static_cast<double>(len));
-      }
-      uint16_t bits16 = 0;
-      if (fp16) {
-        bits16 = c10::Half(s).x;
-        if ((bits16 & 0x7C00u) == 0x7C00u) overflow = true;
-        s = half_to_float(bits16);
-      }
-      store_scale(pay, b, s, bits16, fp16);
-      if (r) {
-        float* rb = r + base;
-        for (int64_t j = 0; j < len; ++j) rb[j] = v[j] - (v[j] < 0.0f ? -s : s);
-      }
-      uint8_t* out = pay + L.codes_off;
-      for (int64_t j = 0; j < len;) {
-        const int64_t i = base + j;
-        if ((i & 7) == 0 && j + 8 <= len) {  // a whole byte
-          uint32_t byte = 0;
-          for (int t = 0; t < 8; ++t) byte |= static_cast<uint32_t>(v[j + t] < 0.0f) << t;
-          out[i >> 3] = static_cast<uint8_t>(byte);
-          j += 8;
-          continue;
-        }
-        if ((i & 7) == 0) out[i >> 3] = 0;  // tasks own whole bytes (see `per`)
-        out[i >> 3] |= static_cast<uint8_t>(v[j] < 0.0f) << (i & 7);
-        ++j;
-      }
-    }
-  });
-  if (nonfinite) return kNonFinite;
-  return overflow ? kOverflow : kOk;
-}
-
 int64_t validate_sign(const uint8_t* pay, const Layout& L, bool fp16) {
   for (int64_t b = 0; b < L.nb; ++b)
     if (!scale_ok(pay, b, fp16)) return kBadScale;
   if ((L.n & 7) && (pay[L.total - 1] >> (L.n & 7))) return kBadPadding;
   return kOk;
-}
-
-template <bool ACC>
-void dequantize_sign(const uint8_t* pay, float* out, const Layout& L, bool fp16) {
-  const uint8_t* bits = pay + L.codes_off;
-  at::parallel_for(0, L.nb, std::max<int64_t>(1, 65536 / L.block), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const float s = load_scale(pay, b, fp16);
-      const int64_t base = b * L.block, len = std::min(L.block, L.n - base);
-      float* ob = out + base;
-      for (int64_t j = 0; j < len;) {
-        const int64_t i = base + j;
-        if ((i & 7) == 0 && j + 8 <= len) {  // a whole byte
-          const uint32_t byte = bits[i >> 3];
-          for (int t = 0; t < 8; ++t) {
-            const float d = ((byte >> t) & 1u) ? -s : s;
-            ob[j + t] = ACC ? ob[j + t] + d : d;
-          }
-          j += 8;
-          continue;
-        }
-        const float d = ((bits[i >> 3] >> (i & 7)) & 1) ? -s : s;
-        ob[j] = ACC ? ob[j] + d : d;
-        ++j;
-      }
-    }
-  });
 }
 
 // ----------------------------------------------------------------------------- quantize
@@ -365,7 +283,7 @@ int64_t quantize_cpu(const at::Tensor& x, const std::optional<at::Tensor>& resid
   if (n == 0) return kOk;
   const float* xp = x.data_ptr<float>();
   if (codec == kSparse) return LOCO_DISPATCH(quantize_sparse, xp, r, pay, L, fp16, seed);
-  if (codec == kSign) return quantize_sign(xp, r, pay, L, fp16);
+  if (codec == kSign) return LOCO_DISPATCH(quantize_sign, xp, r, pay, L, fp16);
   if (codec == kNone || codec == kBf16) {
     TORCH_CHECK(reinterpret_cast<uintptr_t>(pay) % (codec == kNone ? 4 : 2) == 0,
                 "loco: payload must be aligned");
@@ -479,9 +397,9 @@ int64_t dequantize_cpu(const at::Tensor& payload, at::Tensor& out, int64_t codec
   float* o = out.data_ptr<float>();
   if (codec == kSign) {
     if (accumulate) {
-      dequantize_sign<true>(pay, o, L, fp16);
+      LOCO_DISPATCH(dequantize_sign<true>, pay, o, L, fp16);
     } else {
-      dequantize_sign<false>(pay, o, L, fp16);
+      LOCO_DISPATCH(dequantize_sign<false>, pay, o, L, fp16);
     }
     return kOk;
   }
