@@ -10,9 +10,7 @@ all-reduce does, over the same mailbox and range pulls:
    range pull of one slice receives that slice only.
 2. The owner of slice ``k`` pulls slice ``k`` of every other member's delta, averages the
    DECODED values (its own included) in site order, encodes the average with the round's codec
-   (with error feedback of its own when the deltas have it: what one average did not carry is
-   added to the owner's next one) and publishes it (stream ``dmean``) behind a small header
-   naming the members it averaged.
+   and publishes it (stream ``dmean``) behind a small header naming the members it averaged.
 3. Every site pulls the other ``n - 1`` slice averages and applies the outer step on the
    assembled mean. The owner applies its own DECODED average too, so every site applies
    bitwise the same mean and phi stays equal everywhere.
@@ -161,7 +159,6 @@ class SlicedReduce:
         self.node, self.payloads, self.site, self.P = node, payloads, site, P
         self.pool, self.pull_timeout_s = pool, pull_timeout_s
         self.lo, self.hi, self.slo = payloads.lo, payloads.hi, payloads.slo
-        self._mean_ef: tuple[tuple[int, int], ErrorFeedback] | None = None  # (piece, encoder)
 
     def expected_pulls(self, partners: list[str]) -> int:
         """The pulls of this rank the partners owe for a round at least: one of its delta per
@@ -235,7 +232,7 @@ class SlicedReduce:
         piece = None
         for _, a, b in mine:  # at most one: a slice meets a range in one piece
             got = self._collect(rid, jobs[a], missing, own, phi, a, b)
-            frame = self._encode_mean(self._average(own, a, b, got), a, b)
+            frame = self._encode_mean(self._average(own, a, b, got))
             piece = (a, b, pack_mean(members, sorted([self.site, *got]), frame))
             mean[a - self.lo : b - self.lo].copy_(decode(frame).float())
         self._publish_mean(rid, members, piece)
@@ -298,21 +295,11 @@ class SlicedReduce:
         rows = {self.site: own[a - self.lo : b - self.lo], **got}
         return torch.stack([rows[s] for s in sorted(rows)]).mean(0)
 
-    def _encode_mean(self, val: torch.Tensor, a: int, b: int) -> Any:
-        """The frame of this rank's slice average on ``[a, b)``. With error feedback on (the
-        deltas'), the owner keeps a residual of what its averages did not carry and adds it to
-        the next one, as each site does for its delta: a one-bit re-encoding of the mean would
-        otherwise lose its error every round. The residual follows the piece: a new piece (the
-        members changed) starts from zero, and so does a restarted site."""
+    def _encode_mean(self, val: torch.Tensor) -> Any:
         p = self.payloads
         if p.codec in LOSSLESS:
             return encode(val, "none")
-        if p.ef is None:
-            return encode(val, p.codec, **p.delta_options)
-        if self._mean_ef is None or self._mean_ef[0] != (a, b):
-            seed = p.ef.seed ^ 0x2545F491
-            self._mean_ef = ((a, b), ErrorFeedback(p.codec, b - a, seed=seed, **p.delta_options))
-        return self._mean_ef[1].encode(val)
+        return encode(val, p.codec, **p.delta_options)
 
     def _mean_bytes(self):
         """The ``segment_bytes`` bound of a ``dmean`` segment of n values."""
