@@ -296,6 +296,8 @@ class SlicedReduce:
         return torch.stack([rows[s] for s in sorted(rows)]).mean(0)
 
     def _encode_mean(self, val: torch.Tensor) -> Any:
+        # No error feedback here on purpose: an owner residual carried into its next average
+        # was measured worse with one-bit deltas (docs/LOG.md, 2026-12-05 second session).
         p = self.payloads
         if p.codec in LOSSLESS:
             return encode(val, "none")
