@@ -199,7 +199,7 @@ class SlicedReduce:
             buf = x.clone().numpy()
             return buf, "raw", torch.from_numpy(buf)
         if p.ef is not None:  # the piece's encoder updates its part of the rank's residual
-            ef = ErrorFeedback(p.codec, b - a, **p.delta_options)
+            ef = ErrorFeedback(p.codec, b - a, decay=p.ef.decay, **p.delta_options)
             ef.residual = p.ef.residual[a - self.slo : b - self.slo]
             ef.seed, ef.calls = p.ef.seed ^ (k * 0x9E3779B1 & 0xFFFFFFFF), p.ef.calls
             buf = ef.encode(x)

@@ -27,6 +27,7 @@ from loco.outer.sliced import (
     pack_marker,
     pack_mean,
     pieces,
+    slice_bounds,
     unpack_mean,
 )
 from loco.ranges import rank_range
@@ -293,6 +294,24 @@ def test_mean_frame_is_checked_before_use():
     with pytest.raises(PayloadError):  # a member count past the bound
         unpack_mean(struct.pack("<4sIH", b"LSM1", 0, 5000) + bytes(625) + frame, members, 10)
     assert struct.calcsize("<4sIH") == 10
+
+
+def test_a_piece_s_encoder_keeps_the_residual_decay():
+    """compression.ef_decay reaches the per-piece encoders of the sliced publish: the second
+    encode sends x2 + decay * r1, so the residual is exactly that minus what it decoded to."""
+    opts = codec_options("sign", block=256, scale_dtype="fp32", stochastic=False,
+                         topk_fraction=0.1)  # fmt: skip
+    pay = RangePayloads(shard=(0, P), owned=(0, P), codec="sign", delta_options=opts,
+                        ef_decay=0.5)  # fmt: skip
+    red = SlicedReduce(node=None, payloads=pay, site="asia", P=P, pool=None, pull_timeout_s=None)
+    g = torch.Generator().manual_seed(3)
+    x1, x2 = torch.randn(P, generator=g), torch.randn(P, generator=g)
+    b, e = slice_bounds(P, 2, 1)
+    red._encode(1, x1[b:e], b, e)
+    r1 = pay.ef.residual[b:e].clone()
+    _, _, sent = red._encode(1, x2[b:e], b, e)
+    assert float(r1.abs().max()) > 0
+    assert float((pay.ef.residual[b:e] - (x2[b:e] + 0.5 * r1 - sent)).abs().max()) < 1e-5
 
 
 def test_pieces_tile_the_range():
