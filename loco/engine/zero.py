@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -60,59 +59,12 @@ from loco.engine.buckets import GradBuckets, plan_groups
 from loco.engine.experts import expert_rows, publish_compact
 from loco.engine.flat import FlatLayout
 from loco.engine.optim_range import build_optim_range
+from loco.engine.options import check_options, offload_mode
 from loco.engine.recompute import checkpoint_blocks
 from loco.engine.stage3 import unit_of
 from loco.engine.state_dict import full_state_dict, load_rank_state_dict, rank_state_dict
 from loco.engine.storage import build_storage
 from loco.site_comm import SiteComm
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def _check_options(stage: int, grad_accum: int, bucket_mb: float, max_inflight: int,
-                   grad_clip: float, compute_dtype: str,
-                   reduce_dtype: str) -> tuple[torch.dtype, torch.dtype]:  # fmt: skip
-    """Refuse a bad option with one line naming the fix; the compute and reduce dtypes."""
-    if stage not in (0, 1, 2, 3):
-        raise ValueError(f"zero.stage={stage!r}; choose 0, 1, 2 or 3")
-    if grad_accum < 1:
-        raise ValueError(f"grad_accum={grad_accum} must be >= 1")
-    if bucket_mb <= 0:
-        raise ValueError(f"zero.bucket_mb={bucket_mb} must be > 0")
-    if max_inflight < 1:
-        raise ValueError(f"zero.max_inflight={max_inflight} must be >= 1")
-    if grad_clip < 0:
-        raise ValueError(f"grad_clip={grad_clip} must be >= 0 (0 disables clipping)")
-    return _dtype(compute_dtype, "compute_dtype"), _dtype(reduce_dtype, "reduce_dtype")
-
-
-OFFLOAD_MODES = {False: "none", True: "cpu", "false": "none", "none": "none", "cpu": "cpu",
-                 "true": "cpu", "nvme": "nvme"}  # fmt: skip
-
-
-def _offload_mode(offload: bool | str, device: torch.device,
-                  nvme_dir: str) -> tuple[str, torch.device]:  # fmt: skip
-    """``none``, ``cpu`` (GPU runs only: ignored with a warning on a CPU run) or ``nvme``, and
-    the device of the optimizer's state (the CPU unless ``none``)."""
-    mode = OFFLOAD_MODES.get(offload.lower() if isinstance(offload, str) else offload)
-    if mode is None:
-        raise ValueError(f"zero.offload={offload!r}; choose false, cpu or nvme")
-    if mode == "nvme" and not nvme_dir:
-        raise ValueError("zero.offload=nvme needs zero.nvme_dir (a folder on a local NVMe disk)")
-    if mode == "cpu" and device.type != "cuda":
-        warnings.warn(
-            "zero.offload applies to GPU runs only: on a CPU run the master weights and "
-            "optimizer state are already in host memory, so offload is ignored",
-            stacklevel=3,
-        )
-        return "none", device
-    return mode, torch.device("cpu") if mode != "none" else device
-
-
-def _dtype(name: str, key: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ValueError(f"zero.{key}={name!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 class ZeroEngine:
@@ -181,7 +133,7 @@ class ZeroEngine:
         prefetch: bool = True,
         max_inflight: int = 2,
     ) -> None:
-        self.compute_dtype, self.reduce_dtype = _check_options(stage, grad_accum, bucket_mb,
+        self.compute_dtype, self.reduce_dtype = check_options(stage, grad_accum, bucket_mb,
             max_inflight, grad_clip, compute_dtype, reduce_dtype)  # fmt: skip
         self.model, self.stage = model, stage
         self.grad_accum, self.grad_clip = grad_accum, grad_clip
@@ -190,7 +142,7 @@ class ZeroEngine:
         self.collective = self.comm.resolve(collective)
         self.prefetch, self.max_inflight = prefetch, max_inflight
         self.device = next(model.parameters()).device
-        self.offload_mode, self.opt_device = _offload_mode(offload, self.device, nvme_dir)
+        self.offload_mode, self.opt_device = offload_mode(offload, self.device, nvme_dir)
         self.offload = offload = self.offload_mode == "cpu"
         self.comm.broadcast_module(model)
         self.layout = FlatLayout(model)
