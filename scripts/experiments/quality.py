@@ -335,18 +335,19 @@ def _plots(agg: dict[str, dict], a: argparse.Namespace) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(a.out / "quality.png", dpi=110)
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for key, x in agg.items():
+    fig, ax = plt.subplots(figsize=(10.0, 4.6))
+    for i, (key, x) in enumerate(agg.items()):
         if x["bpr"]:
-            ax.errorbar([x["bpr"]], [x["loss"]], yerr=[x["sd"]], fmt="o", capsize=3, label=key)
+            ax.errorbar([x["bpr"]], [x["loss"]], yerr=[x["sd"]], fmt="osD^v<>"[i // 10 % 7],
+                        capsize=3, label=key)  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("bytes per parameter per round (one site)")
     ax.set_ylabel("final validation loss (mean over seeds)")
     ax.set_title(f"{a.model}, {a.steps} steps, H = {a.H}")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    fig.savefig(a.out / "bytes_loss.png", dpi=110)
+    fig.savefig(a.out / "bytes_loss.png", dpi=110, bbox_inches="tight")
 
 
 def _cores() -> int:
