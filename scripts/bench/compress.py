@@ -100,8 +100,10 @@ def _bench_codec(name, x, dst, args, timer) -> dict[str, object]:  # noqa: ANN00
     payload = torch.empty(c.payload_nbytes(n), dtype=torch.uint8, device=x.device)
     residual = torch.zeros_like(x)
     out = torch.zeros_like(x)
-    # what loco uses: the kernels; top-k of device tensors goes through the host (no CUDA kernel)
-    kernel = ops if (x.device.type == "cpu" or name != "topk") else codecs_mod._OnHost
+    # what loco uses: the kernels; top-k and sign of device tensors go through the host (no
+    # CUDA kernel)
+    on_host = x.device.type != "cpu" and name in ("topk", "sign")
+    kernel = codecs_mod._OnHost if on_host else ops
 
     copy = lambda: dst.copy_(x)  # noqa: E731
     enc, copy_enc = timer(lambda: kernel.quantize(x, residual, payload, *a, -1), args.reps, copy)
