@@ -74,7 +74,7 @@ def distances(tmp: Path, site: str) -> dict[int, float | None]:
 
 def recovered(
     dist: dict[str, dict[int, float | None]], healthy: dict[str, dict[int, float | None]],
-    cut: tuple[int, int], within: int, slack: float = 1.5,
+    cut: tuple[int, int], within: int, slack: float = 1.5, rejoin: str | None = None,
 ) -> None:  # fmt: skip
     """The sites re-converge after a fault in rounds ``[cut[0], cut[1])``: every pairwise
     distance recorded from round ``cut[1] + within`` on is (a) at most ``slack`` x the largest
@@ -83,7 +83,13 @@ def recovered(
     the first ``within`` rounds after the heal by the factor ``slack``, i.e. the gap the fault
     opened has been closing. ``slack`` 1.5: single rounds vary ~2x with the random pairing,
     and the healthy level itself falls with the learning rate, so exact levels differ from
-    one CPU's float rounding to another's; a site that does not re-converge fails (b)."""
+    one CPU's float rounding to another's; a site that does not re-converge fails (b).
+
+    ``rejoin``: the site the fault cut off. Its rounds run on their own clock (alone, it waits
+    for nobody), so how many rounds after ``cut[1]`` it pairs again depends on the machine's
+    speed; with ``rejoin`` the heal is the first round from ``cut[1]`` on in which it pairs,
+    the gap is every distance up to that round, and (a) and (b) hold from ``within`` rounds
+    after it."""
 
     def span(
         d: dict[str, dict[int, float | None]], lo: int, hi: int
@@ -94,10 +100,15 @@ def recovered(
     end = 1 << 30
     level = max(span(healthy, 0, cut[1]).values(), default=0.0)
     assert level > 0, f"the control run paired nobody before round {cut[1]}: {healthy}"
-    gap = span(dist, cut[1], cut[1] + within)
+    heal = cut[1]
+    if rejoin is not None:
+        back = sorted(t for t, x in dist[rejoin].items() if t >= cut[1] and x is not None and x > 0)
+        assert back, f"{rejoin} never paired again after round {cut[1]}: {dist}"
+        heal = back[0]
+    gap = span(dist, cut[1], heal + 1 if rejoin is not None else heal + within)
     assert gap, f"nobody paired in the {within} rounds after the heal: {dist}"
-    post = span(dist, cut[1] + within, end)
-    assert post, f"no pairing after round {cut[1] + within}: {dist}"
+    post = span(dist, heal + within, end)
+    assert post, f"no pairing after round {heal + within}: {dist}"
     peak = max(gap.values())
     bad = {k: d for k, d in post.items() if d > slack * level or d > peak / slack}
     assert not bad, (
