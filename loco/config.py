@@ -378,9 +378,6 @@ class OuterConfig(SlicedOptions):
 
     def _check_diloco_reduce(self) -> None:
         _choice("outer.diloco_reduce", self.diloco_reduce, DILOCO_REDUCES)
-        if self.method == "diloco" and self.fragments > 1 and self.diloco_reduce == "sliced":
-            raise ConfigError(f"outer.diloco_reduce=sliced reduces whole rounds only; with "
-                              f"outer.fragments={self.fragments} set outer.diloco_reduce=full")  # fmt: skip
 
     def _check_fragments(self) -> None:
         _positive("outer.fragments", self.fragments)

@@ -28,6 +28,7 @@ from loco.outer.exchange import RangePayloads
 from loco.outer.flat_view import FlatView
 from loco.outer.methods import OuterState
 from loco.outer.round import Rounds
+from loco.outer.sliced import SlicedReduce
 
 
 def fragment_bounds(P: int, F: int, f: int) -> tuple[int, int]:
@@ -72,6 +73,9 @@ class Fragments:
             residual is the one the fragments' encoders update, slice by slice.
         payloads_for: ``payloads_for((a, b))``, a :class:`RangePayloads` with the same options
             whose shard and owned range are ``[a, b)`` (required with ``payloads``).
+        sliced: DiLoCo's sliced reduce (``loco.outer.sliced``) per fragment: the members cut
+            the FRAGMENT ``[f * P // F, (f + 1) * P // F)`` into their slices, so a sync moves
+            ``2 (n - 1) / n`` of the fragment's delta (False: every partner's whole piece).
         rounds_kw: the other :class:`Rounds` arguments (method, node, site, all_live, mix,
             pool, pull_timeout_s, and publish: the loop's ``publish(rid, stream, buf, label)``).
     """
@@ -79,13 +83,13 @@ class Fragments:
     def __init__(self, *, F: int, flat: FlatView, state: OuterState,
                  payloads: RangePayloads | None,
                  payloads_for: Callable[[tuple[int, int]], RangePayloads] | None,
-                 **rounds_kw: Any) -> None:  # fmt: skip
+                 sliced: bool = False, **rounds_kw: Any) -> None:  # fmt: skip
         if payloads is not None and payloads_for is None:
             raise ValueError("fragments need payloads_for to encode a fragment's piece")
         self.F = F
         self.spans = [piece(flat.numel, F, f, flat.lo, flat.hi) for f in range(F)]
         self.rounds: list[Rounds] = []
-        for a, b in self.spans:
+        for f, (a, b) in enumerate(self.spans):
             view = OuterState(phi=state.phi[a - flat.lo : b - flat.lo],
                               momentum=state.momentum[a - flat.lo : b - flat.lo])  # fmt: skip
             part = None
@@ -94,8 +98,14 @@ class Fragments:
                 if payloads.ef is not None and part.ef is not None:
                     # the fragment's encoder updates its slice of the rank's residual in place
                     part.ef.residual = payloads.ef.residual[a - payloads.slo : b - payloads.slo]
+            reduce = None
+            if sliced and part is not None:
+                flo, fhi = fragment_bounds(flat.numel, F, f)
+                reduce = SlicedReduce(node=rounds_kw["node"], payloads=part, site=rounds_kw["site"],
+                                      P=fhi - flo, base=flo, pool=rounds_kw["pool"],
+                                      pull_timeout_s=rounds_kw["pull_timeout_s"])  # fmt: skip
             self.rounds.append(Rounds(flat=FlatPiece(flat, a, b), state=view, payloads=part,
-                                      **rounds_kw))  # fmt: skip
+                                      sliced=reduce, **rounds_kw))  # fmt: skip
 
     def rounds_for(self, j: int, t: int, f: int) -> Rounds:
         """Fragment ``f``'s rounds, made ready for sync ``j`` of round ``t``: its sync counter

@@ -110,7 +110,7 @@ class OuterLoop:
         payloads_for: with ``F > 1`` and ``payloads``, ``payloads_for((a, b))`` builds the
             :class:`RangePayloads` of the piece ``[a, b)`` (same options).
         diloco_reduce: DiLoCo's mean (``loco.outer.sliced``): ``sliced`` (reduce-scatter then
-            all-gather; whole rounds only, fragments use ``full``) or ``full``.
+            all-gather; with fragments, of each fragment) or ``full``.
         H_first: the lengths of the first rounds, then every round is ``H`` long
             (``loco.outer.schedule``; empty: all are).
     """
@@ -171,13 +171,16 @@ class OuterLoop:
                   pull_timeout_s=pull_timeout_s, publish=self._publish)  # fmt: skip
         if diloco_reduce not in REDUCES:
             raise ValueError(f"diloco_reduce={diloco_reduce!r}: choose {' or '.join(REDUCES)}")
+        use_sliced = all_live and payloads is not None and diloco_reduce == "sliced"
         sliced = None
-        if all_live and payloads is not None and fragments == 1 and diloco_reduce == "sliced":
+        if use_sliced and fragments == 1:
             sliced = SlicedReduce(node=node, payloads=payloads, site=site, P=flat.numel,
                                   pool=self._pool, pull_timeout_s=pull_timeout_s)  # fmt: skip
         self.rounds = Rounds(**kw, sliced=sliced)
         self.fragments = (
-            Fragments(F=fragments, payloads_for=payloads_for, **kw) if fragments > 1 else None
+            Fragments(F=fragments, payloads_for=payloads_for, sliced=use_sliced, **kw)
+            if fragments > 1
+            else None
         )
         if node is not None and not all_live:  # serve each round only to the agreed group
             node.require_agreement(exempt=(FINAL_STREAM,))
@@ -241,8 +244,11 @@ class OuterLoop:
         last_partners = last.agreed if last is not None else None
         want = expected_pulls(last_partners, self.all_live,
                               self.final["peers"] if self.final is not None else None)  # fmt: skip
-        if self.rounds.sliced is not None and last_partners:  # slice pieces and averages
-            want = self.rounds.sliced.expected_pulls(last_partners)
+        reduce = self.rounds.sliced
+        if self.fragments is not None and last is not None and last.fragment is not None:
+            reduce = self.fragments.rounds[last.fragment].sliced
+        if reduce is not None and last_partners:  # slice pieces and averages
+            want = reduce.expected_pulls(last_partners)
         since = 0.0
         if last_partners:
             since = last.served_before

@@ -65,16 +65,17 @@ class SlicedOptions:
     diloco_reduce: str = "sliced"
 
 
-def slice_bounds(P: int, n: int, k: int) -> tuple[int, int]:
-    """Slice ``k`` of ``n`` of the flat space ``[0, P)``."""
-    return k * P // n, (k + 1) * P // n
+def slice_bounds(P: int, n: int, k: int, base: int = 0) -> tuple[int, int]:
+    """Slice ``k`` of ``n`` of the space ``[base, base + P)`` (the flat space, or a fragment)."""
+    return base + k * P // n, base + (k + 1) * P // n
 
 
-def pieces(P: int, n: int, lo: int, hi: int) -> list[tuple[int, int, int]]:
-    """``(k, a, b)``: the non-empty part ``[a, b)`` of each slice ``k`` inside ``[lo, hi)``."""
+def pieces(P: int, n: int, lo: int, hi: int, base: int = 0) -> list[tuple[int, int, int]]:
+    """``(k, a, b)``: the non-empty part ``[a, b)`` of each slice ``k`` of
+    ``[base, base + P)`` inside ``[lo, hi)``."""
     out = []
     for k in range(n):
-        s0, s1 = slice_bounds(P, n, k)
+        s0, s1 = slice_bounds(P, n, k, base)
         a, b = max(lo, s0), min(hi, s1)
         if a < b:
             out.append((k, a, b))
@@ -149,14 +150,16 @@ class SlicedReduce:
 
     Args:
         node: the rank's ``GossipNode``; payloads: its :class:`RangePayloads` (codec, error
-            feedback residual, bounds); site: this site's name; P: the model's flat size.
+            feedback residual, bounds); site: this site's name; P: the size of the space
+            reduced, ``[base, base + P)``: the model's flat space (``base`` 0), or with
+            streaming fragments the fragment's (``loco.outer.fragments``).
         pool: the pull threads; pull_timeout_s: deadline of one pull (None: the node's). A
             slice average is waited for twice that (its owner pulls first).
     """
 
     def __init__(self, *, node: Any, payloads: RangePayloads, site: str, P: int, pool: Any,
-                 pull_timeout_s: float | None) -> None:  # fmt: skip
-        self.node, self.payloads, self.site, self.P = node, payloads, site, P
+                 pull_timeout_s: float | None, base: int = 0) -> None:  # fmt: skip
+        self.node, self.payloads, self.site, self.P, self.base = node, payloads, site, P, base
         self.pool, self.pull_timeout_s = pool, pull_timeout_s
         self.lo, self.hi, self.slo = payloads.lo, payloads.hi, payloads.slo
 
@@ -164,7 +167,7 @@ class SlicedReduce:
         """The pulls of this rank the partners owe for a round at least: one of its delta per
         partner whose slice meets its range, one of its average per partner if it has one."""
         members = sorted({*partners, self.site})
-        owned = {k for k, _, _ in pieces(self.P, len(members), self.lo, self.hi)}
+        owned = {k for k, _, _ in pieces(self.P, len(members), self.lo, self.hi, self.base)}
         mine = members.index(self.site) in owned
         return sum(members.index(p) in owned for p in partners) + (len(partners) if mine else 0)
 
@@ -180,7 +183,7 @@ class SlicedReduce:
         own = torch.empty(self.hi - self.lo, dtype=torch.float32)
         segs, bufs, nbytes = [], [], 0
         ef = self.payloads.ef
-        for k, a, b in pieces(self.P, len(members), self.lo, self.hi):
+        for k, a, b in pieces(self.P, len(members), self.lo, self.hi, self.base):
             buf, label, val = self._encode(k, x[a - self.lo : b - self.lo], a, b)
             own[a - self.lo : b - self.lo].copy_(val)
             segs.append(self._segment(a, b, buf, label))
@@ -224,9 +227,11 @@ class SlicedReduce:
         n, me = len(members), members.index(self.site)
         mean = torch.empty(self.hi - self.lo, dtype=torch.float32)
         missing: dict[str, str] = {}
-        mine = [(k, a, b) for k, a, b in pieces(self.P, n, self.lo, self.hi) if k == me]
+        mine = [(k, a, b) for k, a, b in pieces(self.P, n, self.lo, self.hi, self.base) if k == me]
         jobs = {a: self._pull_deltas(rid, a, b, partners) for _, a, b in mine}
-        others = [(k, a, b) for k, a, b in pieces(self.P, n, self.lo, self.hi) if k != me]
+        others = [
+            (k, a, b) for k, a, b in pieces(self.P, n, self.lo, self.hi, self.base) if k != me
+        ]
         means = {a: self.pool.submit(self._pull_mean, rid, members[k], a, b, members)
                  for k, a, b in others}  # fmt: skip
         piece = None

@@ -54,10 +54,11 @@ class RangeFlat:
 
 
 def federation(spec: dict[str, int], codec: str, reduce: str = "sliced", dead=(), tau=0,
-               sees: dict[str, tuple[str, ...]] | None = None):  # fmt: skip
+               sees: dict[str, tuple[str, ...]] | None = None, fragments: int = 1):  # fmt: skip
     """``{site: [OuterLoop per rank]}``; every site starts from the same weights. The sites in
     ``dead`` are configured peers that never answer; ``sees[site]``: more dead peers that only
-    ``site`` is configured with (another view of the members)."""
+    ``site`` is configured with (another view of the members). ``fragments``: streaming
+    fragments (H = 5: fragment f syncs at step f + 1 of each round)."""
     theta0 = torch.from_numpy(np.random.default_rng(7).standard_normal(P).astype(np.float32))
     sites: dict[str, list[OuterLoop]] = {}
     for site, nproc in spec.items():
@@ -66,7 +67,7 @@ def federation(spec: dict[str, int], codec: str, reduce: str = "sliced", dead=()
             GossipNode(site=site, rank=r, nproc=nproc, flat_size=padded, run_id=RUN,
                        layout_hash=LAYOUT, listen="127.0.0.1:0", peers={}, insecure=True,
                        heartbeat=False, pull_timeout_s=5.0, hello_timeout_s=1.0,
-                       max_retries=1, backoff_s=0.05).start()
+                       max_retries=1, backoff_s=0.05, keep_rounds=2 * fragments).start()
             for r in range(nproc)
         ]  # fmt: skip
         addrs = [n.server.address for n in nodes]
@@ -79,9 +80,15 @@ def federation(spec: dict[str, int], codec: str, reduce: str = "sliced", dead=()
                                  topk_fraction=0.1)  # fmt: skip
             pay = RangePayloads(shard=(slo, shi), owned=(flat.lo, flat.hi), codec=codec,
                                 delta_options=opts, flat_size=padded)  # fmt: skip
+
+            def payloads_for(span, codec=codec, opts=opts, padded=padded):
+                return RangePayloads(shard=span, owned=span, codec=codec, delta_options=opts,
+                                     flat_size=padded)  # fmt: skip
+
             loops.append(OuterLoop(step=build_outer("diloco"), flat=flat, H=H, steps=100,
                                    node=node, payloads=pay, site=site, all_live=True, tau=tau,
-                                   linger_s=1.0, diloco_reduce=reduce))  # fmt: skip
+                                   linger_s=1.0, diloco_reduce=reduce, fragments=fragments,
+                                   payloads_for=payloads_for))  # fmt: skip
         sites[site] = loops
     for site, loops in sites.items():
         peers = {s: ls[0].node.server.address for s, ls in sites.items() if s != site}
@@ -326,7 +333,6 @@ def test_pieces_tile_the_range():
     "overrides,words",
     [
         (["outer.diloco_reduce=ring"], ["outer.diloco_reduce='ring'", "sliced, full"]),
-        (["outer.fragments=5"], ["outer.diloco_reduce=sliced", "outer.diloco_reduce=full"]),
     ],
 )
 def test_config_rejects_with_one_line(overrides, words):
@@ -336,10 +342,12 @@ def test_config_rejects_with_one_line(overrides, words):
     assert "\n" not in msg and all(w in msg for w in words), msg
 
 
-def test_config_default_is_sliced_and_full_takes_fragments():
+def test_config_default_is_sliced_and_both_reduces_take_fragments():
     assert compose(["+site=eu", "outer=diloco"]).outer.diloco_reduce == "sliced"
-    cfg = compose(["+site=eu", "outer=diloco", "outer.fragments=5", "outer.diloco_reduce=full"])
-    assert (cfg.outer.fragments, cfg.outer.diloco_reduce) == (5, "full")
+    for reduce in ("sliced", "full"):
+        cfg = compose(["+site=eu", "outer=diloco", "outer.fragments=5",
+                       f"outer.diloco_reduce={reduce}"])  # fmt: skip
+        assert (cfg.outer.fragments, cfg.outer.diloco_reduce) == (5, reduce)
 
 
 def test_expected_pulls_count_the_partners_whose_slice_meets_this_range():
@@ -351,3 +359,57 @@ def test_expected_pulls_count_the_partners_whose_slice_meets_this_range():
     pay = RangePayloads(shard=(1500, 3002), owned=(1500, P), codec="none")
     s = SlicedReduce(node=None, payloads=pay, site="eu", P=P, pool=None, pull_timeout_s=None)
     assert s.expected_pulls(["asia", "us"]) == 1 + 2
+
+
+# ------------------------------------------------------------------ streaming fragments
+
+FRAGS = 5  # H = 5: one fragment's sync at every inner step
+
+
+@pytest.mark.parametrize("codec", ["none", "sign"])
+def test_fragments_reduce_each_fragment_sliced_and_phi_stays_one(codec):
+    """outer.fragments with the sliced reduce: each sync cuts ITS fragment into the members'
+    slices. Sites of 2 and 1 ranks (eu's rank boundary cuts a fragment) apply bitwise the same
+    mean every sync, so phi is one; with codec none that mean is the full reduce's to fp32
+    rounding (the same syncs, the same deltas)."""
+    spec = {"asia": 1, "eu": 2, "us": 1}
+    phis, crcs = {}, {}
+    for reduce in ("sliced", "full") if codec == "none" else ("sliced",):
+        sites = federation(spec, codec, reduce, fragments=FRAGS)
+        try:
+            train_round(sites, rounds=2)
+            phis[reduce] = {s: site_cat(ls, lambda lp: lp.state.phi) for s, ls in sites.items()}
+            crcs[reduce] = {s: [h["mean_crc"] for h in ls[0].history] for s, ls in sites.items()}
+            for ls in sites.values():
+                for lp in ls:
+                    h = lp.history
+                    assert [x["fragment"] for x in h] == list(range(FRAGS)) * 2, h
+                    assert all(x["n"] == 3 and not x["dropped"] for x in h), h
+        finally:
+            close(sites)
+        got = phis[reduce]
+        assert all(torch.equal(p, got["asia"]) for p in got.values()), reduce
+        assert crcs[reduce]["us"] == crcs[reduce]["asia"], reduce  # one rank each: one range
+    if codec == "none":
+        torch.testing.assert_close(phis["sliced"]["asia"], phis["full"]["asia"], rtol=0,
+                                   atol=1e-6)  # fmt: skip
+
+
+def test_a_fragment_s_sync_moves_two_n_minus_one_over_n_of_the_fragment():
+    """codec none, 4 sites: one sync receives 2 (n - 1) / n of the FRAGMENT's fp32 delta (plus
+    the averages' frame headers), 1 / F of a whole sliced round's."""
+    spec = {"asia": 1, "eu": 1, "sa": 1, "us": 1}
+    n = len(spec)
+    sites = federation(spec, "none", fragments=FRAGS)
+    try:
+        train_round(sites)
+        hist = {s: ls[0].history for s, ls in sites.items()}
+    finally:
+        close(sites)
+    headers = (n - 1) * (40 + 8 + 1)
+    for s, h in hist.items():
+        for f, x in enumerate(h):
+            lo, hi = f * P // FRAGS, (f + 1) * P // FRAGS
+            S = 4 * (hi - lo)
+            assert 2 * (n - 1) / n * S <= x["bytes_recv"] <= 2 * (n - 1) / n * S + headers + n * 4, (
+                s, f, x["bytes_recv"], S)  # fmt: skip
