@@ -15,6 +15,8 @@ for the ``-8`` rows, each with the same per-worker batch).
   (``FRONTIER``); ``frontier-fragments`` adds streaming fragments; ``frontier-8`` runs 8 sites.
 - ``frontier-sign`` (``-8``: 8 sites): DiLoCo with one-bit deltas (``compression=sign``) and
   error feedback over the sliced reduce; phi is the same on every site, so nothing else moves.
+  ``frontier-sign-fragments`` (``-8``): the same with streaming fragments (each sync reduces its
+  fragment sliced); ``diloco-fragments``: fp32 DiLoCo with the same fragments, its reference.
 - ``noloco-paper``: the spec's update with the paper's settings (``outer=noloco-spec``), no final average.
 - ``local``: 4 sites that never talk. ``noloco-lattice``: 8-bit lattice phi.
 - ``diloco-sched``, ``noloco-sched``: ``diloco`` and ``noloco`` with an H schedule
@@ -97,6 +99,9 @@ def rows(H: int, codec: str, steps: int) -> dict[str, tuple[list[str], int]]:
         "frontier-8": ([fed8, *FRONTIER, h], 8),
         "frontier-sign": ([fed, *FRONTIER_SIGN, h], 4),
         "frontier-sign-8": ([fed8, *FRONTIER_SIGN, h], 8),
+        "frontier-sign-fragments": ([fed, *FRONTIER_SIGN, *FRAGMENTS, h], 4),
+        "frontier-sign-fragments-8": ([fed8, *FRONTIER_SIGN, *FRAGMENTS, h], 8),
+        "diloco-fragments": ([fed, "outer=diloco", *FRAGMENTS, h, "compression=none"], 4),
         "noloco-paper": ([fed, "outer=noloco-spec", h, f"compression={codec}"], 4),
         "local": ([fed, "outer=local", h], 4),
         "noloco-lattice": (
