@@ -17,6 +17,7 @@ import torch
 
 from loco.engine.experts import GRAD_TAG, ExpertRows, Move, plan_unit
 from loco.engine.flat import FlatLayout
+from loco.engine.replica import ReplicaSpace
 from loco.site_comm import SiteComm
 
 
@@ -72,13 +73,18 @@ class GradBuckets:
         stage, collective, reduce_dtype, max_inflight: as ``ZeroEngine``'s.
         rows: stage 3's expert rows (``loco.engine.experts``): a bucket holds only this rank's
             rows of those parameters and sends them to the owners of their master pieces.
+        space: stage 0 with expert rows (``loco.engine.replica``; with ``stage`` 2 and
+            ``collective`` ``allreduce``): ``grad`` is laid out by it and every rank keeps
+            every dense piece.
     """
 
     def __init__(self, *, layout: FlatLayout, groups: list[list[int]], comm: SiteComm,
                  grad: torch.Tensor, lo: int, stage: int, collective: str,
                  reduce_dtype: torch.dtype, max_inflight: int,
-                 rows: ExpertRows | None = None) -> None:  # fmt: skip
+                 rows: ExpertRows | None = None,
+                 space: ReplicaSpace | None = None) -> None:  # fmt: skip
         self.layout, self.comm, self.grad, self.lo = layout, comm, grad, lo
+        self.space = space
         self.stage, self.collective = stage, collective
         self.reduce_dtype, self.max_inflight = reduce_dtype, max_inflight
         self.device = grad.device
@@ -195,13 +201,16 @@ class GradBuckets:
                             self.grad[s:t].copy_(buf[bs:be])
         else:
             for r, bs, be, s, t in b.pieces:
-                if r == rank:
-                    self.grad[s - self.lo : t - self.lo].add_(buf[bs:be])
+                if r == rank or self.space is not None:
+                    self._slot(s, t).add_(buf[bs:be])
             for m in b.moves:
                 if m.owner == rank and m.computer == rank:
-                    self.grad[m.lo - self.lo : m.hi - self.lo].add_(
-                        buf[m.buf : m.buf + m.hi - m.lo]
-                    )
+                    self._slot(m.lo, m.hi).add_(buf[m.buf : m.buf + m.hi - m.lo])
             for m, got in b.received:
-                self.grad[m.lo - self.lo : m.hi - self.lo].add_(got)
+                self._slot(m.lo, m.hi).add_(got)
         b.buf, b.works, b.received = None, [], []
+
+    def _slot(self, s: int, t: int) -> torch.Tensor:
+        """The gradient's view of global values ``[s, t)`` (stages 2-3)."""
+        a = s - self.lo if self.space is None else self.space.at(s)
+        return self.grad[a : a + t - s]

@@ -1,4 +1,4 @@
-"""Expert-parallel parameters at ZeRO stages 1-3: rows of stacked parameters that only some ranks
+"""Expert-parallel parameters at ZeRO stages 0-3: rows of stacked parameters that only some ranks
 compute, kept (gathered, freed, reduced) by those ranks only.
 
 A model may declare, through ``model.expert_rows(world)``, parameters whose first dimension is
@@ -18,7 +18,9 @@ At stages 1 and 2 the same plan lays out the whole compute copy (``plan_unit`` o
 the dense part and this rank's rows, ``P - X + X/ep`` values for X expert values), kept between
 steps; the fp32 masters get their own buffer (they can no longer be a view of it), the gradient
 buckets send expert rows to their master's owner as at stage 3, and :func:`publish_compact`
-replaces the all-gather after a step.
+replaces the all-gather after a step. Stage 0 lays out its copy the same way and keeps its fp32
+buffers on ``loco.engine.replica.ReplicaSpace`` (the dense part replicated, each expert value
+on its shard's owner).
 
 Everything else (the dense parameters) is gathered and reduced by the group's collectives as
 before. Without declared rows a unit is laid out exactly as ``FlatLayout.spans_of`` lays it
@@ -34,6 +36,7 @@ import torch
 from torch import nn
 
 from loco.engine.flat import FlatLayout
+from loco.engine.replica import ReplicaSpace, replica_space
 from loco.site_comm import SiteComm
 
 GATHER_TAG, GRAD_TAG = 17, 18
@@ -167,19 +170,22 @@ def _moves(layout: FlatLayout, order: list[int], rows: ExpertRows, pos: dict[int
 def expert_rows(model: nn.Module, layout: FlatLayout, comm: SiteComm, *, stage: int,
                 device: torch.device, offload_params: str, offload: str = "none",
                 compute_dtype: torch.dtype = torch.float32) -> ExpertRows | None:  # fmt: skip
-    """The expert rows a ZeRO engine keeps per rank: at stages 1-3; not with the parameter tier
-    (its reads are the dense pieces'), nor at stages 1-2 with an optimizer offload (its step
+    """The expert rows a ZeRO engine keeps per rank: at stages 0-3; not with the parameter tier
+    (its reads are the dense pieces'), nor at stages 0-2 with an optimizer offload (its step
     writes the range's compute copy, which is not contiguous here), nor for CUDA tensors on
-    gloo (whose point-to-point ops take host memory), nor at stage 2 when it would not save
-    memory; None otherwise. Stage 1 always saves: its fp32 gradient becomes the shard (P/N
-    instead of P, see ``loco.engine.zero``). Stage 0 keeps every row (replicated optimizer)."""
-    if stage < 1 or offload_params != "none" or (stage in (1, 2) and offload != "none"):
+    gloo (whose point-to-point ops take host memory), nor at stages 0 and 2 when it would not
+    save memory; None otherwise. Stage 1 always saves: its fp32 gradient becomes the shard
+    (P/N instead of P, see ``loco.engine.zero``). Stage 0 replicates only the dense part of
+    its fp32 buffers (``loco.engine.replica``)."""
+    if offload_params != "none" or (stage < 3 and offload != "none"):
         return None
     if device.type != "cpu" and comm.backend == "gloo":
         return None
     rows = ExpertRows.of(model, layout, comm.world, comm.rank)
-    if rows is None or stage != 2:
+    if rows is None or stage in (1, 3):
         return rows
+    if stage == 0:
+        return rows if _stage0_saves(layout, rows, comm.world, compute_dtype) else None
     # stage 2: the copy loses X (1 - 1/ep) values; in fp32 the masters, a view of the full copy
     # until now, need their own P/N (padded) values
     left_out = sum(layout.specs[i].numel - (b - a) for i, (a, b) in rows.own_spans())
@@ -187,23 +193,41 @@ def expert_rows(model: nn.Module, layout: FlatLayout, comm: SiteComm, *, stage: 
     return rows if compute_dtype != torch.float32 or left_out > own_masters else None
 
 
+def _stage0_saves(layout: FlatLayout, rows: ExpertRows, world: int,
+                  compute_dtype: torch.dtype) -> bool:  # fmt: skip
+    """Whether stage 0's compact copy (``P - X + X/ep``) and fp32 buffers on the replica space
+    (masters, gradient, two moments) hold fewer bytes than the full copy and its fp32 buffers
+    (the masters a view of the copy in fp32), on every rank (the same answer on each)."""
+    size, padded = compute_dtype.itemsize, layout.padded_numel(world)
+    worst = 0
+    for r in range(world):
+        left_out = sum(layout.specs[i].numel - (b - a) for i, s in rows.spans.items()
+                       for a, b in [s[r]])  # fmt: skip
+        space = replica_space(layout, rows, r)
+        assert space is not None
+        worst = max(worst, (layout.numel - left_out) * size + 16 * space.size)
+    return worst < padded * (size + 12 + (0 if size == 4 else 4))
+
+
 @torch.no_grad()
 def publish_compact(params: torch.Tensor, master: torch.Tensor, lo: int, plan: UnitPlan,
-                    comm: SiteComm) -> None:  # fmt: skip
-    """Stage 2 with expert rows: write the masters (this rank's shard, from global ``lo``) into
-    the compute parameters ``params`` laid out by ``plan``: the dense pieces broadcast from
+                    comm: SiteComm, space: ReplicaSpace | None = None) -> None:  # fmt: skip
+    """Stages 1-2 with expert rows: write the masters (this rank's shard, from global ``lo``)
+    into the compute parameters ``params`` laid out by ``plan``: the dense pieces broadcast from
     their owners, the expert rows point to point from their master's owner to each rank
-    computing them. Collective."""
+    computing them. Collective. With ``space`` (stage 0, ``loco.engine.replica``) ``master``
+    is laid out by it and holds every dense value: those are copied, not broadcast."""
     me, works, sending = comm.rank, [], []
-    for r, bs, be, s, t in plan.pieces:
-        if r == me:
-            params[bs:be].copy_(master[s - lo : t - lo])
-        if comm.world > 1:
+    at = space.at if space is not None else (lambda g: g - lo)
+    for r, bs, be, s, _ in plan.pieces:
+        if r == me or space is not None:
+            params[bs:be].copy_(master[at(s) : at(s) + be - bs])
+        if comm.world > 1 and space is None:
             works.append(comm.broadcast(params[bs:be], r))
     for m in plan.moves:
         n = m.hi - m.lo
         if m.owner == me:
-            src = master[m.lo - lo : m.hi - lo]
+            src = master[at(m.lo) : at(m.lo) + n]
             if m.computer == me:
                 params[m.buf : m.buf + n].copy_(src)
                 continue

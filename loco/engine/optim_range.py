@@ -81,13 +81,16 @@ def build_optim_range(*, optim: str, options: OptimOptions, layout: FlatLayout,
                       nvme_part_mb: float, offload_params: str, rank: int, lo: int,
                       compute_dtype: torch.dtype) -> OptimRange:  # fmt: skip
     """The flat optimizer ``optim`` on ``opt_range`` (its state on ``opt_device``, pinned with
-    ``offload``) over ``storage``'s masters, with ZeRO-Offload's host step (``offload``) or,
+    ``offload``; with ``storage.space``, the positions ``[0, space.size)`` of stage 0's
+    buffers) over ``storage``'s masters, with ZeRO-Offload's host step (``offload``) or,
     when ``storage`` holds the tier's ``initial`` masters, the NVMe tier's step (``nvme_dir``,
     ``nvme_part_mb``, ``offload_params``; ``rank`` and its shard's first index ``lo`` name
     stage 3's own pieces)."""
     opt_lo, opt_hi = opt_range
+    space = storage.space  # stage 0 with expert rows: the range is its buffers' positions
+    runs = space.runs() if space is not None else layout.decay_runs((opt_lo, opt_hi))
     optimizer = build_flat_optimizer(
-        optim, opt_lo, opt_hi, layout.decay_runs((opt_lo, opt_hi)), **options.kwargs(),
+        optim, opt_lo, opt_hi, runs, **options.kwargs(),
         device=opt_device, pin_memory=offload, tiered=storage.initial is not None,
     )  # fmt: skip
     master, host_step, tier_step = storage.master, None, None

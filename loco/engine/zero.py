@@ -34,10 +34,12 @@ Communication phases of one optimizer step (``grad_accum`` micro-batches, then `
 A group of one rank runs the same code without any collective.
 
 Expert parallelism (``loco.engine.experts``; X expert values, ``ep`` ranks per expert group):
-at stage 3, at stage 1, and at stage 2 where it saves memory, a rank's compute parameters hold
-only the expert rows it computes (``P - X + X/ep``); stage 1 then keeps the fp32 gradient shard
-(``P/N``) and reduces into it every micro-batch as stage 2 does (``grad_stage``). Stage 0 keeps
-every expert. The flat space, the shards and everything on them are unchanged.
+at stages 1 and 3, and at stages 0 and 2 where it saves memory, a rank's compute parameters
+hold only the expert rows it computes (``P - X + X/ep``); stage 1 then keeps the fp32 gradient
+shard (``P/N``) and reduces into it every micro-batch as stage 2 does (``grad_stage``); stage 0
+keeps its fp32 masters, gradient and moments on ``space`` (``loco.engine.replica``: the dense
+part replicated, each expert value on its shard's owner) and reduces every micro-batch too.
+The flat space, the shards and everything on them are unchanged.
 
 Mixed precision: with ``compute_dtype="bf16"`` the model's parameters are bf16 (views into the
 engine's buffers) and the fp32 masters live in the engine; ``reduce_dtype`` picks the dtype of
@@ -61,6 +63,7 @@ from loco.engine.flat import FlatLayout
 from loco.engine.optim_range import build_optim_range
 from loco.engine.options import check_options, offload_mode
 from loco.engine.recompute import checkpoint_blocks
+from loco.engine.replica import replica_space
 from loco.engine.stage3 import unit_of
 from loco.engine.state_dict import full_state_dict, load_rank_state_dict, rank_state_dict
 from loco.engine.storage import build_storage
@@ -154,16 +157,19 @@ class ZeroEngine:
                                 offload_params=offload_params,
                                 offload=self.offload_mode,
                                 compute_dtype=self.compute_dtype)  # fmt: skip
+        self.space = replica_space(self.layout, self.rows) if stage == 0 else None
+        if self.space is not None:  # the optimizer's range: the positions of its buffers
+            self.opt_hi = self.space.size
         st = build_storage(model, self.layout, self.comm, stage=stage, padded=self.padded,
                            opt_range=(self.opt_lo, self.opt_hi), shard=(self.lo, self.hi),
                            compute_dtype=self.compute_dtype, device=self.device, offload=offload,
                            nvme=self.offload_mode == "nvme", prefetch=prefetch,
-                           rows=self.rows)  # fmt: skip
+                           rows=self.rows, space=self.space)  # fmt: skip
         self.flat_param, self.shards, self.grad = st.flat_param, st.shards, st.grad
         self.compact = st.compact
-        self.grad_stage = 2 if stage == 1 and self.compact is not None else stage
-        """The stage whose gradient handling runs: stage 1 with expert rows reduces into the
-        fp32 gradient shard every micro-batch as stage 2 does (see the module docstring)."""
+        self.grad_stage = 2 if stage < 2 and self.compact is not None else stage
+        """The stage whose gradient handling runs: stages 0-1 with expert rows reduce into
+        their fp32 gradient every micro-batch as stage 2 does (see the module docstring)."""
         options = OptimOptions(weight_decay, betas, eps, momentum, nesterov)
         self._range = build_optim_range(optim=optim, options=options, layout=self.layout,
             opt_range=(self.opt_lo, self.opt_hi), storage=st, device=self.device,
@@ -188,9 +194,10 @@ class ZeroEngine:
             )
         self.buckets = GradBuckets(layout=self.layout, groups=groups, comm=self.comm,
                                    grad=self.grad, lo=0 if self.grad_stage < 2 else self.lo,
-                                   stage=self.grad_stage, collective=self.collective,
-                                   reduce_dtype=self.reduce_dtype,
-                                   max_inflight=self.max_inflight, rows=self.rows)  # fmt: skip
+                                   stage=self.grad_stage,
+                                   collective="allreduce" if self.space else self.collective,
+                                   reduce_dtype=self.reduce_dtype, max_inflight=self.max_inflight,
+                                   rows=self.rows, space=self.space)  # fmt: skip
         self._micro = 0
         hook = self._grad_hook
         handles = [p.register_post_accumulate_grad_hook(functools.partial(hook, i))
@@ -252,7 +259,10 @@ class ZeroEngine:
         grad = self.grad[self.opt_lo : self.opt_hi] if self.grad_stage < 2 else self.grad
         if self.world > 1:
             grad.div_(self.world)
-        sq = torch.linalg.vector_norm(grad).square()  # no P-sized temporary
+        if self.space is not None:  # stage 0, expert rows: the shards' norms, summed
+            sq = self.comm.sum_tensor(self.space.shard_norm_sq(grad))
+        else:
+            sq = torch.linalg.vector_norm(grad).square()  # no P-sized temporary
         if self.world > 1 and self.stage > 0:
             sq = self.comm.sum_tensor(sq)
         norm = sq.sqrt()
@@ -275,8 +285,8 @@ class ZeroEngine:
             return
         fp = self.flat_param
         assert fp is not None
-        if self.compact is not None:  # stages 1-2, expert rows: no shard is contiguous in fp
-            publish_compact(fp, self.master, self.lo, self.compact, self.comm)
+        if self.compact is not None:  # stages 0-2, expert rows: no shard is contiguous in fp
+            publish_compact(fp, self.master, self.lo, self.compact, self.comm, self.space)
             return
         if not uploaded and self.master.data_ptr() != fp[self.opt_lo :].data_ptr():
             fp[self.opt_lo : self.opt_hi].copy_(self.master, non_blocking=self.offload)
@@ -309,13 +319,19 @@ class ZeroEngine:
         After writing, every rank of the group must call :meth:`sync_params`.
         """
         lo, hi = self.flat_range
-        return self._range.masters()[lo - self.opt_lo : hi - self.opt_lo]
+        base = self._range_base
+        return self._range.masters()[lo - base : hi - base]
 
     def optim_state_range(self) -> dict[str, torch.Tensor]:
         """Writable fp32 views of the optimizer state on ``flat_range`` (``exp_avg`` and
         ``exp_avg_sq`` for AdamW, ``momentum`` for SGD); the step count is ``optim_step``."""
-        lo, hi = self.flat_range
-        return {k: v[lo - self.opt_lo : hi - self.opt_lo] for k, v in self._range.state().items()}
+        lo, hi, base = *self.flat_range, self._range_base
+        return {k: v[lo - base : hi - base] for k, v in self._range.state().items()}
+
+    @property
+    def _range_base(self) -> int:
+        """The global index at position 0 of the optimizer's buffers, for this rank's shard."""
+        return self.opt_lo if self.space is None else self.lo - self.space.window
 
     @property
     def optim_step(self) -> int:
@@ -331,7 +347,10 @@ class ZeroEngine:
         """Propagate writes to ``master_range`` (and, with ``optim_state``, to the optimizer
         state) to the compute parameters of every rank. Collective."""
         opt = self._range
-        if self.stage == 0 and self.world > 1:
+        if self.space is not None and self.world > 1:  # replicated: the dense values only
+            self.space.sync([opt.masters()] + (list(opt.state().values()) if optim_state else []),
+                            self.comm)  # fmt: skip
+        elif self.stage == 0 and self.world > 1:
             tensors = [opt.masters()] + (list(opt.state().values()) if optim_state else [])
             for t in tensors:  # replicated state: all-gather every rank's range
                 self.comm.all_gather_into(t, t[self.lo : self.hi].clone()).wait()
@@ -342,9 +361,9 @@ class ZeroEngine:
     def gather_full(self) -> torch.Tensor:
         """The full fp32 flat vector (length P) on every rank, on the CPU. Collective."""
         master = self._range.masters()
-        if self.stage == 0 or self.world == 1:
+        if (self.stage == 0 and self.space is None) or self.world == 1:
             return master[: self.numel].detach().float().cpu().clone()
-        shard = master.to(self.device)
+        shard = (master if self.space is None else self.space.shard(master)).to(self.device)
         out = torch.empty(self.padded, dtype=torch.float32, device=self.device)
         self.comm.all_gather_into(out, shard).wait()
         return out[: self.numel].cpu()
