@@ -18,9 +18,10 @@ for several rounds, so machine noise hits all alike. Per configuration:
   ``max_unit_bytes``: the largest one), which hold only a rank's own experts with ep > 1
   (``loco.engine.experts``), against the formulas ``4 (P - X + X / ep)`` and
   ``4 (D_k + X_k / ep)`` (X: the experts' parameters, D_k and X_k: a block's dense and expert
-  parameters); at stages 0-2 the compute copy (``compute_bytes``), which at stage 2 with ep > 1
-  holds the dense part and the rank's own experts, against ``4 (P - X + X / ep)`` (fp32; the
-  masters then have their own ``4 P / N``);
+  parameters); at stages 0-2 the compute copy (``compute_bytes``), which at stages 0-2 with
+  ep > 1 holds the dense part and the rank's own experts, against ``4 (P - X + X / ep)`` (fp32;
+  the masters then have their own ``4 P / N``, at stage 0 ``4 S_r``: the dense part and the
+  experts of rank r's shard, ``loco.engine.replica``);
 - all-to-all bytes per step and rank (counted at ``SiteComm.all_to_all``) against the formula
   ``moe_layers * 4 * E * C * d * 4``: 2 exchanges forward (dispatch, combine) and 2 backward
   of the (E, C, d) fp32 buffer, C = max(min_capacity, ceil(capacity_factor * k * S / E)), S the
@@ -110,7 +111,8 @@ def _held_memory(model, eng: ZeroEngine, ep: int) -> dict[str, int | bool]:
     """Per rank: gradient and optimizer state (fp32 masters, moments; a master that is a view
     of the compute copy counts there) against the formulas: the gradient is ``4 P`` at stages
     0-1 (``4 P / N`` at stage 1 with expert rows, as at stages 2-3); the state ``4 P (1 + m)``
-    replicated at stage 0, ``4 (P / N) (1 + m)`` otherwise (m moments)."""
+    replicated at stage 0, ``4 (P / N) (1 + m)`` otherwise (m moments); at stage 0 with expert
+    rows the gradient ``4 S_r`` and the state ``4 S_r (1 + m)`` (``_replica_space``)."""
     n, world = eng.padded, eng.world
     moments = list(eng.optimizer.state.values())
     own_master = (
@@ -119,11 +121,23 @@ def _held_memory(model, eng: ZeroEngine, ep: int) -> dict[str, int | bool]:
     optim = sum(t.numel() * 4 for t in moments) + (eng.master.numel() * 4 if own_master else 0)
     rng = n if eng.stage == 0 else n // world
     grad_want = 4 * (n if eng.stage < 2 and eng.compact is None else n // world)
+    if eng.stage == 0 and eng.compact is not None:  # the replica space (loco.engine.replica)
+        rng = grad_want = _replica_space(eng)
+        grad_want *= 4
     optim_want = 4 * rng * (len(moments) + (1 if own_master else 0))
     return {"grad_bytes": eng.grad.numel() * 4, "grad_bytes_formula": grad_want,
             "optim_state_bytes": optim, "optim_state_bytes_formula": optim_want,
             "held_bytes_match_formula": eng.grad.numel() * 4 == grad_want
             and optim == optim_want}  # fmt: skip
+
+
+def _replica_space(eng: ZeroEngine) -> int:
+    """Stage 0 with expert rows: values of this rank's fp32 buffers, the dense part and its
+    shard's experts, ``(P - X) + |X ∩ [lo, hi)|`` (and the shard's padding)."""
+    experts = [s for s in eng.layout.specs if ".experts." in s.name]
+    P, X = eng.layout.numel, sum(s.numel for s in experts)
+    in_shard = sum(max(0, min(s.end, eng.hi) - max(s.offset, eng.lo)) for s in experts)
+    return P - X + in_shard + max(0, eng.hi - max(eng.lo, P))
 
 
 def _unit_memory(model, eng: ZeroEngine, ep: int) -> dict[str, int | bool]:

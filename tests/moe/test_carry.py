@@ -86,22 +86,23 @@ def test_ep2_checkpoint_resumes_at_ep1_and_exports_and_samples(tmp_path, capsys)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 3])  # each rank keeps only its experts (copy, gradient)
+@pytest.mark.parametrize("stage", [0, 1, 3])  # each rank keeps only its experts (copy, gradient)
 def test_ep1_checkpoint_resumes_at_ep2(tmp_path, stage):
     ref = _run(tmp_path / "one", 1)
     _resume_at(tmp_path, "one", ref, 2, stage)
 
 
 @pytest.mark.slow
-def test_ep2_stage_1_checkpoint_resumes_at_ep1(tmp_path):
-    ref = _run(tmp_path / "two", 2, "zero.stage=1")  # compact copy, gradient shard
+@pytest.mark.parametrize("stage", [0, 1])  # compact copy; gradient shard (1), replica space (0)
+def test_ep2_stage_0_1_checkpoint_resumes_at_ep1(tmp_path, stage):
+    ref = _run(tmp_path / "two", 2, f"zero.stage={stage}")
     _resume_at(tmp_path, "two", ref, 1, 0)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_federation_of_moe_sites_with_different_rank_counts(tmp_path, stage):
-    """eu (2 ranks, ep = 2, ZeRO 1, 2 or 3: each rank keeps only its experts) and us (1 rank,
+    """eu (2 ranks, ep = 2, ZeRO 0-3: each rank keeps only its experts) and us (1 rank,
     ep = 1) under NoLoCo: each rank pulls its range of the flat space (experts included) from
     whichever partner ranks own it; both sites end on the same parameters."""
     out = run_federation(
