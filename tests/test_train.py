@@ -68,7 +68,17 @@ def test_resume_after_kill_continues_with_the_same_losses(tmp_path):
     cmd = [sys.executable, "-m", "loco.worker", *common, f"hydra.run.dir={run}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not (run / "checkpoints" / "step_0000010" / "manifest.json").exists():
+    latest_file = run / "checkpoints" / "latest"
+
+    def latest_step() -> int:
+        # the pointer moves only once a checkpoint is complete (its manifest comes first, so a
+        # kill between the two leaves the previous one as latest: wait for the pointer itself)
+        try:
+            return int(latest_file.read_text().strip()[5:12])
+        except (OSError, ValueError):
+            return -1
+
+    while latest_step() < 10:
         assert proc.poll() is None and time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
