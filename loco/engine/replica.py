@@ -79,7 +79,8 @@ class ReplicaSpace:
         return self._pos[k] + g - a
 
     def shard(self, t: torch.Tensor) -> torch.Tensor:
-        """The view of the shard ``[lo, hi)`` in buffer ``t``."""
+        """The view of the shard ``[lo, hi)`` in buffer ``t`` (the shards partition the flat
+        space: their squared norms sum to the whole vector's)."""
         return t[self.window : self.window + self.hi - self.lo]
 
     def runs(self) -> list[tuple[int, int, bool]]:
@@ -99,11 +100,6 @@ class ReplicaSpace:
         for (a, b), p in zip(self.segments, self._pos, strict=True):
             out[p : p + b - a].copy_(full[a:b])
         return out
-
-    def shard_norm_sq(self, grad: torch.Tensor) -> torch.Tensor:
-        """The squared norm of ``grad`` on the shard; summed over the group, the full one's
-        (the shards partition the flat space and the dense values are replicated)."""
-        return torch.linalg.vector_norm(self.shard(grad)).square()
 
     @torch.no_grad()
     def sync(self, tensors: list[torch.Tensor], comm: SiteComm) -> None:

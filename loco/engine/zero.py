@@ -158,8 +158,7 @@ class ZeroEngine:
                                 offload=self.offload_mode,
                                 compute_dtype=self.compute_dtype)  # fmt: skip
         self.space = replica_space(self.layout, self.rows) if stage == 0 else None
-        if self.space is not None:  # the optimizer's range: the positions of its buffers
-            self.opt_hi = self.space.size
+        self.opt_hi = self.space.size if self.space else self.opt_hi  # its buffers' positions
         st = build_storage(model, self.layout, self.comm, stage=stage, padded=self.padded,
                            opt_range=(self.opt_lo, self.opt_hi), shard=(self.lo, self.hi),
                            compute_dtype=self.compute_dtype, device=self.device, offload=offload,
@@ -259,11 +258,9 @@ class ZeroEngine:
         grad = self.grad[self.opt_lo : self.opt_hi] if self.grad_stage < 2 else self.grad
         if self.world > 1:
             grad.div_(self.world)
-        if self.space is not None:  # stage 0, expert rows: the shards' norms, summed
-            sq = self.comm.sum_tensor(self.space.shard_norm_sq(grad))
-        else:
-            sq = torch.linalg.vector_norm(grad).square()  # no P-sized temporary
-        if self.world > 1 and self.stage > 0:
+        part = grad if self.space is None else self.space.shard(grad)  # replicas: the shards'
+        sq = torch.linalg.vector_norm(part).square()  # no P-sized temporary
+        if self.world > 1 and (self.stage > 0 or self.space is not None):
             sq = self.comm.sum_tensor(sq)
         norm = sq.sqrt()
         if self.grad_clip > 0:

@@ -56,7 +56,7 @@ def _range_state(eng: ZeroEngine) -> dict[str, torch.Tensor]:
 
 
 def _check_memory(eng: ZeroEngine, ref: ZeroEngine, ep: int) -> None:
-    """Copy P - X + X/ep; masters, gradient, moments (P - X) + |X in the shard| + the shard's
+    """Copy P - X + X/ep (in the compute dtype); masters, gradient, moments (P - X) + |X in the shard| + the shard's
     padding; the reference: P everywhere."""
     experts = [s for s in eng.layout.specs if ".experts." in s.name]
     X, P = sum(s.numel for s in experts), eng.layout.numel
@@ -95,11 +95,16 @@ def _check(rank: int, world: int, ep: int, engine_kw: dict, out: str) -> None:
     for i, p in enumerate(eng.layout.params):  # the compute copy is the masters
         name, (a, b) = eng.layout.specs[i].name, eng.rows.kept(i)
         lo = eng.layout.specs[i].offset
-        assert torch.equal(p.detach().reshape(-1), full[name].reshape(-1)[a - lo : b - lo]), name
+        want = full[name].reshape(-1)[a - lo : b - lo].to(p.dtype)
+        assert torch.equal(p.detach().reshape(-1), want), name
     assert params
 
 
-@pytest.mark.parametrize("engine_kw", [{}, {"grad_accum": 2}])
+@pytest.mark.parametrize(
+    "engine_kw",
+    [{}, {"grad_accum": 2},
+     pytest.param({"compute_dtype": "bf16", "reduce_dtype": "bf16"}, marks=pytest.mark.slow)],
+)  # fmt: skip
 def test_stage0_keeps_only_dense_and_own_experts(tmp_path, engine_kw):
     out = str(tmp_path / "ranks")
     run_ranks(_check, 2, 2, engine_kw, out)
