@@ -227,11 +227,10 @@ class SlicedReduce:
         n, me = len(members), members.index(self.site)
         mean = torch.empty(self.hi - self.lo, dtype=torch.float32)
         missing: dict[str, str] = {}
-        mine = [(k, a, b) for k, a, b in pieces(self.P, n, self.lo, self.hi, self.base) if k == me]
+        cut = pieces(self.P, n, self.lo, self.hi, self.base)
+        mine = [(k, a, b) for k, a, b in cut if k == me]
         jobs = {a: self._pull_deltas(rid, a, b, partners) for _, a, b in mine}
-        others = [
-            (k, a, b) for k, a, b in pieces(self.P, n, self.lo, self.hi, self.base) if k != me
-        ]
+        others = [(k, a, b) for k, a, b in cut if k != me]
         means = {a: self.pool.submit(self._pull_mean, rid, members[k], a, b, members)
                  for k, a, b in others}  # fmt: skip
         piece = None
