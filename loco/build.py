@@ -300,7 +300,9 @@ def _payloads(cfg: LocoConfig, flat, comm: SiteComm, span: tuple[int, int] | Non
     return RangePayloads(
         shard=span or (flat.slo, flat.shi), owned=span or (flat.lo, flat.hi), codec=c.codec,
         phi_codec=c.phi_codec, delta_options=codec_options(c.codec, **opts),
-        phi_options=codec_options(c.phi_codec, **opts), error_feedback=c.error_feedback,
+        phi_options=codec_options(c.phi_codec, **opts), mean_codec=c.mean_codec,
+        mean_options=codec_options(c.mean_codec or c.codec, **opts),
+        error_feedback=c.error_feedback,
         ef_decay=c.ef_decay, seed=cfg.train.seed * 1009 + comm.rank, flat_size=flat.padded, phi_lattice=o.phi_lattice,
         phi_lattice_window=o.phi_lattice_window, phi_lattice_bits=o.phi_lattice_bits,
         phi_lattice_margin=o.phi_lattice_margin, phi_every=o.phi_every,

@@ -399,6 +399,8 @@ class CompressionConfig:
 
     codec: str = "int8"
     phi_codec: str = "none"
+    # DiLoCo's sliced reduce: the codec of the slice averages an owner serves (null: ``codec``)
+    mean_codec: str | None = None
     block: int = 256
     scale_dtype: str = "fp32"
     stochastic: bool = False
@@ -412,11 +414,14 @@ class CompressionConfig:
         codecs = _names("CODECS")
         _choice("compression.codec", self.codec, codecs)
         _choice("compression.phi_codec", self.phi_codec, codecs)
+        if self.mean_codec is not None:
+            _choice("compression.mean_codec", self.mean_codec, codecs)
         _positive("compression.block", self.block)
         _choice("compression.scale_dtype", self.scale_dtype, ("fp32", "fp16"))
         _fraction("compression.topk_fraction", self.topk_fraction, lo_open=True, hi_open=False)
         _fraction("compression.ef_decay", self.ef_decay, lo_open=False, hi_open=False)
-        if "topk" in (self.codec, self.phi_codec):
+        used = (self.codec, self.phi_codec, self.mean_codec)
+        if "topk" in used:
             from loco.compress import make_codec
             from loco.outer.exchange import codec_options
 
@@ -435,11 +440,12 @@ class CompressionConfig:
                     f"{self.topk_fraction:g} is not a valid top-k layout ({e}); raise "
                     "compression.topk_fraction or lower compression.block"
                 ) from None
-        if "sparse" in (self.codec, self.phi_codec):
+        if "sparse" in used:
             self._check_sparse()
-        if "sign" in (self.codec, self.phi_codec) and self.stochastic:
-            raise ConfigError("compression.stochastic=true does not apply to the sign codec (it "
-                              "has no rounding); set compression.stochastic=false")  # fmt: skip
+        for c in ("sign", "ternary"):
+            if c in used and self.stochastic:
+                raise ConfigError(f"compression.stochastic=true does not apply to the {c} codec "
+                                  "(it has no rounding); set compression.stochastic=false")  # fmt: skip
 
     def _check_sparse(self) -> None:
         """The sparse layout of compression.block / sparse_k / sparse_bits, as the codec

@@ -67,6 +67,9 @@ class RangePayloads:
         owned: ``(lo, hi)``, the shard clipped to the model's P (what it pulls and updates).
         codec, phi_codec: ``loco.compress`` codec names (``none``: raw fp32).
         delta_options, phi_options: codec options (see :func:`codec_options`).
+        mean_codec, mean_options: the codec of the slice averages DiLoCo's sliced reduce
+            serves (:mod:`loco.outer.sliced`) and its options; None: ``codec`` and
+            ``delta_options`` (the options of another codec need ``mean_options``).
         error_feedback: keep the delta stream's residual between rounds (lossy codecs).
         ef_decay: scale the kept residual by this before each round's encode (1: keep it all).
         seed: stochastic-rounding seed of the delta stream.
@@ -91,6 +94,8 @@ class RangePayloads:
         phi_codec: str = "none",
         delta_options: dict[str, object] | None = None,
         phi_options: dict[str, object] | None = None,
+        mean_codec: str | None = None,
+        mean_options: dict[str, object] | None = None,
         error_feedback: bool = True,
         ef_decay: float = 1.0,
         seed: int = 0,
@@ -117,6 +122,8 @@ class RangePayloads:
         self.max_numel = 2 * max(flat_size or 0, self.shi) + (1 << 20)
         self.delta_options = dict(delta_options or {})
         self.phi_options = dict(phi_options or {})
+        self.mean_codec = mean_codec or codec
+        self.mean_options = dict(self.delta_options if mean_options is None else mean_options)
         self.ef = (
             ErrorFeedback(
                 codec, self.shi - self.slo, seed=seed, decay=ef_decay, **self.delta_options
@@ -127,7 +134,8 @@ class RangePayloads:
 
     def warm_up(self) -> None:
         """Encode and decode a few values with both codecs (loads the compiled kernels)."""
-        for codec, opts in ((self.codec, self.delta_options), (self.phi_codec, self.phi_options)):
+        for codec, opts in ((self.codec, self.delta_options), (self.phi_codec, self.phi_options),
+                            (self.mean_codec, self.mean_options)):  # fmt: skip
             if codec not in LOSSLESS and codec != "lattice":
                 decode(encode(torch.zeros(512), codec, **opts))
 

@@ -9,8 +9,8 @@ all-reduce does, over the same mailbox and range pulls:
    delta as one codec frame per piece of a slice inside its owned range (stream ``delta``), so a
    range pull of one slice receives that slice only.
 2. The owner of slice ``k`` pulls slice ``k`` of every other member's delta, averages the
-   DECODED values (its own included) in site order, encodes the average with the round's codec
-   and publishes it (stream ``dmean``) behind a small header naming the members it averaged.
+   DECODED values (its own included) in site order, encodes the average with the mean codec
+   (``compression.mean_codec``, by default the delta's) and publishes it (stream ``dmean``) behind a small header naming the members it averaged.
 3. Every site pulls the other ``n - 1`` slice averages and applies the outer step on the
    assembled mean. The owner applies its own DECODED average too, so every site applies
    bitwise the same mean and phi stays equal everywhere.
@@ -25,7 +25,7 @@ site that misses a partner's pull averages fewer members).
 
 The ``dmean`` frame: ``b"LSM1"``, the CRC-32 of the member names (the view), the member
 count ``n`` (u16) and an ``n``-bit mask of the members averaged, then a ``loco.compress``
-frame (codec ``none`` when the round's codec is ``none``). Every field is checked before use.
+frame (codec ``none`` when the mean codec is ``none``). Every field is checked before use.
 """
 
 from __future__ import annotations
@@ -140,7 +140,8 @@ def unpack_mean(buf: Any, members: list[str], max_numel: int) -> tuple[torch.Ten
 def piece_payloads(parent: RangePayloads, a: int, b: int) -> RangePayloads:
     """A decoder of ``[a, b)`` with ``parent``'s delta codec and bounds (pulls only)."""
     p = RangePayloads(shard=(a, b), owned=(a, b), codec=parent.codec,
-                      delta_options=parent.delta_options, error_feedback=False)  # fmt: skip
+                      delta_options=parent.delta_options, mean_codec=parent.mean_codec,
+                      mean_options=parent.mean_options, error_feedback=False)  # fmt: skip
     p.max_numel = parent.max_numel
     return p
 
@@ -266,7 +267,7 @@ class SlicedReduce:
         if self.lo >= self.hi:
             return
         a, b = (piece[0], piece[1]) if piece is not None else (self.hi, self.hi)
-        label, marker = f"avg.{self.payloads.codec}", pack_marker(members)
+        label, marker = f"avg.{self.payloads.mean_codec}", pack_marker(members)
         segs = [self._segment(x, y, marker, label)
                 for x, y in ((self.lo, a), (b, self.hi)) if x < y]  # fmt: skip
         if piece is not None:
@@ -303,15 +304,15 @@ class SlicedReduce:
         # No error feedback here on purpose: an owner residual carried into its next average
         # was measured worse with one-bit deltas (docs/LOG.md, 2026-12-05 second session).
         p = self.payloads
-        if p.codec in LOSSLESS:
+        if p.mean_codec in LOSSLESS:
             return encode(val, "none")
-        return encode(val, p.codec, **p.delta_options)
+        return encode(val, p.mean_codec, **p.mean_options)
 
     def _mean_bytes(self):
         """The ``segment_bytes`` bound of a ``dmean`` segment of n values."""
         p = self.payloads
-        c = make_codec("none" if p.codec in LOSSLESS else p.codec,
-                       **({} if p.codec in LOSSLESS else p.delta_options))  # fmt: skip
+        c = make_codec("none" if p.mean_codec in LOSSLESS else p.mean_codec,
+                       **({} if p.mean_codec in LOSSLESS else p.mean_options))  # fmt: skip
         extra = PREFIX.size + (MAX_MEMBERS + 7) // 8 + HEADER_SIZE
         return lambda n: extra + c.payload_nbytes(n) * 9 // 8 + 256
 
@@ -334,7 +335,7 @@ class SlicedReduce:
 
         timeout = 2 * (self.pull_timeout_s or self.node.client.timeout_s)
         res = self.node.pull(owner, rid, MEAN_STREAM, lo=a, hi=b, validate=check,
-                             codec=f"avg.{self.payloads.codec}",
+                             codec=f"avg.{self.payloads.mean_codec}",
                              segment_bytes=self._mean_bytes(), timeout_s=timeout)  # fmt: skip
         if not res.ok:
             return None, None, res.cause

@@ -54,11 +54,13 @@ class RangeFlat:
 
 
 def federation(spec: dict[str, int], codec: str, reduce: str = "sliced", dead=(), tau=0,
-               sees: dict[str, tuple[str, ...]] | None = None, fragments: int = 1):  # fmt: skip
+               sees: dict[str, tuple[str, ...]] | None = None, fragments: int = 1,
+               mean_codec: str | None = None):  # fmt: skip
     """``{site: [OuterLoop per rank]}``; every site starts from the same weights. The sites in
     ``dead`` are configured peers that never answer; ``sees[site]``: more dead peers that only
     ``site`` is configured with (another view of the members). ``fragments``: streaming
-    fragments (H = 5: fragment f syncs at step f + 1 of each round)."""
+    fragments (H = 5: fragment f syncs at step f + 1 of each round). ``mean_codec``: the
+    codec of the slice averages (block 256, fp32 scales; None: ``codec``)."""
     theta0 = torch.from_numpy(np.random.default_rng(7).standard_normal(P).astype(np.float32))
     sites: dict[str, list[OuterLoop]] = {}
     for site, nproc in spec.items():
@@ -78,12 +80,15 @@ def federation(spec: dict[str, int], codec: str, reduce: str = "sliced", dead=()
             flat = RangeFlat(theta0[slo : min(shi, P)].clone(), slo, shi, padded)
             opts = codec_options(codec, block=256, scale_dtype="fp32", stochastic=False,
                                  topk_fraction=0.1)  # fmt: skip
+            mopts = codec_options(mean_codec or codec, block=256, scale_dtype="fp32",
+                                  stochastic=False, topk_fraction=0.1)  # fmt: skip
+            means = dict(mean_codec=mean_codec, mean_options=mopts)
             pay = RangePayloads(shard=(slo, shi), owned=(flat.lo, flat.hi), codec=codec,
-                                delta_options=opts, flat_size=padded)  # fmt: skip
+                                delta_options=opts, flat_size=padded, **means)  # fmt: skip
 
-            def payloads_for(span, codec=codec, opts=opts, padded=padded):
+            def payloads_for(span, codec=codec, opts=opts, padded=padded, means=means):
                 return RangePayloads(shard=span, owned=span, codec=codec, delta_options=opts,
-                                     flat_size=padded)  # fmt: skip
+                                     flat_size=padded, **means)  # fmt: skip
 
             loops.append(OuterLoop(step=build_outer("diloco"), flat=flat, H=H, steps=100,
                                    node=node, payloads=pay, site=site, all_live=True, tau=tau,
@@ -195,6 +200,39 @@ def test_one_bit_deltas_cost_two_n_minus_one_over_n_sign_payloads():
         assert body - 2 * (n - 1) * 8 <= b <= body + 2 * (n - 1) * per_frame, (b, body)
     # fp32 would be 28.4x the body; at this small P the frame headers take a third
     assert max(recv) < 2 * (n - 1) / n * 4 * P / 15
+
+
+def test_a_mean_codec_of_its_own_re_encodes_the_averages_only():
+    """``compression.mean_codec``: int8 deltas, one-bit slice averages. A site receives
+    (n - 1) / n of an int8 payload and (n - 1) / n of a one-bit one; every site applies
+    bitwise the same mean, and that mean is a sign code (one magnitude per 256-block)."""
+    spec = {"asia": 1, "eu": 1, "sa": 1, "us": 1}
+    n = len(spec)
+    sites = federation(spec, "int8", mean_codec="sign")
+    try:
+        true = train_round(sites)
+        recv = [ls[0].history[0]["bytes_recv"] for ls in sites.values()]
+        means = {s: ls[0].last_means[0] for s, ls in sites.items()}
+        phis = {s: ls[0].state.phi for s, ls in sites.items()}
+        assert all(ls[0].payloads.mean_codec == "sign" for ls in sites.values())
+    finally:
+        close(sites)
+    assert all(torch.equal(m, means["asia"]) for m in means.values())
+    assert all(torch.equal(p, phis["asia"]) for p in phis.values())
+    body = (n - 1) / n * P * ((1 + 4 / 256) + (1 / 8 + 4 / 256))
+    per_frame = 40 + 8 + 1 + 4 + 1
+    for b in recv:
+        assert body - 2 * (n - 1) * 8 <= b <= body + 2 * (n - 1) * per_frame, (b, body)
+    # each slice average is one magnitude per block of 256 inside the owner's slice: count
+    # the distinct magnitudes per slice, at most one per block the slice meets (+1 each cut)
+    mean = means["asia"]
+    for k in range(n):
+        a, b = slice_bounds(P, n, k)
+        mags = mean[a:b].abs().unique()
+        assert len(mags) <= -(-(b - a) // 256) + 1, (k, len(mags))
+    # and it still follows the true mean: the sign of most values agrees with it
+    exact = torch.stack(list(true.values())).mean(0)
+    assert float((torch.sign(mean) == torch.sign(exact)).float().mean()) > 0.7
 
 
 def test_a_dead_owner_s_slice_is_averaged_by_every_site_itself():
@@ -333,6 +371,11 @@ def test_pieces_tile_the_range():
     "overrides,words",
     [
         (["outer.diloco_reduce=ring"], ["outer.diloco_reduce='ring'", "sliced, full"]),
+        (["compression.mean_codec=int3"], ["compression.mean_codec='int3'", "sign"]),
+        (
+            ["compression=int8", "compression.mean_codec=sign", "compression.stochastic=true"],
+            ["compression.stochastic=true", "sign codec"],
+        ),
     ],
 )
 def test_config_rejects_with_one_line(overrides, words):
