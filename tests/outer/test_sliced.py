@@ -294,11 +294,14 @@ def test_another_view_of_the_members_falls_back_without_a_strike():
         assert float((m - exact).abs().max()) <= 2 * big / 254 * 1.001
 
 
-@pytest.mark.parametrize("codec", ["none", "int8", "sign"])
+@pytest.mark.parametrize("codec", ["none", "int8", "sign", "int8+sign"])
 def test_sites_of_two_and_one_ranks_line_up(codec):
-    """Rank boundaries cut the slices; a rank handles its part of each slice."""
+    """Rank boundaries cut the slices; a rank handles its part of each slice (``a+b``: deltas
+    in ``a``, slice averages in ``b``)."""
     spec = {"asia": 1, "eu": 2, "us": 1}
-    sites = federation(spec, codec, tau=2 if codec != "none" else 0)
+    codec, _, mean_codec = codec.partition("+")
+    sites = federation(spec, codec, tau=2 if codec != "none" else 0,
+                       mean_codec=mean_codec or None)  # fmt: skip
     try:
         true = train_round(sites, rounds=2)
         means = {s: site_cat(ls, lambda lp: lp.last_means[0]) for s, ls in sites.items()}
