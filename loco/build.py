@@ -302,6 +302,7 @@ def _payloads(cfg: LocoConfig, flat, comm: SiteComm, span: tuple[int, int] | Non
         phi_codec=c.phi_codec, delta_options=codec_options(c.codec, **opts),
         phi_options=codec_options(c.phi_codec, **opts), mean_codec=c.mean_codec,
         mean_options=codec_options(c.mean_codec or c.codec, **opts),
+        mean_error_feedback=c.mean_error_feedback,
         error_feedback=c.error_feedback,
         ef_decay=c.ef_decay, seed=cfg.train.seed * 1009 + comm.rank, flat_size=flat.padded, phi_lattice=o.phi_lattice,
         phi_lattice_window=o.phi_lattice_window, phi_lattice_bits=o.phi_lattice_bits,

@@ -401,6 +401,7 @@ class CompressionConfig:
     phi_codec: str = "none"
     # DiLoCo's sliced reduce: the codec of the slice averages an owner serves (null: ``codec``)
     mean_codec: str | None = None
+    mean_error_feedback: bool = False  # the slice owner carries its average's coding error
     block: int = 256
     scale_dtype: str = "fp32"
     stochastic: bool = False

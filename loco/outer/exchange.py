@@ -70,6 +70,7 @@ class RangePayloads:
         mean_codec, mean_options: the codec of the slice averages DiLoCo's sliced reduce
             serves (:mod:`loco.outer.sliced`) and its options; None: ``codec`` and
             ``delta_options`` (the options of another codec need ``mean_options``).
+        mean_error_feedback: an owner keeps its slice average's coding error for the next.
         error_feedback: keep the delta stream's residual between rounds (lossy codecs).
         ef_decay: scale the kept residual by this before each round's encode (1: keep it all).
         seed: stochastic-rounding seed of the delta stream.
@@ -96,6 +97,7 @@ class RangePayloads:
         phi_options: dict[str, object] | None = None,
         mean_codec: str | None = None,
         mean_options: dict[str, object] | None = None,
+        mean_error_feedback: bool = False,
         error_feedback: bool = True,
         ef_decay: float = 1.0,
         seed: int = 0,
@@ -124,6 +126,7 @@ class RangePayloads:
         self.phi_options = dict(phi_options or {})
         self.mean_codec = mean_codec or codec
         self.mean_options = dict(self.delta_options if mean_options is None else mean_options)
+        self.mean_error_feedback = mean_error_feedback
         self.ef = (
             ErrorFeedback(
                 codec, self.shi - self.slo, seed=seed, decay=ef_decay, **self.delta_options

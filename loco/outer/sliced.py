@@ -10,7 +10,8 @@ all-reduce does, over the same mailbox and range pulls:
    range pull of one slice receives that slice only.
 2. The owner of slice ``k`` pulls slice ``k`` of every other member's delta, averages the
    DECODED values (its own included) in site order, encodes the average with the mean codec
-   (``compression.mean_codec``, by default the delta's) and publishes it (stream ``dmean``) behind a small header naming the members it averaged.
+   (``compression.mean_codec``, by default the delta's; with ``compression.mean_error_feedback``
+   the owner carries the average's coding error into its next average) and publishes it (stream ``dmean``) behind a small header naming the members it averaged.
 3. Every site pulls the other ``n - 1`` slice averages and applies the outer step on the
    assembled mean. The owner applies its own DECODED average too, so every site applies
    bitwise the same mean and phi stays equal everywhere.
@@ -141,7 +142,8 @@ def piece_payloads(parent: RangePayloads, a: int, b: int) -> RangePayloads:
     """A decoder of ``[a, b)`` with ``parent``'s delta codec and bounds (pulls only)."""
     p = RangePayloads(shard=(a, b), owned=(a, b), codec=parent.codec,
                       delta_options=parent.delta_options, mean_codec=parent.mean_codec,
-                      mean_options=parent.mean_options, error_feedback=False)  # fmt: skip
+                      mean_options=parent.mean_options, error_feedback=False,
+                      mean_error_feedback=parent.mean_error_feedback)  # fmt: skip
     p.max_numel = parent.max_numel
     return p
 
@@ -163,6 +165,8 @@ class SlicedReduce:
         self.node, self.payloads, self.site, self.P, self.base = node, payloads, site, P, base
         self.pool, self.pull_timeout_s = pool, pull_timeout_s
         self.lo, self.hi, self.slo = payloads.lo, payloads.hi, payloads.slo
+        self._mean_ef: ErrorFeedback | None = None  # the owner's residual of its average
+        self._mean_ef_at: tuple[int, int] | None = None
 
     def expected_pulls(self, partners: list[str]) -> int:
         """The pulls of this rank the partners owe for a round at least: one of its delta per
@@ -237,7 +241,7 @@ class SlicedReduce:
         piece = None
         for _, a, b in mine:  # at most one: a slice meets a range in one piece
             got = self._collect(rid, jobs[a], missing, own, phi, a, b)
-            frame = self._encode_mean(self._average(own, a, b, got))
+            frame = self._encode_mean(self._average(own, a, b, got), a, b)
             piece = (a, b, pack_mean(members, sorted([self.site, *got]), frame))
             mean[a - self.lo : b - self.lo].copy_(decode(frame).float())
         self._publish_mean(rid, members, piece)
@@ -300,13 +304,19 @@ class SlicedReduce:
         rows = {self.site: own[a - self.lo : b - self.lo], **got}
         return torch.stack([rows[s] for s in sorted(rows)]).mean(0)
 
-    def _encode_mean(self, val: torch.Tensor) -> Any:
-        # No error feedback here on purpose: an owner residual carried into its next average
-        # was measured worse with one-bit deltas (docs/LOG.md, 2026-12-05 second session).
+    def _encode_mean(self, val: torch.Tensor, a: int, b: int) -> Any:
+        """The frame of this owner's average on ``[a, b)``. With ``mean_error_feedback`` the
+        owner keeps the average's coding error and adds it to its next average of the same
+        piece (a piece that moves, on a change of the members, starts from zero)."""
         p = self.payloads
         if p.mean_codec in LOSSLESS:
             return encode(val, "none")
-        return encode(val, p.mean_codec, **p.mean_options)
+        if not p.mean_error_feedback:
+            return encode(val, p.mean_codec, **p.mean_options)
+        if self._mean_ef is None or self._mean_ef_at != (a, b):
+            self._mean_ef = ErrorFeedback(p.mean_codec, b - a, **p.mean_options)
+            self._mean_ef_at = (a, b)
+        return self._mean_ef.encode(val)
 
     def _mean_bytes(self):
         """The ``segment_bytes`` bound of a ``dmean`` segment of n values."""

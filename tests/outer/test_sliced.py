@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from loco.compress import PayloadError, encode
+from loco.compress import PayloadError, decode, encode
 from loco.config import ConfigError, compose
 from loco.gossip import GossipNode
 from loco.outer import build_outer
@@ -55,12 +55,13 @@ class RangeFlat:
 
 def federation(spec: dict[str, int], codec: str, reduce: str = "sliced", dead=(), tau=0,
                sees: dict[str, tuple[str, ...]] | None = None, fragments: int = 1,
-               mean_codec: str | None = None):  # fmt: skip
+               mean_codec: str | None = None, mean_ef: bool = False):  # fmt: skip
     """``{site: [OuterLoop per rank]}``; every site starts from the same weights. The sites in
     ``dead`` are configured peers that never answer; ``sees[site]``: more dead peers that only
     ``site`` is configured with (another view of the members). ``fragments``: streaming
     fragments (H = 5: fragment f syncs at step f + 1 of each round). ``mean_codec``: the
-    codec of the slice averages (block 256, fp32 scales; None: ``codec``)."""
+    codec of the slice averages (block 256, fp32 scales; None: ``codec``), ``mean_ef``: their
+    owners' error feedback."""
     theta0 = torch.from_numpy(np.random.default_rng(7).standard_normal(P).astype(np.float32))
     sites: dict[str, list[OuterLoop]] = {}
     for site, nproc in spec.items():
@@ -82,7 +83,7 @@ def federation(spec: dict[str, int], codec: str, reduce: str = "sliced", dead=()
                                  topk_fraction=0.1)  # fmt: skip
             mopts = codec_options(mean_codec or codec, block=256, scale_dtype="fp32",
                                   stochastic=False, topk_fraction=0.1)  # fmt: skip
-            means = dict(mean_codec=mean_codec, mean_options=mopts)
+            means = dict(mean_codec=mean_codec, mean_options=mopts, mean_error_feedback=mean_ef)
             pay = RangePayloads(shard=(slo, shi), owned=(flat.lo, flat.hi), codec=codec,
                                 delta_options=opts, flat_size=padded, **means)  # fmt: skip
 
@@ -256,7 +257,9 @@ def test_an_implausible_average_is_struck_and_its_slice_averaged_here():
     """us publishes finite garbage (1e30) as its slice's average: asia and eu strike it, average
     that slice themselves, and agree; no garbage reaches them."""
     sites = federation({"asia": 1, "eu": 1, "us": 1}, "int8")
-    sites["us"][0].rounds.sliced._encode_mean = lambda v: encode(torch.full_like(v, 1e30), "int8")
+    sites["us"][0].rounds.sliced._encode_mean = lambda v, a, b: encode(
+        torch.full_like(v, 1e30), "int8"
+    )
     try:
         true = train_round(sites)
         recs = {s: ls[0].history[0] for s, ls in sites.items()}
@@ -294,14 +297,15 @@ def test_another_view_of_the_members_falls_back_without_a_strike():
         assert float((m - exact).abs().max()) <= 2 * big / 254 * 1.001
 
 
-@pytest.mark.parametrize("codec", ["none", "int8", "sign", "int8+sign"])
+@pytest.mark.parametrize("codec", ["none", "int8", "sign", "int8+sign", "int8+sign+ef"])
 def test_sites_of_two_and_one_ranks_line_up(codec):
     """Rank boundaries cut the slices; a rank handles its part of each slice (``a+b``: deltas
     in ``a``, slice averages in ``b``)."""
     spec = {"asia": 1, "eu": 2, "us": 1}
     codec, _, mean_codec = codec.partition("+")
+    mean_codec, _, ef = mean_codec.partition("+")
     sites = federation(spec, codec, tau=2 if codec != "none" else 0,
-                       mean_codec=mean_codec or None)  # fmt: skip
+                       mean_codec=mean_codec or None, mean_ef=bool(ef))  # fmt: skip
     try:
         true = train_round(sites, rounds=2)
         means = {s: site_cat(ls, lambda lp: lp.last_means[0]) for s, ls in sites.items()}
@@ -360,6 +364,33 @@ def test_a_piece_s_encoder_keeps_the_residual_decay():
     _, _, sent = red._encode(1, x2[b:e], b, e)
     assert float(r1.abs().max()) > 0
     assert float((pay.ef.residual[b:e] - (x2[b:e] + 0.5 * r1 - sent)).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("feedback", [False, True])
+def test_an_owner_s_error_feedback_sends_what_its_averages_left_out(feedback):
+    """compression.mean_error_feedback: the owner adds its last coding error to the next
+    average of the same piece, so the decoded averages of R equal rounds sum to R times the
+    average less one residual (int4: at most half a step, amax / 14 of a block whose amax
+    grows by that half step); without it every round repeats the same error. A piece that
+    moves starts from a zero residual."""
+    opts = codec_options("int4", block=256, scale_dtype="fp32", stochastic=False,
+                         topk_fraction=0.1)  # fmt: skip
+    pay = RangePayloads(shard=(0, P), owned=(0, P), codec="int8", mean_codec="int4",
+                        mean_options=opts, mean_error_feedback=feedback)  # fmt: skip
+    red = SlicedReduce(node=None, payloads=pay, site="asia", P=P, pool=None, pull_timeout_s=None)
+    b, e = slice_bounds(P, 2, 1)
+    val = torch.randn(e - b, generator=torch.Generator().manual_seed(5))
+    R = 40
+    total = sum(decode(red._encode_mean(val, b, e)).float() for _ in range(R))
+    err = float((total / R - val).abs().max())
+    once = float((decode(encode(val, "int4", **opts)).float() - val).abs().max())
+    if feedback:
+        assert err * R <= float(val.abs().max()) * 15 / 14 / 14 * 1.001, (err, once)
+        assert err < once / 10
+        moved = decode(red._encode_mean(val[1:], b + 1, e)).float()  # another piece: fresh
+        assert torch.equal(moved, decode(encode(val[1:], "int4", **opts)).float())
+    else:
+        assert err == pytest.approx(once, rel=1e-6)  # the same error every round
 
 
 def test_pieces_tile_the_range():
