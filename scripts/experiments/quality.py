@@ -17,8 +17,6 @@ for the ``-8`` rows, each with the same per-worker batch).
   error feedback over the sliced reduce; phi is the same on every site, so nothing else moves.
   ``frontier-sign-fragments`` (``-8``): the same with streaming fragments (each sync reduces its
   fragment sliced); ``diloco-fragments``: fp32 DiLoCo with the same fragments, its reference.
-- ``frontier-ternary`` (``-8``, ``-fragments``): DiLoCo with ternary deltas (error feedback),
-  one-bit slice averages and outer momentum 0.7 (``FRONTIER_TERNARY``), ~0.25 B/param/round.
 - ``noloco-paper``: the spec's update with the paper's settings (``outer=noloco-spec``), no final average.
 - ``local``: 4 sites that never talk. ``noloco-lattice``: 8-bit lattice phi.
 - ``diloco-sched``, ``noloco-sched``: ``diloco`` and ``noloco`` with an H schedule
@@ -74,12 +72,6 @@ FRONTIER = NOLOCO + [
 # the frontier in DiLoCo's form: one bit per delta value with error feedback over the sliced
 # reduce (no phi to send: every site applies the same mean), ~0.21 bytes/param/round
 FRONTIER_SIGN = ["outer=diloco", "compression=sign"]
-# the frontier: ternary deltas with error feedback, one-bit slice averages, outer momentum 0.7
-# (conf/outer/diloco-frontier.yaml + conf/compression/frontier.yaml, spelled out), ~0.25 B
-FRONTIER_TERNARY = [
-    "outer=diloco", "outer.momentum=0.7", "compression=ternary", "compression.mean_codec=sign",
-    "compression.block=512", "compression.scale_dtype=fp16",
-]  # fmt: skip
 FRAGMENTS = ["outer.fragments=5"]
 # the H schedule of the ``-sched`` rows: 10 rounds of 50 steps, then every 25 (rarely early,
 # often late: docs/quality.md, "An H schedule at the short budget", says how it was chosen;
@@ -109,9 +101,6 @@ def rows(H: int, codec: str, steps: int) -> dict[str, tuple[list[str], int]]:
         "frontier-sign-8": ([fed8, *FRONTIER_SIGN, h], 8),
         "frontier-sign-fragments": ([fed, *FRONTIER_SIGN, *FRAGMENTS, h], 4),
         "frontier-sign-fragments-8": ([fed8, *FRONTIER_SIGN, *FRAGMENTS, h], 8),
-        "frontier-ternary": ([fed, *FRONTIER_TERNARY, h], 4),
-        "frontier-ternary-8": ([fed8, *FRONTIER_TERNARY, h], 8),
-        "frontier-ternary-fragments": ([fed, *FRONTIER_TERNARY, *FRAGMENTS, h], 4),
         "diloco-fragments": ([fed, "outer=diloco", *FRAGMENTS, h, "compression=none"], 4),
         "noloco-paper": ([fed, "outer=noloco-spec", h, f"compression={codec}"], 4),
         "local": ([fed, "outer=local", h], 4),
