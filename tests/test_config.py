@@ -19,7 +19,7 @@ BAD = [
         ["model", "'huge'", "gpt2-124m, moe-small, moe-tiny, small, tiny"],
     ),
     (["+site=eu", "optim=adam"], ["optim", "adamw, sgd"]),
-    (["+site=eu", "outer=fedavg"], ["outer", "diloco, local, noloco"]),
+    (["+site=eu", "outer=fedavg"], ["outer", "diloco, diloco-frontier, local, noloco"]),
     (["+site=eu", "compression=zip"], ["compression", "int8"]),
     (["+site=eu", "foo=1"], ["'foo'", "train"]),
     (["+site=eu", "site.nproc=0"], ["site.nproc", "> 0"]),
