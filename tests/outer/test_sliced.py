@@ -427,6 +427,16 @@ def test_config_default_is_sliced_and_both_reduces_take_fragments():
         assert (cfg.outer.fragments, cfg.outer.diloco_reduce) == (5, reduce)
 
 
+def test_the_frontier_preset_is_diloco_with_momentum_0_7_and_the_mean_options_compose():
+    cfg = compose(["+site=eu", "outer=diloco-frontier", "compression=sign",
+                   "compression.mean_codec=sign", "compression.mean_error_feedback=true"])  # fmt: skip
+    o, c = cfg.outer, cfg.compression
+    assert (o.method, o.momentum, o.lr, o.nesterov, o.diloco_reduce) == (
+        "diloco", 0.7, 0.7, True, "sliced")  # fmt: skip
+    assert (c.codec, c.mean_codec, c.mean_error_feedback) == ("sign", "sign", True)
+    assert compose(["+site=eu"]).compression.mean_codec is None  # default: the deltas' codec
+
+
 def test_expected_pulls_count_the_partners_whose_slice_meets_this_range():
     """eu's rank [0, 1500) of members asia, eu, us: asia's slice [0, 1000) meets it (asia
     pulls a piece), us's [2000, 3001) does not; both pull eu's average of [1000, 1500)."""
