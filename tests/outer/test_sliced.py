@@ -427,12 +427,12 @@ def test_config_default_is_sliced_and_both_reduces_take_fragments():
         assert (cfg.outer.fragments, cfg.outer.diloco_reduce) == (5, reduce)
 
 
-def test_the_frontier_preset_is_diloco_with_momentum_0_7_and_the_mean_options_compose():
+def test_the_frontier_preset_is_diloco_with_momentum_0_8_and_the_mean_options_compose():
     cfg = compose(["+site=eu", "outer=diloco-frontier", "compression=sign",
                    "compression.mean_codec=sign", "compression.mean_error_feedback=true"])  # fmt: skip
     o, c = cfg.outer, cfg.compression
     assert (o.method, o.momentum, o.lr, o.nesterov, o.diloco_reduce) == (
-        "diloco", 0.7, 0.7, True, "sliced")  # fmt: skip
+        "diloco", 0.8, 0.7, True, "sliced")  # fmt: skip
     assert (c.codec, c.mean_codec, c.mean_error_feedback) == ("sign", "sign", True)
     assert compose(["+site=eu"]).compression.mean_codec is None  # default: the deltas' codec
 
