@@ -111,6 +111,7 @@ def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
     assert "step_0000004/rank_00000.bin is corrupt" in p.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.timeout(660)  # the worker's own deadline is 600 s; 300 steps took > 300 s under load
 def test_tiny_learns_the_stdlib(tmp_path):
     """300 steps of `tiny` (600k tokens): validation loss far under ln(256) = 5.55.
 
