@@ -51,7 +51,7 @@ inline float u2f(uint32_t u) {
 // ----------------------------------------------------------------------------- layout
 
 void check_args(int64_t codec, int64_t block, int64_t k) {
-  TORCH_CHECK(codec >= kNone && codec <= kSign, "loco: unknown codec id ", codec);
+  TORCH_CHECK(codec >= kNone && codec <= kTernary, "loco: unknown codec id ", codec);
   if (codec == kNone || codec == kBf16) return;
   TORCH_CHECK(block >= 1, "loco: block must be >= 1");
   if (codec == kInt4 || codec == kFp4) TORCH_CHECK(block % 2 == 0, "loco: 4-bit block must be even");
@@ -201,6 +201,23 @@ struct SignTable {
 };
 const SignTable kSignTable;
 
+// ternary decoding: byte value -> the factors (0, +1, -1) of its five trits, the first value in
+// the lowest base-3 digit (rows of bytes above 242 are never read: validation rejects them)
+struct TernaryTable {
+  alignas(32) float v[256][8];
+  TernaryTable() {
+    for (int b = 0; b < 256; ++b) {
+      int q = b;
+      for (int t = 0; t < 8; ++t) {
+        const int d = t < 5 ? q % 3 : 0;
+        q /= t < 5 ? 3 : 1;
+        v[b][t] = d == 1 ? 1.0f : (d == 2 ? -1.0f : 0.0f);
+      }
+    }
+  }
+};
+const TernaryTable kTernaryTable;
+
 // ----------------------------------------------------------------------------- kernels
 
 namespace base {
@@ -258,6 +275,22 @@ int64_t validate_sign(const uint8_t* pay, const Layout& L, bool fp16) {
   return kOk;
 }
 
+// ----------------------------------------------------------------------------- ternary
+
+// Precedence: a bad scale, a byte above 242, a non-zero trit past the last value.
+int64_t validate_ternary(const uint8_t* pay, const Layout& L, bool fp16) {
+  for (int64_t b = 0; b < L.nb; ++b)
+    if (!scale_ok(pay, b, fp16)) return kBadScale;
+  const uint8_t* bytes = pay + L.codes_off;
+  const int64_t nbytes = L.total - L.codes_off;
+  uint32_t high = 0;
+  for (int64_t q = 0; q < nbytes; ++q) high |= bytes[q] > 242 ? 1u : 0u;
+  if (high) return kBadTrit;
+  static constexpr int kPow3[5] = {1, 3, 9, 27, 81};
+  if (L.n % 5 && bytes[nbytes - 1] >= kPow3[L.n % 5]) return kBadPadding;
+  return kOk;
+}
+
 // ----------------------------------------------------------------------------- quantize
 
 
@@ -284,6 +317,7 @@ int64_t quantize_cpu(const at::Tensor& x, const std::optional<at::Tensor>& resid
   const float* xp = x.data_ptr<float>();
   if (codec == kSparse) return LOCO_DISPATCH(quantize_sparse, xp, r, pay, L, fp16, seed);
   if (codec == kSign) return LOCO_DISPATCH(quantize_sign, xp, r, pay, L, fp16);
+  if (codec == kTernary) return LOCO_DISPATCH(quantize_ternary, xp, r, pay, L, fp16);
   if (codec == kNone || codec == kBf16) {
     TORCH_CHECK(reinterpret_cast<uintptr_t>(pay) % (codec == kNone ? 4 : 2) == 0,
                 "loco: payload must be aligned");
@@ -331,6 +365,7 @@ int64_t validate_sparse(const uint8_t* pay, const Layout& L, bool fp16) {
 int64_t validate(const uint8_t* pay, const Layout& L, int64_t codec, bool fp16) {
   if (codec == kSparse) return validate_sparse(pay, L, fp16);
   if (codec == kSign) return validate_sign(pay, L, fp16);
+  if (codec == kTernary) return validate_ternary(pay, L, fp16);
   if (codec == kNone) {
     uint32_t bad = 0;
     for (int64_t i = 0; i < L.n; ++i) {
@@ -400,6 +435,14 @@ int64_t dequantize_cpu(const at::Tensor& payload, at::Tensor& out, int64_t codec
       LOCO_DISPATCH(dequantize_sign<true>, pay, o, L, fp16);
     } else {
       LOCO_DISPATCH(dequantize_sign<false>, pay, o, L, fp16);
+    }
+    return kOk;
+  }
+  if (codec == kTernary) {
+    if (accumulate) {
+      LOCO_DISPATCH(dequantize_ternary<true>, pay, o, L, fp16);
+    } else {
+      LOCO_DISPATCH(dequantize_ternary<false>, pay, o, L, fp16);
     }
     return kOk;
   }

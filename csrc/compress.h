@@ -17,7 +17,8 @@ namespace loco {
 
 // Codec ids as written in the wire header.
 enum CodecId : int64_t {
-  kNone = 0, kBf16 = 1, kInt8 = 2, kInt4 = 3, kFp4 = 4, kTopk = 5, kSparse = 6, kSign = 7
+  kNone = 0, kBf16 = 1, kInt8 = 2, kInt4 = 3, kFp4 = 4, kTopk = 5, kSparse = 6, kSign = 7,
+  kTernary = 8
 };
 
 // sparse: the k argument (and header field) carries k | bits << kSparseBitsShift.
@@ -32,8 +33,10 @@ enum Status : int64_t {
   kBadScale = 3,    // decode: a scale is negative, NaN or Inf
   kBadIndex = 4,    // decode: top-k / sparse indices not strictly increasing or out of the block
   kBadPadding = 5,  // decode: the unused low nibble of the last 4-bit byte (sparse: a padding
-                    // bit of an index or code region) is not zero
+                    // bit of an index or code region; sign / ternary: a bit / trit past the
+                    // last value) is not zero
   kBadValue = 6,    // decode: a none/bf16 value is NaN or Inf
+  kBadTrit = 7,     // decode: a ternary byte is above 242 (five trits of at most 2)
 };
 
 // Seeded counter-based uniform in [0, 1) with 24 random bits: u = hash(seed, i) / 2^24.
@@ -169,6 +172,9 @@ inline Layout make_layout(int64_t n, int64_t codec, int64_t block, int64_t k, bo
     }
     case kSign:  // scales, then one bit per value (LSB first)
       L.total = L.codes_off + (n + 7) / 8;
+      break;
+    case kTernary:  // scales, then five trits per byte (base 3, the first value lowest)
+      L.total = L.codes_off + (n + 4) / 5;
       break;
     default:
       L.total = -1;  // unknown codec: callers check the codec id first

@@ -1,13 +1,14 @@
-// CUDA kernels of the loco codecs (none, bf16, int8, int4, fp4, sparse), registered for the CUDA
-// dispatch key of torch.ops.loco.quantize / dequantize. Same bits as the CPU kernels and the
-// pure-torch reference (built with --fmad=false; IEEE division). top-k has no CUDA kernel:
-// loco/compress routes it to the host (codecs._OnHost).
+// CUDA kernels of the loco codecs (none, bf16, int8, int4, fp4, sparse, ternary), registered for
+// the CUDA dispatch key of torch.ops.loco.quantize / dequantize. Same bits as the CPU kernels and the
+// pure-torch reference (built with --fmad=false; IEEE division). top-k and sign have no CUDA
+// kernel: loco/compress routes them to the host (codecs._OnHost).
 //
 // Built only when torch has CUDA and nvcc exists (loco/compress/_ext.py).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
@@ -841,6 +842,160 @@ __global__ void sparse_dequantize_kernel(const uint8_t* __restrict__ pay, float*
   }
 }
 
+// ----------------------------------------------------------------------------- ternary
+// Encode in two kernels: (1) one thread block per codec block (grid-stride): amax, then
+// S = sum of u_j = floor(|v_j| / amax * 2^24) (int64, exact in any order), the threshold
+// T = floor(7 S / (10 len)) (kept iff u_j > T, i.e. 10 u_j len > 7 S), the kept count K and their
+// sum S_k, the scale fp32(S_k * 2^-24 * amax / K) (IEEE double), written by thread 0 with amax,
+// T and the coding scale into scratch; (2) one thread per payload byte: its five values' trits
+// and residual. Same arithmetic as quantize_ternary in compress_kernels.inc.
+
+// Sum over the thread block (blockDim.x a multiple of 32); every thread gets it. red: >= 32.
+__device__ __forceinline__ long long block_sum64(long long v, long long* red) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+  __syncthreads();  // red may still be read by a previous call
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  long long out = 0;
+  for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) out += red[w];
+  return out;
+}
+
+// u of value v in a block of max |v| amax > 0 (truncation is floor for u >= 0).
+__device__ __forceinline__ int32_t ternary_u(float v, float amax) {
+  return static_cast<int32_t>((fabsf(v) / amax) * 16777216.0f);
+}
+
+// Scratch per codec block: amax (float bits), T (INT32_MAX: nothing kept), coding scale (bits).
+__global__ void __launch_bounds__(kThreads)
+    ternary_scale_kernel(const float* __restrict__ x, const float* __restrict__ r,
+                         uint8_t* __restrict__ pay, Layout L, bool fp16,
+                         int32_t* __restrict__ scratch, int* __restrict__ flags) {
+  __shared__ uint32_t red[32];
+  __shared__ long long red64[32];
+  for (int64_t b = blockIdx.x; b < L.nb; b += gridDim.x) {
+    const int64_t base = b * L.block, len = min(L.block, L.n - base);
+    uint32_t m = 0;
+    for (int64_t j = threadIdx.x; j < len; j += blockDim.x) {
+      const float v = r != nullptr ? x[base + j] + r[base + j] : x[base + j];
+      m = max(m, f2u(v) & 0x7FFFFFFFu);
+    }
+    m = block_max(m, red);
+    if (m >= 0x7F800000u) {  // NaN or Inf; the caller resets the residual
+      if (threadIdx.x == 0) atomicOr(&flags[0], 1);
+      continue;
+    }
+    const float amax = u2f(m);
+    long long total = 0, kept = 0, sum = 0;
+    int32_t t = INT32_MAX;
+    if (amax > 0.0f) {
+      for (int64_t j = threadIdx.x; j < len; j += blockDim.x)
+        total += ternary_u(r != nullptr ? x[base + j] + r[base + j] : x[base + j], amax);
+      total = block_sum64(total, red64);
+      t = static_cast<int32_t>(7 * total / (10 * len));  // < 2^24
+      for (int64_t j = threadIdx.x; j < len; j += blockDim.x) {
+        const int32_t u =
+            ternary_u(r != nullptr ? x[base + j] + r[base + j] : x[base + j], amax);
+        kept += u > t ? 1 : 0;
+        sum += u > t ? u : 0;
+      }
+      kept = block_sum64(kept, red64);
+      sum = block_sum64(sum, red64);
+    }
+    if (threadIdx.x == 0) {
+      float s = 0.0f;
+      if (amax > 0.0f)  // kept >= 1: u = 2^24 at amax
+        s = static_cast<float>(static_cast<double>(sum) * 0x1p-24 * static_cast<double>(amax) /
+                               static_cast<double>(kept));
+      if (fp16) {
+        const uint16_t h = __half_as_ushort(__float2half_rn(s));
+        if ((h & 0x7C00u) == 0x7C00u) atomicOr(&flags[1], 1);
+        s = half_to_float(h);
+        pay[2 * b] = static_cast<uint8_t>(h & 0xFF);
+        pay[2 * b + 1] = static_cast<uint8_t>(h >> 8);
+      } else {
+        const uint32_t w = f2u(s);
+        for (int c = 0; c < 4; ++c) pay[4 * b + c] = static_cast<uint8_t>(w >> (8 * c));
+      }
+      scratch[3 * b] = static_cast<int32_t>(f2u(amax));
+      scratch[3 * b + 1] = t;
+      scratch[3 * b + 2] = static_cast<int32_t>(f2u(s));
+    }
+  }
+}
+
+// One thread per payload byte; returns at once when the first kernel set a flag.
+__global__ void ternary_codes_kernel(const float* __restrict__ x, float* __restrict__ r,
+                                     uint8_t* __restrict__ pay, Layout L,
+                                     const int32_t* __restrict__ scratch,
+                                     const int* __restrict__ flags) {
+  if (flags[0] != 0 || flags[1] != 0) return;
+  const int64_t nbytes = L.total - L.codes_off;
+  for (int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < nbytes;
+       q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    uint32_t byte = 0, w = 1;
+    for (int e = 0; e < 5; ++e, w *= 3) {
+      const int64_t i = 5 * q + e;
+      if (i >= L.n) break;
+      const int64_t b = i / L.block;
+      const float amax = u2f(static_cast<uint32_t>(scratch[3 * b]));
+      const int32_t t = scratch[3 * b + 1];
+      const float s = u2f(static_cast<uint32_t>(scratch[3 * b + 2]));
+      const float v = r != nullptr ? x[i] + r[i] : x[i];
+      const bool keep = amax > 0.0f && ternary_u(v, amax) > t;
+      const bool neg = v < 0.0f;
+      byte += keep ? (neg ? 2u : 1u) * w : 0u;
+      if (r != nullptr) r[i] = v - (keep ? (neg ? -s : s) : 0.0f);
+    }
+    pay[L.codes_off + q] = static_cast<uint8_t>(byte);
+  }
+}
+
+// flags[0] |= 1 a bad scale, 2 a byte above 242, 4 a non-zero trit past the last value.
+__global__ void ternary_validate_kernel(const uint8_t* __restrict__ pay, Layout L, bool fp16,
+                                        int* __restrict__ flags) {
+  const int64_t nbytes = L.total - L.codes_off;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t t0 = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  for (int64_t b = t0; b < L.nb; b += stride) {
+    bool bad;
+    if (fp16) {
+      const uint16_t h = static_cast<uint16_t>(pay[2 * b] | (pay[2 * b + 1] << 8));
+      bad = (h & 0x8000u) || (h & 0x7C00u) == 0x7C00u;
+    } else {
+      const uint32_t u = f2u(load_scale(pay, b, false));
+      bad = (u & 0x80000000u) || (u & 0x7F800000u) == 0x7F800000u;
+    }
+    if (bad) atomicOr(&flags[0], 1);
+  }
+  for (int64_t q = t0; q < nbytes; q += stride)
+    if (pay[L.codes_off + q] > 242) atomicOr(&flags[0], 2);
+  if (t0 == 0 && L.n % 5) {
+    const int pow3[5] = {1, 3, 9, 27, 81};
+    if (pay[L.total - 1] >= pow3[L.n % 5]) atomicOr(&flags[0], 4);
+  }
+}
+
+// out (+)= decode, one thread per payload byte; returns at once when validation failed.
+template <bool ACC>
+__global__ void ternary_dequantize_kernel(const uint8_t* __restrict__ pay, float* __restrict__ out,
+                                          Layout L, bool fp16, const int* __restrict__ flags) {
+  if (flags[0] != 0) return;
+  const int64_t nbytes = L.total - L.codes_off;
+  for (int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < nbytes;
+       q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    uint32_t byte = pay[L.codes_off + q];
+    for (int e = 0; e < 5; ++e, byte /= 3) {
+      const int64_t i = 5 * q + e;
+      if (i >= L.n) break;
+      const uint32_t d3 = byte % 3;
+      const float s = load_scale(pay, i / L.block, fp16);
+      const float d = d3 == 1 ? s : (d3 == 2 ? -s : 0.0f);
+      out[i] = ACC ? out[i] + d : d;
+    }
+  }
+}
+
 int grid_for(int64_t work) {
   const int64_t blocks = (work + kThreads - 1) / kThreads;
   return static_cast<int>(blocks < 65535 * 8 ? (blocks > 0 ? blocks : 1) : 65535 * 8);
@@ -851,8 +1006,8 @@ bool aligned(const void* p, int64_t a) { return reinterpret_cast<uintptr_t>(p) %
 // ----------------------------------------------------------------------------- ops
 
 void check_codec(int64_t codec, int64_t block, int64_t k) {
-  TORCH_CHECK((codec >= kNone && codec <= kFp4) || codec == kSparse,
-              "loco: codec id ", codec, " has no CUDA kernel (top-k runs on the host)");
+  TORCH_CHECK((codec >= kNone && codec <= kFp4) || codec == kSparse || codec == kTernary,
+              "loco: codec id ", codec, " has no CUDA kernel (top-k and sign run on the host)");
   if (codec != kNone && codec != kBf16) {
     TORCH_CHECK(block >= 1, "loco: block must be >= 1");
     if (codec == kInt4 || codec == kFp4) TORCH_CHECK(block % 2 == 0, "loco: 4-bit block must be even");
@@ -893,6 +1048,39 @@ int64_t sparse_dequantize(const uint8_t* pay, float* o, const Layout& L, bool fp
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int f = flags.cpu().data_ptr<int>()[0];
   return (f & 1) ? kBadScale : ((f & 2) ? kBadPadding : ((f & 4) ? kBadIndex : kOk));
+}
+
+// Ternary encode: scales (one thread block per codec block), then bytes and residual.
+void launch_ternary_quantize(const float* x, float* r, uint8_t* pay, const Layout& L, bool fp16,
+                             int* flags, const at::Tensor& like, cudaStream_t stream) {
+  auto scratch = at::empty({3 * L.nb}, like.options().dtype(at::kInt));
+  int32_t* sc = scratch.data_ptr<int32_t>();
+  const int grid = static_cast<int>(std::min<int64_t>(L.nb, 65535 * 16));
+  ternary_scale_kernel<<<grid, kThreads, 0, stream>>>(x, r, pay, L, fp16, sc, flags);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  ternary_codes_kernel<<<grid_for(L.total - L.codes_off), kThreads, 0, stream>>>(x, r, pay, L, sc,
+                                                                                flags);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Ternary decode: validate, then decode (returns at once on a flag, leaving out untouched).
+// Returns the status, with validate_ternary's precedence.
+int64_t ternary_dequantize(const uint8_t* pay, float* o, const Layout& L, bool fp16,
+                           bool accumulate, const at::Tensor& like, cudaStream_t stream) {
+  auto flags = at::zeros({2}, like.options().dtype(at::kInt));
+  int* fl = flags.data_ptr<int>();
+  const int64_t nbytes = L.total - L.codes_off;
+  ternary_validate_kernel<<<grid_for(std::max(L.nb, nbytes)), kThreads, 0, stream>>>(pay, L, fp16,
+                                                                                     fl);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (accumulate) {
+    ternary_dequantize_kernel<true><<<grid_for(nbytes), kThreads, 0, stream>>>(pay, o, L, fp16, fl);
+  } else {
+    ternary_dequantize_kernel<false><<<grid_for(nbytes), kThreads, 0, stream>>>(pay, o, L, fp16, fl);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int f = flags.cpu().data_ptr<int>()[0];
+  return (f & 1) ? kBadScale : ((f & 2) ? kBadTrit : ((f & 4) ? kBadPadding : kOk));
 }
 
 // Launches the warp-per-block kernel for blocks [0, nfull) when the block size and alignment
@@ -956,6 +1144,8 @@ int64_t quantize_cuda(const at::Tensor& x, const std::optional<at::Tensor>& resi
   uint8_t* pay = payload.data_ptr<uint8_t>();
   if (codec == kSparse) {
     launch_sparse_quantize(xp, r, pay, L, fp16, seed, fl, x, stream);
+  } else if (codec == kTernary) {
+    launch_ternary_quantize(xp, r, pay, L, fp16, fl, x, stream);
   } else if (codec == kNone || codec == kBf16) {
     TORCH_CHECK(aligned(pay, codec == kNone ? 4 : 2), "loco: payload must be aligned");
     const bool vec = aligned(xp, 16) && (r == nullptr || aligned(r, 16)) &&
@@ -998,6 +1188,9 @@ int64_t dequantize_cuda(const at::Tensor& payload, at::Tensor& out, int64_t code
   if (codec == kSparse)
     return sparse_dequantize(payload.data_ptr<uint8_t>(), out.data_ptr<float>(), L, fp16,
                              accumulate, out, stream);
+  if (codec == kTernary)
+    return ternary_dequantize(payload.data_ptr<uint8_t>(), out.data_ptr<float>(), L, fp16,
+                              accumulate, out, stream);
   auto flags = at::zeros({2}, out.options().dtype(at::kInt));
   int* fl = flags.data_ptr<int>();
   const uint8_t* pay = payload.data_ptr<uint8_t>();

@@ -9,9 +9,10 @@ Public API (a contract, see docs/architecture.md, "Public contracts")::
     buf = ef.encode(delta)                     # ONE pass: (delta + residual) -> payload, residual
 
 Any malformed buffer makes ``decode`` raise :class:`PayloadError` (a ValueError) and nothing
-else. Encoding NaN/Inf raises ValueError. Codecs: none, bf16, int8, int4, fp4, topk, sparse; byte layouts
-in docs/wire-format.md. The compiled ``torch.ops.loco`` kernels are used when they build (see
-``loco.compress._ext``); otherwise the bit-identical pure-torch reference runs.
+else. Encoding NaN/Inf raises ValueError. Codecs: none, bf16, int8, int4, fp4, topk, sparse,
+sign, ternary; byte layouts in docs/wire-format.md. The compiled ``torch.ops.loco`` kernels are
+used when they build (see ``loco.compress._ext``); otherwise the bit-identical pure-torch
+reference runs.
 """
 
 from __future__ import annotations

@@ -10,13 +10,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from loco.compress import sign_ref
+from loco.compress import sign_ref, ternary_ref
 
 __all__ = ["quantize", "dequantize", "crc32c", "payload_nbytes", "hash_uniform"]
 
 # Codec ids and status codes: keep in sync with csrc/compress.h.
-NONE, BF16, INT8, INT4, FP4, TOPK, SPARSE, SIGN = range(8)
-OK, NON_FINITE, OVERFLOW, BAD_SCALE, BAD_INDEX, BAD_PADDING, BAD_VALUE = range(7)
+NONE, BF16, INT8, INT4, FP4, TOPK, SPARSE, SIGN, TERNARY = range(9)
+OK, NON_FINITE, OVERFLOW, BAD_SCALE, BAD_INDEX, BAD_PADDING, BAD_VALUE, BAD_TRIT = range(8)
 # sparse: the header's (and the ops') k field carries k | bits << SPARSE_BITS_SHIFT.
 SPARSE_BITS_SHIFT = 24
 SPARSE_K_MASK = (1 << SPARSE_BITS_SHIFT) - 1
@@ -43,6 +43,8 @@ def payload_nbytes(n: int, codec: int, block: int, k: int, fp16_scale: bool) -> 
         return 2 * n
     if codec == SIGN:
         return sign_ref.payload_nbytes(n, block, fp16_scale)
+    if codec == TERNARY:
+        return ternary_ref.payload_nbytes(n, block, fp16_scale)
     nb = -(-n // block)
     scales = nb * (2 if fp16_scale else 4)
     if codec == INT8:
@@ -216,6 +218,8 @@ def quantize(
         return sparse_quantize(v, residual, payload, block, k, fp16_scale, seed)
     if codec == SIGN:
         return sign_ref.quantize(v, residual, payload, block, fp16_scale)
+    if codec == TERNARY:
+        return ternary_ref.quantize(v, residual, payload, block, fp16_scale)
     qmax = _qmax(codec)
     nb = -(-n // block)
     amax = torch.empty(nb, dtype=torch.float32, device=v.device)
@@ -350,8 +354,9 @@ def dequantize(
         d = d.to(torch.float32)
     elif codec == SPARSE:
         return sparse_dequantize(payload, out, block, k, fp16_scale, accumulate)
-    elif codec == SIGN:
-        d = sign_ref.decode(payload, n, block, fp16_scale)
+    elif codec in (SIGN, TERNARY):
+        mod = sign_ref if codec == SIGN else ternary_ref
+        d = mod.decode(payload, n, block, fp16_scale)
         if isinstance(d, int):
             return d
     else:

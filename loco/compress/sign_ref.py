@@ -36,18 +36,28 @@ def _padded_blocks(v: torch.Tensor, block: int) -> torch.Tensor:
     return pad.view(nb, block)
 
 
-def block_scales(v: torch.Tensor, block: int) -> torch.Tensor:
-    """The fp32 scale of every block: its mean magnitude, in the fixed point the docstring
-    of this module defines."""
+def fixed_magnitudes(
+    v: torch.Tensor, block: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(u, amax, count)`` of the blocks of ``v``: ``u = floor(|v| / amax * 2^24)`` as exact
+    fp32 integers in ``[0, 2^24]`` (nb x block, zero in the last block's padding and in all-zero
+    blocks), ``amax`` the blocks' max ``|v|`` (fp32) and ``count`` their lengths (fp64)."""
     n = v.numel()
     a = _padded_blocks(v.abs(), block)
     amax = a.amax(dim=1)
     safe = torch.where(amax > 0, amax, torch.ones_like(amax))
-    # integers <= 2^24, exact in fp32; their sum (<= 2^40) exact in fp64 in any order
     u = torch.floor((a / safe[:, None]) * float(1 << FIXED_BITS))
-    total = torch.sum(u, dim=1, dtype=torch.float64)
-    count = torch.full_like(total, float(block))
+    count = torch.full((amax.numel(),), float(block), dtype=torch.float64, device=v.device)
     count[-1] = n - (count.numel() - 1) * block
+    return u, amax, count
+
+
+def block_scales(v: torch.Tensor, block: int) -> torch.Tensor:
+    """The fp32 scale of every block: its mean magnitude, in the fixed point the docstring
+    of this module defines."""
+    u, amax, count = fixed_magnitudes(v, block)
+    # integers <= 2^24, exact in fp32; their sum (<= 2^40) exact in fp64 in any order
+    total = torch.sum(u, dim=1, dtype=torch.float64)
     s = (total * (2.0**-FIXED_BITS) * amax.double() / count).float()
     return torch.where(amax > 0, s, torch.zeros_like(s))
 
@@ -94,16 +104,24 @@ def quantize(v: torch.Tensor, residual: torch.Tensor | None, payload: torch.Tens
     return OK
 
 
+def read_scales(payload: torch.Tensor, nb: int, fp16_scale: bool) -> torch.Tensor | None:
+    """The ``nb`` leading scales of a payload as fp32, or None when one is negative (-0.0
+    included), NaN or Inf."""
+    raw = payload[: nb * (2 if fp16_scale else 4)]
+    s = raw.view(torch.float16).to(torch.float32) if fp16_scale else raw.view(torch.float32)
+    if not bool((torch.isfinite(s) & (s >= 0) & ~torch.signbit(s)).all()):
+        return None
+    return s
+
+
 def decode(payload: torch.Tensor, n: int, block: int, fp16_scale: bool) -> torch.Tensor | int:
     """The decoded values of a payload of ``n`` values, or a status code when it is bad: a
     negative, NaN or Inf scale (BAD_SCALE) or a set bit past ``n`` (BAD_PADDING)."""
     nb = -(-n // block)
-    ss = 2 if fp16_scale else 4
-    raw = payload[: nb * ss]
-    s = raw.view(torch.float16).to(torch.float32) if fp16_scale else raw.view(torch.float32)
-    if not bool((torch.isfinite(s) & (s >= 0) & ~torch.signbit(s)).all()):
+    s = read_scales(payload, nb, fp16_scale)
+    if s is None:
         return BAD_SCALE
-    body = payload[nb * ss :]
+    body = payload[nb * (2 if fp16_scale else 4) :]
     if n % 8 and int(body[-1]) >> (n % 8):
         return BAD_PADDING
     neg = _unpack_bits(body, n)

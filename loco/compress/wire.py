@@ -5,7 +5,8 @@ Layout (little-endian; full description in docs/wire-format.md)::
     off size field
       0    4 magic            b"LOCO"
       4    1 version          1
-      5    1 codec id         0 none, 1 bf16, 2 int8, 3 int4, 4 fp4, 5 topk, 6 sparse
+      5    1 codec id         0 none, 1 bf16, 2 int8, 3 int4, 4 fp4, 5 topk, 6 sparse,
+                              7 sign, 8 ternary
       6    1 dtype            dtype decode() returns: 0 float32, 1 float16, 2 bfloat16
       7    1 flags            bit 0: fp16 scales, bit 1: stochastic rounding; others 0
       8    8 numel            number of values (u64)
@@ -45,8 +46,8 @@ _KNOWN_FLAGS = FLAG_FP16_SCALE | FLAG_STOCHASTIC
 MAX_NUMEL = 1 << 48
 # Most values a frame may hold per byte of frame (header included): the default bound of
 # ``decode`` (numel <= MAX_VALUES_PER_BYTE * len(frame), i.e. at most 4 KiB of fp32 output per
-# received byte). Every codec's layout stays below it (top-k checks its block and k against it;
-# the others hold at most 2 values per byte), so honest frames always pass.
+# received byte). Every codec's layout stays below it (top-k and sparse check their block and k
+# against it; the others hold at most 8 values per byte), so honest frames always pass.
 MAX_VALUES_PER_BYTE = 1024
 
 DTYPES: dict[int, torch.dtype] = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16}

@@ -38,6 +38,10 @@ CONFIGS: list[tuple[str, dict]] = [
     ("sign", {}),
     ("sign", {"block": 7, "scale_dtype": "fp16"}),
     ("sign", {"block": 4096}),
+    ("ternary", {}),
+    ("ternary", {"block": 7, "scale_dtype": "fp16"}),
+    ("ternary", {"block": 64}),
+    ("ternary", {"block": 4096, "scale_dtype": "fp16"}),
 ]  # fmt: skip
 
 

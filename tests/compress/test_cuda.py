@@ -3,7 +3,8 @@
 Every codec: none, bf16, int8, int4 and fp4 run the CUDA kernels (the warp-per-block fast path
 for blocks of 64-1024 values, the general path for other blocks, misaligned views and the last
 partial block); sparse runs one thread block per chunk (radix select, ordered compaction, bit
-packing); top-k runs on the host and must give the CPU's bytes too.
+packing); ternary one thread block per codec block (scales), then one thread per payload byte;
+top-k and sign run on the host and must give the CPU's bytes too.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ CUDA_CONFIGS = [c for c in CONFIGS if c[0] not in ("topk", "sign")] + [  # no CU
     ("int4", {"block": 96}),  # a multiple of 32 without a fast path
     ("sparse", {"block": 16, "k": 3, "bits": 3}),  # > 8192 chunks: thread blocks loop
     ("sparse", {"block": 65536, "k": 700, "bits": 2, "scale_dtype": "fp16"}),
+    ("ternary", {"block": 512, "scale_dtype": "fp16"}),
+    ("ternary", {"block": 5}),  # blocks on byte boundaries
+    ("ternary", {"block": 1000}),
+    ("ternary", {"block": 65536}),  # thread blocks loop over 256 values a thread
 ]
 SIZES = (0, 1, 3, 255, 256, 257, 10_001, 3 * 2**16 + 77)
 
@@ -102,7 +107,7 @@ def test_cuda_matches_reference(cfg, ops):
                 assert torch.equal(_bits(o_gpu), _bits(o_cpu)), (name, opts, n, acc, offset)
 
 
-@pytest.mark.parametrize("name", ["int8", "int4", "fp4", "bf16", "sparse"])
+@pytest.mark.parametrize("name", ["int8", "int4", "fp4", "bf16", "sparse", "ternary"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_cuda_edge_inputs(name, kind, ops):
     """Zeros, -0, huge, denormal, tiny, ties and wide exponents: same status and bits."""
@@ -111,7 +116,7 @@ def test_cuda_edge_inputs(name, kind, ops):
         _check_encode(ops, codec, _inputs(n, kind, seed=n), None, -1)
 
 
-@pytest.mark.parametrize("name", ["none", "bf16", "int8", "int4", "fp4", "sparse"])
+@pytest.mark.parametrize("name", ["none", "bf16", "int8", "int4", "fp4", "sparse", "ternary"])
 def test_cuda_statuses(name, ops):
     """NaN input -> status 1; a bad scale or value -> the reference's status, out untouched."""
     codec = lc.make_codec(name)
@@ -152,7 +157,7 @@ def test_cuda_api_roundtrip(ops):
         out = torch.zeros(1000, device="cuda")
         lc.decode_accumulate(buf, out)
         assert torch.equal(out.cpu(), lc.decode(buf))
-    for name in ("int8", "int4", "topk", "sparse"):
+    for name in ("int8", "int4", "topk", "sparse", "ternary"):
         ef = lc.ErrorFeedback(name, 1000, device="cuda")
         ef_cpu = lc.ErrorFeedback(name, 1000)
         for _ in range(3):
@@ -187,3 +192,36 @@ def test_cuda_sparse_validation_equals_reference(opts, ops):
     x[codec.block : 2 * codec.block] *= 1e-30
     _check_encode(ops, codec, x, torch.randn(n, generator=g) * 1e-3, -1)
     _check_encode(ops, codec, x, None, 123)
+
+
+@pytest.mark.parametrize("opts", [{"block": 8}, {"block": 7, "scale_dtype": "fp16"}, {}], ids=str)
+def test_cuda_ternary_validation_equals_reference(opts, ops):
+    """Corrupted ternary payloads (scales, bytes above 242, trits past the end, several at
+    once): the CUDA status equals the reference's (precedence: scale, byte, padding) and ``out``
+    is untouched on any error; zero, constant and tiny blocks encode to the CPU's bytes."""
+    codec = lc.make_codec("ternary", **opts)
+    a = op_args(codec)
+    rng, g = random.Random(7), torch.Generator().manual_seed(8)
+    statuses = set()
+    for n in (3, 3 * codec.block + 2):
+        good = _check_encode(ops, codec, torch.randn(n, generator=g), None, -1)
+        for _ in range(150):
+            p = good.clone()
+            for _ in range(rng.randint(1, 3)):
+                i = rng.randrange(p.numel())
+                p[i] = rng.choice([0x00, 0xFF, 0x80, 242, 243, int(p[i]) ^ (1 << rng.randrange(8))])
+            o = torch.randn(n, generator=g)
+            o_gpu = o.cuda()
+            st = ops.dequantize(p.cuda(), o_gpu, *a, True)
+            o_ref = o.clone()
+            assert st == ref.dequantize(p, o_ref, *a, True)
+            statuses.add(st)
+            assert torch.equal(_bits(o_gpu), _bits(o_ref))
+    assert {ref.OK, ref.BAD_SCALE, ref.BAD_TRIT} <= statuses, statuses
+    n = 4 * codec.block + 3
+    x = torch.randn(n, generator=g)
+    x[: codec.block] = 0.0
+    x[codec.block : 2 * codec.block] = -2.5
+    x[2 * codec.block : 3 * codec.block] *= 1e-40
+    _check_encode(ops, codec, x, torch.randn(n, generator=g) * 1e-3, -1)
+    _check_encode(ops, codec, x, None, -1)
