@@ -24,6 +24,7 @@ is also checked bit for bit against the reference (``bitwise_equal_ref``).
 
     python scripts/bench/compress.py                      # 64M fp32 values, 2 threads, CPU
     python scripts/bench/compress.py --numel 4194304      # quick run
+    python scripts/bench/compress.py --codecs sign,ternary --check   # some codecs, bits checked
     python scripts/bench/compress.py --device cuda        # GPU check (CUDA torch + nvcc)
     python scripts/bench/compress.py --threads 1 --clock cpu   # one core, CPU time
 """
@@ -166,7 +167,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     ap.add_argument("--reps", type=int, default=None, help="timed runs of each kernel (5; cuda 20)")
     ap.add_argument("--ref-reps", type=int, default=1, help="timed runs of each reference")
-    ap.add_argument("--codecs", default="none,bf16,int8,int4,fp4,topk,sparse,sign")
+    ap.add_argument("--codecs", default="none,bf16,int8,int4,fp4,topk,sparse,sign,ternary")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--check", action="store_true", help="also compare with the reference bits")
     ap.add_argument(
