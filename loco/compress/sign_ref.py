@@ -86,22 +86,30 @@ def quantize(v: torch.Tensor, residual: torch.Tensor | None, payload: torch.Tens
     ``residual = v - decode(payload)``; return a status code."""
     n = v.numel()
     nb = -(-n // block)
-    s = block_scales(v, block)
-    if fp16_scale:
-        h = s.to(torch.float16)
-        if not bool(torch.isfinite(h).all()):
-            return OVERFLOW
-        sbytes, s = h.view(torch.uint8), h.to(torch.float32)
-    else:
-        sbytes = s.view(torch.uint8)
+    s = write_scales(block_scales(v, block), payload, fp16_scale)
+    if s is None:
+        return OVERFLOW
     ss = 2 if fp16_scale else 4
-    payload[: nb * ss].copy_(sbytes)
     neg = v < 0
     payload[nb * ss :].copy_(_pack_bits(neg))
     if residual is not None:
         s_el = s.repeat_interleave(block)[:n]
         residual.copy_(v - torch.where(neg, -s_el, s_el))
     return OK
+
+
+def write_scales(s: torch.Tensor, payload: torch.Tensor, fp16_scale: bool) -> torch.Tensor | None:
+    """Write the fp32 scales ``s`` at the head of ``payload`` (rounded to fp16 with
+    ``fp16_scale``); return the scales as decoded, or None when an fp16 scale overflows."""
+    if fp16_scale:
+        h = s.to(torch.float16)
+        if not bool(torch.isfinite(h).all()):
+            return None
+        sbytes, s = h.view(torch.uint8), h.to(torch.float32)
+    else:
+        sbytes = s.view(torch.uint8)
+    payload[: sbytes.numel()].copy_(sbytes)
+    return s
 
 
 def read_scales(payload: torch.Tensor, nb: int, fp16_scale: bool) -> torch.Tensor | None:

@@ -77,15 +77,10 @@ def quantize(v: torch.Tensor, residual: torch.Tensor | None, payload: torch.Tens
     n = v.numel()
     nb = -(-n // block)
     trits, s = block_code(v, block)
-    if fp16_scale:
-        h = s.to(torch.float16)
-        if not bool(torch.isfinite(h).all()):
-            return OVERFLOW
-        sbytes, s = h.view(torch.uint8), h.to(torch.float32)
-    else:
-        sbytes = s.view(torch.uint8)
+    s = sign_ref.write_scales(s, payload, fp16_scale)
+    if s is None:
+        return OVERFLOW
     ss = 2 if fp16_scale else 4
-    payload[: nb * ss].copy_(sbytes)
     t = trits.reshape(-1)[:n]
     payload[nb * ss :].copy_(_pack_trits(t))
     if residual is not None:
