@@ -138,11 +138,16 @@ class _BaseCodec:
     name: ClassVar[str] = ""
     codec_id: ClassVar[int] = -1
     has_blocks: ClassVar[bool] = True
+    deterministic: ClassVar[bool] = False  # a code with no rounding to make stochastic
 
     def __post_init__(self) -> None:
         if self.rounding not in ("nearest", "stochastic"):
             raise ValueError(
                 f"{self.name}: rounding={self.rounding!r}; use 'nearest' or 'stochastic'"
+            )
+        if self.deterministic and self.rounding != "nearest":
+            raise ValueError(
+                f"{self.name}: a {self.name} code has no stochastic rounding; use 'nearest'"
             )
         if self.scale_dtype not in ("fp32", "fp16"):
             raise ValueError(f"{self.name}: scale_dtype={self.scale_dtype!r}; use 'fp32' or 'fp16'")
@@ -337,11 +342,7 @@ class SignCodec(_BaseCodec):
     block: int = 256
     name: ClassVar[str] = "sign"
     codec_id: ClassVar[int] = ref.SIGN
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.rounding != "nearest":
-            raise ValueError("sign: a sign code has no stochastic rounding; use 'nearest'")
+    deterministic: ClassVar[bool] = True
 
 
 @dataclass(frozen=True)
@@ -355,11 +356,7 @@ class TernaryCodec(_BaseCodec):
     block: int = 512
     name: ClassVar[str] = "ternary"
     codec_id: ClassVar[int] = ref.TERNARY
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.rounding != "nearest":
-            raise ValueError("ternary: a ternary code has no stochastic rounding; use 'nearest'")
+    deterministic: ClassVar[bool] = True
 
 
 CODECS: dict[str, type[_BaseCodec]] = {
