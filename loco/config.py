@@ -443,8 +443,11 @@ class CompressionConfig:
                 ) from None
         if "sparse" in used:
             self._check_sparse()
-        for c in ("sign", "ternary"):
-            if c in used and self.stochastic:
+        if self.stochastic:
+            from loco.compress import CODECS
+
+            c = next((c for c in used if c and CODECS[c].deterministic), None)
+            if c is not None:
                 raise ConfigError(f"compression.stochastic=true does not apply to the {c} codec "
                                   "(it has no rounding); set compression.stochastic=false")  # fmt: skip
 
