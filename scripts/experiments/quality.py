@@ -17,6 +17,8 @@ for the ``-8`` rows, each with the same per-worker batch).
   error feedback over the sliced reduce; phi is the same on every site, so nothing else moves.
   ``frontier-sign-fragments`` (``-8``): the same with streaming fragments (each sync reduces its
   fragment sliced); ``diloco-fragments``: fp32 DiLoCo with the same fragments, its reference.
+- ``frontier-ternary`` (``-8``): the same reduce with ternary deltas and one-bit slice averages
+  (``compression=ternary-sign``) at outer momentum 0.7: 0.2499 bytes/param/round at 4 sites.
 - ``noloco-paper``: the spec's update with the paper's settings (``outer=noloco-spec``), no final average.
 - ``local``: 4 sites that never talk. ``noloco-lattice``: 8-bit lattice phi.
 - ``diloco-sched``, ``noloco-sched``: ``diloco`` and ``noloco`` with an H schedule
@@ -72,6 +74,9 @@ FRONTIER = NOLOCO + [
 # the frontier in DiLoCo's form: one bit per delta value with error feedback over the sliced
 # reduce (no phi to send: every site applies the same mean), ~0.21 bytes/param/round
 FRONTIER_SIGN = ["outer=diloco", "compression=sign"]
+# ternary deltas and one-bit slice averages (compression=ternary-sign, 0.2499 B/param/round at
+# 4 sites) at the outer momentum best measured with them (docs/quality.md)
+FRONTIER_TERNARY = ["outer=diloco-frontier", "compression=ternary-sign", "outer.momentum=0.7"]
 FRAGMENTS = ["outer.fragments=5"]
 # the H schedule of the ``-sched`` rows: 10 rounds of 50 steps, then every 25 (rarely early,
 # often late: docs/quality.md, "An H schedule at the short budget", says how it was chosen;
@@ -99,6 +104,8 @@ def rows(H: int, codec: str, steps: int) -> dict[str, tuple[list[str], int]]:
         "frontier-8": ([fed8, *FRONTIER, h], 8),
         "frontier-sign": ([fed, *FRONTIER_SIGN, h], 4),
         "frontier-sign-8": ([fed8, *FRONTIER_SIGN, h], 8),
+        "frontier-ternary": ([fed, *FRONTIER_TERNARY, h], 4),
+        "frontier-ternary-8": ([fed8, *FRONTIER_TERNARY, h], 8),
         "frontier-sign-fragments": ([fed, *FRONTIER_SIGN, *FRAGMENTS, h], 4),
         "frontier-sign-fragments-8": ([fed8, *FRONTIER_SIGN, *FRAGMENTS, h], 8),
         "diloco-fragments": ([fed, "outer=diloco", *FRAGMENTS, h, "compression=none"], 4),

@@ -55,13 +55,14 @@ class RangeFlat:
 
 def federation(spec: dict[str, int], codec: str, reduce: str = "sliced", dead=(), tau=0,
                sees: dict[str, tuple[str, ...]] | None = None, fragments: int = 1,
-               mean_codec: str | None = None, mean_ef: bool = False):  # fmt: skip
+               mean_codec: str | None = None, mean_ef: bool = False, block: int = 256,
+               scale_dtype: str = "fp32"):  # fmt: skip
     """``{site: [OuterLoop per rank]}``; every site starts from the same weights. The sites in
     ``dead`` are configured peers that never answer; ``sees[site]``: more dead peers that only
     ``site`` is configured with (another view of the members). ``fragments``: streaming
     fragments (H = 5: fragment f syncs at step f + 1 of each round). ``mean_codec``: the
-    codec of the slice averages (block 256, fp32 scales; None: ``codec``), ``mean_ef``: their
-    owners' error feedback."""
+    codec of the slice averages (None: ``codec``), ``mean_ef``: their owners' error feedback;
+    ``block`` and ``scale_dtype`` apply to both codecs."""
     theta0 = torch.from_numpy(np.random.default_rng(7).standard_normal(P).astype(np.float32))
     sites: dict[str, list[OuterLoop]] = {}
     for site, nproc in spec.items():
@@ -79,9 +80,9 @@ def federation(spec: dict[str, int], codec: str, reduce: str = "sliced", dead=()
             node.server.set_rank_addresses(addrs)
             slo, shi = rank_range(padded, nproc, r)
             flat = RangeFlat(theta0[slo : min(shi, P)].clone(), slo, shi, padded)
-            opts = codec_options(codec, block=256, scale_dtype="fp32", stochastic=False,
+            opts = codec_options(codec, block=block, scale_dtype=scale_dtype, stochastic=False,
                                  topk_fraction=0.1)  # fmt: skip
-            mopts = codec_options(mean_codec or codec, block=256, scale_dtype="fp32",
+            mopts = codec_options(mean_codec or codec, block=block, scale_dtype=scale_dtype,
                                   stochastic=False, topk_fraction=0.1)  # fmt: skip
             means = dict(mean_codec=mean_codec, mean_options=mopts, mean_error_feedback=mean_ef)
             pay = RangePayloads(shard=(slo, shi), owned=(flat.lo, flat.hi), codec=codec,
@@ -234,6 +235,35 @@ def test_a_mean_codec_of_its_own_re_encodes_the_averages_only():
     # and it still follows the true mean: the sign of most values agrees with it
     exact = torch.stack(list(true.values())).mean(0)
     assert float((torch.sign(mean) == torch.sign(exact)).float().mean()) > 0.7
+
+
+def test_the_ternary_sign_preset_sends_under_a_quarter_byte_per_value_at_four_sites():
+    """compression=ternary-sign: ternary deltas and one-bit slice averages, blocks of 512 with
+    fp16 scales. A site receives (n - 1) / n of each payload (what it sends, by symmetry);
+    per value 3/4 (102.4 + 2 + 64 + 2) / 512 = 0.2467 bytes without headers, so <= 0.25
+    with them at a real size; every site applies bitwise the same mean."""
+    c = compose(["+site=eu", "outer=diloco-frontier", "compression=ternary-sign"]).compression
+    assert (c.codec, c.mean_codec, c.block, c.scale_dtype) == ("ternary", "sign", 512, "fp16")
+    spec = {"asia": 1, "eu": 1, "sa": 1, "us": 1}
+    n = len(spec)
+    sites = federation(spec, c.codec, mean_codec=c.mean_codec, block=c.block,
+                       scale_dtype=c.scale_dtype)  # fmt: skip
+    try:
+        train_round(sites)
+        recv = [ls[0].history[0]["bytes_recv"] for ls in sites.values()]
+        phis = {s: ls[0].state.phi for s, ls in sites.items()}
+    finally:
+        close(sites)
+    assert all(torch.equal(p, phis["asia"]) for p in phis.values())
+    per_value = (512 / 5 + 2 + 512 / 8 + 2) / 512
+    # n - 1 delta pieces and n - 1 averages, each a 40-byte header; an average's also a member
+    # prefix and mask (9); each frame ends in a partial block (scale, byte) of up to 3 bytes
+    fixed = (n - 1) * 40 + (n - 1) * (40 + 9)
+    body = (n - 1) / n * P * per_value + fixed
+    for b in recv:
+        assert body - 2 * (n - 1) * 3 <= b <= body + 2 * (n - 1) * 3, (b, body)
+    big = 1 << 20  # a site's per-round bytes at a million values, with the same headers
+    assert ((n - 1) / n * big * per_value + fixed + 2 * (n - 1) * 3) / big <= 0.25
 
 
 def test_a_dead_owner_s_slice_is_averaged_by_every_site_itself():

@@ -1,0 +1,38 @@
+"""Every row of scripts/experiments/quality.py composes: a renamed option or preset fails here,
+not an hour into a quality run."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from loco.config import compose
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "experiments" / "quality.py"
+
+
+def _quality():
+    spec = importlib.util.spec_from_file_location("quality_script", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+ROWS = _quality().rows(50, "int8", 1000)
+
+
+@pytest.mark.parametrize("name", sorted(ROWS))
+def test_row_composes_with_its_site_count(name):
+    overrides, sites = ROWS[name]
+    cfg = compose(["+site=eu", *overrides])
+    assert len(cfg.federation.sites) == sites
+
+
+def test_the_ternary_frontier_row_is_its_preset_at_momentum_0_7():
+    cfg = compose(["+site=eu", *ROWS["frontier-ternary"][0]])
+    o, c = cfg.outer, cfg.compression
+    assert (o.method, o.momentum, o.diloco_reduce, o.H) == ("diloco", 0.7, "sliced", 50)
+    assert (c.codec, c.mean_codec, c.block, c.scale_dtype, c.error_feedback) == (
+        "ternary", "sign", 512, "fp16", True)  # fmt: skip
