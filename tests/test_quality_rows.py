@@ -30,9 +30,9 @@ def test_row_composes_with_its_site_count(name):
     assert len(cfg.federation.sites) == sites
 
 
-def test_the_ternary_frontier_row_is_its_preset_at_momentum_0_7():
+def test_the_ternary_frontier_row_is_its_preset_at_momentum_0_8():
     cfg = compose(["+site=eu", *ROWS["frontier-ternary"][0]])
     o, c = cfg.outer, cfg.compression
-    assert (o.method, o.momentum, o.diloco_reduce, o.H) == ("diloco", 0.7, "sliced", 50)
+    assert (o.method, o.momentum, o.diloco_reduce, o.H) == ("diloco", 0.8, "sliced", 50)
     assert (c.codec, c.mean_codec, c.block, c.scale_dtype, c.error_feedback) == (
         "ternary", "sign", 512, "fp16", True)  # fmt: skip
