@@ -17,7 +17,7 @@ for the ``-8`` rows, each with the same per-worker batch).
   error feedback over the sliced reduce; phi is the same on every site, so nothing else moves.
   ``frontier-sign-fragments`` (``-8``): the same with streaming fragments (each sync reduces its
   fragment sliced); ``diloco-fragments``: fp32 DiLoCo with the same fragments, its reference.
-- ``frontier-ternary`` (``-8``): the same reduce with ternary deltas and one-bit slice averages
+- ``frontier-ternary`` (``-8``, ``-fragments``): the same reduce with ternary deltas and one-bit slice averages
   (``compression=ternary-sign``) at outer momentum 0.8: 0.2499 bytes/param/round at 4 sites.
 - ``noloco-paper``: the spec's update with the paper's settings (``outer=noloco-spec``), no final average.
 - ``local``: 4 sites that never talk. ``noloco-lattice``: 8-bit lattice phi.
@@ -106,6 +106,7 @@ def rows(H: int, codec: str, steps: int) -> dict[str, tuple[list[str], int]]:
         "frontier-sign-8": ([fed8, *FRONTIER_SIGN, h], 8),
         "frontier-ternary": ([fed, *FRONTIER_TERNARY, h], 4),
         "frontier-ternary-8": ([fed8, *FRONTIER_TERNARY, h], 8),
+        "frontier-ternary-fragments": ([fed, *FRONTIER_TERNARY, *FRAGMENTS, h], 4),
         "frontier-sign-fragments": ([fed, *FRONTIER_SIGN, *FRAGMENTS, h], 4),
         "frontier-sign-fragments-8": ([fed8, *FRONTIER_SIGN, *FRAGMENTS, h], 8),
         "diloco-fragments": ([fed, "outer=diloco", *FRAGMENTS, h, "compression=none"], 4),
