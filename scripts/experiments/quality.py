@@ -7,7 +7,7 @@ for the ``-8`` rows, each with the same per-worker batch).
   step; ``outer.H`` past the last step, so no outer round), the exact data-parallel baseline;
   its bytes are what a ring all-reduce moves (2 x 4 bytes per parameter per step per worker).
 - ``diloco``: 4 sites, all in one group every H steps (outer Nesterov SGD, lr 0.7, momentum 0.9),
-  fp32 deltas.
+  fp32 deltas; ``diloco-8``: the same at 8 sites, the reference of the ``-8`` rows.
 - ``noloco``: 4 sites, random pairs every H steps (n = 2), int8 deltas, exact phi; ``NOLOCO``
   below: DiLoCo's outer optimizer on the pair's mean delta, the gamma pull on phi directly,
   and the final average over the sites after the last step.
@@ -96,6 +96,7 @@ def rows(H: int, codec: str, steps: int) -> dict[str, tuple[list[str], int]]:
             1,
         ),
         "diloco": ([fed, "outer=diloco", h, "compression=none"], 4),
+        "diloco-8": ([fed8, "outer=diloco", h, "compression=none"], 8),
         "noloco": ([fed, *NOLOCO, h, f"compression={codec}"], 4),
         "diloco-sched": ([fed, "outer=diloco", h, *H_SCHED, "compression=none"], 4),
         "noloco-sched": ([fed, *NOLOCO, h, *H_SCHED, f"compression={codec}"], 4),
