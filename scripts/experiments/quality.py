@@ -349,7 +349,8 @@ def _plots(agg: dict[str, dict], a: argparse.Namespace) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(a.out / "quality.png", dpi=110)
-    fig, ax = plt.subplots(figsize=(10.0, 4.6))
+    ncol = 1 + len(agg) // 32  # every configuration gets a legend line
+    fig, ax = plt.subplots(figsize=(6.0 + 4.0 * ncol, max(4.6, 0.14 * len(agg) / ncol + 0.8)))
     for i, (key, x) in enumerate(agg.items()):
         if x["bpr"]:
             ax.errorbar([x["bpr"]], [x["loss"]], yerr=[x["sd"]], fmt="osD^v<>"[i // 10 % 7],
@@ -359,7 +360,7 @@ def _plots(agg: dict[str, dict], a: argparse.Namespace) -> None:
     ax.set_ylabel("final validation loss (mean over seeds)")
     ax.set_title(f"{a.model}, {a.steps} steps, H = {a.H}")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=ncol)
     fig.tight_layout()
     fig.savefig(a.out / "bytes_loss.png", dpi=110, bbox_inches="tight")
 
