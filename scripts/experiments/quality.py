@@ -17,8 +17,9 @@ for the ``-8`` rows, each with the same per-worker batch).
   error feedback over the sliced reduce; phi is the same on every site, so nothing else moves.
   ``frontier-sign-fragments`` (``-8``): the same with streaming fragments (each sync reduces its
   fragment sliced); ``diloco-fragments``: fp32 DiLoCo with the same fragments, its reference.
-- ``frontier-ternary`` (``-8``, ``-fragments``): the same reduce with ternary deltas and one-bit slice averages
-  (``compression=ternary-sign``) at outer momentum 0.8: 0.2499 bytes/param/round at 4 sites.
+- ``frontier-ternary`` (``-8``, ``-fragments``): the same reduce with ternary deltas and
+  one-bit slice averages (``compression=ternary-sign``) at outer momentum 0.8: 0.2499
+  bytes/param/round at 4 sites.
 - ``noloco-paper``: the spec's update with the paper's settings (``outer=noloco-spec``), no final average.
 - ``local``: 4 sites that never talk. ``noloco-lattice``: 8-bit lattice phi.
 - ``diloco-sched``, ``noloco-sched``: ``diloco`` and ``noloco`` with an H schedule
