@@ -75,6 +75,12 @@ FRONTIER = NOLOCO + [
 # the frontier in DiLoCo's form: one bit per delta value with error feedback over the sliced
 # reduce (no phi to send: every site applies the same mean), ~0.21 bytes/param/round
 FRONTIER_SIGN = ["outer=diloco", "compression=sign"]
+# NoLoCo's frontier: ternary deltas (fp16 scales, 0.204 B/value) with the 8-bit lattice phi; the
+# sparse deltas of FRONTIER trailed DiLoCo by 28% at 20 rounds, ternary by 3.5% (docs/quality.md)
+NOLOCO_FRONTIER = NOLOCO + [
+    "compression=ternary", "compression.scale_dtype=fp16", "outer.phi_lattice=true",
+    "outer.phi_lattice_bits=8", "outer.phi_lattice_margin=8", "outer.phi_every=1",
+]  # fmt: skip
 # ternary deltas and one-bit slice averages (compression=ternary-sign, 0.2499 B/param/round at
 # 4 sites) at the preset's outer momentum 0.8, the best measured with them at 80 rounds
 FRONTIER_TERNARY = ["outer=diloco-frontier", "compression=ternary-sign"]
@@ -83,7 +89,7 @@ FRAGMENTS = ["outer.fragments=5"]
 # often late: docs/quality.md, "An H schedule at the short budget", says how it was chosen;
 # short rounds early did not pay there)
 H_SCHED = ["outer.H=25", f"outer.H_first=[{','.join(['50'] * 10)}]"]
-DEFAULT = ["ddp", "diloco", "noloco", "frontier"]
+DEFAULT = ["ddp", "diloco", "noloco", "noloco-frontier", "frontier-ternary"]
 
 
 def rows(H: int, codec: str, steps: int) -> dict[str, tuple[list[str], int]]:
@@ -102,6 +108,8 @@ def rows(H: int, codec: str, steps: int) -> dict[str, tuple[list[str], int]]:
         "diloco-sched": ([fed, "outer=diloco", h, *H_SCHED, "compression=none"], 4),
         "noloco-sched": ([fed, *NOLOCO, h, *H_SCHED, f"compression={codec}"], 4),
         "frontier": ([fed, *FRONTIER, h], 4),
+        "noloco-frontier": ([fed, *NOLOCO_FRONTIER, h], 4),
+        "noloco-frontier-8": ([fed8, *NOLOCO_FRONTIER, h], 8),
         "frontier-fragments": ([fed, *FRONTIER, *FRAGMENTS, h], 4),
         "frontier-8": ([fed8, *FRONTIER, h], 8),
         "frontier-sign": ([fed, *FRONTIER_SIGN, h], 4),
