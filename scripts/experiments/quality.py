@@ -237,6 +237,13 @@ def main() -> None:
         help="extra Hydra overrides for the federated rows (not DDP)",
     )
     ap.add_argument("--report-only", action="store_true", help="rebuild the table only")
+    ap.add_argument(
+        "--records",
+        nargs="*",
+        type=Path,
+        default=None,
+        help="result files the table is built from (default: OUT/results.jsonl)",
+    )
     a = ap.parse_args()
     if a.short:
         a.steps, a.H = 60, 20
@@ -289,10 +296,10 @@ def _vs(x: dict, ref: dict | None) -> str:
 
 
 def write_report(a: argparse.Namespace) -> None:
-    path = a.out / "results.jsonl"
-    records = (
-        [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
-    )
+    paths = a.records if a.records else [a.out / "results.jsonl"]
+    records = [
+        json.loads(x) for p in paths if p.exists() for x in p.read_text().splitlines() if x.strip()
+    ]
     records = [r for r in records if r.get("steps") == a.steps and r.get("model") == a.model]
     agg = aggregate(records)
     ddp, dil = agg.get("ddp"), agg.get("diloco")
@@ -300,7 +307,7 @@ def write_report(a: argparse.Namespace) -> None:
         f"# Quality at {a.steps} steps, H = {a.H} ({time.strftime('%Y-%m-%d %H:%M')})",
         "",
         f"`python scripts/experiments/quality.py --steps {a.steps} --H {a.H} ...` (results "
-        f"accumulated in `{path.name}`): model {a.model}, 4 workers x {a.batch} x {a.seq_len} "
+        f"from {', '.join(f'`{p.name}`' for p in paths)}): model {a.model}, 4 workers x {a.batch} x {a.seq_len} "
         f"tokens x {a.steps} steps; machine: {platform.machine()}, {_cores()} CPU cores, shared.",
         "",
         "| row | val loss (mean ± sd) | seeds | vs DDP | vs DiLoCo | rounds | bytes/param/round | "
