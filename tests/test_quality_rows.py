@@ -36,3 +36,15 @@ def test_the_ternary_frontier_row_is_its_preset_at_momentum_0_8():
     assert (o.method, o.momentum, o.diloco_reduce, o.H) == ("diloco", 0.8, "sliced", 50)
     assert (c.codec, c.mean_codec, c.block, c.scale_dtype, c.error_feedback) == (
         "ternary", "sign", 512, "fp16", True)  # fmt: skip
+
+
+def test_the_defaults_are_the_noloco_frontier_row():
+    """What a user who sets nothing runs is the row measured as NoLoCo's best (docs/quality.md)."""
+    default = compose(["+site=eu"])
+    row = compose(["+site=eu", *ROWS["noloco-frontier"][0]])
+    assert default.outer == row.outer
+    c, r = default.compression, row.compression
+    assert (c.codec, c.block, c.scale_dtype, c.error_feedback) == (
+        r.codec, r.block, r.scale_dtype, r.error_feedback)  # fmt: skip
+    assert (default.outer.method, default.outer.alpha, default.outer.phi_lattice) == (
+        "noloco", 0.8, True)  # fmt: skip

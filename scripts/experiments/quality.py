@@ -75,11 +75,13 @@ FRONTIER = NOLOCO + [
 # the frontier in DiLoCo's form: one bit per delta value with error feedback over the sliced
 # reduce (no phi to send: every site applies the same mean), ~0.21 bytes/param/round
 FRONTIER_SIGN = ["outer=diloco", "compression=sign"]
-# NoLoCo's frontier: ternary deltas (fp16 scales, 0.204 B/value) with the 8-bit lattice phi; the
-# sparse deltas of FRONTIER trailed DiLoCo by 28% at 20 rounds, ternary by 3.5% (docs/quality.md)
+# NoLoCo's frontier, the defaults since 2026-12-05 (conf/outer/noloco.yaml, conf/config.yaml;
+# tests/test_quality_rows.py holds them equal): ternary deltas (fp16 scales, 0.204 B/value), the
+# 8-bit lattice phi and outer momentum 0.8 (0.9 trailed by 3-4% at 20 rounds, 1.8% at 80)
 NOLOCO_FRONTIER = NOLOCO + [
-    "compression=ternary", "compression.scale_dtype=fp16", "outer.phi_lattice=true",
-    "outer.phi_lattice_bits=8", "outer.phi_lattice_margin=8", "outer.phi_every=1",
+    "outer.alpha=0.8", "compression=ternary", "compression.scale_dtype=fp16",
+    "outer.phi_lattice=true", "outer.phi_lattice_bits=8", "outer.phi_lattice_margin=8",
+    "outer.phi_every=1",
 ]  # fmt: skip
 # ternary deltas and one-bit slice averages (compression=ternary-sign, 0.2499 B/param/round at
 # 4 sites) at the preset's outer momentum 0.8, the best measured with them at 80 rounds
@@ -193,7 +195,7 @@ def run_one(name: str, seed: int, a: argparse.Namespace, stamp: str) -> dict:
     util = [r["compute_utilization"] for r in site_rows if r.get("compute_utilization") is not None]
     before = [r["final_average_distance"] for r in site_rows if r.get("final_average_distance")]
     rec = {
-        "row": name, "seed": seed, "steps": a.steps, "H": a.H, "model": a.model,
+        "row": name, "seed": seed, "steps": a.steps, "H": a.H, "model": a.model, "overrides": ov,
         "ok": all(r.get("exit") == 0 for r in site_rows), "val_loss": _mean(vals),
         "bytes_sent": sent, "params": params, "workers": workers, "rounds": rounds,
         # what one site (one worker for DDP) sends per parameter per round of H steps
