@@ -282,7 +282,8 @@ def aggregate(records: list[dict]) -> dict[str, dict]:
             "bpp": _mean([r.get("bytes_per_param", r["bytes_per_param_round"] * r["rounds"])
                           for r in rs]),
             "rounds": _mean([r["rounds"] for r in rs]),
-            "cd": _mean(cds), "util": _mean(uts), "curve": rs[0]["curve"],
+            "cd": _mean(cds), "util": _mean(uts),
+            "curve": next((r["curve"] for r in rs if r.get("curve")), None),
         }  # fmt: skip
     return out
 
@@ -374,6 +375,14 @@ def _plots(agg: dict[str, dict], a: argparse.Namespace) -> None:
             ax.errorbar([x["bpr"]], [x["loss"]], yerr=[x["sd"]], fmt="osD^v<>"[i // 10 % 7],
                         capsize=3, label=key)  # fmt: skip
     ax.set_xscale("log")
+    losses = sorted(x["loss"] for x in agg.values() if x["bpr"])
+    if len(losses) >= 10:  # far outliers would squeeze the rest into a band: name them instead
+        top = losses[int(0.9 * (len(losses) - 1))] + 0.1
+        out = [f"{k} {x['loss']:.2f}" for k, x in agg.items() if x["bpr"] and x["loss"] > top]
+        if out:
+            ax.set_ylim(top=top)
+            ax.text(0.01, 0.99, "above, not shown:\n" + "\n".join(out), transform=ax.transAxes,
+                    fontsize=6, va="top")  # fmt: skip
     ax.set_xlabel("bytes per parameter per round (one site)")
     ax.set_ylabel("final validation loss (mean over seeds)")
     ax.set_title(f"{a.model}, {a.steps} steps, H = {a.H}")
