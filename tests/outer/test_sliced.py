@@ -469,7 +469,10 @@ def test_the_frontier_preset_is_diloco_with_momentum_0_8_and_the_mean_options_co
     assert (o.method, o.momentum, o.lr, o.nesterov, o.diloco_reduce) == (
         "diloco", 0.8, 0.7, True, "sliced")  # fmt: skip
     assert (c.codec, c.mean_codec, c.mean_error_feedback) == ("sign", "sign", True)
-    assert compose(["+site=eu"]).compression.mean_codec is None  # default: the deltas' codec
+    # the default preset (ternary-sign) serves one-bit averages; a preset that names none
+    # leaves them in the deltas' codec
+    assert compose(["+site=eu"]).compression.mean_codec == "sign"
+    assert compose(["+site=eu", "compression=int8"]).compression.mean_codec is None
 
 
 def test_expected_pulls_count_the_partners_whose_slice_meets_this_range():
