@@ -306,11 +306,12 @@ def write_report(a: argparse.Namespace) -> None:
     records = [r for r in records if r.get("steps") == a.steps and r.get("model") == a.model]
     agg = aggregate(records)
     ddp, dil = agg.get("ddp"), agg.get("diloco")
+    sources = ", ".join(f"`{p.name}`" for p in paths)
     lines = [
         f"# Quality at {a.steps} steps, H = {a.H} ({time.strftime('%Y-%m-%d %H:%M')})",
         "",
         f"`python scripts/experiments/quality.py --steps {a.steps} --H {a.H} ...` (results "
-        f"from {', '.join(f'`{p.name}`' for p in paths)}): model {a.model}, 4 workers x {a.batch} x {a.seq_len} "
+        f"from {sources}): model {a.model}, 4 workers x {a.batch} x {a.seq_len} "
         f"tokens x {a.steps} steps; machine: {platform.machine()}, {_cores()} CPU cores, shared.",
         "",
         "| row | val loss (mean ± sd) | seeds | vs DDP | vs DiLoCo | rounds | bytes/param/round | "
