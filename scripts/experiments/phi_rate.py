@@ -19,7 +19,18 @@ Codes:
   code (the noise uses the difference, which the sender does not know): the best any code at
   that rate can do on this toy.
 
-    python scripts/experiments/phi_rate.py          # ~3 min on one core
+Sequential landing (``run_sequential``): one member of each pair (the leader) sends its phi
+through a code decoded next to the follower's phi; the follower computes the pair's mean from it
+and sends the leader the mean's offset from the leader's DECODED phi (a value both ends know, so
+any plain code serves: ``sign`` or ``ternary`` with a per-block scale); both land on the same
+point, so coding noise moves the pair but never parts it. A site's bytes are half of the two
+messages. ``feedback``: each site remembers how far its landing missed the exact mean of the
+pair and subtracts it from its phi the next time it is coded (the miss is not carried forward).
+``oracle`` windows size a block's step from the pair's own largest difference: not a code a
+sender can run alone (it needs the partner's phi), the limit of a window sized from a sketch of
+the pair's distance sent ahead of phi.
+
+    python scripts/experiments/phi_rate.py          # ~5 min on one core
 """
 
 from __future__ import annotations
@@ -144,10 +155,150 @@ def rows() -> list[tuple[str, Code, float, float]]:
     return out
 
 
+# --- sequential landing -------------------------------------------------------------------
+
+PlainCode = Callable[[torch.Tensor], torch.Tensor]  # both ends know the reference
+PLAIN_BITS = {"sign": 1 + 16 / BLOCK, "ternary": 1.6 + 16 / BLOCK}  # 5 trits a byte, bf16 scale
+
+
+def plain(kind: str) -> PlainCode:
+    """``sign``: the sign times the block's mean magnitude; ``ternary``: -1/0/+1 with a zero band
+    of 0.6 mean magnitudes, times the mean magnitude of the values kept."""
+
+    def code(x: torch.Tensor) -> torch.Tensor:
+        b = x.view(-1, BLOCK)
+        scale = b.abs().mean(1, keepdim=True)
+        if kind == "sign":
+            return (b.sign() * scale).view(-1)
+        t = torch.where(b.abs() > 0.6 * scale, b.sign(), torch.zeros_like(b))
+        kept = (b.abs() * t.abs()).sum(1, keepdim=True) / t.abs().sum(1, keepdim=True).clamp_min(1)
+        return (t * kept).view(-1)
+
+    return code
+
+
+def plain_bound(rate: float) -> PlainCode:
+    """The rate-distortion limit of a Gaussian block: noise of variance ``var 2^(-2 rate)``."""
+    gen = torch.Generator().manual_seed(2)
+
+    def code(x: torch.Tensor) -> torch.Tensor:
+        b = x.view(-1, BLOCK)
+        sd = b.pow(2).mean(1, keepdim=True).sqrt() * 2 ** (-rate)
+        return x + (torch.randn(b.shape, generator=gen) * sd).view(-1)
+
+    return code
+
+
+def oracle_lattice(residues: int, margin: float) -> Code:
+    """Modulo ``residues`` on a block grid whose window (+-(residues-1)/2 steps) is ``margin``
+    times the pair's own largest difference in the block."""
+
+    def code(phi, ref, spread, t):
+        big = (phi - ref).abs().view(-1, BLOCK).amax(1)
+        s = (margin * big / ((residues - 1) / 2)).clamp_min(1e-9).repeat_interleave(BLOCK)
+        q, base = torch.round(phi / s), torch.round(ref / s)
+        r = torch.remainder(q - base, residues)
+        r = torch.where(r > residues // 2, r - residues, r)
+        return q * s, ((base + r) == q).view(-1, BLOCK).all(1)
+
+    return code
+
+
+def run_sequential(first: Code, second: PlainCode, *, feedback: bool, sites: int = 4,
+                   rounds: int = 300, dim: int = 4096, seed: int = 0) -> tuple[float, float]:  # fmt: skip
+    """(consensus distance, failed block fraction) of the sequential landing; a block whose
+    first message fails its check is not pulled (both keep their phi there)."""
+    rng = np.random.default_rng(seed)
+    step = NoLoCo(alpha=0.9, beta=0.7, gamma=1.0, consensus="weights", nesterov=True)
+    states = [OuterState.start(torch.zeros(dim)) for _ in range(sites)]
+    miss = [torch.zeros(dim) for _ in range(sites)]
+    spread = torch.full((dim // BLOCK,), 1.0)  # unused by the codes here
+    dist, fails = [], []
+    for t in range(rounds):
+        noise = torch.from_numpy(rng.standard_normal((sites, dim)).astype(np.float32))
+        perm = rng.permutation(sites)
+        phis = [s.phi.clone() for s in states]
+        for k in range(sites // 2):
+            i, j = int(perm[k]), int(perm[k + sites // 2])  # leader, follower
+            pi, pj = (phis[i] - miss[i], phis[j] - miss[j]) if feedback else (phis[i], phis[j])
+            sent, ok_b = first(pi, pj, spread, t)
+            ok = ok_b.repeat_interleave(BLOCK)
+            offset = second(torch.where(ok, (pj - sent) / 2, torch.zeros(dim)))
+            land, mean = sent + offset, (pi + pj) / 2
+            for me in (i, j):
+                try:
+                    step.apply(torch.empty(dim), states[me], [noise[i], noise[j]],
+                               [torch.where(ok, land, phis[me])], phis[me])  # fmt: skip
+                except ValueError:  # ran away past the float range
+                    return math.inf, math.nan
+                if feedback:
+                    miss[me] = torch.where(ok, land - mean, miss[me])
+            if t >= rounds // 2:
+                dist.append(float((phis[i] - phis[j]).pow(2).mean().sqrt()))
+                fails.append(1.0 - float(ok_b.float().mean()))
+    return float(np.mean(dist)), float(np.mean(fails))
+
+
+def sequential_rows() -> list[tuple[str, Code, PlainCode, float, bool]]:
+    """(name, first code, second code, bits per value a site sends, feedback)."""
+    out = []
+    for rate, fb in ((1.3, False), (1.3, True), (1.0, True), (0.6, True)):
+        out.append((f"sequential, bound {rate} + {rate} bits" + (", feedback" if fb else ""),
+                    bound(rate), plain_bound(rate), rate + (BLOCK_BITS + 16) / BLOCK / 2, fb))  # fmt: skip
+    for res, margin, second, fb in ((3, 1.0, "ternary", False), (3, 1.0, "ternary", True),
+                                    (3, 1.0, "sign", True), (8, 1.2, "sign", False),
+                                    (8, 1.2, "sign", True)):  # fmt: skip
+        bits = (math.log2(res) if res != 3 else 1.6) + BLOCK_BITS / BLOCK + PLAIN_BITS[second]
+        out.append((f"sequential, mod-{res} lattice (oracle window x{margin}) + {second}"
+                    + (", feedback" if fb else ""), oracle_lattice(res, margin), plain(second),
+                    bits / 2, fb))  # fmt: skip
+    return out
+
+
+def window_surprise(sites: int = 4, rounds: int = 300, dim: int = 4096, seed: int = 0) -> dict:
+    """Why a window sized from past partners fails: a block's largest difference to this round's
+    partner over its mean difference to the last one (exact phi), percentiles 50/90/99, for a
+    partner met again and a new one."""
+    rng = np.random.default_rng(seed)
+    step = NoLoCo(alpha=0.9, beta=0.7, gamma=1.0, consensus="weights", nesterov=True)
+    states = [OuterState.start(torch.zeros(dim)) for _ in range(sites)]
+    last: list = [None] * sites
+    met: dict[int, int] = {}
+    ratio: dict[bool, list[float]] = {True: [], False: []}
+    for t in range(rounds):
+        noise = torch.from_numpy(rng.standard_normal((sites, dim)).astype(np.float32))
+        perm = rng.permutation(sites)
+        phis = [s.phi.clone() for s in states]
+        for k in range(sites // 2):
+            i, j = int(perm[k]), int(perm[k + sites // 2])
+            d = (phis[i] - phis[j]).abs().view(-1, BLOCK)
+            if t >= rounds // 2 and last[i] is not None:
+                ratio[met.get(i) == j].append(float((d.amax(1) / last[i]).max()))
+            last[i] = last[j] = d.mean(1)
+            met[i], met[j] = j, i
+            for me in (i, j):
+                step.apply(torch.empty(dim), states[me], [noise[i], noise[j]], [phis[i], phis[j]])
+    return {("again" if k else "new"): [round(float(v), 1) for v in np.percentile(r, [50, 90, 99])]
+            for k, r in ratio.items()}  # fmt: skip
+
+
 def main() -> None:
     ref, _ = run(exact)
     for name, code, bits, decay in rows():
         d, failed = run(code, decay=decay)
+        print(json.dumps({"code": name, "bytes_per_value": round(bits / 8, 3),
+                          "distance": round(d, 4), "vs_exact": round(d / ref, 3),
+                          "failed_blocks": round(failed, 4),
+                          "finite": math.isfinite(d)}), flush=True)  # fmt: skip
+    print(json.dumps({"window_surprise": window_surprise()}), flush=True)
+    for res in (8, 16):  # the two-way exchange with the pair's own window: what the window costs
+        d, failed = run(oracle_lattice(res, 1.2))
+        print(json.dumps({"code": f"mod-{res} lattice (oracle window x1.2)",
+                          "bytes_per_value": round((math.log2(res) + BLOCK_BITS / BLOCK) / 8, 3),
+                          "distance": round(d, 4), "vs_exact": round(d / ref, 3),
+                          "failed_blocks": round(failed, 4)}), flush=True)  # fmt: skip
+    for name, first, second, bits, fb in sequential_rows():
+        d, failed = run_sequential(first, second, feedback=fb)
         print(json.dumps({"code": name, "bytes_per_value": round(bits / 8, 3),
                           "distance": round(d, 4), "vs_exact": round(d / ref, 3),
                           "failed_blocks": round(failed, 4),
