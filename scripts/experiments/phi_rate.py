@@ -30,7 +30,7 @@ pair and subtracts it from its phi the next time it is coded (the miss is not ca
 sender can run alone (it needs the partner's phi), the limit of a window sized from a sketch of
 the pair's distance sent ahead of phi.
 
-    python scripts/experiments/phi_rate.py          # ~5 min on one core
+    python scripts/experiments/phi_rate.py          # ~6 min on one core
 """
 
 from __future__ import annotations
@@ -204,6 +204,32 @@ def oracle_lattice(residues: int, margin: float) -> Code:
     return code
 
 
+def sketch_lattice(residues: int, margin: float, k: int = 64, decay: float = 0.9) -> Code:
+    """Modulo ``residues``, a block's window sized by what a sender can know: the pair's RMS
+    distance from ``k`` shared random projections of each phi (the partner's sketch, sent ahead
+    of phi), times a per-block profile (largest difference over the RMS distance) that the
+    sender remembers from its past pairs. The third argument is the sender's own memory (a
+    dict)."""
+    gen = torch.Generator().manual_seed(5)
+
+    def code(phi, ref, memory, t):
+        proj = torch.randn(k, phi.numel(), generator=gen) / phi.numel() ** 0.5
+        g = float((proj @ phi - proj @ ref).pow(2).mean().sqrt())
+        prof = memory.get("profile", torch.full((phi.numel() // BLOCK,), 4.0))
+        s = margin * max(g, 1e-12) * prof / ((residues - 1) / 2)
+        s = s.clamp_min(1e-9).repeat_interleave(BLOCK)
+        q, base = torch.round(phi / s), torch.round(ref / s)
+        r = torch.remainder(q - base, residues)
+        r = torch.where(r > residues // 2, r - residues, r)
+        ok = ((base + r) == q).view(-1, BLOCK).all(1)
+        if g > 1e-9:  # after the round the pair knows the block's difference (or its failure)
+            seen = ((phi - ref).abs().view(-1, BLOCK).amax(1) / g).clamp_min(1.0)
+            memory["profile"] = torch.where(ok, torch.maximum(seen, prof * decay), prof * 1.5)
+        return q * s, ok
+
+    return code
+
+
 def run_sequential(first: Code, second: PlainCode, *, feedback: bool, sites: int = 4,
                    rounds: int = 300, dim: int = 4096, seed: int = 0) -> tuple[float, float]:  # fmt: skip
     """(consensus distance, failed block fraction) of the sequential landing; a block whose
@@ -212,7 +238,7 @@ def run_sequential(first: Code, second: PlainCode, *, feedback: bool, sites: int
     step = NoLoCo(alpha=0.9, beta=0.7, gamma=1.0, consensus="weights", nesterov=True)
     states = [OuterState.start(torch.zeros(dim)) for _ in range(sites)]
     miss = [torch.zeros(dim) for _ in range(sites)]
-    spread = torch.full((dim // BLOCK,), 1.0)  # unused by the codes here
+    memory: list[dict] = [{} for _ in range(sites)]  # each leader's own (sketch windows)
     dist, fails = [], []
     for t in range(rounds):
         noise = torch.from_numpy(rng.standard_normal((sites, dim)).astype(np.float32))
@@ -221,7 +247,7 @@ def run_sequential(first: Code, second: PlainCode, *, feedback: bool, sites: int
         for k in range(sites // 2):
             i, j = int(perm[k]), int(perm[k + sites // 2])  # leader, follower
             pi, pj = (phis[i] - miss[i], phis[j] - miss[j]) if feedback else (phis[i], phis[j])
-            sent, ok_b = first(pi, pj, spread, t)
+            sent, ok_b = first(pi, pj, memory[i], t)  # type: ignore[arg-type]
             ok = ok_b.repeat_interleave(BLOCK)
             offset = second(torch.where(ok, (pj - sent) / 2, torch.zeros(dim)))
             land, mean = sent + offset, (pi + pj) / 2
@@ -252,6 +278,10 @@ def sequential_rows() -> list[tuple[str, Code, PlainCode, float, bool]]:
         out.append((f"sequential, mod-{res} lattice (oracle window x{margin}) + {second}"
                     + (", feedback" if fb else ""), oracle_lattice(res, margin), plain(second),
                     bits / 2, fb))  # fmt: skip
+    for res, second in ((3, "ternary"), (5, "sign"), (5, "ternary"), (8, "sign"), (8, "ternary")):
+        bits = (math.log2(res) if res != 3 else 1.6) + BLOCK_BITS / BLOCK + PLAIN_BITS[second]
+        out.append((f"sequential, mod-{res} lattice (sketch window x1.5) + {second}, feedback",
+                    sketch_lattice(res, 1.5), plain(second), bits / 2, True))  # fmt: skip
     return out
 
 
