@@ -190,8 +190,9 @@ def plain_bound(rate: float) -> PlainCode:
 
 
 def oracle_lattice(residues: int, margin: float) -> Code:
-    """Modulo ``residues`` on a block grid whose window (+-(residues-1)/2 steps) is ``margin``
-    times the pair's own largest difference in the block."""
+    """Modulo ``residues`` on a block grid whose window, (residues-1)/2 steps either side, is
+    ``margin`` times the pair's own largest difference in the block (an even count of residues
+    reaches one step less below than above: it needs a margin above 1)."""
 
     def code(phi, ref, spread, t):
         big = (phi - ref).abs().view(-1, BLOCK).amax(1)
