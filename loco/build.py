@@ -297,7 +297,7 @@ def _payloads(cfg: LocoConfig, flat, comm: SiteComm, span: tuple[int, int] | Non
     opts = dict(block=c.block, scale_dtype=c.scale_dtype, stochastic=c.stochastic,
                 topk_fraction=c.topk_fraction, sparse_k=c.sparse_k,
                 sparse_bits=c.sparse_bits)  # fmt: skip
-    return RangePayloads(
+    payloads = RangePayloads(
         shard=span or (flat.slo, flat.shi), owned=span or (flat.lo, flat.hi), codec=c.codec,
         phi_codec=c.phi_codec, delta_options=codec_options(c.codec, **opts),
         phi_options=codec_options(c.phi_codec, **opts), mean_codec=c.mean_codec,
@@ -308,6 +308,12 @@ def _payloads(cfg: LocoConfig, flat, comm: SiteComm, span: tuple[int, int] | Non
         phi_lattice_window=o.phi_lattice_window, phi_lattice_bits=o.phi_lattice_bits,
         phi_lattice_margin=o.phi_lattice_margin, phi_every=o.phi_every,
     )  # fmt: skip
+    if o.phi_landing and span is None:
+        from loco.outer.landing import OFFSET_CODEC, Landing
+
+        payloads.landing = Landing(payloads, codec=OFFSET_CODEC,
+                                   options=codec_options(OFFSET_CODEC, **opts))  # fmt: skip
+    return payloads
 
 
 def _wan_proxy(cfg: LocoConfig, node, comm: SiteComm):

@@ -31,6 +31,12 @@ BAD = [
     (["+site=eu", "outer.final_average=maybe"], ["outer.final_average"]),
     (["+site=eu", "outer.nesterov=sometimes"], ["outer.nesterov"]),
     (["+site=eu", "outer.consensus=phi"], ["outer.consensus", "momentum, weights"]),
+    (
+        ["+site=eu", "outer.phi_landing=true", "outer.phi_lattice=false"],
+        ["outer.phi_landing", "outer.phi_lattice=true"],
+    ),
+    (["+site=eu", "outer=diloco", "outer.phi_landing=true"], ["outer.phi_landing=false"]),
+    (["+site=eu", "outer.phi_landing=true", "outer.phi_every=2"], ["outer.phi_every=1"]),
     (["+site=eu", "compression.ef_decay=1.5"], ["compression.ef_decay", "[0, 1]"]),
     (
         ["+site=eu", "compression=sign", "compression.stochastic=true"],

@@ -127,6 +127,8 @@ class RangePayloads:
         self.mean_codec = mean_codec or codec
         self.mean_options = dict(self.delta_options if mean_options is None else mean_options)
         self.mean_error_feedback = mean_error_feedback
+        self.extra_options: dict[str, dict[str, object]] = {}  # codecs of other streams
+        self.landing = None  # loco.outer.landing.Landing with outer.phi_landing (build.py)
         self.ef = (
             ErrorFeedback(
                 codec, self.shi - self.slo, seed=seed, decay=ef_decay, **self.delta_options
@@ -141,6 +143,24 @@ class RangePayloads:
                             (self.mean_codec, self.mean_options)):  # fmt: skip
             if codec not in LOSSLESS and codec != "lattice":
                 decode(encode(torch.zeros(512), codec, **opts))
+
+    def register_codec(self, codec: str, options: dict[str, object]) -> None:
+        """Options of one more stream's codec (the landing's offsets), for encoding it and for
+        the pull's segment bound; the delta's codec keeps its own options."""
+        if codec != self.codec:
+            self.extra_options[codec] = dict(options)
+
+    def _options(self, codec: str) -> dict[str, object]:
+        if codec == self.codec:
+            return self.delta_options
+        return self.extra_options.get(codec, self.phi_options)
+
+    def encode_plain(self, x: torch.Tensor, codec: str):
+        """``x`` on ``[lo, hi)`` in ``codec`` without error feedback: (buffer, label, own
+        decoded values on ``[lo, hi)``)."""
+        if not bool(torch.isfinite(x).all()):
+            raise TrainingError("a landing offset holds NaN/Inf; refusing to publish it")
+        return self._encode(x, codec, self._options(codec), None)
 
     @property
     def numel(self) -> int:
@@ -197,12 +217,14 @@ class RangePayloads:
     # ------------------------------------------------------------------ pulling
 
     def validator(self, sink: list[torch.Tensor], raw: bool, lattice_ref=None,
-                  failed: list[int] | None = None):  # fmt: skip
+                  failed: list[int] | None = None,
+                  masks: list[torch.Tensor] | None = None):  # fmt: skip
         """A gossip ``validate`` callable ``check(buf, numel)``: decode each received payload
         of ``numel`` values (raw: check it is finite fp32 of the right length; a frame may not
         claim more values than its segment), append the values to ``sink``; raise on anything
         bad so the gossip client counts a strike and fails the pull. ``failed``: where the
-        lattice blocks that kept our own phi are counted, per frame."""
+        lattice blocks that kept our own phi are counted, per frame; ``masks``: where each
+        frame's per-value mask of those blocks goes (1.0: failed)."""
         failed = failed if failed is not None else []
 
         def check(buf, numel: int) -> None:
@@ -216,6 +238,10 @@ class RangePayloads:
                     self.lattice_blocks += got.blocks
                     self.lattice_failed += got.failed
                 failed.append(got.failed)
+                if masks is not None:  # per value: 1 where the block failed (own phi kept)
+                    bad = torch.isnan(got.spread).float().repeat_interleave(max(got.block, 1))
+                    masks.append(bad[: got.values.numel()] if got.blocks else
+                                 torch.zeros(got.values.numel()))  # fmt: skip
                 t = got.values
             elif raw:
                 if len(mv) != self.numel * 4 or numel != self.numel:
@@ -241,8 +267,7 @@ class RangePayloads:
             def exact(n: int) -> int:
                 return lattice.frame_bytes(n, LATTICE_BLOCK)
         else:
-            opts = self.delta_options if codec == self.codec else self.phi_options
-            c = make_codec(codec, **opts)
+            c = make_codec(codec, **self._options(codec))
 
             def exact(n: int) -> int:
                 return HEADER_SIZE + c.payload_nbytes(n)
@@ -281,19 +306,21 @@ class RangePayloads:
         return self._padded(x).numpy()
 
     def pull(self, node, partner: str, round: int, stream: str, timeout_s: float | None = None,
-             codec: str | None = None):  # fmt: skip
+             codec: str | None = None, failed_out: list[torch.Tensor] | None = None):  # fmt: skip
         """Pull and decode ``partner``'s ``stream`` on ``[lo, hi)`` (``codec``: the stream's
-        own by default; ``"none"`` for a :meth:`raw` payload).
+        own by default; ``"none"`` for a :meth:`raw` payload). ``failed_out`` (lattice): gets
+        the bool mask on ``[lo, hi)`` of the values whose block failed its check.
 
         Returns ``(tensor, "")`` or ``(None, cause)``; never raises for remote faults.
         """
         values: list[torch.Tensor] = []
+        masks: list[torch.Tensor] | None = [] if failed_out is not None else None
         if codec is None:
             codec = self.codec if stream == "delta" else self.phi_codec
         ref = self._ref if codec == "lattice" else None
         failed: list[int] = []
         kw: dict[str, object] = {
-            "validate": self.validator(values, codec in LOSSLESS, ref, failed),
+            "validate": self.validator(values, codec in LOSSLESS, ref, failed, masks),
             "codec": "raw" if codec in LOSSLESS else codec,
             "segment_bytes": self.segment_bytes(codec),
         }
@@ -308,7 +335,11 @@ class RangePayloads:
         if sum(failed):  # blocks outside the window: our own phi there, no pull on them
             node.count_failure("lattice_blocks", sum(failed))
         try:
-            return self.assemble(res, values, stream), ""
+            out = self.assemble(res, values, stream)
+            if failed_out is not None and masks is not None:
+                failed_out.append(self.assemble(res, masks, stream) > 0.5 if masks else
+                                  torch.zeros(self.numel, dtype=torch.bool))  # fmt: skip
+            return out, ""
         except PayloadError as e:
             node.reject(partner, round, "bad_payload", f"{stream} does not assemble: {e}")
             return None, "bad_payload"

@@ -25,6 +25,7 @@ import torch
 
 from loco.outer.exchange import Outgoing, RangePayloads
 from loco.outer.flat_view import FlatView
+from loco.outer.landing import OFFSET_STREAM, Landing, leader_of
 from loco.outer.methods import OuterState, OuterStep
 from loco.outer.plausible import implausible
 from loco.outer.sliced import SlicedReduce
@@ -56,6 +57,10 @@ class Round:
     mean: torch.Tensor | None = None  # DiLoCo's sliced reduce: the assembled mean delta
     refused: dict[str, str] = field(default_factory=dict)  # partner not agreed -> why
     proposal: Any = None  # NoLoCo: this site's proposal, settled by pull_all (agree_rpc)
+    landing: bool = False  # the group meets by sequential landing (loco.outer.landing)
+    land: torch.Tensor | None = None  # where this rank lands (None: no pull this round)
+    land_miss: torch.Tensor | None = None  # this site's part of the landing's miss
+    guessed: tuple[str, ...] = ()  # partners whose phi is a landing's estimate (no distance)
 
     @property
     def agreed(self) -> list[str]:
@@ -135,7 +140,10 @@ class Rounds:
             members = sorted({*partners, self.site})
             out = self.sliced.publish(rid, t, delta, self.state.phi, members)
         else:
-            out, bufs = self.payloads.encode(t, delta, self.state.phi, self.state.momentum)
+            phi = self.state.phi
+            if self._landing() is not None:  # the phi this site codes: less its known miss
+                phi = self._landing().eff(phi)
+            out, bufs = self.payloads.encode(t, delta, phi, self.state.momentum)
             served = self.node.served_mark()
             for stream, (buf, label) in bufs.items():
                 if stream == "delta" or not self.all_live:  # DiLoCo never pulls phi
@@ -158,6 +166,10 @@ class Rounds:
         if self.sliced is not None:
             self._pull_sliced(r)
             return
+        landing = self._landing()
+        if landing is not None and r.agreed:
+            self._pull_landing(r, landing)
+            return
         streams = ("delta",) if self.all_live else ("delta", "phi")
         jobs = {
             (p, s): self.pool.submit(self.payloads.pull, self.node, p, r.rid, s, self.pull_timeout_s)
@@ -176,6 +188,68 @@ class Rounds:
             if d is None or ph is None:
                 log.warning("round %d: partner %s dropped (%s); n = 1 for it", r.rid, p, cause)
             r.pulled[p] = (d, ph, cause)
+
+    def _landing(self) -> Landing | None:
+        """The sequential landing of this rank (``outer.phi_landing``; NoLoCo only)."""
+        if self.payloads is None or self.all_live or self.sliced is not None:
+            return None
+        return getattr(self.payloads, "landing", None)
+
+    def _pull_landing(self, r: Round, landing: Landing) -> None:
+        """The sequential landing of ``r``'s group (docs/outer.md): the leader's phi decoded
+        by the followers, each follower's offset to the mean published and pulled by every
+        other member, the landing point ``r.land``. Any failed pull: no landing this round
+        (the deltas that arrived still average)."""
+        r.landing = True
+        members = sorted([self.site, *r.agreed])
+        n, lead = len(members), leader_of(members, r.rid)
+        followers = [m for m in members if m != lead]
+
+        def pull(p: str, stream: str, codec: str | None = None, masks: list | None = None):
+            return self.pool.submit(self.payloads.pull, self.node, p, r.rid, stream,
+                                    self.pull_timeout_s, codec, masks)  # fmt: skip
+
+        deltas = {p: pull(p, "delta") for p in r.agreed}
+        eff = landing.eff(self.state.phi)
+        mine = None
+        if self.site == lead:
+            lead_phi, lead_cause = r.out.phi, ""
+            r.land_miss = landing.leader_miss(r.out.phi, eff, n)
+        else:
+            masks: list[torch.Tensor] = []
+            lead_phi, lead_cause = pull(lead, "phi", None, masks).result()
+            # the leader's failed blocks (and a failed pull: all) get a zero offset: the leader
+            # lands on its own decoded phi there, this site keeps its own, nobody waits
+            failed = (
+                masks[0]
+                if lead_phi is not None and masks
+                else torch.ones_like(eff, dtype=torch.bool)
+            )
+            usable = lead_phi if lead_phi is not None else eff
+            buf, label, mine, miss = landing.offset(eff, usable, n, failed)
+            kept = landing.miss if landing.miss is not None else torch.zeros_like(miss)
+            r.land_miss = torch.where(failed, kept, miss)
+            self.publish(r.rid, OFFSET_STREAM, buf, label)
+        offs = {p: pull(p, OFFSET_STREAM, landing.codec) for p in followers if p != self.site}
+        r.guessed = tuple(offs)
+        got = {p: f.result() for p, f in offs.items()}
+        offsets = [mine if p == self.site else got[p][0] for p in followers]
+        for p in r.agreed:
+            d, cause = deltas[p].result()
+            if p == lead:
+                ph, why = lead_phi, lead_cause
+            else:  # a follower's phi, rebuilt from its offset (its estimate)
+                o, why = got[p]
+                ph = None if o is None or lead_phi is None else lead_phi + n * o
+            cause = cause or why or ("" if ph is not None else "landing")
+            if d is not None and ph is not None:
+                d, ph, cause = self._check(r, p, d, ph, cause)
+            if d is None or ph is None:
+                log.warning("round %d: partner %s dropped (%s); n = 1 for it", r.rid, p, cause)
+            r.pulled[p] = (d, ph, cause)
+        if all(r.pulled[p][0] is not None and r.pulled[p][1] is not None for p in r.agreed):
+            point = landing.point(lead_phi, offsets)  # type: ignore[arg-type]
+            r.land = point if self.site == lead else torch.where(failed, self.state.phi, point)
 
     def agree(self, r: Round) -> None:
         """The pairing agreement of ``r`` on this rank alone (``loco.gossip.agree_rpc``): fetch
@@ -217,22 +291,34 @@ class Rounds:
             return self._apply(r, ok, [r.mean], [r.out.phi], 0.0, 0.0)
         members = sorted([(self.site, r.out.delta, r.out.phi)] + [(p, d, ph) for p, (d, ph, _) in ok.items()],
                          key=lambda m: m[0])  # fmt: skip
+        own = r.out.phi
         if len(members) == 1:
             deltas, phis = [r.out.delta], [r.out.phi]
         else:
             deltas, phis = [m[1] for m in members], [m[2] for m in members]
-        # consensus distance from the pulled phi (before the update)
-        sq = sum(float((ph - self.state.phi).double().pow(2).sum()) for _, (_, ph, _) in ok.items())
-        cnt = float(len(ok) * self.state.phi.numel()) if not self.all_live else 0.0
-        return self._apply(r, ok, deltas, phis, sq, cnt)
+            if r.landing:  # pull onto the landing point, or nowhere when it failed
+                phis = [r.land if r.land is not None else self.state.phi]
+                own = self.state.phi
+        # consensus distance from the pulled phi (before the update); a phi rebuilt from a
+        # landing offset carries that offset's coding noise times n, so it is not measured
+        seen = {p: v for p, v in ok.items() if p not in r.guessed}
+        sq = sum(
+            float((ph - self.state.phi).double().pow(2).sum()) for _, (_, ph, _) in seen.items()
+        )
+        cnt = float(len(seen) * self.state.phi.numel()) if not self.all_live else 0.0
+        return self._apply(r, ok, deltas, phis, sq, cnt, own)
 
     def _apply(self, r: Round, ok: dict[str, Pulled], deltas: list[torch.Tensor],
-               phis: list[torch.Tensor], sq: float, cnt: float) -> Merged:  # fmt: skip
+               phis: list[torch.Tensor], sq: float, cnt: float,
+               own: torch.Tensor | None = None) -> Merged:  # fmt: skip
         """Apply the group's ``deltas`` / ``phis`` (the local step if they are refused)."""
         theta = self.flat.master()
         theta_local = theta.clone() if r.thread is not None else None
+        own = r.out.phi if own is None else own
         try:
-            self.method.apply(theta, self.state, deltas, phis, own=r.out.phi)
+            self.method.apply(theta, self.state, deltas, phis, own=own)
+            if r.land is not None and len(deltas) > 1:
+                self._landing().landed(r.land_miss)  # type: ignore[union-attr]
         except ValueError as e:  # cannot happen with checked payloads; never apply a bad value
             log.warning("round %d: %s; local step instead", r.rid, e)
             ok, sq, cnt = {}, 0.0, 0.0

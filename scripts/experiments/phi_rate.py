@@ -231,10 +231,29 @@ def sketch_lattice(residues: int, margin: float, k: int = 64, decay: float = 0.9
     return code
 
 
-def run_sequential(first: Code, second: PlainCode, *, feedback: bool, sites: int = 4,
-                   rounds: int = 300, dim: int = 4096, seed: int = 0) -> tuple[float, float]:  # fmt: skip
+def history_lattice(bits: int, margin: float) -> Code:
+    """The lattice as ``loco.outer`` runs it: a block's window from the largest difference the
+    sender saw there when it last followed (``memory["spread"]``, kept by ``run_sequential``
+    as ``lattice.Spread`` does); 8 bits and a wide window before any."""
+    code = lattice(bits, margin)
+
+    def first(phi, ref, memory, t):
+        seen = memory.get("spread")
+        if seen is None:
+            return lattice(8, 1.0)(phi, ref, torch.full((phi.numel() // BLOCK,), 16.0), t)
+        return code(phi, ref, seen, t)
+
+    return first
+
+
+def run_sequential(first: Code, second: PlainCode, *, feedback: bool | str, sites: int = 4,
+                   rounds: int = 300, dim: int = 4096,
+                   seed: int = 0) -> tuple[float, float]:  # fmt: skip
     """(consensus distance, failed block fraction) of the sequential landing; a block whose
-    first message fails its check is not pulled (both keep their phi there)."""
+    first message fails its check is not pulled (both keep their phi there). ``feedback``:
+    True, each member feeds back the whole miss (known only to an observer of both phis);
+    ``"partial"``, what ``loco.outer.landing`` does: the leader its coding error over n, the
+    follower its offset's coding error."""
     rng = np.random.default_rng(seed)
     step = NoLoCo(alpha=0.9, beta=0.7, gamma=1.0, consensus="weights", nesterov=True)
     states = [OuterState.start(torch.zeros(dim)) for _ in range(sites)]
@@ -250,28 +269,36 @@ def run_sequential(first: Code, second: PlainCode, *, feedback: bool, sites: int
             pi, pj = (phis[i] - miss[i], phis[j] - miss[j]) if feedback else (phis[i], phis[j])
             sent, ok_b = first(pi, pj, memory[i], t)  # type: ignore[arg-type]
             ok = ok_b.repeat_interleave(BLOCK)
-            offset = second(torch.where(ok, (pj - sent) / 2, torch.zeros(dim)))
+            exact = torch.where(ok, (pj - sent) / 2, torch.zeros(dim))
+            offset = second(exact)
             land, mean = sent + offset, (pi + pj) / 2
+            seen = torch.where(ok, sent - pj, torch.zeros(dim)).abs().view(-1, BLOCK).amax(1)
+            old = memory[j].get("spread", seen)  # the follower decoded: lattice.Spread's rule
+            memory[j]["spread"] = torch.where(ok_b, torch.maximum(seen, old * 0.5), old * 4)
             for me in (i, j):
                 try:
                     step.apply(torch.empty(dim), states[me], [noise[i], noise[j]],
                                [torch.where(ok, land, phis[me])], phis[me])  # fmt: skip
                 except ValueError:  # ran away past the float range
                     return math.inf, math.nan
-                if feedback:
+                if feedback is True:
                     miss[me] = torch.where(ok, land - mean, miss[me])
+            if feedback == "partial":
+                miss[i] = torch.where(ok, (sent - pi) / 2, miss[i])
+                miss[j] = torch.where(ok, offset - exact, miss[j])
             if t >= rounds // 2:
                 dist.append(float((phis[i] - phis[j]).pow(2).mean().sqrt()))
                 fails.append(1.0 - float(ok_b.float().mean()))
     return float(np.mean(dist)), float(np.mean(fails))
 
 
-def sequential_rows() -> list[tuple[str, Code, PlainCode, float, bool]]:
+def sequential_rows() -> list[tuple[str, Code, PlainCode, float, bool | str]]:
     """(name, first code, second code, bits per value a site sends, feedback)."""
-    out = []
+    out: list[tuple[str, Code, PlainCode, float, bool | str]] = []
     for rate, fb in ((1.3, False), (1.3, True), (1.0, True), (0.6, True)):
+        sent = rate + (BLOCK_BITS + 16) / BLOCK / 2
         out.append((f"sequential, bound {rate} + {rate} bits" + (", feedback" if fb else ""),
-                    bound(rate), plain_bound(rate), rate + (BLOCK_BITS + 16) / BLOCK / 2, fb))  # fmt: skip
+                    bound(rate), plain_bound(rate), sent, fb))  # fmt: skip
     for res, margin, second, fb in ((3, 1.0, "ternary", False), (3, 1.0, "ternary", True),
                                     (3, 1.0, "sign", True), (8, 1.2, "sign", False),
                                     (8, 1.2, "sign", True)):  # fmt: skip
@@ -279,6 +306,11 @@ def sequential_rows() -> list[tuple[str, Code, PlainCode, float, bool]]:
         out.append((f"sequential, mod-{res} lattice (oracle window x{margin}) + {second}"
                     + (", feedback" if fb else ""), oracle_lattice(res, margin), plain(second),
                     bits / 2, fb))  # fmt: skip
+    for bits in (8, 6):  # what loco.outer runs: today's windows, ternary offsets, partial
+        sent = (bits + BLOCK_BITS / BLOCK + PLAIN_BITS["ternary"]) / 2
+        out.append((f"sequential, {bits}-bit lattice (windows from past partners, margin 8) + "
+                    "ternary, partial feedback", history_lattice(bits, 8.0), plain("ternary"),
+                    sent, "partial"))  # fmt: skip
     for res, second in ((3, "ternary"), (5, "sign"), (5, "ternary"), (8, "sign"), (8, "ternary")):
         bits = (math.log2(res) if res != 3 else 1.6) + BLOCK_BITS / BLOCK + PLAIN_BITS[second]
         out.append((f"sequential, mod-{res} lattice (sketch window x1.5) + {second}, feedback",

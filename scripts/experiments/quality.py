@@ -20,6 +20,8 @@ for the ``-8`` rows, each with the same per-worker batch).
 - ``frontier-ternary`` (``-8``, ``-fragments``): the same reduce with ternary deltas and
   one-bit slice averages (``compression=ternary-sign``) at outer momentum 0.8: 0.2499
   bytes/param/round at 4 sites.
+- ``noloco-frontier`` (``-8``): NoLoCo with ternary deltas, the 8-bit lattice phi and outer
+  momentum 0.8; ``noloco-landing``: the same with the sequential landing (``LANDING``).
 - ``noloco-paper``: the spec's update with the paper's settings (``outer=noloco-spec``), no final average.
 - ``local``: 4 sites that never talk. ``noloco-lattice``: 8-bit lattice phi.
 - ``diloco-sched``, ``noloco-sched``: ``diloco`` and ``noloco`` with an H schedule
@@ -83,6 +85,9 @@ NOLOCO_FRONTIER = NOLOCO + [
     "outer.phi_lattice=true", "outer.phi_lattice_bits=8", "outer.phi_lattice_margin=8",
     "outer.phi_every=1",
 ]  # fmt: skip
+# the same with the sequential landing (loco/outer/landing.py): one lattice phi per pair, the
+# follower's ternary offset back, one landing point (0.61 instead of 1.02 B/value of phi)
+LANDING = ["outer.phi_landing=true"]
 # ternary deltas and one-bit slice averages (compression=ternary-sign, 0.2499 B/param/round at
 # 4 sites) at the preset's outer momentum 0.8, the best measured with them at 80 rounds
 FRONTIER_TERNARY = ["outer=diloco-frontier", "compression=ternary-sign"]
@@ -112,6 +117,7 @@ def rows(H: int, codec: str, steps: int) -> dict[str, tuple[list[str], int]]:
         "frontier": ([fed, *FRONTIER, h], 4),
         "noloco-frontier": ([fed, *NOLOCO_FRONTIER, h], 4),
         "noloco-frontier-8": ([fed8, *NOLOCO_FRONTIER, h], 8),
+        "noloco-landing": ([fed, *NOLOCO_FRONTIER, *LANDING, h], 4),
         "frontier-fragments": ([fed, *FRONTIER, *FRAGMENTS, h], 4),
         "frontier-8": ([fed8, *FRONTIER, h], 8),
         "frontier-sign": ([fed, *FRONTIER_SIGN, h], 4),

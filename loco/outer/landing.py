@@ -1,0 +1,87 @@
+"""Sequential landing: a NoLoCo group meets at one point with one coded phi per group.
+
+In the two-way exchange every member sends its phi through the lattice and pulls toward what it
+decoded, so coding noise parts the members. Here (``outer.phi_landing=true``) one member, the
+round's leader, has its phi decoded by the others (the lattice, next to their own phi); every
+follower ``f`` sends back its offset ``(phi_f - phi_leader) / n`` from the leader's DECODED phi,
+a value both ends know, through a plain codec (``ternary`` by default); and every member lands on
+
+    L = phi_leader (decoded) + sum over followers of their decoded offsets  (in name order)
+
+which is the group's mean up to coding error, bitwise the same on every member. Coding noise
+moves the group, never parts it, and only the leader's message needs side information. A site
+sends the lattice frame when it leads and an offset (~0.2 bytes per value) when it follows.
+
+Feedback ("miss"): the landing misses the exact mean by the leader's coding error over n plus
+every follower's offset coding error; each member knows its own part and subtracts it from its
+phi the next time phi is coded (``eff = phi - miss``), so the misses do not pile up.
+
+A follower whose lattice block failed its check does not land there (it keeps its own phi; its
+offset there is zero, so the leader's landing point is its own decoded value). Any failed pull
+of the landing (the leader's phi, an offset) means this site does not land this round: the
+momentum step on the deltas it has, no pull. The miss is not in checkpoints: a resumed site
+starts without it (one round's correction lost). Groups need the same rank count on every site
+(the lattice's condition). The toy behind it: scripts/experiments/phi_rate.py; figures in
+docs/outer.md, "Sequential landing".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+OFFSET_STREAM = "phioff"
+OFFSET_CODEC = "ternary"  # the offsets' codec (compression.block and scale_dtype apply)
+
+
+def leader_of(members: list[str], rid: int) -> str:
+    """The round's leader: the members in name order, rotating with the round id (each site
+    leads about 1/n of its rounds, so the bytes even out)."""
+    names = sorted(members)
+    return names[rid % len(names)]
+
+
+class Landing:
+    """This rank's side of the sequential landing: its miss, the offset it sends, the point
+    it lands on.
+
+    Args:
+        payloads: the rank's :class:`loco.outer.exchange.RangePayloads` (lattice phi).
+        codec, options: the offsets' ``loco.compress`` codec and options.
+    """
+
+    def __init__(self, payloads: Any, *, codec: str = "ternary",
+                 options: dict[str, object] | None = None) -> None:  # fmt: skip
+        self.payloads, self.codec = payloads, codec
+        payloads.register_codec(codec, dict(options or {}))
+        self.miss: torch.Tensor | None = None  # on the rank's owned range
+
+    def eff(self, phi: torch.Tensor) -> torch.Tensor:
+        """The phi this site codes: its phi less the miss it knows of."""
+        return phi if self.miss is None else phi - self.miss
+
+    def offset(self, own_eff: torch.Tensor, leader: torch.Tensor, n: int, failed: torch.Tensor):
+        """A follower's offset ``(eff - leader's decoded phi) / n``, zero where the leader's
+        block ``failed`` its check. Returns the buffer and codec label to publish, the decoded
+        offset, and the miss it leaves (decoded less exact)."""
+        exact = torch.where(failed, torch.zeros_like(own_eff), (own_eff - leader) / n)
+        buf, label, decoded = self.payloads.encode_plain(exact, self.codec)
+        return buf, label, decoded, decoded - exact
+
+    @staticmethod
+    def point(leader: torch.Tensor, offsets: list[torch.Tensor]) -> torch.Tensor:
+        """The landing point: the leader's decoded phi plus the offsets, summed in the order
+        given (name order), so every member computes the same bits."""
+        out = leader.clone()
+        for o in offsets:
+            out.add_(o)
+        return out
+
+    def leader_miss(self, own_decoded: torch.Tensor, own_eff: torch.Tensor, n: int) -> torch.Tensor:
+        """The leader's part of the landing's miss: its own coding error over n."""
+        return (own_decoded - own_eff) / n
+
+    def landed(self, miss: torch.Tensor) -> None:
+        """The round landed: keep this site's part of the miss for the next coded phi."""
+        self.miss = miss.detach().clone()
