@@ -288,6 +288,13 @@ def _gossip_node(cfg: LocoConfig, flat, comm: SiteComm, closers: list, blocked=N
     return node
 
 
+def lands(o) -> bool:
+    """Whether NoLoCo's rounds use the sequential landing: ``outer.phi_landing`` where it
+    applies (the lattice phi of whole rounds, every round)."""
+    return bool(o.phi_landing and o.method == "noloco" and o.phi_lattice and o.fragments == 1
+                and o.phi_every == 1)  # fmt: skip
+
+
 def _payloads(cfg: LocoConfig, flat, comm: SiteComm, span: tuple[int, int] | None = None):
     """This rank's encoder and decoder of round payloads (``compression.*``); with ``span``,
     of that piece of its owned range only (a streaming fragment's)."""
@@ -308,7 +315,7 @@ def _payloads(cfg: LocoConfig, flat, comm: SiteComm, span: tuple[int, int] | Non
         phi_lattice_window=o.phi_lattice_window, phi_lattice_bits=o.phi_lattice_bits,
         phi_lattice_margin=o.phi_lattice_margin, phi_every=o.phi_every,
     )  # fmt: skip
-    if o.phi_landing and span is None:
+    if span is None and lands(o):
         from loco.outer.landing import OFFSET_CODEC, Landing
 
         payloads.landing = Landing(payloads, codec=OFFSET_CODEC,

@@ -335,8 +335,9 @@ class OuterConfig(SlicedOptions):
     phi_lattice_bits: int = 8
     phi_lattice_margin: float = 8.0  # window = margin x the largest partner difference seen
     phi_every: int = 1  # lattice: send phi every N rounds (the others keep their own phi)
-    # noloco: one lattice phi per group, the others' offsets to the mean back, one landing
-    # point (loco/outer/landing.py); needs phi_lattice, no fragments, phi_every 1
+    # noloco: the lattice phi of whole rounds travels by sequential landing (one phi frame
+    # per group, the others' offsets back, one landing point: loco/outer/landing.py); with
+    # phi_lattice=false, fragments > 1 or phi_every > 1 the two-way exchange runs instead
     phi_landing: bool = False
     final_average: bool = False  # noloco: after the last step, average the weights over all sites
 
@@ -373,17 +374,9 @@ class OuterConfig(SlicedOptions):
     def _check_landing(self) -> None:
         if not isinstance(self.phi_landing, bool):
             raise ConfigError(f"outer.phi_landing={self.phi_landing!r} must be true or false")
-        if not self.phi_landing:
-            return
-        if self.method != "noloco":
+        if self.phi_landing and self.method != "noloco":
             raise ConfigError(f"outer.phi_landing=true is NoLoCo's; outer.method="
                               f"{self.method} moves no phi: set outer.phi_landing=false")  # fmt: skip
-        if not self.phi_lattice:
-            raise ConfigError("outer.phi_landing=true sends the leader's phi in the lattice "
-                              "code; set outer.phi_lattice=true")  # fmt: skip
-        if self.fragments > 1 or self.phi_every > 1:
-            raise ConfigError("outer.phi_landing=true needs outer.fragments=1 and "
-                              "outer.phi_every=1 (every round lands once)")  # fmt: skip
 
     def _check_H_first(self) -> None:
         from loco.outer.schedule import Schedule

@@ -21,7 +21,8 @@ offset there is zero, so the leader's landing point is its own decoded value). A
 of the landing (the leader's phi, an offset) means this site does not land this round: the
 momentum step on the deltas it has, no pull. The miss is not in checkpoints: a resumed site
 starts without it (one round's correction lost). Groups need the same rank count on every site
-(the lattice's condition). The toy behind it: scripts/experiments/phi_rate.py; figures in
+(the lattice's condition). ``loco.build.lands`` says where it runs: NoLoCo, the lattice phi,
+whole rounds (no fragments), phi every round. The toy behind it: scripts/experiments/phi_rate.py; figures in
 docs/outer.md, "Sequential landing".
 """
 
