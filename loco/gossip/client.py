@@ -345,7 +345,10 @@ class GossipClient:
             if not res.segments:
                 check(res.data, req.hi - req.lo)
             for seg in res.segments:
-                check(memoryview(seg.data), seg.hi - seg.lo)
+                if getattr(check, "takes_lo", False):  # a validator that needs where it starts
+                    check(memoryview(seg.data), seg.hi - seg.lo, seg.lo)  # type: ignore[call-arg]
+                else:
+                    check(memoryview(seg.data), seg.hi - seg.lo)
         except Exception as e:  # noqa: BLE001 (any validator failure is a bad payload)
             raise BadPayload(f"{peer.site}: validate failed: {e!r}", peer=peer.site) from e
 

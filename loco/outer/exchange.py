@@ -76,7 +76,8 @@ class RangePayloads:
         seed: stochastic-rounding seed of the delta stream.
         flat_size: the padded flat size P' (bounds a received frame's length).
         phi_lattice: send phi with :mod:`loco.outer.lattice` (~1.09 bytes per value, decoded
-            next to the receiver's own phi; needs partners with the same rank count).
+            next to the receiver's own phi; with a partner of another rank count a block
+            across a rank edge fails).
         phi_lattice_window: the lattice's grid steps per largest momentum value of a block
             (8-bit frames).
         phi_lattice_bits: lattice bits per value (2-8); the grid follows the partner spread
@@ -227,22 +228,12 @@ class RangePayloads:
         frame's per-value mask of those blocks goes (1.0: failed)."""
         failed = failed if failed is not None else []
 
-        def check(buf, numel: int) -> None:
+        def check(buf, numel: int, seg_lo: int | None = None) -> None:
             mv = memoryview(buf).cast("B")
             if lattice_ref is not None:
-                if lattice.frame_numel(mv) != lattice_ref.numel():
-                    raise PayloadError("lattice phi needs partners with the same rank count")
-                got = lattice.decode(mv, lattice_ref, max_numel=lattice_ref.numel())
-                with self._lock:
-                    self.spread.observe(got)
-                    self.lattice_blocks += got.blocks
-                    self.lattice_failed += got.failed
-                failed.append(got.failed)
+                t, bad = self._decode_lattice(mv, numel, seg_lo, lattice_ref, failed)
                 if masks is not None:  # per value: 1 where the block failed (own phi kept)
-                    bad = torch.isnan(got.spread).float().repeat_interleave(max(got.block, 1))
-                    masks.append(bad[: got.values.numel()] if got.blocks else
-                                 torch.zeros(got.values.numel()))  # fmt: skip
-                t = got.values
+                    masks.append(bad)
             elif raw:
                 if len(mv) != self.numel * 4 or numel != self.numel:
                     raise PayloadError(f"raw payload of {len(mv)} bytes for {self.numel} values")
@@ -253,7 +244,44 @@ class RangePayloads:
                 raise PayloadError("payload holds NaN/Inf")
             sink.append(t)
 
+        check.takes_lo = True  # type: ignore[attr-defined]  # the client passes a segment's start
         return check
+
+    def _decode_lattice(self, mv: memoryview, numel: int, seg_lo: int | None, ref: torch.Tensor,
+                        failed: list[int]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """A partner's lattice frame of the segment ``[seg_lo, seg_lo + numel)``: (values, per
+        value 1.0 where its block failed). A partner with another rank count sends segments
+        that are not our shard: the reference is then our phi where the segment overlaps our
+        shard and 0 elsewhere, so only blocks inside our range can decode (a block across the
+        edge fails: no pull on it), and only those count."""
+        if lattice.frame_numel(mv) != numel:
+            raise PayloadError(f"lattice frame of {lattice.frame_numel(mv)} values for {numel}")
+        own = seg_lo is None or (seg_lo == self.slo and numel == ref.numel())
+        if own:
+            seg_ref, a, b = ref, 0, numel
+        else:
+            if numel > self.max_numel:
+                raise PayloadError(f"lattice segment of {numel} values past max_numel")
+            seg_ref = torch.zeros(numel, dtype=torch.float32)
+            a, b = max(seg_lo, self.slo), min(seg_lo + numel, self.shi)
+            if a < b:
+                seg_ref[a - seg_lo : b - seg_lo] = ref[a - self.slo : b - self.slo]
+            a, b = max(seg_lo, self.lo) - seg_lo, max(min(seg_lo + numel, self.hi) - seg_lo, 0)
+        got = lattice.decode(mv, seg_ref, max_numel=numel)
+        block = max(got.block, 1)
+        bad_block = torch.isnan(got.spread) if got.blocks else torch.zeros(0, dtype=torch.bool)
+        bad = (
+            bad_block.float().repeat_interleave(block)[:numel] if got.blocks else torch.zeros(numel)
+        )
+        first, last = a // block, -(-b // block)  # the blocks over our values
+        mine = bad_block[first:last] if b > a else bad_block[:0]
+        with self._lock:
+            if own:  # a partner's spread on our own blocks: the window of our next frame
+                self.spread.observe(got)
+            self.lattice_blocks += int(mine.numel())
+            self.lattice_failed += int(mine.sum())
+        failed.append(int(mine.sum()))
+        return got.values, bad
 
     def segment_bytes(self, codec: str):
         """The gossip ``segment_bytes`` bound of a stream in ``codec``: the frame size of a

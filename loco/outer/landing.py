@@ -20,8 +20,8 @@ A follower whose lattice block failed its check does not land there (it keeps it
 offset there is zero, so the leader's landing point is its own decoded value). Any failed pull
 of the landing (the leader's phi, an offset) means this site does not land this round: the
 momentum step on the deltas it has, no pull. The miss is not in checkpoints: a resumed site
-starts without it (one round's correction lost). Groups need the same rank count on every site
-(the lattice's condition). ``loco.build.lands`` says where it runs: NoLoCo, the lattice phi,
+starts without it (one round's correction lost). With partners of another rank count a block
+across a rank edge fails, as in the lattice. ``loco.build.lands`` says where it runs: NoLoCo, the lattice phi,
 whole rounds (no fragments), phi every round. The toy behind it: scripts/experiments/phi_rate.py; figures in
 docs/outer.md, "Sequential landing".
 """
