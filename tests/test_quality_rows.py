@@ -38,13 +38,26 @@ def test_the_ternary_frontier_row_is_its_preset_at_momentum_0_8():
         "ternary", "sign", 512, "fp16", True)  # fmt: skip
 
 
-def test_the_defaults_are_the_noloco_frontier_row():
+def test_the_defaults_are_the_noloco_landing_row():
     """What a user who sets nothing runs is the row measured as NoLoCo's best (docs/quality.md)."""
     default = compose(["+site=eu"])
-    row = compose(["+site=eu", *ROWS["noloco-frontier"][0]])
+    row = compose(["+site=eu", *ROWS["noloco-landing"][0]])
     assert default.outer == row.outer
     c, r = default.compression, row.compression
     assert (c.codec, c.block, c.scale_dtype, c.error_feedback) == (
         r.codec, r.block, r.scale_dtype, r.error_feedback)  # fmt: skip
     assert (default.outer.method, default.outer.alpha, default.outer.phi_lattice) == (
         "noloco", 0.8, True)  # fmt: skip
+    assert default.outer.phi_landing is True
+
+
+def test_the_noloco_rows_keep_the_phi_they_were_measured_with():
+    """``noloco`` is int8 deltas with exact phi, ``noloco-frontier`` the lattice both ways:
+    the defaults moved under them twice (2026-12-05), the rows must not."""
+    from loco.build import lands
+
+    plain = compose(["+site=eu", *ROWS["noloco"][0]]).outer
+    assert plain.phi_lattice is False and not lands(plain)
+    frontier = compose(["+site=eu", *ROWS["noloco-frontier"][0]]).outer
+    assert frontier.phi_lattice is True and not lands(frontier)
+    assert lands(compose(["+site=eu", *ROWS["noloco-landing"][0]]).outer)

@@ -66,6 +66,7 @@ SITES8 = SITES + ["af", "oc", "me", "na"]
 NOLOCO = [
     "outer=noloco", "outer.alpha=0.9", "outer.beta=0.7", "outer.gamma=1.0",
     "outer.consensus=weights", "outer.nesterov=true", "outer.final_average=true",
+    "outer.phi_lattice=false", "outer.phi_landing=false",
 ]  # fmt: skip
 # the frontier: sparse low-bit deltas with error feedback and the best measured coded phi
 # (docs/outer.md: 8-bit lattice every round, window 8x the largest partner difference seen;
@@ -77,16 +78,17 @@ FRONTIER = NOLOCO + [
 # the frontier in DiLoCo's form: one bit per delta value with error feedback over the sliced
 # reduce (no phi to send: every site applies the same mean), ~0.21 bytes/param/round
 FRONTIER_SIGN = ["outer=diloco", "compression=sign"]
-# NoLoCo's frontier, the defaults since 2026-12-05 (conf/outer/noloco.yaml, conf/config.yaml;
-# tests/test_quality_rows.py holds them equal): ternary deltas (fp16 scales, 0.204 B/value), the
-# 8-bit lattice phi and outer momentum 0.8 (0.9 trailed by 3-4% at 20 rounds, 1.8% at 80)
+# NoLoCo's frontier, the defaults of the sixth session: ternary deltas (fp16 scales, 0.204
+# B/value), the 8-bit lattice phi both ways and outer momentum 0.8 (0.9 trailed by 3-4% at 20
+# rounds, 1.8% at 80)
 NOLOCO_FRONTIER = NOLOCO + [
     "outer.alpha=0.8", "compression=ternary", "compression.scale_dtype=fp16",
     "outer.phi_lattice=true", "outer.phi_lattice_bits=8", "outer.phi_lattice_margin=8",
     "outer.phi_every=1",
 ]  # fmt: skip
 # the same with the sequential landing (loco/outer/landing.py): one lattice phi per pair, the
-# follower's ternary offset back, one landing point (0.61 instead of 1.02 B/value of phi)
+# follower's ternary offset back, one landing point (0.61 instead of 1.02 B/value of phi); the
+# defaults since 2026-12-05, seventh session (tests/test_quality_rows.py holds them equal)
 LANDING = ["outer.phi_landing=true"]
 # ternary deltas and one-bit slice averages (compression=ternary-sign, 0.2499 B/param/round at
 # 4 sites) at the preset's outer momentum 0.8, the best measured with them at 80 rounds
@@ -96,7 +98,7 @@ FRAGMENTS = ["outer.fragments=5"]
 # often late: docs/quality.md, "An H schedule at the short budget", says how it was chosen;
 # short rounds early did not pay there)
 H_SCHED = ["outer.H=25", f"outer.H_first=[{','.join(['50'] * 10)}]"]
-DEFAULT = ["ddp", "diloco", "noloco", "noloco-frontier", "frontier-ternary"]
+DEFAULT = ["ddp", "diloco", "noloco", "noloco-landing", "frontier-ternary"]
 
 
 def rows(H: int, codec: str, steps: int) -> dict[str, tuple[list[str], int]]:
