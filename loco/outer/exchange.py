@@ -250,38 +250,16 @@ class RangePayloads:
     def _decode_lattice(self, mv: memoryview, numel: int, seg_lo: int | None, ref: torch.Tensor,
                         failed: list[int]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """A partner's lattice frame of the segment ``[seg_lo, seg_lo + numel)``: (values, per
-        value 1.0 where its block failed). A partner with another rank count sends segments
-        that are not our shard: the reference is then our phi where the segment overlaps our
-        shard and 0 elsewhere, so only blocks inside our range can decode (a block across the
-        edge fails: no pull on it), and only those count."""
-        if lattice.frame_numel(mv) != numel:
-            raise PayloadError(f"lattice frame of {lattice.frame_numel(mv)} values for {numel}")
-        own = seg_lo is None or (seg_lo == self.slo and numel == ref.numel())
-        if own:
-            seg_ref, a, b = ref, 0, numel
-        else:
-            if numel > self.max_numel:
-                raise PayloadError(f"lattice segment of {numel} values past max_numel")
-            seg_ref = torch.zeros(numel, dtype=torch.float32)
-            a, b = max(seg_lo, self.slo), min(seg_lo + numel, self.shi)
-            if a < b:
-                seg_ref[a - seg_lo : b - seg_lo] = ref[a - self.slo : b - self.slo]
-            a, b = max(seg_lo, self.lo) - seg_lo, max(min(seg_lo + numel, self.hi) - seg_lo, 0)
-        got = lattice.decode(mv, seg_ref, max_numel=numel)
-        block = max(got.block, 1)
-        bad_block = torch.isnan(got.spread) if got.blocks else torch.zeros(0, dtype=torch.bool)
-        bad = (
-            bad_block.float().repeat_interleave(block)[:numel] if got.blocks else torch.zeros(numel)
-        )
-        first, last = a // block, -(-b // block)  # the blocks over our values
-        mine = bad_block[first:last] if b > a else bad_block[:0]
+        value 1.0 where its block failed); :func:`loco.outer.lattice.decode_segment`."""
+        seg = lattice.decode_segment(mv, numel, seg_lo, ref, shard=(self.slo, self.shi),
+                                     owned=(self.lo, self.hi), max_numel=self.max_numel)  # fmt: skip
         with self._lock:
-            if own:  # a partner's spread on our own blocks: the window of our next frame
-                self.spread.observe(got)
-            self.lattice_blocks += int(mine.numel())
-            self.lattice_failed += int(mine.sum())
-        failed.append(int(mine.sum()))
-        return got.values, bad
+            if seg.own:  # a partner's spread on our own blocks: the window of our next frame
+                self.spread.observe(seg.decoded)
+            self.lattice_blocks += seg.blocks
+            self.lattice_failed += seg.failed
+        failed.append(seg.failed)
+        return seg.decoded.values, seg.bad
 
     def segment_bytes(self, codec: str):
         """The gossip ``segment_bytes`` bound of a stream in ``codec``: the frame size of a

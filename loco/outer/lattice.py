@@ -277,6 +277,52 @@ def decode(buf: bytes | bytearray | memoryview, ref: torch.Tensor,
     return Decoded(vals.reshape(-1)[:n].clone(), int(bad.sum()), nb, spread, block)
 
 
+@dataclass
+class Segment:
+    """A frame decoded as one segment of a partner's pull: the decode, per value 1.0 where its
+    block failed, and the blocks over the receiver's own values (how many, how many failed).
+    ``own``: the segment is the receiver's own shard (its spread may size the next frame)."""
+
+    decoded: Decoded
+    bad: torch.Tensor
+    blocks: int
+    failed: int
+    own: bool
+
+
+def decode_segment(buf: memoryview, numel: int, seg_lo: int | None, ref: torch.Tensor, *,
+                   shard: tuple[int, int], owned: tuple[int, int],
+                   max_numel: int) -> Segment:  # fmt: skip
+    """A partner's frame of ``[seg_lo, seg_lo + numel)`` next to the receiver's ``ref`` (its
+    padded ``shard``; it owns ``owned``). A partner with another rank count sends segments that
+    are not the receiver's shard: the reference is then ``ref`` where they overlap and 0
+    elsewhere, so only blocks inside the receiver's range can decode (one across its edge fails:
+    no pull there), and only blocks over its owned values count. PayloadError as
+    :func:`decode`, or if the frame's length is not the segment's."""
+    if frame_numel(buf) != numel:
+        raise PayloadError(f"lattice frame of {frame_numel(buf)} values for a segment of {numel}")
+    slo, shi = shard
+    lo, hi = owned
+    own = seg_lo is None or (seg_lo == slo and numel == ref.numel())
+    if own:
+        seg_ref, a, b = ref, 0, numel
+    else:
+        if numel > max_numel:
+            raise PayloadError(f"lattice segment of {numel} values, more than {max_numel}")
+        seg_ref = torch.zeros(numel, dtype=torch.float32)
+        x, y = max(seg_lo, slo), min(seg_lo + numel, shi)  # type: ignore[operator]
+        if x < y:
+            seg_ref[x - seg_lo : y - seg_lo] = ref[x - slo : y - slo]  # type: ignore[operator]
+        a = max(seg_lo, lo) - seg_lo  # type: ignore[operator]
+        b = max(min(seg_lo + numel, hi) - seg_lo, 0)  # type: ignore[operator]
+    got = decode(buf, seg_ref, max_numel=numel)
+    block = max(got.block, 1)
+    bad_block = torch.isnan(got.spread) if got.blocks else torch.zeros(0, dtype=torch.bool)
+    bad = bad_block.float().repeat_interleave(block)[:numel] if got.blocks else torch.zeros(numel)
+    mine = bad_block[a // block : -(-b // block)] if b > a else bad_block[:0]
+    return Segment(got, bad, int(mine.numel()), int(mine.sum()), own)
+
+
 class Spread:
     """A rank's running estimate, per block, of the largest difference between its phi and a
     partner's, from every decoded frame: the new observation where it is larger, otherwise a

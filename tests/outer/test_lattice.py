@@ -179,3 +179,9 @@ def test_a_partner_with_another_rank_count_decodes_on_our_blocks():
     assert failed == [1] and (mine.lattice_blocks, mine.lattice_failed) == (2, 1)
     with pytest.raises(PayloadError):  # a frame that does not match its segment
         check(memoryview(bufs["phi"][0]), 1000, 0)
+    mine.max_numel = 1000  # a segment past what a partner may make us allocate
+    with pytest.raises(PayloadError, match="more than 1000"):
+        check(memoryview(bufs["phi"][0]), 1040, 0)
+    for cut in (0, 10, 100, len(bufs["phi"][0]) - 1):  # cut frames: a clean refusal
+        with pytest.raises(PayloadError):
+            check(memoryview(bytes(bufs["phi"][0])[:cut]), 1040, 0)
