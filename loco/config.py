@@ -337,7 +337,8 @@ class OuterConfig(SlicedOptions):
     phi_every: int = 1  # lattice: send phi every N rounds (the others keep their own phi)
     # noloco: the lattice phi of whole rounds travels by sequential landing (one phi frame
     # per group, the others' offsets back, one landing point: loco/outer/landing.py); with
-    # phi_lattice=false, fragments > 1 or phi_every > 1 the two-way exchange runs instead
+    # phi_lattice=false, fragments > 1 or phi_every > 1 the two-way exchange runs instead,
+    # and other methods move no phi (loco.build.lands)
     phi_landing: bool = False
     final_average: bool = False  # noloco: after the last step, average the weights over all sites
 
@@ -374,9 +375,6 @@ class OuterConfig(SlicedOptions):
     def _check_landing(self) -> None:
         if not isinstance(self.phi_landing, bool):
             raise ConfigError(f"outer.phi_landing={self.phi_landing!r} must be true or false")
-        if self.phi_landing and self.method != "noloco":
-            raise ConfigError(f"outer.phi_landing=true is NoLoCo's; outer.method="
-                              f"{self.method} moves no phi: set outer.phi_landing=false")  # fmt: skip
 
     def _check_H_first(self) -> None:
         from loco.outer.schedule import Schedule

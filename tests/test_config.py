@@ -31,7 +31,6 @@ BAD = [
     (["+site=eu", "outer.final_average=maybe"], ["outer.final_average"]),
     (["+site=eu", "outer.nesterov=sometimes"], ["outer.nesterov"]),
     (["+site=eu", "outer.consensus=phi"], ["outer.consensus", "momentum, weights"]),
-    (["+site=eu", "outer=diloco", "outer.phi_landing=true"], ["outer.phi_landing=false"]),
     (["+site=eu", "outer.phi_landing=maybe"], ["outer.phi_landing"]),
     (["+site=eu", "compression.ef_decay=1.5"], ["compression.ef_decay", "[0, 1]"]),
     (
@@ -140,11 +139,15 @@ def test_gossip_keywords_map_onto_the_gossip_node():
         (["outer.phi_landing=true", "outer.phi_every=2"], False),
         (["outer.phi_landing=true", "outer.fragments=5"], False),
         (["outer.phi_landing=false"], False),
+        (["outer=diloco", "outer.phi_landing=true"], False),
+        (["outer.method=local"], False),
+        ([], True),  # the default
     ],
 )
 def test_sequential_landing_applies_only_to_whole_lattice_rounds(overrides, lands):
     """Where the landing cannot run (exact phi, phi every other round, fragments) the two-way
-    exchange does, without an error: the landing is a way of sending the lattice phi."""
+    exchange does, and other methods move no phi, without an error: the landing is a way of
+    sending NoLoCo's lattice phi, on by default."""
     from loco.build import lands as lands_of
 
     assert lands_of(compose(["+site=eu", *overrides]).outer) is lands
