@@ -304,6 +304,7 @@ def _payloads(cfg: LocoConfig, flat, comm: SiteComm, span: tuple[int, int] | Non
     opts = dict(block=c.block, scale_dtype=c.scale_dtype, stochastic=c.stochastic,
                 topk_fraction=c.topk_fraction, sparse_k=c.sparse_k,
                 sparse_bits=c.sparse_bits)  # fmt: skip
+    landing = span is None and lands(o)  # the leader's frame has its own bits
     payloads = RangePayloads(
         shard=span or (flat.slo, flat.shi), owned=span or (flat.lo, flat.hi), codec=c.codec,
         phi_codec=c.phi_codec, delta_options=codec_options(c.codec, **opts),
@@ -312,10 +313,11 @@ def _payloads(cfg: LocoConfig, flat, comm: SiteComm, span: tuple[int, int] | Non
         mean_error_feedback=c.mean_error_feedback,
         error_feedback=c.error_feedback,
         ef_decay=c.ef_decay, seed=cfg.train.seed * 1009 + comm.rank, flat_size=flat.padded, phi_lattice=o.phi_lattice,
-        phi_lattice_window=o.phi_lattice_window, phi_lattice_bits=o.phi_lattice_bits,
+        phi_lattice_window=o.phi_lattice_window,
+        phi_lattice_bits=o.phi_landing_bits if landing else o.phi_lattice_bits,
         phi_lattice_margin=o.phi_lattice_margin, phi_every=o.phi_every,
     )  # fmt: skip
-    if span is None and lands(o):
+    if landing:
         from loco.outer.landing import OFFSET_CODEC, Landing
 
         payloads.landing = Landing(payloads, codec=OFFSET_CODEC,

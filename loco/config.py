@@ -340,6 +340,7 @@ class OuterConfig(SlicedOptions):
     # phi_lattice=false, fragments > 1 or phi_every > 1 the two-way exchange runs instead,
     # and other methods move no phi (loco.build.lands)
     phi_landing: bool = False
+    phi_landing_bits: int = 8  # the leader's lattice bits under the landing (2-8)
     final_average: bool = False  # noloco: after the last step, average the weights over all sites
 
     def __post_init__(self) -> None:
@@ -375,6 +376,8 @@ class OuterConfig(SlicedOptions):
     def _check_landing(self) -> None:
         if not isinstance(self.phi_landing, bool):
             raise ConfigError(f"outer.phi_landing={self.phi_landing!r} must be true or false")
+        if not 2 <= self.phi_landing_bits <= 8:
+            raise ConfigError(f"outer.phi_landing_bits={self.phi_landing_bits} must be in 2..8")
 
     def _check_H_first(self) -> None:
         from loco.outer.schedule import Schedule

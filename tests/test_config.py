@@ -32,6 +32,7 @@ BAD = [
     (["+site=eu", "outer.nesterov=sometimes"], ["outer.nesterov"]),
     (["+site=eu", "outer.consensus=phi"], ["outer.consensus", "momentum, weights"]),
     (["+site=eu", "outer.phi_landing=maybe"], ["outer.phi_landing"]),
+    (["+site=eu", "outer.phi_landing_bits=1"], ["outer.phi_landing_bits", "2..8"]),
     (["+site=eu", "compression.ef_decay=1.5"], ["compression.ef_decay", "[0, 1]"]),
     (
         ["+site=eu", "compression=sign", "compression.stochastic=true"],
@@ -151,3 +152,28 @@ def test_sequential_landing_applies_only_to_whole_lattice_rounds(overrides, land
     from loco.build import lands as lands_of
 
     assert lands_of(compose(["+site=eu", *overrides]).outer) is lands
+
+
+@pytest.mark.parametrize(
+    "overrides,bits,landing",
+    [
+        (["outer.phi_landing_bits=6", "outer.phi_lattice_bits=7"], 6, True),
+        (
+            ["outer.phi_landing=false", "outer.phi_landing_bits=6", "outer.phi_lattice_bits=7"],
+            7,
+            False,
+        ),
+        (["outer.phi_every=2", "outer.phi_landing_bits=6", "outer.phi_lattice_bits=7"], 7, False),
+    ],
+)
+def test_the_leaders_frame_has_the_landing_bits(overrides, bits, landing):
+    """Under the landing the leader's lattice frame takes ``outer.phi_landing_bits``; where
+    the two-way exchange runs, ``outer.phi_lattice_bits`` as before."""
+    from types import SimpleNamespace
+
+    from loco.build import _payloads
+
+    cfg = compose(["+site=eu", *overrides])
+    flat = SimpleNamespace(slo=0, shi=1024, lo=0, hi=1000, padded=1024)
+    p = _payloads(cfg, flat, SimpleNamespace(rank=0))
+    assert p.lattice_bits == bits and (p.landing is not None) is landing
