@@ -21,7 +21,8 @@ for the ``-8`` rows, each with the same per-worker batch).
   one-bit slice averages (``compression=ternary-sign``) at outer momentum 0.8: 0.2499
   bytes/param/round at 4 sites.
 - ``noloco-frontier`` (``-8``): NoLoCo with ternary deltas, the 8-bit lattice phi and outer
-  momentum 0.8; ``noloco-landing``: the same with the sequential landing (``LANDING``).
+  momentum 0.8; ``noloco-landing``: the same with the sequential landing (``LANDING``: the
+  leader's frame at 6 bits; ``noloco-landing-8`` at 8).
 - ``noloco-paper``: the spec's update with the paper's settings (``outer=noloco-spec``), no final average.
 - ``local``: 4 sites that never talk. ``noloco-lattice``: 8-bit lattice phi.
 - ``diloco-sched``, ``noloco-sched``: ``diloco`` and ``noloco`` with an H schedule
@@ -87,9 +88,11 @@ NOLOCO_FRONTIER = NOLOCO + [
     "outer.phi_every=1",
 ]  # fmt: skip
 # the same with the sequential landing (loco/outer/landing.py): one lattice phi per pair, the
-# follower's ternary offset back, one landing point (0.61 instead of 1.02 B/value of phi); the
-# defaults since 2026-12-05, seventh session (tests/test_quality_rows.py holds them equal)
-LANDING = ["outer.phi_landing=true"]
+# follower's ternary offset back, one landing point; the leader's frame at 6 bits (0.49
+# instead of 1.02 B/value of phi; -8: at 8 bits, 0.61). ``noloco-landing`` is the defaults since
+# 2026-12-05, seventh session (tests/test_quality_rows.py holds them equal)
+LANDING = ["outer.phi_landing=true", "outer.phi_landing_bits=6"]
+LANDING_8 = ["outer.phi_landing=true", "outer.phi_landing_bits=8"]
 # ternary deltas and one-bit slice averages (compression=ternary-sign, 0.2499 B/param/round at
 # 4 sites) at the preset's outer momentum 0.8, the best measured with them at 80 rounds
 FRONTIER_TERNARY = ["outer=diloco-frontier", "compression=ternary-sign"]
@@ -120,6 +123,7 @@ def rows(H: int, codec: str, steps: int) -> dict[str, tuple[list[str], int]]:
         "noloco-frontier": ([fed, *NOLOCO_FRONTIER, h], 4),
         "noloco-frontier-8": ([fed8, *NOLOCO_FRONTIER, h], 8),
         "noloco-landing": ([fed, *NOLOCO_FRONTIER, *LANDING, h], 4),
+        "noloco-landing-8": ([fed, *NOLOCO_FRONTIER, *LANDING_8, h], 4),
         "frontier-fragments": ([fed, *FRONTIER, *FRAGMENTS, h], 4),
         "frontier-8": ([fed8, *FRONTIER, h], 8),
         "frontier-sign": ([fed, *FRONTIER_SIGN, h], 4),
