@@ -343,12 +343,9 @@ class GossipClient:
             return
         try:
             if not res.segments:
-                check(res.data, req.hi - req.lo)
+                check(res.data, req.hi - req.lo, req.lo)
             for seg in res.segments:
-                if getattr(check, "takes_lo", False):  # a validator that needs where it starts
-                    check(memoryview(seg.data), seg.hi - seg.lo, seg.lo)  # type: ignore[call-arg]
-                else:
-                    check(memoryview(seg.data), seg.hi - seg.lo)
+                check(memoryview(seg.data), seg.hi - seg.lo, seg.lo)
         except Exception as e:  # noqa: BLE001 (any validator failure is a bad payload)
             raise BadPayload(f"{peer.site}: validate failed: {e!r}", peer=peer.site) from e
 

@@ -13,8 +13,9 @@ from ._pb import gossip_pb2 as pb
 from .errors import GossipError
 from .ranges import rank_range
 
-Validator = Callable[[memoryview, int], None]
-"""``check(buf, numel)``: raise if ``buf`` is not a valid payload of ``numel`` values."""
+Validator = Callable[[memoryview, int, int], None]
+"""``check(buf, numel, lo)``: raise if ``buf`` is not a valid payload of ``numel`` values starting
+at flat index ``lo`` (a segment's owner range, or the pulled range for raw payloads)."""
 SegmentBytes = Callable[[int], int]
 """``limit(numel)``: the most bytes an opaque segment of ``numel`` values may hold."""
 

@@ -220,15 +220,16 @@ class RangePayloads:
     def validator(self, sink: list[torch.Tensor], raw: bool, lattice_ref=None,
                   failed: list[int] | None = None,
                   masks: list[torch.Tensor] | None = None):  # fmt: skip
-        """A gossip ``validate`` callable ``check(buf, numel)``: decode each received payload
-        of ``numel`` values (raw: check it is finite fp32 of the right length; a frame may not
-        claim more values than its segment), append the values to ``sink``; raise on anything
+        """A gossip ``validate`` callable ``check(buf, numel, lo)``: decode each received payload
+        of ``numel`` values, the first at flat index ``lo`` (raw: check it is finite fp32 of the
+        right length; a frame may not claim more values than its segment; lattice: decoded as
+        that segment), append the values to ``sink``; raise on anything
         bad so the gossip client counts a strike and fails the pull. ``failed``: where the
         lattice blocks that kept our own phi are counted, per frame; ``masks``: where each
         frame's per-value mask of those blocks goes (1.0: failed)."""
         failed = failed if failed is not None else []
 
-        def check(buf, numel: int, seg_lo: int | None = None) -> None:
+        def check(buf, numel: int, seg_lo: int) -> None:
             mv = memoryview(buf).cast("B")
             if lattice_ref is not None:
                 t, bad = self._decode_lattice(mv, numel, seg_lo, lattice_ref, failed)
@@ -244,10 +245,9 @@ class RangePayloads:
                 raise PayloadError("payload holds NaN/Inf")
             sink.append(t)
 
-        check.takes_lo = True  # type: ignore[attr-defined]  # the client passes a segment's start
         return check
 
-    def _decode_lattice(self, mv: memoryview, numel: int, seg_lo: int | None, ref: torch.Tensor,
+    def _decode_lattice(self, mv: memoryview, numel: int, seg_lo: int, ref: torch.Tensor,
                         failed: list[int]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """A partner's lattice frame of the segment ``[seg_lo, seg_lo + numel)``: (values, per
         value 1.0 where its block failed); :func:`loco.outer.lattice.decode_segment`."""

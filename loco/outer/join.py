@@ -124,7 +124,7 @@ class Joined:
     failed: list[str] = field(default_factory=list)
 
 
-def _finite_fp32(buf, numel: int) -> None:
+def _finite_fp32(buf, numel: int, lo: int) -> None:
     """Gossip validator of a state stream: ``numel`` finite fp32 values."""
     t = torch.frombuffer(buf, dtype=torch.float32) if len(buf) else torch.empty(0)
     if t.numel() != numel or not bool(torch.isfinite(t).all()):

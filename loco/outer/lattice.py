@@ -290,7 +290,7 @@ class Segment:
     own: bool
 
 
-def decode_segment(buf: memoryview, numel: int, seg_lo: int | None, ref: torch.Tensor, *,
+def decode_segment(buf: memoryview, numel: int, seg_lo: int, ref: torch.Tensor, *,
                    shard: tuple[int, int], owned: tuple[int, int],
                    max_numel: int) -> Segment:  # fmt: skip
     """A partner's frame of ``[seg_lo, seg_lo + numel)`` next to the receiver's ``ref`` (its
@@ -303,18 +303,18 @@ def decode_segment(buf: memoryview, numel: int, seg_lo: int | None, ref: torch.T
         raise PayloadError(f"lattice frame of {frame_numel(buf)} values for a segment of {numel}")
     slo, shi = shard
     lo, hi = owned
-    own = seg_lo is None or (seg_lo == slo and numel == ref.numel())
+    own = seg_lo == slo and numel == ref.numel()
     if own:
         seg_ref, a, b = ref, 0, numel
     else:
         if numel > max_numel:
             raise PayloadError(f"lattice segment of {numel} values, more than {max_numel}")
         seg_ref = torch.zeros(numel, dtype=torch.float32)
-        x, y = max(seg_lo, slo), min(seg_lo + numel, shi)  # type: ignore[operator]
+        x, y = max(seg_lo, slo), min(seg_lo + numel, shi)
         if x < y:
-            seg_ref[x - seg_lo : y - seg_lo] = ref[x - slo : y - slo]  # type: ignore[operator]
-        a = max(seg_lo, lo) - seg_lo  # type: ignore[operator]
-        b = max(min(seg_lo + numel, hi) - seg_lo, 0)  # type: ignore[operator]
+            seg_ref[x - seg_lo : y - seg_lo] = ref[x - slo : y - slo]
+        a = max(seg_lo, lo) - seg_lo
+        b = max(min(seg_lo + numel, hi) - seg_lo, 0)
     got = decode(buf, seg_ref, max_numel=numel)
     block = max(got.block, 1)
     bad_block = torch.isnan(got.spread) if got.blocks else torch.zeros(0, dtype=torch.bool)

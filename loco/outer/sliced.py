@@ -334,7 +334,7 @@ class SlicedReduce:
         other: list[str] = []
         dec = piece_payloads(self.payloads, a, b)
 
-        def check(buf, numel: int) -> None:
+        def check(buf, numel: int, lo: int) -> None:
             try:
                 v, got = unpack_mean(buf, members, min(numel, dec.max_numel))
             except OtherView as e:  # not the owner's fault: nothing of it is used

@@ -118,7 +118,7 @@ def test_compressed_payload_validated_by_decode(federation, monkeypatch):
     bad[len(bad) // 2] ^= 0x55
     nodes["us"][0].publish(1, "delta", bytes(bad), codec="loco")
 
-    def check(buf, numel):
+    def check(buf, numel, lo):
         assert compress.decode(bytes(buf), max_numel=numel).numel() == numel
 
     node = nodes["eu"][0]

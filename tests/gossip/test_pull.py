@@ -136,7 +136,7 @@ def test_validate_hook_rejects_and_strikes(sites, clients):
     client = clients()
     peer = client.hello(site.address, expect_site="us")
 
-    def finite(buf, numel):
+    def finite(buf, numel, lo):
         if not np.isfinite(np.frombuffer(buf, np.float32)).all():
             raise ValueError("not finite")
 

@@ -146,8 +146,8 @@ def test_range_payloads_send_8_bits_first_then_fewer_and_skip_between():
         other = phi + torch.randn(n, generator=g) * 1e-3
         b.encode(t, zero, other, zero)  # b's own phi of the round: the decoding reference
         sink: list[torch.Tensor] = []
-        b.validator(sink, False, b._ref)(bufs_a["phi"][0], n)
-        a.validator([], False, a._ref)(b.encode(t, zero, other, zero)[1]["phi"][0], n)
+        b.validator(sink, False, b._ref)(bufs_a["phi"][0], n, 0)
+        a.validator([], False, a._ref)(b.encode(t, zero, other, zero)[1]["phi"][0], n, 0)
         sizes.append(len(bufs_a["phi"][0]))
     assert sizes[0] == lattice.frame_bytes(n, 256, 8)  # nothing observed yet: 8 bits
     assert sizes[1] == lattice.frame_bytes(n, 256, 0) == 28  # round 2: no phi
@@ -170,7 +170,6 @@ def test_a_partner_with_another_rank_count_decodes_on_our_blocks():
     mine.encode(1, torch.zeros(480), near[520:])
     values, failed, masks = [], [], []
     check = mine.validator(values, False, mine._ref, failed, masks)
-    assert check.takes_lo
     check(memoryview(bufs["phi"][0]), 1040, 0)
     got, bad = values[0], masks[0]
     assert torch.equal(got[768:1000], out.phi[768:1000])  # the sender's own decoded values

@@ -27,8 +27,8 @@ def test_a_frame_with_every_block_failed_restarts_from_the_momentum_rule():
         pb = phi if t == 1 else phi + torch.randn(n, generator=g) * 1e-3
         _, bufs_a = a.encode(t, zero, pa, mom)
         _, bufs_b = b.encode(t, zero, pb, mom)
-        b.validator([], False, b._ref)(bufs_a["phi"][0], n)
-        a.validator([], False, a._ref)(bufs_b["phi"][0], n)
+        b.validator([], False, b._ref)(bufs_a["phi"][0], n, 0)
+        a.validator([], False, a._ref)(bufs_b["phi"][0], n, 0)
         sizes.append(len(bufs_a["phi"][0]))
         failed.append(b.lattice_failed)
     f8, f4 = lattice.frame_bytes(n, 256, 8), lattice.frame_bytes(n, 256, 4)
