@@ -48,7 +48,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from loco.outer.methods import NoLoCo, OuterState  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from spread import pair_rounds  # noqa: E402  (the toy's rounds, shared with spread.py)
+
 BLOCK = 256
+FORM = {"alpha": 0.9, "beta": 0.7, "gamma": 1.0, "consensus": "weights", "nesterov": True}
 BLOCK_BITS = 6 * 8  # a block's bf16 step and 32-bit check
 # (sender's phi, receiver's phi, sender's observed spread per block, round) -> (decoded, ok per block)
 Code = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
@@ -104,18 +108,14 @@ def run(code: Code, *, sites: int = 4, rounds: int = 300, dim: int = 4096, seed:
         decay: float = 0.5) -> tuple[float, float]:  # fmt: skip
     """(consensus distance, failed block fraction) over the second half of the rounds.
     ``decay``: per round, of the largest partner difference a site remembers per block."""
-    rng = np.random.default_rng(seed)
-    step = NoLoCo(alpha=0.9, beta=0.7, gamma=1.0, consensus="weights", nesterov=True)
+    step = NoLoCo(**FORM)
     states = [OuterState.start(torch.zeros(dim)) for _ in range(sites)]
     nb = dim // BLOCK
     spread = [torch.full((nb,), 1.0) for _ in range(sites)]  # a generous first window
     dist, fails = [], []
-    for t in range(rounds):
-        noise = torch.from_numpy(rng.standard_normal((sites, dim)).astype(np.float32))
-        perm = rng.permutation(sites)
+    for t, noise, pairs in pair_rounds(sites, rounds, dim, seed):
         phis = [s.phi.clone() for s in states]
-        for k in range(sites // 2):
-            i, j = int(perm[k]), int(perm[k + sites // 2])
+        for i, j in pairs:
             dec_j, ok_j = code(phis[j], phis[i], spread[j], t)  # j's phi as i decodes it
             dec_i, ok_i = code(phis[i], phis[j], spread[i], t)
             ok_b = ok_i & ok_j
@@ -254,18 +254,14 @@ def run_sequential(first: Code, second: PlainCode, *, feedback: bool | str, site
     True, each member feeds back the whole miss (known only to an observer of both phis);
     ``"partial"``, what ``loco.outer.landing`` does: the leader its coding error over n, the
     follower its offset's coding error."""
-    rng = np.random.default_rng(seed)
-    step = NoLoCo(alpha=0.9, beta=0.7, gamma=1.0, consensus="weights", nesterov=True)
+    step = NoLoCo(**FORM)
     states = [OuterState.start(torch.zeros(dim)) for _ in range(sites)]
     miss = [torch.zeros(dim) for _ in range(sites)]
     memory: list[dict] = [{} for _ in range(sites)]  # each leader's own (sketch windows)
     dist, fails = [], []
-    for t in range(rounds):
-        noise = torch.from_numpy(rng.standard_normal((sites, dim)).astype(np.float32))
-        perm = rng.permutation(sites)
+    for t, noise, pairs in pair_rounds(sites, rounds, dim, seed):
         phis = [s.phi.clone() for s in states]
-        for k in range(sites // 2):
-            i, j = int(perm[k]), int(perm[k + sites // 2])  # leader, follower
+        for i, j in pairs:  # leader, follower
             pi, pj = (phis[i] - miss[i], phis[j] - miss[j]) if feedback else (phis[i], phis[j])
             sent, ok_b = first(pi, pj, memory[i], t)  # type: ignore[arg-type]
             ok = ok_b.repeat_interleave(BLOCK)
@@ -322,18 +318,14 @@ def window_surprise(sites: int = 4, rounds: int = 300, dim: int = 4096, seed: in
     """Why a window sized from past partners fails: a block's largest difference to this round's
     partner over its mean difference to the last one (exact phi), percentiles 50/90/99, for a
     partner met again and a new one."""
-    rng = np.random.default_rng(seed)
-    step = NoLoCo(alpha=0.9, beta=0.7, gamma=1.0, consensus="weights", nesterov=True)
+    step = NoLoCo(**FORM)
     states = [OuterState.start(torch.zeros(dim)) for _ in range(sites)]
     last: list = [None] * sites
     met: dict[int, int] = {}
     ratio: dict[bool, list[float]] = {True: [], False: []}
-    for t in range(rounds):
-        noise = torch.from_numpy(rng.standard_normal((sites, dim)).astype(np.float32))
-        perm = rng.permutation(sites)
+    for t, noise, pairs in pair_rounds(sites, rounds, dim, seed):
         phis = [s.phi.clone() for s in states]
-        for k in range(sites // 2):
-            i, j = int(perm[k]), int(perm[k + sites // 2])
+        for i, j in pairs:
             d = (phis[i] - phis[j]).abs().view(-1, BLOCK)
             if t >= rounds // 2 and last[i] is not None:
                 ratio[met.get(i) == j].append(float((d.amax(1) / last[i]).max()))

@@ -30,19 +30,25 @@ SETTINGS = [  # (consensus, nesterov, alpha, beta, gamma)
 ]
 
 
-def spread(consensus: str, nesterov: bool, alpha: float, beta: float, gamma: float, *,
-           sites: int = 4, rounds: int = 600, dim: int = 2000, seed: int = 0) -> float:  # fmt: skip
-    """Mean over the last half of the rounds of the variance of phi around the sites' mean."""
+def pair_rounds(sites: int, rounds: int, dim: int, seed: int):
+    """The toy's rounds: ``(t, noise, pairs)``, every site's white-noise delta of round ``t``
+    and the round's random pairs ``(i, j)`` (``i`` leads in phi_rate.py's sequential exchange)."""
     rng = np.random.default_rng(seed)
-    step = NoLoCo(alpha=alpha, beta=beta, gamma=gamma, consensus=consensus, nesterov=nesterov)
-    states = [OuterState.start(torch.zeros(dim)) for _ in range(sites)]
-    acc = []
     for t in range(rounds):
         noise = torch.from_numpy(rng.standard_normal((sites, dim)).astype(np.float32))
         perm = rng.permutation(sites)
+        yield t, noise, [(int(perm[k]), int(perm[k + sites // 2])) for k in range(sites // 2)]
+
+
+def spread(consensus: str, nesterov: bool, alpha: float, beta: float, gamma: float, *,
+           sites: int = 4, rounds: int = 600, dim: int = 2000, seed: int = 0) -> float:  # fmt: skip
+    """Mean over the last half of the rounds of the variance of phi around the sites' mean."""
+    step = NoLoCo(alpha=alpha, beta=beta, gamma=gamma, consensus=consensus, nesterov=nesterov)
+    states = [OuterState.start(torch.zeros(dim)) for _ in range(sites)]
+    acc = []
+    for t, noise, pairs in pair_rounds(sites, rounds, dim, seed):
         phis = [s.phi.clone() for s in states]
-        for k in range(sites // 2):
-            i, j = int(perm[k]), int(perm[k + sites // 2])
+        for i, j in pairs:
             for me in (i, j):
                 step.apply(torch.empty(dim), states[me], [noise[i], noise[j]], [phis[i], phis[j]])
         if t >= rounds // 2:
