@@ -61,6 +61,7 @@ class Round:
     land: torch.Tensor | None = None  # where this rank lands (None: no pull this round)
     land_miss: torch.Tensor | None = None  # this site's part of the landing's miss
     guessed: tuple[str, ...] = ()  # partners whose phi is a landing's estimate (no distance)
+    eff: torch.Tensor | None = None  # landing: the phi this site coded (its phi less its miss)
 
     @property
     def agreed(self) -> list[str]:
@@ -132,6 +133,7 @@ class Rounds:
         the round (its group: ``partners`` and this site), which :meth:`pull_all` settles
         before it pulls (None: ``partners`` are pulled as they are)."""
         rid = t if wire is None else wire
+        eff = None
         if self.payloads is None:
             out = Outgoing(t, delta, self.state.phi.clone(), (), 0)
             served = 0.0
@@ -140,16 +142,16 @@ class Rounds:
             members = sorted({*partners, self.site})
             out = self.sliced.publish(rid, t, delta, self.state.phi, members)
         else:
-            phi = self.state.phi
-            if self._landing() is not None:  # the phi this site codes: less its known miss
-                phi = self._landing().eff(phi)
+            landing = self._landing()
+            eff = landing.eff(self.state.phi) if landing is not None else None
+            phi = self.state.phi if eff is None else eff  # with the landing: less its known miss
             out, bufs = self.payloads.encode(t, delta, phi, self.state.momentum)
             served = self.node.served_mark()
             for stream, (buf, label) in bufs.items():
                 if stream == "delta" or not self.all_live:  # DiLoCo never pulls phi
                     self.publish(rid, stream, buf, label)
         return Round(t, done, out, partners, started, served_before=served, wire=wire,
-                     fragment=fragment, proposal=proposal)  # fmt: skip
+                     fragment=fragment, proposal=proposal, eff=eff)  # fmt: skip
 
     def start_pulls(self, r: Round) -> None:
         """Run :meth:`pull_all` of ``r`` on a background thread (overlap)."""
@@ -210,7 +212,8 @@ class Rounds:
                                     self.pull_timeout_s, codec, masks)  # fmt: skip
 
         deltas = {p: pull(p, "delta") for p in r.agreed}
-        eff = landing.eff(self.state.phi)
+        eff = r.eff  # what open() coded
+        assert eff is not None
         mine = None
         if self.site == lead:
             lead_phi, lead_cause = r.out.phi, ""
