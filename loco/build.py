@@ -315,13 +315,14 @@ def _payloads(cfg: LocoConfig, flat, comm: SiteComm, span: tuple[int, int] | Non
         ef_decay=c.ef_decay, seed=cfg.train.seed * 1009 + comm.rank, flat_size=flat.padded, phi_lattice=o.phi_lattice,
         phi_lattice_window=o.phi_lattice_window,
         phi_lattice_bits=o.phi_landing_bits if landing else o.phi_lattice_bits,
-        phi_lattice_margin=o.phi_lattice_margin, phi_every=o.phi_every,
+        phi_lattice_margin=o.phi_landing_margin if landing else o.phi_lattice_margin,
+        phi_every=o.phi_every,
     )  # fmt: skip
     if landing:
-        from loco.outer.landing import OFFSET_CODEC, Landing
+        from loco.outer.landing import Landing
 
-        payloads.landing = Landing(payloads, codec=OFFSET_CODEC,
-                                   options=codec_options(OFFSET_CODEC, **opts))  # fmt: skip
+        payloads.landing = Landing(payloads, codec=o.phi_landing_codec,
+                                   options=codec_options(o.phi_landing_codec, **opts))  # fmt: skip
     return payloads
 
 

@@ -341,6 +341,9 @@ class OuterConfig(SlicedOptions):
     # and other methods move no phi (loco.build.lands)
     phi_landing: bool = False
     phi_landing_bits: int = 8  # the leader's lattice bits under the landing (2-8)
+    # the leader's window under the landing: margin x the largest partner difference seen
+    phi_landing_margin: float = 8.0
+    phi_landing_codec: str = "ternary"  # the followers' offsets (a loco.compress codec, not none)
     final_average: bool = False  # noloco: after the last step, average the weights over all sites
 
     def __post_init__(self) -> None:
@@ -378,6 +381,9 @@ class OuterConfig(SlicedOptions):
             raise ConfigError(f"outer.phi_landing={self.phi_landing!r} must be true or false")
         if not 2 <= self.phi_landing_bits <= 8:
             raise ConfigError(f"outer.phi_landing_bits={self.phi_landing_bits} must be in 2..8")
+        _positive("outer.phi_landing_margin", self.phi_landing_margin)
+        codecs = tuple(c for c in _names("CODECS") if c != "none")
+        _choice("outer.phi_landing_codec", self.phi_landing_codec, codecs)
 
     def _check_H_first(self) -> None:
         from loco.outer.schedule import Schedule

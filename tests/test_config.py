@@ -33,6 +33,8 @@ BAD = [
     (["+site=eu", "outer.consensus=phi"], ["outer.consensus", "momentum, weights"]),
     (["+site=eu", "outer.phi_landing=maybe"], ["outer.phi_landing"]),
     (["+site=eu", "outer.phi_landing_bits=1"], ["outer.phi_landing_bits", "2..8"]),
+    (["+site=eu", "outer.phi_landing_margin=0"], ["outer.phi_landing_margin", "> 0"]),
+    (["+site=eu", "outer.phi_landing_codec=none"], ["outer.phi_landing_codec", "ternary"]),
     (["+site=eu", "compression.ef_decay=1.5"], ["compression.ef_decay", "[0, 1]"]),
     (
         ["+site=eu", "compression=sign", "compression.stochastic=true"],
@@ -155,25 +157,33 @@ def test_sequential_landing_applies_only_to_whole_lattice_rounds(overrides, land
 
 
 @pytest.mark.parametrize(
-    "overrides,bits,landing",
+    "overrides,bits,margin,landing",
     [
-        (["outer.phi_landing_bits=6", "outer.phi_lattice_bits=7"], 6, True),
+        (["outer.phi_landing_bits=6", "outer.phi_lattice_bits=7"], 6, 3.0, True),
         (
             ["outer.phi_landing=false", "outer.phi_landing_bits=6", "outer.phi_lattice_bits=7"],
             7,
+            5.0,
             False,
         ),
-        (["outer.phi_every=2", "outer.phi_landing_bits=6", "outer.phi_lattice_bits=7"], 7, False),
+        (["outer.phi_every=2", "outer.phi_landing_bits=6", "outer.phi_lattice_bits=7"], 7, 5.0,
+         False),  # fmt: skip
     ],
 )
-def test_the_leaders_frame_has_the_landing_bits(overrides, bits, landing):
-    """Under the landing the leader's lattice frame takes ``outer.phi_landing_bits``; where
-    the two-way exchange runs, ``outer.phi_lattice_bits`` as before."""
+def test_the_leaders_frame_has_the_landing_bits(overrides, bits, margin, landing):
+    """Under the landing the leader's lattice frame takes ``outer.phi_landing_bits`` and
+    ``outer.phi_landing_margin``, and the offsets ``outer.phi_landing_codec``; where the
+    two-way exchange runs, ``outer.phi_lattice_bits`` and ``outer.phi_lattice_margin``."""
     from types import SimpleNamespace
 
     from loco.build import _payloads
 
-    cfg = compose(["+site=eu", *overrides])
+    more = ["outer.phi_landing_margin=3", "outer.phi_lattice_margin=5",
+            "outer.phi_landing_codec=sign"]  # fmt: skip
+    cfg = compose(["+site=eu", *overrides, *more])
     flat = SimpleNamespace(slo=0, shi=1024, lo=0, hi=1000, padded=1024)
     p = _payloads(cfg, flat, SimpleNamespace(rank=0))
     assert p.lattice_bits == bits and (p.landing is not None) is landing
+    assert p.lattice_margin == margin
+    if landing:
+        assert p.landing.codec == "sign" and "sign" in p.extra_options

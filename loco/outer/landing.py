@@ -33,7 +33,6 @@ from typing import Any
 import torch
 
 OFFSET_STREAM = "phioff"
-OFFSET_CODEC = "ternary"  # the offsets' codec (compression.block and scale_dtype apply)
 
 
 def leader_of(members: list[str], rid: int) -> str:

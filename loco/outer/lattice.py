@@ -103,11 +103,20 @@ def _hashes(idx: torch.Tensor) -> torch.Tensor:
 
 
 def _pack(codes: torch.Tensor, bits: int) -> bytes:
-    c = codes.numpy().astype(np.uint8)
+    """``codes`` (< ``2**bits``) as one big-endian bit string: every 8 codes are ``bits`` bytes,
+    one ``8 * bits``-bit integer (the last group zero-padded, its unused bytes cut)."""
+    c = codes.numpy().astype(np.uint64)
+    n = c.size
     if bits == 8:
-        return c.tobytes()
-    planes = np.unpackbits(c[:, None], axis=1)[:, 8 - bits :]
-    return np.packbits(planes.reshape(-1)).tobytes()
+        return c.astype(np.uint8).tobytes()
+    groups = np.zeros(-(-n // 8) * 8, np.uint64)
+    groups[:n] = c
+    g = groups.reshape(-1, 8)
+    shifts = np.arange(7, -1, -1, dtype=np.uint64) * np.uint64(bits)
+    word = np.bitwise_or.reduce(g << shifts, axis=1)
+    byte_shifts = np.arange(bits - 1, -1, -1, dtype=np.uint64) * np.uint64(8)
+    out = ((word[:, None] >> byte_shifts) & np.uint64(0xFF)).astype(np.uint8).reshape(-1)
+    return out[: (n * bits + 7) // 8].tobytes()
 
 
 def _unpack(mv: memoryview, offset: int, n: int, bits: int) -> torch.Tensor:
@@ -116,11 +125,17 @@ def _unpack(mv: memoryview, offset: int, n: int, bits: int) -> torch.Tensor:
     raw = np.frombuffer(mv, np.uint8, nbytes, offset)
     if bits == 8:
         return torch.from_numpy(raw.astype(np.int64))
-    planes = np.unpackbits(raw)
-    if planes[n * bits :].any():
+    tail = (8 - (n * bits) % 8) % 8
+    if tail and raw[-1] & ((1 << tail) - 1):
         raise PayloadError("lattice codes: the unused bits of the last byte are not zero")
-    weights = (1 << np.arange(bits - 1, -1, -1)).astype(np.int64)
-    return torch.from_numpy(planes[: n * bits].reshape(n, bits).astype(np.int64) @ weights)
+    ngroups = -(-n // 8)
+    b = np.zeros(ngroups * bits, np.uint64)
+    b[:nbytes] = raw
+    byte_shifts = np.arange(bits - 1, -1, -1, dtype=np.uint64) * np.uint64(8)
+    word = np.bitwise_or.reduce(b.reshape(-1, bits) << byte_shifts, axis=1)
+    shifts = np.arange(7, -1, -1, dtype=np.uint64) * np.uint64(bits)
+    codes = (word[:, None] >> shifts) & np.uint64((1 << bits) - 1)
+    return torch.from_numpy(codes.reshape(-1)[:n].astype(np.int64))
 
 
 def frame_bytes(numel: int, block: int = 256, bits: int = 8) -> int:

@@ -125,6 +125,25 @@ def test_codes_with_padding_bits_set_are_refused():
         lattice.decode(bytes(buf), phi)
 
 
+def _bit_planes(codes: np.ndarray, bits: int) -> bytes:
+    """The frame's code layout by definition: each code's ``bits`` bits, MSB first, one
+    after another, packed into bytes MSB first, the last byte's unused bits zero."""
+    planes = np.unpackbits(codes.astype(np.uint8)[:, None], axis=1)[:, 8 - bits :]
+    return np.packbits(planes.reshape(-1)).tobytes()
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_codes_pack_as_one_msb_first_bit_string(bits):
+    """The word-wise packer writes exactly the bit string of the frame's definition, and the
+    unpacker reads it back, at every length modulo 8 codes."""
+    gen = torch.Generator().manual_seed(bits)
+    for n in (1, 7, 8, 9, 13, 255, 256, 1001):
+        codes = torch.randint(0, 1 << bits, (n,), generator=gen)
+        packed = lattice._pack(codes, bits)
+        assert packed == _bit_planes(codes.numpy(), bits)
+        assert torch.equal(lattice._unpack(memoryview(packed), 0, n, bits), codes)
+
+
 def test_steps_that_are_not_finite_and_positive_are_refused():
     frame = bytearray(_frame(1000, 256))
     head = lattice._HEAD.size
