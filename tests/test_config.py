@@ -166,8 +166,12 @@ def test_sequential_landing_applies_only_to_whole_lattice_rounds(overrides, land
             5.0,
             False,
         ),
-        (["outer.phi_every=2", "outer.phi_landing_bits=6", "outer.phi_lattice_bits=7"], 7, 5.0,
-         False),  # fmt: skip
+        (
+            ["outer.phi_every=2", "outer.phi_landing_bits=6", "outer.phi_lattice_bits=7"],
+            7,
+            5.0,
+            False,
+        ),  # fmt: skip
     ],
 )
 def test_the_leaders_frame_has_the_landing_bits(overrides, bits, margin, landing):
