@@ -13,6 +13,8 @@ name                        kind    what
 ``outer.momentum``          outer   the outer momentum
 ``outer.ef_residual``       outer   the delta codec's error-feedback residual (a lossy
                                     codec only; never served to joiners)
+``outer.landing_miss``      outer   this site's part of the sequential landing's miss
+                                    (``outer.phi_landing`` only; never served to joiners)
 ``optim_step``              scalar  the optimizer's step count
 ``outer_rounds``            scalar  outer rounds merged
 ``ef_calls``                scalar  the error-feedback call counter
@@ -35,6 +37,7 @@ from loco.engine.base import FlatEngine
 
 if TYPE_CHECKING:
     from loco.compress import ErrorFeedback
+    from loco.outer.landing import Landing
     from loco.outer.loop import OuterLoop
 
 MASTER = "master"
@@ -43,6 +46,7 @@ OUTER = "outer."
 PHI = "outer.phi"
 MOMENTUM = "outer.momentum"
 EF_RESIDUAL = "outer.ef_residual"
+LANDING_MISS = "outer.landing_miss"
 SERVED = (PHI, MOMENTUM)  # the outer streams a member serves to joiners (no residual)
 
 OPTIM_STEP = "optim_step"
@@ -83,6 +87,12 @@ class RankState:
         payloads = self.outer.payloads if self.outer is not None else None
         return payloads.ef if payloads is not None else None
 
+    @property
+    def landing(self) -> Landing | None:
+        """The outer loop's sequential landing (``outer.phi_landing``), or None."""
+        payloads = self.outer.payloads if self.outer is not None else None
+        return getattr(payloads, "landing", None) if payloads is not None else None
+
     def _ef_window(self) -> slice:
         """Where ``[lo, hi)`` sits in the residual, which covers the shard ``[slo, shi)``."""
         slo = self.outer.payloads.slo
@@ -93,10 +103,12 @@ class RankState:
         return (MASTER, *(optim_name(k) for k in self.engine.optim_state_range()))
 
     def outer_names(self) -> tuple[str, ...]:
-        """phi and momentum (and the residual, with error feedback); empty without outer."""
+        """phi and momentum (and the residual, with error feedback; the landing's miss, with
+        the sequential landing); empty without outer."""
         if self.outer is None:
             return ()
-        return SERVED + ((EF_RESIDUAL,) if self.ef is not None else ())
+        ef = (EF_RESIDUAL,) if self.ef is not None else ()
+        return SERVED + ef + ((LANDING_MISS,) if self.landing is not None else ())
 
     def names(self, *, optimizer: bool = True) -> tuple[str, ...]:
         """Every range stream, inner first; without ``optimizer`` no ``optim.*``."""
@@ -121,6 +133,10 @@ class RankState:
                 out[n] = st.phi if n == PHI else st.momentum
             elif n == EF_RESIDUAL and (ef := self.ef) is not None:
                 out[n] = ef.residual[self._ef_window()]
+            elif n == LANDING_MISS and (landing := self.landing) is not None:
+                if landing.miss is None:  # no round landed yet: a miss of zero
+                    landing.miss = torch.zeros(self.hi - self.lo)
+                out[n] = landing.miss
             else:
                 raise KeyError(f"rank state has no stream {n!r}")
         return out
@@ -144,8 +160,8 @@ class RankState:
         is 0; then ``sync_params(optim_state=True)``. With an outer loop: phi and momentum are
         copied (``outer_rounds`` when given), or without ``outer.phi`` phi is the loaded master
         and momentum zero; the error-feedback residual is zeroed, then copied (with
-        ``ef_calls``) when given. Names outside the state are ignored; checking the values is
-        the transport's job."""
+        ``ef_calls``) when given; the landing's miss is copied when given, else none. Names
+        outside the state are ignored; checking the values is the transport's job."""
         eng = self.engine
         eng.master_range().copy_(values[MASTER])
         for k, v in eng.optim_state_range().items():
@@ -171,3 +187,6 @@ class RankState:
             if EF_RESIDUAL in values:
                 ef.residual[self._ef_window()] = values[EF_RESIDUAL].to(ef.residual.device)
                 ef.calls = scalars.get(EF_CALLS, 0)
+        if (landing := self.landing) is not None:
+            miss = values.get(LANDING_MISS)
+            landing.miss = miss.detach().float().cpu().clone() if miss is not None else None

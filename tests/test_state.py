@@ -10,16 +10,26 @@ import torch
 
 from loco.checkpoint import CheckpointWriter, capture, latest_checkpoint, read_manifest
 from loco.checkpoint.format import layout_json
-from loco.checkpoint.state import streams_of
+from loco.checkpoint.reader import Checkpoint
+from loco.checkpoint.state import restore, streams_of
 from loco.engine.zero import ZeroEngine
 from loco.gossip import GossipNode, GossipServer
 from loco.outer.exchange import RangePayloads, codec_options
 from loco.outer.flat_view import FlatView
 from loco.outer.join import OUTER_STREAMS, StateServer, adopt, inner_streams, join
+from loco.outer.landing import Landing
 from loco.outer.loop import OuterLoop
 from loco.outer.methods import build_outer
 from loco.site_comm import SiteComm
-from loco.state import EF_CALLS, EF_RESIDUAL, OPTIM_STEP, OUTER_ROUNDS, RankState, is_outer
+from loco.state import (
+    EF_CALLS,
+    EF_RESIDUAL,
+    LANDING_MISS,
+    OPTIM_STEP,
+    OUTER_ROUNDS,
+    RankState,
+    is_outer,
+)
 from tests.engine.dist_utils import batches, tiny_gpt
 
 NAMES = ["master", "optim.exp_avg", "optim.exp_avg_sq", "outer.phi", "outer.momentum",
@@ -130,3 +140,43 @@ def test_a_join_fetches_and_adopts_the_seams_names():
         assert torch.equal(got[k], want[k]), k
     assert (eng2.optim_step, outer2.state.rounds) == (3 * H, 3)
     assert not outer2.payloads.ef.residual.any()
+
+
+def with_landing(outer: OuterLoop) -> Landing:
+    """The sequential landing on ``outer``'s payloads (what ``outer.phi_landing`` builds)."""
+    opts = codec_options("ternary", block=64, scale_dtype="fp16", stochastic=False,
+                         topk_fraction=0.1)  # fmt: skip
+    outer.payloads.landing = Landing(outer.payloads, codec="ternary", options=opts)
+    return outer.payloads.landing
+
+
+def test_the_landings_miss_is_checkpointed_and_restored_bitwise(tmp_path):
+    """With the sequential landing the site's part of the miss is a range stream: a
+    checkpoint holds it and a restore puts it back bitwise (the next coded phi is the same);
+    a checkpoint without it restores no miss; a joiner is never served it."""
+    eng, outer = make(stage=0)
+    fill(eng, outer)
+    landing = with_landing(outer)
+    state = RankState(eng, outer)
+    assert state.names()[-1] == LANDING_MISS and LANDING_MISS not in OUTER_STREAMS
+    assert not state.streams([LANDING_MISS])[LANDING_MISS].any()  # nothing landed yet: zero
+    lo, hi = eng.flat_range
+    landing.landed(torch.randn(hi - lo, generator=torch.Generator().manual_seed(2)))
+    tensors, span, scalars = capture(eng, outer, comm=SiteComm.single())
+    w = CheckpointWriter(tmp_path, keep=2, meta={"run_id": "t", "layout": layout_json(eng.layout)})
+    w.save(2, tensors, range=span, scalars=scalars, manifest={"streams": streams_of(tensors)})
+    w.wait()
+    eng2, outer2 = make(stage=0, seed=9)
+    fresh = with_landing(outer2)
+    restore(Checkpoint(latest_checkpoint(tmp_path)), engine=eng2, outer=outer2)
+    assert fresh.miss is not None and torch.equal(fresh.miss, landing.miss)
+    phi = outer.state.phi
+    assert torch.equal(fresh.eff(outer2.state.phi), landing.eff(phi))
+    # a checkpoint of a run without the landing: the restored site has no miss
+    eng3, outer3 = make(stage=0, seed=3)
+    plain, span3, sc3 = capture(eng3, outer3, comm=SiteComm.single())
+    assert LANDING_MISS not in plain
+    w.save(4, plain, range=span3, scalars=sc3, manifest={"streams": streams_of(plain)})
+    w.wait()
+    restore(Checkpoint(latest_checkpoint(tmp_path)), engine=eng2, outer=outer2)
+    assert fresh.miss is None

@@ -65,6 +65,7 @@ RANGE_STREAMS = (
     "outer.phi",
     "outer.momentum",
     "outer.ef_residual",
+    "outer.landing_miss",
 )
 """The range streams a checkpoint may hold (``manifest["streams"]`` lists those it holds)."""
 

@@ -2,8 +2,8 @@
 
 A rank saves, on its own flat range ``[lo, hi)`` (``engine.flat_range``, the same for every
 ZeRO stage): the fp32 master weights, the optimizer moments (``optim.*``) and step, the outer
-state (``outer.phi``, ``outer.momentum``, rounds) and the error-feedback residual with its call
-counter; plus its RNG states. Rank 0 adds the frozen parameters and buffers (replicated). The
+state (``outer.phi``, ``outer.momentum``, rounds), the error-feedback residual with its call
+counter and the sequential landing's miss; plus its RNG states. Rank 0 adds the frozen parameters and buffers (replicated). The
 data sampler is stateless (a batch is a pure function of seed, site and step), so the manifest
 records its inputs and the step to continue from.
 
@@ -30,6 +30,7 @@ from loco.site_comm import SiteComm
 from loco.state import (
     EF_CALLS,
     EF_RESIDUAL,
+    LANDING_MISS,
     MASTER,
     MOMENTUM,
     OPTIM_STEP,
@@ -181,6 +182,8 @@ def _read_state(ck: Checkpoint, state: RankState, src: int, optimizer: bool,
     if state.ef is not None and ck.has(EF_RESIDUAL):
         values[EF_RESIDUAL] = ck.read_range(EF_RESIDUAL, lo, hi)
         scalars[EF_CALLS] = int(ck.scalars(src).get(EF_CALLS, 0))
+    if state.landing is not None and ck.has(LANDING_MISS):
+        values[LANDING_MISS] = ck.read_range(LANDING_MISS, lo, hi)
 
 
 def _restore_rngs(got: dict[str, Any], sc: dict[str, Any], py=random, npr=np.random,

@@ -19,11 +19,11 @@ phi the next time phi is coded (``eff = phi - miss``), so the misses do not pile
 A follower whose lattice block failed its check does not land there (it keeps its own phi; its
 offset there is zero, so the leader's landing point is its own decoded value). Any failed pull
 of the landing (the leader's phi, an offset) means this site does not land this round: the
-momentum step on the deltas it has, no pull. The miss is not in checkpoints: a resumed site
-starts without it (one round's correction lost). With partners of another rank count a block
-across a rank edge fails, as in the lattice. ``loco.build.lands`` says where it runs: NoLoCo, the lattice phi,
-whole rounds (no fragments), phi every round. The toy behind it: scripts/experiments/phi_rate.py; figures in
-docs/outer.md, "Sequential landing".
+momentum step on the deltas it has, no pull. The miss is in checkpoints (``outer.landing_miss``,
+:mod:`loco.state`), not served to joiners: a joiner starts without one. With partners of another
+rank count a block across a rank edge fails, as in the lattice. ``loco.build.lands`` says where
+it runs: NoLoCo, the lattice phi, whole rounds (no fragments), phi every round. The toy behind
+it: scripts/experiments/phi_rate.py; figures in docs/outer.md, "Sequential landing".
 """
 
 from __future__ import annotations
