@@ -23,7 +23,7 @@ for the ``-8`` rows, each with the same per-worker batch).
 - ``noloco-frontier`` (``-8``): NoLoCo with ternary deltas, the 8-bit lattice phi and outer
   momentum 0.8; ``noloco-landing``: the same with the sequential landing (``LANDING``: the
   leader's frame at 6 bits; ``noloco-landing-8`` at 8, ``noloco-landing-4`` at 4 under a
-  narrower window); ``noloco-exact-phi``: ``noloco-frontier`` with exact fp32 phi, the
+  3x window, ``-3`` at 3 under 1.5x); ``noloco-exact-phi``: ``noloco-frontier`` with exact fp32 phi, the
   reference of the coded phi's consensus distance (issue 15 item 2).
 - ``noloco-paper``: the spec's update with the paper's settings (``outer=noloco-spec``), no final average.
 - ``local``: 4 sites that never talk. ``noloco-lattice``: 8-bit lattice phi.
@@ -99,6 +99,7 @@ LANDING_8 = [*LANDING, "outer.phi_landing_bits=8"]
 # the leader's frame at 4 bits under a window 3x the largest partner difference seen (the
 # 6-bit frame's window is 8x: the grid step is about the same, 2 bits fewer); 2026-12-06
 LANDING_4 = [*LANDING, "outer.phi_landing_bits=4", "outer.phi_landing_margin=3"]
+LANDING_3 = [*LANDING, "outer.phi_landing_bits=3", "outer.phi_landing_margin=1.5"]
 # ternary deltas and one-bit slice averages (compression=ternary-sign, 0.2499 B/param/round at
 # 4 sites) at the preset's outer momentum 0.8, the best measured with them at 80 rounds
 FRONTIER_TERNARY = ["outer=diloco-frontier", "compression=ternary-sign"]
@@ -131,6 +132,7 @@ def rows(H: int, codec: str, steps: int) -> dict[str, tuple[list[str], int]]:
         "noloco-landing": ([fed, *NOLOCO_FRONTIER, *LANDING, h], 4),
         "noloco-landing-8": ([fed, *NOLOCO_FRONTIER, *LANDING_8, h], 4),
         "noloco-landing-4": ([fed, *NOLOCO_FRONTIER, *LANDING_4, h], 4),
+        "noloco-landing-3": ([fed, *NOLOCO_FRONTIER, *LANDING_3, h], 4),
         "noloco-exact-phi": ([fed, *NOLOCO_FRONTIER, "outer.phi_lattice=false", h], 4),
         "frontier-fragments": ([fed, *FRONTIER, *FRAGMENTS, h], 4),
         "frontier-8": ([fed8, *FRONTIER, h], 8),
