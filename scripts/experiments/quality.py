@@ -23,8 +23,8 @@ for the ``-8`` rows, each with the same per-worker batch).
 - ``noloco-frontier`` (``-8``): NoLoCo with ternary deltas, the 8-bit lattice phi and outer
   momentum 0.8; ``noloco-landing``: the same with the sequential landing (``LANDING``: the
   leader's frame at 6 bits; ``noloco-landing-8`` at 8, ``noloco-landing-4`` at 4 under a
-  3x window, ``-3`` at 3 under 1.5x); ``noloco-exact-phi``: ``noloco-frontier`` with exact fp32 phi, the
-  reference of the coded phi's consensus distance (issue 15 item 2).
+  3x window, ``-3`` at 3 under 1.5x); ``noloco-exact-phi``: ``noloco-frontier`` with exact
+  fp32 phi, the reference of the coded phi's consensus distance (issue 15 item 2).
 - ``noloco-paper``: the spec's update with the paper's settings (``outer=noloco-spec``), no final average.
 - ``local``: 4 sites that never talk. ``noloco-lattice``: 8-bit lattice phi.
 - ``diloco-sched``, ``noloco-sched``: ``diloco`` and ``noloco`` with an H schedule
