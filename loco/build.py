@@ -322,7 +322,8 @@ def _payloads(cfg: LocoConfig, flat, comm: SiteComm, span: tuple[int, int] | Non
         from loco.outer.landing import Landing
 
         payloads.landing = Landing(payloads, codec=o.phi_landing_codec,
-                                   options=codec_options(o.phi_landing_codec, **opts))  # fmt: skip
+                                   options=codec_options(o.phi_landing_codec, **opts),
+                                   window=o.phi_landing_window)  # fmt: skip
     return payloads
 
 

@@ -22,10 +22,11 @@ import torch
 from loco.compress import ErrorFeedback, PayloadError, decode, encode, make_codec
 from loco.compress.wire import HEADER_SIZE
 from loco.errors import TrainingError
-from loco.outer import lattice
+from loco.outer import lattice, phi_sketch
 from loco.outer.lattice import Spread
 
 STREAMS = ("delta", "phi")
+SKETCH_STREAM = "phisk"  # the landing's phi sketch (loco.outer.phi_sketch)
 LATTICE_BLOCK = 256  # values per block of a lattice phi frame (lattice.encode's default)
 LOSSLESS = ("none",)
 
@@ -130,6 +131,7 @@ class RangePayloads:
         self.mean_error_feedback = mean_error_feedback
         self.extra_options: dict[str, dict[str, object]] = {}  # codecs of other streams
         self.landing = None  # loco.outer.landing.Landing with outer.phi_landing (build.py)
+        self._sketch_signs: torch.Tensor | None = None
         self.ef = (
             ErrorFeedback(
                 codec, self.shi - self.slo, seed=seed, decay=ef_decay, **self.delta_options
@@ -187,6 +189,13 @@ class RangePayloads:
         if not bool(torch.isfinite(delta).all()) or not bool(torch.isfinite(phi).all()):
             raise TrainingError("the local delta or phi holds NaN/Inf; refusing to publish it")
         dbuf, dlab, dval = self._encode(delta, self.codec, self.delta_options, self.ef)
+        if self.sketched:  # the phi frame waits for the partners' sketches (leader only)
+            ref = self._padded(phi)
+            self._ref = ref
+            sbuf = phi_sketch.encode(ref, self._signs(), LATTICE_BLOCK)
+            nbytes = memoryview(dbuf).nbytes + len(sbuf)
+            out = Outgoing(round, dval, ref[: self.numel].clone(), (dbuf, sbuf), nbytes)
+            return out, {"delta": (dbuf, dlab), SKETCH_STREAM: (sbuf, "sketch")}
         if self.phi_codec == "lattice":
             pbuf, pval = self._encode_lattice(round, phi, momentum)
             plab = "lattice"
@@ -196,19 +205,60 @@ class RangePayloads:
         out = Outgoing(round, dval, pval, (dbuf, pbuf), nbytes)
         return out, {"delta": (dbuf, dlab), "phi": (pbuf, plab)}
 
-    def _encode_lattice(self, round: int, phi: torch.Tensor,
-                        momentum: torch.Tensor | None) -> tuple[bytes, torch.Tensor]:  # fmt: skip
-        """The lattice frame of ``phi`` for ``round`` and own decoded values on [lo, hi)."""
+    @property
+    def sketched(self) -> bool:
+        """Whether the landing's leader sizes its phi window from the followers' sketches
+        (``outer.phi_landing_window=sketch``): the phi frame is then encoded by
+        :meth:`encode_leader` after the round's group is known, not by :meth:`encode`."""
+        return self.landing is not None and getattr(self.landing, "window", "") == "sketch"
+
+    def _signs(self) -> torch.Tensor:
+        if self._sketch_signs is None:
+            self._sketch_signs = phi_sketch.signs(self.slo, self.shi - self.slo)
+        return self._sketch_signs
+
+    def own_blocks(self, expanded: torch.Tensor) -> torch.Tensor:
+        """A partner's sketch pulled on ``[lo, hi)`` (per value), per block of this rank's
+        lattice grid: the value at each block's start (blocks that start outside ``[lo, hi)``
+        get this rank's own sketch: no difference there)."""
+        own = phi_sketch.sketch(self._ref, self._signs(), LATTICE_BLOCK)
+        starts = torch.arange(own.numel()) * LATTICE_BLOCK + self.slo - self.lo
+        inside = (starts >= 0) & (starts < self.numel)
+        out = own.clone()
+        out[inside] = expanded[starts[inside]]
+        return out
+
+    def encode_leader(self, round: int, momentum: torch.Tensor | None,
+                      sketches: list[torch.Tensor] | None) -> tuple[bytes, torch.Tensor]:  # fmt: skip
+        """The landing leader's lattice frame of the phi :meth:`encode` sketched, its window
+        sized from the followers' per-block ``sketches`` (:meth:`own_blocks`), or by the
+        history rule when None; returns the frame and the own decoded values on [lo, hi)."""
+        assert self._ref is not None
+        if not sketches:
+            return self._encode_lattice(round, self._ref[: self.numel], momentum)
+        own = phi_sketch.sketch(self._ref, self._signs(), LATTICE_BLOCK)
+        steps = phi_sketch.steps_from_sketches(self._ref, own, sketches, self.lattice_bits,
+                                               LATTICE_BLOCK, self.lattice_margin)  # fmt: skip
+        return self._encode_lattice(round, self._ref[: self.numel], momentum, steps)
+
+    def _encode_lattice(self, round: int, phi: torch.Tensor, momentum: torch.Tensor | None,
+                        steps: torch.Tensor | None = None) -> tuple[bytes, torch.Tensor]:  # fmt: skip
+        """The lattice frame of ``phi`` for ``round`` and own decoded values on [lo, hi)
+        (``steps``: the grid step per block; None: from the partner spread seen)."""
         ref = self._padded(phi)
         self._ref = ref
         if (round - 1) % self.phi_every:
             return lattice.skip_frame(ref.numel()), ref[: self.numel].clone()
         with self._lock:
             spread = self.spread.value
-        bits, steps = self.lattice_bits, None
-        if spread is not None and spread.numel() == -(-ref.numel() // LATTICE_BLOCK):
+        bits = self.lattice_bits
+        if (
+            steps is None
+            and spread is not None
+            and spread.numel() == -(-ref.numel() // LATTICE_BLOCK)
+        ):
             steps = lattice.steps_for_spread(ref, spread, bits, LATTICE_BLOCK, self.lattice_margin)
-        else:
+        elif steps is None:
             bits = 8  # nothing observed yet: 8 bits, the momentum rule
         mom = self._padded(momentum if momentum is not None else torch.zeros_like(phi))
         buf, full = lattice.encode(ref, mom, block=LATTICE_BLOCK, window=self.lattice_window,
@@ -219,14 +269,15 @@ class RangePayloads:
 
     def validator(self, sink: list[torch.Tensor], raw: bool, lattice_ref=None,
                   failed: list[int] | None = None,
-                  masks: list[torch.Tensor] | None = None):  # fmt: skip
+                  masks: list[torch.Tensor] | None = None, sketch: bool = False):  # fmt: skip
         """A gossip ``validate`` callable ``check(buf, numel, lo)``: decode each received payload
         of ``numel`` values, the first at flat index ``lo`` (raw: check it is finite fp32 of the
         right length; a frame may not claim more values than its segment; lattice: decoded as
         that segment), append the values to ``sink``; raise on anything
         bad so the gossip client counts a strike and fails the pull. ``failed``: where the
         lattice blocks that kept our own phi are counted, per frame; ``masks``: where each
-        frame's per-value mask of those blocks goes (1.0: failed)."""
+        frame's per-value mask of those blocks goes (1.0: failed); ``sketch``: a phi sketch
+        frame (:mod:`loco.outer.phi_sketch`), expanded per value."""
         failed = failed if failed is not None else []
 
         def check(buf, numel: int, seg_lo: int) -> None:
@@ -235,6 +286,12 @@ class RangePayloads:
                 t, bad = self._decode_lattice(mv, numel, seg_lo, lattice_ref, failed)
                 if masks is not None:  # per value: 1 where the block failed (own phi kept)
                     masks.append(bad)
+            elif sketch:
+                if numel > self.max_numel:
+                    raise PayloadError(
+                        f"sketch segment of {numel} values, more than {self.max_numel}"
+                    )
+                t = phi_sketch.decode(mv, numel)
             elif raw:
                 if len(mv) != self.numel * 4 or numel != self.numel:
                     raise PayloadError(f"raw payload of {len(mv)} bytes for {self.numel} values")
@@ -272,6 +329,10 @@ class RangePayloads:
 
             def exact(n: int) -> int:
                 return lattice.frame_bytes(n, LATTICE_BLOCK)
+        elif codec == "sketch":
+
+            def exact(n: int) -> int:
+                return phi_sketch.frame_bytes(n, LATTICE_BLOCK)
         else:
             c = make_codec(codec, **self._options(codec))
 
@@ -326,7 +387,9 @@ class RangePayloads:
         ref = self._ref if codec == "lattice" else None
         failed: list[int] = []
         kw: dict[str, object] = {
-            "validate": self.validator(values, codec in LOSSLESS, ref, failed, masks),
+            "validate": self.validator(
+                values, codec in LOSSLESS, ref, failed, masks, sketch=codec == "sketch"
+            ),  # fmt: skip
             "codec": "raw" if codec in LOSSLESS else codec,
             "segment_bytes": self.segment_bytes(codec),
         }

@@ -49,11 +49,15 @@ class Landing:
     Args:
         payloads: the rank's :class:`loco.outer.exchange.RangePayloads` (lattice phi).
         codec, options: the offsets' ``loco.compress`` codec and options.
+        window: how the leader sizes its lattice window: ``history`` (the partner spread seen
+            before, ``loco.outer.lattice.Spread``) or ``sketch`` (this round's followers'
+            sketches, ``loco.outer.phi_sketch``: the leader encodes its frame after pulling
+            them).
     """
 
     def __init__(self, payloads: Any, *, codec: str = "ternary",
-                 options: dict[str, object] | None = None) -> None:  # fmt: skip
-        self.payloads, self.codec = payloads, codec
+                 options: dict[str, object] | None = None, window: str = "history") -> None:  # fmt: skip
+        self.payloads, self.codec, self.window = payloads, codec, window
         payloads.register_codec(codec, dict(options or {}))
         self.miss: torch.Tensor | None = None  # on the rank's owned range
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from loco.outer.exchange import Outgoing, RangePayloads
+from loco.outer.exchange import SKETCH_STREAM, Outgoing, RangePayloads
 from loco.outer.flat_view import FlatView
 from loco.outer.landing import OFFSET_STREAM, Landing, leader_of
 from loco.outer.methods import OuterState, OuterStep
@@ -216,6 +216,8 @@ class Rounds:
         assert eff is not None
         mine = None
         if self.site == lead:
+            if self.payloads.sketched:  # size the window from the followers' sketches first
+                self._lead_sketched(r, followers, pull)
             lead_phi, lead_cause = r.out.phi, ""
             r.land_miss = landing.leader_miss(r.out.phi, eff, n)
         else:
@@ -253,6 +255,18 @@ class Rounds:
         if all(r.pulled[p][0] is not None and r.pulled[p][1] is not None for p in r.agreed):
             point = landing.point(lead_phi, offsets)  # type: ignore[arg-type]
             r.land = point if self.site == lead else torch.where(failed, self.state.phi, point)
+
+    def _lead_sketched(self, r: Round, followers: list[str], pull) -> None:
+        """The leader's phi frame under sketch windows (``loco.outer.phi_sketch``): pull every
+        follower's sketch, encode the frame with windows sized from them (a failed pull: the
+        history rule), publish it; ``r.out.phi`` becomes the leader's decoded phi."""
+        jobs = {p: pull(p, SKETCH_STREAM, "sketch") for p in followers}
+        got = [jobs[p].result()[0] for p in followers]
+        sketches = (
+            [self.payloads.own_blocks(g) for g in got] if all(g is not None for g in got) else None
+        )
+        buf, r.out.phi = self.payloads.encode_leader(r.t, self.state.momentum, sketches)
+        self.publish(r.rid, "phi", buf, "lattice")
 
     def agree(self, r: Round) -> None:
         """The pairing agreement of ``r`` on this rank alone (``loco.gossip.agree_rpc``): fetch

@@ -236,20 +236,25 @@ def test_final_average_ends_three_sites_on_one_model(tmp_path):
     assert rows["asia"]["val_loss"] == rows["us"]["val_loss"]  # same weights, same batches
 
 
-def test_sequential_landing_keeps_one_model_across_ranks(tmp_path):
+@pytest.mark.parametrize("window", ["history", "sketch"])
+def test_sequential_landing_keeps_one_model_across_ranks(tmp_path, window):
     """``outer.phi_landing=true`` with two ranks per site (ZeRO stage 2: each rank lands its own
     range): the pair lands on one point every round, bitwise, and each round one site (the
-    leader) sends its phi frame while the other sends an offset of about a fifth of it."""
+    leader) sends its phi frame while the other sends an offset of about a fifth of it; with
+    the leader's window from past partners or from this round's follower's sketch."""
     sites = ["eu", "us"]
     out = run_federation(
         ["federation.sites=[eu,us]", "federation.nproc=[2,2]", "zero.stage=2", "train.steps=20",
-         "outer.H=5", "gossip.insecure=true", "outer.phi_landing=true", *TINY],
+         "outer.H=5", "gossip.insecure=true", "outer.phi_landing=true",
+         f"outer.phi_landing_window={window}", *TINY],
         tmp_path, timeout=200,
     )  # fmt: skip
     rows = {r["site"]: r for r in out["sites"]}
     assert all(r["exit"] == 0 for r in rows.values()), rows
     recs = outer_records(tmp_path, sites)
     assert [r["n"] for r in recs["eu"] if not r.get("final")] == [2] * 4
+    failed = {k for s in sites for r in recs[s] for k in r if k.startswith("fail_")}
+    assert failed <= {"fail_lattice_blocks"}, failed  # every pull (a sketch's too) answered
     assert check_groups_agree(recs) == 10
     a, b = rows["eu"]["final_params_crc32"], rows["us"]["final_params_crc32"]
     assert a is not None and a == b

@@ -15,7 +15,7 @@ import torch
 
 from loco.compress import make_codec
 from loco.compress.wire import HEADER_SIZE
-from loco.outer import lattice
+from loco.outer import lattice, phi_sketch
 from loco.outer.exchange import codec_options
 from loco.outer.landing import Landing, leader_of
 from tests.outer.test_loop import P, inner_steps, make_sites, ports_for, run_parallel
@@ -26,13 +26,15 @@ OPTS = codec_options("ternary", block=256, scale_dtype="fp32", stochastic=False,
 def landing_sites(names, **kw):
     """Sites with the ternary delta codec, lattice phi and (``land``) the landing; one start."""
     land = kw.pop("land", True)
+    window = kw.pop("window", "history")
     sites = make_sites(names, ports_for(names), codec="ternary", phi_lattice=True, **kw)
     first = sites[names[0]]
     for loop in sites.values():
         loop.flat.theta.copy_(first.flat.theta)  # sites start from one model, as in a run
         loop.state.phi.copy_(first.state.phi)
         if land:
-            loop.payloads.landing = Landing(loop.payloads, codec="ternary", options=OPTS)
+            loop.payloads.landing = Landing(loop.payloads, codec="ternary", options=OPTS,
+                                            window=window)  # fmt: skip
     return sites
 
 
@@ -87,14 +89,22 @@ def test_a_triple_lands_together():
         close(sites)
 
 
-@pytest.mark.parametrize("bits,margin,bound", [(8, 8.0, 0.25), (4, 3.0, 0.3)])
-def test_changing_pairs_land_near_the_exact_mean(bits, margin, bound):
+@pytest.mark.parametrize(
+    "bits,margin,window,bound",
+    [(8, 8.0, "history", 0.25), (4, 3.0, "history", 0.3), (3, 4.0, "sketch", 0.3)],
+)
+def test_changing_pairs_land_near_the_exact_mean(bits, margin, window, bound, monkeypatch):
     """Four sites, pairs that change every round: the same training and deltas with exact fp32
     phi (two-way: the exact mean) against the landing, with 8-bit leader frames and with 4-bit
     ones under a 3x window. The landing's phi stays within a small part of how far the exact
     run's sites are apart."""
     names = ["af", "asia", "eu", "us"]
-    landed = landing_sites(names, H=5, phi_lattice_bits=bits, phi_lattice_margin=margin)
+    sized = []  # the frames whose windows came from this round's sketches
+    real = phi_sketch.steps_from_sketches
+    monkeypatch.setattr(phi_sketch, "steps_from_sketches",
+                        lambda *a, **k: sized.append(1) or real(*a, **k))  # fmt: skip
+    landed = landing_sites(names, H=5, phi_lattice_bits=bits, phi_lattice_margin=margin,
+                           window=window)  # fmt: skip
     exact = make_sites(names, ports_for(names), codec="ternary", H=5)
     try:
         first = exact[names[0]]
@@ -109,10 +119,12 @@ def test_changing_pairs_land_near_the_exact_mean(bits, margin, bound):
         spread = float((apart - apart.mean(0)).pow(2).mean().sqrt())
         err = max(float((landed[s].state.phi - exact[s].state.phi).pow(2).mean().sqrt())
                   for s in names)  # fmt: skip
-        # measured 0.11 (8 bits) and 0.20 (4 bits): the lattice's error over n plus the ternary
-        # offset's, fed back. At 4 bits under a 3x window the grid step is ~3/7 of the largest
-        # difference (~3 rms): an error of step / sqrt(12) / n ~ 0.19 rms
+        # measured 0.11 (8 bits), 0.20 (4 bits) and 0.15 (3 bits, sketch): the lattice's error
+        # over n plus the ternary offset's, fed back. At 4 bits under a 3x window the grid step
+        # is ~3/7 of the largest difference (~3 rms): an error of step / sqrt(12) / n ~ 0.19
+        # rms; at 3 bits under 4x the sketch's rms, 4/3 rms: 0.19 rms
         assert spread > 0 and err < bound * spread, (err, spread)
+        assert len(sized) == (12 if window == "sketch" else 0)  # 6 rounds, 2 leaders each
         assert all(landed[s].payloads.landing.miss is not None for s in names)
     finally:
         close(landed, exact)

@@ -1,0 +1,119 @@
+"""A sketch of phi that sizes the sequential landing's lattice window for THIS round's partner.
+
+The lattice window of the landing's leader (``loco.outer.landing``) must cover how far the
+followers' phi is from its own on every block. Past partners say little about a new one (a
+pair that met last round is bitwise equal; the next partner may be far), so with
+``outer.phi_landing_window=sketch`` every member publishes, with its delta, one random-sign
+projection of its coded phi per lattice block: ``S_b = sum_i sign(i) * phi_i`` over the block's
+values, ``sign`` a fixed hash of the value's flat index (so any rank count computes the same
+signs). For two members, ``S_b - S'_b`` is a random-sign sum of their differences on the block:
+its square has mean ``||phi_b - phi'_b||^2``. One sample per block is noisy, so the leader pools
+``GROUP`` neighbouring blocks (the same tensor, mostly) into one rms estimate per value and sets
+each block's window to ``margin`` times that rms (:func:`steps_from_sketches`).
+
+Frame (little-endian): ``b"LSKT"``, version u8 (1), 3 pad bytes, numel u64, block u32, nblocks
+u32, values fp32[nblocks], CRC-32 of everything before it (u32). ``1 <= block <= MAX_BLOCK``
+and ``nblocks = ceil(numel / block)``: 4 bytes per block (0.016 bytes per value at block 256).
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import torch
+
+from loco.compress import PayloadError
+from loco.outer.lattice import MAX_BLOCK, REL_FLOOR, _bf16, _blocks, _pad
+
+MAGIC, VERSION = b"LSKT", 1
+_HEAD = struct.Struct("<4sB3xQII")
+GROUP = 16  # blocks pooled into one rms estimate (16 samples: about +-18% at one sd)
+_MUL = 0x9E3779B97F4A7C15
+
+
+def signs(lo: int, n: int) -> torch.Tensor:
+    """The projection's sign (+-1.0, fp32) of flat indices ``[lo, lo + n)``: bit 31 of a
+    multiplicative hash of the index (the same on every site and every rank count)."""
+    i = np.arange(lo, lo + n, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        h = i * np.uint64(_MUL)
+    bit = ((h >> np.uint64(31)) & np.uint64(1)).astype(np.float32)
+    return torch.from_numpy(1.0 - 2.0 * bit)
+
+
+def sketch(phi: torch.Tensor, sgn: torch.Tensor, block: int) -> torch.Tensor:
+    """Per block of ``block`` values, the sum of ``phi`` times ``sgn`` (fp32)."""
+    return _pad(phi.float() * sgn, block).sum(1)
+
+
+def encode(phi: torch.Tensor, sgn: torch.Tensor, block: int) -> bytes:
+    """The sketch frame of ``phi`` (its signs ``sgn``, same length). ValueError if ``phi`` holds
+    NaN/Inf or ``block`` is out of range."""
+    if not 1 <= block <= MAX_BLOCK:
+        raise ValueError(f"block={block}; use 1 <= block <= {MAX_BLOCK}")
+    x = phi.detach().reshape(-1).float().cpu()
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("phi holds NaN/Inf; refusing to sketch it")
+    s = sketch(x, sgn, block)
+    body = (
+        _HEAD.pack(MAGIC, VERSION, x.numel(), block, s.numel()) + s.numpy().astype("<f4").tobytes()
+    )
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def frame_bytes(numel: int, block: int) -> int:
+    """The size of a sketch frame of ``numel`` values in blocks of ``block``."""
+    return _HEAD.size + 4 * _blocks(numel, block) + 4
+
+
+def decode(buf: bytes | bytearray | memoryview, numel: int) -> torch.Tensor:
+    """A sketch frame of a segment of ``numel`` values, expanded per value: value ``i`` holds
+    its block's projection (so a puller can slice it like any stream).
+
+    Raises:
+        PayloadError: wrong magic, version, block, block count, numel (not the segment's),
+            length or CRC, or values that are not finite.
+    """
+    mv = memoryview(buf).cast("B")
+    if len(mv) < _HEAD.size + 4:
+        raise PayloadError(f"sketch frame of {len(mv)} bytes is too short")
+    magic, ver, n, block, nb = _HEAD.unpack_from(mv)
+    if magic != MAGIC or ver != VERSION:
+        raise PayloadError(f"not a phi sketch frame of version {VERSION}")
+    if n != numel or not 1 <= block <= MAX_BLOCK or nb != _blocks(n, block):
+        raise PayloadError(f"bad sketch header: numel {n} for {numel}, block {block}, blocks {nb}")
+    if len(mv) != frame_bytes(n, block):
+        raise PayloadError(
+            f"sketch frame of {len(mv)} bytes, header implies {frame_bytes(n, block)}"
+        )
+    (crc,) = struct.unpack_from("<I", mv, len(mv) - 4)
+    if zlib.crc32(mv[:-4]) != crc:
+        raise PayloadError("sketch frame checksum mismatch")
+    s = torch.from_numpy(np.frombuffer(mv, "<f4", nb, _HEAD.size).astype(np.float32))
+    if not bool(torch.isfinite(s).all()):
+        raise PayloadError("sketch values are not finite")
+    return s.repeat_interleave(block)[:n].clone()
+
+
+def steps_from_sketches(phi: torch.Tensor, own: torch.Tensor, others: list[torch.Tensor],
+                        bits: int, block: int, margin: float) -> torch.Tensor:  # fmt: skip
+    """The lattice step of every block of ``phi`` (the leader's padded coded phi) whose window
+    (``2**(bits-1) - 1`` steps either side) covers ``margin`` times the estimated rms
+    difference per value to the farthest follower: ``own`` is the leader's per-block sketch,
+    ``others`` the followers' (per block, same length). At least the lattice's floor
+    ``max|phi| / 4096``."""
+    nb = own.numel()
+    d2 = torch.stack([(o.float() - own.float()).pow(2) for o in others]).amax(0)
+    ng = _blocks(nb, GROUP)
+    pooled = torch.zeros(ng * GROUP)
+    pooled[:nb] = d2
+    count = torch.full((ng * GROUP,), 0.0)
+    count[:nb] = 1.0
+    mean = pooled.view(ng, GROUP).sum(1) / count.view(ng, GROUP).sum(1)
+    rms = (mean / block).sqrt().repeat_interleave(GROUP)[:nb]  # per value
+    half = float(2 ** (bits - 1) - 1) if bits > 1 else 0.5
+    floor = _pad(phi.float(), block).abs().amax(1) * REL_FLOOR
+    s = torch.maximum(margin * rms / half, floor)
+    return _bf16(torch.clamp(s, min=1e-30))

@@ -1,0 +1,107 @@
+"""The landing's phi sketch (loco/outer/phi_sketch.py): the frame is checked before use, the
+signs do not depend on how the flat vector is split, and the windows follow the difference."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import pytest
+import torch
+
+from loco.compress import PayloadError
+from loco.outer import phi_sketch
+from loco.outer.exchange import RangePayloads
+
+BLOCK = 256
+
+
+def test_signs_are_the_same_however_the_vector_is_split():
+    whole = phi_sketch.signs(0, 10_000)
+    assert set(whole.unique().tolist()) == {-1.0, 1.0}
+    assert abs(float(whole.mean())) < 0.05  # about half each
+    for lo, n in ((0, 3000), (3000, 4096), (7096, 2904)):
+        assert torch.equal(phi_sketch.signs(lo, n), whole[lo : lo + n])
+
+
+def test_a_frame_decodes_to_each_blocks_projection_per_value():
+    phi = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    sgn = phi_sketch.signs(0, 1000)
+    buf = phi_sketch.encode(phi, sgn, BLOCK)
+    assert len(buf) == phi_sketch.frame_bytes(1000, BLOCK) == 24 + 4 * 4 + 4
+    got = phi_sketch.decode(buf, 1000)
+    want = [float((phi[b : b + BLOCK] * sgn[b : b + BLOCK]).sum()) for b in range(0, 1000, BLOCK)]
+    assert got.numel() == 1000
+    for i, w in enumerate(want):
+        assert torch.allclose(got[i * BLOCK : (i + 1) * BLOCK], torch.full((min(BLOCK, 1000 - i * BLOCK),), w),
+                              rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+def _reframe(body: bytes) -> bytes:
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda b: b[:10], "too short"),
+        (lambda b: b"XXXX" + b[4:], "not a phi sketch"),
+        (lambda b: _reframe(b[:4] + bytes([2]) + b[5:-4]), "not a phi sketch"),
+        (lambda b: _reframe(b[:8] + struct.pack("<Q", 999) + b[16:-4]), "bad sketch header"),
+        (lambda b: _reframe(b[:16] + struct.pack("<I", 0) + b[20:-4]), "bad sketch header"),
+        (lambda b: _reframe(b[:20] + struct.pack("<I", 5) + b[24:-4]), "bad sketch header"),
+        (lambda b: _reframe(b[:-8]), "header implies"),
+        (lambda b: b[:-1] + bytes([b[-1] ^ 1]), "checksum"),
+        (lambda b: _reframe(b[:24] + struct.pack("<f", float("nan")) + b[28:-4]), "not finite"),
+    ],
+)
+def test_bad_frames_are_refused(mutate, match):
+    buf = phi_sketch.encode(torch.ones(1000), phi_sketch.signs(0, 1000), BLOCK)
+    with pytest.raises(PayloadError, match=match):
+        phi_sketch.decode(mutate(buf), 1000)
+
+
+def test_the_encoder_refuses_what_the_decoder_would():
+    with pytest.raises(ValueError, match="NaN"):
+        phi_sketch.encode(torch.tensor([float("inf")]), phi_sketch.signs(0, 1), BLOCK)
+    with pytest.raises(ValueError, match="block"):
+        phi_sketch.encode(torch.zeros(4), phi_sketch.signs(0, 4), 0)
+
+
+def test_windows_follow_the_rms_difference_of_each_group_of_blocks():
+    """Two phis that differ by Gaussian noise of sd 1e-2 on the first half and 1e-1 on the
+    second: the step per block is margin x the rms / (2**(bits-1) - 1), the rms estimated from
+    16 one-sample blocks: sqrt(chi2_16 / 16) lies in [0.4, 1.7] with probability 0.9998."""
+    gen = torch.Generator().manual_seed(3)
+    n = 64 * BLOCK
+    phi = torch.randn(n, generator=gen)
+    sd = torch.cat([torch.full((n // 2,), 1e-2), torch.full((n // 2,), 1e-1)])
+    other = phi + sd * torch.randn(n, generator=gen)
+    sgn = phi_sketch.signs(0, n)
+    own, far = phi_sketch.sketch(phi, sgn, BLOCK), phi_sketch.sketch(other, sgn, BLOCK)
+    steps = phi_sketch.steps_from_sketches(phi, own, [far], bits=4, block=BLOCK, margin=4.0)
+    want = 4.0 * sd[::BLOCK] / 7
+    ratio = steps / want
+    assert float(ratio.min()) > 0.4 and float(ratio.max()) < 1.7, ratio
+    # a follower equal to the leader: no difference, the floor max|phi| / 4096
+    flat = phi_sketch.steps_from_sketches(phi, own, [own], bits=4, block=BLOCK, margin=4.0)
+    floor = phi.view(-1, BLOCK).abs().amax(1) / 4096
+    assert torch.allclose(flat, floor, rtol=1e-2)
+    # two followers: the farther one sizes the window
+    both = phi_sketch.steps_from_sketches(phi, own, [own, far], bits=4, block=BLOCK, margin=4.0)
+    assert torch.equal(both, steps)
+
+
+def test_a_partners_sketch_lines_up_with_the_own_blocks():
+    """The pulled sketch (per value on the owned range) gives each own block its projection;
+    blocks past the owned range keep the own projection (no difference there)."""
+    p = RangePayloads(shard=(0, 4 * BLOCK), owned=(0, 3 * BLOCK + 10), codec="int8",
+                      phi_lattice=True)  # fmt: skip
+    phi = torch.randn(3 * BLOCK + 10, generator=torch.Generator().manual_seed(1))
+    p._ref = p._padded(phi)
+    other = phi + 0.5
+    buf = phi_sketch.encode(p._padded(other), p._signs(), BLOCK)
+    expanded = phi_sketch.decode(buf, 4 * BLOCK)[: p.numel]
+    blocks = p.own_blocks(expanded)
+    want = phi_sketch.sketch(p._padded(other), p._signs(), BLOCK)
+    assert torch.equal(blocks, want)  # every block starts inside the owned range
