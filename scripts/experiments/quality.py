@@ -23,8 +23,10 @@ for the ``-8`` rows, each with the same per-worker batch).
 - ``noloco-frontier`` (``-8``): NoLoCo with ternary deltas, the 8-bit lattice phi and outer
   momentum 0.8; ``noloco-landing``: the same with the sequential landing (``LANDING``: the
   leader's frame at 6 bits; ``noloco-landing-8`` at 8, ``noloco-landing-4`` at 4 under a
-  3x window, ``-3`` at 3 under 1.5x); ``noloco-exact-phi``: ``noloco-frontier`` with exact
-  fp32 phi, the reference of the coded phi's consensus distance (issue 15 item 2).
+  3x window, ``-3`` at 3 under 1.5x; ``noloco-sketch-4`` / ``-3``: windows from this
+  round's phi sketches, ``SKETCH_4`` / ``SKETCH_3``); ``noloco-exact-phi``:
+  ``noloco-frontier`` with exact fp32 phi, the reference of the coded phi's consensus distance
+  (issue 15 item 2).
 - ``noloco-paper``: the spec's update with the paper's settings (``outer=noloco-spec``), no final average.
 - ``local``: 4 sites that never talk. ``noloco-lattice``: 8-bit lattice phi.
 - ``diloco-sched``, ``noloco-sched``: ``diloco`` and ``noloco`` with an H schedule
@@ -94,12 +96,18 @@ NOLOCO_FRONTIER = NOLOCO + [
 # instead of 1.02 B/value of phi; -8: at 8 bits, 0.61). ``noloco-landing`` is the defaults since
 # 2026-12-05, seventh session (tests/test_quality_rows.py holds them equal)
 LANDING = ["outer.phi_landing=true", "outer.phi_landing_bits=6", "outer.phi_landing_margin=8",
-           "outer.phi_landing_codec=ternary"]  # fmt: skip
+           "outer.phi_landing_codec=ternary", "outer.phi_landing_window=history"]  # fmt: skip
 LANDING_8 = [*LANDING, "outer.phi_landing_bits=8"]
 # the leader's frame at 4 bits under a window 3x the largest partner difference seen (the
 # 6-bit frame's window is 8x: the grid step is about the same, 2 bits fewer); 2026-12-06
 LANDING_4 = [*LANDING, "outer.phi_landing_bits=4", "outer.phi_landing_margin=3"]
 LANDING_3 = [*LANDING, "outer.phi_landing_bits=3", "outer.phi_landing_margin=1.5"]
+# the leader's window from this round's followers' phi sketches (loco/outer/phi_sketch.py):
+# margin x the estimated rms difference; 4 bits under 5x, 3 bits under 4x
+SKETCH_4 = [*LANDING, "outer.phi_landing_window=sketch", "outer.phi_landing_bits=4",
+            "outer.phi_landing_margin=5"]  # fmt: skip
+SKETCH_3 = [*LANDING, "outer.phi_landing_window=sketch", "outer.phi_landing_bits=3",
+            "outer.phi_landing_margin=4"]  # fmt: skip
 # ternary deltas and one-bit slice averages (compression=ternary-sign, 0.2499 B/param/round at
 # 4 sites) at the preset's outer momentum 0.8, the best measured with them at 80 rounds
 FRONTIER_TERNARY = ["outer=diloco-frontier", "compression=ternary-sign"]
@@ -133,6 +141,8 @@ def rows(H: int, codec: str, steps: int) -> dict[str, tuple[list[str], int]]:
         "noloco-landing-8": ([fed, *NOLOCO_FRONTIER, *LANDING_8, h], 4),
         "noloco-landing-4": ([fed, *NOLOCO_FRONTIER, *LANDING_4, h], 4),
         "noloco-landing-3": ([fed, *NOLOCO_FRONTIER, *LANDING_3, h], 4),
+        "noloco-sketch-4": ([fed, *NOLOCO_FRONTIER, *SKETCH_4, h], 4),
+        "noloco-sketch-3": ([fed, *NOLOCO_FRONTIER, *SKETCH_3, h], 4),
         "noloco-exact-phi": ([fed, *NOLOCO_FRONTIER, "outer.phi_lattice=false", h], 4),
         "frontier-fragments": ([fed, *FRONTIER, *FRAGMENTS, h], 4),
         "frontier-8": ([fed8, *FRONTIER, h], 8),
