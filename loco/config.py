@@ -342,9 +342,10 @@ class OuterConfig(SlicedOptions):
     phi_landing: bool = False
     phi_landing_bits: int = 8  # the leader's lattice bits under the landing (2-8)
     # the leader's window under the landing: margin x the largest partner difference seen
-    # (history), or margin x the rms difference the followers' sketches estimate (sketch)
     phi_landing_margin: float = 8.0
     phi_landing_window: str = "history"  # history | sketch (loco/outer/phi_sketch.py)
+    # sketch: the window also covers this many times the rms difference the sketches estimate
+    phi_landing_sketch_margin: float = 5.0
     phi_landing_codec: str = "ternary"  # the followers' offsets (a loco.compress codec, not none)
     final_average: bool = False  # noloco: after the last step, average the weights over all sites
 
@@ -385,6 +386,7 @@ class OuterConfig(SlicedOptions):
             raise ConfigError(f"outer.phi_landing_bits={self.phi_landing_bits} must be in 2..8")
         _positive("outer.phi_landing_margin", self.phi_landing_margin)
         _choice("outer.phi_landing_window", self.phi_landing_window, ("history", "sketch"))
+        _positive("outer.phi_landing_sketch_margin", self.phi_landing_sketch_margin)
         codecs = tuple(c for c in _names("CODECS") if c != "none")
         _choice("outer.phi_landing_codec", self.phi_landing_codec, codecs)
 

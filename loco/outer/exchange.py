@@ -86,6 +86,8 @@ class RangePayloads:
             before any observation the frame is 8-bit with the momentum rule.
         phi_every: send phi every this many rounds (rounds 1, 1 + N, ...); the other rounds
             publish a frame without values and keep their own phi (lattice only).
+        phi_sketch_margin: under the landing's sketch windows, a block's window covers this
+            many times the rms difference the followers' sketches estimate (at least).
     """
 
     def __init__(
@@ -109,6 +111,7 @@ class RangePayloads:
         phi_lattice_bits: int = 8,
         phi_lattice_margin: float = 8.0,
         phi_every: int = 1,
+        phi_sketch_margin: float = 5.0,
     ) -> None:
         self.slo, self.shi = shard
         self.lo, self.hi = owned
@@ -116,7 +119,7 @@ class RangePayloads:
         self.codec, self.phi_codec = codec, "lattice" if phi_lattice else phi_codec
         self.lattice_window = phi_lattice_window
         self.lattice_bits, self.lattice_margin = phi_lattice_bits, phi_lattice_margin
-        self.phi_every = phi_every
+        self.phi_every, self.sketch_margin = phi_every, phi_sketch_margin
         self.spread = Spread()
         self.lattice_blocks = self.lattice_failed = 0  # decoded blocks, and how many failed
         self._lock = threading.Lock()
@@ -230,15 +233,24 @@ class RangePayloads:
 
     def encode_leader(self, round: int, momentum: torch.Tensor | None,
                       sketches: list[torch.Tensor] | None) -> tuple[bytes, torch.Tensor]:  # fmt: skip
-        """The landing leader's lattice frame of the phi :meth:`encode` sketched, its window
-        sized from the followers' per-block ``sketches`` (:meth:`own_blocks`), or by the
-        history rule when None; returns the frame and the own decoded values on [lo, hi)."""
+        """The landing leader's lattice frame of the phi :meth:`encode` sketched: each block's
+        window covers ``sketch_margin`` times the rms difference the followers' per-block
+        ``sketches`` (:meth:`own_blocks`) estimate and ``lattice_margin`` times the largest
+        difference seen on the block before (the tails a rms misses), whichever is wider; by
+        the history rule alone when ``sketches`` is None. Returns the frame and the own decoded
+        values on [lo, hi)."""
         assert self._ref is not None
         if not sketches:
             return self._encode_lattice(round, self._ref[: self.numel], momentum)
         own = phi_sketch.sketch(self._ref, self._signs(), LATTICE_BLOCK)
         steps = phi_sketch.steps_from_sketches(self._ref, own, sketches, self.lattice_bits,
-                                               LATTICE_BLOCK, self.lattice_margin)  # fmt: skip
+                                               LATTICE_BLOCK, self.sketch_margin)  # fmt: skip
+        with self._lock:
+            spread = self.spread.value
+        if spread is not None and spread.numel() == steps.numel():  # the blocks' tails seen
+            seen = lattice.steps_for_spread(self._ref, spread, self.lattice_bits, LATTICE_BLOCK,
+                                            self.lattice_margin)  # fmt: skip
+            steps = torch.maximum(steps, seen)
         return self._encode_lattice(round, self._ref[: self.numel], momentum, steps)
 
     def _encode_lattice(self, round: int, phi: torch.Tensor, momentum: torch.Tensor | None,

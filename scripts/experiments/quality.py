@@ -102,12 +102,10 @@ LANDING_8 = [*LANDING, "outer.phi_landing_bits=8"]
 # 6-bit frame's window is 8x: the grid step is about the same, 2 bits fewer); 2026-12-06
 LANDING_4 = [*LANDING, "outer.phi_landing_bits=4", "outer.phi_landing_margin=3"]
 LANDING_3 = [*LANDING, "outer.phi_landing_bits=3", "outer.phi_landing_margin=1.5"]
-# the leader's window from this round's followers' phi sketches (loco/outer/phi_sketch.py):
-# margin x the estimated rms difference; 4 bits under 5x, 3 bits under 4x
-SKETCH_4 = [*LANDING, "outer.phi_landing_window=sketch", "outer.phi_landing_bits=4",
-            "outer.phi_landing_margin=5"]  # fmt: skip
-SKETCH_3 = [*LANDING, "outer.phi_landing_window=sketch", "outer.phi_landing_bits=3",
-            "outer.phi_landing_margin=4"]  # fmt: skip
+# the leader's window also covers this round's followers' phi sketches (loco/outer/phi_sketch.py):
+# 5x the estimated rms difference, and the history rule's window as in LANDING_4 / LANDING_3
+SKETCH_4 = [*LANDING_4, "outer.phi_landing_window=sketch", "outer.phi_landing_sketch_margin=5"]
+SKETCH_3 = [*LANDING_3, "outer.phi_landing_window=sketch", "outer.phi_landing_sketch_margin=5"]
 # ternary deltas and one-bit slice averages (compression=ternary-sign, 0.2499 B/param/round at
 # 4 sites) at the preset's outer momentum 0.8, the best measured with them at 80 rounds
 FRONTIER_TERNARY = ["outer=diloco-frontier", "compression=ternary-sign"]

@@ -91,7 +91,7 @@ def test_a_triple_lands_together():
 
 @pytest.mark.parametrize(
     "bits,margin,window,bound",
-    [(8, 8.0, "history", 0.25), (4, 3.0, "history", 0.3), (3, 4.0, "sketch", 0.3)],
+    [(8, 8.0, "history", 0.25), (4, 3.0, "history", 0.3), (3, 1.5, "sketch", 0.3)],
 )
 def test_changing_pairs_land_near_the_exact_mean(bits, margin, window, bound, monkeypatch):
     """Four sites, pairs that change every round: the same training and deltas with exact fp32
@@ -119,10 +119,11 @@ def test_changing_pairs_land_near_the_exact_mean(bits, margin, window, bound, mo
         spread = float((apart - apart.mean(0)).pow(2).mean().sqrt())
         err = max(float((landed[s].state.phi - exact[s].state.phi).pow(2).mean().sqrt())
                   for s in names)  # fmt: skip
-        # measured 0.11 (8 bits), 0.20 (4 bits) and 0.15 (3 bits, sketch): the lattice's error
+        # measured 0.11 (8 bits), 0.20 (4 bits) and 0.21 (3 bits, sketch): the lattice's error
         # over n plus the ternary offset's, fed back. At 4 bits under a 3x window the grid step
         # is ~3/7 of the largest difference (~3 rms): an error of step / sqrt(12) / n ~ 0.19
-        # rms; at 3 bits under 4x the sketch's rms, 4/3 rms: 0.19 rms
+        # rms; at 3 bits, 1.5x the largest difference or 5x the sketch's rms over 3 steps: the
+        # same or wider
         assert spread > 0 and err < bound * spread, (err, spread)
         assert len(sized) == (12 if window == "sketch" else 0)  # 6 rounds, 2 leaders each
         assert all(landed[s].payloads.landing.miss is not None for s in names)
