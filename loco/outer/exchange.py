@@ -243,8 +243,9 @@ class RangePayloads:
         if not sketches:
             return self._encode_lattice(round, self._ref[: self.numel], momentum)
         own = phi_sketch.sketch(self._ref, self._signs(), LATTICE_BLOCK)
+        mom = self._padded(momentum if momentum is not None else torch.zeros(self.numel))
         steps = phi_sketch.steps_from_sketches(self._ref, own, sketches, self.lattice_bits,
-                                               LATTICE_BLOCK, self.sketch_margin)  # fmt: skip
+                                               LATTICE_BLOCK, self.sketch_margin, mom)  # fmt: skip
         with self._lock:
             spread = self.spread.value
         if spread is not None and spread.numel() == steps.numel():  # the blocks' tails seen

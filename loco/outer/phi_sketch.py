@@ -25,11 +25,12 @@ import numpy as np
 import torch
 
 from loco.compress import PayloadError
-from loco.outer.lattice import MAX_BLOCK, REL_FLOOR, _bf16, _blocks, _pad
+from loco.outer.lattice import MAX_BLOCK, REL_FLOOR, WINDOW_STEPS, _bf16, _blocks, _pad
 
 MAGIC, VERSION = b"LSKT", 1
 _HEAD = struct.Struct("<4sB3xQII")
 GROUP = 16  # blocks pooled into one rms estimate (16 samples: about +-18% at one sd)
+CAP = 127.0 / WINDOW_STEPS  # the widest window, in largest momentum values: the 8-bit rule's
 _MUL = 0x9E3779B97F4A7C15
 
 
@@ -98,14 +99,18 @@ def decode(buf: bytes | bytearray | memoryview, numel: int) -> torch.Tensor:
 
 
 def steps_from_sketches(phi: torch.Tensor, own: torch.Tensor, others: list[torch.Tensor],
-                        bits: int, block: int, margin: float) -> torch.Tensor:  # fmt: skip
+                        bits: int, block: int, margin: float,
+                        momentum: torch.Tensor) -> torch.Tensor:  # fmt: skip
     """The lattice step of every block of ``phi`` (the leader's padded coded phi) whose window
     (``2**(bits-1) - 1`` steps either side) covers ``margin`` times the estimated rms
     difference per value to the farthest follower: ``own`` is the leader's per-block sketch,
-    ``others`` the followers' (per block, same length). At least the lattice's floor
-    ``max|phi| / 4096``."""
+    ``others`` the followers' (per block, same length). The window is at most the 8-bit
+    momentum rule's, ``CAP`` times the block's largest outer-momentum value (padded like
+    ``phi``): a follower's sketch can widen the leader's grid, and so its coding error, no
+    further than that. At least the lattice's floor ``max|phi| / 4096``."""
     nb = own.numel()
     d2 = torch.stack([(o.float() - own.float()).pow(2) for o in others]).amax(0)
+    d2 = torch.nan_to_num(d2, nan=float("inf"))
     ng = _blocks(nb, GROUP)
     pooled = torch.zeros(ng * GROUP)
     pooled[:nb] = d2
@@ -115,5 +120,6 @@ def steps_from_sketches(phi: torch.Tensor, own: torch.Tensor, others: list[torch
     rms = (mean / block).sqrt().repeat_interleave(GROUP)[:nb]  # per value
     half = float(2 ** (bits - 1) - 1) if bits > 1 else 0.5
     floor = _pad(phi.float(), block).abs().amax(1) * REL_FLOOR
-    s = torch.maximum(margin * rms / half, floor)
+    cap = CAP * _pad(momentum.float(), block).abs().amax(1)
+    s = torch.maximum(torch.minimum(margin * rms, cap) / half, floor)
     return _bf16(torch.clamp(s, min=1e-30))

@@ -79,16 +79,20 @@ def test_windows_follow_the_rms_difference_of_each_group_of_blocks():
     other = phi + sd * torch.randn(n, generator=gen)
     sgn = phi_sketch.signs(0, n)
     own, far = phi_sketch.sketch(phi, sgn, BLOCK), phi_sketch.sketch(other, sgn, BLOCK)
-    steps = phi_sketch.steps_from_sketches(phi, own, [far], bits=4, block=BLOCK, margin=4.0)
+    mom = torch.ones(n)  # a cap far above these differences
+    steps = phi_sketch.steps_from_sketches(phi, own, [far], bits=4, block=BLOCK, margin=4.0,
+                                           momentum=mom)  # fmt: skip
     want = 4.0 * sd[::BLOCK] / 7
     ratio = steps / want
     assert float(ratio.min()) > 0.4 and float(ratio.max()) < 1.7, ratio
     # a follower equal to the leader: no difference, the floor max|phi| / 4096
-    flat = phi_sketch.steps_from_sketches(phi, own, [own], bits=4, block=BLOCK, margin=4.0)
+    flat = phi_sketch.steps_from_sketches(phi, own, [own], bits=4, block=BLOCK, margin=4.0,
+                                          momentum=mom)  # fmt: skip
     floor = phi.view(-1, BLOCK).abs().amax(1) / 4096
     assert torch.allclose(flat, floor, rtol=1e-2)
     # two followers: the farther one sizes the window
-    both = phi_sketch.steps_from_sketches(phi, own, [own, far], bits=4, block=BLOCK, margin=4.0)
+    both = phi_sketch.steps_from_sketches(phi, own, [own, far], bits=4, block=BLOCK,
+                                          margin=4.0, momentum=mom)  # fmt: skip
     assert torch.equal(both, steps)
 
 
@@ -105,3 +109,20 @@ def test_a_partners_sketch_lines_up_with_the_own_blocks():
     blocks = p.own_blocks(expanded)
     want = phi_sketch.sketch(p._padded(other), p._signs(), BLOCK)
     assert torch.equal(blocks, want)  # every block starts inside the owned range
+
+
+def test_a_hostile_sketch_widens_the_window_no_further_than_the_momentum_rule():
+    """A follower's sketch of huge values (or one that makes the difference overflow) cannot
+    make the leader's grid coarser than the 8-bit momentum rule's window, 127/8 times the
+    block's largest outer-momentum value, over the frame's half-range: the leader's own coding
+    error stays bounded by its own outer step."""
+    n = 8 * BLOCK
+    phi = torch.randn(n, generator=torch.Generator().manual_seed(4))
+    mom = torch.full((n,), 1e-3)
+    own = phi_sketch.sketch(phi, phi_sketch.signs(0, n), BLOCK)
+    for bad in (torch.full_like(own, 1e30), torch.full_like(own, 3e38), -own * 1e38):
+        steps = phi_sketch.steps_from_sketches(phi, own, [bad], bits=4, block=BLOCK,
+                                               margin=5.0, momentum=mom)  # fmt: skip
+        assert bool(torch.isfinite(steps).all())
+        cap = 127 / 8 * 1e-3 / 7
+        assert float(steps.max()) <= cap * 1.01, (float(steps.max()), cap)
