@@ -61,3 +61,25 @@ def test_the_noloco_rows_keep_the_phi_they_were_measured_with():
     frontier = compose(["+site=eu", *ROWS["noloco-frontier"][0]]).outer
     assert frontier.phi_lattice is True and not lands(frontier)
     assert lands(compose(["+site=eu", *ROWS["noloco-landing"][0]]).outer)
+
+
+def test_round_distance_is_the_second_halfs_mean_of_measured_rounds(tmp_path):
+    """``round_distance``: rounds past the half of the last, measured ones only (a landing's
+    leader records none), and not the final average over every site."""
+    import json
+
+    q = _quality()
+    rows = {
+        "eu": [(1, "us", 9.0), (2, "us", None), (3, "us", 2.0), (4, "us", 4.0),
+               (5, "asia,sa,us", 7.0)],
+        "us": [(1, "eu", 9.0), (2, "eu", 1.0), (3, "eu", None), (4, "eu", 6.0)],
+    }  # fmt: skip
+    for site, recs in rows.items():
+        (tmp_path / site).mkdir()
+        with open(tmp_path / site / "metrics.jsonl", "w") as f:
+            for rnd, partner, dist in recs:
+                f.write(json.dumps({"kind": "outer", "site": site, "step": rnd * 50,
+                                    "round": rnd, "partner": partner,
+                                    "consensus_distance": dist}) + "\n")  # fmt: skip
+    # eu: rounds 3 and 4 (last pairwise round 4); us: round 4 (3 unmeasured)
+    assert q.round_distance(tmp_path, ["eu", "us"]) == (2.0 + 4.0 + 6.0) / 3

@@ -190,6 +190,23 @@ def curve(run: Path, sites: list[str], workers_per_site: int) -> list[tuple[floa
     return out
 
 
+def round_distance(run: Path, sites: list[str]) -> float | None:
+    """The mean consensus distance of the pairwise rounds of the run's second half, as each
+    site measured it before its round (with the landing: a follower to its leader's decoded
+    phi; the leader measures none), over every site's records: the distance the rounds keep,
+    where the final snapshot (``consensus_distance``) is one sample of it."""
+    vals: list[float] = []
+    for s in sites:
+        m = run / s / "metrics.jsonl"
+        if not m.exists():
+            continue
+        recs = [r for r in read_metrics(m, "outer")
+                if r.get("consensus_distance") and "," not in str(r.get("partner", ""))]  # fmt: skip
+        last = max((r["round"] for r in recs), default=0)
+        vals += [r["consensus_distance"] for r in recs if r["round"] > last // 2]
+    return _mean(vals)
+
+
 def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
@@ -232,6 +249,7 @@ def run_one(name: str, seed: int, a: argparse.Namespace, stamp: str) -> dict:
         "bytes_per_param_round": sent / workers / max(params, 1) / rounds,
         "bytes_per_param": sent / workers / max(params, 1),  # over the whole run
         "consensus_distance": _mean(before) if before else _mean(dist),
+        "round_distance": round_distance(run, sites) if name != "ddp" else None,
         "compute_utilization": _mean(util) if name != "ddp" else None,
         "wall_s": wall, "run": str(run), "set": a.set if name != "ddp" else [],
         "curve": curve(run, sites, 4 if name == "ddp" else 1),
