@@ -3,9 +3,9 @@
 A rank saves, on its own flat range ``[lo, hi)`` (``engine.flat_range``, the same for every
 ZeRO stage): the fp32 master weights, the optimizer moments (``optim.*``) and step, the outer
 state (``outer.phi``, ``outer.momentum``, rounds), the error-feedback residual with its call
-counter and the sequential landing's miss; plus its RNG states. Rank 0 adds the frozen parameters and buffers (replicated). The
-data sampler is stateless (a batch is a pure function of seed, site and step), so the manifest
-records its inputs and the step to continue from.
+counter and the sequential landing's miss; plus its RNG states. Rank 0 adds the frozen
+parameters and buffers (replicated). The data sampler is stateless (a batch is a pure function
+of seed, site and step), so the manifest records its inputs and the step to continue from.
 
 The range streams, their scalars and how they load are :class:`loco.state.RankState`'s (the
 names are the checkpoint's, shared with joins); this module adds the RNG states, frozen

@@ -135,6 +135,7 @@ class RangePayloads:
         self.extra_options: dict[str, dict[str, object]] = {}  # codecs of other streams
         self.landing = None  # loco.outer.landing.Landing with outer.phi_landing (build.py)
         self._sketch_signs: torch.Tensor | None = None
+        self._own_sketch: torch.Tensor | None = None  # per block, of the round's coded phi
         self.ef = (
             ErrorFeedback(
                 codec, self.shi - self.slo, seed=seed, decay=ef_decay, **self.delta_options
@@ -195,7 +196,8 @@ class RangePayloads:
         if self.sketched:  # the phi frame waits for the partners' sketches (leader only)
             ref = self._padded(phi)
             self._ref = ref
-            sbuf = phi_sketch.encode(ref, self._signs(), LATTICE_BLOCK)
+            self._own_sketch = phi_sketch.sketch(ref, self._signs(), LATTICE_BLOCK)
+            sbuf = phi_sketch.frame(self._own_sketch, ref.numel(), LATTICE_BLOCK)
             nbytes = memoryview(dbuf).nbytes + len(sbuf)
             out = Outgoing(round, dval, ref[: self.numel].clone(), (dbuf, sbuf), nbytes)
             return out, {"delta": (dbuf, dlab), SKETCH_STREAM: (sbuf, "sketch")}
@@ -224,10 +226,10 @@ class RangePayloads:
         """A partner's sketch pulled on ``[lo, hi)`` (per value), per block of this rank's
         lattice grid: the value at each block's start (blocks that start outside ``[lo, hi)``
         get this rank's own sketch: no difference there)."""
-        own = phi_sketch.sketch(self._ref, self._signs(), LATTICE_BLOCK)
-        starts = torch.arange(own.numel()) * LATTICE_BLOCK + self.slo - self.lo
+        assert self._own_sketch is not None
+        starts = torch.arange(self._own_sketch.numel()) * LATTICE_BLOCK + self.slo - self.lo
         inside = (starts >= 0) & (starts < self.numel)
-        out = own.clone()
+        out = self._own_sketch.clone()
         out[inside] = expanded[starts[inside]]
         return out
 
@@ -239,38 +241,32 @@ class RangePayloads:
         difference seen on the block before (the tails a rms misses), whichever is wider; by
         the history rule alone when ``sketches`` is None. Returns the frame and the own decoded
         values on [lo, hi)."""
-        assert self._ref is not None
+        assert self._ref is not None and self._own_sketch is not None
+        phi = self._ref[: self.numel]
         if not sketches:
-            return self._encode_lattice(round, self._ref[: self.numel], momentum)
-        own = phi_sketch.sketch(self._ref, self._signs(), LATTICE_BLOCK)
+            return self._encode_lattice(round, phi, momentum)
         mom = self._padded(momentum if momentum is not None else torch.zeros(self.numel))
-        steps = phi_sketch.steps_from_sketches(self._ref, own, sketches, self.lattice_bits,
-                                               LATTICE_BLOCK, self.sketch_margin, mom)  # fmt: skip
-        with self._lock:
-            spread = self.spread.value
-        if spread is not None and spread.numel() == steps.numel():  # the blocks' tails seen
-            seen = lattice.steps_for_spread(self._ref, spread, self.lattice_bits, LATTICE_BLOCK,
-                                            self.lattice_margin)  # fmt: skip
-            steps = torch.maximum(steps, seen)
-        return self._encode_lattice(round, self._ref[: self.numel], momentum, steps)
+        steps = phi_sketch.steps_from_sketches(self._ref, self._own_sketch, sketches,
+                                               self.lattice_bits, LATTICE_BLOCK,
+                                               self.sketch_margin, mom)  # fmt: skip
+        return self._encode_lattice(round, phi, momentum, at_least=steps)
 
     def _encode_lattice(self, round: int, phi: torch.Tensor, momentum: torch.Tensor | None,
-                        steps: torch.Tensor | None = None) -> tuple[bytes, torch.Tensor]:  # fmt: skip
-        """The lattice frame of ``phi`` for ``round`` and own decoded values on [lo, hi)
-        (``steps``: the grid step per block; None: from the partner spread seen)."""
+                        at_least: torch.Tensor | None = None) -> tuple[bytes, torch.Tensor]:  # fmt: skip
+        """The lattice frame of ``phi`` for ``round`` and own decoded values on [lo, hi). The
+        grid step per block follows the partner spread seen; ``at_least``: no finer than these
+        steps (alone when no spread was seen)."""
         ref = self._padded(phi)
         self._ref = ref
         if (round - 1) % self.phi_every:
             return lattice.skip_frame(ref.numel()), ref[: self.numel].clone()
         with self._lock:
             spread = self.spread.value
-        bits = self.lattice_bits
-        if (
-            steps is None
-            and spread is not None
-            and spread.numel() == -(-ref.numel() // LATTICE_BLOCK)
-        ):
+        bits, steps = self.lattice_bits, at_least
+        if spread is not None and spread.numel() == -(-ref.numel() // LATTICE_BLOCK):
             steps = lattice.steps_for_spread(ref, spread, bits, LATTICE_BLOCK, self.lattice_margin)
+            if at_least is not None:  # the wider of the two windows
+                steps = torch.maximum(steps, at_least)
         elif steps is None:
             bits = 8  # nothing observed yet: 8 bits, the momentum rule
         mom = self._padded(momentum if momentum is not None else torch.zeros_like(phi))

@@ -57,10 +57,12 @@ def encode(phi: torch.Tensor, sgn: torch.Tensor, block: int) -> bytes:
     x = phi.detach().reshape(-1).float().cpu()
     if not bool(torch.isfinite(x).all()):
         raise ValueError("phi holds NaN/Inf; refusing to sketch it")
-    s = sketch(x, sgn, block)
-    body = (
-        _HEAD.pack(MAGIC, VERSION, x.numel(), block, s.numel()) + s.numpy().astype("<f4").tobytes()
-    )
+    return frame(sketch(x, sgn, block), x.numel(), block)
+
+
+def frame(s: torch.Tensor, numel: int, block: int) -> bytes:
+    """The frame of a sketch ``s`` (per block, from :func:`sketch`) of ``numel`` values."""
+    body = _HEAD.pack(MAGIC, VERSION, numel, block, s.numel()) + s.numpy().astype("<f4").tobytes()
     return body + struct.pack("<I", zlib.crc32(body))
 
 
@@ -111,12 +113,9 @@ def steps_from_sketches(phi: torch.Tensor, own: torch.Tensor, others: list[torch
     nb = own.numel()
     d2 = torch.stack([(o.float() - own.float()).pow(2) for o in others]).amax(0)
     d2 = torch.nan_to_num(d2, nan=float("inf"))
-    ng = _blocks(nb, GROUP)
-    pooled = torch.zeros(ng * GROUP)
-    pooled[:nb] = d2
-    count = torch.full((ng * GROUP,), 0.0)
-    count[:nb] = 1.0
-    mean = pooled.view(ng, GROUP).sum(1) / count.view(ng, GROUP).sum(1)
+    counts = torch.full((_blocks(nb, GROUP),), float(GROUP))
+    counts[-1] = nb - GROUP * (counts.numel() - 1)  # the last group may be short
+    mean = _pad(d2, GROUP).sum(1) / counts
     rms = (mean / block).sqrt().repeat_interleave(GROUP)[:nb]  # per value
     half = float(2 ** (bits - 1) - 1) if bits > 1 else 0.5
     floor = _pad(phi.float(), block).abs().amax(1) * REL_FLOOR

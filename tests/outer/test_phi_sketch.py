@@ -103,6 +103,7 @@ def test_a_partners_sketch_lines_up_with_the_own_blocks():
                       phi_lattice=True)  # fmt: skip
     phi = torch.randn(3 * BLOCK + 10, generator=torch.Generator().manual_seed(1))
     p._ref = p._padded(phi)
+    p._own_sketch = phi_sketch.sketch(p._ref, p._signs(), BLOCK)  # what encode() keeps
     other = phi + 0.5
     buf = phi_sketch.encode(p._padded(other), p._signs(), BLOCK)
     expanded = phi_sketch.decode(buf, 4 * BLOCK)[: p.numel]
