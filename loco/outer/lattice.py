@@ -240,6 +240,7 @@ class Decoded:
     blocks: int
     spread: torch.Tensor
     block: int = 0
+    steps: torch.Tensor | None = None  # per block, the frame's grid step (None: not known)
 
 
 def decode(buf: bytes | bytearray | memoryview, ref: torch.Tensor,
@@ -289,7 +290,7 @@ def decode(buf: bytes | bytearray | memoryview, ref: torch.Tensor,
         raise PayloadError("lattice values are not finite")
     spread = (vals - p).abs().amax(1)
     spread[bad] = float("nan")
-    return Decoded(vals.reshape(-1)[:n].clone(), int(bad.sum()), nb, spread, block)
+    return Decoded(vals.reshape(-1)[:n].clone(), int(bad.sum()), nb, spread, block, s)
 
 
 @dataclass
@@ -338,16 +339,30 @@ def decode_segment(buf: memoryview, numel: int, seg_lo: int, ref: torch.Tensor, 
     return Segment(got, bad, int(mine.numel()), int(mine.sum()), own)
 
 
+# a partner with our own phi decodes within half a step (the rounding), plus fp32 error on
+# |phi| / s <= 4096 (the floor): a block's spread up to this many steps is coding error
+RESOLUTION_STEPS = 0.501
+# frames in a row that showed only rounding, with no estimate yet, before the rounding becomes
+# the estimate: a group that keeps meeting (two sites) has one phi, so any window decodes and
+# fewer bits are safe; until then, each next frame is 8-bit by the momentum rule
+TRUST_ROUNDING_AFTER = 3
+
+
 class Spread:
     """A rank's running estimate, per block, of the largest difference between its phi and a
     partner's, from every decoded frame: the new observation where it is larger, otherwise a
     decay toward it; a failed block is widened by ``grow``; a frame with no block decoded
-    resets it (``value`` None: the sender's next frame is 8-bit, the momentum rule). Drives
-    :func:`steps_for_spread`."""
+    resets it (``value`` None: the sender's next frame is 8-bit, the momentum rule). A block
+    decoded within half its grid step (``RESOLUTION_STEPS``) says nothing about the partner's
+    distance (a partner with the same phi shows only the code's rounding): it leaves the
+    block's estimate as it was, and a frame with only such blocks leaves ``value`` unset, up
+    to ``TRUST_ROUNDING_AFTER`` such frames in a row (then the rounding is the estimate).
+    Drives :func:`steps_for_spread`."""
 
     def __init__(self, decay: float = 0.5, grow: float = 4.0) -> None:
         self.decay, self.grow = decay, grow
         self.value: torch.Tensor | None = None
+        self.rounding_only = 0  # frames in a row, with no estimate, that showed only rounding
 
     def observe(self, d: Decoded) -> None:
         """Take the spread of a decoded frame (frames without values are ignored)."""
@@ -361,11 +376,27 @@ class Spread:
             # rounds to catch up, so the next frame starts over with the momentum rule
             self.value = None
             return
-        typical = float(seen[ok].max())
-        if self.value is None or self.value.numel() != seen.numel():
-            self.value = torch.where(ok, seen, torch.full_like(seen, 4 * typical))
+        if d.steps is not None and d.steps.numel() == seen.numel():
+            coded = ok & (seen <= RESOLUTION_STEPS * d.steps.float())
+        else:
+            coded = torch.zeros_like(ok)
+        fresh = self.value is None or self.value.numel() != seen.numel()
+        told = ok & ~coded
+        if not bool(told.any()):  # a partner with our own phi (a pair met again, round 1)
+            if not fresh:
+                return
+            self.rounding_only += 1
+            if self.rounding_only < TRUST_ROUNDING_AFTER:
+                self.value = None
+                return
+            told = ok  # the same partner again and again: take the rounding
+        self.rounding_only = 0
+        typical = float(seen[told].max())
+        if fresh:
+            self.value = torch.where(told, seen, torch.full_like(seen, 4 * typical))
+            self.value = torch.where(coded, torch.full_like(seen, typical), self.value)
             return
         old = self.value
-        kept = torch.maximum(seen, old * self.decay)
+        kept = torch.where(coded, old, torch.maximum(seen, old * self.decay))
         widened = torch.clamp(old * self.grow, min=typical)  # a block never seen stays open
         self.value = torch.where(ok, kept, widened)

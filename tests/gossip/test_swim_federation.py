@@ -9,8 +9,7 @@ from loco.federation import run_federation
 from tests.federation.test_local import TINY, check_groups_agree, outer_records
 
 # these tests are about membership: exact phi, so every pair's means agree bitwise. With the
-# default lattice phi a pair whose follower's decode fails (round 2 of a 4-site run: round 1's
-# identical phis leave a window of the code's error) lands on two points (docs/outer.md)
+# default lattice phi a block that fails at a follower lands on two points (docs/outer.md)
 EXACT_PHI = ["outer.phi_lattice=false"]
 
 

@@ -115,6 +115,13 @@ def test_changing_pairs_land_near_the_exact_mean(bits, margin, window, bound, mo
         train(exact, 30)
         for s in names:
             assert all(r["n"] == 2 for r in landed[s].history), landed[s].history
+        # every pair lands on one point in every round, round 2 included (round 1's partners
+        # all start from one phi: what they see is the code's rounding, not a distance)
+        for s in names:
+            for t, r in enumerate(landed[s].history):
+                mate = landed[r["partner"]].history[t]
+                assert mate["partner"] == s and mate["mean_crc"] == r["mean_crc"], (s, t)
+        assert sum(loop.payloads.lattice_failed for loop in landed.values()) == 0
         apart = torch.stack([exact[s].state.phi for s in names])
         spread = float((apart - apart.mean(0)).pow(2).mean().sqrt())
         err = max(float((landed[s].state.phi - exact[s].state.phi).pow(2).mean().sqrt())
