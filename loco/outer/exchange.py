@@ -187,11 +187,16 @@ class RangePayloads:
         return buf, codec, decode(buf)[: self.numel]
 
     def encode(self, round: int, delta: torch.Tensor, phi: torch.Tensor,
-               momentum: torch.Tensor | None = None) -> tuple[Outgoing, dict]:  # fmt: skip
+               momentum: torch.Tensor | None = None,
+               group: tuple[str, ...] | None = None) -> tuple[Outgoing, dict]:  # fmt: skip
         """Encode both streams. Returns the record and ``{stream: (buffer, codec label)}`` to
-        publish. TrainingError if ``delta`` or ``phi`` holds NaN/Inf (never shipped)."""
+        publish. ``group``: this site's partners this round, sorted (None: not known; the same
+        group as before lets a pair with one phi keep a narrow window, :class:`Spread`).
+        TrainingError if ``delta`` or ``phi`` holds NaN/Inf (never shipped)."""
         if not bool(torch.isfinite(delta).all()) or not bool(torch.isfinite(phi).all()):
             raise TrainingError("the local delta or phi holds NaN/Inf; refusing to publish it")
+        with self._lock:
+            self.spread.regroup(group)
         dbuf, dlab, dval = self._encode(delta, self.codec, self.delta_options, self.ef)
         if self.sketched:  # the phi frame waits for the partners' sketches (leader only)
             ref = self._padded(phi)
@@ -261,7 +266,7 @@ class RangePayloads:
         if (round - 1) % self.phi_every:
             return lattice.skip_frame(ref.numel()), ref[: self.numel].clone()
         with self._lock:
-            spread = self.spread.value
+            spread = self.spread.estimate()
         bits, steps = self.lattice_bits, at_least
         if spread is not None and spread.numel() == -(-ref.numel() // LATTICE_BLOCK):
             steps = lattice.steps_for_spread(ref, spread, bits, LATTICE_BLOCK, self.lattice_margin)

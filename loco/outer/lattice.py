@@ -342,10 +342,6 @@ def decode_segment(buf: memoryview, numel: int, seg_lo: int, ref: torch.Tensor, 
 # a partner with our own phi decodes within half a step (the rounding), plus fp32 error on
 # |phi| / s <= 4096 (the floor): a block's spread up to this many steps is coding error
 RESOLUTION_STEPS = 0.501
-# frames in a row that showed only rounding, with no estimate yet, before the rounding becomes
-# the estimate: a group that keeps meeting (two sites) has one phi, so any window decodes and
-# fewer bits are safe; until then, each next frame is 8-bit by the momentum rule
-TRUST_ROUNDING_AFTER = 3
 
 
 class Spread:
@@ -355,14 +351,27 @@ class Spread:
     resets it (``value`` None: the sender's next frame is 8-bit, the momentum rule). A block
     decoded within half its grid step (``RESOLUTION_STEPS``) says nothing about the partner's
     distance (a partner with the same phi shows only the code's rounding): it leaves the
-    block's estimate as it was, and a frame with only such blocks leaves ``value`` unset, up
-    to ``TRUST_ROUNDING_AFTER`` such frames in a row (then the rounding is the estimate).
+    block's estimate as it was, and a frame with only such blocks leaves ``value`` unset. Such
+    a frame is kept as ``rounding``, with the group it came from: while the group stays the same
+    (a pair that keeps meeting has one phi), :meth:`estimate` sizes frames from it.
     Drives :func:`steps_for_spread`."""
 
     def __init__(self, decay: float = 0.5, grow: float = 4.0) -> None:
         self.decay, self.grow = decay, grow
         self.value: torch.Tensor | None = None
-        self.rounding_only = 0  # frames in a row, with no estimate, that showed only rounding
+        self.rounding: torch.Tensor | None = None  # the last frame's rounding, if that was all
+        self.group: tuple[str, ...] | None = None  # the group ``rounding`` came from
+
+    def regroup(self, group: tuple[str, ...] | None) -> None:
+        """This rank's group of the next round (None: not known): another group than the one
+        ``rounding`` came from makes it useless."""
+        if group is None or group != self.group:
+            self.rounding, self.group = None, group
+
+    def estimate(self) -> torch.Tensor | None:
+        """Per block, the spread to size the next frame: ``value``; with none, the rounding of
+        a group that has not changed since; None: no estimate (the momentum rule)."""
+        return self.value if self.value is not None else self.rounding
 
     def observe(self, d: Decoded) -> None:
         """Take the spread of a decoded frame (frames without values are ignored)."""
@@ -374,7 +383,7 @@ class Spread:
             # no block decoded: the estimate is off in scale (round 1's partners start from
             # one phi, so all it saw was 8-bit coding error); x grow per round would take
             # rounds to catch up, so the next frame starts over with the momentum rule
-            self.value = None
+            self.value = self.rounding = None
             return
         if d.steps is not None and d.steps.numel() == seen.numel():
             coded = ok & (seen <= RESOLUTION_STEPS * d.steps.float())
@@ -383,14 +392,11 @@ class Spread:
         fresh = self.value is None or self.value.numel() != seen.numel()
         told = ok & ~coded
         if not bool(told.any()):  # a partner with our own phi (a pair met again, round 1)
-            if not fresh:
-                return
-            self.rounding_only += 1
-            if self.rounding_only < TRUST_ROUNDING_AFTER:
+            if fresh:
                 self.value = None
-                return
-            told = ok  # the same partner again and again: take the rounding
-        self.rounding_only = 0
+                self.rounding = torch.full_like(seen, float(seen[ok].max()))
+            return
+        self.rounding = None
         typical = float(seen[told].max())
         if fresh:
             self.value = torch.where(told, seen, torch.full_like(seen, 4 * typical))

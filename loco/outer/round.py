@@ -145,7 +145,8 @@ class Rounds:
             landing = self._landing()
             eff = landing.eff(self.state.phi) if landing is not None else None
             phi = self.state.phi if eff is None else eff  # with the landing: less its known miss
-            out, bufs = self.payloads.encode(t, delta, phi, self.state.momentum)
+            out, bufs = self.payloads.encode(t, delta, phi, self.state.momentum,
+                                             group=tuple(sorted(partners)))  # fmt: skip
             served = self.node.served_mark()
             for stream, (buf, label) in bufs.items():
                 if stream == "delta" or not self.all_live:  # DiLoCo never pulls phi

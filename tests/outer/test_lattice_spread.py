@@ -10,16 +10,17 @@ from loco.outer import lattice
 from loco.outer.exchange import RangePayloads
 
 
-def exchange(a, b, rounds, phis, mom):
-    """``a`` and ``b`` swap lattice frames for ``rounds`` (``phis(t)``: their phis); the size
-    of ``a``'s frame and ``b``'s failed-block count after each round."""
+def exchange(a, b, rounds, phis, mom, groups=(None, None)):
+    """``a`` and ``b`` swap lattice frames for ``rounds`` (``phis(t)``: their phis; ``groups``:
+    the partners each names at encode); the size of ``a``'s frame and ``b``'s failed-block count
+    after each round."""
     n = mom.numel()
     zero = torch.zeros(n)
     sizes, failed = [], []
     for t in rounds:
         pa, pb = phis(t)
-        _, bufs_a = a.encode(t, zero, pa, mom)
-        _, bufs_b = b.encode(t, zero, pb, mom)
+        _, bufs_a = a.encode(t, zero, pa, mom, group=groups[0])
+        _, bufs_b = b.encode(t, zero, pb, mom, group=groups[1])
         b.validator([], False, b._ref)(bufs_a["phi"][0], n, 0)
         a.validator([], False, a._ref)(bufs_b["phi"][0], n, 0)
         sizes.append(len(bufs_a["phi"][0]))
@@ -85,31 +86,56 @@ def test_a_frame_with_every_block_failed_restarts_from_the_momentum_rule():
     assert sp.value is None
 
 
-def test_rounding_alone_becomes_the_estimate_after_a_few_frames_in_a_row():
-    """A pair that always meets (two sites) has one phi: every frame shows only rounding. The
-    estimate stays unset (8-bit frames by the momentum rule) for TRUST_ROUNDING_AFTER - 1
-    such frames, then takes the rounding, so such a pair gets to its few bits."""
+def test_rounding_sizes_frames_only_while_the_group_stays_the_same():
+    """A pair that keeps meeting (two sites) has one phi: its frames show only rounding. That
+    leaves ``value`` unset, but sizes the next frame while the group is the same; another group
+    (or none known) gets the momentum rule (no estimate)."""
     steps = torch.tensor([1.0, 1.0])
     rounding = lattice.Decoded(torch.zeros(2), 0, 2, torch.tensor([0.5, 0.25]), 1, steps)
     sp = lattice.Spread()
-    for _ in range(lattice.TRUST_ROUNDING_AFTER - 1):
-        sp.observe(rounding)
-        assert sp.value is None
+    sp.regroup(("us",))
     sp.observe(rounding)
-    assert sp.value.tolist() == [0.5, 0.5]  # the largest rounding seen, on every block
-    sp.observe(lattice.Decoded(torch.zeros(2), 0, 2, torch.tensor([0.1, 0.1]), 1, steps))
-    assert sp.value.tolist() == [0.5, 0.5]  # set: rounding changes nothing
-    sp.observe(lattice.Decoded(torch.zeros(2), 0, 2, torch.tensor([3.0, 0.2]), 1, steps))
-    assert sp.value.tolist() == [3.0, 0.5]  # a real distance on block 0 only
+    assert sp.value is None and sp.estimate().tolist() == [0.5, 0.5]
+    sp.regroup(("us",))  # the same partner next round
+    assert sp.estimate().tolist() == [0.5, 0.5]
+    sp.regroup(("asia",))  # another: its phi is not ours
+    assert sp.estimate() is None
+    sp.regroup(("us",))  # back: a group in between, so the rounding is gone
+    assert sp.estimate() is None
+    sp.observe(rounding)
+    sp.regroup(None)  # group not known
+    assert sp.estimate() is None
 
 
-def test_a_real_distance_in_between_restarts_the_count():
+def test_a_real_distance_sets_the_estimate_whatever_the_group():
     steps = torch.tensor([1.0])
-    rounding = lattice.Decoded(torch.zeros(1), 0, 1, torch.tensor([0.5]), 1, steps)
     sp = lattice.Spread()
-    for _ in range(lattice.TRUST_ROUNDING_AFTER - 1):
-        sp.observe(rounding)
-    sp.observe(lattice.Decoded(torch.zeros(1), 1, 1, torch.tensor([float("nan")]), 1, steps))
-    assert sp.value is None and sp.rounding_only == lattice.TRUST_ROUNDING_AFTER - 1
+    sp.regroup(("us",))
+    sp.observe(lattice.Decoded(torch.zeros(1), 0, 1, torch.tensor([0.5]), 1, steps))
     sp.observe(lattice.Decoded(torch.zeros(1), 0, 1, torch.tensor([2.0]), 1, steps))
-    assert sp.value.tolist() == [2.0] and sp.rounding_only == 0
+    assert sp.value.tolist() == [2.0] and sp.rounding is None
+    sp.regroup(("asia",))
+    assert sp.estimate().tolist() == [2.0]
+    sp.observe(lattice.Decoded(torch.zeros(1), 0, 1, torch.tensor([0.25]), 1, steps))
+    assert sp.estimate().tolist() == [2.0]  # set: rounding changes nothing
+    sp.observe(lattice.Decoded(torch.zeros(1), 1, 1, torch.tensor([float("nan")]), 1, steps))
+    assert sp.estimate() is None  # every block failed: start over
+
+
+def test_a_pair_that_kept_meeting_then_parts_decodes_its_next_partner():
+    """Four rounds of one pair with one phi (the frames narrow to 4 bits on the rounding), then
+    a new partner whose phi is really apart: the first frame to it is 8-bit by the momentum
+    rule and decodes in every block. (Taking the rounding as the estimate whatever the group
+    failed that frame whole: rounds 7-8 of two seeds at 80 rounds.)"""
+    n = 4096
+    g = torch.Generator().manual_seed(11)
+    phi = torch.randn(n, generator=g) * 0.05
+    mom = torch.randn(n, generator=g) * 1e-3
+    a, b, c = (RangePayloads(shard=(0, n), owned=(0, n), phi_lattice=True, phi_lattice_bits=4)
+               for _ in range(3))  # fmt: skip
+    sizes, failed = exchange(a, b, (1, 2, 3, 4), lambda t: (phi, phi), mom, (("b",), ("a",)))
+    f8, f4 = lattice.frame_bytes(n, 256, 8), lattice.frame_bytes(n, 256, 4)
+    assert sizes == [f8, f4, f4, f4] and failed == [0, 0, 0, 0]
+    other = phi + torch.randn(n, generator=g) * 1e-3
+    sizes, _ = exchange(a, c, (5,), lambda t: (phi, other), mom, (("c",), ("a",)))
+    assert sizes == [f8] and c.lattice_failed == 0
