@@ -398,9 +398,9 @@ class Spread:
             return
         self.rounding = None
         typical = float(seen[told].max())
-        if fresh:
-            self.value = torch.where(told, seen, torch.full_like(seen, 4 * typical))
-            self.value = torch.where(coded, torch.full_like(seen, typical), self.value)
+        if fresh:  # a block seen only to the rounding: the largest seen; never seen: 4x that
+            unseen = torch.where(coded, typical, 4 * typical)
+            self.value = torch.where(told, seen, unseen)
             return
         old = self.value
         kept = torch.where(coded, old, torch.maximum(seen, old * self.decay))

@@ -10,6 +10,18 @@ from loco.outer import lattice
 from loco.outer.exchange import RangePayloads
 
 
+def setup(seed, members=2):
+    """A generator, a phi and an outer momentum of 4096 values, and ``members`` ranks' payloads
+    with the 4-bit lattice."""
+    n = 4096
+    g = torch.Generator().manual_seed(seed)
+    phi = torch.randn(n, generator=g) * 0.05
+    mom = torch.randn(n, generator=g) * 1e-3
+    pays = [RangePayloads(shard=(0, n), owned=(0, n), phi_lattice=True, phi_lattice_bits=4)
+            for _ in range(members)]  # fmt: skip
+    return g, phi, mom, pays
+
+
 def exchange(a, b, rounds, phis, mom, groups=(None, None)):
     """``a`` and ``b`` swap lattice frames for ``rounds`` (``phis(t)``: their phis; ``groups``:
     the partners each names at encode); the size of ``a``'s frame and ``b``'s failed-block count
@@ -34,12 +46,8 @@ def test_round_one_shows_only_coding_error_and_leaves_the_estimate_unset():
     again 8 bits by the momentum rule and decodes against phis that parted; round 3 is sized
     from round 2's real spread. (Before, round 1's rounding sized round 2's 4-bit frame, which
     failed every block: that pair did not land.)"""
-    n = 4096
-    g = torch.Generator().manual_seed(3)
-    phi = torch.randn(n, generator=g) * 0.05
-    mom = torch.randn(n, generator=g) * 1e-3
-    a, b = (RangePayloads(shard=(0, n), owned=(0, n), phi_lattice=True, phi_lattice_bits=4)
-            for _ in range(2))  # fmt: skip
+    g, phi, mom, (a, b) = setup(3)
+    n = phi.numel()
 
     def phis(t):
         if t == 1:
@@ -57,12 +65,8 @@ def test_a_pair_that_met_again_keeps_the_window_its_last_real_partner_set():
     grid step. That leaves the estimate as it was, so the next partner, whose phi is as far as
     the one before, still decodes every block. (A decay toward the rounding would have sized
     the window to the code's own error.)"""
-    n = 4096
-    g = torch.Generator().manual_seed(5)
-    phi = torch.randn(n, generator=g) * 0.05
-    mom = torch.randn(n, generator=g) * 1e-3
-    a, b = (RangePayloads(shard=(0, n), owned=(0, n), phi_lattice=True, phi_lattice_bits=4)
-            for _ in range(2))  # fmt: skip
+    g, phi, mom, (a, b) = setup(5)
+    n = phi.numel()
     far = {t: torch.randn(n, generator=g) * 1e-3 for t in range(8)}
 
     def phis(t):
@@ -127,12 +131,8 @@ def test_a_pair_that_kept_meeting_then_parts_decodes_its_next_partner():
     a new partner whose phi is really apart: the first frame to it is 8-bit by the momentum
     rule and decodes in every block. (Taking the rounding as the estimate whatever the group
     failed that frame whole: rounds 7-8 of two seeds at 80 rounds.)"""
-    n = 4096
-    g = torch.Generator().manual_seed(11)
-    phi = torch.randn(n, generator=g) * 0.05
-    mom = torch.randn(n, generator=g) * 1e-3
-    a, b, c = (RangePayloads(shard=(0, n), owned=(0, n), phi_lattice=True, phi_lattice_bits=4)
-               for _ in range(3))  # fmt: skip
+    g, phi, mom, (a, b, c) = setup(11, members=3)
+    n = phi.numel()
     sizes, failed = exchange(a, b, (1, 2, 3, 4), lambda t: (phi, phi), mom, (("b",), ("a",)))
     f8, f4 = lattice.frame_bytes(n, 256, 8), lattice.frame_bytes(n, 256, 4)
     assert sizes == [f8, f4, f4, f4] and failed == [0, 0, 0, 0]
