@@ -335,6 +335,8 @@ class OuterConfig(SlicedOptions):
     phi_lattice_bits: int = 8
     phi_lattice_margin: float = 8.0  # window = margin x the largest partner difference seen
     phi_every: int = 1  # lattice: send phi every N rounds (the others keep their own phi)
+    # lattice: the grid over every 256-value block's rotated coordinates (randomized Hadamard)
+    phi_lattice_rotate: bool = False
     # noloco: the lattice phi of whole rounds travels by sequential landing (one phi frame
     # per group, the others' offsets back, one landing point: loco/outer/landing.py); with
     # phi_lattice=false, fragments > 1 or phi_every > 1 the two-way exchange runs instead,
@@ -365,8 +367,9 @@ class OuterConfig(SlicedOptions):
         self._check_H_first()
         self._check_diloco_reduce()
         _positive("outer.join_timeout_s", self.join_timeout_s, zero_ok=True)
-        if not isinstance(self.phi_lattice, bool):
-            raise ConfigError(f"outer.phi_lattice={self.phi_lattice!r} must be true or false")
+        for key in ("phi_lattice", "phi_lattice_rotate"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"outer.{key}={getattr(self, key)!r} must be true or false")
         if self.nesterov is not None and not isinstance(self.nesterov, bool):
             raise ConfigError(f"outer.nesterov={self.nesterov!r} must be true, false or null")
         _choice("outer.consensus", self.consensus, ("momentum", "weights"))

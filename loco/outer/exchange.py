@@ -88,6 +88,9 @@ class RangePayloads:
             publish a frame without values and keep their own phi (lattice only).
         phi_sketch_margin: under the landing's sketch windows, a block's window covers this
             many times the rms difference the followers' sketches estimate (at least).
+        phi_lattice_rotate: lay the lattice grid over every block's rotated coordinates
+            (:mod:`loco.outer.block_rotation`): windows cover a block's rms, not its largest
+            value.
     """
 
     def __init__(
@@ -112,12 +115,14 @@ class RangePayloads:
         phi_lattice_margin: float = 8.0,
         phi_every: int = 1,
         phi_sketch_margin: float = 5.0,
+        phi_lattice_rotate: bool = False,
     ) -> None:
         self.slo, self.shi = shard
         self.lo, self.hi = owned
         assert self.slo <= self.lo <= self.hi <= self.shi, (shard, owned)
         self.codec, self.phi_codec = codec, "lattice" if phi_lattice else phi_codec
         self.lattice_window = phi_lattice_window
+        self.lattice_rotate = phi_lattice_rotate
         self.lattice_bits, self.lattice_margin = phi_lattice_bits, phi_lattice_margin
         self.phi_every, self.sketch_margin = phi_every, phi_sketch_margin
         self.spread = Spread()
@@ -276,7 +281,7 @@ class RangePayloads:
             bits = 8  # nothing observed yet: 8 bits, the momentum rule
         mom = self._padded(momentum if momentum is not None else torch.zeros_like(phi))
         buf, full = lattice.encode(ref, mom, block=LATTICE_BLOCK, window=self.lattice_window,
-                                   bits=bits, steps=steps)  # fmt: skip
+                                   bits=bits, steps=steps, rotate=self.lattice_rotate)  # fmt: skip
         return buf, full[: self.numel].clone()
 
     # ------------------------------------------------------------------ pulling

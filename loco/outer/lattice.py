@@ -16,13 +16,18 @@ The step of a block is chosen by the sender (:func:`steps_for_spread`): the wind
 last phi movement) with 8 bits. The frame carries the steps (bf16), so the receiver need not
 know the rule.
 
-Frame (little-endian): ``b"LLAT"``, version u8 (2), bits u8, 2 pad bytes, numel u64, block u32,
-nblocks u32, steps bf16[nblocks], hashes u32[nblocks], codes (``bits`` per value, packed MSB
+With ``rotate`` the grid is laid over every full block's rotated coordinates
+(:mod:`loco.outer.block_rotation`): the window then covers a block's rotated difference, about
+3x its rms, where unrotated it must cover its largest value. The hash and the spread are taken
+on the rotated grid; the decoded values are rotated back.
+
+Frame (little-endian): ``b"LLAT"``, version u8 (3), bits u8, flags u8 (bit 0: rotated; the
+others zero), 1 pad byte, numel u64, block u32, nblocks u32, steps bf16[nblocks], hashes u32[nblocks], codes (``bits`` per value, packed MSB
 first, unused low bits of the last byte zero), CRC-32 of everything before it (u32).
 ``bits == 0`` is a frame without values ("no phi this round": ``nblocks == 0``, the receiver keeps
 its own phi). Otherwise ``2 <= bits <= 8``, ``1 <= block <= MAX_BLOCK`` and
 ``nblocks = ceil(numel / block)``, so the decoder's padded working size is below
-``numel + MAX_BLOCK``.
+``numel + MAX_BLOCK``; a rotated frame's block is a power of two.
 """
 
 from __future__ import annotations
@@ -35,9 +40,11 @@ import numpy as np
 import torch
 
 from loco.compress import PayloadError
+from loco.outer import block_rotation
 
-MAGIC, VERSION = b"LLAT", 2
-_HEAD = struct.Struct("<4sBB2xQII")
+MAGIC, VERSION = b"LLAT", 3
+_HEAD = struct.Struct("<4sBBBxQII")
+ROTATED = 1  # flags bit: the grid is over the blocks' rotated coordinates
 MAX_BLOCK = 1 << 16  # largest block a frame may use
 WINDOW_STEPS = 8.0  # before any observation: s = max|m| / 8, the window 127 s ~ 16 max|m|
 REL_FLOOR = 2.0**-12  # s >= max|phi| / 4096 (round 1: m = 0)
@@ -84,14 +91,23 @@ def steps_for_spread(phi: torch.Tensor, spread: torch.Tensor, bits: int, block: 
     return _bf16(torch.clamp(s, min=1e-30))
 
 
-def _grid(x: torch.Tensor, s: torch.Tensor, block: int) -> torch.Tensor:
-    """Full grid indices round(x / s) (int64), [nblocks, block]; |index| capped at MAX_INDEX."""
-    q = torch.round(_pad(x, block) / s[:, None])
+def _grid(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Full grid indices round(x / s) (int64) of padded ``x`` [nblocks, block]; |index| capped
+    at MAX_INDEX."""
+    q = torch.round(x / s[:, None])
     return torch.clamp(q, -MAX_INDEX, MAX_INDEX).to(torch.int64)
 
 
-def _values(idx: torch.Tensor, s: torch.Tensor, n: int) -> torch.Tensor:
-    return (idx.to(torch.float32) * s[:, None]).reshape(-1)[:n].clone()
+def _full_rows(n: int, block: int, rotated: bool) -> int:
+    """How many blocks are rotated: every full block of a rotated frame, else none."""
+    return n // block if rotated else 0
+
+
+def _values(idx: torch.Tensor, s: torch.Tensor, n: int, rows: int) -> torch.Tensor:
+    """The grid points of ``idx`` in phi's coordinates (the first ``rows`` blocks rotated
+    back), the first ``n`` values."""
+    vals = block_rotation.unrotate(idx.to(torch.float32) * s[:, None], rows)
+    return vals.reshape(-1)[:n].clone()
 
 
 def _hashes(idx: torch.Tensor) -> torch.Tensor:
@@ -145,8 +161,9 @@ def frame_bytes(numel: int, block: int = 256, bits: int = 8) -> int:
     return _HEAD.size + _blocks(numel, block) * (2 + 4) + (numel * bits + 7) // 8 + 4
 
 
-def _frame(n: int, bits: int, block: int, nb: int, parts: tuple[bytes, ...]) -> bytes:
-    body = _HEAD.pack(MAGIC, VERSION, bits, n, block, nb) + b"".join(parts)
+def _frame(n: int, bits: int, block: int, nb: int, parts: tuple[bytes, ...],
+           flags: int = 0) -> bytes:  # fmt: skip
+    body = _HEAD.pack(MAGIC, VERSION, bits, flags, n, block, nb) + b"".join(parts)
     return body + struct.pack("<I", zlib.crc32(body))
 
 
@@ -156,17 +173,20 @@ def skip_frame(numel: int) -> bytes:
 
 
 def encode(phi: torch.Tensor, momentum: torch.Tensor, block: int = 256,
-           window: float = WINDOW_STEPS, *, bits: int = 8,
-           steps: torch.Tensor | None = None) -> tuple[bytes, torch.Tensor]:  # fmt: skip
+           window: float = WINDOW_STEPS, *, bits: int = 8, steps: torch.Tensor | None = None,
+           rotate: bool = False) -> tuple[bytes, torch.Tensor]:  # fmt: skip
     """``(frame, own decoded phi)``. ``steps``: the grid step per block (from
-    :func:`steps_for_spread`); None: :func:`steps_for` (``momentum``, ``window``). ValueError
-    if ``phi`` holds NaN/Inf or an argument is out of range."""
+    :func:`steps_for_spread`); None: :func:`steps_for` (``momentum``, ``window``). ``rotate``:
+    the grid is over every full block's rotated coordinates (``block`` a power of two).
+    ValueError if ``phi`` holds NaN/Inf or an argument is out of range."""
     if not window > 0:
         raise ValueError(f"window={window} must be > 0")
     if not 1 <= block <= MAX_BLOCK:
         raise ValueError(f"block={block}; use 1 <= block <= {MAX_BLOCK}")
     if not 2 <= bits <= 8:
         raise ValueError(f"bits={bits}; use 2 <= bits <= 8")
+    if rotate and not block_rotation.is_power_of_two(block):
+        raise ValueError(f"block={block}; a rotated frame's block is a power of two")
     x = phi.detach().reshape(-1).float().cpu()
     if not bool(torch.isfinite(x).all()):
         raise ValueError("phi holds NaN/Inf; refusing to encode it")
@@ -177,11 +197,13 @@ def encode(phi: torch.Tensor, momentum: torch.Tensor, block: int = 256,
         s = _bf16(steps.float())
         if s.numel() != _blocks(n, block) or not bool((s > 0).all() & torch.isfinite(s).all()):
             raise ValueError("steps: one finite positive step per block")
-    idx = _grid(x, s, block)
+    rows = _full_rows(n, block, rotate)
+    idx = _grid(block_rotation.rotate(_pad(x, block), rows), s)
     codes = idx.reshape(-1)[:n] % (1 << bits)
     parts = (s.to(torch.bfloat16).view(torch.int16).numpy().astype("<i2").tobytes(),
              _hashes(idx).numpy().astype("<u4").tobytes(), _pack(codes, bits))  # fmt: skip
-    return _frame(n, bits, block, s.numel(), parts), _values(idx, s, n)
+    frame = _frame(n, bits, block, s.numel(), parts, ROTATED if rotate else 0)
+    return frame, _values(idx, s, n, rows)
 
 
 @dataclass(frozen=True)
@@ -191,6 +213,7 @@ class _Head:
     block: int
     nblocks: int
     size: int
+    rotated: bool
 
 
 def _header(mv: memoryview, max_numel: int | None) -> _Head:
@@ -198,7 +221,7 @@ def _header(mv: memoryview, max_numel: int | None) -> _Head:
     CRC is not checked). Allocates nothing."""
     if len(mv) < _HEAD.size + 4:
         raise PayloadError(f"lattice frame of {len(mv)} bytes is too short")
-    magic, ver, bits, n, block, nb = _HEAD.unpack_from(mv)
+    magic, ver, bits, flags, n, block, nb = _HEAD.unpack_from(mv)
     if magic != MAGIC:
         raise PayloadError("not a lattice phi frame (magic)")
     if ver != VERSION:
@@ -207,12 +230,14 @@ def _header(mv: memoryview, max_numel: int | None) -> _Head:
         raise PayloadError(f"lattice frame with {bits} bits per value")
     if not 1 <= block <= MAX_BLOCK or nb != (0 if bits == 0 else _blocks(n, block)):
         raise PayloadError(f"bad lattice header: numel {n}, block {block}, blocks {nb}")
+    if flags & ~ROTATED or (flags and not block_rotation.is_power_of_two(block)):
+        raise PayloadError(f"lattice frame flags {flags:#x} with block {block}")
     if max_numel is not None and n > max_numel:
         raise PayloadError(f"lattice frame holds {n} values, more than max_numel {max_numel}")
     size = frame_bytes(n, block, bits)
     if len(mv) != size:
         raise PayloadError(f"lattice frame of {len(mv)} bytes, header implies {size}")
-    return _Head(n, bits, block, nb, size)
+    return _Head(n, bits, block, nb, size, bool(flags & ROTATED))
 
 
 def _view(buf: object) -> memoryview:
@@ -277,19 +302,22 @@ def decode(buf: bytes | bytearray | memoryview, ref: torch.Tensor,
     c[:n] = _unpack(mv, o + 6 * nb, n, h.bits)
     c = c.view(nb, block)
     p = _pad(own, block)
-    far = (p.abs() / s[:, None] >= MAX_INDEX).any(1)  # no sender makes such a grid
-    r = torch.round(p / s[:, None]).clamp(-MAX_INDEX, MAX_INDEX).to(torch.int64)
+    rows = _full_rows(n, block, h.rotated)
+    pr = block_rotation.rotate(p, rows)  # the reference in the grid's coordinates
+    far = (pr.abs() / s[:, None] >= MAX_INDEX).any(1)  # no sender makes such a grid
+    r = torch.round(pr / s[:, None]).clamp(-MAX_INDEX, MAX_INDEX).to(torch.int64)
     if n < nb * block:
         r.view(-1)[n:] = 0
     mod = 1 << h.bits
     idx = c + mod * torch.round((r - c).to(torch.float64) / mod).to(torch.int64)
     bad = (_hashes(idx) != hashes) | far
-    vals = idx.to(torch.float32) * s[:, None]
+    grid = idx.to(torch.float32) * s[:, None]
+    spread = (grid - pr).abs().amax(1)  # in the grid's coordinates, as the sender sizes it
+    spread[bad] = float("nan")
+    vals = block_rotation.unrotate(grid, rows)
     vals = torch.where(bad[:, None], p, vals)
     if not bool(torch.isfinite(vals).all()):
         raise PayloadError("lattice values are not finite")
-    spread = (vals - p).abs().amax(1)
-    spread[bad] = float("nan")
     return Decoded(vals.reshape(-1)[:n].clone(), int(bad.sum()), nb, spread, block, s)
 
 

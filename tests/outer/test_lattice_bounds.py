@@ -20,7 +20,7 @@ def _frame(n: int, block: int, nb: int | None = None, version: int = lattice.VER
     phi."""
     nb = -(-n // block) if nb is None else nb
     body = b"".join((
-        lattice._HEAD.pack(lattice.MAGIC, version, bits, n, block, nb),
+        lattice._HEAD.pack(lattice.MAGIC, version, bits, 0, n, block, nb),
         np.full(nb, 0x3F80, "<u2").tobytes(), np.zeros(nb, "<u4").tobytes(),
         bytes((n * bits + 7) // 8),
     ))  # fmt: skip
