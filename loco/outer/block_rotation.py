@@ -21,7 +21,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-_MUL = 0xD6E8FEB86659FD93
+_SEED = 0x9E3779B97F4A7C15
 
 
 def is_power_of_two(block: int) -> bool:
@@ -31,10 +31,14 @@ def is_power_of_two(block: int) -> bool:
 
 @lru_cache(maxsize=8)
 def _signs(block: int) -> torch.Tensor:
-    pos = np.arange(block, dtype=np.uint64) + np.uint64(1)
+    """+-1.0 per position: the top bit of a splitmix64 mix of the position (a plain
+    multiplicative hash of consecutive positions lines up with Hadamard rows)."""
+    h = np.arange(block, dtype=np.uint64) + np.uint64(_SEED)
     with np.errstate(over="ignore"):
-        h = pos * np.uint64(_MUL)
-    bit = ((h >> np.uint64(40)) & np.uint64(1)).astype(np.float32)
+        h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        h = h ^ (h >> np.uint64(31))
+    bit = (h >> np.uint64(63)).astype(np.float32)
     return torch.from_numpy(1.0 - 2.0 * bit)
 
 
