@@ -382,24 +382,35 @@ class Spread:
     block's estimate as it was, and a frame with only such blocks leaves ``value`` unset. Such
     a frame is kept as ``rounding``, with the group it came from: while the group stays the same
     (a pair that keeps meeting has one phi), :meth:`estimate` sizes frames from it.
+    ``value`` grows stale: it measured a partner that had been apart from this site for a round
+    or so. After ``stale`` rounds without a partner distance (a pair that kept meeting, a site
+    that led: a leader decodes no phi), the others have drifted for as long, so a frame for
+    another group than the one ``value`` came from gets no estimate (the momentum rule).
     Drives :func:`steps_for_spread`."""
 
-    def __init__(self, decay: float = 0.5, grow: float = 4.0) -> None:
-        self.decay, self.grow = decay, grow
+    def __init__(self, decay: float = 0.5, grow: float = 4.0, stale: int = 2) -> None:
+        self.decay, self.grow, self.stale = decay, grow, stale
         self.value: torch.Tensor | None = None
         self.rounding: torch.Tensor | None = None  # the last frame's rounding, if that was all
-        self.group: tuple[str, ...] | None = None  # the group ``rounding`` came from
+        self.group: tuple[str, ...] | None = None  # this round's group (``rounding``'s source)
+        self.age = 0  # rounds begun since ``value`` last took a partner distance
+        self.seen: tuple[str, ...] | None = None  # the group of that distance
 
     def regroup(self, group: tuple[str, ...] | None) -> None:
-        """This rank's group of the next round (None: not known): another group than the one
-        ``rounding`` came from makes it useless."""
+        """This rank's group of the next round (None: not known), called once a round: another
+        group than the one ``rounding`` came from makes it useless."""
+        self.age += 1
         if group is None or group != self.group:
             self.rounding, self.group = None, group
 
     def estimate(self) -> torch.Tensor | None:
-        """Per block, the spread to size the next frame: ``value``; with none, the rounding of
-        a group that has not changed since; None: no estimate (the momentum rule)."""
-        return self.value if self.value is not None else self.rounding
+        """Per block, the spread to size the next frame: ``value`` (unless stale for another
+        group); with none, the rounding of a group that has not changed since; None: no
+        estimate (the momentum rule)."""
+        if self.value is not None:
+            fresh = self.age <= self.stale or (self.seen is not None and self.group == self.seen)
+            return self.value if fresh else None
+        return self.rounding
 
     def observe(self, d: Decoded) -> None:
         """Take the spread of a decoded frame (frames without values are ignored)."""
@@ -425,6 +436,7 @@ class Spread:
                 self.rounding = torch.full_like(seen, float(seen[ok].max()))
             return
         self.rounding = None
+        self.age, self.seen = 0, self.group
         typical = float(seen[told].max())
         if fresh:  # a block seen only to the rounding: the largest seen; never seen: 4x that
             unseen = torch.where(coded, typical, 4 * typical)
