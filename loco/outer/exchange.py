@@ -23,7 +23,7 @@ from loco.compress import ErrorFeedback, PayloadError, decode, encode, make_code
 from loco.compress.wire import HEADER_SIZE
 from loco.errors import TrainingError
 from loco.outer import lattice, phi_sketch
-from loco.outer.lattice import Spread
+from loco.outer.spread import Spread
 
 STREAMS = ("delta", "phi")
 SKETCH_STREAM = "phisk"  # the landing's phi sketch (loco.outer.phi_sketch)
@@ -82,7 +82,7 @@ class RangePayloads:
         phi_lattice_window: the lattice's grid steps per largest momentum value of a block
             (8-bit frames).
         phi_lattice_bits: lattice bits per value (2-8); the grid follows the partner spread
-            last observed (:class:`loco.outer.lattice.Spread`) times ``phi_lattice_margin``;
+            last observed (:class:`loco.outer.spread.Spread`) times ``phi_lattice_margin``;
             before any observation the frame is 8-bit with the momentum rule.
         phi_every: send phi every this many rounds (rounds 1, 1 + N, ...); the other rounds
             publish a frame without values and keep their own phi (lattice only).

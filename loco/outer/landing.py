@@ -50,7 +50,7 @@ class Landing:
         payloads: the rank's :class:`loco.outer.exchange.RangePayloads` (lattice phi).
         codec, options: the offsets' ``loco.compress`` codec and options.
         window: how the leader sizes its lattice window: ``history`` (the partner spread seen
-            before, ``loco.outer.lattice.Spread``) or ``sketch`` (this round's followers'
+            before, ``loco.outer.spread.Spread``) or ``sketch`` (this round's followers'
             sketches, ``loco.outer.phi_sketch``: the leader encodes its frame after pulling
             them).
     """

@@ -125,7 +125,7 @@ def run(code: Code, *, sites: int = 4, rounds: int = 300, dim: int = 4096, seed:
                 own = torch.where(ok, own, phis[me])
                 seen = torch.where(ok, seen, phis[me])
                 diff = (seen - phis[me]).abs().view(-1, BLOCK).amax(1)
-                # as lattice.Spread (decay 1/2): the largest difference seen; a failed block x4
+                # as spread.Spread (decay 1/2): the largest difference seen; a failed block x4
                 spread[me] = torch.where(
                     ok_b, torch.maximum(diff, spread[me] * decay), spread[me] * 4
                 )
@@ -234,7 +234,7 @@ def sketch_lattice(residues: int, margin: float, k: int = 64, decay: float = 0.9
 def history_lattice(bits: int, margin: float) -> Code:
     """The lattice as ``loco.outer`` runs it: a block's window from the largest difference the
     sender saw there when it last followed (``memory["spread"]``, kept by ``run_sequential``
-    as ``lattice.Spread`` does); 8 bits and a wide window before any."""
+    as ``spread.Spread`` does); 8 bits and a wide window before any."""
     code = lattice(bits, margin)
 
     def first(phi, ref, memory, t):
@@ -269,7 +269,7 @@ def run_sequential(first: Code, second: PlainCode, *, feedback: bool | str, site
             offset = second(exact)
             land, mean = sent + offset, (pi + pj) / 2
             seen = torch.where(ok, sent - pj, torch.zeros(dim)).abs().view(-1, BLOCK).amax(1)
-            old = memory[j].get("spread", seen)  # the follower decoded: lattice.Spread's rule
+            old = memory[j].get("spread", seen)  # the follower decoded: spread.Spread's rule
             memory[j]["spread"] = torch.where(ok_b, torch.maximum(seen, old * 0.5), old * 4)
             for me in (i, j):
                 try:

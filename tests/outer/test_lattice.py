@@ -7,6 +7,7 @@ import torch
 
 from loco.compress import PayloadError
 from loco.outer import lattice
+from loco.outer.spread import Spread
 
 
 def _phi(n=3001, seed=0):
@@ -121,7 +122,7 @@ def test_skip_frame_keeps_our_own_phi():
 
 
 def test_spread_follows_observations_and_widens_failed_blocks():
-    sp = lattice.Spread(decay=0.5, grow=4.0)
+    sp = Spread(decay=0.5, grow=4.0)
     d = lattice.Decoded(torch.zeros(3), 1, 3, torch.tensor([1.0, float("nan"), 0.5]))
     sp.observe(d)
     assert sp.value.tolist() == [1.0, 4.0, 0.5]  # never seen: 4 x the largest seen

@@ -1,4 +1,4 @@
-"""The lattice's spread estimate (``loco.outer.lattice.Spread``) through a pair of
+"""The lattice's spread estimate (``loco.outer.spread.Spread``) through a pair of
 ``RangePayloads``: a frame with every block failed restarts the estimate; a partner with one's
 own phi leaves it as it was."""
 
@@ -8,6 +8,7 @@ import torch
 
 from loco.outer import lattice
 from loco.outer.exchange import RangePayloads
+from loco.outer.spread import Spread
 
 
 def setup(seed, members=2):
@@ -83,7 +84,7 @@ def test_a_pair_that_met_again_keeps_the_window_its_last_real_partner_set():
 
 
 def test_a_frame_with_every_block_failed_restarts_from_the_momentum_rule():
-    sp = lattice.Spread(decay=0.5, grow=4.0)
+    sp = Spread(decay=0.5, grow=4.0)
     sp.observe(lattice.Decoded(torch.zeros(2), 0, 2, torch.tensor([1.0, 2.0])))
     assert sp.value is not None
     sp.observe(lattice.Decoded(torch.zeros(2), 2, 2, torch.tensor([float("nan")] * 2)))
@@ -96,7 +97,7 @@ def test_rounding_sizes_frames_only_while_the_group_stays_the_same():
     (or none known) gets the momentum rule (no estimate)."""
     steps = torch.tensor([1.0, 1.0])
     rounding = lattice.Decoded(torch.zeros(2), 0, 2, torch.tensor([0.5, 0.25]), 1, steps)
-    sp = lattice.Spread()
+    sp = Spread()
     sp.regroup(("us",))
     sp.observe(rounding)
     assert sp.value is None and sp.estimate().tolist() == [0.5, 0.5]
@@ -113,7 +114,7 @@ def test_rounding_sizes_frames_only_while_the_group_stays_the_same():
 
 def test_a_real_distance_sets_the_estimate_whatever_the_group():
     steps = torch.tensor([1.0])
-    sp = lattice.Spread()
+    sp = Spread()
     sp.regroup(("us",))
     sp.observe(lattice.Decoded(torch.zeros(1), 0, 1, torch.tensor([0.5]), 1, steps))
     sp.observe(lattice.Decoded(torch.zeros(1), 0, 1, torch.tensor([2.0]), 1, steps))
@@ -139,3 +140,56 @@ def test_a_pair_that_kept_meeting_then_parts_decodes_its_next_partner():
     other = phi + torch.randn(n, generator=g) * 1e-3
     sizes, _ = exchange(a, c, (5,), lambda t: (phi, other), mom, (("c",), ("a",)))
     assert sizes == [f8] and c.lattice_failed == 0
+
+
+def test_a_distance_older_than_two_rounds_sizes_no_frame_for_another_group():
+    """A partner distance measures a partner about a round apart. Rounds without a new one (a
+    pair that kept meeting, rounds as a leader, which decodes no phi) let the other pairs drift
+    for as long: after ``stale`` (2) such rounds a frame for another group gets the momentum
+    rule. For the group the distance came from, it still holds. (One pairing held for rounds
+    2-7 of a 20-round run; round 8's frames, sized from round 2, failed in every block.)"""
+    steps = torch.tensor([1.0])
+    real = lattice.Decoded(torch.zeros(1), 0, 1, torch.tensor([2.0]), 1, steps)
+    rounding = lattice.Decoded(torch.zeros(1), 0, 1, torch.tensor([0.25]), 1, steps)
+    sp = Spread()
+    sp.regroup(("us",))
+    sp.observe(real)  # round 1: a real distance to us
+    for _ in range(3):  # rounds 2-4: us again, one phi
+        sp.regroup(("us",))
+        assert sp.estimate().tolist() == [2.0]
+        sp.observe(rounding)
+    sp.regroup(("asia",))  # round 5: four rounds on
+    assert sp.age == 4 and sp.estimate() is None
+    sp.observe(real)  # asia's real distance: fresh again
+    for group in (("sa",), ("us",)):  # two rounds led (no decode), then a third group
+        sp.regroup(group)
+        assert sp.estimate().tolist() == [2.0]
+    sp.regroup(("eu",))
+    assert sp.age == 3 and sp.estimate() is None
+
+
+def test_a_partner_met_again_only_widens_the_estimate_and_does_not_renew_it():
+    """A pair that keeps meeting converges: its distances shrink round by round (the first
+    form of the rule followed them down, and round 8's new partner, six rounds apart, failed
+    every block). They may widen the estimate, never narrow it, and they leave its age."""
+    steps = torch.tensor([0.01, 0.01])
+
+    def seen(a, b):
+        return lattice.Decoded(torch.zeros(2), 0, 2, torch.tensor([a, b]), 1, steps)
+
+    sp = Spread()
+    sp.regroup(("us",))
+    sp.observe(seen(2.0, 1.0))  # a new partner
+    assert sp.age == 0 and sp.value.tolist() == [2.0, 1.0]
+    sp.regroup(("us",))
+    sp.observe(seen(0.5, 3.0))  # met again: 0.5 narrows nothing, 3.0 widens
+    assert sp.value.tolist() == [2.0, 3.0] and sp.age == 1
+    sp.regroup(("us",))
+    sp.observe(seen(0.1, 0.1))
+    assert sp.value.tolist() == [2.0, 3.0] and sp.age == 2
+    sp.regroup(("us",))  # still the group it came from: it holds
+    assert sp.estimate().tolist() == [2.0, 3.0]
+    sp.regroup(("asia",))  # four rounds since a new partner
+    assert sp.estimate() is None
+    sp.observe(seen(0.5, 0.5))  # asia is new: the decay toward it, and recent again
+    assert sp.value.tolist() == [1.0, 1.5] and sp.age == 0
