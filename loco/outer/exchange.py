@@ -273,13 +273,15 @@ class RangePayloads:
         with self._lock:
             spread = self.spread.estimate()
         bits, steps = self.lattice_bits, at_least
+        mom = self._padded(momentum if momentum is not None else torch.zeros_like(phi))
         if spread is not None and spread.numel() == -(-ref.numel() // LATTICE_BLOCK):
-            steps = lattice.steps_for_spread(ref, spread, bits, LATTICE_BLOCK, self.lattice_margin)
+            cap = lattice.window_cap(mom, LATTICE_BLOCK)
+            steps = lattice.steps_for_spread(ref, spread, bits, LATTICE_BLOCK, self.lattice_margin,
+                                             cap)  # fmt: skip
             if at_least is not None:  # the wider of the two windows
                 steps = torch.maximum(steps, at_least)
         elif steps is None:
             bits = 8  # nothing observed yet: 8 bits, the momentum rule
-        mom = self._padded(momentum if momentum is not None else torch.zeros_like(phi))
         buf, full = lattice.encode(ref, mom, block=LATTICE_BLOCK, window=self.lattice_window,
                                    bits=bits, steps=steps, rotate=self.lattice_rotate)  # fmt: skip
         return buf, full[: self.numel].clone()

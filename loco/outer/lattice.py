@@ -47,6 +47,7 @@ _HEAD = struct.Struct("<4sBBBxQII")
 ROTATED = 1  # flags bit: the grid is over the blocks' rotated coordinates
 MAX_BLOCK = 1 << 16  # largest block a frame may use
 WINDOW_STEPS = 8.0  # before any observation: s = max|m| / 8, the window 127 s ~ 16 max|m|
+CAP = 127.0 / WINDOW_STEPS  # the widest window, in largest momentum values: the 8-bit rule's
 REL_FLOOR = 2.0**-12  # s >= max|phi| / 4096 (round 1: m = 0)
 MAX_INDEX = 2**30  # |phi / s| above this is not a grid a sender makes: the block fails
 _HASH_MUL = 0x9E3779B1
@@ -81,13 +82,26 @@ def steps_for(phi: torch.Tensor, momentum: torch.Tensor, block: int = 256,
     return _bf16(torch.clamp(s, min=1e-30))
 
 
+def window_cap(momentum: torch.Tensor, block: int) -> torch.Tensor:
+    """The widest window a sender sizes from what partners showed it, per block: the 8-bit
+    momentum rule's, ``CAP`` times the block's largest outer-momentum value (inf where the
+    momentum is zero: no outer step yet, nothing to bound it by). A partner that shows a huge
+    distance (a hostile one) widens this site's next frames, and so its coding error, no
+    further than that."""
+    cap = CAP * _pad(momentum.float(), block).abs().amax(1)
+    return torch.where(cap > 0, cap, torch.full_like(cap, float("inf")))
+
+
 def steps_for_spread(phi: torch.Tensor, spread: torch.Tensor, bits: int, block: int,
-                     margin: float) -> torch.Tensor:  # fmt: skip
+                     margin: float, cap: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """The grid step of every block whose window (``2**(bits-1) - 1`` steps either side) covers
-    ``margin * spread`` (the largest partner difference observed on the block), at least the
-    floor ``max|phi| / 4096``."""
+    ``margin * spread`` (the largest partner difference observed on the block), at most
+    ``cap`` (per block, :func:`window_cap`), at least the floor ``max|phi| / 4096``."""
     half = float(2 ** (bits - 1) - 1) if bits > 1 else 0.5
-    s = torch.maximum(margin * spread.float() / half, _floor(phi, block))
+    window = margin * spread.float()
+    if cap is not None:
+        window = torch.minimum(window, cap)
+    s = torch.maximum(window / half, _floor(phi, block))
     return _bf16(torch.clamp(s, min=1e-30))
 
 

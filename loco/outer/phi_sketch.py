@@ -25,12 +25,11 @@ import numpy as np
 import torch
 
 from loco.compress import PayloadError
-from loco.outer.lattice import MAX_BLOCK, REL_FLOOR, WINDOW_STEPS, _bf16, _blocks, _pad
+from loco.outer.lattice import CAP, MAX_BLOCK, REL_FLOOR, _bf16, _blocks, _pad
 
 MAGIC, VERSION = b"LSKT", 1
 _HEAD = struct.Struct("<4sB3xQII")
 GROUP = 16  # blocks pooled into one rms estimate (16 samples: about +-18% at one sd)
-CAP = 127.0 / WINDOW_STEPS  # the widest window, in largest momentum values: the 8-bit rule's
 _MUL = 0x9E3779B97F4A7C15
 
 

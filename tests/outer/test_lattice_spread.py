@@ -193,3 +193,24 @@ def test_a_partner_met_again_only_widens_the_estimate_and_does_not_renew_it():
     assert sp.estimate() is None
     sp.observe(seen(0.5, 0.5))  # asia is new: the decay toward it, and recent again
     assert sp.value.tolist() == [1.0, 1.5] and sp.age == 0
+
+
+def test_a_partner_that_shows_a_huge_distance_widens_the_next_window_only_to_the_cap():
+    """A hostile partner's frame can decode far from our phi (its own steps are its choice),
+    so the history rule would size our next frame from that distance, and our coding error
+    with it. The window is capped at the 8-bit momentum rule's, ``CAP`` times the block's
+    largest outer-momentum value: the step at most ``CAP * max|m| / 7`` at 4 bits."""
+    _, phi, mom, (a, b) = setup(13)
+    n = phi.numel()
+    zero = torch.zeros(n)
+    a.encode(1, zero, phi, mom, group=("b",))
+    far, _ = lattice.encode(phi + 1e3, mom, bits=8, steps=torch.full((n // 256,), 64.0))
+    a.validator([], False, a._ref)(far, n, 0)
+    assert float(a.spread.value.min()) > 100.0  # it did see the distance
+    _, bufs = a.encode(2, zero, phi, mom, group=("c",))
+    frame = bufs["phi"][0]
+    steps = torch.frombuffer(bytearray(frame[24 : 24 + 2 * (n // 256)]), dtype=torch.bfloat16)
+    cap = lattice.CAP * mom.abs().view(-1, 256).amax(1) / 7
+    assert bool((steps.float() <= cap * 1.01).all())  # bf16 rounds the step by < 1%
+    _, own = lattice.encode(phi, mom, bits=4, steps=steps.float())
+    assert float((own - phi).abs().max()) <= float(cap.max()) / 2 * 1.01
