@@ -253,7 +253,7 @@ def run_sequential(first: Code, second: PlainCode, *, feedback: bool | str, site
     first message fails its check is not pulled (both keep their phi there). ``feedback``:
     True, each member feeds back the whole miss (known only to an observer of both phis);
     ``"partial"``, what ``loco.outer.landing`` does: the leader its coding error over n, the
-    follower its offset's coding error."""
+    follower its offset's coding error; ``"partial-sum"``, those parts times n."""
     step = NoLoCo(**FORM)
     states = [OuterState.start(torch.zeros(dim)) for _ in range(sites)]
     miss = [torch.zeros(dim) for _ in range(sites)]
@@ -279,9 +279,12 @@ def run_sequential(first: Code, second: PlainCode, *, feedback: bool | str, site
                     return math.inf, math.nan
                 if feedback is True:
                     miss[me] = torch.where(ok, land - mean, miss[me])
-            if feedback == "partial":
-                miss[i] = torch.where(ok, (sent - pi) / 2, miss[i])
-                miss[j] = torch.where(ok, offset - exact, miss[j])
+            if feedback in ("partial", "partial-sum"):
+                # "partial-sum": each its part times n, so the parts add up to the pair's whole
+                # excess (n times the miss), as the whole miss fed back by both does
+                k = 2.0 if feedback == "partial-sum" else 1.0
+                miss[i] = torch.where(ok, k * (sent - pi) / 2, miss[i])
+                miss[j] = torch.where(ok, k * (offset - exact), miss[j])
             if t >= rounds // 2:
                 dist.append(float((phis[i] - phis[j]).pow(2).mean().sqrt()))
                 fails.append(1.0 - float(ok_b.float().mean()))
@@ -311,6 +314,12 @@ def sequential_rows() -> list[tuple[str, Code, PlainCode, float, bool | str]]:
         bits = (math.log2(res) if res != 3 else 1.6) + BLOCK_BITS / BLOCK + PLAIN_BITS[second]
         out.append((f"sequential, mod-{res} lattice (sketch window x1.5) + {second}, feedback",
                     sketch_lattice(res, 1.5), plain(second), bits / 2, True))  # fmt: skip
+    # which miss is fed back: each member's own part (what loco.outer.landing knows), the parts
+    # times n (they add up to the pair's whole excess), none
+    bits = math.log2(5) + BLOCK_BITS / BLOCK + PLAIN_BITS["sign"]
+    for fb in ("partial", "partial-sum", False):
+        out.append((f"sequential, mod-5 lattice (sketch window x1.5) + sign, feedback {fb}",
+                    sketch_lattice(5, 1.5), plain("sign"), bits / 2, fb))  # fmt: skip
     return out
 
 

@@ -109,3 +109,16 @@ def test_sketch_window_decodes_and_a_new_partner_surprises_a_remembered_window()
     assert failed < 0.05 and d < 1.3 * ref, (d, failed, ref)
     surprise = phi_rate.window_surprise(**SMALL)
     assert surprise["new"][1] > 3 * surprise["again"][1], surprise
+
+
+def test_the_part_of_the_miss_each_member_knows_is_a_weaker_feedback_than_the_whole():
+    """docs/quality.md, "Stale windows and the cap": with a mod-5 frame and one-bit offsets the
+    whole miss fed back by both members keeps the sites closest; each member's own part (what
+    ``loco.outer.landing`` can know) less so; the parts times n (so they add up to the pair's
+    whole excess) are worse still, and nothing fed back is worse than the whole."""
+    dist = {}
+    for fb in (True, "partial", "partial-sum", False):
+        code = (phi_rate.sketch_lattice(5, 1.5), phi_rate.plain("sign"))
+        dist[fb], _ = phi_rate.run_sequential(*code, feedback=fb, **SMALL)
+    assert dist[True] < dist["partial"] < dist["partial-sum"], dist
+    assert dist[True] < dist[False], dist
