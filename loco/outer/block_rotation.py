@@ -56,17 +56,21 @@ def _hadamard(x: torch.Tensor) -> torch.Tensor:
 
 
 def rotate(x: torch.Tensor, rows: int) -> torch.Tensor:
-    """A copy of ``x`` ([nblocks, block], fp32, block a power of two) with its first ``rows``
-    rows rotated (the rest, a partial last block, as they are)."""
+    """``x`` ([nblocks, block], fp32, block a power of two) with its first ``rows`` rows
+    rotated (the rest, a partial last block, as they are): a copy, or ``x`` itself when
+    ``rows`` is 0 (callers only read the result)."""
+    if rows <= 0:
+        return x
     out = x.clone()
-    if rows > 0:
-        out[:rows] = _hadamard(x[:rows] * _signs(x.shape[1]))
+    out[:rows] = _hadamard(x[:rows] * _signs(x.shape[1]))
     return out
 
 
 def unrotate(y: torch.Tensor, rows: int) -> torch.Tensor:
-    """The inverse of :func:`rotate` (the transform is symmetric and its own inverse)."""
+    """The inverse of :func:`rotate` (the transform is symmetric and its own inverse); ``y``
+    itself when ``rows`` is 0."""
+    if rows <= 0:
+        return y
     out = y.clone()
-    if rows > 0:
-        out[:rows] = _hadamard(y[:rows]) * _signs(y.shape[1])
+    out[:rows] = _hadamard(y[:rows]) * _signs(y.shape[1])
     return out
