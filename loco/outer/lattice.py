@@ -22,8 +22,9 @@ With ``rotate`` the grid is laid over every full block's rotated coordinates
 on the rotated grid; the decoded values are rotated back.
 
 Frame (little-endian): ``b"LLAT"``, version u8 (3), bits u8, flags u8 (bit 0: rotated; the
-others zero), 1 pad byte, numel u64, block u32, nblocks u32, steps bf16[nblocks], hashes u32[nblocks], codes (``bits`` per value, packed MSB
-first, unused low bits of the last byte zero), CRC-32 of everything before it (u32).
+others zero), 1 pad byte, numel u64, block u32, nblocks u32, steps bf16[nblocks], hashes
+u32[nblocks], codes (``bits`` per value, packed MSB first, unused low bits of the last byte
+zero), CRC-32 of everything before it (u32).
 ``bits == 0`` is a frame without values ("no phi this round": ``nblocks == 0``, the receiver keeps
 its own phi). Otherwise ``2 <= bits <= 8``, ``1 <= block <= MAX_BLOCK`` and
 ``nblocks = ceil(numel / block)``, so the decoder's padded working size is below
