@@ -30,7 +30,7 @@ pair and subtracts it from its phi the next time it is coded (the miss is not ca
 sender can run alone (it needs the partner's phi), the limit of a window sized from a sketch of
 the pair's distance sent ahead of phi.
 
-    python scripts/experiments/phi_rate.py          # ~6 min on one core
+    python scripts/experiments/phi_rate.py          # ~8 min on one core
 """
 
 from __future__ import annotations
