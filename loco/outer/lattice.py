@@ -83,13 +83,18 @@ def steps_for(phi: torch.Tensor, momentum: torch.Tensor, block: int = 256,
     return _bf16(torch.clamp(s, min=1e-30))
 
 
+def momentum_window(momentum: torch.Tensor, block: int) -> torch.Tensor:
+    """The 8-bit momentum rule's window per block: ``CAP`` times the block's largest
+    outer-momentum value (0 where the momentum is zero)."""
+    return CAP * _pad(momentum.float(), block).abs().amax(1)
+
+
 def window_cap(momentum: torch.Tensor, block: int) -> torch.Tensor:
     """The widest window a sender sizes from what partners showed it, per block: the 8-bit
-    momentum rule's, ``CAP`` times the block's largest outer-momentum value (inf where the
-    momentum is zero: no outer step yet, nothing to bound it by). A partner that shows a huge
-    distance (a hostile one) widens this site's next frames, and so its coding error, no
-    further than that."""
-    cap = CAP * _pad(momentum.float(), block).abs().amax(1)
+    momentum rule's (:func:`momentum_window`; inf where the momentum is zero: no outer step
+    yet, nothing to bound it by). A partner that shows a huge distance (a hostile one) widens
+    this site's next frames, and so its coding error, no further than that."""
+    cap = momentum_window(momentum, block)
     return torch.where(cap > 0, cap, torch.full_like(cap, float("inf")))
 
 
@@ -272,7 +277,8 @@ def frame_numel(buf: bytes | bytearray | memoryview) -> int:
 @dataclass
 class Decoded:
     """A decoded frame: the values (the receiver's own phi on failed blocks), the blocks that
-    failed their hash, and per block the largest ``|decoded - reference|`` (NaN where failed;
+    failed their hash, and per block the largest ``|decoded - reference|`` on the frame's grid
+    (a rotated frame's: in rotated coordinates, as its sender sizes windows; NaN where failed;
     empty for a frame without values)."""
 
     values: torch.Tensor

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from loco.compress import PayloadError
-from loco.outer.lattice import CAP, MAX_BLOCK, REL_FLOOR, _bf16, _blocks, _pad
+from loco.outer.lattice import MAX_BLOCK, REL_FLOOR, _bf16, _blocks, _pad, momentum_window
 
 MAGIC, VERSION = b"LSKT", 1
 _HEAD = struct.Struct("<4sB3xQII")
@@ -106,7 +106,7 @@ def steps_from_sketches(phi: torch.Tensor, own: torch.Tensor, others: list[torch
     (``2**(bits-1) - 1`` steps either side) covers ``margin`` times the estimated rms
     difference per value to the farthest follower: ``own`` is the leader's per-block sketch,
     ``others`` the followers' (per block, same length). The window is at most the 8-bit
-    momentum rule's, ``CAP`` times the block's largest outer-momentum value (padded like
+    momentum rule's, ``lattice.CAP`` times the block's largest outer-momentum value (padded like
     ``phi``): a follower's sketch can widen the leader's grid, and so its coding error, no
     further than that. At least the lattice's floor ``max|phi| / 4096``."""
     nb = own.numel()
@@ -118,6 +118,6 @@ def steps_from_sketches(phi: torch.Tensor, own: torch.Tensor, others: list[torch
     rms = (mean / block).sqrt().repeat_interleave(GROUP)[:nb]  # per value
     half = float(2 ** (bits - 1) - 1) if bits > 1 else 0.5
     floor = _pad(phi.float(), block).abs().amax(1) * REL_FLOOR
-    cap = CAP * _pad(momentum.float(), block).abs().amax(1)
+    cap = momentum_window(momentum, block)
     s = torch.maximum(torch.minimum(margin * rms, cap) / half, floor)
     return _bf16(torch.clamp(s, min=1e-30))
