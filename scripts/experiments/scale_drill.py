@@ -109,9 +109,9 @@ def run(out: Path, sites: int, kill: int, restart: int, replace: int, steps: int
             if n in survivors and x is not None:
                 by_round[t] = max(by_round.get(t, 0.0), x)
     # each survivor's last measured distance (a landing's leader measures none in its round)
-    last = [[x for _, x in sorted(f["distances"].items()) if x is not None][-1]
-            for n, f in figs.items()
-            if n in survivors and any(x is not None for x in f["distances"].values())]  # fmt: skip
+    measured = [[x for _, x in sorted(f["distances"].items()) if x is not None]
+                for n, f in figs.items() if n in survivors]  # fmt: skip
+    last = [xs[-1] for xs in measured if xs]
     result = {
         "sites": sites, "overrides": list(extra or []), "killed": victims, "restarted": restarted, "replaced": replaced,
         "killed_at": killed_at, "wall_s": round(wall, 1),
