@@ -275,7 +275,7 @@ class RangePayloads:
         bits, steps = self.lattice_bits, at_least
         mom = self._padded(momentum if momentum is not None else torch.zeros_like(phi))
         if spread is not None and spread.numel() == -(-ref.numel() // LATTICE_BLOCK):
-            cap = lattice.window_cap(mom, LATTICE_BLOCK)
+            cap = lattice.window_cap(ref, mom, LATTICE_BLOCK)
             steps = lattice.steps_for_spread(ref, spread, bits, LATTICE_BLOCK, self.lattice_margin,
                                              cap)  # fmt: skip
             if at_least is not None:  # the wider of the two windows

@@ -52,6 +52,7 @@ CAP = 127.0 / WINDOW_STEPS  # the widest window, in largest momentum values: the
 REL_FLOOR = 2.0**-12  # s >= max|phi| / 4096 (round 1: m = 0)
 MAX_INDEX = 2**30  # |phi / s| above this is not a grid a sender makes: the block fails
 _HASH_MUL = 0x9E3779B1
+_BF16_MAX = float(torch.finfo(torch.bfloat16).max)
 
 
 def _blocks(n: int, block: int) -> int:
@@ -89,13 +90,14 @@ def momentum_window(momentum: torch.Tensor, block: int) -> torch.Tensor:
     return CAP * _pad(momentum.float(), block).abs().amax(1)
 
 
-def window_cap(momentum: torch.Tensor, block: int) -> torch.Tensor:
+def window_cap(phi: torch.Tensor, momentum: torch.Tensor, block: int) -> torch.Tensor:
     """The widest window a sender sizes from what partners showed it, per block: the 8-bit
-    momentum rule's (:func:`momentum_window`; inf where the momentum is zero: no outer step
-    yet, nothing to bound it by). A partner that shows a huge distance (a hostile one) widens
-    this site's next frames, and so its coding error, no further than that."""
+    momentum rule's (:func:`momentum_window`); where the momentum is zero (no outer step yet,
+    a block that never moves, padding) the 8-bit window of the floor step, ``127 * max|phi| /
+    4096``. A partner that shows a huge distance (a hostile one) widens this site's next
+    frames, and so its coding error, no further than that."""
     cap = momentum_window(momentum, block)
-    return torch.where(cap > 0, cap, torch.full_like(cap, float("inf")))
+    return torch.where(cap > 0, cap, 127.0 * _floor(phi, block))
 
 
 def steps_for_spread(phi: torch.Tensor, spread: torch.Tensor, bits: int, block: int,
@@ -108,7 +110,7 @@ def steps_for_spread(phi: torch.Tensor, spread: torch.Tensor, bits: int, block: 
     if cap is not None:
         window = torch.minimum(window, cap)
     s = torch.maximum(window / half, _floor(phi, block))
-    return _bf16(torch.clamp(s, min=1e-30))
+    return _bf16(torch.clamp(s, min=1e-30, max=_BF16_MAX))  # finite, whatever the spread
 
 
 def _grid(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

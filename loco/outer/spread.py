@@ -91,7 +91,8 @@ class Spread:
         if new:
             self.age = 0
         self.seen = self.group
-        typical = float(seen[told].max())
+        # a 0-dim tensor, not a float: 4x a peer's huge distance is inf, not an exception
+        typical = seen[told].max()
         if fresh:  # a block seen only to the rounding: the largest seen; never seen: 4x that
             unseen = torch.where(coded, typical, 4 * typical)
             self.value = torch.where(told, seen, unseen)

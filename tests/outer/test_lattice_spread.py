@@ -214,3 +214,22 @@ def test_a_partner_that_shows_a_huge_distance_widens_the_next_window_only_to_the
     assert bool((steps.float() <= cap * 1.01).all())  # bf16 rounds the step by < 1%
     _, own = lattice.encode(phi, mom, bits=4, steps=steps.float())
     assert float((own - phi).abs().max()) <= float(cap.max()) / 2 * 1.01
+
+
+def test_a_huge_distance_on_a_block_that_never_moved_leaves_the_next_frame_finite():
+    """A block with no outer momentum (never moved, padding) had no cap: a partner's frame
+    decoded 6e37 away made the next window overflow to inf and the site's own encode raise.
+    There the cap is the 8-bit window of the floor step, ``127 * max|phi| / 4096``."""
+    _, phi, mom, (a, _) = setup(17)
+    n = phi.numel()
+    mom[:256] = 0.0
+    zero = torch.zeros(n)
+    a.encode(1, zero, phi, mom, group=("b",))
+    far, _ = lattice.encode(phi + 6e37, mom, bits=8, steps=torch.full((n // 256,), 6e35))
+    a.validator([], False, a._ref)(far, n, 0)
+    _, bufs = a.encode(2, zero, phi, mom, group=("c",))
+    frame = bufs["phi"][0]
+    steps = torch.frombuffer(bytearray(frame[24 : 24 + 2 * (n // 256)]), dtype=torch.bfloat16)
+    assert bool(torch.isfinite(steps.float()).all())
+    floor = float(phi[:256].abs().max()) / 4096
+    assert float(steps[0]) <= 127 * floor / 7 * 1.01
