@@ -86,8 +86,12 @@ class OuterStats:
         ``end`` the merge's end (``perf_counter``), ``means`` the group means. Collective."""
         g = self.node.round_metrics() if self.node is not None else {}
         n = 1 + len(ok)
-        sent, recv, sq_all, cnt_all, n_sum, dropped = self.site_sum(
-            [g.get("bytes_sent", 0.0), g.get("bytes_recv", 0.0), sq, cnt, n, float(n < 1 + len(r.partners))]
+        miss = getattr(r, "land_miss", None) if getattr(r, "land", None) is not None else None
+        miss_sq = float(miss.double().pow(2).sum()) if miss is not None else 0.0
+        miss_cnt = float(miss.numel()) if miss is not None else 0.0
+        sent, recv, sq_all, cnt_all, n_sum, dropped, miss_sq, miss_cnt = self.site_sum(
+            [g.get("bytes_sent", 0.0), g.get("bytes_recv", 0.0), sq, cnt, n,
+             float(n < 1 + len(r.partners)), miss_sq, miss_cnt]
         )  # fmt: skip
         wall = end - self._mark
         util = max(0.0, wall - self._stall - r.stall) / wall if wall > 0 else 1.0
@@ -112,6 +116,9 @@ class OuterStats:
             compute_utilization=util,
             mean_crc=mean_crc(means[:1] if self.all_live else means),
         )
+        if miss_cnt:  # the landing's miss this site knows: its coding error over n (leader), its
+            # offset's (follower); RMS over the site's values
+            rec["landing_miss"] = (miss_sq / miss_cnt) ** 0.5
         if r.fragment is not None:  # a streaming fragment's sync (``round`` is its round)
             rec["fragment"] = r.fragment
         for k, v in g.items():

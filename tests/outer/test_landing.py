@@ -65,6 +65,10 @@ def test_a_pair_keeps_one_phi_and_the_follower_sends_an_offset():
         assert [r["n"] for r in eu.history] == [2] * 4
         assert [r["mean_crc"] for r in eu.history] == [r["mean_crc"] for r in us.history]
         assert torch.equal(eu.state.phi, us.state.phi)  # one landing point, one momentum
+        for loop in (eu, us):  # the record's miss is the one fed back into the next frame
+            kept = loop.payloads.landing.miss.double().pow(2).mean().sqrt()
+            assert loop.history[-1]["landing_miss"] == pytest.approx(float(kept), rel=1e-9)
+            assert all(r["landing_miss"] > 0 for r in loop.history)
         delta = HEADER_SIZE + make_codec("ternary", **OPTS).payload_nbytes(P)
         for t, (a, b) in enumerate(zip(eu.history, us.history, strict=True), start=1):
             lead, follow = (a, b) if leader_of(["eu", "us"], t) == "eu" else (b, a)
