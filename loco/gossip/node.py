@@ -280,6 +280,10 @@ class GossipNode:
         next :meth:`round_metrics`. No strike; call :meth:`strike` for that."""
         self.metrics.add(f"fail_{cause}", n)
 
+    def count(self, key: str, n: int = 1) -> None:
+        """Add ``n`` to the figure ``key`` of the next :meth:`round_metrics`."""
+        self.metrics.add(key, n)
+
     def reject(self, partner: str, round: int, cause: str, reason: str) -> None:
         """A payload of ``partner`` found bad after its pull: :meth:`count_failure` of
         ``cause`` and a :meth:`strike` with ``reason``."""

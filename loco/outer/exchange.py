@@ -290,7 +290,8 @@ class RangePayloads:
 
     def validator(self, sink: list[torch.Tensor], raw: bool, lattice_ref=None,
                   failed: list[int] | None = None,
-                  masks: list[torch.Tensor] | None = None, sketch: bool = False):  # fmt: skip
+                  masks: list[torch.Tensor] | None = None, sketch: bool = False,
+                  repaired: list[int] | None = None):  # fmt: skip
         """A gossip ``validate`` callable ``check(buf, numel, lo)``: decode each received payload
         of ``numel`` values, the first at flat index ``lo`` (raw: check it is finite fp32 of the
         right length; a frame may not claim more values than its segment; lattice: decoded as
@@ -298,13 +299,15 @@ class RangePayloads:
         bad so the gossip client counts a strike and fails the pull. ``failed``: where the
         lattice blocks that kept our own phi are counted, per frame; ``masks``: where each
         frame's per-value mask of those blocks goes (1.0: failed); ``sketch``: a phi sketch
-        frame (:mod:`loco.outer.phi_sketch`), expanded per value."""
+        frame (:mod:`loco.outer.phi_sketch`), expanded per value; ``repaired``: where the
+        lattice blocks repaired (:mod:`loco.outer.lattice_repair`) are counted, per frame."""
         failed = failed if failed is not None else []
+        repaired = repaired if repaired is not None else []
 
         def check(buf, numel: int, seg_lo: int) -> None:
             mv = memoryview(buf).cast("B")
             if lattice_ref is not None:
-                t, bad = self._decode_lattice(mv, numel, seg_lo, lattice_ref, failed)
+                t, bad = self._decode_lattice(mv, numel, seg_lo, lattice_ref, failed, repaired)
                 if masks is not None:  # per value: 1 where the block failed (own phi kept)
                     masks.append(bad)
             elif sketch:
@@ -326,7 +329,8 @@ class RangePayloads:
         return check
 
     def _decode_lattice(self, mv: memoryview, numel: int, seg_lo: int, ref: torch.Tensor,
-                        failed: list[int]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                        failed: list[int],
+                        repaired: list[int]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """A partner's lattice frame of the segment ``[seg_lo, seg_lo + numel)``: (values, per
         value 1.0 where its block failed); :func:`loco.outer.lattice.decode_segment`."""
         seg = lattice.decode_segment(mv, numel, seg_lo, ref, shard=(self.slo, self.shi),
@@ -337,6 +341,7 @@ class RangePayloads:
             self.lattice_blocks += seg.blocks
             self.lattice_failed += seg.failed
         failed.append(seg.failed)
+        repaired.append(seg.decoded.repaired)
         return seg.decoded.values, seg.bad
 
     def segment_bytes(self, codec: str):
@@ -407,10 +412,11 @@ class RangePayloads:
             codec = self.codec if stream == "delta" else self.phi_codec
         ref = self._ref if codec == "lattice" else None
         failed: list[int] = []
+        repaired: list[int] = []
+        check = self.validator(values, codec in LOSSLESS, ref, failed, masks,
+                               sketch=codec == "sketch", repaired=repaired)  # fmt: skip
         kw: dict[str, object] = {
-            "validate": self.validator(
-                values, codec in LOSSLESS, ref, failed, masks, sketch=codec == "sketch"
-            ),  # fmt: skip
+            "validate": check,
             "codec": "raw" if codec in LOSSLESS else codec,
             "segment_bytes": self.segment_bytes(codec),
         }
@@ -424,6 +430,8 @@ class RangePayloads:
             return None, res.cause
         if sum(failed):  # blocks outside the window: our own phi there, no pull on them
             node.count_failure("lattice_blocks", sum(failed))
+        if sum(repaired):  # blocks where a few wrapped values were moved back
+            node.count("repaired_lattice_blocks", sum(repaired))
         try:
             out = self.assemble(res, values, stream)
             if failed_out is not None and masks is not None:

@@ -5,8 +5,11 @@ Partners' slow weights are close (they differ by a few outer steps), so the send
 (modulo / lattice quantization, as in Davies et al., ICLR 2021). The receiver picks, for every
 value, the grid point with that residue nearest to ITS OWN phi: exact up to ``s / 2`` whenever
 the two phis differ by less than about ``(2**(bits-1) - 1) * s``. A 32-bit hash per block of
-the full grid indices detects a wrong pick; such a block is never applied: the decoder returns
-the receiver's own phi there (no pull on that block this round) and counts it. The sender's own
+the full grid indices detects a wrong pick. A block where only a few values wrapped around the
+window is repaired (:mod:`loco.outer.lattice_repair`: the one set of at most two values near
+the window's edge whose move makes the check agree); any other failed block is never applied:
+the decoder returns the receiver's own phi there (no pull on that block this round) and counts
+it. The sender's own
 decoded value is the same grid point, computed with the same fp32 operations, so both members of
 a pair average identical numbers wherever both decodes succeed.
 
@@ -21,8 +24,8 @@ With ``rotate`` the grid is laid over every full block's rotated coordinates
 3x its rms, where unrotated it must cover its largest value. The hash and the spread are taken
 on the rotated grid; the decoded values are rotated back.
 
-Frame (little-endian): ``b"LLAT"``, version u8 (3), bits u8, flags u8 (bit 0: rotated; the
-others zero), 1 pad byte, numel u64, block u32, nblocks u32, steps bf16[nblocks], hashes
+Frame (little-endian): ``b"LLAT"``, version u8 (4; 3 had arithmetic check constants), bits
+u8, flags u8 (bit 0: rotated; the others zero), 1 pad byte, numel u64, block u32, nblocks u32, steps bf16[nblocks], hashes
 u32[nblocks], codes (``bits`` per value, packed MSB first, unused low bits of the last byte
 zero), CRC-32 of everything before it (u32).
 ``bits == 0`` is a frame without values ("no phi this round": ``nblocks == 0``, the receiver keeps
@@ -41,9 +44,9 @@ import numpy as np
 import torch
 
 from loco.compress import PayloadError
-from loco.outer import block_rotation
+from loco.outer import block_rotation, lattice_repair
 
-MAGIC, VERSION = b"LLAT", 3
+MAGIC, VERSION = b"LLAT", 4
 _HEAD = struct.Struct("<4sBBBxQII")
 ROTATED = 1  # flags bit: the grid is over the blocks' rotated coordinates
 MAX_BLOCK = 1 << 16  # largest block a frame may use
@@ -51,7 +54,6 @@ WINDOW_STEPS = 8.0  # before any observation: s = max|m| / 8, the window 127 s ~
 CAP = 127.0 / WINDOW_STEPS  # the widest window, in largest momentum values: the 8-bit rule's
 REL_FLOOR = 2.0**-12  # s >= max|phi| / 4096 (round 1: m = 0)
 MAX_INDEX = 2**30  # |phi / s| above this is not a grid a sender makes: the block fails
-_HASH_MUL = 0x9E3779B1
 _BF16_MAX = float(torch.finfo(torch.bfloat16).max)
 
 
@@ -133,11 +135,10 @@ def _values(idx: torch.Tensor, s: torch.Tensor, n: int, rows: int) -> torch.Tens
 
 
 def _hashes(idx: torch.Tensor) -> torch.Tensor:
-    """A 32-bit hash per block of the full indices: sum of index times an odd constant per
-    position, mod 2**32 (a wrong pick changes an index by a multiple of ``2**bits``)."""
-    pos = torch.arange(idx.shape[1], dtype=torch.int64)
-    mul = ((pos * _HASH_MUL + 0x7F4A7C15) & 0xFFFFFFFF) | 1
-    return (idx * mul).sum(1) & 0xFFFFFFFF
+    """A 32-bit check per block of the full indices: sum of index times an odd constant per
+    position, mod 2**32 (a wrong pick changes an index by a multiple of ``2**bits``; the
+    constants: :func:`loco.outer.lattice_repair.multipliers`)."""
+    return lattice_repair.check(idx)
 
 
 def _pack(codes: torch.Tensor, bits: int) -> bytes:
@@ -289,6 +290,7 @@ class Decoded:
     spread: torch.Tensor
     block: int = 0
     steps: torch.Tensor | None = None  # per block, the frame's grid step (None: not known)
+    repaired: int = 0  # blocks whose check failed and a few wrapped values were moved back
 
 
 def decode(buf: bytes | bytearray | memoryview, ref: torch.Tensor,
@@ -333,7 +335,9 @@ def decode(buf: bytes | bytearray | memoryview, ref: torch.Tensor,
         r.view(-1)[n:] = 0
     mod = 1 << h.bits
     idx = c + mod * torch.round((r - c).to(torch.float64) / mod).to(torch.int64)
-    bad = (_hashes(idx) != hashes) | far
+    tried = (_hashes(idx) != hashes) & ~far
+    repaired = lattice_repair.repair(idx, pr / s[:, None], tried, hashes, h.bits, n)
+    bad = tried | far
     grid = idx.to(torch.float32) * s[:, None]
     spread = (grid - pr).abs().amax(1)  # in the grid's coordinates, as the sender sizes it
     spread[bad] = float("nan")
@@ -341,7 +345,7 @@ def decode(buf: bytes | bytearray | memoryview, ref: torch.Tensor,
     vals = torch.where(bad[:, None], p, vals)
     if not bool(torch.isfinite(vals).all()):
         raise PayloadError("lattice values are not finite")
-    return Decoded(vals.reshape(-1)[:n].clone(), int(bad.sum()), nb, spread, block, s)
+    return Decoded(vals.reshape(-1)[:n].clone(), int(bad.sum()), nb, spread, block, s, repaired)
 
 
 @dataclass

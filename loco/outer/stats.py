@@ -21,7 +21,8 @@ import torch
 from loco.site_comm import SiteComm
 
 # agree_*: the pairing agreement (loco.gossip.agree_rpc)
-_GOSSIP_KEYS = ("retries", "strikes", "bans", "agree_bytes", "agree_seconds")
+_GOSSIP_KEYS = ("retries", "strikes", "bans", "agree_bytes", "agree_seconds",
+                "repaired_lattice_blocks")  # fmt: skip
 
 
 def mean_crc(ts: tuple[torch.Tensor, ...]) -> int:

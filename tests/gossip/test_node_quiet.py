@@ -58,6 +58,8 @@ def test_count_failure_lands_in_the_round_metrics():
         rec = eu.round_metrics()
         assert rec["fail_implausible"] == 1 and rec.get("strikes", 0) == 0
         assert "fail_implausible" not in eu.round_metrics()  # counted once
+        eu.count("repaired_lattice_blocks", 3)
+        assert eu.round_metrics()["repaired_lattice_blocks"] == 3
     finally:
         eu.close()
         us.close()

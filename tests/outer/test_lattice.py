@@ -54,16 +54,20 @@ def test_reference_outside_the_window_is_detected_and_our_own_phi_kept():
     assert bool(torch.isnan(got.spread).all())
 
 
-def test_one_value_off_by_one_wrap_is_detected():
+def test_one_value_off_by_one_wrap_is_repaired_and_three_are_detected():
     phi, m = _phi()
-    buf, _ = lattice.encode(phi, m)
+    buf, own = lattice.encode(phi, m)
     s = float(lattice.steps_for(phi, m)[0])
     ref = phi.clone()
     ref[3] += 200 * s  # this one value picks the neighbouring grid point of its residue
     got = lattice.decode(buf, ref)
-    assert got.failed == 1  # only block 0 fails; it keeps our own values
+    assert got.failed == 0 and got.repaired == 1  # the one wrapped value is moved back
+    assert torch.equal(got.values, own)
+    ref[[5, 7, 9]] += 200 * s  # four wrapped values in block 0: more than a repair moves
+    got = lattice.decode(buf, ref)
+    assert got.failed == 1 and got.repaired == 0  # block 0 keeps our own values
     assert torch.equal(got.values[:256], ref[:256])
-    assert torch.equal(got.values[256:], lattice.encode(phi, m)[1][256:])
+    assert torch.equal(got.values[256:], own[256:])
 
 
 @pytest.mark.parametrize("cut", [0, 10, -1])

@@ -1,0 +1,105 @@
+"""Repairing a lattice block whose check failed: a few values that wrapped around the window.
+
+A lattice frame (:mod:`loco.outer.lattice`) sends each grid index modulo ``2**bits`` and the
+receiver picks the index with that residue nearest to its own value. Where the partners differ
+by more than half the window, the pick is one window off (``+-2**bits``), and the block's
+32-bit check fails. Usually only a few values of a block are that far, and they are the ones
+the receiver sees nearest the window's edge: a wrapped value lands at a distance ``window -
+|true distance|`` on the other side, so a value just past the edge shows up just inside it.
+
+The check is linear in the indices (``sum(index * mul[pos]) mod 2**32``, ``mul`` fixed odd
+constants per position), so moving value ``j`` by ``+-2**bits`` changes it by a known amount.
+:func:`repair` tries every set of at most :data:`MOVES` of the :data:`SUSPECTS` values
+nearest the edge (each moved one window across it) and keeps a block's repair only when
+exactly one set makes the check agree. A repaired block is exact (its grid points are the
+sender's); any other block stays failed.
+
+What it costs the check: a block that failed is accepted wrongly when a set that is not the
+true error matches. With the per-position constants of a splitmix64 hash every such set matches
+with probability about ``2**-(32 - bits)``: at most 78 sets per block, ``2**-22.7`` at 3 bits,
+``2**-17.7`` at 8 (against ``2**-(32 - bits)`` for the check alone).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+SUSPECTS = 12  # the values of a failed block nearest the window's edge that a repair may move
+MOVES = 2  # at most this many of them
+_M32 = 0xFFFFFFFF
+_SEED = 0xD1B54A32D192ED03
+
+
+@lru_cache(maxsize=8)
+def multipliers(block: int) -> torch.Tensor:
+    """The check's odd 32-bit constant per position of a block (int64): a splitmix64 hash of
+    the position. Arithmetic constants (``pos * K``) would let two moved values match two
+    others whose positions have the same sum."""
+    h = np.arange(block, dtype=np.uint64) + np.uint64(_SEED)
+    with np.errstate(over="ignore"):
+        h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        h = h ^ (h >> np.uint64(31))
+    return torch.from_numpy(((h & np.uint64(_M32)) | np.uint64(1)).astype(np.int64))
+
+
+def check(idx: torch.Tensor) -> torch.Tensor:
+    """The 32-bit check of every row of full grid indices ``idx`` [blocks, block] (int64)."""
+    return (idx * multipliers(idx.shape[1])).sum(1) & _M32
+
+
+def _pair_table(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every set of one or two of ``k`` suspects, as two index columns (a single: j == i)."""
+    i, j = torch.triu_indices(k, k, offset=0)
+    return i, j
+
+
+def repair(idx: torch.Tensor, pos: torch.Tensor, bad: torch.Tensor, want: torch.Tensor,
+           bits: int, valid: int) -> int:  # fmt: skip
+    """Repair the failed rows of ``idx`` in place; returns how many were repaired (``bad`` is
+    cleared for them).
+
+    Args:
+        idx: full grid indices [blocks, block] (int64), as decoded.
+        pos: the receiver's own values in grid steps (float), same shape.
+        bad: per block, the check failed (bool); only those rows are tried.
+        want: per block, the sender's check (int64, 0 <= want < 2**32).
+        bits: the frame's bits per value (a move is ``2**bits``).
+        valid: how many values of the flattened ``idx`` are real (the rest is padding).
+    """
+    rows = torch.nonzero(bad).flatten()
+    if rows.numel() == 0:
+        return 0
+    block = idx.shape[1]
+    mod = 1 << bits
+    sub = idx[rows]
+    off = (pos[rows] - sub.to(pos.dtype)).float()  # in steps, |off| <= mod / 2
+    flat = rows[:, None] * block + torch.arange(block)[None, :]
+    off = torch.where(flat < valid, off, torch.zeros_like(off))  # padding is exact: never moved
+    k = min(SUSPECTS, block)
+    top = off.abs().topk(k, dim=1).indices  # [F, k]
+    side = torch.sign(off.gather(1, top)).to(torch.int64)  # the move: across the nearer edge
+    live = side != 0
+    step = (mod * side * multipliers(block)[top]) & _M32  # the check's change per move [F, k]
+    need = (want[rows] - check(sub)) & _M32
+    i, j = _pair_table(k)
+    moved = torch.where(i == j, step[:, i], (step[:, i] + step[:, j]) & _M32)  # [F, sets]
+    usable = live[:, i] & live[:, j]
+    hit = (moved == need[:, None]) & usable
+    if MOVES < 2:
+        hit &= i == j
+    unique = torch.nonzero(hit.sum(1) == 1).flatten()
+    if unique.numel() == 0:
+        return 0
+    c = hit[unique].to(torch.int8).argmax(1)  # the one matching set of each repaired row
+    r = rows[unique]
+    for col, first in ((i[c], None), (j[c], i[c])):
+        keep = torch.ones_like(col, dtype=torch.bool) if first is None else col != first
+        u = unique[keep]
+        at = top[u, col[keep]]
+        idx[r[keep], at] += mod * side[u, col[keep]]
+    bad[r] = False
+    return int(unique.numel())
