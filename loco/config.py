@@ -19,6 +19,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from loco.gossip.options import GossipOptions
 from loco.model.moe import MoEOptions
+from loco.outer.offset_code import NAMES as OFFSET_CODES
 from loco.outer.sliced import REDUCES as DILOCO_REDUCES
 from loco.outer.sliced import SlicedOptions
 
@@ -348,7 +349,8 @@ class OuterConfig(SlicedOptions):
     phi_landing_window: str = "history"  # history | sketch (loco/outer/phi_sketch.py)
     # sketch: the window also covers this many times the rms difference the sketches estimate
     phi_landing_sketch_margin: float = 5.0
-    phi_landing_codec: str = "ternary"  # the followers' offsets (a loco.compress codec, not none)
+    # the followers' offsets: a loco.compress codec (not none) or normal2/3/4 (offset_code.py)
+    phi_landing_codec: str = "ternary"
     final_average: bool = False  # noloco: after the last step, average the weights over all sites
 
     def __post_init__(self) -> None:
@@ -390,7 +392,7 @@ class OuterConfig(SlicedOptions):
         _positive("outer.phi_landing_margin", self.phi_landing_margin)
         _choice("outer.phi_landing_window", self.phi_landing_window, ("history", "sketch"))
         _positive("outer.phi_landing_sketch_margin", self.phi_landing_sketch_margin)
-        codecs = tuple(c for c in _names("CODECS") if c != "none")
+        codecs = tuple(c for c in _names("CODECS") if c != "none") + tuple(OFFSET_CODES)
         _choice("outer.phi_landing_codec", self.phi_landing_codec, codecs)
 
     def _check_H_first(self) -> None:

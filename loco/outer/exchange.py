@@ -22,7 +22,7 @@ import torch
 from loco.compress import ErrorFeedback, PayloadError, decode, encode, make_codec
 from loco.compress.wire import HEADER_SIZE
 from loco.errors import TrainingError
-from loco.outer import lattice, phi_sketch
+from loco.outer import lattice, offset_code, phi_sketch
 from loco.outer.spread import Spread
 
 STREAMS = ("delta", "phi")
@@ -168,10 +168,14 @@ class RangePayloads:
         return self.extra_options.get(codec, self.phi_options)
 
     def encode_plain(self, x: torch.Tensor, codec: str):
-        """``x`` on ``[lo, hi)`` in ``codec`` without error feedback: (buffer, label, own
+        """``x`` on ``[lo, hi)`` in ``codec`` (a ``loco.compress`` codec, or one of
+        :data:`loco.outer.offset_code.NAMES`) without error feedback: (buffer, label, own
         decoded values on ``[lo, hi)``)."""
         if not bool(torch.isfinite(x).all()):
             raise TrainingError("a landing offset holds NaN/Inf; refusing to publish it")
+        if codec in offset_code.NAMES:
+            buf, val = offset_code.encode(self._padded(x), offset_code.NAMES[codec])
+            return buf, codec, val[: self.numel]
         return self._encode(x, codec, self._options(codec), None)
 
     @property
@@ -291,7 +295,7 @@ class RangePayloads:
     def validator(self, sink: list[torch.Tensor], raw: bool, lattice_ref=None,
                   failed: list[int] | None = None,
                   masks: list[torch.Tensor] | None = None, sketch: bool = False,
-                  repaired: list[int] | None = None):  # fmt: skip
+                  repaired: list[int] | None = None, offsets: bool = False):  # fmt: skip
         """A gossip ``validate`` callable ``check(buf, numel, lo)``: decode each received payload
         of ``numel`` values, the first at flat index ``lo`` (raw: check it is finite fp32 of the
         right length; a frame may not claim more values than its segment; lattice: decoded as
@@ -300,7 +304,8 @@ class RangePayloads:
         lattice blocks that kept our own phi are counted, per frame; ``masks``: where each
         frame's per-value mask of those blocks goes (1.0: failed); ``sketch``: a phi sketch
         frame (:mod:`loco.outer.phi_sketch`), expanded per value; ``repaired``: where the
-        lattice blocks repaired (:mod:`loco.outer.lattice_repair`) are counted, per frame."""
+        lattice blocks repaired (:mod:`loco.outer.lattice_repair`) are counted, per frame;
+        ``offsets``: a landing offset frame (:mod:`loco.outer.offset_code`)."""
         failed = failed if failed is not None else []
         repaired = repaired if repaired is not None else []
 
@@ -316,6 +321,10 @@ class RangePayloads:
                         f"sketch segment of {numel} values, more than {self.max_numel}"
                     )
                 t = phi_sketch.decode(mv, numel)
+            elif offsets:
+                if numel > self.max_numel or offset_code.frame_numel(mv) != numel:
+                    raise PayloadError(f"offset frame for a segment of {numel} values")
+                t = offset_code.decode(mv, numel)
             elif raw:
                 if len(mv) != self.numel * 4 or numel != self.numel:
                     raise PayloadError(f"raw payload of {len(mv)} bytes for {self.numel} values")
@@ -359,6 +368,10 @@ class RangePayloads:
 
             def exact(n: int) -> int:
                 return phi_sketch.frame_bytes(n, LATTICE_BLOCK)
+        elif codec in offset_code.NAMES:
+
+            def exact(n: int) -> int:
+                return offset_code.frame_bytes(n, offset_code.NAMES[codec])
         else:
             c = make_codec(codec, **self._options(codec))
 
@@ -414,7 +427,8 @@ class RangePayloads:
         failed: list[int] = []
         repaired: list[int] = []
         check = self.validator(values, codec in LOSSLESS, ref, failed, masks,
-                               sketch=codec == "sketch", repaired=repaired)  # fmt: skip
+                               sketch=codec == "sketch", repaired=repaired,
+                               offsets=codec in offset_code.NAMES)  # fmt: skip
         kw: dict[str, object] = {
             "validate": check,
             "codec": "raw" if codec in LOSSLESS else codec,

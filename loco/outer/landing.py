@@ -48,7 +48,8 @@ class Landing:
 
     Args:
         payloads: the rank's :class:`loco.outer.exchange.RangePayloads` (lattice phi).
-        codec, options: the offsets' ``loco.compress`` codec and options.
+        codec, options: the offsets' code: a ``loco.compress`` codec and its options, or one of
+            :data:`loco.outer.offset_code.NAMES` (no options).
         window: how the leader sizes its lattice window: ``history`` (the partner spread seen
             before, ``loco.outer.spread.Spread``) or ``sketch`` (this round's followers'
             sketches, ``loco.outer.phi_sketch``: the leader encodes its frame after pulling

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from loco.compress import PayloadError
-from loco.outer import block_rotation, lattice_repair
+from loco.outer import bitpack, block_rotation, lattice_repair
 
 MAGIC, VERSION = b"LLAT", 4
 _HEAD = struct.Struct("<4sBBBxQII")
@@ -141,42 +141,6 @@ def _hashes(idx: torch.Tensor) -> torch.Tensor:
     return lattice_repair.check(idx)
 
 
-def _pack(codes: torch.Tensor, bits: int) -> bytes:
-    """``codes`` (< ``2**bits``) as one big-endian bit string: every 8 codes are ``bits`` bytes,
-    one ``8 * bits``-bit integer (the last group zero-padded, its unused bytes cut)."""
-    c = codes.numpy().astype(np.uint64)
-    n = c.size
-    if bits == 8:
-        return c.astype(np.uint8).tobytes()
-    groups = np.zeros(-(-n // 8) * 8, np.uint64)
-    groups[:n] = c
-    g = groups.reshape(-1, 8)
-    shifts = np.arange(7, -1, -1, dtype=np.uint64) * np.uint64(bits)
-    word = np.bitwise_or.reduce(g << shifts, axis=1)
-    byte_shifts = np.arange(bits - 1, -1, -1, dtype=np.uint64) * np.uint64(8)
-    out = ((word[:, None] >> byte_shifts) & np.uint64(0xFF)).astype(np.uint8).reshape(-1)
-    return out[: (n * bits + 7) // 8].tobytes()
-
-
-def _unpack(mv: memoryview, offset: int, n: int, bits: int) -> torch.Tensor:
-    """``n`` codes of ``bits`` bits (int64); PayloadError if the last byte's unused bits are set."""
-    nbytes = (n * bits + 7) // 8
-    raw = np.frombuffer(mv, np.uint8, nbytes, offset)
-    if bits == 8:
-        return torch.from_numpy(raw.astype(np.int64))
-    tail = (8 - (n * bits) % 8) % 8
-    if tail and raw[-1] & ((1 << tail) - 1):
-        raise PayloadError("lattice codes: the unused bits of the last byte are not zero")
-    ngroups = -(-n // 8)
-    b = np.zeros(ngroups * bits, np.uint64)
-    b[:nbytes] = raw
-    byte_shifts = np.arange(bits - 1, -1, -1, dtype=np.uint64) * np.uint64(8)
-    word = np.bitwise_or.reduce(b.reshape(-1, bits) << byte_shifts, axis=1)
-    shifts = np.arange(7, -1, -1, dtype=np.uint64) * np.uint64(bits)
-    codes = (word[:, None] >> shifts) & np.uint64((1 << bits) - 1)
-    return torch.from_numpy(codes.reshape(-1)[:n].astype(np.int64))
-
-
 def frame_bytes(numel: int, block: int = 256, bits: int = 8) -> int:
     """The size of a frame of ``numel`` values in blocks of ``block`` at ``bits`` per value."""
     if bits == 0:
@@ -224,7 +188,7 @@ def encode(phi: torch.Tensor, momentum: torch.Tensor, block: int = 256,
     idx = _grid(block_rotation.rotate(_pad(x, block), rows), s)
     codes = idx.reshape(-1)[:n] % (1 << bits)
     parts = (s.to(torch.bfloat16).view(torch.int16).numpy().astype("<i2").tobytes(),
-             _hashes(idx).numpy().astype("<u4").tobytes(), _pack(codes, bits))  # fmt: skip
+             _hashes(idx).numpy().astype("<u4").tobytes(), bitpack.pack(codes, bits))  # fmt: skip
     frame = _frame(n, bits, block, s.numel(), parts, ROTATED if rotate else 0)
     return frame, _values(idx, s, n, rows)
 
@@ -324,7 +288,7 @@ def decode(buf: bytes | bytearray | memoryview, ref: torch.Tensor,
         raise PayloadError("lattice steps must be finite and > 0")
     hashes = torch.from_numpy(np.frombuffer(mv, "<u4", nb, o + 2 * nb).astype(np.int64))
     c = torch.zeros(nb * block, dtype=torch.int64)  # the sender's padded values are 0 -> index 0
-    c[:n] = _unpack(mv, o + 6 * nb, n, h.bits)
+    c[:n] = bitpack.unpack(mv, o + 6 * nb, n, h.bits)
     c = c.view(nb, block)
     p = _pad(own, block)
     rows = _full_rows(n, block, h.rotated)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from loco.compress import PayloadError
-from loco.outer import lattice
+from loco.outer import bitpack, lattice
 from tests.hostile.rss import peak_growth_mib
 
 
@@ -139,9 +139,9 @@ def test_codes_pack_as_one_msb_first_bit_string(bits):
     gen = torch.Generator().manual_seed(bits)
     for n in (1, 7, 8, 9, 13, 255, 256, 1001):
         codes = torch.randint(0, 1 << bits, (n,), generator=gen)
-        packed = lattice._pack(codes, bits)
+        packed = bitpack.pack(codes, bits)
         assert packed == _bit_planes(codes.numpy(), bits)
-        assert torch.equal(lattice._unpack(memoryview(packed), 0, n, bits), codes)
+        assert torch.equal(bitpack.unpack(memoryview(packed), 0, n, bits), codes)
 
 
 def test_steps_that_are_not_finite_and_positive_are_refused():
