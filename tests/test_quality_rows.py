@@ -48,7 +48,8 @@ def test_the_defaults_are_the_noloco_landing_row():
         r.codec, r.block, r.scale_dtype, r.error_feedback)  # fmt: skip
     assert (default.outer.method, default.outer.alpha, default.outer.phi_lattice) == (
         "noloco", 0.8, True)  # fmt: skip
-    assert default.outer.phi_landing is True and default.outer.phi_landing_bits == 6
+    assert default.outer.phi_landing is True and default.outer.phi_landing_bits == 4
+    assert default.outer.phi_landing_codec == "normal2"
 
 
 def test_the_noloco_rows_keep_the_phi_they_were_measured_with():

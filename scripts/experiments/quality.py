@@ -21,9 +21,11 @@ for the ``-8`` rows, each with the same per-worker batch).
   one-bit slice averages (``compression=ternary-sign``) at outer momentum 0.8: 0.2499
   bytes/param/round at 4 sites.
 - ``noloco-frontier`` (``-8``): NoLoCo with ternary deltas, the 8-bit lattice phi and outer
-  momentum 0.8; ``noloco-landing``: the same with the sequential landing (``LANDING``: the
-  leader's frame at 6 bits; ``noloco-landing-8`` at 8, ``noloco-landing-4`` at 4 under a
-  3x window, ``-3`` at 3 under 1.5x; ``noloco-sketch-4`` / ``-3``: windows from this
+  momentum 0.8; ``noloco-landing``: the same with the sequential landing (``LANDING``, the
+  defaults: the leader's frame at 4 bits under a 1.5x window, 2-bit Lloyd-Max offsets;
+  ``noloco-landing-6`` at 6 bits under 8x with ternary offsets, the earlier default; ``-8`` at
+  8, ``-4`` at 4 under a 3x window, ``-3`` at 3 under 1.5x, all three with ternary offsets;
+  ``noloco-sketch-4`` / ``-3``: windows from this
   round's phi sketches, ``SKETCH_4`` / ``SKETCH_3``); ``noloco-exact-phi``:
   ``noloco-frontier`` with exact fp32 phi, the reference of the coded phi's consensus distance
   (issue 15 item 2).
@@ -92,16 +94,22 @@ NOLOCO_FRONTIER = NOLOCO + [
     "outer.phi_every=1",
 ]  # fmt: skip
 # the same with the sequential landing (loco/outer/landing.py): one lattice phi per pair, the
-# follower's ternary offset back, one landing point; the leader's frame at 6 bits (0.49
-# instead of 1.02 B/value of phi; -8: at 8 bits, 0.61). ``noloco-landing`` is the defaults since
-# 2026-12-05, seventh session (tests/test_quality_rows.py holds them equal)
-LANDING = ["outer.phi_landing=true", "outer.phi_landing_bits=6", "outer.phi_landing_margin=8",
-           "outer.phi_landing_codec=ternary", "outer.phi_landing_window=history"]  # fmt: skip
-LANDING_8 = [*LANDING, "outer.phi_landing_bits=8"]
+# follower's offset back, one landing point. ``noloco-landing`` is the defaults
+# (tests/test_quality_rows.py holds them equal): since 2026-12-06 (eleventh session) the
+# leader's frame at 4 bits under a window of 1.5x the largest partner difference seen (the
+# lattice's repairs take the few values past it) and 2-bit Lloyd-Max offsets
+# (loco/outer/offset_code.py). ``-6``: the default of the seventh to tenth sessions, 6 bits
+# under an 8x window and ternary offsets (0.49 instead of 1.02 B/value of phi; ``-8``: 8 bits,
+# 0.61)
+LANDING = ["outer.phi_landing=true", "outer.phi_landing_bits=4", "outer.phi_landing_margin=1.5",
+           "outer.phi_landing_codec=normal2", "outer.phi_landing_window=history"]  # fmt: skip
+LANDING_6 = [*LANDING, "outer.phi_landing_bits=6", "outer.phi_landing_margin=8",
+             "outer.phi_landing_codec=ternary"]  # fmt: skip
+LANDING_8 = [*LANDING_6, "outer.phi_landing_bits=8"]
 # the leader's frame at 4 bits under a window 3x the largest partner difference seen (the
 # 6-bit frame's window is 8x: the grid step is about the same, 2 bits fewer); 2026-12-06
-LANDING_4 = [*LANDING, "outer.phi_landing_bits=4", "outer.phi_landing_margin=3"]
-LANDING_3 = [*LANDING, "outer.phi_landing_bits=3", "outer.phi_landing_margin=1.5"]
+LANDING_4 = [*LANDING_6, "outer.phi_landing_bits=4", "outer.phi_landing_margin=3"]
+LANDING_3 = [*LANDING_6, "outer.phi_landing_bits=3", "outer.phi_landing_margin=1.5"]
 # the leader's window also covers this round's followers' phi sketches (loco/outer/phi_sketch.py):
 # 5x the estimated rms difference, and the history rule's window as in LANDING_4 / LANDING_3
 SKETCH_4 = [*LANDING_4, "outer.phi_landing_window=sketch", "outer.phi_landing_sketch_margin=5"]
@@ -136,6 +144,7 @@ def rows(H: int, codec: str, steps: int) -> dict[str, tuple[list[str], int]]:
         "noloco-frontier": ([fed, *NOLOCO_FRONTIER, h], 4),
         "noloco-frontier-8": ([fed8, *NOLOCO_FRONTIER, h], 8),
         "noloco-landing": ([fed, *NOLOCO_FRONTIER, *LANDING, h], 4),
+        "noloco-landing-6": ([fed, *NOLOCO_FRONTIER, *LANDING_6, h], 4),
         "noloco-landing-8": ([fed, *NOLOCO_FRONTIER, *LANDING_8, h], 4),
         "noloco-landing-4": ([fed, *NOLOCO_FRONTIER, *LANDING_4, h], 4),
         "noloco-landing-3": ([fed, *NOLOCO_FRONTIER, *LANDING_3, h], 4),
