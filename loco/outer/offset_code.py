@@ -71,37 +71,39 @@ def encode(x: torch.Tensor, bits: int, block: int = BLOCK) -> tuple[bytes, torch
         raise ValueError("offsets hold NaN/Inf; refusing to encode them")
     n = v.numel()
     b = _blocks(v, block)
-    levels = torch.tensor(_LEVELS[bits], dtype=torch.float64)
     count = torch.full((b.shape[0],), float(block), dtype=torch.float64)
     if n % block:
         count[-1] = n % block
-    rms = (b.double().pow(2).sum(1) / count).sqrt()
-    mag = b.double().abs()
-    k = torch.bucketize(
-        mag / rms.clamp_min(1e-300)[:, None], torch.tensor(_BOUNDS[bits], dtype=torch.float64)
-    )
-    real = torch.arange(block)[None, :] < count[:, None]  # the last block's padding: not fit
-    lv = torch.where(real, levels[k], torch.zeros_like(mag))
-    scale = (mag * lv).sum(1) / lv.pow(2).sum(1)
+    rms = (b.pow(2).sum(1, dtype=torch.float64) / count).sqrt()
+    mag = b.abs()
+    ratio = mag / rms.float().clamp_min(1e-30)[:, None]
+    k = torch.bucketize(ratio, torch.tensor(_BOUNDS[bits], dtype=torch.float32))
+    lv = torch.tensor(_LEVELS[bits], dtype=torch.float32)[k]
+    if n % block:  # the last block's padding is not fit
+        lv[-1, n % block :] = 0.0
+    scale = (mag * lv).sum(1, dtype=torch.float64) / lv.pow(2).sum(1, dtype=torch.float64)
     scale = torch.where(rms > 0, scale, torch.zeros_like(scale))
     s = scale.float().to(torch.bfloat16)
     if not bool((s.float() <= _BF16_MAX / 4).all()):  # inf and NaN fail it too
         raise ValueError("an offset block's scale does not fit bf16")
-    neg = (b < 0).to(torch.int64)
-    codes = (neg << (bits - 1)) | k
-    parts = (s.view(torch.int16).numpy().astype("<i2").tobytes(),
-             bitpack.pack(codes.reshape(-1)[:n], bits))  # fmt: skip
+    codes = (torch.signbit(b).to(torch.int64) << (bits - 1)) | k
+    codes = codes.reshape(-1)[:n]
+    parts = (s.view(torch.int16).numpy().astype("<i2").tobytes(), bitpack.pack(codes, bits))
     head = _HEAD.pack(MAGIC, VERSION, bits, n, block, b.shape[0])
     body = head + b"".join(parts)
     frame = body + struct.pack("<I", zlib.crc32(body))
-    return frame, _values(codes.reshape(-1)[:n], s.float(), bits, block)
+    return frame, _values(codes, s.float(), bits, block)
 
 
 def _values(codes: torch.Tensor, s: torch.Tensor, bits: int, block: int) -> torch.Tensor:
-    levels = torch.tensor(_LEVELS[bits], dtype=torch.float32)
-    half = 1 << (bits - 1)
-    mag = levels[codes % half] * s.repeat_interleave(block)[: codes.numel()]
-    return torch.where(codes >= half, -mag, mag)
+    """``sign * level * scale`` of every code (the sign bit set: negative), in fp32."""
+    levels = _LEVELS[bits]
+    table = torch.tensor(levels + tuple(-x for x in levels), dtype=torch.float32)
+    n = codes.numel()
+    out = torch.zeros(s.numel() * block, dtype=torch.float32)
+    out[:n] = table[codes]
+    out.view(-1, block).mul_(s[:, None])
+    return out[:n]
 
 
 def frame_numel(buf: bytes | bytearray | memoryview) -> int:
