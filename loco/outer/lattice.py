@@ -9,9 +9,8 @@ the full grid indices detects a wrong pick. A block where only a few values wrap
 window is repaired (:mod:`loco.outer.lattice_repair`: the one set of at most two values near
 the window's edge whose move makes the check agree); any other failed block is never applied:
 the decoder returns the receiver's own phi there (no pull on that block this round) and counts
-it. The sender's own
-decoded value is the same grid point, computed with the same fp32 operations, so both members of
-a pair average identical numbers wherever both decodes succeed.
+it. The sender's own decoded value is the same grid point, computed with the same fp32
+operations, so both members of a pair average identical numbers wherever both decodes succeed.
 
 The step of a block is chosen by the sender (:func:`steps_for_spread`): the window covers
 ``margin`` times the largest partner difference it last observed on that block
@@ -25,9 +24,9 @@ With ``rotate`` the grid is laid over every full block's rotated coordinates
 on the rotated grid; the decoded values are rotated back.
 
 Frame (little-endian): ``b"LLAT"``, version u8 (4; 3 had arithmetic check constants), bits
-u8, flags u8 (bit 0: rotated; the others zero), 1 pad byte, numel u64, block u32, nblocks u32, steps bf16[nblocks], hashes
-u32[nblocks], codes (``bits`` per value, packed MSB first, unused low bits of the last byte
-zero), CRC-32 of everything before it (u32).
+u8, flags u8 (bit 0: rotated; the others zero), 1 pad byte, numel u64, block u32, nblocks u32,
+steps bf16[nblocks], hashes u32[nblocks], codes (``bits`` per value, packed MSB first, unused
+low bits of the last byte zero), CRC-32 of everything before it (u32).
 ``bits == 0`` is a frame without values ("no phi this round": ``nblocks == 0``, the receiver keeps
 its own phi). Otherwise ``2 <= bits <= 8``, ``1 <= block <= MAX_BLOCK`` and
 ``nblocks = ceil(numel / block)``, so the decoder's padded working size is below
@@ -300,7 +299,7 @@ def decode(buf: bytes | bytearray | memoryview, ref: torch.Tensor,
     mod = 1 << h.bits
     idx = c + mod * torch.round((r - c).to(torch.float64) / mod).to(torch.int64)
     tried = (_hashes(idx) != hashes) & ~far
-    repaired = lattice_repair.repair(idx, pr / s[:, None], tried, hashes, h.bits, n)
+    repaired = lattice_repair.repair(idx, pr, s, tried, hashes, h.bits, n)
     bad = tried | far
     grid = idx.to(torch.float32) * s[:, None]
     spread = (grid - pr).abs().amax(1)  # in the grid's coordinates, as the sender sizes it

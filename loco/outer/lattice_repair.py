@@ -57,14 +57,15 @@ def _pair_table(k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return i, j
 
 
-def repair(idx: torch.Tensor, pos: torch.Tensor, bad: torch.Tensor, want: torch.Tensor,
-           bits: int, valid: int) -> int:  # fmt: skip
+def repair(idx: torch.Tensor, ref: torch.Tensor, steps: torch.Tensor, bad: torch.Tensor,
+           want: torch.Tensor, bits: int, valid: int) -> int:  # fmt: skip
     """Repair the failed rows of ``idx`` in place; returns how many were repaired (``bad`` is
     cleared for them).
 
     Args:
         idx: full grid indices [blocks, block] (int64), as decoded.
-        pos: the receiver's own values in grid steps (float), same shape.
+        ref: the receiver's own values in the grid's coordinates (fp32), same shape.
+        steps: per block, the grid step (> 0).
         bad: per block, the check failed (bool); only those rows are tried.
         want: per block, the sender's check (int64, 0 <= want < 2**32).
         bits: the frame's bits per value (a move is ``2**bits``).
@@ -76,7 +77,7 @@ def repair(idx: torch.Tensor, pos: torch.Tensor, bad: torch.Tensor, want: torch.
     block = idx.shape[1]
     mod = 1 << bits
     sub = idx[rows]
-    off = (pos[rows] - sub.to(pos.dtype)).float()  # in steps, |off| <= mod / 2
+    off = ref[rows] / steps[rows, None] - sub.to(torch.float32)  # in steps, |off| <= mod / 2
     flat = rows[:, None] * block + torch.arange(block)[None, :]
     off = torch.where(flat < valid, off, torch.zeros_like(off))  # padding is exact: never moved
     k = min(SUSPECTS, block)
