@@ -240,7 +240,7 @@ def test_final_average_ends_three_sites_on_one_model(tmp_path):
 def test_sequential_landing_keeps_one_model_across_ranks(tmp_path, window):
     """``outer.phi_landing=true`` with two ranks per site (ZeRO stage 2: each rank lands its own
     range): the pair lands on one point every round, bitwise, and each round one site (the
-    leader) sends its phi frame while the other sends an offset of about a fifth of it; with
+    leader) sends its phi frame while the other sends an offset of about half of it; with
     the leader's window from past partners or from this round's follower's sketch."""
     sites = ["eu", "us"]
     out = run_federation(
@@ -260,4 +260,6 @@ def test_sequential_landing_keeps_one_model_across_ranks(tmp_path, window):
     assert a is not None and a == b
     for e, u in zip(recs["eu"][:4], recs["us"][:4], strict=True):
         big, small = max(e["bytes_sent"], u["bytes_sent"]), min(e["bytes_sent"], u["bytes_sent"])
-        assert big > 2 * small, (e["round"], big, small)  # ternary delta + offset vs + 8-bit phi
+        # the follower: a ternary delta and a 2-bit offset (0.20 + 0.26 B/value); the leader:
+        # the delta and its phi frame of 4 or 8 bits (0.20 + 0.52 or 1.02 B/value)
+        assert big > 1.4 * small, (e["round"], big, small)
