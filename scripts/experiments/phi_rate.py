@@ -294,9 +294,11 @@ def run_sequential(first: Code, second: PlainCode, *, feedback: bool | str, site
 def sequential_rows() -> list[tuple[str, Code, PlainCode, float, bool | str]]:
     """(name, first code, second code, bits per value a site sends, feedback)."""
     out: list[tuple[str, Code, PlainCode, float, bool | str]] = []
-    for rate, fb in ((1.3, False), (1.3, True), (1.0, True), (0.6, True)):
+    for rate, fb in ((1.3, False), (1.3, True), (1.3, "partial"), (2.0, "partial"), (1.0, True),
+                     (0.6, True)):  # fmt: skip
         sent = rate + (BLOCK_BITS + 16) / BLOCK / 2
-        out.append((f"sequential, bound {rate} + {rate} bits" + (", feedback" if fb else ""),
+        kind = {True: ", feedback", False: "", "partial": ", partial feedback"}[fb]
+        out.append((f"sequential, bound {rate} + {rate} bits{kind}",
                     bound(rate), plain_bound(rate), sent, fb))  # fmt: skip
     for res, margin, second, fb in ((3, 1.0, "ternary", False), (3, 1.0, "ternary", True),
                                     (3, 1.0, "sign", True), (8, 1.2, "sign", False),
