@@ -29,16 +29,21 @@ def is_power_of_two(block: int) -> bool:
     return block >= 1 and block & (block - 1) == 0
 
 
+def position_hash(block: int, seed: int) -> np.ndarray:
+    """A splitmix64 mix of every position ``0 .. block - 1`` plus ``seed`` (uint64): fixed
+    per-position randomness (the rotation's signs, the lattice check's constants)."""
+    h = np.arange(block, dtype=np.uint64) + np.uint64(seed)
+    with np.errstate(over="ignore"):
+        h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return h ^ (h >> np.uint64(31))
+
+
 @lru_cache(maxsize=8)
 def _signs(block: int) -> torch.Tensor:
     """+-1.0 per position: the top bit of a splitmix64 mix of the position (a plain
     multiplicative hash of consecutive positions lines up with Hadamard rows)."""
-    h = np.arange(block, dtype=np.uint64) + np.uint64(_SEED)
-    with np.errstate(over="ignore"):
-        h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        h = h ^ (h >> np.uint64(31))
-    bit = (h >> np.uint64(63)).astype(np.float32)
+    bit = (position_hash(block, _SEED) >> np.uint64(63)).astype(np.float32)
     return torch.from_numpy(1.0 - 2.0 * bit)
 
 

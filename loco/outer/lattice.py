@@ -133,13 +133,6 @@ def _values(idx: torch.Tensor, s: torch.Tensor, n: int, rows: int) -> torch.Tens
     return vals.reshape(-1)[:n].clone()
 
 
-def _hashes(idx: torch.Tensor) -> torch.Tensor:
-    """A 32-bit check per block of the full indices: sum of index times an odd constant per
-    position, mod 2**32 (a wrong pick changes an index by a multiple of ``2**bits``; the
-    constants: :func:`loco.outer.lattice_repair.multipliers`)."""
-    return lattice_repair.check(idx)
-
-
 def frame_bytes(numel: int, block: int = 256, bits: int = 8) -> int:
     """The size of a frame of ``numel`` values in blocks of ``block`` at ``bits`` per value."""
     if bits == 0:
@@ -187,7 +180,7 @@ def encode(phi: torch.Tensor, momentum: torch.Tensor, block: int = 256,
     idx = _grid(block_rotation.rotate(_pad(x, block), rows), s)
     codes = idx.reshape(-1)[:n] % (1 << bits)
     parts = (s.to(torch.bfloat16).view(torch.int16).numpy().astype("<i2").tobytes(),
-             _hashes(idx).numpy().astype("<u4").tobytes(), bitpack.pack(codes, bits))  # fmt: skip
+             lattice_repair.check(idx).numpy().astype("<u4").tobytes(), bitpack.pack(codes, bits))  # fmt: skip
     frame = _frame(n, bits, block, s.numel(), parts, ROTATED if rotate else 0)
     return frame, _values(idx, s, n, rows)
 
@@ -298,7 +291,7 @@ def decode(buf: bytes | bytearray | memoryview, ref: torch.Tensor,
         r.view(-1)[n:] = 0
     mod = 1 << h.bits
     idx = c + mod * torch.round((r - c).to(torch.float64) / mod).to(torch.int64)
-    tried = (_hashes(idx) != hashes) & ~far
+    tried = (lattice_repair.check(idx) != hashes) & ~far
     repaired = lattice_repair.repair(idx, pr, s, tried, hashes, h.bits, n)
     bad = tried | far
     grid = idx.to(torch.float32) * s[:, None]

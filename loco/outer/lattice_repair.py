@@ -9,7 +9,7 @@ the receiver sees nearest the window's edge: a wrapped value lands at a distance
 
 The check is linear in the indices (``sum(index * mul[pos]) mod 2**32``, ``mul`` fixed odd
 constants per position), so moving value ``j`` by ``+-2**bits`` changes it by a known amount.
-:func:`repair` tries every set of at most :data:`MOVES` of the :data:`SUSPECTS` values
+:func:`repair` tries every set of one or two of the :data:`SUSPECTS` values
 nearest the edge (each moved one window across it) and keeps a block's repair only when
 exactly one set makes the check agree. A repaired block is exact (its grid points are the
 sender's); any other block stays failed.
@@ -27,8 +27,9 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from loco.outer.block_rotation import position_hash
+
 SUSPECTS = 12  # the values of a failed block nearest the window's edge that a repair may move
-MOVES = 2  # at most this many of them
 _M32 = 0xFFFFFFFF
 _SEED = 0xD1B54A32D192ED03
 
@@ -38,23 +39,13 @@ def multipliers(block: int) -> torch.Tensor:
     """The check's odd 32-bit constant per position of a block (int64): a splitmix64 hash of
     the position. Arithmetic constants (``pos * K``) would let two moved values match two
     others whose positions have the same sum."""
-    h = np.arange(block, dtype=np.uint64) + np.uint64(_SEED)
-    with np.errstate(over="ignore"):
-        h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        h = h ^ (h >> np.uint64(31))
+    h = position_hash(block, _SEED)
     return torch.from_numpy(((h & np.uint64(_M32)) | np.uint64(1)).astype(np.int64))
 
 
 def check(idx: torch.Tensor) -> torch.Tensor:
     """The 32-bit check of every row of full grid indices ``idx`` [blocks, block] (int64)."""
     return (idx * multipliers(idx.shape[1])).sum(1) & _M32
-
-
-def _pair_table(k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every set of one or two of ``k`` suspects, as two index columns (a single: j == i)."""
-    i, j = torch.triu_indices(k, k, offset=0)
-    return i, j
 
 
 def repair(idx: torch.Tensor, ref: torch.Tensor, steps: torch.Tensor, bad: torch.Tensor,
@@ -86,21 +77,17 @@ def repair(idx: torch.Tensor, ref: torch.Tensor, steps: torch.Tensor, bad: torch
     live = side != 0
     step = (mod * side * multipliers(block)[top]) & _M32  # the check's change per move [F, k]
     need = (want[rows] - check(sub)) & _M32
-    i, j = _pair_table(k)
+    i, j = torch.triu_indices(k, k)  # every set of one (i == j) or two suspects
     moved = torch.where(i == j, step[:, i], (step[:, i] + step[:, j]) & _M32)  # [F, sets]
-    usable = live[:, i] & live[:, j]
-    hit = (moved == need[:, None]) & usable
-    if MOVES < 2:
-        hit &= i == j
+    hit = (moved == need[:, None]) & live[:, i] & live[:, j]
     unique = torch.nonzero(hit.sum(1) == 1).flatten()
     if unique.numel() == 0:
         return 0
     c = hit[unique].to(torch.int8).argmax(1)  # the one matching set of each repaired row
+    a, b = i[c], j[c]
     r = rows[unique]
-    for col, first in ((i[c], None), (j[c], i[c])):
-        keep = torch.ones_like(col, dtype=torch.bool) if first is None else col != first
-        u = unique[keep]
-        at = top[u, col[keep]]
-        idx[r[keep], at] += mod * side[u, col[keep]]
+    idx[r, top[unique, a]] += mod * side[unique, a]
+    two = b != a
+    idx[r[two], top[unique[two], b[two]]] += mod * side[unique[two], b[two]]
     bad[r] = False
     return int(unique.numel())

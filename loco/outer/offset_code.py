@@ -28,6 +28,7 @@ import torch
 
 from loco.compress import PayloadError
 from loco.outer import bitpack
+from loco.outer.lattice import _pad
 
 MAGIC, VERSION = b"LOFS", 1
 _HEAD = struct.Struct("<4sBBxxQII")
@@ -52,13 +53,6 @@ def frame_bytes(numel: int, bits: int, block: int = BLOCK) -> int:
     return _HEAD.size + 2 * nb + -(-numel * bits // 8) + 4
 
 
-def _blocks(v: torch.Tensor, block: int) -> torch.Tensor:
-    nb = -(-v.numel() // block)
-    out = torch.zeros(nb * block, dtype=torch.float32)
-    out[: v.numel()] = v
-    return out.view(nb, block)
-
-
 def encode(x: torch.Tensor, bits: int, block: int = BLOCK) -> tuple[bytes, torch.Tensor]:
     """``(frame, decoded values)`` of ``x``; ValueError on NaN/Inf, a bad ``bits`` or
     ``block``, or a block whose scale does not fit bf16."""
@@ -70,7 +64,7 @@ def encode(x: torch.Tensor, bits: int, block: int = BLOCK) -> tuple[bytes, torch
     if not bool(torch.isfinite(v).all()):
         raise ValueError("offsets hold NaN/Inf; refusing to encode them")
     n = v.numel()
-    b = _blocks(v, block)
+    b = _pad(v, block)
     count = torch.full((b.shape[0],), float(block), dtype=torch.float64)
     if n % block:
         count[-1] = n % block
@@ -150,9 +144,8 @@ def decode(buf: bytes | bytearray | memoryview, max_numel: int) -> torch.Tensor:
         raise PayloadError("offset frame checksum mismatch")
     raw = torch.from_numpy(np.frombuffer(mv, "<i2", nb, _HEAD.size).astype(np.int16))
     s = raw.view(torch.bfloat16).float()
-    if not bool(torch.isfinite(s).all()) or bool((s < 0).any()) or bool((s > _BF16_MAX / 4).any()):
-        raise PayloadError("offset scales must be finite, >= 0 and below bf16's largest / 4")
-    if bool(torch.signbit(s).any()):
-        raise PayloadError("offset scales must not be -0.0")
+    if bool(torch.signbit(s).any()) or not bool((s <= _BF16_MAX / 4).all()):  # NaN fails too
+        raise PayloadError("offset scales must be >= 0 (not -0.0), finite and at most a quarter "
+                           "of bf16's largest")  # fmt: skip
     codes = bitpack.unpack(mv, _HEAD.size + 2 * nb, n, bits)
     return _values(codes, s, bits, block)
