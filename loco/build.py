@@ -317,7 +317,7 @@ def _payloads(cfg: LocoConfig, flat, comm: SiteComm, span: tuple[int, int] | Non
         phi_lattice_bits=o.phi_landing_bits if landing else o.phi_lattice_bits,
         phi_lattice_margin=o.phi_landing_margin if landing else o.phi_lattice_margin,
         phi_every=o.phi_every, phi_sketch_margin=o.phi_landing_sketch_margin,
-        phi_lattice_rotate=o.phi_lattice_rotate,
+        phi_lattice_rotate=o.phi_lattice_rotate, phi_fallback_bits=o.phi_fallback_bits,
     )  # fmt: skip
     if landing:
         from loco.outer.landing import Landing

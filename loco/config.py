@@ -338,6 +338,8 @@ class OuterConfig(SlicedOptions):
     phi_every: int = 1  # lattice: send phi every N rounds (the others keep their own phi)
     # lattice: the grid over every 256-value block's rotated coordinates (randomized Hadamard)
     phi_lattice_rotate: bool = False
+    # lattice: bits of a frame sized by the 8-bit momentum rule's window (no partner seen yet)
+    phi_fallback_bits: int = 8
     # noloco: the lattice phi of whole rounds travels by sequential landing (one phi frame
     # per group, the others' offsets back, one landing point: loco/outer/landing.py); with
     # phi_lattice=false, fragments > 1 or phi_every > 1 the two-way exchange runs instead,
@@ -379,6 +381,8 @@ class OuterConfig(SlicedOptions):
         if not 2 <= self.phi_lattice_bits <= 8:
             raise ConfigError(f"outer.phi_lattice_bits={self.phi_lattice_bits} must be in 2..8")
         _positive("outer.phi_lattice_margin", self.phi_lattice_margin)
+        if not 2 <= self.phi_fallback_bits <= 8:
+            raise ConfigError(f"outer.phi_fallback_bits={self.phi_fallback_bits} must be in 2..8")
         _positive("outer.phi_every", self.phi_every)
         self._check_landing()
         if not isinstance(self.final_average, bool):

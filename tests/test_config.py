@@ -33,6 +33,7 @@ BAD = [
     (["+site=eu", "outer.consensus=phi"], ["outer.consensus", "momentum, weights"]),
     (["+site=eu", "outer.phi_landing=maybe"], ["outer.phi_landing"]),
     (["+site=eu", "outer.phi_landing_bits=1"], ["outer.phi_landing_bits", "2..8"]),
+    (["+site=eu", "outer.phi_fallback_bits=9"], ["outer.phi_fallback_bits", "2..8"]),
     (["+site=eu", "outer.phi_landing_margin=0"], ["outer.phi_landing_margin", "> 0"]),
     (["+site=eu", "outer.phi_landing_codec=none"], ["outer.phi_landing_codec", "ternary"]),
     (["+site=eu", "compression.ef_decay=1.5"], ["compression.ef_decay", "[0, 1]"]),

@@ -280,7 +280,7 @@ class GossipNode:
         next :meth:`round_metrics`. No strike; call :meth:`strike` for that."""
         self.metrics.add(f"fail_{cause}", n)
 
-    def count(self, key: str, n: int = 1) -> None:
+    def count(self, key: str, n: float = 1) -> None:
         """Add ``n`` to the figure ``key`` of the next :meth:`round_metrics`."""
         self.metrics.add(key, n)
 

@@ -91,6 +91,8 @@ class RangePayloads:
         phi_lattice_rotate: lay the lattice grid over every block's rotated coordinates
             (:mod:`loco.outer.block_rotation`): windows cover a block's rms, not its largest
             value.
+        phi_fallback_bits: the bits of a frame sized by the momentum rule (nothing observed
+            for this group): its window stays the 8-bit rule's, cut into fewer steps.
     """
 
     def __init__(
@@ -116,13 +118,14 @@ class RangePayloads:
         phi_every: int = 1,
         phi_sketch_margin: float = 5.0,
         phi_lattice_rotate: bool = False,
+        phi_fallback_bits: int = 8,
     ) -> None:
         self.slo, self.shi = shard
         self.lo, self.hi = owned
         assert self.slo <= self.lo <= self.hi <= self.shi, (shard, owned)
         self.codec, self.phi_codec = codec, "lattice" if phi_lattice else phi_codec
         self.lattice_window = phi_lattice_window
-        self.lattice_rotate = phi_lattice_rotate
+        self.lattice_rotate, self.fallback_bits = phi_lattice_rotate, phi_fallback_bits
         self.lattice_bits, self.lattice_margin = phi_lattice_bits, phi_lattice_margin
         self.phi_every, self.sketch_margin = phi_every, phi_sketch_margin
         self.spread = Spread()
@@ -285,7 +288,7 @@ class RangePayloads:
             if at_least is not None:  # the wider of the two windows
                 steps = torch.maximum(steps, at_least)
         elif steps is None:
-            bits = 8  # nothing observed yet: 8 bits, the momentum rule
+            bits = self.fallback_bits  # nothing observed: the momentum rule's window
         buf, full = lattice.encode(ref, mom, block=LATTICE_BLOCK, window=self.lattice_window,
                                    bits=bits, steps=steps, rotate=self.lattice_rotate)  # fmt: skip
         return buf, full[: self.numel].clone()
@@ -295,7 +298,8 @@ class RangePayloads:
     def validator(self, sink: list[torch.Tensor], raw: bool, lattice_ref=None,
                   failed: list[int] | None = None,
                   masks: list[torch.Tensor] | None = None, sketch: bool = False,
-                  repaired: list[int] | None = None, offsets: bool = False):  # fmt: skip
+                  repaired: list[int] | None = None, offsets: bool = False,
+                  slack: list[tuple[float, int]] | None = None):  # fmt: skip
         """A gossip ``validate`` callable ``check(buf, numel, lo)``: decode each received payload
         of ``numel`` values, the first at flat index ``lo`` (raw: check it is finite fp32 of the
         right length; a frame may not claim more values than its segment; lattice: decoded as
@@ -305,14 +309,17 @@ class RangePayloads:
         frame's per-value mask of those blocks goes (1.0: failed); ``sketch``: a phi sketch
         frame (:mod:`loco.outer.phi_sketch`), expanded per value; ``repaired``: where the
         lattice blocks repaired (:mod:`loco.outer.lattice_repair`) are counted, per frame;
-        ``offsets``: a landing offset frame (:mod:`loco.outer.offset_code`)."""
+        ``offsets``: a landing offset frame (:mod:`loco.outer.offset_code`); ``slack``: where
+        each frame's :func:`loco.outer.lattice.window_slack` on our own blocks goes."""
         failed = failed if failed is not None else []
         repaired = repaired if repaired is not None else []
+        slack = slack if slack is not None else []
 
         def check(buf, numel: int, seg_lo: int) -> None:
             mv = memoryview(buf).cast("B")
             if lattice_ref is not None:
-                t, bad = self._decode_lattice(mv, numel, seg_lo, lattice_ref, failed, repaired)
+                t, bad = self._decode_lattice(mv, numel, seg_lo, lattice_ref, failed, repaired,
+                                              slack)  # fmt: skip
                 if masks is not None:  # per value: 1 where the block failed (own phi kept)
                     masks.append(bad)
             elif sketch:
@@ -339,7 +346,8 @@ class RangePayloads:
 
     def _decode_lattice(self, mv: memoryview, numel: int, seg_lo: int, ref: torch.Tensor,
                         failed: list[int],
-                        repaired: list[int]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                        repaired: list[int],
+                        slack: list[tuple[float, int]]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """A partner's lattice frame of the segment ``[seg_lo, seg_lo + numel)``: (values, per
         value 1.0 where its block failed); :func:`loco.outer.lattice.decode_segment`."""
         seg = lattice.decode_segment(mv, numel, seg_lo, ref, shard=(self.slo, self.shi),
@@ -351,6 +359,8 @@ class RangePayloads:
             self.lattice_failed += seg.failed
         failed.append(seg.failed)
         repaired.append(seg.decoded.repaired)
+        if seg.own:
+            slack.append(lattice.window_slack(seg.decoded))
         return seg.decoded.values, seg.bad
 
     def segment_bytes(self, codec: str):
@@ -426,9 +436,10 @@ class RangePayloads:
         ref = self._ref if codec == "lattice" else None
         failed: list[int] = []
         repaired: list[int] = []
+        slack: list[tuple[float, int]] = []
         check = self.validator(values, codec in LOSSLESS, ref, failed, masks,
                                sketch=codec == "sketch", repaired=repaired,
-                               offsets=codec in offset_code.NAMES)  # fmt: skip
+                               offsets=codec in offset_code.NAMES, slack=slack)  # fmt: skip
         kw: dict[str, object] = {
             "validate": check,
             "codec": "raw" if codec in LOSSLESS else codec,
@@ -446,6 +457,9 @@ class RangePayloads:
             node.count_failure("lattice_blocks", sum(failed))
         if sum(repaired):  # blocks where a few wrapped values were moved back
             node.count("repaired_lattice_blocks", sum(repaired))
+        if slack:  # how much wider than the partner's distance its windows were, in bits
+            node.count("window_slack_bits", sum(b for b, _ in slack))
+            node.count("window_slack_blocks", sum(c for _, c in slack))
         try:
             out = self.assemble(res, values, stream)
             if failed_out is not None and masks is not None:

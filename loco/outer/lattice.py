@@ -77,11 +77,12 @@ def _floor(phi: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def steps_for(phi: torch.Tensor, momentum: torch.Tensor, block: int = 256,
-              window: float = WINDOW_STEPS) -> torch.Tensor:  # fmt: skip
+              window: float = WINDOW_STEPS, bits: int = 8) -> torch.Tensor:  # fmt: skip
     """The grid step of every block before any observation (fp32, > 0): ``max|m| / window``,
-    at least the floor ``max|phi| / 4096``; for 8-bit frames."""
+    at least the floor ``max|phi| / 4096``, for 8-bit frames; at fewer ``bits`` the same
+    window (+-127 of those steps) cut into ``2**(bits-1) - 1`` steps either side."""
     m = _pad(momentum.float(), block).abs().amax(1)
-    s = torch.maximum(m / window, _floor(phi, block))
+    s = torch.maximum(m / window, _floor(phi, block)) * (127 / (2 ** (bits - 1) - 1))
     return _bf16(torch.clamp(s, min=1e-30))
 
 
@@ -155,7 +156,8 @@ def encode(phi: torch.Tensor, momentum: torch.Tensor, block: int = 256,
            window: float = WINDOW_STEPS, *, bits: int = 8, steps: torch.Tensor | None = None,
            rotate: bool = False) -> tuple[bytes, torch.Tensor]:  # fmt: skip
     """``(frame, own decoded phi)``. ``steps``: the grid step per block (from
-    :func:`steps_for_spread`); None: :func:`steps_for` (``momentum``, ``window``). ``rotate``:
+    :func:`steps_for_spread`); None: :func:`steps_for` (``momentum``, ``window``, ``bits``:
+    the 8-bit momentum rule's window at ``bits``). ``rotate``:
     the grid is over every full block's rotated coordinates (``block`` a power of two).
     ValueError if ``phi`` holds NaN/Inf or an argument is out of range."""
     if not window > 0:
@@ -171,7 +173,7 @@ def encode(phi: torch.Tensor, momentum: torch.Tensor, block: int = 256,
         raise ValueError("phi holds NaN/Inf; refusing to encode it")
     n = x.numel()
     if steps is None:
-        s = steps_for(x, momentum.detach().reshape(-1).cpu(), block, window)
+        s = steps_for(x, momentum.detach().reshape(-1).cpu(), block, window, bits)
     else:
         s = _bf16(steps.float())
         if s.numel() != _blocks(n, block) or not bool((s > 0).all() & torch.isfinite(s).all()):
@@ -247,6 +249,21 @@ class Decoded:
     block: int = 0
     steps: torch.Tensor | None = None  # per block, the frame's grid step (None: not known)
     repaired: int = 0  # blocks whose check failed and a few wrapped values were moved back
+    bits: int = 0  # the frame's bits per value (0: a frame without values)
+
+
+def window_slack(got: Decoded) -> tuple[float, int]:
+    """How much wider than needed the sender's windows were: ``(sum, count)`` of
+    ``log2(half-window / largest distance)`` over the blocks that decoded farther than the
+    grid's rounding (``spread > step / 2``); the half-window is ``2**(bits-1)`` steps. The mean
+    is the bits per value a window sized to each block's actual distance would have saved."""
+    if not got.bits or got.steps is None:
+        return 0.0, 0
+    far = torch.isfinite(got.spread) & (got.spread > got.steps / 2)
+    if not bool(far.any()):
+        return 0.0, 0
+    half = got.steps[far] * float(1 << (got.bits - 1))
+    return float(torch.log2(half / got.spread[far]).sum()), int(far.sum())
 
 
 def decode(buf: bytes | bytearray | memoryview, ref: torch.Tensor,
@@ -301,7 +318,8 @@ def decode(buf: bytes | bytearray | memoryview, ref: torch.Tensor,
     vals = torch.where(bad[:, None], p, vals)
     if not bool(torch.isfinite(vals).all()):
         raise PayloadError("lattice values are not finite")
-    return Decoded(vals.reshape(-1)[:n].clone(), int(bad.sum()), nb, spread, block, s, repaired)
+    return Decoded(vals.reshape(-1)[:n].clone(), int(bad.sum()), nb, spread, block, s, repaired,
+                   h.bits)  # fmt: skip
 
 
 @dataclass

@@ -27,6 +27,43 @@ def test_roundtrip_next_to_a_close_reference_is_the_senders_own_value():
         assert got.failed == 0 and torch.equal(got.values, own)
 
 
+def test_a_momentum_rule_frame_at_fewer_bits_keeps_the_8_bit_window_with_coarser_steps():
+    """``encode(bits=6)`` without steps cuts the 8-bit rule's window (+-127 steps) into +-31:
+    the step is 127/31 of the 8-bit one (to bf16), a partner 100 8-bit steps away still
+    decodes every block, and the frame is 3/4 of the 8-bit one's codes."""
+    phi, m = _phi()
+    buf8, _ = lattice.encode(phi, m)
+    buf6, own6 = lattice.encode(phi, m, bits=6)
+    s8, s6 = lattice.steps_for(phi, m), lattice.steps_for(phi, m, bits=6)
+    torch.testing.assert_close(s6, s8 * 127 / 31, rtol=2**-7, atol=0)  # both rounded to bf16
+    assert len(buf6) == lattice.frame_bytes(phi.numel(), 256, 6) < len(buf8)
+    assert (own6 - phi).abs().max() <= s6.max() / 2 + 1e-9
+    near = phi + 100 * s8.min()  # 100 of the 8-bit steps: inside +-127 of them
+    got = lattice.decode(buf6, near)
+    assert got.failed == 0 and torch.equal(got.values, own6)
+    far = phi + 140 * s8.max()  # outside the 8-bit window, so outside the 6-bit one too
+    assert lattice.decode(buf6, far).failed == lattice.decode(buf6, far).blocks
+
+
+def test_window_slack_is_the_bits_a_window_sized_to_each_blocks_distance_saves():
+    """phi on the grid (steps 1/16, 4 bits: half-window 8 steps = 0.5) and a reference whose
+    largest distance is 0.25 in every block: one bit of slack per block; a half-window of 16
+    steps (5 bits): two. Next to itself a frame shows only rounding: nothing counted."""
+    n, block = 1024, 256
+    g = torch.Generator().manual_seed(1)
+    phi = torch.randint(-200, 200, (n,), generator=g).float() / 16
+    delta = (torch.rand(n, generator=g) - 0.5) * 0.4
+    delta[::block] = 0.25  # each block's largest distance
+    steps = torch.full((n // block,), 1 / 16)
+    for bits, want in ((4, 1.0), (5, 2.0)):
+        buf, own = lattice.encode(phi, torch.zeros(n), block, bits=bits, steps=steps)
+        got = lattice.decode(buf, phi - delta)
+        assert got.failed == 0 and torch.equal(got.values, own)
+        total, count = lattice.window_slack(got)
+        assert count == n // block and abs(total / count - want) < 1e-6
+    assert lattice.window_slack(lattice.decode(buf, phi)) == (0.0, 0)
+
+
 def test_a_larger_window_setting_gives_a_finer_grid_and_a_narrower_window():
     phi, m = _phi()
     buf8, own8 = lattice.encode(phi, m)

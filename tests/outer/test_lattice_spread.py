@@ -61,6 +61,26 @@ def test_round_one_shows_only_coding_error_and_leaves_the_estimate_unset():
     assert failed == [0, 0, 0, 0]
 
 
+def test_frames_by_the_momentum_rule_take_the_fallback_bits():
+    """``phi_fallback_bits=6``: rounds 1 and 2 (nothing observed yet) send 6-bit frames under
+    the 8-bit rule's window, which still decode every block against phis that parted; round 3
+    is sized from round 2's spread at the frame's own 4 bits."""
+    g, phi, mom, _ = setup(3)
+    n = phi.numel()
+    a, b = (RangePayloads(shard=(0, n), owned=(0, n), phi_lattice=True, phi_lattice_bits=4,
+                          phi_fallback_bits=6) for _ in range(2))  # fmt: skip
+
+    def phis(t):
+        if t == 1:
+            return phi, phi
+        return (phi + torch.randn(n, generator=g) * 1e-3, phi + torch.randn(n, generator=g) * 1e-3)
+
+    sizes, failed = exchange(a, b, (1, 2, 3, 4), phis, mom)
+    f6, f4 = lattice.frame_bytes(n, 256, 6), lattice.frame_bytes(n, 256, 4)
+    assert sizes == [f6, f6, f4, f4]
+    assert failed == [0, 0, 0, 0]
+
+
 def test_a_pair_that_met_again_keeps_the_window_its_last_real_partner_set():
     """A pair that landed together has one phi; meeting again, each decodes the other within a
     grid step. That leaves the estimate as it was, so the next partner, whose phi is as far as

@@ -330,6 +330,22 @@ def test_lattice_phi_pairs_agree_and_cost_about_a_byte(pair):
     assert [r["mean_crc"] for r in eu.history] == [r["mean_crc"] for r in us.history]
     per_round = eu.history[-1]["bytes_sent"] / P
     assert per_round < 1.03 + 1.1  # int8 delta + lattice phi, vs 5.02 with exact phi
+    # pairs that landed together are one phi: their frames show only rounding, not counted
+    assert all(not r.get("window_slack_blocks") for r in eu.history)
+
+
+def test_the_record_has_the_partners_window_slack(pair):
+    """Sites a little apart (1e-4 rms; the 8-bit rules' windows are far wider): the slack is
+    counted on every block of every round, more than a bit per value."""
+    sites = pair(codec="int8", phi_lattice=True)
+    eu, us = sites["eu"], sites["us"]
+    us.flat.theta.copy_(eu.flat.theta)
+    g = torch.Generator().manual_seed(0)
+    us.state.phi.copy_(eu.state.phi + 1e-4 * torch.randn(eu.state.phi.shape, generator=g))
+    run_parallel([lambda s=s, i=i: inner_steps(s, 0, 10, i) for i, s in enumerate(sites.values())])
+    blocks = [r.get("window_slack_blocks", 0) for r in eu.history]
+    assert len(blocks) == 2 and all(b == -(-P // 256) for b in blocks), blocks
+    assert all(r["window_slack_bits"] / r["window_slack_blocks"] > 1.0 for r in eu.history)
 
 
 def test_lattice_phi_too_far_keeps_our_own_phi_and_averages_the_delta(pair):
