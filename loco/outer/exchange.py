@@ -299,7 +299,7 @@ class RangePayloads:
                   failed: list[int] | None = None,
                   masks: list[torch.Tensor] | None = None, sketch: bool = False,
                   repaired: list[int] | None = None, offsets: bool = False,
-                  slack: list[tuple[float, int]] | None = None):  # fmt: skip
+                  slack: list[tuple[float, float, int]] | None = None):  # fmt: skip
         """A gossip ``validate`` callable ``check(buf, numel, lo)``: decode each received payload
         of ``numel`` values, the first at flat index ``lo`` (raw: check it is finite fp32 of the
         right length; a frame may not claim more values than its segment; lattice: decoded as
@@ -347,7 +347,7 @@ class RangePayloads:
     def _decode_lattice(self, mv: memoryview, numel: int, seg_lo: int, ref: torch.Tensor,
                         failed: list[int],
                         repaired: list[int],
-                        slack: list[tuple[float, int]]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                        slack: list[tuple[float, float, int]]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """A partner's lattice frame of the segment ``[seg_lo, seg_lo + numel)``: (values, per
         value 1.0 where its block failed); :func:`loco.outer.lattice.decode_segment`."""
         seg = lattice.decode_segment(mv, numel, seg_lo, ref, shard=(self.slo, self.shi),
@@ -436,7 +436,7 @@ class RangePayloads:
         ref = self._ref if codec == "lattice" else None
         failed: list[int] = []
         repaired: list[int] = []
-        slack: list[tuple[float, int]] = []
+        slack: list[tuple[float, float, int]] = []
         check = self.validator(values, codec in LOSSLESS, ref, failed, masks,
                                sketch=codec == "sketch", repaired=repaired,
                                offsets=codec in offset_code.NAMES, slack=slack)  # fmt: skip
@@ -458,8 +458,9 @@ class RangePayloads:
         if sum(repaired):  # blocks where a few wrapped values were moved back
             node.count("repaired_lattice_blocks", sum(repaired))
         if slack:  # how much wider than the partner's distance its windows were, in bits
-            node.count("window_slack_bits", sum(b for b, _ in slack))
-            node.count("window_slack_blocks", sum(c for _, c in slack))
+            node.count("window_slack_bits", sum(b for b, _, _ in slack))
+            node.count("window_slack_sq", sum(q for _, q, _ in slack))
+            node.count("window_slack_blocks", sum(c for _, _, c in slack))
         try:
             out = self.assemble(res, values, stream)
             if failed_out is not None and masks is not None:

@@ -252,18 +252,20 @@ class Decoded:
     bits: int = 0  # the frame's bits per value (0: a frame without values)
 
 
-def window_slack(got: Decoded) -> tuple[float, int]:
-    """How much wider than needed the sender's windows were: ``(sum, count)`` of
-    ``log2(half-window / largest distance)`` over the blocks that decoded farther than the
+def window_slack(got: Decoded) -> tuple[float, float, int]:
+    """How much wider than needed the sender's windows were: ``(sum, sum of squares, count)``
+    of ``log2(half-window / largest distance)`` over the blocks that decoded farther than the
     grid's rounding (``spread > step / 2``); the half-window is ``2**(bits-1)`` steps. The mean
-    is the bits per value a window sized to each block's actual distance would have saved."""
+    is the bits per value a window sized to each block's actual distance would have saved; a
+    small spread about it says one factor for the whole frame would have saved as much."""
     if not got.bits or got.steps is None:
-        return 0.0, 0
+        return 0.0, 0.0, 0
     far = torch.isfinite(got.spread) & (got.spread > got.steps / 2)
     if not bool(far.any()):
-        return 0.0, 0
+        return 0.0, 0.0, 0
     half = got.steps[far] * float(1 << (got.bits - 1))
-    return float(torch.log2(half / got.spread[far]).sum()), int(far.sum())
+    slack = torch.log2(half / got.spread[far]).double()
+    return float(slack.sum()), float(slack.pow(2).sum()), int(far.sum())
 
 
 def decode(buf: bytes | bytearray | memoryview, ref: torch.Tensor,

@@ -23,7 +23,8 @@ from loco.site_comm import SiteComm
 # agree_*: the pairing agreement (loco.gossip.agree_rpc)
 # window_slack_*: loco.outer.lattice.window_slack of the lattice frames decoded
 _GOSSIP_KEYS = ("retries", "strikes", "bans", "agree_bytes", "agree_seconds",
-                "repaired_lattice_blocks", "window_slack_bits", "window_slack_blocks")  # fmt: skip
+                "repaired_lattice_blocks", "window_slack_bits", "window_slack_sq",
+                "window_slack_blocks")  # fmt: skip
 
 
 def mean_crc(ts: tuple[torch.Tensor, ...]) -> int:

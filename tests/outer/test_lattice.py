@@ -59,9 +59,10 @@ def test_window_slack_is_the_bits_a_window_sized_to_each_blocks_distance_saves()
         buf, own = lattice.encode(phi, torch.zeros(n), block, bits=bits, steps=steps)
         got = lattice.decode(buf, phi - delta)
         assert got.failed == 0 and torch.equal(got.values, own)
-        total, count = lattice.window_slack(got)
+        total, sq, count = lattice.window_slack(got)
         assert count == n // block and abs(total / count - want) < 1e-6
-    assert lattice.window_slack(lattice.decode(buf, phi)) == (0.0, 0)
+        assert abs(sq / count - want**2) < 1e-6  # one slack on every block: no spread
+    assert lattice.window_slack(lattice.decode(buf, phi)) == (0.0, 0.0, 0)
 
 
 def test_a_larger_window_setting_gives_a_finer_grid_and_a_narrower_window():
