@@ -348,7 +348,8 @@ class OuterConfig(SlicedOptions):
     phi_landing_bits: int = 8  # the leader's lattice bits under the landing (2-8)
     # the leader's window under the landing: margin x the largest partner difference seen
     phi_landing_margin: float = 8.0
-    phi_landing_window: str = "history"  # history | sketch (loco/outer/phi_sketch.py)
+    # history | sketch | scaled (the history's profile at the sketches' distance; phi_sketch.py)
+    phi_landing_window: str = "history"
     # sketch: the window also covers this many times the rms difference the sketches estimate
     phi_landing_sketch_margin: float = 5.0
     # the followers' offsets: a loco.compress codec (not none) or normal2/3/4 (offset_code.py)
@@ -394,7 +395,8 @@ class OuterConfig(SlicedOptions):
         if not 2 <= self.phi_landing_bits <= 8:
             raise ConfigError(f"outer.phi_landing_bits={self.phi_landing_bits} must be in 2..8")
         _positive("outer.phi_landing_margin", self.phi_landing_margin)
-        _choice("outer.phi_landing_window", self.phi_landing_window, ("history", "sketch"))
+        _choice("outer.phi_landing_window", self.phi_landing_window,
+                ("history", "sketch", "scaled"))  # fmt: skip
         _positive("outer.phi_landing_sketch_margin", self.phi_landing_sketch_margin)
         codecs = tuple(c for c in _names("CODECS") if c != "none") + tuple(OFFSET_CODES)
         _choice("outer.phi_landing_codec", self.phi_landing_codec, codecs)

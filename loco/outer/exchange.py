@@ -230,9 +230,10 @@ class RangePayloads:
     @property
     def sketched(self) -> bool:
         """Whether the landing's leader sizes its phi window from the followers' sketches
-        (``outer.phi_landing_window=sketch``): the phi frame is then encoded by
+        (``outer.phi_landing_window=sketch|scaled``): the phi frame is then encoded by
         :meth:`encode_leader` after the round's group is known, not by :meth:`encode`."""
-        return self.landing is not None and getattr(self.landing, "window", "") == "sketch"
+        window = getattr(self.landing, "window", "") if self.landing is not None else ""
+        return window in ("sketch", "scaled")
 
     def _signs(self) -> torch.Tensor:
         if self._sketch_signs is None:
@@ -262,6 +263,13 @@ class RangePayloads:
         phi = self._ref[: self.numel]
         if not sketches:
             return self._encode_lattice(round, phi, momentum)
+        if self.landing.window == "scaled":  # the history's profile at this round's distance
+            with self._lock:
+                shape = self.spread.shape
+            own = self._own_sketch
+            rescale = None if shape is None else (
+                lambda spread: phi_sketch.scaled_spread(spread, shape, own, sketches))  # fmt: skip
+            return self._encode_lattice(round, phi, momentum, rescale=rescale)
         mom = self._padded(momentum if momentum is not None else torch.zeros(self.numel))
         steps = phi_sketch.steps_from_sketches(self._ref, self._own_sketch, sketches,
                                                self.lattice_bits, LATTICE_BLOCK,
@@ -269,16 +277,21 @@ class RangePayloads:
         return self._encode_lattice(round, phi, momentum, at_least=steps)
 
     def _encode_lattice(self, round: int, phi: torch.Tensor, momentum: torch.Tensor | None,
-                        at_least: torch.Tensor | None = None) -> tuple[bytes, torch.Tensor]:  # fmt: skip
+                        at_least: torch.Tensor | None = None,
+                        rescale=None) -> tuple[bytes, torch.Tensor]:  # fmt: skip
         """The lattice frame of ``phi`` for ``round`` and own decoded values on [lo, hi). The
-        grid step per block follows the partner spread seen; ``at_least``: no finer than these
-        steps (alone when no spread was seen)."""
+        grid step per block follows the partner spread seen (``rescale``: a function of its
+        profile, even a stale one, that sizes the window instead unless it returns None);
+        ``at_least``: no finer than these steps (alone when no spread was seen)."""
         ref = self._padded(phi)
         self._ref = ref
         if (round - 1) % self.phi_every:
             return lattice.skip_frame(ref.numel()), ref[: self.numel].clone()
         with self._lock:
-            spread = self.spread.estimate()
+            spread, profile = self.spread.estimate(), self.spread.profile()
+        if rescale is not None and profile is not None:  # else the history rule
+            scaled = rescale(profile)
+            spread = scaled if scaled is not None else spread
         bits, steps = self.lattice_bits, at_least
         mom = self._padded(momentum if momentum is not None else torch.zeros_like(phi))
         if spread is not None and spread.numel() == -(-ref.numel() // LATTICE_BLOCK):

@@ -51,9 +51,10 @@ class Landing:
         codec, options: the offsets' code: a ``loco.compress`` codec and its options, or one of
             :data:`loco.outer.offset_code.NAMES` (no options).
         window: how the leader sizes its lattice window: ``history`` (the partner spread seen
-            before, ``loco.outer.spread.Spread``) or ``sketch`` (this round's followers'
+            before, ``loco.outer.spread.Spread``), ``sketch`` (also this round's followers'
             sketches, ``loco.outer.phi_sketch``: the leader encodes its frame after pulling
-            them).
+            them) or ``scaled`` (the history's profile over the blocks rescaled to the
+            distance the sketches show, :func:`loco.outer.phi_sketch.scaled_spread`).
     """
 
     def __init__(self, payloads: Any, *, codec: str = "ternary",

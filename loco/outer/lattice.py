@@ -250,6 +250,7 @@ class Decoded:
     steps: torch.Tensor | None = None  # per block, the frame's grid step (None: not known)
     repaired: int = 0  # blocks whose check failed and a few wrapped values were moved back
     bits: int = 0  # the frame's bits per value (0: a frame without values)
+    sq: torch.Tensor | None = None  # per block, ``sum (decoded - reference)**2`` (NaN: failed)
 
 
 def window_slack(got: Decoded) -> tuple[float, float, int]:
@@ -316,12 +317,14 @@ def decode(buf: bytes | bytearray | memoryview, ref: torch.Tensor,
     grid = idx.to(torch.float32) * s[:, None]
     spread = (grid - pr).abs().amax(1)  # in the grid's coordinates, as the sender sizes it
     spread[bad] = float("nan")
+    sq = (grid - pr).double().pow(2).sum(1).float()  # the rotation keeps a block's norm
+    sq[bad] = float("nan")
     vals = block_rotation.unrotate(grid, rows)
     vals = torch.where(bad[:, None], p, vals)
     if not bool(torch.isfinite(vals).all()):
         raise PayloadError("lattice values are not finite")
     return Decoded(vals.reshape(-1)[:n].clone(), int(bad.sum()), nb, spread, block, s, repaired,
-                   h.bits)  # fmt: skip
+                   h.bits, sq)  # fmt: skip
 
 
 @dataclass

@@ -18,6 +18,7 @@ and ``nblocks = ceil(numel / block)``: 4 bytes per block (0.016 bytes per value 
 
 from __future__ import annotations
 
+import math
 import struct
 import zlib
 
@@ -121,3 +122,45 @@ def steps_from_sketches(phi: torch.Tensor, own: torch.Tensor, others: list[torch
     cap = momentum_window(momentum, block)
     s = torch.maximum(torch.minimum(margin * rms, cap) / half, floor)
     return _bf16(torch.clamp(s, min=1e-30))
+
+
+SCALE_RANGE = 2.0**-8, 2.0**8  # the most a round's sketches rescale the remembered spread
+SCALE_SD = 3.0  # the scale is taken this many of its estimate's sds high
+SCALE_MIN_BLOCKS = 100  # fewer blocks with a difference: no estimate
+_CHI2_MEDIAN = 0.454936  # the median of a chi-square of one degree
+_CHI2_MEDIAN_SD = 2.33  # the sd of the median of n such draws over the median, times sqrt(n)
+
+
+def scale_factor(spread: torch.Tensor, shape: float, own: torch.Tensor,
+                 other: torch.Tensor) -> float:  # fmt: skip
+    """How far ``other`` is this round against the remembered ``spread`` (per block, the
+    largest difference): if the blocks' largest differences are now ``f * spread``, their
+    squared norms are about ``(f * spread)**2 / shape`` (``shape``: the blocks' largest
+    difference squared over their squared norm, seen in past decodes), and each block's
+    squared sketch difference is that times a chi-square of one degree. ``f**2`` is the
+    median over the blocks of ``x * shape / spread**2`` over the chi-square's median, robust to
+    a block whose memory is far off either way, taken ``SCALE_SD`` of its sds high. Blocks
+    with no finite positive spread or no sketch difference (outside the follower's range) do
+    not count; 0.0 where fewer than ``SCALE_MIN_BLOCKS`` do."""
+    x = (other.double() - own.double()).pow(2)
+    s2 = spread.double().pow(2)
+    ok = torch.isfinite(x) & (x > 0) & torch.isfinite(s2) & (s2 > 0)
+    n = int(ok.sum())
+    if n < SCALE_MIN_BLOCKS or not shape > 0:
+        return 0.0
+    f2 = float((x[ok] * shape / s2[ok]).median()) / _CHI2_MEDIAN
+    f2 *= 1 + SCALE_SD * _CHI2_MEDIAN_SD / math.sqrt(n)
+    return math.sqrt(f2) if math.isfinite(f2) and f2 > 0 else 0.0
+
+
+def scaled_spread(spread: torch.Tensor, shape: float, own: torch.Tensor,
+                  others: list[torch.Tensor]) -> torch.Tensor | None:  # fmt: skip
+    """The remembered per-block spread (``loco.outer.spread.Spread.profile``: its profile
+    over the blocks) rescaled to THIS round's distance to the farthest follower, from the
+    followers' per-block sketches (``own`` the leader's): :func:`scale_factor`, at most
+    ``SCALE_RANGE`` either way. None where no follower's factor can be estimated."""
+    f = max((scale_factor(spread, shape, own, o) for o in others), default=0.0)
+    if not f > 0:
+        return None
+    lo, hi = SCALE_RANGE
+    return spread * min(max(f, lo), hi)

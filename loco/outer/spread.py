@@ -19,6 +19,8 @@ from it, so it should measure how far the sites drift apart in a round:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from loco.outer.lattice import Decoded
@@ -45,6 +47,9 @@ class Spread:
         self.last: tuple[str, ...] | None = None  # the round before's group
         self.age = 0  # rounds begun since a new partner's distance
         self.seen: tuple[str, ...] | None = None  # the group ``value`` last observed
+        # sum over blocks of the largest difference squared over the sum of the squared
+        # differences, of the frames decoded (None: none yet); for the scaled windows
+        self.shape: float | None = None
 
     def regroup(self, group: tuple[str, ...] | None) -> None:
         """This rank's group of the next round (None: not known), called once a round: another
@@ -62,6 +67,12 @@ class Spread:
             recent = self.age <= self.stale or (self.seen is not None and self.group == self.seen)
             return self.value if recent else None
         return self.rounding
+
+    def profile(self) -> torch.Tensor | None:
+        """Per block, the remembered spread whatever its age (a stale one's scale is off, its
+        shape over the blocks still holds: the scaled windows rescale it), else
+        :meth:`estimate`."""
+        return self.value if self.value is not None else self.estimate()
 
     def observe(self, d: Decoded) -> None:
         """Take the spread of a decoded frame (frames without values are ignored)."""
@@ -87,6 +98,7 @@ class Spread:
                 self.rounding = torch.full_like(seen, float(seen[ok].max()))
             return
         self.rounding = None
+        self._observe_shape(d, told)
         new = self.group is None or self.group != self.last  # not the round before's partner
         if new:
             self.age = 0
@@ -102,3 +114,15 @@ class Spread:
         kept = torch.where(coded, old, torch.maximum(seen, toward))
         widened = torch.clamp(old * self.grow, min=typical)  # a block never seen stays open
         self.value = torch.where(ok, kept, widened)
+
+    def _observe_shape(self, d: Decoded, told: torch.Tensor) -> None:
+        """Take the frame's ``sum max**2 / sum ||diff||**2`` over the blocks beyond rounding
+        into :attr:`shape` (half the old value, half the new)."""
+        if d.sq is None or d.sq.numel() != told.numel():
+            return
+        num = float(d.spread[told].double().pow(2).sum())
+        den = float(d.sq[told].double().sum())
+        if not (den > 0 and math.isfinite(num) and math.isfinite(den)):
+            return
+        ratio = num / den
+        self.shape = ratio if self.shape is None else 0.5 * (self.shape + ratio)

@@ -98,7 +98,8 @@ def test_a_triple_lands_together():
 @pytest.mark.parametrize(
     "bits,margin,window,offsets,bound",
     [(8, 8.0, "history", "ternary", 0.25), (4, 3.0, "history", "ternary", 0.3),
-     (3, 1.5, "sketch", "ternary", 0.3), (4, 3.0, "history", "normal3", 0.2)],
+     (3, 1.5, "sketch", "ternary", 0.3), (4, 3.0, "history", "normal3", 0.2),
+     (4, 1.5, "scaled", "normal2", 0.2)],
 )  # fmt: skip
 def test_changing_pairs_land_near_the_exact_mean(bits, margin, window, offsets, bound,
                                                  monkeypatch):  # fmt: skip
@@ -108,9 +109,11 @@ def test_changing_pairs_land_near_the_exact_mean(bits, margin, window, offsets, 
     run's sites are apart."""
     names = ["af", "asia", "eu", "us"]
     sized = []  # the frames whose windows came from this round's sketches
-    real = phi_sketch.steps_from_sketches
-    monkeypatch.setattr(phi_sketch, "steps_from_sketches",
-                        lambda *a, **k: sized.append(1) or real(*a, **k))  # fmt: skip
+    for rule in ("steps_from_sketches", "scaled_spread"):
+        real = getattr(phi_sketch, rule)
+        monkeypatch.setattr(phi_sketch, rule,
+                            lambda *a, real=real, rule=rule, **k: sized.append(rule)
+                            or real(*a, **k))  # fmt: skip
     landed = landing_sites(names, H=5, phi_lattice_bits=bits, phi_lattice_margin=margin,
                            window=window, offsets=offsets)  # fmt: skip
     exact = make_sites(names, ports_for(names), codec="ternary", H=5)
@@ -142,7 +145,12 @@ def test_changing_pairs_land_near_the_exact_mean(bits, margin, window, offsets, 
         # with 3-bit Lloyd-Max offsets (error 0.19 of the offset's rms against the ternary
         # code's ~0.44) the lattice's part is left: measured 0.13
         assert spread > 0 and err < bound * spread, (err, spread)
-        assert len(sized) == (12 if window == "sketch" else 0)  # 6 rounds, 2 leaders each
+        if window == "sketch":
+            assert sized == ["steps_from_sketches"] * 12  # 6 rounds, 2 leaders each
+        elif window == "scaled":  # every leader with a remembered spread and its shape
+            assert set(sized) == {"scaled_spread"} and len(sized) >= 6, sized
+        else:
+            assert not sized
         assert all(landed[s].payloads.landing.miss is not None for s in names)
     finally:
         close(landed, exact)

@@ -253,3 +253,18 @@ def test_a_huge_distance_on_a_block_that_never_moved_leaves_the_next_frame_finit
     assert bool(torch.isfinite(steps.float()).all())
     floor = float(phi[:256].abs().max()) / 4096
     assert float(steps[0]) <= 127 * floor / 7 * 1.01
+
+
+def test_the_shape_is_the_largest_squared_over_the_squared_norm_of_the_blocks_seen():
+    """``Spread.shape`` (for the scaled windows): the sum over the blocks beyond rounding of the
+    largest difference squared over the sum of their squared norms, half old and half new per
+    frame; rounding-only and failed blocks do not count."""
+    sp = Spread()
+    steps = torch.full((4,), 1e-3)
+    spread = torch.tensor([4e-3, 2e-3, 1e-4, float("nan")])  # the third is rounding
+    sq = torch.tensor([2e-4, 1e-4, 5.0, float("nan")])
+    sp.observe(lattice.Decoded(torch.zeros(4), 1, 4, spread, 1, steps, sq=sq))
+    first = (16e-6 + 4e-6) / 3e-4
+    assert abs(sp.shape - first) < 1e-6 * first  # fp32 inputs
+    sp.observe(lattice.Decoded(torch.zeros(4), 0, 4, spread * 2, 1, steps, sq=sq))
+    assert abs(sp.shape - (first + 4 * first) / 2) < 1e-6 * first

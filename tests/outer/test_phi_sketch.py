@@ -127,3 +127,56 @@ def test_a_hostile_sketch_widens_the_window_no_further_than_the_momentum_rule():
         assert bool(torch.isfinite(steps).all())
         cap = 127 / 8 * 1e-3 / 7
         assert float(steps.max()) <= cap * 1.01, (float(steps.max()), cap)
+
+
+def _profiled(blocks=2000, seed=0):
+    """phi, a partner's phi and the blocks' largest differences: Gaussian differences whose rms
+    varies 30x over the blocks."""
+    g = torch.Generator().manual_seed(seed)
+    rms = torch.exp(torch.randn(blocks, generator=g))  # a lognormal profile
+    diff = torch.randn(blocks, BLOCK, generator=g) * rms[:, None] * 1e-3
+    phi = torch.randn(blocks * BLOCK, generator=g) * 0.05
+    return phi, phi + diff.reshape(-1), diff.abs().amax(1), diff.pow(2).sum(1)
+
+
+def test_scaled_spread_takes_the_profile_from_memory_and_the_scale_from_the_sketches():
+    """A remembered spread with the right profile but 5x too wide (an earlier partner was
+    farther): rescaled by the sketches of this partner it is the blocks' largest differences
+    to within the estimate's upward margin (3 sds of the median of 2000 chi-squares: ~16% on
+    the squared scale, ~8% on the scale; the estimate's own error about half that), and a
+    4-bit frame under 1.5x of it decodes."""
+    from loco.outer import lattice
+
+    phi, partner, largest, sq = _profiled()
+    sgn = phi_sketch.signs(0, phi.numel())
+    own, other = phi_sketch.sketch(phi, sgn, BLOCK), phi_sketch.sketch(partner, sgn, BLOCK)
+    shape = float(largest.pow(2).sum() / sq.sum())
+    scaled = phi_sketch.scaled_spread(5 * largest, shape, own, [other])
+    ratio = scaled / largest  # one factor for every block
+    assert float(ratio.max() - ratio.min()) < 1e-5
+    assert 1.0 < float(ratio[0]) < 1.2, float(ratio[0])
+    steps = lattice.steps_for_spread(phi, scaled, 4, BLOCK, 1.5)
+    buf, own_phi = lattice.encode(phi, torch.zeros_like(phi), BLOCK, bits=4, steps=steps)
+    got = lattice.decode(buf, partner)
+    assert got.failed + got.repaired <= 0.01 * got.blocks, (got.failed, got.repaired)
+
+
+def test_scaled_spread_keeps_the_memory_where_the_sketches_say_too_little():
+    """Too few blocks to estimate a scale (fewer than SCALE_MIN_BLOCKS), a follower equal to
+    the leader, a zero spread: no scaled spread (the history rule sizes the frame). A hostile
+    sketch rescales it by at most SCALE_RANGE."""
+    phi, partner, largest, _ = _profiled(blocks=phi_sketch.SCALE_MIN_BLOCKS - 1)
+    sgn = phi_sketch.signs(0, phi.numel())
+    own, other = phi_sketch.sketch(phi, sgn, BLOCK), phi_sketch.sketch(partner, sgn, BLOCK)
+    assert phi_sketch.scale_factor(largest, 0.04, own, other) == 0.0
+    assert phi_sketch.scaled_spread(largest, 0.04, own, [other]) is None
+    phi, partner, largest, _ = _profiled()
+    sgn = phi_sketch.signs(0, phi.numel())
+    own, other = phi_sketch.sketch(phi, sgn, BLOCK), phi_sketch.sketch(partner, sgn, BLOCK)
+    assert phi_sketch.scaled_spread(largest, 0.04, own, [own]) is None
+    assert phi_sketch.scaled_spread(0 * largest, 0.04, own, [other]) is None
+    hostile = other + 1e30
+    lo, hi = phi_sketch.SCALE_RANGE
+    assert torch.equal(phi_sketch.scaled_spread(largest, 0.04, own, [hostile]), largest * hi)
+    tiny = own + 1e-6
+    assert torch.equal(phi_sketch.scaled_spread(largest, 0.04, own, [tiny]), largest * lo)
