@@ -50,6 +50,7 @@ def test_the_defaults_are_the_noloco_landing_row():
         "noloco", 0.8, True)  # fmt: skip
     assert default.outer.phi_landing is True and default.outer.phi_landing_bits == 4
     assert default.outer.phi_landing_codec == "normal2"
+    assert default.outer.phi_landing_window == "scaled"
 
 
 def test_the_noloco_rows_keep_the_phi_they_were_measured_with():

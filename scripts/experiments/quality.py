@@ -22,8 +22,10 @@ for the ``-8`` rows, each with the same per-worker batch).
   bytes/param/round at 4 sites.
 - ``noloco-frontier`` (``-8``): NoLoCo with ternary deltas, the 8-bit lattice phi and outer
   momentum 0.8; ``noloco-landing``: the same with the sequential landing (``LANDING``, the
-  defaults: the leader's frame at 4 bits under a 1.5x window, 2-bit Lloyd-Max offsets;
-  ``noloco-landing-6`` at 6 bits under 8x with ternary offsets, the earlier default; ``-8`` at
+  defaults: the leader's frame at 4 bits under a 1.5x window scaled to the round's distance,
+  2-bit Lloyd-Max offsets; ``noloco-landing-history`` with the history rule's windows, the
+  eleventh session's default; ``noloco-landing-6`` at 6 bits under 8x with ternary offsets,
+  the earlier default; ``-8`` at
   8, ``-4`` at 4 under a 3x window, ``-3`` at 3 under 1.5x, all three with ternary offsets;
   ``noloco-sketch-4`` / ``-3``: windows from this
   round's phi sketches, ``SKETCH_4`` / ``SKETCH_3``); ``noloco-exact-phi``:
@@ -95,15 +97,17 @@ NOLOCO_FRONTIER = NOLOCO + [
 ]  # fmt: skip
 # the same with the sequential landing (loco/outer/landing.py): one lattice phi per pair, the
 # follower's offset back, one landing point. ``noloco-landing`` is the defaults
-# (tests/test_quality_rows.py holds them equal): since 2026-12-06 (eleventh session) the
-# leader's frame at 4 bits under a window of 1.5x the largest partner difference seen (the
-# lattice's repairs take the few values past it) and 2-bit Lloyd-Max offsets
-# (loco/outer/offset_code.py). ``-6``: the default of the seventh to tenth sessions, 6 bits
-# under an 8x window and ternary offsets (0.49 instead of 1.02 B/value of phi; ``-8``: 8 bits,
-# 0.61)
+# (tests/test_quality_rows.py holds them equal): since 2026-12-06 (twelfth session) the
+# leader's frame at 4 bits under a window of 1.5x the largest partner difference seen, that
+# profile over the blocks rescaled to this round's distance from the members' phi sketches
+# (``scaled``; the lattice's repairs take the few values past it) and 2-bit Lloyd-Max offsets
+# (loco/outer/offset_code.py). ``-history``: the eleventh session's default, the same with the
+# history rule's windows; ``-6``: the default of the seventh to tenth sessions, 6 bits under an
+# 8x window and ternary offsets (0.49 instead of 1.02 B/value of phi; ``-8``: 8 bits, 0.61)
 LANDING = ["outer.phi_landing=true", "outer.phi_landing_bits=4", "outer.phi_landing_margin=1.5",
-           "outer.phi_landing_codec=normal2", "outer.phi_landing_window=history"]  # fmt: skip
-LANDING_6 = [*LANDING, "outer.phi_landing_bits=6", "outer.phi_landing_margin=8",
+           "outer.phi_landing_codec=normal2", "outer.phi_landing_window=scaled"]  # fmt: skip
+LANDING_HISTORY = [*LANDING, "outer.phi_landing_window=history"]
+LANDING_6 = [*LANDING_HISTORY, "outer.phi_landing_bits=6", "outer.phi_landing_margin=8",
              "outer.phi_landing_codec=ternary"]  # fmt: skip
 LANDING_8 = [*LANDING_6, "outer.phi_landing_bits=8"]
 # the leader's frame at 4 bits under a window 3x the largest partner difference seen (the
@@ -144,6 +148,7 @@ def rows(H: int, codec: str, steps: int) -> dict[str, tuple[list[str], int]]:
         "noloco-frontier": ([fed, *NOLOCO_FRONTIER, h], 4),
         "noloco-frontier-8": ([fed8, *NOLOCO_FRONTIER, h], 8),
         "noloco-landing": ([fed, *NOLOCO_FRONTIER, *LANDING, h], 4),
+        "noloco-landing-history": ([fed, *NOLOCO_FRONTIER, *LANDING_HISTORY, h], 4),
         "noloco-landing-6": ([fed, *NOLOCO_FRONTIER, *LANDING_6, h], 4),
         "noloco-landing-8": ([fed, *NOLOCO_FRONTIER, *LANDING_8, h], 4),
         "noloco-landing-4": ([fed, *NOLOCO_FRONTIER, *LANDING_4, h], 4),

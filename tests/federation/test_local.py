@@ -236,12 +236,13 @@ def test_final_average_ends_three_sites_on_one_model(tmp_path):
     assert rows["asia"]["val_loss"] == rows["us"]["val_loss"]  # same weights, same batches
 
 
-@pytest.mark.parametrize("window", ["history", "sketch"])
+@pytest.mark.parametrize("window", ["history", "sketch", "scaled"])
 def test_sequential_landing_keeps_one_model_across_ranks(tmp_path, window):
     """``outer.phi_landing=true`` with two ranks per site (ZeRO stage 2: each rank lands its own
     range): the pair lands on one point every round, bitwise, and each round one site (the
     leader) sends its phi frame while the other sends an offset of about half of it; with
-    the leader's window from past partners or from this round's follower's sketch."""
+    the leader's window from past partners, from this round's follower's sketch, or the
+    past partners' profile at the sketch's scale."""
     sites = ["eu", "us"]
     out = run_federation(
         ["federation.sites=[eu,us]", "federation.nproc=[2,2]", "zero.stage=2", "train.steps=20",
