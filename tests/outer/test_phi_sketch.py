@@ -180,3 +180,36 @@ def test_scaled_spread_keeps_the_memory_where_the_sketches_say_too_little():
     assert torch.equal(phi_sketch.scaled_spread(largest, 0.04, own, [hostile]), largest * hi)
     tiny = own + 1e-6
     assert torch.equal(phi_sketch.scaled_spread(largest, 0.04, own, [tiny]), largest * lo)
+
+
+def test_the_scaled_leader_frame_takes_the_sketched_scale_where_the_history_is_stale():
+    """Through ``RangePayloads``: a leader whose remembered spread came from a partner 4x
+    farther than this round's (and is stale for this group: the history rule alone would send
+    the momentum rule's 8-bit frame) encodes a 4-bit frame whose steps are the profile's at
+    this round's scale, about 1/4 of the history rule's (x1.16, the estimate's 3-sd margin at
+    400 blocks), and the follower decodes it."""
+    from loco.outer import lattice
+    from loco.outer.landing import Landing
+
+    phi, partner, largest, _ = _profiled(blocks=400, seed=2)
+    n = phi.numel()
+    lead = RangePayloads(shard=(0, n), owned=(0, n), codec="int8", phi_lattice=True,
+                         phi_lattice_bits=4, phi_lattice_margin=1.5)  # fmt: skip
+    lead.landing = Landing(lead, codec="normal2", window="scaled")
+    far = phi + 4 * (partner - phi)
+    buf, _ = lattice.encode(far, torch.zeros(n), BLOCK, bits=8, steps=4 * largest / 100)
+    lead.spread.regroup(("old",))
+    lead.spread.observe(lattice.decode(buf, phi))  # a partner 4x farther, remembered
+    remembered = lead.spread.value.clone()
+    for group in (("a",), ("b",), ("c",)):  # three rounds with other groups: stale
+        lead.spread.regroup(group)
+    assert lead.spread.estimate() is None and lead.spread.shape is not None
+    mom = torch.ones(n)  # a cap (127/8 of it) far above every window here
+    lead.encode(5, torch.zeros(n), phi, mom, group=("c",))
+    follower = phi_sketch.sketch(partner, phi_sketch.signs(0, n), BLOCK)
+    frame, _ = lead.encode_leader(5, mom, [follower])
+    got = lattice.decode(frame, partner)
+    assert got.bits == 4 and got.failed == 0
+    history = lattice.steps_for_spread(phi, remembered, 4, BLOCK, 1.5)
+    ratio = got.steps / history
+    assert 0.22 < float(ratio.median()) < 0.32, float(ratio.median())
