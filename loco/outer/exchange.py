@@ -14,6 +14,7 @@ error-feedback residual when its codec is lossy and ``error_feedback`` is on.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -278,7 +279,8 @@ class RangePayloads:
 
     def _encode_lattice(self, round: int, phi: torch.Tensor, momentum: torch.Tensor | None,
                         at_least: torch.Tensor | None = None,
-                        rescale=None) -> tuple[bytes, torch.Tensor]:  # fmt: skip
+                        rescale: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
+                        ) -> tuple[bytes, torch.Tensor]:  # fmt: skip
         """The lattice frame of ``phi`` for ``round`` and own decoded values on [lo, hi). The
         grid step per block follows the partner spread seen (``rescale``: a function of its
         profile, even a stale one, that sizes the window instead unless it returns None);
