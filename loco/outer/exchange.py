@@ -290,8 +290,9 @@ class RangePayloads:
         if (round - 1) % self.phi_every:
             return lattice.skip_frame(ref.numel()), ref[: self.numel].clone()
         with self._lock:
-            spread, profile = self.spread.estimate(), self.spread.profile()
-        if rescale is not None and profile is not None:  # else the history rule
+            spread = self.spread.estimate()
+            profile = self.spread.profile() if rescale is not None else None
+        if profile is not None:  # else the history rule
             scaled = rescale(profile)
             spread = scaled if scaled is not None else spread
         bits, steps = self.lattice_bits, at_least

@@ -315,9 +315,10 @@ def decode(buf: bytes | bytearray | memoryview, ref: torch.Tensor,
     repaired = lattice_repair.repair(idx, pr, s, tried, hashes, h.bits, n)
     bad = tried | far
     grid = idx.to(torch.float32) * s[:, None]
-    spread = (grid - pr).abs().amax(1)  # in the grid's coordinates, as the sender sizes it
+    diff = grid - pr  # in the grid's coordinates, as the sender sizes it
+    spread = diff.abs().amax(1)
     spread[bad] = float("nan")
-    sq = (grid - pr).double().pow(2).sum(1).float()  # the rotation keeps a block's norm
+    sq = diff.double().pow(2).sum(1).float()  # the rotation keeps a block's norm
     sq[bad] = float("nan")
     vals = block_rotation.unrotate(grid, rows)
     vals = torch.where(bad[:, None], p, vals)

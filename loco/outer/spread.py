@@ -70,9 +70,9 @@ class Spread:
 
     def profile(self) -> torch.Tensor | None:
         """Per block, the remembered spread whatever its age (a stale one's scale is off, its
-        shape over the blocks still holds: the scaled windows rescale it), else
-        :meth:`estimate`."""
-        return self.value if self.value is not None else self.estimate()
+        shape over the blocks still holds: the scaled windows rescale it), else the rounding
+        :meth:`estimate` would give."""
+        return self.value if self.value is not None else self.rounding
 
     def observe(self, d: Decoded) -> None:
         """Take the spread of a decoded frame (frames without values are ignored)."""

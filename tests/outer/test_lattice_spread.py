@@ -4,6 +4,7 @@ own phi leaves it as it was."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from loco.outer import lattice
@@ -11,15 +12,15 @@ from loco.outer.exchange import RangePayloads
 from loco.outer.spread import Spread
 
 
-def setup(seed, members=2):
+def setup(seed, members=2, **options):
     """A generator, a phi and an outer momentum of 4096 values, and ``members`` ranks' payloads
-    with the 4-bit lattice."""
+    with the 4-bit lattice (``options``: more ``RangePayloads`` arguments)."""
     n = 4096
     g = torch.Generator().manual_seed(seed)
     phi = torch.randn(n, generator=g) * 0.05
     mom = torch.randn(n, generator=g) * 1e-3
-    pays = [RangePayloads(shard=(0, n), owned=(0, n), phi_lattice=True, phi_lattice_bits=4)
-            for _ in range(members)]  # fmt: skip
+    pays = [RangePayloads(shard=(0, n), owned=(0, n), phi_lattice=True, phi_lattice_bits=4,
+                          **options) for _ in range(members)]  # fmt: skip
     return g, phi, mom, pays
 
 
@@ -41,13 +42,15 @@ def exchange(a, b, rounds, phis, mom, groups=(None, None)):
     return sizes, failed
 
 
-def test_round_one_shows_only_coding_error_and_leaves_the_estimate_unset():
+@pytest.mark.parametrize("fallback", [8, 6])
+def test_round_one_shows_only_coding_error_and_leaves_the_estimate_unset(fallback):
     """Sites start from one phi, so round 1's decoded spread is within a grid step: the 8-bit
     code's rounding, not the partners' distance. It leaves the estimate unset, so round 2 is
-    again 8 bits by the momentum rule and decodes against phis that parted; round 3 is sized
-    from round 2's real spread. (Before, round 1's rounding sized round 2's 4-bit frame, which
-    failed every block: that pair did not land.)"""
-    g, phi, mom, (a, b) = setup(3)
+    again by the momentum rule and decodes against phis that parted; round 3 is sized from
+    round 2's real spread. (Before, round 1's rounding sized round 2's 4-bit frame, which
+    failed every block: that pair did not land.) With ``phi_fallback_bits=6`` the momentum
+    rule's frames are 6-bit under the 8-bit rule's window, and still decode every block."""
+    g, phi, mom, (a, b) = setup(3, phi_fallback_bits=fallback)
     n = phi.numel()
 
     def phis(t):
@@ -56,28 +59,8 @@ def test_round_one_shows_only_coding_error_and_leaves_the_estimate_unset():
         return (phi + torch.randn(n, generator=g) * 1e-3, phi + torch.randn(n, generator=g) * 1e-3)
 
     sizes, failed = exchange(a, b, (1, 2, 3, 4), phis, mom)
-    f8, f4 = lattice.frame_bytes(n, 256, 8), lattice.frame_bytes(n, 256, 4)
-    assert sizes == [f8, f8, f4, f4]
-    assert failed == [0, 0, 0, 0]
-
-
-def test_frames_by_the_momentum_rule_take_the_fallback_bits():
-    """``phi_fallback_bits=6``: rounds 1 and 2 (nothing observed yet) send 6-bit frames under
-    the 8-bit rule's window, which still decode every block against phis that parted; round 3
-    is sized from round 2's spread at the frame's own 4 bits."""
-    g, phi, mom, _ = setup(3)
-    n = phi.numel()
-    a, b = (RangePayloads(shard=(0, n), owned=(0, n), phi_lattice=True, phi_lattice_bits=4,
-                          phi_fallback_bits=6) for _ in range(2))  # fmt: skip
-
-    def phis(t):
-        if t == 1:
-            return phi, phi
-        return (phi + torch.randn(n, generator=g) * 1e-3, phi + torch.randn(n, generator=g) * 1e-3)
-
-    sizes, failed = exchange(a, b, (1, 2, 3, 4), phis, mom)
-    f6, f4 = lattice.frame_bytes(n, 256, 6), lattice.frame_bytes(n, 256, 4)
-    assert sizes == [f6, f6, f4, f4]
+    fb, f4 = lattice.frame_bytes(n, 256, fallback), lattice.frame_bytes(n, 256, 4)
+    assert sizes == [fb, fb, f4, f4]
     assert failed == [0, 0, 0, 0]
 
 
