@@ -355,6 +355,8 @@ class OuterConfig(SlicedOptions):
     # the followers' offsets: a loco.compress codec (not none) or normal2/3/4 (offset_code.py)
     phi_landing_codec: str = "ternary"
     final_average: bool = False  # noloco: after the last step, average the weights over all sites
+    # the final average's weights as an 8-bit lattice frame (~1.02 B/value a peer); false: raw fp32
+    final_lattice: bool = True
 
     def __post_init__(self) -> None:
         _choice("outer.method", self.method, _names("OUTER_METHODS"))
@@ -386,8 +388,9 @@ class OuterConfig(SlicedOptions):
             raise ConfigError(f"outer.phi_fallback_bits={self.phi_fallback_bits} must be in 2..8")
         _positive("outer.phi_every", self.phi_every)
         self._check_landing()
-        if not isinstance(self.final_average, bool):
-            raise ConfigError(f"outer.final_average={self.final_average!r} must be true or false")
+        for key in ("final_average", "final_lattice"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"outer.{key}={getattr(self, key)!r} must be true or false")
 
     def _check_landing(self) -> None:
         if not isinstance(self.phi_landing, bool):

@@ -1,11 +1,21 @@
 """The final average (``outer.final_average``, NoLoCo only), after the last inner step.
 
-Every site publishes its weights raw (stream ``final``, round ``last // H + 1``), pulls every
-other live site's, and sets ``theta = phi =`` their mean in site order: the sites end with one
-model, at the cost of one exact copy of the weights per peer, once per run. Implausible weights
-(``loco.outer.plausible.implausible_phi``) earn a strike and are left out; a site that does not
-answer in time is left out too, on every rank of the site alike (the ranks agree on who
-answered).
+Every site publishes its weights (stream ``final``, round ``last // H + 1``), pulls every other
+live site's, and sets ``theta = phi =`` their mean in site order: the sites end with one model.
+
+With ``outer.final_lattice`` (the default of ``outer=noloco``) the weights travel as an 8-bit
+lattice frame (:mod:`loco.outer.lattice`, the momentum rule's window: 16 times a block's largest
+outer-momentum value, the window of a first-round phi frame) decoded next to the receiver's own
+weights, about 1.02 bytes per value per peer instead of 4. Each site's share of the mean is then
+its frame's grid points, which every receiver decodes bit for bit, so the sites still end with
+one model. A block that fails its check at a receiver is not guessed: the receiver pulls the
+sender's exact weights (stream ``final_raw``, published beside the frame and served only to
+such a pull) and computes the sender's grid points there itself (:func:`lattice.grid_points`).
+Without it the weights go raw, one exact copy per peer.
+
+Implausible weights (``loco.outer.plausible.implausible_phi``) earn a strike and are left out; a
+site that does not answer in time is left out too, on every rank of the site alike (the ranks
+agree on who answered).
 """
 
 from __future__ import annotations
@@ -18,7 +28,9 @@ from typing import Any
 
 import torch
 
-from loco.outer.exchange import RangePayloads
+from loco.compress import PayloadError
+from loco.outer import lattice
+from loco.outer.exchange import LATTICE_BLOCK, RangePayloads
 from loco.outer.flat_view import FlatView
 from loco.outer.methods import OuterState
 from loco.outer.plausible import implausible_phi
@@ -27,6 +39,8 @@ from loco.outer.stats import OuterStats, mean_crc
 log = logging.getLogger("loco.outer.loop")  # the outer loop's log lines, as before the split
 
 FINAL_STREAM = "final"
+FINAL_RAW_STREAM = "final_raw"  # the exact weights beside a lattice frame, for a failed block
+FINAL_BITS = 8
 
 
 class FinalAverage:
@@ -39,13 +53,15 @@ class FinalAverage:
         pool: the pull threads. pull_timeout_s: deadline of one pull (None: the node's).
         stats: the loop's :class:`OuterStats` (sums over the site, totals, the ``outer`` line).
         say: one line for the operator.
+        lattice: send the weights as an 8-bit lattice frame (module docstring); False: raw.
     """
 
     def __init__(self, *, flat: FlatView, state: OuterState, node: Any,
                  payloads: RangePayloads, site: str, live: Callable[[], list[str]],
                  pool: ThreadPoolExecutor, pull_timeout_s: float | None, stats: OuterStats,
-                 say: Callable[[str], None]) -> None:  # fmt: skip
+                 say: Callable[[str], None], lattice: bool = False) -> None:  # fmt: skip
         self.flat, self.state, self.node, self.payloads = flat, state, node, payloads
+        self.lattice = lattice
         self.site, self.live, self.pool, self.pull_timeout_s = site, live, pool, pull_timeout_s
         self.stats, self.say = stats, say
 
@@ -56,9 +72,9 @@ class FinalAverage:
         served-pulls mark before publishing). Collective."""
         t0 = time.perf_counter()
         theta = self.flat.master()
-        own = theta.detach().float().cpu().clone()
+        exact = theta.detach().float().cpu().clone()
         served = self.node.served_mark()
-        self.node.publish(t, FINAL_STREAM, self.payloads.raw(own), codec="raw")
+        own = self._publish(t, exact)
         peers = [s for s in self.live() if s != self.site]
         got = self._pull(t, own, peers)
         kept = self._agree(peers, got)
@@ -69,30 +85,99 @@ class FinalAverage:
         theta.copy_(mean.to(theta.device, theta.dtype))
         self.state.phi.copy_(mean)
         self.flat.sync()
-        sent, recv, sq_all, cnt_all = self.stats.gossip_sums((sq, float(len(kept) * own.numel())))
+        raw_pulls = float(sum(1 for p in peers if got[p][2]))
+        sent, recv, sq_all, cnt_all, raw_all = self.stats.gossip_sums(
+            (sq, float(len(kept) * own.numel()), raw_pulls)
+        )
         left_out = [f"{p}:{got[p][1] or 'rank'}" for p in peers if p not in kept]
         rec = dict(final=True, partner=",".join(m[0] for m in members if m[0] != self.site),
                    n=len(vals), dropped=",".join(left_out), bytes_sent=sent, bytes_recv=recv,
                    round_seconds=time.perf_counter() - t0,
                    consensus_distance=(sq_all / cnt_all) ** 0.5 if cnt_all else None,
-                   mean_crc=mean_crc((mean,)))  # fmt: skip
+                   mean_crc=mean_crc((mean,)), final_codec="lattice" if self.lattice else "raw",
+                   final_raw_pulls=raw_all)  # fmt: skip
         final = {"peers": len(peers), "served_before": served, **rec}
         if left_out:
             self.say(f"final average: {', '.join(left_out)} left out; averaged {len(vals)} sites")
         self.stats.log(done, t, rec)
         return final
 
+    def _publish(self, t: int, exact: torch.Tensor) -> torch.Tensor:
+        """Publish this rank's weights; returns its share of the mean (the lattice frame's grid
+        points, or ``exact`` itself when raw)."""
+        raw = self.payloads.raw(exact)
+        if not self.lattice:
+            self.node.publish(t, FINAL_STREAM, raw, codec="raw")
+            return exact
+        mom = torch.from_numpy(self.payloads.raw(self.state.momentum))
+        buf, grid = lattice.encode(torch.from_numpy(raw), mom, block=LATTICE_BLOCK,
+                                   bits=FINAL_BITS)  # fmt: skip
+        self.node.publish(t, FINAL_RAW_STREAM, raw, codec="raw")
+        self.node.publish(t, FINAL_STREAM, buf, codec="lattice")
+        return grid[: exact.numel()].clone()
+
     def _pull(self, t: int, own: torch.Tensor, peers: list[str]) -> dict[str, Any]:
-        """Every peer's weights ``(values or None, cause)``; implausible ones earn a strike."""
-        jobs = {p: self.pool.submit(self.payloads.pull, self.node, p, t, FINAL_STREAM,
-                                    self.pull_timeout_s, "none") for p in peers}  # fmt: skip
+        """Every peer's share ``(values or None, cause, pulled its raw weights)``; implausible
+        ones earn a strike."""
+        one = self._pull_lattice if self.lattice else self._pull_raw
+        jobs = {p: self.pool.submit(one, p, t, own) for p in peers}
         got = {p: jobs[p].result() for p in peers}
-        for p, (v, _) in got.items():
+        for p, (v, _, fell) in got.items():
             if v is not None and (bad := implausible_phi(v, own)):
                 log.warning("final average: %s sent implausible weights: %s", p, bad)
                 self.node.strike(p, t, f"implausible final weights: {bad}")
-                got[p] = (None, "implausible")
+                got[p] = (None, "implausible", fell)
         return got
+
+    def _pull_raw(self, peer: str, t: int, own: torch.Tensor) -> tuple[Any, str, bool]:
+        v, cause = self.payloads.pull(self.node, peer, t, FINAL_STREAM, self.pull_timeout_s, "none")
+        return v, cause, False
+
+    def _pull_lattice(self, peer: str, t: int, own: torch.Tensor) -> tuple[Any, str, bool]:
+        """A peer's lattice frame decoded next to this rank's weights; where a block failed,
+        the peer's grid points from its exact weights (one more pull)."""
+        pl = self.payloads
+        if pl.numel == 0:  # a trailing rank whose shard is all padding owns nothing
+            return torch.zeros(0), "", False
+        ref = torch.from_numpy(pl.raw(own))  # within half a step of our exact weights
+        values: list[torch.Tensor] = []
+        masks: list[torch.Tensor] = []
+        steps: list[torch.Tensor] = []
+
+        def check(buf, numel: int, seg_lo: int) -> None:
+            mv = memoryview(buf).cast("B")
+            if lattice.frame_rotated(mv):
+                raise PayloadError("a final frame is never rotated")
+            seg = lattice.decode_segment(mv, numel, seg_lo, ref, shard=(pl.slo, pl.shi),
+                                         owned=(pl.lo, pl.hi), max_numel=pl.max_numel)  # fmt: skip
+            d = seg.decoded
+            if not d.bits or d.steps is None:
+                raise PayloadError("a final frame without values")
+            values.append(d.values)
+            masks.append(seg.bad)
+            steps.append(d.steps.repeat_interleave(d.block)[:numel])
+
+        kw: dict[str, Any] = {"validate": check, "codec": "lattice",
+                              "segment_bytes": pl.segment_bytes("lattice")}  # fmt: skip
+        if self.pull_timeout_s is not None:
+            kw["timeout_s"] = self.pull_timeout_s
+        res = self.node.pull(peer, t, FINAL_STREAM, lo=pl.lo, hi=pl.hi, **kw)
+        if not res.ok:
+            return None, res.cause, False
+        try:
+            got = pl.assemble(res, values, FINAL_STREAM)
+            bad = pl.assemble(res, masks, FINAL_STREAM) > 0.5
+            step = pl.assemble(res, steps, FINAL_STREAM)
+        except PayloadError as e:
+            self.node.reject(peer, t, "bad_payload", f"final does not assemble: {e}")
+            return None, "bad_payload", False
+        if not bool(bad.any()):
+            return got, "", False
+        exact, cause = pl.pull(self.node, peer, t, FINAL_RAW_STREAM, self.pull_timeout_s, "none")
+        if exact is None:
+            return None, cause, True
+        got[bad] = lattice.grid_points(exact[bad], step[bad])
+        return got, "", True
 
     def _agree(self, peers: list[str], got: dict[str, Any]) -> set[str]:
         """The peers that answered on every rank of the site (collective when world > 1)."""

@@ -122,6 +122,14 @@ def _grid(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return torch.clamp(q, -MAX_INDEX, MAX_INDEX).to(torch.int64)
 
 
+def grid_points(x: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """The grid points an unrotated frame with these per-value ``steps`` gives the values ``x``:
+    the same fp32 operations as :func:`encode`, so a receiver that has a sender's exact values
+    (and its frame's steps) computes the sender's own decoded values bit for bit."""
+    q = torch.clamp(torch.round(x.float() / steps), -MAX_INDEX, MAX_INDEX)
+    return q.to(torch.int64).to(torch.float32) * steps
+
+
 def _full_rows(n: int, block: int, rotated: bool) -> int:
     """How many blocks are rotated: every full block of a rotated frame, else none."""
     return n // block if rotated else 0
@@ -226,6 +234,13 @@ def _view(buf: object) -> memoryview:
         return memoryview(buf).cast("B")  # type: ignore[arg-type]
     except TypeError as e:
         raise PayloadError(f"not a bytes-like buffer: {type(buf).__name__}") from e
+
+
+def frame_rotated(buf: bytes | bytearray | memoryview) -> bool:
+    """Whether a frame's grid is over rotated blocks (its flags byte; False for a buffer too
+    short to hold a header, which :func:`decode` refuses)."""
+    mv = _view(buf)
+    return len(mv) >= _HEAD.size and bool(mv[6] & ROTATED)
 
 
 def frame_numel(buf: bytes | bytearray | memoryview) -> int:

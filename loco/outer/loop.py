@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 from loco.outer.exchange import RangePayloads
-from loco.outer.final import FINAL_STREAM, FinalAverage
+from loco.outer.final import FINAL_RAW_STREAM, FINAL_STREAM, FinalAverage
 from loco.outer.flat_view import FlatView
 from loco.outer.fragments import Fragments
 from loco.outer.methods import OuterState, OuterStep
@@ -103,6 +103,8 @@ class OuterLoop:
         linger_s: at the end, wait up to this long for the partners to pull the last round.
         final_average: after the last step, average the weights over every live site (see the
             module docstring); ignored for DiLoCo (already one model) and local (never talks).
+        final_lattice: the final average's weights travel as an 8-bit lattice frame
+            (``loco.outer.final``); False: raw fp32.
         closers: called by :meth:`close` in order (default: ``node.close``).
         fragments: ``F``, streaming fragments (1: whole rounds; then ``tau`` overlaps a round).
         fragment_tau: with ``F > 1``, the overlap of one fragment's sync (< ``H / F``; None:
@@ -135,6 +137,7 @@ class OuterLoop:
         linger_s: float = 10.0,
         say: Callable[[str], None] | None = None,
         final_average: bool = False,
+        final_lattice: bool = False,
         closers: list[Callable[[], None]] | None = None,
         fragments: int = 1,
         fragment_tau: int | None = None,
@@ -183,13 +186,14 @@ class OuterLoop:
             else None
         )
         if node is not None and not all_live:  # serve each round only to the agreed group
-            node.require_agreement(exempt=(FINAL_STREAM,))
+            node.require_agreement(exempt=(FINAL_STREAM, FINAL_RAW_STREAM))
         self._averager = None
         if final_average:
             self._averager = FinalAverage(flat=flat, state=self.state, node=node,
                                           payloads=payloads, site=site, live=self._live,
                                           pool=self._pool, pull_timeout_s=pull_timeout_s,
-                                          stats=self.stats, say=self.say)  # fmt: skip
+                                          stats=self.stats, say=self.say,
+                                          lattice=final_lattice)  # fmt: skip
 
     @property
     def history(self) -> list[dict[str, Any]]:

@@ -50,7 +50,7 @@ class FakeFlat:
 
 def make_sites(names, ports, codec="int8", phi_codec="none", method="noloco", tau=0, mix=0.5,
                seed=0, pull_timeout_s=5.0, H=5, steps=100, ef=True, phi_lattice=False,
-               final_average=False, padded=P, **lattice_kw):  # fmt: skip
+               final_average=False, padded=P, final_lattice=False, **lattice_kw):  # fmt: skip
     """``padded`` > P: the site's flat vector is padded past P (as the engine pads to a multiple
     of world * ALIGN), so its one rank's shard [0, padded) reaches past what it owns."""
     sites = {}
@@ -77,7 +77,7 @@ def make_sites(names, ports, codec="int8", phi_codec="none", method="noloco", ta
         loop = OuterLoop(
             step=build_outer(method, alpha=A, beta=B, gamma=G), flat=flat, H=H, steps=steps,
             node=node, payloads=pay, site=name, all_live=method == "diloco", tau=tau, mix=mix,
-            linger_s=2.0, final_average=final_average,
+            linger_s=2.0, final_average=final_average, final_lattice=final_lattice,
         )  # fmt: skip
         sites[name] = loop
     return sites
