@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -30,6 +30,20 @@ STREAMS = ("delta", "phi")
 SKETCH_STREAM = "phisk"  # the landing's phi sketch (loco.outer.phi_sketch)
 LATTICE_BLOCK = 256  # values per block of a lattice phi frame (lattice.encode's default)
 LOSSLESS = ("none",)
+
+
+@dataclass
+class LatticeTally:
+    """What one pull's lattice frames showed, one entry per frame: the blocks that failed their
+    check (the receiver's own phi kept there), the blocks repaired
+    (:mod:`loco.outer.lattice_repair`), the window slack on the receiver's own blocks
+    (:func:`loco.outer.lattice.window_slack`), and with ``masks`` set to a list, each frame's
+    per-value mask of its failed blocks (1.0: failed)."""
+
+    failed: list[int] = field(default_factory=list)
+    repaired: list[int] = field(default_factory=list)
+    slack: list[tuple[float, float, int]] = field(default_factory=list)
+    masks: list[torch.Tensor] | None = None
 
 
 def codec_options(codec: str, *, block: int, scale_dtype: str, stochastic: bool,
@@ -312,32 +326,21 @@ class RangePayloads:
     # ------------------------------------------------------------------ pulling
 
     def validator(self, sink: list[torch.Tensor], raw: bool, lattice_ref=None,
-                  failed: list[int] | None = None,
-                  masks: list[torch.Tensor] | None = None, sketch: bool = False,
-                  repaired: list[int] | None = None, offsets: bool = False,
-                  slack: list[tuple[float, float, int]] | None = None):  # fmt: skip
+                  tally: LatticeTally | None = None, *, sketch: bool = False,
+                  offsets: bool = False):  # fmt: skip
         """A gossip ``validate`` callable ``check(buf, numel, lo)``: decode each received payload
         of ``numel`` values, the first at flat index ``lo`` (raw: check it is finite fp32 of the
         right length; a frame may not claim more values than its segment; lattice: decoded as
-        that segment), append the values to ``sink``; raise on anything
-        bad so the gossip client counts a strike and fails the pull. ``failed``: where the
-        lattice blocks that kept our own phi are counted, per frame; ``masks``: where each
-        frame's per-value mask of those blocks goes (1.0: failed); ``sketch``: a phi sketch
-        frame (:mod:`loco.outer.phi_sketch`), expanded per value; ``repaired``: where the
-        lattice blocks repaired (:mod:`loco.outer.lattice_repair`) are counted, per frame;
-        ``offsets``: a landing offset frame (:mod:`loco.outer.offset_code`); ``slack``: where
-        each frame's :func:`loco.outer.lattice.window_slack` on our own blocks goes."""
-        failed = failed if failed is not None else []
-        repaired = repaired if repaired is not None else []
-        slack = slack if slack is not None else []
+        that segment next to ``lattice_ref``, what each frame showed going to ``tally``), append
+        the values to ``sink``; raise on anything bad so the gossip client counts a strike and
+        fails the pull. ``sketch``: a phi sketch frame (:mod:`loco.outer.phi_sketch`), expanded
+        per value; ``offsets``: a landing offset frame (:mod:`loco.outer.offset_code`)."""
+        tally = tally if tally is not None else LatticeTally()
 
         def check(buf, numel: int, seg_lo: int) -> None:
             mv = memoryview(buf).cast("B")
             if lattice_ref is not None:
-                t, bad = self._decode_lattice(mv, numel, seg_lo, lattice_ref, failed, repaired,
-                                              slack)  # fmt: skip
-                if masks is not None:  # per value: 1 where the block failed (own phi kept)
-                    masks.append(bad)
+                t = self._decode_lattice(mv, numel, seg_lo, lattice_ref, tally)
             elif sketch:
                 if numel > self.max_numel:
                     raise PayloadError(
@@ -361,11 +364,9 @@ class RangePayloads:
         return check
 
     def _decode_lattice(self, mv: memoryview, numel: int, seg_lo: int, ref: torch.Tensor,
-                        failed: list[int],
-                        repaired: list[int],
-                        slack: list[tuple[float, float, int]]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """A partner's lattice frame of the segment ``[seg_lo, seg_lo + numel)``: (values, per
-        value 1.0 where its block failed); :func:`loco.outer.lattice.decode_segment`."""
+                        tally: LatticeTally) -> torch.Tensor:  # fmt: skip
+        """A partner's lattice frame of the segment ``[seg_lo, seg_lo + numel)``, its values;
+        :func:`loco.outer.lattice.decode_segment`."""
         seg = lattice.decode_segment(mv, numel, seg_lo, ref, shard=(self.slo, self.shi),
                                      owned=(self.lo, self.hi), max_numel=self.max_numel)  # fmt: skip
         with self._lock:
@@ -373,11 +374,13 @@ class RangePayloads:
                 self.spread.observe(seg.decoded)
             self.lattice_blocks += seg.blocks
             self.lattice_failed += seg.failed
-        failed.append(seg.failed)
-        repaired.append(seg.decoded.repaired)
+        tally.failed.append(seg.failed)
+        tally.repaired.append(seg.decoded.repaired)
         if seg.own:
-            slack.append(lattice.window_slack(seg.decoded))
-        return seg.decoded.values, seg.bad
+            tally.slack.append(lattice.window_slack(seg.decoded))
+        if tally.masks is not None:  # per value: 1 where the block failed (own phi kept)
+            tally.masks.append(seg.bad)
+        return seg.decoded.values
 
     def segment_bytes(self, codec: str):
         """The gossip ``segment_bytes`` bound of a stream in ``codec``: the frame size of a
@@ -446,16 +449,12 @@ class RangePayloads:
         Returns ``(tensor, "")`` or ``(None, cause)``; never raises for remote faults.
         """
         values: list[torch.Tensor] = []
-        masks: list[torch.Tensor] | None = [] if failed_out is not None else None
+        tally = LatticeTally(masks=[] if failed_out is not None else None)
         if codec is None:
             codec = self.codec if stream == "delta" else self.phi_codec
         ref = self._ref if codec == "lattice" else None
-        failed: list[int] = []
-        repaired: list[int] = []
-        slack: list[tuple[float, float, int]] = []
-        check = self.validator(values, codec in LOSSLESS, ref, failed, masks,
-                               sketch=codec == "sketch", repaired=repaired,
-                               offsets=codec in offset_code.NAMES, slack=slack)  # fmt: skip
+        check = self.validator(values, codec in LOSSLESS, ref, tally, sketch=codec == "sketch",
+                               offsets=codec in offset_code.NAMES)  # fmt: skip
         kw: dict[str, object] = {
             "validate": check,
             "codec": "raw" if codec in LOSSLESS else codec,
@@ -469,19 +468,19 @@ class RangePayloads:
         res = node.pull(partner, round, stream, lo=self.lo, hi=self.hi, **kw)
         if not res.ok:
             return None, res.cause
-        if sum(failed):  # blocks outside the window: our own phi there, no pull on them
-            node.count_failure("lattice_blocks", sum(failed))
-        if sum(repaired):  # blocks where a few wrapped values were moved back
-            node.count("repaired_lattice_blocks", sum(repaired))
-        if slack:  # how much wider than the partner's distance its windows were, in bits
-            node.count("window_slack_bits", sum(b for b, _, _ in slack))
-            node.count("window_slack_sq", sum(q for _, q, _ in slack))
-            node.count("window_slack_blocks", sum(c for _, _, c in slack))
+        if sum(tally.failed):  # blocks outside the window: our own phi there, no pull on them
+            node.count_failure("lattice_blocks", sum(tally.failed))
+        if sum(tally.repaired):  # blocks where a few wrapped values were moved back
+            node.count("repaired_lattice_blocks", sum(tally.repaired))
+        if tally.slack:  # how much wider than the partner's distance its windows were, in bits
+            node.count("window_slack_bits", sum(b for b, _, _ in tally.slack))
+            node.count("window_slack_sq", sum(q for _, q, _ in tally.slack))
+            node.count("window_slack_blocks", sum(c for _, _, c in tally.slack))
         try:
             out = self.assemble(res, values, stream)
-            if failed_out is not None and masks is not None:
-                failed_out.append(self.assemble(res, masks, stream) > 0.5 if masks else
-                                  torch.zeros(self.numel, dtype=torch.bool))  # fmt: skip
+            if failed_out is not None and tally.masks is not None:
+                failed_out.append(self.assemble(res, tally.masks, stream) > 0.5 if tally.masks
+                                  else torch.zeros(self.numel, dtype=torch.bool))  # fmt: skip
             return out, ""
         except PayloadError as e:
             node.reject(partner, round, "bad_payload", f"{stream} does not assemble: {e}")

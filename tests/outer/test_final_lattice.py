@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loco.dist import free_port
 from loco.gossip import GossipNode
 from loco.outer import lattice
 from loco.outer.final import FINAL_RAW_STREAM, FINAL_STREAM

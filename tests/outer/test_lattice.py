@@ -202,7 +202,7 @@ def test_a_partner_with_another_rank_count_decodes_on_our_blocks():
     """A one-rank sender's frame covers [0, 1040); our rank owns [520, 1000) of a two-rank
     site. The frame's blocks inside our range decode to the sender's grid values; the block
     across our edge (512-768) fails (our own phi kept there) and is the only failure counted."""
-    from loco.outer.exchange import RangePayloads
+    from loco.outer.exchange import LatticeTally, RangePayloads
 
     g = torch.Generator().manual_seed(3)
     phi = torch.randn(1000, generator=g)
@@ -211,14 +211,14 @@ def test_a_partner_with_another_rank_count_decodes_on_our_blocks():
     mine = RangePayloads(shard=(520, 1040), owned=(520, 1000), phi_lattice=True)
     out, bufs = sender.encode(1, torch.zeros(1000), phi)
     mine.encode(1, torch.zeros(480), near[520:])
-    values, failed, masks = [], [], []
-    check = mine.validator(values, False, mine._ref, failed, masks)
+    values, tally = [], LatticeTally(masks=[])
+    check = mine.validator(values, False, mine._ref, tally)
     check(memoryview(bufs["phi"][0]), 1040, 0)
-    got, bad = values[0], masks[0]
+    got, bad = values[0], tally.masks[0]
     assert torch.equal(got[768:1000], out.phi[768:1000])  # the sender's own decoded values
     assert torch.equal(got[520:768], near[520:768])  # the edge block failed: ours kept
     assert bad[520:768].all() and not bad[768:1000].any()
-    assert failed == [1] and (mine.lattice_blocks, mine.lattice_failed) == (2, 1)
+    assert tally.failed == [1] and (mine.lattice_blocks, mine.lattice_failed) == (2, 1)
     with pytest.raises(PayloadError):  # a frame that does not match its segment
         check(memoryview(bufs["phi"][0]), 1000, 0)
     mine.max_numel = 1000  # a segment past what a partner may make us allocate
