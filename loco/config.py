@@ -379,7 +379,7 @@ class OuterConfig(SlicedOptions):
                 raise ConfigError(f"outer.{key}={getattr(self, key)!r} must be true or false")
         if self.nesterov is not None and not isinstance(self.nesterov, bool):
             raise ConfigError(f"outer.nesterov={self.nesterov!r} must be true, false or null")
-        _choice("outer.consensus", self.consensus, ("momentum", "weights"))
+        _choice("outer.consensus", self.consensus, ("momentum", "weights", "lookahead"))
         _positive("outer.phi_lattice_window", self.phi_lattice_window)
         if not 2 <= self.phi_lattice_bits <= 8:
             raise ConfigError(f"outer.phi_lattice_bits={self.phi_lattice_bits} must be in 2..8")

@@ -69,9 +69,17 @@ class OuterStep:
         state.rounds += 1
         theta.copy_(state.phi)
 
+    def consensus_point(self, state: OuterState) -> torch.Tensor:
+        """The point of this site that its group exchanges and averages (what ``phis`` and
+        ``own`` of :meth:`apply` hold): ``state.phi`` unless a method says otherwise."""
+        return state.phi
+
     def _update(self, state: OuterState, deltas: list[torch.Tensor], phis: list[torch.Tensor],
                 own: torch.Tensor) -> None:  # fmt: skip
         raise NotImplementedError
+
+
+CONSENSUS = ("momentum", "weights", "lookahead")  # where NoLoCo's gamma pull acts
 
 
 class NoLoCo(OuterStep):
@@ -86,6 +94,12 @@ class NoLoCo(OuterStep):
       momentum: ``m <- alpha m + beta mean(delta)``; ``phi <- phi - gamma (phi - mean(phi)) + m``.
       The momentum then carries only the group's mean delta, so a high ``alpha`` no longer
       amplifies the pull into oscillation (the spec's form diverges at alpha 0.9).
+    - ``consensus="lookahead"``: as ``weights``, but the group averages the members' look-ahead
+      points ``phi + c m`` (:meth:`consensus_point`; ``c`` = ``alpha**2`` with ``nesterov``,
+      else ``alpha``: the part of the coming step a member's own momentum makes) instead of
+      their phis. With ``gamma`` 1 the members of a group then end the round on one phi
+      (``mean(phi + c m) + beta (1 + alpha) mean(delta)`` with ``nesterov``), where under
+      ``weights`` their own momenta part them again by ``c`` times the momenta's difference.
     - ``nesterov=True``: the step is ``beta mean(delta) + alpha m`` (look-ahead) instead of ``m``.
 
     The mean over all sites of phi follows the same heavy-ball (or Nesterov) step on the mean of
@@ -97,8 +111,8 @@ class NoLoCo(OuterStep):
 
     def __init__(self, *, alpha: float = 0.5, beta: float = 0.7, gamma: float = 0.7,
                  consensus: str = "momentum", nesterov: bool = False) -> None:  # fmt: skip
-        if consensus not in ("momentum", "weights"):
-            raise ValueError(f"consensus={consensus!r}: choose momentum or weights")
+        if consensus not in CONSENSUS:
+            raise ValueError(f"consensus={consensus!r}: choose {', '.join(CONSENSUS)}")
         self.alpha, self.beta, self.gamma = alpha, beta, gamma
         self.consensus, self.nesterov = consensus, nesterov
 
@@ -114,8 +128,14 @@ class NoLoCo(OuterStep):
         m = state.momentum
         m.mul_(self.alpha).add_(g)
         state.phi.add_(g.add_(m, alpha=self.alpha) if self.nesterov else m)
-        if self.consensus == "weights":
+        if self.consensus != "momentum":
             state.phi.sub_(gap, alpha=self.gamma)
+
+    def consensus_point(self, state: OuterState) -> torch.Tensor:
+        if self.consensus != "lookahead":
+            return state.phi
+        c = self.alpha**2 if self.nesterov else self.alpha
+        return state.phi + c * state.momentum
 
 
 class Local(NoLoCo):

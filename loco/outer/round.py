@@ -143,8 +143,9 @@ class Rounds:
             out = self.sliced.publish(rid, t, delta, self.state.phi, members)
         else:
             landing = self._landing()
-            eff = landing.eff(self.state.phi) if landing is not None else None
-            phi = self.state.phi if eff is None else eff  # with the landing: less its known miss
+            point = self.method.consensus_point(self.state)
+            eff = landing.eff(point) if landing is not None else None
+            phi = point if eff is None else eff  # with the landing: less its known miss
             out, bufs = self.payloads.encode(t, delta, phi, self.state.momentum,
                                              group=tuple(sorted(partners)))  # fmt: skip
             served = self.node.served_mark()
@@ -255,7 +256,8 @@ class Rounds:
             r.pulled[p] = (d, ph, cause)
         if all(r.pulled[p][0] is not None and r.pulled[p][1] is not None for p in r.agreed):
             point = landing.point(lead_phi, offsets)  # type: ignore[arg-type]
-            r.land = point if self.site == lead else torch.where(failed, self.state.phi, point)
+            here = self.method.consensus_point(self.state)
+            r.land = point if self.site == lead else torch.where(failed, here, point)
 
     def _lead_sketched(self, r: Round, followers: list[str], pull) -> None:
         """The leader's phi frame under sketch windows (``loco.outer.phi_sketch``): pull every
@@ -310,19 +312,18 @@ class Rounds:
         members = sorted([(self.site, r.out.delta, r.out.phi)] + [(p, d, ph) for p, (d, ph, _) in ok.items()],
                          key=lambda m: m[0])  # fmt: skip
         own = r.out.phi
+        here = self.method.consensus_point(self.state)  # what this site's phi stands for
         if len(members) == 1:
             deltas, phis = [r.out.delta], [r.out.phi]
         else:
             deltas, phis = [m[1] for m in members], [m[2] for m in members]
             if r.landing:  # pull onto the landing point, or nowhere when it failed
-                phis = [r.land if r.land is not None else self.state.phi]
-                own = self.state.phi
+                phis = [r.land if r.land is not None else here]
+                own = here
         # consensus distance from the pulled phi (before the update); a phi rebuilt from a
         # landing offset carries that offset's coding noise times n, so it is not measured
         seen = {p: v for p, v in ok.items() if p not in r.guessed}
-        sq = sum(
-            float((ph - self.state.phi).double().pow(2).sum()) for _, (_, ph, _) in seen.items()
-        )
+        sq = sum(float((ph - here).double().pow(2).sum()) for _, (_, ph, _) in seen.items())
         cnt = float(len(seen) * self.state.phi.numel()) if not self.all_live else 0.0
         return self._apply(r, ok, deltas, phis, sq, cnt, own)
 

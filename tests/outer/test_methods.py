@@ -189,7 +189,7 @@ def test_bad_member_input_leaves_state_untouched(bad):
 def test_build_outer_by_name():
     assert isinstance(build_outer("noloco", alpha=0.1, beta=0.2, gamma=0.3, lr=9.0), NoLoCo)
     assert isinstance(build_outer("diloco", lr=0.5, momentum=0.8, alpha=1.0), DiLoCo)
-    with pytest.raises(ValueError, match="momentum or weights"):
+    with pytest.raises(ValueError, match="momentum, weights, lookahead"):
         build_outer("noloco", consensus="phi")
     with pytest.raises(ValueError, match="choose noloco"):
         build_outer("fedavg")
@@ -220,3 +220,35 @@ def test_lossy_phi_moves_no_pairs_mean(consensus):
     torch.testing.assert_close((lossy[0] + lossy[1]) / 2, (exact[0] + exact[1]) / 2,
                                rtol=0, atol=1e-5)  # fmt: skip
     assert not torch.allclose(lossy[0], exact[0], atol=1e-4)  # the members themselves move
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_lookahead_consensus_ends_a_pair_on_one_phi(nesterov):
+    """Members with different momenta, gamma 1: under ``weights`` their own momenta part them
+    again after the pull (by c times the momenta's difference); under ``lookahead`` they
+    average ``phi + c m`` and end on one phi. The group's mean of phi moves the same in both
+    forms (the pulls sum to zero over the group)."""
+    g = torch.Generator().manual_seed(0)
+    n = 1000
+    phis = [torch.randn(n, generator=g) for _ in range(2)]
+    moms = [torch.randn(n, generator=g) * 0.1 for _ in range(2)]
+    deltas = [torch.randn(n, generator=g) * 0.01 for _ in range(2)]
+    ends = {}
+    for consensus in ("weights", "lookahead"):
+        step = NoLoCo(alpha=0.8, beta=0.7, gamma=1.0, consensus=consensus, nesterov=nesterov)
+        states = [
+            OuterState(phi=p.clone(), momentum=m.clone()) for p, m in zip(phis, moms, strict=True)
+        ]
+        points = [step.consensus_point(s).clone() for s in states]
+        for s, own in zip(states, points, strict=True):
+            step.apply(torch.empty(n), s, deltas, points, own=own)
+        ends[consensus] = [s.phi for s in states]
+    c = 0.8**2 if nesterov else 0.8
+    parted = ends["weights"][0] - ends["weights"][1]
+    torch.testing.assert_close(parted, c * (moms[0] - moms[1]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(ends["lookahead"][0], ends["lookahead"][1], rtol=0, atol=1e-6)
+    mean = {k: (v[0] + v[1]) / 2 for k, v in ends.items()}
+    torch.testing.assert_close(mean["lookahead"], mean["weights"], rtol=0, atol=1e-6)
+    # the other forms exchange phi itself
+    s = OuterState(phi=phis[0].clone(), momentum=moms[0].clone())
+    assert NoLoCo(consensus="weights").consensus_point(s) is s.phi
