@@ -320,7 +320,8 @@ class OuterConfig(SlicedOptions):
     momentum: float = 0.9  # diloco outer momentum
     # Nesterov look-ahead; null: the method's own (diloco: true, noloco/local: false, the spec)
     nesterov: bool | None = None
-    # noloco: where the gamma pull acts: "momentum" (the spec) or "weights" (phi directly)
+    # noloco: where the gamma pull acts: "momentum" (the spec), "weights" (phi directly) or
+    # "lookahead" (phi directly, toward the mean of the members' phi + c m: a pair ends on one phi)
     consensus: str = "momentum"
     tau: int = 0  # streaming overlap: inner steps the pull may run behind (0 = blocking)
     mix: float = 0.5

@@ -75,7 +75,7 @@ SITES8 = SITES + ["af", "oc", "me", "na"]
 NOLOCO = [
     "outer=noloco", "outer.alpha=0.9", "outer.beta=0.7", "outer.gamma=1.0",
     "outer.consensus=weights", "outer.nesterov=true", "outer.final_average=true",
-    "outer.phi_lattice=false", "outer.phi_landing=false",
+    "outer.final_lattice=false", "outer.phi_lattice=false", "outer.phi_landing=false",
 ]  # fmt: skip
 # the frontier: sparse low-bit deltas with error feedback and the best measured coded phi
 # (docs/outer.md: 8-bit lattice every round, window 8x the largest partner difference seen;
@@ -101,12 +101,14 @@ NOLOCO_FRONTIER = NOLOCO + [
 # leader's frame at 4 bits under a window of 1.5x the largest partner difference seen, that
 # profile over the blocks rescaled to this round's distance from the members' phi sketches
 # (``scaled``; the lattice's repairs take the few values past it) and 2-bit Lloyd-Max offsets
-# (loco/outer/offset_code.py). ``-history``: the eleventh session's default, the same with the
-# history rule's windows; ``-6``: the default of the seventh to tenth sessions, 6 bits under an
+# (loco/outer/offset_code.py); since the thirteenth the final average in 8-bit lattice frames
+# (the rows before it, and the other rows, average exact weights). ``-history``: the eleventh
+# session's default, the same with the history rule's windows; ``-6``: the default of the seventh to tenth sessions, 6 bits under an
 # 8x window and ternary offsets (0.49 instead of 1.02 B/value of phi; ``-8``: 8 bits, 0.61)
 LANDING = ["outer.phi_landing=true", "outer.phi_landing_bits=4", "outer.phi_landing_margin=1.5",
-           "outer.phi_landing_codec=normal2", "outer.phi_landing_window=scaled"]  # fmt: skip
-LANDING_HISTORY = [*LANDING, "outer.phi_landing_window=history"]
+           "outer.phi_landing_codec=normal2", "outer.phi_landing_window=scaled",
+           "outer.final_lattice=true"]  # fmt: skip
+LANDING_HISTORY = [*LANDING, "outer.phi_landing_window=history", "outer.final_lattice=false"]
 LANDING_6 = [*LANDING_HISTORY, "outer.phi_landing_bits=6", "outer.phi_landing_margin=8",
              "outer.phi_landing_codec=ternary"]  # fmt: skip
 LANDING_8 = [*LANDING_6, "outer.phi_landing_bits=8"]
