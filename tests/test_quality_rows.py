@@ -85,3 +85,19 @@ def test_round_distance_is_the_second_halfs_mean_of_measured_rounds(tmp_path):
                                     "consensus_distance": dist}) + "\n")  # fmt: skip
     # eu: rounds 3 and 4 (last pairwise round 4); us: round 4 (3 unmeasured)
     assert q.round_distance(tmp_path, ["eu", "us"]) == (2.0 + 4.0 + 6.0) / 3
+
+
+def test_the_table_keeps_a_rows_variants_apart():
+    """Records of one row pool over seeds, but not across ``--set`` overrides or a record's
+    ``variant`` (what the row's defaults were at its commit)."""
+    base = {"ok": True, "row": "noloco-landing", "bytes_per_param_round": 1.0, "rounds": 20}
+    recs = [
+        {**base, "seed": 0, "val_loss": 1.0},
+        {**base, "seed": 1, "val_loss": 2.0},
+        {**base, "seed": 0, "val_loss": 5.0, "variant": "final in lattice frames"},
+        {**base, "seed": 0, "val_loss": 7.0, "set": ["outer.final_lattice=false"]},
+    ]
+    agg = _quality().aggregate(recs)
+    assert agg["noloco-landing"]["loss"] == 1.5 and agg["noloco-landing"]["seeds"] == [0, 1]
+    assert agg["noloco-landing [final in lattice frames]"]["loss"] == 5.0
+    assert agg["noloco-landing outer.final_lattice=false"]["loss"] == 7.0

@@ -329,11 +329,15 @@ def _stats(xs: list[float]) -> tuple[float, float]:
 
 
 def aggregate(records: list[dict]) -> dict[str, dict]:
-    """Per row (and budget): mean and sd of the loss over seeds, mean of the other figures."""
+    """Per row (and budget; its ``--set`` overrides and a record's ``variant``, a name for what
+    the row's defaults were at that commit): mean and sd of the loss over seeds, mean of the
+    other figures."""
     groups: dict[str, list[dict]] = {}
     for r in records:
         if r.get("ok") and r.get("val_loss") is not None:
             key = f"{r['row']}{' ' + ' '.join(r['set']) if r.get('set') else ''}"
+            if r.get("variant"):  # what the row stood for at the record's commit
+                key += f" [{r['variant']}]"
             groups.setdefault(key, []).append(r)
     out = {}
     for key, rs in groups.items():
