@@ -50,7 +50,8 @@ class FakeFlat:
 
 def make_sites(names, ports, codec="int8", phi_codec="none", method="noloco", tau=0, mix=0.5,
                seed=0, pull_timeout_s=5.0, H=5, steps=100, ef=True, phi_lattice=False,
-               final_average=False, padded=P, final_lattice=False, **lattice_kw):  # fmt: skip
+               final_average=False, padded=P, final_lattice=False, outer_kw=None,
+               **lattice_kw):  # fmt: skip
     """``padded`` > P: the site's flat vector is padded past P (as the engine pads to a multiple
     of world * ALIGN), so its one rank's shard [0, padded) reaches past what it owns."""
     sites = {}
@@ -75,7 +76,8 @@ def make_sites(names, ports, codec="int8", phi_codec="none", method="noloco", ta
             error_feedback=ef, phi_lattice=phi_lattice, **lattice_kw,
         )  # fmt: skip
         loop = OuterLoop(
-            step=build_outer(method, alpha=A, beta=B, gamma=G), flat=flat, H=H, steps=steps,
+            step=build_outer(method, **{"alpha": A, "beta": B, "gamma": G, **(outer_kw or {})}),
+            flat=flat, H=H, steps=steps,
             node=node, payloads=pay, site=name, all_live=method == "diloco", tau=tau, mix=mix,
             linger_s=2.0, final_average=final_average, final_lattice=final_lattice,
         )  # fmt: skip
@@ -534,6 +536,31 @@ def test_padded_shard_pulls_only_the_owned_range(codec):
         for s in sites.values():
             assert s.history[0]["n"] == 2 and not s.history[0]["dropped"], s.history[0]
         assert sites["eu"].history[0]["mean_crc"] == sites["us"].history[0]["mean_crc"]
+    finally:
+        for s in sites.values():
+            s.close()
+
+
+@pytest.mark.parametrize("consensus", ["weights", "lookahead"])
+def test_lookahead_consensus_ends_each_pair_on_one_phi(consensus):
+    """Four sites, exact phi, gamma 1, pairs that change: after each round the members' own
+    momenta part a pair again under ``weights``; under ``lookahead`` (the rounds exchange
+    ``phi + c m``) the last round's partners hold one phi."""
+    names = ["asia", "eu", "sa", "us"]
+    kw = {"alpha": 0.8, "gamma": 1.0, "consensus": consensus, "nesterov": True}
+    sites = make_sites(names, ports_for(names), codec="none", outer_kw=kw)
+    try:
+        run_parallel([lambda s=s, i=i: inner_steps(s, 0, 20, i)
+                      for i, s in enumerate(sites.values())])  # fmt: skip
+        for s in sites.values():
+            assert [r["n"] for r in s.history] == [2, 2, 2, 2], s.history
+            mate = sites[s.history[-1]["partner"]]
+            gap = float((s.state.phi - mate.state.phi).abs().max())
+            moms = float((s.state.momentum - mate.state.momentum).abs().max())
+            if consensus == "lookahead":
+                assert gap < 1e-5, gap
+            else:  # c (0.64) times the momenta's difference before the round's step
+                assert gap > 1e-3 and moms > 1e-3, (gap, moms)
     finally:
         for s in sites.values():
             s.close()
