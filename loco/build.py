@@ -220,8 +220,9 @@ def outer_from(
         site=cfg.site.name, all_live=o.method == "diloco", tau=o.tau, mix=o.mix, comm=comm,
         metrics=metrics, pull_timeout_s=cfg.gossip.pull_timeout_s,
         join_timeout_s=o.join_timeout_s, linger_s=min(10.0, cfg.gossip.pull_timeout_s), say=say,
-        final_average=o.final_average, final_lattice=o.final_lattice, closers=closers, fragments=o.fragments,
-        fragment_tau=o.fragment_tau, diloco_reduce=o.diloco_reduce, H_first=tuple(o.H_first),
+        final_average=o.final_average, final_lattice=o.final_lattice, closers=closers,
+        fragments=o.fragments, fragment_tau=o.fragment_tau, diloco_reduce=o.diloco_reduce,
+        H_first=tuple(o.H_first),
         payloads_for=partial(_payloads, cfg, flat, comm) if payloads is not None else None,
     )  # fmt: skip
 

@@ -24,6 +24,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import torch
@@ -119,8 +120,11 @@ class FinalAverage:
     def _pull(self, t: int, own: torch.Tensor, peers: list[str]) -> dict[str, Any]:
         """Every peer's share ``(values or None, cause, pulled its raw weights)``; implausible
         ones earn a strike."""
-        one = self._pull_lattice if self.lattice else self._pull_raw
-        jobs = {p: self.pool.submit(one, p, t, own) for p in peers}
+        if self.lattice:  # decoded next to our own share, padded to the shard once
+            one = partial(self._pull_lattice, ref=torch.from_numpy(self.payloads.raw(own)))
+        else:
+            one = self._pull_raw
+        jobs = {p: self.pool.submit(one, p, t) for p in peers}
         got = {p: jobs[p].result() for p in peers}
         for p, (v, _, fell) in got.items():
             if v is not None and (bad := implausible_phi(v, own)):
@@ -129,17 +133,17 @@ class FinalAverage:
                 got[p] = (None, "implausible", fell)
         return got
 
-    def _pull_raw(self, peer: str, t: int, own: torch.Tensor) -> tuple[Any, str, bool]:
+    def _pull_raw(self, peer: str, t: int) -> tuple[Any, str, bool]:
         v, cause = self.payloads.pull(self.node, peer, t, FINAL_STREAM, self.pull_timeout_s, "none")
         return v, cause, False
 
-    def _pull_lattice(self, peer: str, t: int, own: torch.Tensor) -> tuple[Any, str, bool]:
-        """A peer's lattice frame decoded next to this rank's weights; where a block failed,
-        the peer's grid points from its exact weights (one more pull)."""
+    def _pull_lattice(self, peer: str, t: int, *, ref: torch.Tensor) -> tuple[Any, str, bool]:
+        """A peer's lattice frame decoded next to ``ref`` (this rank's share, padded to its
+        shard); where a block failed, the peer's grid points from its exact weights (one more
+        pull)."""
         pl = self.payloads
         if pl.numel == 0:  # a trailing rank whose shard is all padding owns nothing
             return torch.zeros(0), "", False
-        ref = torch.from_numpy(pl.raw(own))  # within half a step of our exact weights
         values: list[torch.Tensor] = []
         masks: list[torch.Tensor] = []
         steps: list[torch.Tensor] = []

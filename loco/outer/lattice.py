@@ -115,19 +115,22 @@ def steps_for_spread(phi: torch.Tensor, spread: torch.Tensor, bits: int, block: 
     return _bf16(torch.clamp(s, min=1e-30, max=_BF16_MAX))  # finite, whatever the spread
 
 
+def _index(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Grid indices round(x / s) (int64, ``s`` broadcast against ``x``); |index| capped at
+    MAX_INDEX. The one place an index is made, so :func:`grid_points` is :func:`encode`'s."""
+    return torch.clamp(torch.round(x / s), -MAX_INDEX, MAX_INDEX).to(torch.int64)
+
+
 def _grid(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """Full grid indices round(x / s) (int64) of padded ``x`` [nblocks, block]; |index| capped
-    at MAX_INDEX."""
-    q = torch.round(x / s[:, None])
-    return torch.clamp(q, -MAX_INDEX, MAX_INDEX).to(torch.int64)
+    """Full grid indices of padded ``x`` [nblocks, block] with one step per block."""
+    return _index(x, s[:, None])
 
 
 def grid_points(x: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
     """The grid points an unrotated frame with these per-value ``steps`` gives the values ``x``:
     the same fp32 operations as :func:`encode`, so a receiver that has a sender's exact values
     (and its frame's steps) computes the sender's own decoded values bit for bit."""
-    q = torch.clamp(torch.round(x.float() / steps), -MAX_INDEX, MAX_INDEX)
-    return q.to(torch.int64).to(torch.float32) * steps
+    return _index(x.float(), steps).to(torch.float32) * steps
 
 
 def _full_rows(n: int, block: int, rotated: bool) -> int:
