@@ -19,6 +19,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from loco.gossip.options import GossipOptions
 from loco.model.moe import MoEOptions
+from loco.outer.methods import CONSENSUS
 from loco.outer.offset_code import NAMES as OFFSET_CODES
 from loco.outer.sliced import REDUCES as DILOCO_REDUCES
 from loco.outer.sliced import SlicedOptions
@@ -320,8 +321,10 @@ class OuterConfig(SlicedOptions):
     momentum: float = 0.9  # diloco outer momentum
     # Nesterov look-ahead; null: the method's own (diloco: true, noloco/local: false, the spec)
     nesterov: bool | None = None
-    # noloco: where the gamma pull acts: "momentum" (the spec), "weights" (phi directly) or
+    # noloco: where the gamma pull acts: "momentum" (the spec), "weights" (phi directly),
     # "lookahead" (phi directly, toward the mean of the members' phi + c m: a pair ends on one phi)
+    # or "stepped" (each member steps on its own delta; the group averages the stepped phis and
+    # no delta travels)
     consensus: str = "momentum"
     tau: int = 0  # streaming overlap: inner steps the pull may run behind (0 = blocking)
     mix: float = 0.5
@@ -380,7 +383,7 @@ class OuterConfig(SlicedOptions):
                 raise ConfigError(f"outer.{key}={getattr(self, key)!r} must be true or false")
         if self.nesterov is not None and not isinstance(self.nesterov, bool):
             raise ConfigError(f"outer.nesterov={self.nesterov!r} must be true, false or null")
-        _choice("outer.consensus", self.consensus, ("momentum", "weights", "lookahead"))
+        _choice("outer.consensus", self.consensus, CONSENSUS)
         _positive("outer.phi_lattice_window", self.phi_lattice_window)
         if not 2 <= self.phi_lattice_bits <= 8:
             raise ConfigError(f"outer.phi_lattice_bits={self.phi_lattice_bits} must be in 2..8")

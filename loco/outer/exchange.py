@@ -215,16 +215,23 @@ class RangePayloads:
 
     def encode(self, round: int, delta: torch.Tensor, phi: torch.Tensor,
                momentum: torch.Tensor | None = None,
-               group: tuple[str, ...] | None = None) -> tuple[Outgoing, dict]:  # fmt: skip
+               group: tuple[str, ...] | None = None,
+               send_delta: bool = True) -> tuple[Outgoing, dict]:  # fmt: skip
         """Encode both streams. Returns the record and ``{stream: (buffer, codec label)}`` to
         publish. ``group``: this site's partners this round, sorted (None: not known; the same
         group as before lets a pair with one phi keep a narrow window, :class:`Spread`).
+        ``send_delta`` false: no delta stream (the record keeps the exact delta).
         TrainingError if ``delta`` or ``phi`` holds NaN/Inf (never shipped)."""
         if not bool(torch.isfinite(delta).all()) or not bool(torch.isfinite(phi).all()):
             raise TrainingError("the local delta or phi holds NaN/Inf; refusing to publish it")
         with self._lock:
             self.spread.regroup(group)
-        dbuf, dlab, dval = self._encode(delta, self.codec, self.delta_options, self.ef)
+        streams: dict = {}
+        dbuf = b""
+        dval = delta.detach().float().cpu().clone()
+        if send_delta:
+            dbuf, dlab, dval = self._encode(delta, self.codec, self.delta_options, self.ef)
+            streams["delta"] = (dbuf, dlab)
         if self.sketched:  # the phi frame waits for the partners' sketches (leader only)
             ref = self._padded(phi)
             self._ref = ref
@@ -232,7 +239,7 @@ class RangePayloads:
             sbuf = phi_sketch.frame(self._own_sketch, ref.numel(), LATTICE_BLOCK)
             nbytes = memoryview(dbuf).nbytes + len(sbuf)
             out = Outgoing(round, dval, ref[: self.numel].clone(), (dbuf, sbuf), nbytes)
-            return out, {"delta": (dbuf, dlab), SKETCH_STREAM: (sbuf, "sketch")}
+            return out, {**streams, SKETCH_STREAM: (sbuf, "sketch")}
         if self.phi_codec == "lattice":
             pbuf, pval = self._encode_lattice(round, phi, momentum)
             plab = "lattice"
@@ -240,7 +247,7 @@ class RangePayloads:
             pbuf, plab, pval = self._encode(phi, self.phi_codec, self.phi_options, None)
         nbytes = memoryview(dbuf).nbytes + memoryview(pbuf).nbytes
         out = Outgoing(round, dval, pval, (dbuf, pbuf), nbytes)
-        return out, {"delta": (dbuf, dlab), "phi": (pbuf, plab)}
+        return out, {**streams, "phi": (pbuf, plab)}
 
     @property
     def sketched(self) -> bool:

@@ -247,7 +247,8 @@ class OuterLoop:
         last = self.last_sync
         last_partners = last.agreed if last is not None else None
         want = expected_pulls(last_partners, self.all_live,
-                              self.final["peers"] if self.final is not None else None)  # fmt: skip
+                              self.final["peers"] if self.final is not None else None,
+                              self.method.sends_delta)  # fmt: skip
         reduce = self.rounds.sliced
         if self.fragments is not None and last is not None and last.fragment is not None:
             reduce = self.fragments.rounds[last.fragment].sliced

@@ -59,7 +59,8 @@ class OuterStep:
         own: torch.Tensor | None = None,
     ) -> None:
         """Update ``state`` and set ``theta <- phi``. ``deltas``/``phis``: the group's decoded
-        values (this site's among them); ``own``: this site's phi as the others decoded it (its
+        values (this site's among them; where :attr:`sends_delta` is false, ``deltas`` is this
+        site's own exact delta alone); ``own``: this site's phi as the others decoded it (its
         entry in ``phis``; None: ``state.phi``, exact)."""
         n = state.phi.numel()
         _check("deltas", deltas, n)
@@ -69,17 +70,26 @@ class OuterStep:
         state.rounds += 1
         theta.copy_(state.phi)
 
-    def consensus_point(self, state: OuterState) -> torch.Tensor:
+    sends_delta = True  # whether a group exchanges deltas beside its points (see apply)
+
+    def consensus_point(self, state: OuterState, delta: torch.Tensor) -> torch.Tensor:
         """The point of this site that its group exchanges and averages (what ``phis`` and
-        ``own`` of :meth:`apply` hold): ``state.phi`` unless a method says otherwise."""
+        ``own`` of :meth:`apply` hold), given this round's own exact ``delta``: ``state.phi``
+        unless a method says otherwise."""
         return state.phi
+
+    def window_momentum(self, state: OuterState, delta: torch.Tensor) -> torch.Tensor:
+        """The momentum whose per-block largest value sizes a lattice frame of the consensus
+        point before any partner difference was seen (the momentum rule): ``state.momentum``
+        unless a method's point moves with something else."""
+        return state.momentum
 
     def _update(self, state: OuterState, deltas: list[torch.Tensor], phis: list[torch.Tensor],
                 own: torch.Tensor) -> None:  # fmt: skip
         raise NotImplementedError
 
 
-CONSENSUS = ("momentum", "weights", "lookahead")  # where NoLoCo's gamma pull acts
+CONSENSUS = ("momentum", "weights", "lookahead", "stepped")  # where NoLoCo's gamma pull acts
 
 
 class NoLoCo(OuterStep):
@@ -100,6 +110,13 @@ class NoLoCo(OuterStep):
       their phis. With ``gamma`` 1 the members of a group then end the round on one phi
       (``mean(phi + c m) + beta (1 + alpha) mean(delta)`` with ``nesterov``), where under
       ``weights`` their own momenta part them again by ``c`` times the momenta's difference.
+    - ``consensus="stepped"``: each member takes the step on its OWN delta with its own
+      momentum (``m <- alpha m + beta delta``) and the group averages the stepped points
+      ``phi + step`` (:meth:`consensus_point`): ``phi <- phi + step - gamma (point -
+      mean(points))``, with ``gamma`` 1 one point for the whole group. No delta travels
+      (:attr:`sends_delta` false): what a member learns of the others' deltas comes with
+      their points, coded next to its own point (the lattice), so only the members'
+      differences cost bits. The momenta stay each member's own.
     - ``nesterov=True``: the step is ``beta mean(delta) + alpha m`` (look-ahead) instead of ``m``.
 
     The mean over all sites of phi follows the same heavy-ball (or Nesterov) step on the mean of
@@ -116,8 +133,24 @@ class NoLoCo(OuterStep):
         self.alpha, self.beta, self.gamma = alpha, beta, gamma
         self.consensus, self.nesterov = consensus, nesterov
 
+    @property
+    def sends_delta(self) -> bool:  # type: ignore[override]
+        return self.consensus != "stepped"
+
+    def _own_step(self, state: OuterState, delta: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``stepped``: this member's momentum after its own ``delta``, and its step."""
+        m = state.momentum.mul(self.alpha).add_(delta, alpha=self.beta)
+        step = m.mul(self.alpha).add_(delta, alpha=self.beta) if self.nesterov else m.clone()
+        return m, step
+
     def _update(self, state: OuterState, deltas: list[torch.Tensor], phis: list[torch.Tensor],
                 own: torch.Tensor) -> None:  # fmt: skip
+        if self.consensus == "stepped":  # deltas: this member's own alone
+            m, step = self._own_step(state, deltas[0])
+            state.momentum.copy_(m)
+            gap = own - torch.stack(phis).mean(0)
+            state.phi.add_(step).sub_(gap, alpha=self.gamma)
+            return
         mean_delta = torch.stack(deltas).mean(0)
         # from decoded values only: every member of the group computes the same gaps, which sum
         # to zero over the group, so a lossy phi code moves no group's mean
@@ -131,11 +164,18 @@ class NoLoCo(OuterStep):
         if self.consensus != "momentum":
             state.phi.sub_(gap, alpha=self.gamma)
 
-    def consensus_point(self, state: OuterState) -> torch.Tensor:
+    def consensus_point(self, state: OuterState, delta: torch.Tensor) -> torch.Tensor:
+        if self.consensus == "stepped":
+            return state.phi + self._own_step(state, delta)[1]
         if self.consensus != "lookahead":
             return state.phi
         c = self.alpha**2 if self.nesterov else self.alpha
         return state.phi + c * state.momentum
+
+    def window_momentum(self, state: OuterState, delta: torch.Tensor) -> torch.Tensor:
+        if self.consensus == "stepped":  # the point moves by the step of this round's momentum
+            return self._own_step(state, delta)[0]
+        return state.momentum
 
 
 class Local(NoLoCo):

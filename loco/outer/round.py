@@ -27,12 +27,13 @@ from loco.outer.exchange import SKETCH_STREAM, Outgoing, RangePayloads
 from loco.outer.flat_view import FlatView
 from loco.outer.landing import OFFSET_STREAM, Landing, leader_of
 from loco.outer.methods import OuterState, OuterStep
-from loco.outer.plausible import implausible
+from loco.outer.plausible import implausible, implausible_phi
 from loco.outer.sliced import SlicedReduce
 
 log = logging.getLogger("loco.outer.loop")
 
 Pulled = tuple[torch.Tensor | None, torch.Tensor | None, str]  # delta, phi, cause of a failure
+NO_DELTA = torch.zeros(0)  # a partner's delta where the method sends none (sends_delta false)
 
 
 @dataclass
@@ -62,6 +63,7 @@ class Round:
     land_miss: torch.Tensor | None = None  # this site's part of the landing's miss
     guessed: tuple[str, ...] = ()  # partners whose phi is a landing's estimate (no distance)
     eff: torch.Tensor | None = None  # landing: the phi this site coded (its phi less its miss)
+    window_momentum: torch.Tensor | None = None  # sizes the leader's frame by the momentum rule
 
     @property
     def agreed(self) -> list[str]:
@@ -89,7 +91,8 @@ class Round:
 @dataclass
 class Merged:
     """What a merge used: the partners that answered, this rank's squared phi distance to them
-    and its element count (consensus distance), and the group means (delta, phi)."""
+    and its element count (consensus distance), and the group means (delta, phi; the delta's
+    empty where the method sends none)."""
 
     ok: dict[str, Pulled]
     sq: float
@@ -143,15 +146,19 @@ class Rounds:
             out = self.sliced.publish(rid, t, delta, self.state.phi, members)
         else:
             landing = self._landing()
-            point = self.method.consensus_point(self.state)
+            point = self.method.consensus_point(self.state, delta)
             eff = landing.eff(point) if landing is not None else None
             phi = point if eff is None else eff  # with the landing: less its known miss
-            out, bufs = self.payloads.encode(t, delta, phi, self.state.momentum,
-                                             group=tuple(sorted(partners)))  # fmt: skip
+            wmom = self.method.window_momentum(self.state, delta)
+            out, bufs = self.payloads.encode(t, delta, phi, wmom, group=tuple(sorted(partners)),
+                                             send_delta=self.method.sends_delta)  # fmt: skip
             served = self.node.served_mark()
             for stream, (buf, label) in bufs.items():
                 if stream == "delta" or not self.all_live:  # DiLoCo never pulls phi
                     self.publish(rid, stream, buf, label)
+            return Round(t, done, out, partners, started, served_before=served, wire=wire,
+                         fragment=fragment, proposal=proposal, eff=eff,
+                         window_momentum=wmom)  # fmt: skip
         return Round(t, done, out, partners, started, served_before=served, wire=wire,
                      fragment=fragment, proposal=proposal, eff=eff)  # fmt: skip
 
@@ -175,13 +182,15 @@ class Rounds:
             self._pull_landing(r, landing)
             return
         streams = ("delta",) if self.all_live else ("delta", "phi")
+        if not self.method.sends_delta:
+            streams = ("phi",)
         jobs = {
             (p, s): self.pool.submit(self.payloads.pull, self.node, p, r.rid, s, self.pull_timeout_s)
             for p in r.agreed
             for s in streams
         }  # fmt: skip
         for p in r.agreed:
-            d, cause = jobs[(p, "delta")].result()
+            d, cause = jobs[(p, "delta")].result() if "delta" in streams else (NO_DELTA, "")
             if self.all_live:  # DiLoCo ignores phi (all sites hold the same): not pulled
                 ph = r.out.phi if d is not None else None
             else:
@@ -213,7 +222,7 @@ class Rounds:
             return self.pool.submit(self.payloads.pull, self.node, p, r.rid, stream,
                                     self.pull_timeout_s, codec, masks)  # fmt: skip
 
-        deltas = {p: pull(p, "delta") for p in r.agreed}
+        deltas = {p: pull(p, "delta") for p in r.agreed if self.method.sends_delta}
         eff = r.eff  # what open() coded
         assert eff is not None
         mine = None
@@ -242,7 +251,7 @@ class Rounds:
         got = {p: f.result() for p, f in offs.items()}
         offsets = [mine if p == self.site else got[p][0] for p in followers]
         for p in r.agreed:
-            d, cause = deltas[p].result()
+            d, cause = deltas[p].result() if p in deltas else (NO_DELTA, "")
             if p == lead:
                 ph, why = lead_phi, lead_cause
             else:  # a follower's phi, rebuilt from its offset (its estimate)
@@ -256,7 +265,7 @@ class Rounds:
             r.pulled[p] = (d, ph, cause)
         if all(r.pulled[p][0] is not None and r.pulled[p][1] is not None for p in r.agreed):
             point = landing.point(lead_phi, offsets)  # type: ignore[arg-type]
-            here = self.method.consensus_point(self.state)
+            here = self.method.consensus_point(self.state, r.out.delta)
             r.land = point if self.site == lead else torch.where(failed, here, point)
 
     def _lead_sketched(self, r: Round, followers: list[str], pull) -> None:
@@ -268,7 +277,7 @@ class Rounds:
         sketches = (
             [self.payloads.own_blocks(g) for g in got] if all(g is not None for g in got) else None
         )
-        buf, r.out.phi = self.payloads.encode_leader(r.t, self.state.momentum, sketches)
+        buf, r.out.phi = self.payloads.encode_leader(r.t, r.window_momentum, sketches)
         self.publish(r.rid, "phi", buf, "lattice")
 
     def agree(self, r: Round) -> None:
@@ -295,7 +304,10 @@ class Rounds:
     def _check(self, r: Round, p: str, d: torch.Tensor, ph: torch.Tensor, cause: str) -> Pulled:
         """``(d, ph, cause)`` of partner ``p``, or ``(None, None, "implausible")`` with a strike
         when they are implausible."""
-        bad = implausible(d, ph, r.out.delta, r.out.phi)
+        if self.method.sends_delta:
+            bad = implausible(d, ph, r.out.delta, r.out.phi)
+        else:
+            bad = implausible_phi(ph, r.out.phi)
         if not bad:
             return d, ph, cause
         log.warning("round %d: partner %s sent an implausible payload: %s", r.rid, p, bad)
@@ -312,7 +324,8 @@ class Rounds:
         members = sorted([(self.site, r.out.delta, r.out.phi)] + [(p, d, ph) for p, (d, ph, _) in ok.items()],
                          key=lambda m: m[0])  # fmt: skip
         own = r.out.phi
-        here = self.method.consensus_point(self.state)  # what this site's phi stands for
+        # what this site's phi stands for
+        here = self.method.consensus_point(self.state, r.out.delta)
         if len(members) == 1:
             deltas, phis = [r.out.delta], [r.out.phi]
         else:
@@ -320,6 +333,8 @@ class Rounds:
             if r.landing:  # pull onto the landing point, or nowhere when it failed
                 phis = [r.land if r.land is not None else here]
                 own = here
+        if not self.method.sends_delta:  # the own exact delta alone (NoLoCo stepped)
+            deltas = [r.out.delta]
         # consensus distance from the pulled phi (before the update); a phi rebuilt from a
         # landing offset carries that offset's coding noise times n, so it is not measured
         seen = {p: v for p, v in ok.items() if p not in r.guessed}
@@ -336,14 +351,16 @@ class Rounds:
         own = r.out.phi if own is None else own
         try:
             self.method.apply(theta, self.state, deltas, phis, own=own)
-            if r.land is not None and len(deltas) > 1:
+            if r.land is not None and ok:  # the group landed
                 self._landing().landed(r.land_miss)  # type: ignore[union-attr]
         except ValueError as e:  # cannot happen with checked payloads; never apply a bad value
             log.warning("round %d: %s; local step instead", r.rid, e)
             ok, sq, cnt = {}, 0.0, 0.0
             deltas, phis = [r.out.delta], [r.out.phi]
             self.method.apply(theta, self.state, deltas, phis, own=r.out.phi)
-        means = (torch.stack(deltas).mean(0), torch.stack(phis).mean(0))
+        # no group mean of the deltas where none travels: each member used its own
+        mean_delta = torch.stack(deltas).mean(0) if self.method.sends_delta else NO_DELTA
+        means = (mean_delta, torch.stack(phis).mean(0))
         if theta_local is not None:
             theta.mul_(1 - self.mix).add_(theta_local, alpha=self.mix)
         self.flat.sync()

@@ -21,8 +21,10 @@ for the ``-8`` rows, each with the same per-worker batch).
   one-bit slice averages (``compression=ternary-sign``) at outer momentum 0.8: 0.2499
   bytes/param/round at 4 sites.
 - ``noloco-frontier`` (``-8``): NoLoCo with ternary deltas, the 8-bit lattice phi and outer
-  momentum 0.8; ``noloco-landing``: the same with the sequential landing (``LANDING``, the
-  defaults: the leader's frame at 4 bits under a 1.5x window scaled to the round's distance,
+  momentum 0.8; ``noloco-stepped``: the defaults, each member stepping on its own delta and
+  the pair landing on the mean of the stepped points (no delta sent; ``STEPPED``);
+  ``noloco-landing``: the same pairs averaging phi and exchanging deltas, with the sequential
+  landing (``LANDING``, the defaults until the fourteenth session: the leader's frame at 4 bits under a 1.5x window scaled to the round's distance,
   2-bit Lloyd-Max offsets; ``noloco-landing-history`` with the history rule's windows, the
   eleventh session's default; ``noloco-landing-6`` at 6 bits under 8x with ternary offsets,
   the earlier default; ``-8`` at
@@ -108,6 +110,10 @@ NOLOCO_FRONTIER = NOLOCO + [
 LANDING = ["outer.phi_landing=true", "outer.phi_landing_bits=4", "outer.phi_landing_margin=1.5",
            "outer.phi_landing_codec=normal2", "outer.phi_landing_window=scaled",
            "outer.final_lattice=true"]  # fmt: skip
+# each member steps on its own delta with its own momentum and the pair lands on the mean of the
+# stepped points, so no delta travels (``outer.consensus=stepped``; 2026-12-06, fourteenth
+# session): ``noloco-stepped``
+STEPPED = [*LANDING, "outer.consensus=stepped"]
 LANDING_HISTORY = [*LANDING, "outer.phi_landing_window=history", "outer.final_lattice=false"]
 LANDING_6 = [*LANDING_HISTORY, "outer.phi_landing_bits=6", "outer.phi_landing_margin=8",
              "outer.phi_landing_codec=ternary"]  # fmt: skip
@@ -150,6 +156,7 @@ def rows(H: int, codec: str, steps: int) -> dict[str, tuple[list[str], int]]:
         "noloco-frontier": ([fed, *NOLOCO_FRONTIER, h], 4),
         "noloco-frontier-8": ([fed8, *NOLOCO_FRONTIER, h], 8),
         "noloco-landing": ([fed, *NOLOCO_FRONTIER, *LANDING, h], 4),
+        "noloco-stepped": ([fed, *NOLOCO_FRONTIER, *STEPPED, h], 4),
         "noloco-landing-history": ([fed, *NOLOCO_FRONTIER, *LANDING_HISTORY, h], 4),
         "noloco-landing-6": ([fed, *NOLOCO_FRONTIER, *LANDING_6, h], 4),
         "noloco-landing-8": ([fed, *NOLOCO_FRONTIER, *LANDING_8, h], 4),

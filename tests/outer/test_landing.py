@@ -96,17 +96,18 @@ def test_a_triple_lands_together():
 
 
 @pytest.mark.parametrize(
-    "bits,margin,window,offsets,bound",
-    [(8, 8.0, "history", "ternary", 0.25), (4, 3.0, "history", "ternary", 0.3),
-     (3, 1.5, "sketch", "ternary", 0.3), (4, 3.0, "history", "normal3", 0.2),
-     (4, 1.5, "scaled", "normal2", 0.2)],
+    "bits,margin,window,offsets,bound,consensus",
+    [(8, 8.0, "history", "ternary", 0.25, "weights"), (4, 3.0, "history", "ternary", 0.3, "weights"),
+     (3, 1.5, "sketch", "ternary", 0.3, "weights"), (4, 3.0, "history", "normal3", 0.2, "weights"),
+     (4, 1.5, "scaled", "normal2", 0.2, "weights"), (4, 3.0, "scaled", "normal2", 0.8, "stepped")],
 )  # fmt: skip
-def test_changing_pairs_land_near_the_exact_mean(bits, margin, window, offsets, bound,
+def test_changing_pairs_land_near_the_exact_mean(bits, margin, window, offsets, bound, consensus,
                                                  monkeypatch):  # fmt: skip
     """Four sites, pairs that change every round: the same training and deltas with exact fp32
     phi (two-way: the exact mean) against the landing, with 8-bit leader frames and with 4-bit
     ones under a 3x window. The landing's phi stays within a small part of how far the exact
-    run's sites are apart."""
+    run's sites are apart. ``stepped``: the pairs code and land their stepped points, no delta
+    travels (the exact run too)."""
     names = ["af", "asia", "eu", "us"]
     sized = []  # the frames whose windows came from this round's sketches
     for rule in ("steps_from_sketches", "scaled_spread"):
@@ -114,9 +115,12 @@ def test_changing_pairs_land_near_the_exact_mean(bits, margin, window, offsets, 
         monkeypatch.setattr(phi_sketch, rule,
                             lambda *a, real=real, rule=rule, **k: sized.append(rule)
                             or real(*a, **k))  # fmt: skip
+    kw = {"alpha": 0.8, "gamma": 1.0, "consensus": consensus, "nesterov": True}
+    if consensus == "weights":
+        kw = None  # the loop tests' spec-form constants, as before
     landed = landing_sites(names, H=5, phi_lattice_bits=bits, phi_lattice_margin=margin,
-                           window=window, offsets=offsets)  # fmt: skip
-    exact = make_sites(names, ports_for(names), codec="ternary", H=5)
+                           window=window, offsets=offsets, outer_kw=kw)  # fmt: skip
+    exact = make_sites(names, ports_for(names), codec="ternary", H=5, outer_kw=kw)
     try:
         first = exact[names[0]]
         for loop in exact.values():
@@ -144,7 +148,16 @@ def test_changing_pairs_land_near_the_exact_mean(bits, margin, window, offsets, 
         # same or wider
         # with 3-bit Lloyd-Max offsets (error 0.19 of the offset's rms against the ternary
         # code's ~0.44) the lattice's part is left: measured 0.13
-        assert spread > 0 and err < bound * spread, (err, spread)
+        # stepped: the points a pair codes carry the members' own steps (here independent
+        # noise), far apart next to where the pairs land, so the error is held to the rms
+        # distance the followers decoded instead. A 4-bit grid under a 3x window is ~1.3 rms
+        # of that distance a step: ~0.19 of it a round over n = 2, six rounds adding up where
+        # the feedback misses them (~0.47), and the offsets' code: measured 0.64 (0.40 for
+        # weights against the same distance)
+        coded = [r["consensus_distance"] for s in names for r in landed[s].history
+                 if r.get("consensus_distance")]  # fmt: skip
+        ref = spread if consensus == "weights" else sum(coded) / len(coded)
+        assert ref > 0 and err < bound * ref, (err, ref)
         if window == "sketch":
             assert sized == ["steps_from_sketches"] * 12  # 6 rounds, 2 leaders each
         elif window == "scaled":  # every leader with a remembered spread and its shape

@@ -541,14 +541,21 @@ def test_padded_shard_pulls_only_the_owned_range(codec):
             s.close()
 
 
-@pytest.mark.parametrize("consensus", ["weights", "lookahead"])
+@pytest.mark.parametrize("consensus", ["weights", "lookahead", "stepped"])
 def test_lookahead_consensus_ends_each_pair_on_one_phi(consensus):
     """Four sites, exact phi, gamma 1, pairs that change: after each round the members' own
     momenta part a pair again under ``weights``; under ``lookahead`` (the rounds exchange
-    ``phi + c m``) the last round's partners hold one phi."""
+    ``phi + c m``) and ``stepped`` (the stepped points) the last round's partners hold one phi.
+    ``stepped`` publishes no delta."""
     names = ["asia", "eu", "sa", "us"]
     kw = {"alpha": 0.8, "gamma": 1.0, "consensus": consensus, "nesterov": True}
     sites = make_sites(names, ports_for(names), codec="none", outer_kw=kw)
+    streams = []
+    for loop in sites.values():
+        real = loop.node.publish
+        loop.node.publish = lambda r, stream, *a, real=real, **k: (
+            streams.append(stream) or real(r, stream, *a, **k)
+        )
     try:
         run_parallel([lambda s=s, i=i: inner_steps(s, 0, 20, i)
                       for i, s in enumerate(sites.values())])  # fmt: skip
@@ -557,10 +564,12 @@ def test_lookahead_consensus_ends_each_pair_on_one_phi(consensus):
             mate = sites[s.history[-1]["partner"]]
             gap = float((s.state.phi - mate.state.phi).abs().max())
             moms = float((s.state.momentum - mate.state.momentum).abs().max())
-            if consensus == "lookahead":
+            if consensus != "weights":
                 assert gap < 1e-5, gap
             else:  # c (0.64) times the momenta's difference before the round's step
                 assert gap > 1e-3 and moms > 1e-3, (gap, moms)
+        assert streams.count("phi") == 16
+        assert streams.count("delta") == (0 if consensus == "stepped" else 16)
     finally:
         for s in sites.values():
             s.close()

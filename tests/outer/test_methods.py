@@ -239,7 +239,7 @@ def test_lookahead_consensus_ends_a_pair_on_one_phi(nesterov):
         states = [
             OuterState(phi=p.clone(), momentum=m.clone()) for p, m in zip(phis, moms, strict=True)
         ]
-        points = [step.consensus_point(s).clone() for s in states]
+        points = [step.consensus_point(s, d).clone() for s, d in zip(states, deltas, strict=True)]
         for s, own in zip(states, points, strict=True):
             step.apply(torch.empty(n), s, deltas, points, own=own)
         ends[consensus] = [s.phi for s in states]
@@ -251,4 +251,49 @@ def test_lookahead_consensus_ends_a_pair_on_one_phi(nesterov):
     torch.testing.assert_close(mean["lookahead"], mean["weights"], rtol=0, atol=1e-6)
     # the other forms exchange phi itself
     s = OuterState(phi=phis[0].clone(), momentum=moms[0].clone())
-    assert NoLoCo(consensus="weights").consensus_point(s) is s.phi
+    assert NoLoCo(consensus="weights").consensus_point(s, deltas[0]) is s.phi
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_stepped_consensus_steps_each_member_on_its_own_delta(nesterov):
+    """``stepped``: each member's momentum takes its own delta alone, the members average
+    their stepped points and, with gamma 1, end on one phi; no delta travels. Over the group
+    the means of phi and of the momenta move exactly as under ``weights`` with every delta
+    exchanged (the same optimizer step on the group's mean delta). Alone (n = 1) a member takes
+    its own step."""
+    g = torch.Generator().manual_seed(1)
+    n = 1000
+    phis = [torch.randn(n, generator=g) for _ in range(2)]
+    moms = [torch.randn(n, generator=g) * 0.1 for _ in range(2)]
+    deltas = [torch.randn(n, generator=g) * 0.01 for _ in range(2)]
+    a, b = 0.8, 0.7
+
+    def states():
+        return [
+            OuterState(phi=p.clone(), momentum=m.clone()) for p, m in zip(phis, moms, strict=True)
+        ]
+
+    stepped = NoLoCo(alpha=a, beta=b, gamma=1.0, consensus="stepped", nesterov=nesterov)
+    weights = NoLoCo(alpha=a, beta=b, gamma=1.0, consensus="weights", nesterov=nesterov)
+    assert not stepped.sends_delta and weights.sends_delta
+    ours, theirs = states(), states()
+    points = [stepped.consensus_point(s, d) for s, d in zip(ours, deltas, strict=True)]
+    for i, s in enumerate(ours):
+        own_m = a * moms[i] + b * deltas[i]
+        torch.testing.assert_close(stepped.window_momentum(s, deltas[i]), own_m, rtol=0, atol=1e-7)
+        theta = torch.empty(n)
+        stepped.apply(theta, s, [deltas[i]], points, own=points[i])
+        torch.testing.assert_close(s.momentum, own_m, rtol=0, atol=1e-7)
+        assert torch.equal(theta, s.phi)
+    torch.testing.assert_close(ours[0].phi, ours[1].phi, rtol=0, atol=1e-6)
+    for s in theirs:
+        weights.apply(torch.empty(n), s, deltas, [t.phi.clone() for t in states()])
+    for field in ("phi", "momentum"):
+        mine = (getattr(ours[0], field) + getattr(ours[1], field)) / 2
+        ref = (getattr(theirs[0], field) + getattr(theirs[1], field)) / 2
+        torch.testing.assert_close(mine, ref, rtol=0, atol=1e-6)
+    alone = states()[0]
+    point = stepped.consensus_point(alone, deltas[0])
+    stepped.apply(torch.empty(n), alone, [deltas[0]], [point], own=point)
+    torch.testing.assert_close(alone.phi, point, rtol=0, atol=0)
+    assert weights.window_momentum(alone, deltas[0]) is alone.momentum
