@@ -5,7 +5,7 @@ a site's inner progress its partner does not share), sites meet in random pairs,
 the NoLoCo update in the chosen form (``loco.outer.methods.NoLoCo``). Prints one JSON line per
 setting: the stationary variance of ``phi_i - mean(phi)`` over the second half of the rounds.
 
-    python scripts/experiments/spread.py            # the table in docs/outer.md (~1 min)
+    python scripts/experiments/spread.py            # the table in docs/outer.md (~2 min)
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ SETTINGS = [  # (consensus, nesterov, alpha, beta, gamma)
     ("momentum", False, 0.9, 0.7, 1.0),
     ("weights", False, 0.9, 0.7, 1.0),
     ("weights", True, 0.9, 0.7, 1.0),
+    ("weights", True, 0.8, 0.7, 1.0),
+    ("stepped", True, 0.8, 0.7, 1.0),
 ]
 
 
@@ -47,10 +49,14 @@ def spread(consensus: str, nesterov: bool, alpha: float, beta: float, gamma: flo
     states = [OuterState.start(torch.zeros(dim)) for _ in range(sites)]
     acc = []
     for t, noise, pairs in pair_rounds(sites, rounds, dim, seed):
-        phis = [s.phi.clone() for s in states]
+        # what each site exchanges: its phi, or (stepped) its phi after its own step
+        phis = [step.consensus_point(s, noise[k]).clone() for k, s in enumerate(states)]
         for i, j in pairs:
             for me in (i, j):
-                step.apply(torch.empty(dim), states[me], [noise[i], noise[j]], [phis[i], phis[j]])
+                # stepped: a site's own delta alone, and its point as the others see it
+                deltas = [noise[me]] if not step.sends_delta else [noise[i], noise[j]]
+                step.apply(torch.empty(dim), states[me], deltas, [phis[i], phis[j]],
+                           own=phis[me])  # fmt: skip
         if t >= rounds // 2:
             all_phi = torch.stack([s.phi for s in states]).double()
             v = float((all_phi - all_phi.mean(0)).pow(2).mean())

@@ -128,10 +128,11 @@ def _payloads_for(codec: str, phi_codec: str = "none"):
 
 
 def frag_sites(names, *, fragments=F, fragment_tau=1, codec="int8", method="noloco", steps=32,
-               odd="triple", final_average=False, tau=0):  # fmt: skip
+               odd="triple", final_average=False, tau=0, outer_kw=None):  # fmt: skip
     """``make_sites``' loopback sites (one rank each), rebuilt as loops with ``fragments``."""
     ports = ports_for(names)
-    base = make_sites(names, ports, codec=codec, method=method, H=H, steps=steps)
+    base = make_sites(names, ports, codec=codec, method=method, H=H, steps=steps,
+                      outer_kw=outer_kw)  # fmt: skip
     sites = {}
     for name, lp in base.items():
         lp.node.odd = odd
@@ -234,6 +235,29 @@ def test_four_fragments_sync_evenly_and_partners_agree(names, odd):
         assert 0 < d_frag < 1.5 * d_whole, (d_frag, d_whole)
     finally:
         _close(whole)
+        _close(sites)
+
+
+def test_stepped_fragments_end_a_pair_on_one_phi_without_deltas():
+    """``outer.consensus=stepped`` with four fragments: every sync lands the pair's stepped
+    points of its fragment on one point (exact phi, gamma 1), so once every fragment synced the
+    two sites hold one phi; no fragment publishes a delta."""
+    kw = {"alpha": 0.8, "gamma": 1.0, "consensus": "stepped", "nesterov": True}
+    sites = frag_sites(["eu", "us"], codec="none", steps=32, outer_kw=kw)
+    streams = []
+    for lp in sites.values():
+        real = lp.node.publish
+        lp.node.publish = lambda r, stream, *a, real=real, **k: (
+            streams.append(stream) or real(r, stream, *a, **k)
+        )
+    try:
+        _run(sites, 32)
+        _check_syncs(sites, 32)
+        eu, us = sites["eu"].state, sites["us"].state
+        assert float((eu.phi - us.phi).abs().max()) < 1e-5
+        assert float((eu.momentum - us.momentum).abs().max()) > 1e-3  # each its own deltas
+        assert "phi" in streams and "delta" not in streams
+    finally:
         _close(sites)
 
 
