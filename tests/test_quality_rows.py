@@ -38,10 +38,10 @@ def test_the_ternary_frontier_row_is_its_preset_at_momentum_0_8():
         "ternary", "sign", 512, "fp16", True)  # fmt: skip
 
 
-def test_the_defaults_are_the_noloco_landing_row():
+def test_the_defaults_are_the_noloco_stepped_row():
     """What a user who sets nothing runs is the row measured as NoLoCo's best (docs/quality.md)."""
     default = compose(["+site=eu"])
-    row = compose(["+site=eu", *ROWS["noloco-landing"][0]])
+    row = compose(["+site=eu", *ROWS["noloco-stepped"][0]])
     assert default.outer == row.outer
     c, r = default.compression, row.compression
     assert (c.codec, c.block, c.scale_dtype, c.error_feedback) == (
@@ -51,6 +51,8 @@ def test_the_defaults_are_the_noloco_landing_row():
     assert default.outer.phi_landing is True and default.outer.phi_landing_bits == 4
     assert default.outer.phi_landing_codec == "normal2"
     assert default.outer.phi_landing_window == "scaled"
+    assert default.outer.consensus == "stepped"
+    assert ROWS["noloco-landing"][0].count("outer.consensus=weights") == 1  # the row before
 
 
 def test_the_noloco_rows_keep_the_phi_they_were_measured_with():
