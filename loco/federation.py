@@ -390,9 +390,11 @@ def run_federation(overrides: list[str], run_dir: Path, timeout: float | None = 
     fed = Federation(run_dir, sites, overrides, nproc=nproc, insecure=cfg.gossip.insecure,
                      nprocs=list(cfg.federation.nproc) or None,
                      method=cfg.outer.method)  # fmt: skip
-    print(f"loco.local: {len(sites)} sites ({', '.join(sites)}), outer={cfg.outer.method} "
-          f"H={cfg.outer.H}, codec={cfg.compression.codec}; run dir {run_dir}",
-          file=sys.stderr, flush=True)  # fmt: skip
+    o = cfg.outer
+    stepped = o.method == "noloco" and o.consensus == "stepped"  # no delta travels
+    codec = "none sent (stepped)" if stepped else cfg.compression.codec
+    print(f"loco.local: {len(sites)} sites ({', '.join(sites)}), outer={o.method} "
+          f"H={o.H}, codec={codec}; run dir {run_dir}", file=sys.stderr, flush=True)  # fmt: skip
     codes, interrupted = _run_sites(fed, timeout)
     rows = summarize(run_dir, sites, codes)
     wall = time.monotonic() - fed.started
