@@ -18,7 +18,7 @@ import torch
 from loco.config import ConfigError, compose
 from loco.federation import run_federation
 from loco.metrics import read_metrics
-from loco.outer.schedule import MAX_FIRST_ROUNDS, Schedule
+from loco.outer.schedule import MAX_FIRST_ROUNDS, Schedule, expected_pulls
 
 # ------------------------------------------------------------------ the timetable
 
@@ -250,3 +250,12 @@ def _manifest_round(step_dir: Path) -> int | None:
         if isinstance(got, dict) and "round" in got:
             return got["round"]
     return None
+
+
+def test_expected_pulls_count_one_stream_a_partner_where_no_delta_travels():
+    """The pulls a site waits for at the end: delta and phi per partner of the last round
+    (DiLoCo, and NoLoCo's stepped form, which sends no delta: one), plus one per final peer."""
+    assert expected_pulls(["eu", "us"], False, 3) == 2 * 2 + 3
+    assert expected_pulls(["eu", "us"], True, None) == 2
+    assert expected_pulls(["eu", "us"], False, 3, sends_delta=False) == 2 + 3
+    assert expected_pulls(None, False, 3, sends_delta=False) == 3
