@@ -6,7 +6,8 @@ live site's, and sets ``theta = phi =`` their mean in site order: the sites end 
 With ``outer.final_lattice`` (the default of ``outer=noloco``) the weights travel as an 8-bit
 lattice frame (:mod:`loco.outer.lattice`, the momentum rule's window: 16 times a block's largest
 outer-momentum value, the window of a first-round phi frame, or up to 4x wider where the rounds
-saw partners farther apart: :func:`final_steps`) decoded next to the receiver's own weights, about 1.02 bytes per value per peer instead of 4. Each site's share of the mean is then
+saw partners farther apart: :func:`final_steps`) decoded next to the receiver's own weights,
+about 1.02 bytes per value per peer instead of 4. Each site's share of the mean is then
 its frame's grid points, which every receiver decodes bit for bit, so the sites still end with
 one model. A block that fails its check at a receiver is not guessed: the receiver pulls the
 sender's exact weights (stream ``final_raw``, published beside the frame and served only to

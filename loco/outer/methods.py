@@ -49,6 +49,7 @@ class OuterStep:
     """Base of the outer optimizers: ``apply`` one round on this rank's range."""
 
     name = "base"
+    sends_delta = True  # whether a group exchanges deltas beside its points (see apply)
 
     def apply(
         self,
@@ -69,8 +70,6 @@ class OuterStep:
         self._update(state, deltas, phis, state.phi if own is None else own)
         state.rounds += 1
         theta.copy_(state.phi)
-
-    sends_delta = True  # whether a group exchanges deltas beside its points (see apply)
 
     def consensus_point(self, state: OuterState, delta: torch.Tensor) -> torch.Tensor:
         """The point of this site that its group exchanges and averages (what ``phis`` and
