@@ -5,9 +5,8 @@ live site's, and sets ``theta = phi =`` their mean in site order: the sites end 
 
 With ``outer.final_lattice`` (the default of ``outer=noloco``) the weights travel as an 8-bit
 lattice frame (:mod:`loco.outer.lattice`, the momentum rule's window: 16 times a block's largest
-outer-momentum value, the window of a first-round phi frame, or up to 4x wider where the rounds
-saw partners farther apart: :func:`final_steps`) decoded next to the receiver's own weights,
-about 1.02 bytes per value per peer instead of 4. Each site's share of the mean is then
+outer-momentum value, the window of a first-round phi frame) decoded next to the receiver's own
+weights, about 1.02 bytes per value per peer instead of 4. Each site's share of the mean is then
 its frame's grid points, which every receiver decodes bit for bit, so the sites still end with
 one model. A block that fails its check at a receiver is not guessed: the receiver pulls the
 sender's exact weights (stream ``final_raw``, published beside the frame and served only to
@@ -43,26 +42,6 @@ log = logging.getLogger("loco.outer.loop")  # the outer loop's log lines, as bef
 FINAL_STREAM = "final"
 FINAL_RAW_STREAM = "final_raw"  # the exact weights beside a lattice frame, for a failed block
 FINAL_BITS = 8
-# a final frame's window covers at least this many times the largest partner difference seen
-# on a block (the rounds' history), at most FINAL_CAP times the momentum rule's window
-FINAL_SPREAD_MARGIN = 2.0
-FINAL_CAP = 4.0
-
-
-def final_steps(weights: torch.Tensor, momentum: torch.Tensor,
-                spread: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
-    """The grid steps of a final frame (padded ``weights``, per block): the momentum rule's, or
-    wider where the rounds saw partners farther apart (``spread``, per block; NoLoCo's stepped
-    form exchanges points that carry each member's own step, so the sites' weights differ
-    where the momentum is small), at most ``FINAL_CAP`` times the momentum rule's window (a
-    partner that showed a huge distance coarsens this site's share no further)."""
-    steps = lattice.steps_for(weights, momentum, LATTICE_BLOCK, bits=FINAL_BITS)
-    if spread is None or spread.numel() != steps.numel():
-        return steps
-    cap = FINAL_CAP * lattice.window_cap(weights, momentum, LATTICE_BLOCK)
-    wide = lattice.steps_for_spread(weights, spread, FINAL_BITS, LATTICE_BLOCK,
-                                    FINAL_SPREAD_MARGIN, cap)  # fmt: skip
-    return torch.maximum(steps, wide)
 
 
 class FinalAverage:
@@ -132,9 +111,8 @@ class FinalAverage:
             self.node.publish(t, FINAL_STREAM, raw, codec="raw")
             return exact
         mom = torch.from_numpy(self.payloads.raw(self.state.momentum))
-        steps = final_steps(torch.from_numpy(raw), mom, self.payloads.spread.profile())
         buf, grid = lattice.encode(torch.from_numpy(raw), mom, block=LATTICE_BLOCK,
-                                   bits=FINAL_BITS, steps=steps)  # fmt: skip
+                                   bits=FINAL_BITS)  # fmt: skip
         self.node.publish(t, FINAL_RAW_STREAM, raw, codec="raw")
         self.node.publish(t, FINAL_STREAM, buf, codec="lattice")
         return grid[: exact.numel()].clone()

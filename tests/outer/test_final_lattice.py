@@ -147,24 +147,3 @@ def test_a_hostile_final_frame_leaves_the_peer_out(kind):
     assert f["n"] == 1 and f["dropped"].startswith("us:"), f
     assert torch.isfinite(eu.flat.theta).all()
     assert float(eu.flat.theta.abs().max()) < 100  # nothing of us's 1000s applied
-
-
-def test_final_steps_widen_to_the_spread_seen_up_to_a_cap():
-    """A final frame's steps: the momentum rule's where the rounds saw partners close, wider
-    where they saw them farther apart (2x the largest difference over 127 steps), never more
-    than 4x the momentum rule's window."""
-    from loco.outer.final import FINAL_CAP, FINAL_SPREAD_MARGIN, final_steps
-
-    g = torch.Generator().manual_seed(0)
-    w = 0.01 * torch.randn(3 * 256, generator=g)  # the floor step (max|w| / 4096) below all
-    m = torch.full((3 * 256,), 1e-3)
-    rule = lattice.steps_for(w, m, 256, bits=8)
-    assert torch.equal(final_steps(w, m, None), rule)
-    window = float(lattice.momentum_window(m, 256)[0])  # 16 x 1e-3
-    spread = torch.tensor([0.1 * window, window, 100 * window])
-    got = final_steps(w, m, spread)
-    assert float(got[0]) == float(rule[0])  # closer than the rule's window: the rule
-    want = FINAL_SPREAD_MARGIN * window / 127
-    assert abs(float(got[1]) - want) <= 0.01 * want  # bf16 rounding
-    cap = FINAL_CAP * window / 127
-    assert abs(float(got[2]) - cap) <= 0.01 * cap
