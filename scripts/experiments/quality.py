@@ -24,8 +24,8 @@ for the ``-8`` rows, each with the same per-worker batch).
   momentum 0.8; ``noloco-stepped``: the defaults, each member stepping on its own delta and
   the pair landing on the mean of the stepped points (no delta sent; ``STEPPED``);
   ``noloco-landing``: the same pairs averaging phi and exchanging deltas, with the sequential
-  landing (``LANDING``, the defaults until the fourteenth session: the leader's frame at 4 bits under a 1.5x window scaled to the round's distance,
-  2-bit Lloyd-Max offsets; ``noloco-landing-history`` with the history rule's windows, the
+  landing (``LANDING``, the defaults until the fourteenth session: the leader's frame at 4
+  bits under a 1.5x window scaled to the round's distance, 2-bit Lloyd-Max offsets; ``noloco-landing-history`` with the history rule's windows, the
   eleventh session's default; ``noloco-landing-6`` at 6 bits under 8x with ternary offsets,
   the earlier default; ``-8`` at
   8, ``-4`` at 4 under a 3x window, ``-3`` at 3 under 1.5x, all three with ternary offsets;
