@@ -227,11 +227,11 @@ class RangePayloads:
         with self._lock:
             self.spread.regroup(group)
         streams: dict = {}
-        dbuf = b""
-        dval = delta.detach().float().cpu().clone()
         if send_delta:
             dbuf, dlab, dval = self._encode(delta, self.codec, self.delta_options, self.ef)
             streams["delta"] = (dbuf, dlab)
+        else:
+            dbuf, dval = b"", delta.detach().float().cpu().clone()
         if self.sketched:  # the phi frame waits for the partners' sketches (leader only)
             ref = self._padded(phi)
             self._ref = ref

@@ -64,6 +64,7 @@ class Round:
     guessed: tuple[str, ...] = ()  # partners whose phi is a landing's estimate (no distance)
     eff: torch.Tensor | None = None  # landing: the phi this site coded (its phi less its miss)
     window_momentum: torch.Tensor | None = None  # sizes the leader's frame by the momentum rule
+    point: torch.Tensor | None = None  # what this site's phi stands for this round (exact)
 
     @property
     def agreed(self) -> list[str]:
@@ -137,6 +138,7 @@ class Rounds:
         before it pulls (None: ``partners`` are pulled as they are)."""
         rid = t if wire is None else wire
         eff = None
+        point = self.method.consensus_point(self.state, delta)
         if self.payloads is None:
             out = Outgoing(t, delta, self.state.phi.clone(), (), 0)
             served = 0.0
@@ -146,7 +148,6 @@ class Rounds:
             out = self.sliced.publish(rid, t, delta, self.state.phi, members)
         else:
             landing = self._landing()
-            point = self.method.consensus_point(self.state, delta)
             eff = landing.eff(point) if landing is not None else None
             phi = point if eff is None else eff  # with the landing: less its known miss
             wmom = self.method.window_momentum(self.state, delta)
@@ -158,9 +159,9 @@ class Rounds:
                     self.publish(rid, stream, buf, label)
             return Round(t, done, out, partners, started, served_before=served, wire=wire,
                          fragment=fragment, proposal=proposal, eff=eff,
-                         window_momentum=wmom)  # fmt: skip
+                         window_momentum=wmom, point=point)  # fmt: skip
         return Round(t, done, out, partners, started, served_before=served, wire=wire,
-                     fragment=fragment, proposal=proposal, eff=eff)  # fmt: skip
+                     fragment=fragment, proposal=proposal, eff=eff, point=point)  # fmt: skip
 
     def start_pulls(self, r: Round) -> None:
         """Run :meth:`pull_all` of ``r`` on a background thread (overlap)."""
@@ -265,8 +266,7 @@ class Rounds:
             r.pulled[p] = (d, ph, cause)
         if all(r.pulled[p][0] is not None and r.pulled[p][1] is not None for p in r.agreed):
             point = landing.point(lead_phi, offsets)  # type: ignore[arg-type]
-            here = self.method.consensus_point(self.state, r.out.delta)
-            r.land = point if self.site == lead else torch.where(failed, here, point)
+            r.land = point if self.site == lead else torch.where(failed, r.point, point)
 
     def _lead_sketched(self, r: Round, followers: list[str], pull) -> None:
         """The leader's phi frame under sketch windows (``loco.outer.phi_sketch``): pull every
@@ -324,8 +324,7 @@ class Rounds:
         members = sorted([(self.site, r.out.delta, r.out.phi)] + [(p, d, ph) for p, (d, ph, _) in ok.items()],
                          key=lambda m: m[0])  # fmt: skip
         own = r.out.phi
-        # what this site's phi stands for
-        here = self.method.consensus_point(self.state, r.out.delta)
+        here = r.point  # what this site's phi stands for
         if len(members) == 1:
             deltas, phis = [r.out.delta], [r.out.phi]
         else:

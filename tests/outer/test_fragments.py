@@ -19,7 +19,16 @@ from loco.outer.exchange import RangePayloads, codec_options
 from loco.outer.fragments import fragment_bounds, piece
 from loco.outer.loop import OuterLoop
 from loco.outer.schedule import Schedule
-from tests.outer.test_loop import LAYOUT, RUN, FakeFlat, P, make_sites, ports_for, run_parallel
+from tests.outer.test_loop import (
+    LAYOUT,
+    RUN,
+    FakeFlat,
+    P,
+    make_sites,
+    ports_for,
+    published_streams,
+    run_parallel,
+)
 
 H = 8
 F = 4
@@ -244,12 +253,7 @@ def test_stepped_fragments_end_a_pair_on_one_phi_without_deltas():
     two sites hold one phi; no fragment publishes a delta."""
     kw = {"alpha": 0.8, "gamma": 1.0, "consensus": "stepped", "nesterov": True}
     sites = frag_sites(["eu", "us"], codec="none", steps=32, outer_kw=kw)
-    streams = []
-    for lp in sites.values():
-        real = lp.node.publish
-        lp.node.publish = lambda r, stream, *a, real=real, **k: (
-            streams.append(stream) or real(r, stream, *a, **k)
-        )
+    streams = published_streams(sites)
     try:
         _run(sites, 32)
         _check_syncs(sites, 32)

@@ -91,6 +91,18 @@ def proposes_pair(node, t, other):
     node.server.agreement.propose(Proposal(node.site, t, tuple(sorted((node.site, other)))))
 
 
+def published_streams(sites) -> list[str]:
+    """The stream names every site's node publishes from now on, in order (a wrapper around
+    each node's ``publish``; the node itself is unchanged)."""
+    streams: list[str] = []
+    for loop in sites.values():
+        real = loop.node.publish
+        loop.node.publish = lambda r, stream, *a, real=real, **k: (
+            streams.append(stream) or real(r, stream, *a, **k)
+        )
+    return streams
+
+
 def ports_for(names):
     return {n: free_port() for n in names}
 
@@ -550,12 +562,7 @@ def test_lookahead_consensus_ends_each_pair_on_one_phi(consensus):
     names = ["asia", "eu", "sa", "us"]
     kw = {"alpha": 0.8, "gamma": 1.0, "consensus": consensus, "nesterov": True}
     sites = make_sites(names, ports_for(names), codec="none", outer_kw=kw)
-    streams = []
-    for loop in sites.values():
-        real = loop.node.publish
-        loop.node.publish = lambda r, stream, *a, real=real, **k: (
-            streams.append(stream) or real(r, stream, *a, **k)
-        )
+    streams = published_streams(sites)
     try:
         run_parallel([lambda s=s, i=i: inner_steps(s, 0, 20, i)
                       for i, s in enumerate(sites.values())])  # fmt: skip
