@@ -115,6 +115,9 @@ class OuterLoop:
             all-gather; with fragments, of each fragment) or ``full``.
         H_first: the lengths of the first rounds, then every round is ``H`` long
             (``loco.outer.schedule``; empty: all are).
+        meet_every: NoLoCo, whole rounds: the sites pair up in rounds 1, 1 + N, 1 + 2N, ...;
+            in the rounds between, each takes its outer step alone (n = 1: nothing is encoded,
+            published or pulled).
     """
 
     def __init__(
@@ -144,7 +147,12 @@ class OuterLoop:
         payloads_for: Callable[[tuple[int, int]], RangePayloads] | None = None,
         diloco_reduce: str = "sliced",
         H_first: tuple[int, ...] | list[int] = (),
+        meet_every: int = 1,
     ) -> None:
+        if meet_every < 1 or (meet_every > 1 and (all_live or fragments > 1)):
+            raise ValueError(f"meet_every={meet_every}: a positive count, above 1 only for "
+                             "NoLoCo's whole rounds")  # fmt: skip
+        self.meet_every = meet_every
         final_average = final_average and node is not None and not all_live
         self.schedule = Schedule.make(H=H, steps=steps, tau=tau, final_average=final_average,
                                       fragments=fragments, fragment_tau=fragment_tau,
@@ -304,8 +312,9 @@ class OuterLoop:
         every live site. NoLoCo: the other members of the group this site proposes from rank
         0's live view (``loco.gossip.agree_rpc``); every rank proposes it and later settles it
         on its own, where the round's pulls run (:meth:`Rounds.agree`), so the boundary never
-        waits for a partner. Collective when world > 1 (the live view's broadcast)."""
-        if self.node is None:
+        waits for a partner. Between meetings (``meet_every``) none, with no collective.
+        Collective when world > 1 (the live view's broadcast)."""
+        if self.node is None or (t - 1) % self.meet_every:
             return [], None
         live = self._live()
         if self.all_live:

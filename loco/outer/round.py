@@ -139,7 +139,8 @@ class Rounds:
         rid = t if wire is None else wire
         eff = None
         point = self.method.consensus_point(self.state, delta)
-        if self.payloads is None:
+        if self.payloads is None or (not partners and proposal is None and not self.all_live):
+            # no talk (local), or a NoLoCo round between meetings: the exact local step
             out = Outgoing(t, delta, self.state.phi.clone(), (), 0)
             served = 0.0
         elif self.sliced is not None:
