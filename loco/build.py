@@ -222,7 +222,7 @@ def outer_from(
         join_timeout_s=o.join_timeout_s, linger_s=min(10.0, cfg.gossip.pull_timeout_s), say=say,
         final_average=o.final_average, final_lattice=o.final_lattice, closers=closers,
         fragments=o.fragments, fragment_tau=o.fragment_tau, diloco_reduce=o.diloco_reduce,
-        H_first=tuple(o.H_first), meet_every=o.meet_every,
+        H_first=tuple(o.H_first), meet_every=o.meet_every, meet_first=o.meet_first,
         payloads_for=partial(_payloads, cfg, flat, comm) if payloads is not None else None,
     )  # fmt: skip
 

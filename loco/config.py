@@ -332,8 +332,10 @@ class OuterConfig(SlicedOptions):
     fragments: int = 1
     # overlap of one fragment's sync in inner steps, < H / F; null: H / F - 1 (docs/outer.md)
     fragment_tau: int | None = None
-    # noloco: the sites pair up every N rounds (1, 1 + N, ...); between, each steps alone
+    # noloco: the sites pair up in each of the first meet_first rounds, then every meet_every
+    # rounds (meet_first + 1, meet_first + 1 + meet_every, ...); between, each steps alone
     meet_every: int = 1
+    meet_first: int = 0
     join_timeout_s: float = 60.0  # at start, wait this long for every peer site to be live
     phi_lattice: bool = False  # send phi modulo-quantized next to the receiver's phi (~1.1 B/value)
     # lattice grid steps per largest outer-momentum value of a block: larger = finer, narrower
@@ -377,8 +379,12 @@ class OuterConfig(SlicedOptions):
         if self.tau >= self.H:
             raise ConfigError(f"outer.tau={self.tau} must be < outer.H={self.H}")
         self._check_fragments()
-        if not isinstance(self.meet_every, int) or self.meet_every < 1:
-            raise ConfigError(f"outer.meet_every={self.meet_every!r} must be a whole number >= 1")
+        from loco.outer.schedule import Meetings
+
+        try:
+            Meetings(every=self.meet_every, first=self.meet_first)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
         if self.meet_every > 1 and (self.method != "noloco" or self.fragments > 1):
             raise ConfigError(f"outer.meet_every={self.meet_every} applies to NoLoCo's whole "
                               "rounds; set outer.method=noloco and outer.fragments=1, or "

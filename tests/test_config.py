@@ -192,3 +192,22 @@ def test_the_leaders_frame_has_the_landing_bits(overrides, bits, margin, landing
     assert p.lattice_margin == margin
     if landing:
         assert p.landing.codec == "sign" and "sign" in p.extra_options
+
+
+@pytest.mark.parametrize(
+    "overrides,error",
+    [
+        (["outer.meet_every=2"], None),
+        (["outer.meet_every=0"], "whole number >= 1"),
+        (["outer.meet_first=-1"], "whole number >= 0"),
+        (["outer.meet_every=1.5"], "outer.meet_every"),
+        (["outer=diloco", "outer.meet_every=2"], "outer.method=noloco"),
+        (["outer.meet_every=2", "outer.fragments=2"], "outer.fragments=1"),
+    ],
+)
+def test_meet_every_is_for_noloco_whole_rounds(overrides, error):
+    if error is None:
+        assert compose(["+site=eu", *overrides]).outer.meet_every == 2
+        return
+    with pytest.raises(ConfigError, match=error):
+        compose(["+site=eu", *overrides])

@@ -55,7 +55,7 @@ from loco.outer.fragments import Fragments
 from loco.outer.methods import OuterState, OuterStep
 from loco.outer.plausible import MAX_DELTA_RATIO, MAX_PHI_GAP, implausible, implausible_phi
 from loco.outer.round import Round, Rounds
-from loco.outer.schedule import SETTLE_S, Schedule, expected_pulls
+from loco.outer.schedule import SETTLE_S, Meetings, Schedule, expected_pulls
 from loco.outer.sliced import REDUCES, SlicedReduce
 from loco.outer.stats import OuterStats
 from loco.site_comm import SiteComm
@@ -115,9 +115,10 @@ class OuterLoop:
             all-gather; with fragments, of each fragment) or ``full``.
         H_first: the lengths of the first rounds, then every round is ``H`` long
             (``loco.outer.schedule``; empty: all are).
-        meet_every: NoLoCo, whole rounds: the sites pair up in rounds 1, 1 + N, 1 + 2N, ...;
-            in the rounds between, each takes its outer step alone (n = 1: nothing is encoded,
-            published or pulled).
+        meet_every, meet_first: NoLoCo, whole rounds: the sites pair up in each of the first
+            ``meet_first`` rounds, then every ``meet_every``-th round
+            (:class:`~loco.outer.schedule.Meetings`); in the rounds between, each takes its
+            outer step alone (n = 1: nothing is encoded, published or pulled).
     """
 
     def __init__(
@@ -148,11 +149,11 @@ class OuterLoop:
         diloco_reduce: str = "sliced",
         H_first: tuple[int, ...] | list[int] = (),
         meet_every: int = 1,
+        meet_first: int = 0,
     ) -> None:
-        if meet_every < 1 or (meet_every > 1 and (all_live or fragments > 1)):
-            raise ValueError(f"meet_every={meet_every}: a positive count, above 1 only for "
-                             "NoLoCo's whole rounds")  # fmt: skip
-        self.meet_every = meet_every
+        self.meetings = Meetings(every=meet_every, first=meet_first)
+        if meet_every > 1 and (all_live or fragments > 1):
+            raise ValueError(f"meet_every={meet_every}: above 1 only for NoLoCo's whole rounds")
         final_average = final_average and node is not None and not all_live
         self.schedule = Schedule.make(H=H, steps=steps, tau=tau, final_average=final_average,
                                       fragments=fragments, fragment_tau=fragment_tau,
@@ -187,7 +188,7 @@ class OuterLoop:
         if use_sliced and fragments == 1:
             sliced = SlicedReduce(node=node, payloads=payloads, site=site, P=flat.numel,
                                   pool=self._pool, pull_timeout_s=pull_timeout_s)  # fmt: skip
-        self.rounds = Rounds(**kw, sliced=sliced)
+        self.rounds = Rounds(**kw, sliced=sliced, meeting=self.meetings.index)
         self.fragments = (
             Fragments(F=fragments, payloads_for=payloads_for, sliced=use_sliced, **kw)
             if fragments > 1
@@ -314,7 +315,7 @@ class OuterLoop:
         on its own, where the round's pulls run (:meth:`Rounds.agree`), so the boundary never
         waits for a partner. Between meetings (``meet_every``) none, with no collective.
         Collective when world > 1 (the live view's broadcast)."""
-        if self.node is None or (t - 1) % self.meet_every:
+        if self.node is None or not self.meetings.meets(t):
             return [], None
         live = self._live()
         if self.all_live:

@@ -113,15 +113,18 @@ class Rounds:
         publish: ``publish(t, stream, buf, label)``, the loop's (overridable) publisher.
         sliced: DiLoCo's sliced reduce (``loco.outer.sliced``; None: every partner's whole
             delta is pulled).
+        meeting: the number of the pairing at round id ``t`` (the landing's leader rotates
+            with it; ``loco.outer.schedule.Meetings.index``); None: ``t``.
     """
 
     def __init__(self, *, method: OuterStep, flat: FlatView, state: OuterState, node: Any,
                  payloads: RangePayloads | None, site: str, all_live: bool, mix: float,
                  pool: ThreadPoolExecutor, pull_timeout_s: float | None,
                  publish: Callable[[int, str, Any, str], None],
-                 sliced: SlicedReduce | None = None) -> None:  # fmt: skip
+                 sliced: SlicedReduce | None = None,
+                 meeting: Callable[[int], int] | None = None) -> None:  # fmt: skip
         self.method, self.flat, self.state = method, flat, state
-        self.sliced = sliced
+        self.sliced, self.meeting = sliced, meeting or (lambda t: t)
         self.node, self.payloads, self.site, self.all_live = node, payloads, site, all_live
         self.mix, self.pool, self.pull_timeout_s, self.publish = mix, pool, pull_timeout_s, publish
 
@@ -217,7 +220,7 @@ class Rounds:
         (the deltas that arrived still average)."""
         r.landing = True
         members = sorted([self.site, *r.agreed])
-        n, lead = len(members), leader_of(members, r.rid)
+        n, lead = len(members), leader_of(members, self.meeting(r.rid))
         followers = [m for m in members if m != lead]
 
         def pull(p: str, stream: str, codec: str | None = None, masks: list | None = None):

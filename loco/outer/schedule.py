@@ -187,3 +187,28 @@ def expected_pulls(last_partners: list[str] | None, all_live: bool, final_peers:
     streams = 1 if all_live or not sends_delta else 2
     want = streams * len(last_partners) if last_partners else 0
     return want + (final_peers or 0)
+
+
+@dataclass(frozen=True)
+class Meetings:
+    """Which NoLoCo rounds pair the sites up (``outer.meet_first``, ``outer.meet_every``):
+    each of the first ``first`` rounds, then every ``every``-th (``first + 1``, ``first + 1 +
+    every``, ...). In the other rounds each site takes its outer step alone. ``index(t)``
+    numbers the meetings 1, 2, 3, ... (the landing's leader rotates with it, so a pair's lead
+    alternates whatever ``every`` is); with ``every`` 1 it is ``t``."""
+
+    every: int = 1
+    first: int = 0
+
+    def __post_init__(self) -> None:
+        for key, v, lo in (("meet_every", self.every, 1), ("meet_first", self.first, 0)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"outer.{key}={v!r} must be a whole number >= {lo}")
+
+    def meets(self, t: int) -> bool:
+        """Whether round ``t`` (``>= 1``) pairs the sites up."""
+        return t <= self.first or (t - self.first - 1) % self.every == 0
+
+    def index(self, t: int) -> int:
+        """The number of the meeting at round ``t`` (of the last one before it otherwise)."""
+        return t if t <= self.first else self.first + 1 + (t - self.first - 1) // self.every

@@ -23,6 +23,7 @@ for the ``-8`` rows, each with the same per-worker batch).
 - ``noloco-frontier`` (``-8``): NoLoCo with ternary deltas, the 8-bit lattice phi and outer
   momentum 0.8; ``noloco-stepped``: the defaults, each member stepping on its own delta and
   the pair landing on the mean of the stepped points (no delta sent; ``STEPPED``);
+  ``noloco-meet2``: the same, the pairs meeting every other round (``MEET2``);
   ``noloco-landing``: the same pairs averaging phi and exchanging deltas, with the sequential
   landing (``LANDING``, the defaults until the fourteenth session: the leader's frame at 4
   bits under a 1.5x window scaled to the round's distance, 2-bit Lloyd-Max offsets; ``noloco-landing-history`` with the history rule's windows, the
@@ -114,6 +115,9 @@ LANDING = ["outer.phi_landing=true", "outer.phi_landing_bits=4", "outer.phi_land
 # stepped points, so no delta travels (``outer.consensus=stepped``; 2026-12-06, fourteenth
 # session): ``noloco-stepped``
 STEPPED = [*LANDING, "outer.consensus=stepped"]
+# the same, the pairs meeting every other round, each site stepping alone between
+# (``outer.meet_every=2``; 2026-12-06, fifteenth session): ``noloco-meet2``
+MEET2 = [*STEPPED, "outer.meet_every=2"]
 LANDING_HISTORY = [*LANDING, "outer.phi_landing_window=history", "outer.final_lattice=false"]
 LANDING_6 = [*LANDING_HISTORY, "outer.phi_landing_bits=6", "outer.phi_landing_margin=8",
              "outer.phi_landing_codec=ternary"]  # fmt: skip
@@ -157,6 +161,7 @@ def rows(H: int, codec: str, steps: int) -> dict[str, tuple[list[str], int]]:
         "noloco-frontier-8": ([fed8, *NOLOCO_FRONTIER, h], 8),
         "noloco-landing": ([fed, *NOLOCO_FRONTIER, *LANDING, h], 4),
         "noloco-stepped": ([fed, *NOLOCO_FRONTIER, *STEPPED, h], 4),
+        "noloco-meet2": ([fed, *NOLOCO_FRONTIER, *MEET2, h], 4),
         "noloco-landing-history": ([fed, *NOLOCO_FRONTIER, *LANDING_HISTORY, h], 4),
         "noloco-landing-6": ([fed, *NOLOCO_FRONTIER, *LANDING_6, h], 4),
         "noloco-landing-8": ([fed, *NOLOCO_FRONTIER, *LANDING_8, h], 4),

@@ -21,14 +21,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from loco.outer.methods import NoLoCo, OuterState  # noqa: E402
 
-SETTINGS = [  # (consensus, nesterov, alpha, beta, gamma)
-    ("momentum", False, 0.5, 0.7, 0.7),
-    ("momentum", False, 0.5, 1.4, 1.0),
-    ("momentum", False, 0.9, 0.7, 1.0),
-    ("weights", False, 0.9, 0.7, 1.0),
-    ("weights", True, 0.9, 0.7, 1.0),
-    ("weights", True, 0.8, 0.7, 1.0),
-    ("stepped", True, 0.8, 0.7, 1.0),
+SETTINGS = [  # (consensus, nesterov, alpha, beta, gamma, meet_every)
+    ("momentum", False, 0.5, 0.7, 0.7, 1),
+    ("momentum", False, 0.5, 1.4, 1.0, 1),
+    ("momentum", False, 0.9, 0.7, 1.0, 1),
+    ("weights", False, 0.9, 0.7, 1.0, 1),
+    ("weights", True, 0.9, 0.7, 1.0, 1),
+    ("weights", True, 0.8, 0.7, 1.0, 1),
+    ("stepped", True, 0.8, 0.7, 1.0, 1),
+    ("stepped", True, 0.8, 0.7, 1.0, 2),
 ]
 
 
@@ -43,16 +44,21 @@ def pair_rounds(sites: int, rounds: int, dim: int, seed: int):
 
 
 def spread(consensus: str, nesterov: bool, alpha: float, beta: float, gamma: float, *,
-           sites: int = 4, rounds: int = 600, dim: int = 2000, seed: int = 0) -> float:  # fmt: skip
-    """Mean over the last half of the rounds of the variance of phi around the sites' mean."""
+           sites: int = 4, rounds: int = 600, dim: int = 2000, seed: int = 0,
+           meet_every: int = 1) -> float:  # fmt: skip
+    """Mean over the last half of the rounds of the variance of phi around the sites' mean.
+    ``meet_every``: the pairs meet in rounds 0, N, 2N, ...; in the others each site steps
+    alone (``outer.meet_every``)."""
     step = NoLoCo(alpha=alpha, beta=beta, gamma=gamma, consensus=consensus, nesterov=nesterov)
     states = [OuterState.start(torch.zeros(dim)) for _ in range(sites)]
     acc = []
     for t, noise, pairs in pair_rounds(sites, rounds, dim, seed):
         # what each site exchanges: its phi, or (stepped) its phi after its own step
         phis = [step.consensus_point(s, noise[k]).clone() for k, s in enumerate(states)]
+        if t % meet_every:
+            pairs = [(k, k) for k in range(sites)]
         for i, j in pairs:
-            for me in (i, j):
+            for me in dict.fromkeys((i, j)):
                 # stepped: a site's own delta alone, and its point as the others see it
                 deltas = [noise[me]] if not step.sends_delta else [noise[i], noise[j]]
                 step.apply(torch.empty(dim), states[me], deltas, [phis[i], phis[j]],
@@ -67,10 +73,10 @@ def spread(consensus: str, nesterov: bool, alpha: float, beta: float, gamma: flo
 
 
 def main() -> None:
-    for consensus, nesterov, a, b, g in SETTINGS:
-        v = spread(consensus, nesterov, a, b, g)
+    for consensus, nesterov, a, b, g, every in SETTINGS:
+        v = spread(consensus, nesterov, a, b, g, meet_every=every)
         print(json.dumps({"consensus": consensus, "nesterov": nesterov, "alpha": a, "beta": b,
-                          "gamma": g, "effective_lr": round(b / (1 - a), 3),
+                          "gamma": g, "meet_every": every, "effective_lr": round(b / (1 - a), 3),
                           "spread_variance": v}), flush=True)  # fmt: skip
 
 

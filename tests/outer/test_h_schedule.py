@@ -259,3 +259,14 @@ def test_expected_pulls_count_one_stream_a_partner_where_no_delta_travels():
     assert expected_pulls(["eu", "us"], True, None) == 2
     assert expected_pulls(["eu", "us"], False, 3, sends_delta=False) == 2 + 3
     assert expected_pulls(None, False, 3, sends_delta=False) == 3
+
+
+def test_meetings_every_other_round_after_dense_first_rounds():
+    from loco.outer.schedule import Meetings
+
+    m = Meetings(every=2, first=3)
+    assert [t for t in range(1, 12) if m.meets(t)] == [1, 2, 3, 4, 6, 8, 10]
+    assert [m.index(t) for t in (1, 2, 3, 4, 6, 8, 10)] == [1, 2, 3, 4, 5, 6, 7]
+    plain = Meetings(every=2)  # the leader alternates over meetings: indices 1, 2, 3, ...
+    assert [plain.index(t) for t in range(1, 9) if plain.meets(t)] == [1, 2, 3, 4]
+    assert all(Meetings().meets(t) and Meetings().index(t) == t for t in range(1, 9))

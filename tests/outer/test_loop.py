@@ -51,7 +51,7 @@ class FakeFlat:
 def make_sites(names, ports, codec="int8", phi_codec="none", method="noloco", tau=0, mix=0.5,
                seed=0, pull_timeout_s=5.0, H=5, steps=100, ef=True, phi_lattice=False,
                final_average=False, padded=P, final_lattice=False, outer_kw=None,
-               **lattice_kw):  # fmt: skip
+               loop_kw=None, **lattice_kw):  # fmt: skip
     """``padded`` > P: the site's flat vector is padded past P (as the engine pads to a multiple
     of world * ALIGN), so its one rank's shard [0, padded) reaches past what it owns."""
     sites = {}
@@ -80,6 +80,7 @@ def make_sites(names, ports, codec="int8", phi_codec="none", method="noloco", ta
             flat=flat, H=H, steps=steps,
             node=node, payloads=pay, site=name, all_live=method == "diloco", tau=tau, mix=mix,
             linger_s=2.0, final_average=final_average, final_lattice=final_lattice,
+            **(loop_kw or {}),
         )  # fmt: skip
         sites[name] = loop
     return sites
@@ -580,3 +581,52 @@ def test_lookahead_consensus_ends_each_pair_on_one_phi(consensus):
     finally:
         for s in sites.values():
             s.close()
+
+
+def test_meet_every_two_pairs_in_odd_rounds_and_steps_alone_between():
+    """``meet_every=2``, stepped, exact phi, gamma 1: rounds 1 and 3 pair up (the partners end
+    on one phi), round 2 is each site's own Nesterov step on its exact delta (to fp32 rounding),
+    with nothing published."""
+    names = ["asia", "eu", "sa", "us"]
+    a, b = 0.8, 0.7
+    kw = {"alpha": a, "beta": b, "gamma": 1.0, "consensus": "stepped", "nesterov": True}
+    sites = make_sites(names, ports_for(names), codec="none", outer_kw=kw,
+                       loop_kw={"meet_every": 2})  # fmt: skip
+    streams = published_streams(sites)
+    try:
+        run_parallel([lambda s=s, i=i: inner_steps(s, 0, 5, i)
+                      for i, s in enumerate(sites.values())])  # fmt: skip
+        before = {n: (s.state.phi.clone(), s.state.momentum.clone(), s.flat.theta.clone())
+                  for n, s in sites.items()}  # fmt: skip
+        published = len(streams)
+        for i, s in enumerate(sites.values()):  # no partner needed: each site alone
+            inner_steps(s, 5, 5, 100 + i)
+        assert len(streams) == published
+        for i, (n, s) in enumerate(sites.items()):
+            phi, m, theta = before[n]
+            g = torch.Generator().manual_seed(100 + i)
+            for _ in range(5):
+                theta = theta + 0.01 * torch.randn(P, generator=g)
+            delta = theta - phi
+            m2 = m * a + b * delta
+            want = phi + (m2 * a + b * delta)
+            torch.testing.assert_close(s.state.momentum, m2, rtol=0, atol=1e-6)
+            torch.testing.assert_close(s.state.phi, want, rtol=0, atol=1e-6)
+        run_parallel([lambda s=s, i=i: inner_steps(s, 10, 5, 200 + i)
+                      for i, s in enumerate(sites.values())])  # fmt: skip
+        for s in sites.values():
+            assert [r["n"] for r in s.history] == [2, 1, 2], s.history
+            assert s.history[1]["partner"] == ""
+            mate = sites[s.history[-1]["partner"]]
+            assert float((s.state.phi - mate.state.phi).abs().max()) < 1e-5
+        assert streams.count("phi") == 8 and streams.count("delta") == 0
+    finally:
+        for s in sites.values():
+            s.close()
+
+
+@pytest.mark.parametrize("kw", [{"meet_every": 0}, {"meet_every": 2, "fragments": 2},
+                                {"meet_first": -1}])  # fmt: skip
+def test_meet_every_refuses_what_it_cannot_mean(kw):
+    with pytest.raises(ValueError, match="meet_(every|first)"):
+        OuterLoop(step=build_outer("noloco"), flat=FakeFlat(torch.zeros(8)), H=4, steps=8, **kw)
