@@ -558,6 +558,7 @@ class GossipConfig(GossipOptions):
                 f"gossip.chunk_bytes={self.chunk_bytes} must be in 1..4194304 (4 MiB)"
             )
         _choice("gossip.odd", self.odd, ("triple", "sit_out"))
+        _choice("gossip.pairing", self.pairing, ("random", "hypercube"))
         _choice("gossip.membership", self.membership, ("hello", "swim"))
 
 

@@ -222,10 +222,12 @@ class Settled:
 
 
 def propose_round(*, book: ProposalBook, site: str, round: int, view: list[str],
-                  roster: list[str], seed: int, odd: str) -> Proposal:  # fmt: skip
-    """This site's proposal of ``round`` from ``view``, served from now on by ``book``'s
-    Proposal RPC (no message: cheap enough for the boundary)."""
-    mine = propose(seed, round, view, site, odd, roster)
+                  roster: list[str], seed: int, odd: str, mode: str = "random",
+                  key: int | None = None) -> Proposal:  # fmt: skip
+    """This site's proposal of ``round`` (its pairing: ``mode`` at meeting ``key``, default
+    ``round``) from ``view``, served from now on by ``book``'s Proposal RPC (no message:
+    cheap enough for the boundary)."""
+    mine = propose(seed, round, view, site, odd, roster, mode, key)
     book.propose(mine)
     return mine
 

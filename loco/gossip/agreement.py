@@ -46,8 +46,12 @@ def propose(
     site: str,
     odd: str = "triple",
     roster: list[str] | None = None,
+    mode: str = "random",
+    key: int | None = None,
 ) -> Proposal:
-    """The group this site's own view gives for ``round``.
+    """The group this site's own view gives for ``round``: the pairing (``mode``) of meeting
+    ``key`` (default ``round``; the rounds between meetings have no pairing, so the meetings
+    are numbered on their own: ``loco.outer.schedule.Meetings``).
 
     Without ``roster``: the matching of the live ``view``; one name missing from one view
     reshuffles every pair, so any disagreement anywhere breaks pairs everywhere. With
@@ -56,16 +60,17 @@ def propose(
     all dead is an orphan and is matched among the orphans (a second matching). A disagreement
     about one member then touches only its own group and the orphans.
     """
+    key = round if key is None else key
     if roster is None:
-        return Proposal(site, round, group_of(site, pairing(seed, round, view, odd)))
+        return Proposal(site, round, group_of(site, pairing(seed, key, view, odd, mode)))
     live = set(view) | {site}
-    groups = pairing(seed, round, sorted(set(roster) | {site}), odd)
+    groups = pairing(seed, key, sorted(set(roster) | {site}), odd, mode)
     mine = tuple(s for s in group_of(site, groups) if s in live)
     if len(mine) > 1:
         return Proposal(site, round, mine)
     orphans = [g[0] for g in ([s for s in g if s in live] for g in groups) if len(g) == 1]
-    # the orphans' matching draws from another stream than the roster's (round -1 - round)
-    return Proposal(site, round, group_of(site, pairing(seed, -1 - round, orphans, odd)))
+    # the orphans' matching draws from another stream than the roster's (round -1 - key)
+    return Proposal(site, round, group_of(site, pairing(seed, -1 - key, orphans, odd)))
 
 
 def settle(mine: Proposal, received: dict[str, Proposal]) -> tuple[str, ...]:

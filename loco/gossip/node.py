@@ -49,6 +49,7 @@ class GossipNode:
             loco.gossip.rank_address.rank_binds).
         peers: ``{site: rank-0 address}`` of the other sites (seed peers).
         seed, odd: pairing seed and odd-count policy ("triple" or "sit_out").
+        pairing: ``random`` matchings or ``hypercube`` (``loco.gossip.pairing``).
         heartbeat: run the membership heartbeats here (rank 0 of each site).
         tls / cert_dir (this site's bundle ``DIR/<site>`` of ``python -m loco.certs``) / insecure, pull_timeout_s, hello_timeout_s, heartbeat_s, dead_after, strikes,
         ban_rounds, parallel_streams, chunk_bytes, keep_rounds, backoff_s, backoff_max_s, max_retries,
@@ -72,6 +73,7 @@ class GossipNode:
         bind: str = "",
         seed: int = 0,
         odd: str = GossipOptions.odd,
+        pairing: str = GossipOptions.pairing,
         heartbeat: bool | None = None,
         tls: TlsConfig | None = None,
         cert_dir: str | None = GossipOptions.cert_dir,
@@ -99,6 +101,7 @@ class GossipNode:
         if tls is None and cert_dir and not insecure:
             tls = TlsConfig.for_site(cert_dir, site)
         self.site, self.rank, self.seed, self.odd = site, rank, seed, odd
+        self.pairing = pairing
         self.metrics = GossipMetrics()
         members = sorted(set(peers) | {site})
         self.server = GossipServer(
@@ -202,7 +205,7 @@ class GossipNode:
     def partners(self, round: int, live_sites: list[str] | None = None) -> list[str]:
         """Partner sites of this site in ``round`` (empty: local round, n = 1)."""
         live = self.live_sites() if live_sites is None else live_sites
-        got = partners(self.seed, round, live, self.site, self.odd)
+        got = partners(self.seed, round, live, self.site, self.odd, self.pairing)
         self._pairing = (round, list(got))
         return got
 
@@ -211,14 +214,15 @@ class GossipNode:
         the members of the site's settled group of that round (see :meth:`settle`)."""
         self.server.agreement.require(exempt)
 
-    def propose(self, round: int, live: list[str]) -> Proposal:
-        """This site's proposal of ``round`` from the live view ``live`` and the roster, served
-        from now on by this rank's Proposal RPC (no message). Every rank of a site given the
-        same views proposes the same group."""
+    def propose(self, round: int, live: list[str], key: int | None = None) -> Proposal:
+        """This site's proposal of ``round`` (the pairing of meeting ``key``, default
+        ``round``) from the live view ``live`` and the roster, served from now on by this
+        rank's Proposal RPC (no message). Every rank of a site given the same views proposes
+        the same group."""
         self._roster.update(live)
         return propose_round(book=self.server.agreement, site=self.site, round=round,
                              view=live, roster=sorted(self._roster), seed=self.seed,
-                             odd=self.odd)  # fmt: skip
+                             odd=self.odd, mode=self.pairing, key=key)  # fmt: skip
 
     def exchange(self, mine: Proposal, timeout_s: float | None = None) -> Settled:
         """Fetch the other members' proposals of ``mine`` from their rank 0 (each within

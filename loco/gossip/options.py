@@ -38,6 +38,8 @@ class GossipOptions:
     max_streams: int = 256
     max_streams_per_peer: int = 128
     odd: str = "triple"  # odd site count: one group of three, or one site sits out
+    # NoLoCo's matchings: random, or hypercube (2**k sites: k matchings in a row average all)
+    pairing: str = "random"
     # hello: a Hello to every peer per heartbeat (O(N) per site); swim: SWIM over UDP on the
     # gRPC port number, O(1) datagrams per site per heartbeat (loco.gossip.swim_membership)
     membership: str = "hello"

@@ -320,7 +320,7 @@ class OuterLoop:
         live = self._live()
         if self.all_live:
             return [s for s in live if s != self.site], None
-        mine = self.node.propose(t, live)
+        mine = self.node.propose(t, live, key=self.meetings.index(t))
         return [s for s in mine.group if s != self.site], mine
 
     def _rounds_of(self, j: int) -> tuple[Rounds, int, int | None]:

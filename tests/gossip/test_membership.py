@@ -57,6 +57,35 @@ def test_pairing_reference_values():
     assert pairing(0, 0, ["eu", "us"]) == [("eu", "us")]
 
 
+@pytest.mark.parametrize("n", [2, 4, 8, 16])
+def test_hypercube_pairing_averages_everyone_in_log2_n_meetings(n):
+    """Any log2(n) meetings in a row: exact pair averaging of one-hot vectors leaves every
+    site at the mean of all (random matchings need far more); each meeting is a partition."""
+    import numpy as np
+
+    names = [f"s{i:02d}" for i in range(n)]
+    k = n.bit_length() - 1
+    for start in (1, 2, 7):
+        x = {s: np.eye(n)[i] for i, s in enumerate(names)}
+        for r in range(start, start + k):
+            groups = pairing(3, r, names, mode="hypercube")
+            assert sorted(s for g in groups for s in g) == names and all(
+                len(g) == 2 for g in groups
+            )
+            for a, b in groups:
+                x[a] = x[b] = (x[a] + x[b]) / 2
+        assert all(np.allclose(v, 1 / n) for v in x.values())
+    assert pairing(3, 1, names, mode="hypercube") == pairing(3, 1 + k, names, mode="hypercube")
+
+
+def test_hypercube_pairing_falls_back_to_random_off_powers_of_two():
+    live = ["a", "b", "c", "d", "e", "f"]
+    assert pairing(1, 4, live, mode="hypercube") == pairing(1, 4, live)
+    assert pairing(1, -3, live[:4], mode="hypercube") == pairing(1, -3, live[:4])
+    with pytest.raises(ValueError, match="mode"):
+        pairing(1, 1, live, mode="ring")
+
+
 def test_pairing_varies_over_rounds():
     live = [f"s{i}" for i in range(8)]
     seen = {tuple(pairing(1, r, live)) for r in range(50)}
