@@ -19,17 +19,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from loco.gossip.pairing import pairing as match  # noqa: E402
 from loco.outer.methods import NoLoCo, OuterState  # noqa: E402
 
-SETTINGS = [  # (consensus, nesterov, alpha, beta, gamma, meet_every)
-    ("momentum", False, 0.5, 0.7, 0.7, 1),
-    ("momentum", False, 0.5, 1.4, 1.0, 1),
-    ("momentum", False, 0.9, 0.7, 1.0, 1),
-    ("weights", False, 0.9, 0.7, 1.0, 1),
-    ("weights", True, 0.9, 0.7, 1.0, 1),
-    ("weights", True, 0.8, 0.7, 1.0, 1),
-    ("stepped", True, 0.8, 0.7, 1.0, 1),
-    ("stepped", True, 0.8, 0.7, 1.0, 2),
+SETTINGS = [  # (consensus, nesterov, alpha, beta, gamma, meet_every, pairing)
+    ("momentum", False, 0.5, 0.7, 0.7, 1, "random"),
+    ("momentum", False, 0.5, 1.4, 1.0, 1, "random"),
+    ("momentum", False, 0.9, 0.7, 1.0, 1, "random"),
+    ("weights", False, 0.9, 0.7, 1.0, 1, "random"),
+    ("weights", True, 0.9, 0.7, 1.0, 1, "random"),
+    ("weights", True, 0.8, 0.7, 1.0, 1, "random"),
+    ("stepped", True, 0.8, 0.7, 1.0, 1, "random"),
+    ("stepped", True, 0.8, 0.7, 1.0, 2, "random"),
+    ("stepped", True, 0.8, 0.7, 1.0, 1, "hypercube"),
+    ("stepped", True, 0.8, 0.7, 1.0, 2, "hypercube"),
 ]
 
 
@@ -45,10 +48,12 @@ def pair_rounds(sites: int, rounds: int, dim: int, seed: int):
 
 def spread(consensus: str, nesterov: bool, alpha: float, beta: float, gamma: float, *,
            sites: int = 4, rounds: int = 600, dim: int = 2000, seed: int = 0,
-           meet_every: int = 1) -> float:  # fmt: skip
+           meet_every: int = 1, pairing: str = "random") -> float:  # fmt: skip
     """Mean over the last half of the rounds of the variance of phi around the sites' mean.
     ``meet_every``: the pairs meet in rounds 0, N, 2N, ...; in the others each site steps
-    alone (``outer.meet_every``)."""
+    alone (``outer.meet_every``). ``pairing="hypercube"``: the meetings' pairs are
+    ``loco.gossip.pairing``'s hypercube matchings instead of the random ones."""
+    names = [f"s{k:03d}" for k in range(sites)]
     step = NoLoCo(alpha=alpha, beta=beta, gamma=gamma, consensus=consensus, nesterov=nesterov)
     states = [OuterState.start(torch.zeros(dim)) for _ in range(sites)]
     acc = []
@@ -57,6 +62,9 @@ def spread(consensus: str, nesterov: bool, alpha: float, beta: float, gamma: flo
         phis = [step.consensus_point(s, noise[k]).clone() for k, s in enumerate(states)]
         if t % meet_every:
             pairs = [(k, k) for k in range(sites)]
+        elif pairing == "hypercube":
+            groups = match(seed, t // meet_every + 1, names, mode="hypercube")
+            pairs = [(names.index(a), names.index(b)) for a, b in groups]
         for i, j in pairs:
             for me in dict.fromkeys((i, j)):
                 # stepped: a site's own delta alone, and its point as the others see it
@@ -73,11 +81,12 @@ def spread(consensus: str, nesterov: bool, alpha: float, beta: float, gamma: flo
 
 
 def main() -> None:
-    for consensus, nesterov, a, b, g, every in SETTINGS:
-        v = spread(consensus, nesterov, a, b, g, meet_every=every)
+    for consensus, nesterov, a, b, g, every, pairing in SETTINGS:
+        v = spread(consensus, nesterov, a, b, g, meet_every=every, pairing=pairing)
         print(json.dumps({"consensus": consensus, "nesterov": nesterov, "alpha": a, "beta": b,
-                          "gamma": g, "meet_every": every, "effective_lr": round(b / (1 - a), 3),
-                          "spread_variance": v}), flush=True)  # fmt: skip
+                          "gamma": g, "meet_every": every, "pairing": pairing,
+                          "effective_lr": round(b / (1 - a), 3), "spread_variance": v}),
+              flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
