@@ -28,6 +28,7 @@ it: scripts/experiments/phi_rate.py; figures in docs/outer.md, "Sequential landi
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
@@ -40,6 +41,16 @@ def leader_of(members: list[str], rid: int) -> str:
     leads about 1/n of its rounds, so the bytes even out)."""
     names = sorted(members)
     return names[rid % len(names)]
+
+
+def drawn_leader(members: list[str], key: int) -> str:
+    """The round's leader drawn from SHA-256 of the meeting's number and the group: for
+    pairings where one pair meets at a fixed stride (``gossip.pairing=hypercube``: every
+    ``k``-th meeting), where :func:`leader_of`'s rotation would give the same member the lead
+    every time (it would never follow, so never learn a window, and send fallback frames)."""
+    names = sorted(members)
+    digest = hashlib.sha256(f"loco-leader/{key}/{','.join(names)}".encode()).digest()
+    return names[int.from_bytes(digest[:8], "big") % len(names)]
 
 
 class Landing:

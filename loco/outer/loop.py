@@ -52,6 +52,7 @@ from loco.outer.exchange import RangePayloads
 from loco.outer.final import FINAL_RAW_STREAM, FINAL_STREAM, FinalAverage
 from loco.outer.flat_view import FlatView
 from loco.outer.fragments import Fragments
+from loco.outer.landing import drawn_leader, leader_of
 from loco.outer.methods import OuterState, OuterStep
 from loco.outer.plausible import MAX_DELTA_RATIO, MAX_PHI_GAP, implausible, implausible_phi
 from loco.outer.round import Round, Rounds
@@ -188,7 +189,11 @@ class OuterLoop:
         if use_sliced and fragments == 1:
             sliced = SlicedReduce(node=node, payloads=payloads, site=site, P=flat.numel,
                                   pool=self._pool, pull_timeout_s=pull_timeout_s)  # fmt: skip
-        self.rounds = Rounds(**kw, sliced=sliced, meeting=self.meetings.index)
+        # hypercube pairs meet every k-th meeting: a rotation by the meeting's number would
+        # give one member of a pair the lead every time
+        hypercube = getattr(node, "pairing", "random") == "hypercube"
+        self.rounds = Rounds(**kw, sliced=sliced, meeting=self.meetings.index,
+                             leader=drawn_leader if hypercube else leader_of)  # fmt: skip
         self.fragments = (
             Fragments(F=fragments, payloads_for=payloads_for, sliced=use_sliced, **kw)
             if fragments > 1

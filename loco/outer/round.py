@@ -115,6 +115,8 @@ class Rounds:
             delta is pulled).
         meeting: the number of the pairing at round id ``t`` (the landing's leader rotates
             with it; ``loco.outer.schedule.Meetings.index``); None: ``t``.
+        leader: ``leader(members, meeting)``, the landing's leader (default
+            :func:`loco.outer.landing.leader_of`).
     """
 
     def __init__(self, *, method: OuterStep, flat: FlatView, state: OuterState, node: Any,
@@ -122,9 +124,10 @@ class Rounds:
                  pool: ThreadPoolExecutor, pull_timeout_s: float | None,
                  publish: Callable[[int, str, Any, str], None],
                  sliced: SlicedReduce | None = None,
-                 meeting: Callable[[int], int] | None = None) -> None:  # fmt: skip
+                 meeting: Callable[[int], int] | None = None,
+                 leader: Callable[[list[str], int], str] = leader_of) -> None:  # fmt: skip
         self.method, self.flat, self.state = method, flat, state
-        self.sliced, self.meeting = sliced, meeting or (lambda t: t)
+        self.sliced, self.meeting, self.leader = sliced, meeting or (lambda t: t), leader
         self.node, self.payloads, self.site, self.all_live = node, payloads, site, all_live
         self.mix, self.pool, self.pull_timeout_s, self.publish = mix, pool, pull_timeout_s, publish
 
@@ -220,7 +223,7 @@ class Rounds:
         (the deltas that arrived still average)."""
         r.landing = True
         members = sorted([self.site, *r.agreed])
-        n, lead = len(members), leader_of(members, self.meeting(r.rid))
+        n, lead = len(members), self.leader(members, self.meeting(r.rid))
         followers = [m for m in members if m != lead]
 
         def pull(p: str, stream: str, codec: str | None = None, masks: list | None = None):

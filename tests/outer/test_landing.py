@@ -215,3 +215,15 @@ def test_a_follower_that_never_sends_an_offset_leaves_the_leader_in_place():
         assert us.payloads.landing.miss is None  # nothing landed, nothing to feed back
     finally:
         close(sites)
+
+
+def test_drawn_leader_alternates_where_the_rotation_cannot():
+    """A hypercube pair of 4 sites meets every other meeting: the rotation by the meeting's
+    number gives it one leader for good; the drawn leader gives each member a share."""
+    from loco.outer.landing import drawn_leader, leader_of
+
+    keys = range(1, 80, 2)  # the meetings of one pair
+    assert {leader_of(["asia", "eu"], k) for k in keys} == {"eu"}
+    drawn = [drawn_leader(["eu", "asia"], k) for k in keys]
+    assert 10 <= drawn.count("eu") <= 30 and drawn.count("eu") + drawn.count("asia") == 40
+    assert drawn == [drawn_leader(["asia", "eu"], k) for k in keys]  # the order given is moot
