@@ -23,7 +23,8 @@ for the ``-8`` rows, each with the same per-worker batch).
 - ``noloco-frontier`` (``-8``): NoLoCo with ternary deltas, the 8-bit lattice phi and outer
   momentum 0.8; ``noloco-stepped``: the defaults, each member stepping on its own delta and
   the pair landing on the mean of the stepped points (no delta sent; ``STEPPED``);
-  ``noloco-meet2``: the same, the pairs meeting every other round (``MEET2``);
+  ``noloco-meet2``: the same, the pairs meeting every other round after the first 10, the
+  leader's frame at 3 bits (``MEET2``: 0.23 bytes/param/round at 80 rounds);
   ``noloco-landing``: the same pairs averaging phi and exchanging deltas, with the sequential
   landing (``LANDING``, the defaults until the fourteenth session: the leader's frame at 4
   bits under a 1.5x window scaled to the round's distance, 2-bit Lloyd-Max offsets; ``noloco-landing-history`` with the history rule's windows, the
@@ -115,9 +116,11 @@ LANDING = ["outer.phi_landing=true", "outer.phi_landing_bits=4", "outer.phi_land
 # stepped points, so no delta travels (``outer.consensus=stepped``; 2026-12-06, fourteenth
 # session): ``noloco-stepped``
 STEPPED = [*LANDING, "outer.consensus=stepped"]
-# the same, the pairs meeting every other round, each site stepping alone between
-# (``outer.meet_every=2``; 2026-12-06, fifteenth session): ``noloco-meet2``
-MEET2 = [*STEPPED, "outer.meet_every=2"]
+# the same, the pairs meeting in each of the first 10 rounds, then every other round, each site
+# stepping alone between, the leader's frame at 3 bits (``outer.meet_every=2``,
+# ``outer.meet_first=10``; 2026-12-06, fifteenth session): ``noloco-meet2``, NoLoCo at <= 0.25
+# bytes/param/round
+MEET2 = [*STEPPED, "outer.meet_every=2", "outer.meet_first=10", "outer.phi_landing_bits=3"]
 LANDING_HISTORY = [*LANDING, "outer.phi_landing_window=history", "outer.final_lattice=false"]
 LANDING_6 = [*LANDING_HISTORY, "outer.phi_landing_bits=6", "outer.phi_landing_margin=8",
              "outer.phi_landing_codec=ternary"]  # fmt: skip
