@@ -55,6 +55,13 @@ def test_the_defaults_are_the_noloco_stepped_row():
     assert ROWS["noloco-landing"][0].count("outer.consensus=weights") == 1  # the row before
 
 
+def test_the_lean_preset_is_the_noloco_meet2_row():
+    """``outer=noloco-lean`` is the row measured at <= 0.25 bytes/param/round."""
+    lean = compose(["+site=eu", "outer=noloco-lean"]).outer
+    assert lean == compose(["+site=eu", *ROWS["noloco-meet2"][0]]).outer
+    assert (lean.meet_every, lean.meet_first, lean.phi_landing_bits) == (2, 10, 3)
+
+
 def test_the_noloco_rows_keep_the_phi_they_were_measured_with():
     """``noloco`` is int8 deltas with exact phi, ``noloco-frontier`` the lattice both ways:
     the defaults moved under them twice (2026-12-05), the rows must not."""
