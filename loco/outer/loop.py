@@ -5,7 +5,8 @@ lengths of their own, ``loco.outer.schedule``), on every rank of a site, on its 
 
     delta = theta - phi                                  this site's inner progress
     live  = rank 0's live sites, broadcast to the site   so every rank pairs the same way
-    group = pairing(seed, t, live)   (noloco: proposed; settled with the pulls, agree_rpc)
+    group = pairing(seed, m, live)   (noloco: proposed; settled with the pulls, agree_rpc;
+                                      m: the meeting's number; nobody between meetings)
             | all live sites (diloco) | nobody (local)
     publish encode(delta + e), phi   -> this rank's mailbox
     pull the partners' delta and phi on [lo, hi)         failures: that partner is dropped
