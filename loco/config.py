@@ -379,16 +379,7 @@ class OuterConfig(SlicedOptions):
         if self.tau >= self.H:
             raise ConfigError(f"outer.tau={self.tau} must be < outer.H={self.H}")
         self._check_fragments()
-        from loco.outer.schedule import Meetings
-
-        try:
-            Meetings(every=self.meet_every, first=self.meet_first)
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
-        if self.meet_every > 1 and (self.method != "noloco" or self.fragments > 1):
-            raise ConfigError(f"outer.meet_every={self.meet_every} applies to NoLoCo's whole "
-                              "rounds; set outer.method=noloco and outer.fragments=1, or "
-                              "outer.meet_every=1")  # fmt: skip
+        self._check_meetings()
         self._check_H_first()
         self._check_diloco_reduce()
         _positive("outer.join_timeout_s", self.join_timeout_s, zero_ok=True)
@@ -421,6 +412,18 @@ class OuterConfig(SlicedOptions):
         _positive("outer.phi_landing_sketch_margin", self.phi_landing_sketch_margin)
         codecs = tuple(c for c in _names("CODECS") if c != "none") + tuple(OFFSET_CODES)
         _choice("outer.phi_landing_codec", self.phi_landing_codec, codecs)
+
+    def _check_meetings(self) -> None:
+        from loco.outer.schedule import Meetings
+
+        try:  # the timetable's own checks of its counts
+            Meetings(every=self.meet_every, first=self.meet_first)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        if self.meet_every > 1 and (self.method != "noloco" or self.fragments > 1):
+            raise ConfigError(f"outer.meet_every={self.meet_every} applies to NoLoCo's whole "
+                              "rounds; set outer.method=noloco and outer.fragments=1, or "
+                              "outer.meet_every=1")  # fmt: skip
 
     def _check_H_first(self) -> None:
         from loco.outer.schedule import Schedule

@@ -37,8 +37,9 @@ OFFSET_STREAM = "phioff"
 
 
 def leader_of(members: list[str], rid: int) -> str:
-    """The round's leader: the members in name order, rotating with the round id (each site
-    leads about 1/n of its rounds, so the bytes even out)."""
+    """The round's leader: the members in name order, rotating with ``rid`` (the round id, or
+    the meeting's number: ``loco.outer.schedule.Meetings.index``; each site leads about 1/n of
+    its rounds, so the bytes even out)."""
     names = sorted(members)
     return names[rid % len(names)]
 

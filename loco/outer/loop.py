@@ -190,11 +190,14 @@ class OuterLoop:
         if use_sliced and fragments == 1:
             sliced = SlicedReduce(node=node, payloads=payloads, site=site, P=flat.numel,
                                   pool=self._pool, pull_timeout_s=pull_timeout_s)  # fmt: skip
-        # hypercube pairs meet every k-th meeting: a rotation by the meeting's number would
-        # give one member of a pair the lead every time
-        hypercube = getattr(node, "pairing", "random") == "hypercube"
-        self.rounds = Rounds(**kw, sliced=sliced, meeting=self.meetings.index,
-                             leader=drawn_leader if hypercube else leader_of)  # fmt: skip
+        # the leader by the meeting's number; hypercube pairs meet every k-th meeting, where a
+        # rotation by that number would give one member of a pair the lead every time
+        pick = drawn_leader if getattr(node, "pairing", "random") == "hypercube" else leader_of
+
+        def leader(members: list[str], rid: int) -> str:
+            return pick(members, self.meetings.index(rid))
+
+        self.rounds = Rounds(**kw, sliced=sliced, leader=leader)
         self.fragments = (
             Fragments(F=fragments, payloads_for=payloads_for, sliced=use_sliced, **kw)
             if fragments > 1

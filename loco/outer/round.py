@@ -113,9 +113,7 @@ class Rounds:
         publish: ``publish(t, stream, buf, label)``, the loop's (overridable) publisher.
         sliced: DiLoCo's sliced reduce (``loco.outer.sliced``; None: every partner's whole
             delta is pulled).
-        meeting: the number of the pairing at round id ``t`` (the landing's leader rotates
-            with it; ``loco.outer.schedule.Meetings.index``); None: ``t``.
-        leader: ``leader(members, meeting)``, the landing's leader (default
+        leader: ``leader(members, rid)``, the landing's leader of round id ``rid`` (default
             :func:`loco.outer.landing.leader_of`).
     """
 
@@ -124,10 +122,9 @@ class Rounds:
                  pool: ThreadPoolExecutor, pull_timeout_s: float | None,
                  publish: Callable[[int, str, Any, str], None],
                  sliced: SlicedReduce | None = None,
-                 meeting: Callable[[int], int] | None = None,
                  leader: Callable[[list[str], int], str] = leader_of) -> None:  # fmt: skip
         self.method, self.flat, self.state = method, flat, state
-        self.sliced, self.meeting, self.leader = sliced, meeting or (lambda t: t), leader
+        self.sliced, self.leader = sliced, leader
         self.node, self.payloads, self.site, self.all_live = node, payloads, site, all_live
         self.mix, self.pool, self.pull_timeout_s, self.publish = mix, pool, pull_timeout_s, publish
 
@@ -223,7 +220,7 @@ class Rounds:
         (the deltas that arrived still average)."""
         r.landing = True
         members = sorted([self.site, *r.agreed])
-        n, lead = len(members), self.leader(members, self.meeting(r.rid))
+        n, lead = len(members), self.leader(members, r.rid)
         followers = [m for m in members if m != lead]
 
         def pull(p: str, stream: str, codec: str | None = None, masks: list | None = None):
