@@ -333,7 +333,7 @@ class OuterConfig(SlicedOptions):
     # overlap of one fragment's sync in inner steps, < H / F; null: H / F - 1 (docs/outer.md)
     fragment_tau: int | None = None
     # noloco: the sites pair up in each of the first meet_first rounds, then every meet_every
-    # rounds (meet_first + 1, meet_first + 1 + meet_every, ...); between, each steps alone
+    # rounds counted back from the last (T, T - meet_every, ...); between, each steps alone
     meet_every: int = 1
     meet_first: int = 0
     join_timeout_s: float = 60.0  # at start, wait this long for every peer site to be live

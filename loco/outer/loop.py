@@ -118,9 +118,9 @@ class OuterLoop:
         H_first: the lengths of the first rounds, then every round is ``H`` long
             (``loco.outer.schedule``; empty: all are).
         meet_every, meet_first: NoLoCo, whole rounds: the sites pair up in each of the first
-            ``meet_first`` rounds, then every ``meet_every``-th round
-            (:class:`~loco.outer.schedule.Meetings`); in the rounds between, each takes its
-            outer step alone (n = 1: nothing is encoded, published or pulled).
+            ``meet_first`` rounds, then every ``meet_every``-th round, the last round one of
+            them (:class:`~loco.outer.schedule.Meetings`); in the rounds between, each takes
+            its outer step alone (n = 1: nothing is encoded, published or pulled).
     """
 
     def __init__(
@@ -153,13 +153,14 @@ class OuterLoop:
         meet_every: int = 1,
         meet_first: int = 0,
     ) -> None:
-        self.meetings = Meetings(every=meet_every, first=meet_first)
         if meet_every > 1 and (all_live or fragments > 1):
             raise ValueError(f"meet_every={meet_every}: above 1 only for NoLoCo's whole rounds")
         final_average = final_average and node is not None and not all_live
         self.schedule = Schedule.make(H=H, steps=steps, tau=tau, final_average=final_average,
                                       fragments=fragments, fragment_tau=fragment_tau,
                                       first=tuple(H_first))  # fmt: skip
+        self.meetings = Meetings(every=meet_every, first=meet_first,
+                                 last=self.schedule.rounds_done(steps))  # fmt: skip
         if (node is None) != (payloads is None):
             raise ValueError("give both node and payloads (noloco, diloco) or neither (local)")
         self.method, self.flat, self.H, self.steps = step, flat, H, steps

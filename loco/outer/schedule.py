@@ -192,23 +192,39 @@ def expected_pulls(last_partners: list[str] | None, all_live: bool, final_peers:
 @dataclass(frozen=True)
 class Meetings:
     """Which NoLoCo rounds pair the sites up (``outer.meet_first``, ``outer.meet_every``):
-    each of the first ``first`` rounds, then every ``every``-th (``first + 1``, ``first + 1 +
-    every``, ...). In the other rounds each site takes its outer step alone. ``index(t)``
-    numbers the meetings 1, 2, 3, ... (the landing's leader rotates with it, so a pair's lead
-    alternates whatever ``every`` is); with ``every`` 1 it is ``t``."""
+    each of the first ``first`` rounds, then every ``every``-th, counted back from the run's
+    ``last`` round (``last``, ``last - every``, ... down to after ``first``), so the last round
+    is a meeting and the final average starts from landed pairs. ``last`` 0 (not known): every
+    ``every``-th from ``first + 1``. In the other rounds each site takes its outer step alone.
+    ``index(t)`` numbers the meetings 1, 2, 3, ... (the landing's leader rotates with it, so a
+    pair's lead alternates whatever ``every`` is); with ``every`` 1 it is ``t``."""
 
     every: int = 1
     first: int = 0
+    last: int = 0
 
     def __post_init__(self) -> None:
         for key, v, lo in (("meet_every", self.every, 1), ("meet_first", self.first, 0)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"outer.{key}={v!r} must be a whole number >= {lo}")
+        if isinstance(self.last, bool) or not isinstance(self.last, int) or self.last < 0:
+            raise ValueError(f"the last round {self.last!r} must be a whole number >= 0")
+
+    @property
+    def start(self) -> int:
+        """The first meeting after the first ``first`` rounds."""
+        if self.last <= self.first:
+            return self.first + 1
+        return self.first + 1 + (self.last - self.first - 1) % self.every
 
     def meets(self, t: int) -> bool:
         """Whether round ``t`` (``>= 1``) pairs the sites up."""
-        return t <= self.first or (t - self.first - 1) % self.every == 0
+        return t <= self.first or (t >= self.start and (t - self.start) % self.every == 0)
 
     def index(self, t: int) -> int:
         """The number of the meeting at round ``t`` (of the last one before it otherwise)."""
-        return t if t <= self.first else self.first + 1 + (t - self.first - 1) // self.every
+        if t <= self.first:
+            return t
+        if t < self.start:
+            return self.first
+        return self.first + 1 + (t - self.start) // self.every

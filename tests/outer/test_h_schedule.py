@@ -270,3 +270,23 @@ def test_meetings_every_other_round_after_dense_first_rounds():
     plain = Meetings(every=2)  # the leader alternates over meetings: indices 1, 2, 3, ...
     assert [plain.index(t) for t in range(1, 9) if plain.meets(t)] == [1, 2, 3, 4]
     assert all(Meetings().meets(t) and Meetings().index(t) == t for t in range(1, 9))
+
+
+@pytest.mark.parametrize("last", [10, 11, 12])
+def test_meetings_are_counted_back_from_the_last_round(last):
+    """With the run's last round known, every ``every``-th round before it is a meeting (after
+    the first ones): the last round always is, the count is the same as counted forward, and
+    ``index`` numbers them 1, 2, 3, ... without a gap."""
+    from loco.outer.schedule import Meetings
+
+    m = Meetings(every=3, first=2, last=last)
+    got = [t for t in range(1, last + 1) if m.meets(t)]
+    assert got[:2] == [1, 2] and got[-1] == last
+    assert all(b - a == 3 for a, b in zip(got[2:], got[3:]))
+    assert got[2] <= 5  # no gap longer than ``every`` after the first rounds
+    assert len(got) == len([t for t in range(1, last + 1) if Meetings(every=3, first=2).meets(t)])
+    assert [m.index(t) for t in got] == list(range(1, len(got) + 1))
+    between = [t for t in range(1, last + 1) if not m.meets(t)]
+    assert [m.index(t) for t in between] == [len([g for g in got if g < t]) for t in between]
+    with pytest.raises(ValueError, match="last round"):
+        Meetings(every=2, last=-1)

@@ -583,24 +583,31 @@ def test_lookahead_consensus_ends_each_pair_on_one_phi(consensus):
             s.close()
 
 
-def test_meet_every_two_pairs_in_odd_rounds_and_steps_alone_between():
-    """``meet_every=2``, stepped, exact phi, gamma 1: rounds 1 and 3 pair up (the partners end
-    on one phi), round 2 is each site's own Nesterov step on its exact delta (to fp32 rounding),
-    with nothing published."""
+@pytest.mark.parametrize("steps", [15, 20])
+def test_meet_every_two_pairs_up_to_the_last_round_and_steps_alone_between(steps):
+    """``meet_every=2``, stepped, exact phi, gamma 1, H = 5: the meetings are counted back from
+    the last round, so with 3 rounds rounds 1 and 3 pair up and with 4 rounds 2 and 4 (the
+    partners end on one phi); the others are each site's own Nesterov step on its exact delta
+    (to fp32 rounding), with nothing published."""
     names = ["asia", "eu", "sa", "us"]
     a, b = 0.8, 0.7
     kw = {"alpha": a, "beta": b, "gamma": 1.0, "consensus": "stepped", "nesterov": True}
-    sites = make_sites(names, ports_for(names), codec="none", outer_kw=kw,
+    sites = make_sites(names, ports_for(names), codec="none", outer_kw=kw, steps=steps,
                        loop_kw={"meet_every": 2})  # fmt: skip
     streams = published_streams(sites)
     try:
-        run_parallel([lambda s=s, i=i: inner_steps(s, 0, 5, i)
+        if steps == 20:  # round 1 alone: no pull, nothing published
+            for i, s in enumerate(sites.values()):
+                inner_steps(s, 0, 5, 50 + i)
+            assert len(streams) == 0
+        first = steps - 15
+        run_parallel([lambda s=s, i=i: inner_steps(s, first, 5, i)
                       for i, s in enumerate(sites.values())])  # fmt: skip
         before = {n: (s.state.phi.clone(), s.state.momentum.clone(), s.flat.theta.clone())
                   for n, s in sites.items()}  # fmt: skip
         published = len(streams)
         for i, s in enumerate(sites.values()):  # no partner needed: each site alone
-            inner_steps(s, 5, 5, 100 + i)
+            inner_steps(s, first + 5, 5, 100 + i)
         assert len(streams) == published
         for i, (n, s) in enumerate(sites.items()):
             phi, m, theta = before[n]
@@ -612,11 +619,12 @@ def test_meet_every_two_pairs_in_odd_rounds_and_steps_alone_between():
             want = phi + (m2 * a + b * delta)
             torch.testing.assert_close(s.state.momentum, m2, rtol=0, atol=1e-6)
             torch.testing.assert_close(s.state.phi, want, rtol=0, atol=1e-6)
-        run_parallel([lambda s=s, i=i: inner_steps(s, 10, 5, 200 + i)
+        run_parallel([lambda s=s, i=i: inner_steps(s, first + 10, 5, 200 + i)
                       for i, s in enumerate(sites.values())])  # fmt: skip
         for s in sites.values():
-            assert [r["n"] for r in s.history] == [2, 1, 2], s.history
-            assert s.history[1]["partner"] == ""
+            want = [2, 1, 2] if steps == 15 else [1, 2, 1, 2]
+            assert [r["n"] for r in s.history] == want, s.history
+            assert s.history[-2]["partner"] == ""
             mate = sites[s.history[-1]["partner"]]
             assert float((s.state.phi - mate.state.phi).abs().max()) < 1e-5
         assert streams.count("phi") == 8 and streams.count("delta") == 0
