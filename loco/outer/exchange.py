@@ -262,14 +262,15 @@ class RangePayloads:
             self._sketch_signs = phi_sketch.signs(self.slo, self.shi - self.slo)
         return self._sketch_signs
 
-    def own_blocks(self, expanded: torch.Tensor) -> torch.Tensor:
+    def own_blocks(self, expanded: torch.Tensor, own: torch.Tensor | None = None) -> torch.Tensor:
         """A partner's sketch pulled on ``[lo, hi)`` (per value), per block of this rank's
         lattice grid: the value at each block's start (blocks that start outside ``[lo, hi)``
-        get this rank's own sketch: no difference there)."""
-        assert self._own_sketch is not None
-        starts = torch.arange(self._own_sketch.numel()) * LATTICE_BLOCK + self.slo - self.lo
+        get this rank's own sketch, ``own`` or the landing's: no difference there)."""
+        own = own if own is not None else self._own_sketch
+        assert own is not None
+        starts = torch.arange(own.numel()) * LATTICE_BLOCK + self.slo - self.lo
         inside = (starts >= 0) & (starts < self.numel)
-        out = self._own_sketch.clone()
+        out = own.clone()
         out[inside] = expanded[starts[inside]]
         return out
 

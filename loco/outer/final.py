@@ -4,9 +4,15 @@ Every site publishes its weights (stream ``final``, round ``last // H + 1``), pu
 live site's, and sets ``theta = phi =`` their mean in site order: the sites end with one model.
 
 With ``outer.final_lattice`` (the default of ``outer=noloco``) the weights travel as an 8-bit
-lattice frame (:mod:`loco.outer.lattice`, the momentum rule's window: 16 times a block's largest
-outer-momentum value, the window of a first-round phi frame) decoded next to the receiver's own
-weights, about 1.02 bytes per value per peer instead of 4. Each site's share of the mean is then
+lattice frame (:mod:`loco.outer.lattice`) decoded next to the receiver's own weights, about 1.02
+bytes per value per peer instead of 4. Its window per block is the momentum rule's (16 times
+the block's largest outer-momentum value, the window of a first-round phi frame), widened where
+the peers' sketches (:mod:`loco.outer.phi_sketch`, stream ``final_sketch``: 4 bytes a block,
+each site publishes its own and pulls the others' first) show the weights farther apart: to 16
+times the estimated rms difference to the farthest peer (:func:`phi_sketch.final_steps`). The
+momentum says how far one round moves the weights, not how far apart sites are that stepped
+alone between meetings or met other partners. A peer's sketch can widen a frame's window to
+twice the block's largest weight either side, no more. Each site's share of the mean is then
 its frame's grid points, which every receiver decodes bit for bit, so the sites still end with
 one model. A block that fails its check at a receiver is not guessed: the receiver pulls the
 sender's exact weights (stream ``final_raw``, published beside the frame and served only to
@@ -30,7 +36,7 @@ from typing import Any
 import torch
 
 from loco.compress import PayloadError
-from loco.outer import lattice
+from loco.outer import lattice, phi_sketch
 from loco.outer.exchange import LATTICE_BLOCK, RangePayloads
 from loco.outer.flat_view import FlatView
 from loco.outer.methods import OuterState
@@ -41,6 +47,7 @@ log = logging.getLogger("loco.outer.loop")  # the outer loop's log lines, as bef
 
 FINAL_STREAM = "final"
 FINAL_RAW_STREAM = "final_raw"  # the exact weights beside a lattice frame, for a failed block
+FINAL_SKETCH_STREAM = "final_sketch"  # the weights' per-block sketch, sizing the peers' windows
 FINAL_BITS = 8
 
 
@@ -75,8 +82,8 @@ class FinalAverage:
         theta = self.flat.master()
         exact = theta.detach().float().cpu().clone()
         served = self.node.served_mark()
-        own = self._publish(t, exact)
         peers = [s for s in self.live() if s != self.site]
+        own = self._publish(t, exact, peers)
         got = self._pull(t, own, peers)
         kept = self._agree(peers, got)
         members = sorted([(self.site, own)] + [(p, got[p][0]) for p in kept], key=lambda m: m[0])
@@ -97,23 +104,36 @@ class FinalAverage:
                    consensus_distance=(sq_all / cnt_all) ** 0.5 if cnt_all else None,
                    mean_crc=mean_crc((mean,)), final_codec="lattice" if self.lattice else "raw",
                    final_raw_pulls=raw_all)  # fmt: skip
-        final = {"peers": len(peers), "served_before": served, **rec}
+        # what the peers pull of this rank: the frame (or raw weights) and, with lattice frames,
+        # the sketch first
+        owed = len(peers) * (2 if self.lattice else 1)
+        final = {"peers": len(peers), "owed": owed, "served_before": served, **rec}
         if left_out:
             self.say(f"final average: {', '.join(left_out)} left out; averaged {len(vals)} sites")
         self.stats.log(done, t, rec)
         return final
 
-    def _publish(self, t: int, exact: torch.Tensor) -> torch.Tensor:
+    def _publish(self, t: int, exact: torch.Tensor, peers: list[str]) -> torch.Tensor:
         """Publish this rank's weights; returns its share of the mean (the lattice frame's grid
-        points, or ``exact`` itself when raw)."""
+        points, or ``exact`` itself when raw). A lattice frame's windows come from the peers'
+        sketches (module docstring): this rank publishes its own sketch and exact weights,
+        pulls the peers' sketches, then encodes and publishes the frame."""
         raw = self.payloads.raw(exact)
         if not self.lattice:
             self.node.publish(t, FINAL_STREAM, raw, codec="raw")
             return exact
-        mom = torch.from_numpy(self.payloads.raw(self.state.momentum))
-        buf, grid = lattice.encode(torch.from_numpy(raw), mom, block=LATTICE_BLOCK,
-                                   bits=FINAL_BITS)  # fmt: skip
+        x = torch.from_numpy(raw)
+        own = phi_sketch.sketch(x, phi_sketch.signs(self.payloads.slo, x.numel()), LATTICE_BLOCK)
         self.node.publish(t, FINAL_RAW_STREAM, raw, codec="raw")
+        self.node.publish(t, FINAL_SKETCH_STREAM, phi_sketch.frame(own, x.numel(), LATTICE_BLOCK),
+                          codec="sketch")  # fmt: skip
+        jobs = [self.pool.submit(self.payloads.pull, self.node, p, t, FINAL_SKETCH_STREAM,
+                                 self.pull_timeout_s, "sketch") for p in peers]  # fmt: skip
+        others = [self.payloads.own_blocks(v, own) for v, _ in (j.result() for j in jobs)
+                  if v is not None]  # fmt: skip
+        mom = torch.from_numpy(self.payloads.raw(self.state.momentum))
+        steps = phi_sketch.final_steps(x, mom, own, others, LATTICE_BLOCK, FINAL_BITS)
+        buf, grid = lattice.encode(x, mom, block=LATTICE_BLOCK, bits=FINAL_BITS, steps=steps)
         self.node.publish(t, FINAL_STREAM, buf, codec="lattice")
         return grid[: exact.numel()].clone()
 

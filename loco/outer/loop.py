@@ -50,7 +50,7 @@ from typing import Any
 import torch
 
 from loco.outer.exchange import RangePayloads
-from loco.outer.final import FINAL_RAW_STREAM, FINAL_STREAM, FinalAverage
+from loco.outer.final import FINAL_RAW_STREAM, FINAL_SKETCH_STREAM, FINAL_STREAM, FinalAverage
 from loco.outer.flat_view import FlatView
 from loco.outer.fragments import Fragments
 from loco.outer.landing import drawn_leader, leader_of
@@ -205,7 +205,7 @@ class OuterLoop:
             else None
         )
         if node is not None and not all_live:  # serve each round only to the agreed group
-            node.require_agreement(exempt=(FINAL_STREAM, FINAL_RAW_STREAM))
+            node.require_agreement(exempt=(FINAL_STREAM, FINAL_RAW_STREAM, FINAL_SKETCH_STREAM))
         self._averager = None
         if final_average:
             self._averager = FinalAverage(flat=flat, state=self.state, node=node,
@@ -266,7 +266,7 @@ class OuterLoop:
         last = self.last_sync
         last_partners = last.agreed if last is not None else None
         want = expected_pulls(last_partners, self.all_live,
-                              self.final["peers"] if self.final is not None else None,
+                              self.final["owed"] if self.final is not None else None,
                               self.method.sends_delta)  # fmt: skip
         reduce = self.rounds.sliced
         if self.fragments is not None and last is not None and last.fragment is not None:

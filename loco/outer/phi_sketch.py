@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from loco.compress import PayloadError
+from loco.outer import lattice
 from loco.outer.lattice import MAX_BLOCK, REL_FLOOR, _bf16, _blocks, _pad, momentum_window
 
 MAGIC, VERSION = b"LSKT", 1
@@ -102,14 +103,16 @@ def decode(buf: bytes | bytearray | memoryview, numel: int) -> torch.Tensor:
 
 def steps_from_sketches(phi: torch.Tensor, own: torch.Tensor, others: list[torch.Tensor],
                         bits: int, block: int, margin: float,
-                        momentum: torch.Tensor) -> torch.Tensor:  # fmt: skip
+                        momentum: torch.Tensor,
+                        cap: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """The lattice step of every block of ``phi`` (the leader's padded coded phi) whose window
     (``2**(bits-1) - 1`` steps either side) covers ``margin`` times the estimated rms
     difference per value to the farthest follower: ``own`` is the leader's per-block sketch,
-    ``others`` the followers' (per block, same length). The window is at most the 8-bit
-    momentum rule's, ``lattice.CAP`` times the block's largest outer-momentum value (padded like
-    ``phi``): a follower's sketch can widen the leader's grid, and so its coding error, no
-    further than that. At least the lattice's floor ``max|phi| / 4096``."""
+    ``others`` the followers' (per block, same length). The window is at most ``cap`` (per
+    block; None: the 8-bit momentum rule's, ``lattice.CAP`` times the block's largest
+    outer-momentum value, padded like ``phi``): a follower's sketch can widen the leader's
+    grid, and so its coding error, no further than that. At least the lattice's floor
+    ``max|phi| / 4096``."""
     nb = own.numel()
     d2 = torch.stack([(o.float() - own.float()).pow(2) for o in others]).amax(0)
     d2 = torch.nan_to_num(d2, nan=float("inf"))
@@ -119,9 +122,31 @@ def steps_from_sketches(phi: torch.Tensor, own: torch.Tensor, others: list[torch
     rms = (mean / block).sqrt().repeat_interleave(GROUP)[:nb]  # per value
     half = float(2 ** (bits - 1) - 1) if bits > 1 else 0.5
     floor = _pad(phi.float(), block).abs().amax(1) * REL_FLOOR
-    cap = momentum_window(momentum, block)
+    if cap is None:
+        cap = momentum_window(momentum, block)
     s = torch.maximum(torch.minimum(margin * rms, cap) / half, floor)
     return _bf16(torch.clamp(s, min=1e-30))
+
+
+FINAL_MARGIN = 16.0  # the final frame: the window covers 16x the rms difference (a step of 1/8)
+FINAL_CAP = 2.0  # ...at most 2x the block's largest weight either side
+
+
+def final_steps(x: torch.Tensor, momentum: torch.Tensor, own: torch.Tensor,
+                others: list[torch.Tensor], block: int, bits: int = 8) -> torch.Tensor:
+    """The grid step of every block of the final average's frame of ``x`` (the sender's padded
+    weights): the momentum rule's (:func:`lattice.steps_for`), widened where the peers'
+    per-block sketches (``others``; ``own`` the sender's) show the weights farther apart than
+    it covers, to ``FINAL_MARGIN`` times the estimated rms difference to the farthest peer.
+    The momentum says how far a round moves the weights, not how far apart sites that stepped
+    alone, or met others, have drifted; a peer's sketch widens the grid, and so the frame's
+    coding error, at most to ``FINAL_CAP`` times the block's largest weight either side."""
+    rule = lattice.steps_for(x, momentum, block, bits=bits)
+    if not others:
+        return rule
+    cap = FINAL_CAP * _pad(x.float(), block).abs().amax(1)
+    seen = steps_from_sketches(x, own, others, bits, block, FINAL_MARGIN, momentum, cap=cap)
+    return torch.maximum(rule, seen)
 
 
 SCALE_RANGE = 2.0**-8, 2.0**8  # the most a round's sketches rescale the remembered spread

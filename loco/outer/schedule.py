@@ -178,15 +178,16 @@ def check_lengths(H: int, first: tuple[int, ...], fragments: int) -> None:
                          "steps")  # fmt: skip
 
 
-def expected_pulls(last_partners: list[str] | None, all_live: bool, final_peers: int | None,
+def expected_pulls(last_partners: list[str] | None, all_live: bool, final_pulls: int | None,
                    sends_delta: bool = True) -> int:  # fmt: skip
     """How many pulls of this rank the partners owe at the end: two streams (delta, phi; DiLoCo
-    one; a method that sends no delta one) per partner of the last round, plus one per peer of
-    the final average. It counts partners, not their ranks' pulls (a partner with more ranks
-    pulls more than once)."""
+    one; a method that sends no delta one) per partner of the last round, plus ``final_pulls``,
+    what the final average's peers owe (its frame per peer, and its sketch before a lattice
+    frame). It counts partners, not their ranks' pulls (a partner with more ranks pulls more
+    than once)."""
     streams = 1 if all_live or not sends_delta else 2
     want = streams * len(last_partners) if last_partners else 0
-    return want + (final_peers or 0)
+    return want + (final_pulls or 0)
 
 
 @dataclass(frozen=True)

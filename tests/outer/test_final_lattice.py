@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from loco.gossip import GossipNode
-from loco.outer import lattice
+from loco.outer import lattice, phi_sketch
 from loco.outer.final import FINAL_RAW_STREAM, FINAL_STREAM
 
 from .test_loop import LAYOUT, RUN, P, make_sites, ports_for, run_parallel
@@ -27,14 +27,21 @@ def _train_to_end(loop, steps, seed, before_last, jump=0.0):
     loop.finish()
 
 
-def _grid(theta: torch.Tensor, momentum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A site's share of the mean (its 8-bit frame's grid points) and its steps per value."""
-    _, grid = lattice.encode(theta, momentum, block=256, bits=8)
-    steps = lattice.steps_for(theta, momentum, 256, bits=8).repeat_interleave(256)[:P]
-    return grid, steps
+def _sketch(theta: torch.Tensor) -> torch.Tensor:
+    return phi_sketch.sketch(theta, phi_sketch.signs(0, P), 256)
 
 
-def _run(names, far: str | None):
+def _grid(theta: torch.Tensor, momentum: torch.Tensor,
+          peers: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """A site's share of the mean (its 8-bit frame's grid points) and its steps per value: the
+    momentum rule, widened to the peers' weights (``peers``) as their sketches show them."""
+    steps = phi_sketch.final_steps(theta, momentum, _sketch(theta), [_sketch(p) for p in peers],
+                                   256)  # fmt: skip
+    _, grid = lattice.encode(theta, momentum, block=256, bits=8, steps=steps)
+    return grid, steps.repeat_interleave(256)[:P]
+
+
+def _run(names, far: str | None, jump: float = 0.0):
     steps = 12  # rounds at 5 and 10, two more inner steps before the final average
     sites = make_sites(names, ports_for(names), steps=steps, final_average=True,
                        final_lattice=True)  # fmt: skip
@@ -45,7 +52,7 @@ def _run(names, far: str | None):
     before: dict[str, torch.Tensor] = {}
     try:
         run_parallel([lambda s=s, i=i: _train_to_end(s, steps, i, before,
-                                                     5.0 if s.site == far else 0.0)
+                                                     jump if s.site == far else 0.0)
                       for i, s in enumerate(sites.values())])  # fmt: skip
     finally:
         for s in sites.values():
@@ -53,38 +60,72 @@ def _run(names, far: str | None):
     return sites, before
 
 
-@pytest.mark.parametrize("far", [None, "sa"])
-def test_lattice_final_average_ends_every_site_on_the_mean_of_grid_points(far):
+@pytest.mark.parametrize("far,jump", [(None, 0.0), ("sa", 2.0), ("sa", 8.0)])
+def test_lattice_final_average_ends_every_site_on_the_mean_of_grid_points(far, jump):
     """Close sites: every block decodes, no exact weights pulled, about 1.02 bytes per value a
-    peer. A site far from the others (+5 on every weight at the last step, far outside the
-    momentum rule's window): the blocks that fail are rebuilt from the exact weights, the far
-    site's at the others and the others' at it. Either way every site ends on the same bits:
-    the mean in site order of every site's grid points, within half the widest step of the
-    exact mean."""
+    peer (and a sketch). A site far from the others (``jump`` on every weight at the last step,
+    outside the momentum rule's window): at +2 the peers' sketches widen every frame's window
+    to cover it, and still no exact weights are pulled; at +8, past twice the others' largest
+    weights, the far site's frame still decodes everywhere (its window covers its own weights'
+    scale), while the others' frames fail at the far site, which rebuilds them from their exact
+    weights. Either way every site ends on the same bits: the mean in site order of every
+    site's grid points, within half the widest step of the exact mean."""
     names = ["asia", "eu", "sa", "us"]
-    sites, before = _run(names, far)
-    shares = {n: _grid(before[n], sites[n].state.momentum) for n in names}
+    sites, before = _run(names, far, jump)
+    if far is not None:  # the momentum rule alone would not cover the jump
+        rule = max(float(lattice.momentum_window(s.state.momentum, 256).max())
+                   for s in sites.values())  # fmt: skip
+        assert jump > 1.5 * rule, (jump, rule)
+    shares = {n: _grid(before[n], sites[n].state.momentum,
+                       [before[m] for m in names if m != n]) for n in names}  # fmt: skip
     want = torch.stack([shares[n][0] for n in sorted(names)]).mean(0)
     exact = torch.stack([before[n] for n in sorted(names)]).mean(0)
     widest = torch.stack([shares[n][1] for n in names]).amax(0)
     assert float((want - exact).abs().sub(widest / 2).max()) <= 1e-6
+    frames = 3 * (lattice.frame_bytes(P, 256, 8) + phi_sketch.frame_bytes(P, 256))
     for s in sites.values():
         assert torch.equal(s.flat.theta, want), s.site
         assert torch.equal(s.state.phi, want), s.site
         f = s.final
         assert f["n"] == 4 and f["dropped"] == "" and f["final_codec"] == "lattice"
-        frames = 3 * lattice.frame_bytes(P, 256, 8)
-        if far is None:
+        if jump < 5:
             assert f["final_raw_pulls"] == 0
-            # three peers' frames plus the pulls' framing, far below three fp32 copies
-            assert frames <= f["bytes_recv"] < frames + 3 * 1024 < 3 * 4 * P
+            # three peers' frames and sketches plus the pulls' framing, far below fp32 copies
+            assert frames <= f["bytes_recv"] < frames + 6 * 1024 < 3 * 4 * P
         elif s.site == far:
-            assert f["final_raw_pulls"] == 3  # every peer is far from it
+            assert f["final_raw_pulls"] == 3  # every peer's frame is too narrow for it
             assert f["bytes_recv"] >= frames + 3 * 4 * P
         else:
-            assert f["final_raw_pulls"] == 1  # only the far site's exact weights
-            assert frames + 4 * P <= f["bytes_recv"] < frames + 4 * P + 4 * 1024
+            assert f["final_raw_pulls"] == 0
+            assert frames <= f["bytes_recv"] < frames + 6 * 1024
     assert len({s.final["mean_crc"] for s in sites.values()}) == 1
+
+
+def test_final_steps_widen_the_momentum_rule_to_the_peers_as_far_as_the_cap():
+    """``final_steps``: the momentum rule where the peers' sketches show them within it; wider
+    where they are farther (the window then covers the farthest peer's values); never past
+    ``FINAL_CAP`` times the block's largest weight, whatever a peer's sketch claims."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4096, generator=g)
+    m = torch.randn(4096, generator=g) * 0.01
+    sk = _sketch_of(x)
+    rule = lattice.steps_for(x, m, 256, bits=8)
+    near = x + 0.001 * torch.randn(4096, generator=g)
+    assert torch.equal(phi_sketch.final_steps(x, m, sk, [_sketch_of(near)], 256), rule)
+    far = x + 0.8 * torch.randn(4096, generator=g)
+    steps = phi_sketch.final_steps(x, m, sk, [_sketch_of(near), _sketch_of(far)], 256)
+    assert bool((steps >= rule).all()) and bool((steps > 2 * rule).all())
+    frame, _ = lattice.encode(x, m, block=256, bits=8, steps=steps)
+    assert lattice.decode(frame, far).failed == 0  # every block decodes next to the far peer
+    assert lattice.decode(lattice.encode(x, m, block=256, bits=8)[0], far).failed > 0
+    hostile = torch.full((16,), 1e30)
+    wide = phi_sketch.final_steps(x, m, sk, [hostile], 256)
+    cap = phi_sketch.FINAL_CAP * x.reshape(16, 256).abs().amax(1) / 127
+    assert bool((wide <= cap * 1.01).all())
+
+
+def _sketch_of(x: torch.Tensor) -> torch.Tensor:
+    return phi_sketch.sketch(x, phi_sketch.signs(0, x.numel()), 256)
 
 
 def test_grid_points_are_the_frames_own_values():
