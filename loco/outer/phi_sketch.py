@@ -133,7 +133,7 @@ FINAL_CAP = 2.0  # ...at most 2x the block's largest weight either side
 
 
 def final_steps(x: torch.Tensor, momentum: torch.Tensor, own: torch.Tensor,
-                others: list[torch.Tensor], block: int, bits: int = 8) -> torch.Tensor:
+                others: list[torch.Tensor], block: int, bits: int = 8) -> torch.Tensor:  # fmt: skip
     """The grid step of every block of the final average's frame of ``x`` (the sender's padded
     weights): the momentum rule's (:func:`lattice.steps_for`), widened where the peers'
     per-block sketches (``others``; ``own`` the sender's) show the weights farther apart than
