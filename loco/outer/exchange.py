@@ -1,10 +1,9 @@
 """Round payloads of one rank: encode this rank's delta and phi, decode a partner's.
 
-A rank publishes its whole shard ``[slo, shi)`` of the padded flat vector (the values past the
-model's P are zero) and pulls exactly its own range ``[lo, hi)`` (the shard clipped to P), so
-sites with different rank counts still line up. A stream with codec ``none`` travels raw fp32
-(the partner's server slices it exactly); any other codec travels as a self-describing
-``loco.compress`` frame per owner shard, which the puller decodes and slices.
+A rank publishes its whole shard and pulls exactly its own range (:mod:`loco.outer.shard_range`,
+the geometry, the plain frames and the assembly of segments). A stream with codec ``none``
+travels raw fp32 (the partner's server slices it exactly); any other codec travels as a
+self-describing ``loco.compress`` frame per owner shard, which the puller decodes and slices.
 
 Every member of a group uses the DECODED values of every member, its own included, so all
 members compute bit-identical means (the spec's step 3). The delta stream keeps an
@@ -17,19 +16,18 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-from loco.compress import ErrorFeedback, PayloadError, decode, encode, make_codec
-from loco.compress.wire import HEADER_SIZE
+from loco.compress import ErrorFeedback, PayloadError, decode, encode
 from loco.errors import TrainingError
 from loco.outer import lattice, offset_code, phi_sketch
+from loco.outer.shard_range import LATTICE_BLOCK, LOSSLESS, ShardRange
 from loco.outer.spread import Spread
 
 STREAMS = ("delta", "phi")
 SKETCH_STREAM = "phisk"  # the landing's phi sketch (loco.outer.phi_sketch)
-LATTICE_BLOCK = 256  # values per block of a lattice phi frame (lattice.encode's default)
-LOSSLESS = ("none",)
+__all__ = ["LATTICE_BLOCK", "LOSSLESS", "SKETCH_STREAM", "STREAMS", "LatticeTally", "Outgoing",
+           "RangePayloads", "codec_options"]  # fmt: skip
 
 
 @dataclass
@@ -75,7 +73,7 @@ class Outgoing:
     nbytes: int  # payload bytes one puller of the whole shard receives
 
 
-class RangePayloads:
+class RangePayloads(ShardRange):
     """Encode and decode the ``delta`` and ``phi`` streams of one rank's range.
 
     Args:
@@ -135,9 +133,7 @@ class RangePayloads:
         phi_lattice_rotate: bool = False,
         phi_fallback_bits: int = 8,
     ) -> None:
-        self.slo, self.shi = shard
-        self.lo, self.hi = owned
-        assert self.slo <= self.lo <= self.hi <= self.shi, (shard, owned)
+        super().__init__(shard, owned, flat_size)
         self.codec, self.phi_codec = codec, "lattice" if phi_lattice else phi_codec
         self.lattice_window = phi_lattice_window
         self.lattice_rotate, self.fallback_bits = phi_lattice_rotate, phi_fallback_bits
@@ -147,9 +143,6 @@ class RangePayloads:
         self.lattice_blocks = self.lattice_failed = 0  # decoded blocks, and how many failed
         self._lock = threading.Lock()
         self._ref: torch.Tensor | None = None  # own exact phi of the round (lattice decoding)
-        # bound on what a partner's frame may ask us to allocate: a partner with fewer ranks
-        # sends bigger segments, at most its whole padded vector (P plus a little padding)
-        self.max_numel = 2 * max(flat_size or 0, self.shi) + (1 << 20)
         self.delta_options = dict(delta_options or {})
         self.phi_options = dict(phi_options or {})
         self.mean_codec = mean_codec or codec
@@ -195,15 +188,6 @@ class RangePayloads:
             buf, val = offset_code.encode(self._padded(x), offset_code.NAMES[codec])
             return buf, codec, val[: self.numel]
         return self._encode(x, codec, self._options(codec), None)
-
-    @property
-    def numel(self) -> int:
-        return self.hi - self.lo
-
-    def _padded(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(self.shi - self.slo, dtype=torch.float32)
-        out[: self.numel].copy_(x.detach().reshape(-1).float().cpu())
-        return out
 
     def _encode(self, x: torch.Tensor, codec: str, opts: dict, ef: ErrorFeedback | None):
         """(published buffer, codec label, own decoded values on [lo, hi))"""
@@ -349,21 +333,9 @@ class RangePayloads:
             mv = memoryview(buf).cast("B")
             if lattice_ref is not None:
                 t = self._decode_lattice(mv, numel, seg_lo, lattice_ref, tally)
-            elif sketch:
-                if numel > self.max_numel:
-                    raise PayloadError(
-                        f"sketch segment of {numel} values, more than {self.max_numel}"
-                    )
-                t = phi_sketch.decode(mv, numel)
-            elif offsets:
-                if numel > self.max_numel or offset_code.frame_numel(mv) != numel:
-                    raise PayloadError(f"offset frame for a segment of {numel} values")
-                t = offset_code.decode(mv, numel)
-            elif raw:
-                if len(mv) != self.numel * 4 or numel != self.numel:
-                    raise PayloadError(f"raw payload of {len(mv)} bytes for {self.numel} values")
-                t = torch.from_numpy(np.frombuffer(mv, dtype=np.float32).copy())
             else:
+                t = self.decode_plain(mv, numel, raw=raw, sketch=sketch, offsets=offsets)
+            if t is None:
                 t = decode(mv, max_numel=min(numel, self.max_numel)).float()
             if not bool(torch.isfinite(t).all()):
                 raise PayloadError("payload holds NaN/Inf")
@@ -391,62 +363,9 @@ class RangePayloads:
         return seg.decoded.values
 
     def segment_bytes(self, codec: str):
-        """The gossip ``segment_bytes`` bound of a stream in ``codec``: the frame size of a
-        segment of n values under this site's settings, plus 1/8 and 256 bytes for a partner
-        whose blocks or scales differ a little (None for raw: the client bounds raw ranges
-        exactly itself)."""
-        if codec in LOSSLESS:
-            return None
-        if codec == "lattice":
-
-            def exact(n: int) -> int:
-                return lattice.frame_bytes(n, LATTICE_BLOCK)
-        elif codec == "sketch":
-
-            def exact(n: int) -> int:
-                return phi_sketch.frame_bytes(n, LATTICE_BLOCK)
-        elif codec in offset_code.NAMES:
-
-            def exact(n: int) -> int:
-                return offset_code.frame_bytes(n, offset_code.NAMES[codec])
-        else:
-            c = make_codec(codec, **self._options(codec))
-
-            def exact(n: int) -> int:
-                return HEADER_SIZE + c.payload_nbytes(n)
-
-        return lambda n: exact(n) + exact(n) // 8 + 256
-
-    def assemble(self, res, values: list[torch.Tensor], stream: str) -> torch.Tensor:
-        """This rank's ``[lo, hi)`` from a successful pull and the validator's decoded values.
-
-        Raises PayloadError when a segment's length disagrees with its range, or the
-        segments do not cover the range.
-        """
-        if not res.segments:  # raw: exactly [lo, hi)
-            if len(values) != 1 or values[0].numel() != self.numel:
-                raise PayloadError(f"{stream}: raw payload of wrong length")
-            return values[0]
-        if len(values) != len(res.segments):
-            raise PayloadError(f"{stream}: {len(values)} decoded of {len(res.segments)} segments")
-        out = torch.empty(self.numel, dtype=torch.float32)
-        covered = 0
-        for seg, val in zip(res.segments, values, strict=True):
-            if val.numel() != seg.hi - seg.lo:
-                raise PayloadError(
-                    f"{stream}: segment [{seg.lo},{seg.hi}) decodes to {val.numel()} values"
-                )
-            a, b = max(seg.lo, self.lo), min(seg.hi, self.hi)
-            if a < b:
-                out[a - self.lo : b - self.lo].copy_(val[a - seg.lo : b - seg.lo])
-                covered += b - a
-        if covered != self.numel:
-            raise PayloadError(f"{stream}: segments cover {covered} of {self.numel} values")
-        return out
-
-    def raw(self, x: torch.Tensor) -> np.ndarray:
-        """``x`` on ``[lo, hi)`` as this rank's whole shard of raw fp32 (a lossless payload)."""
-        return self._padded(x).numpy()
+        """The gossip ``segment_bytes`` bound of a stream in ``codec`` under this site's
+        settings (:meth:`ShardRange.segment_bound`)."""
+        return self.segment_bound(codec, self._options(codec))
 
     def pull(self, node, partner: str, round: int, stream: str, timeout_s: float | None = None,
              codec: str | None = None, failed_out: list[torch.Tensor] | None = None):  # fmt: skip
