@@ -201,6 +201,7 @@ class FinalAverage:
         if exact is None:
             return None, cause, True
         got[bad] = lattice.grid_points(exact[bad], step[bad])
+        log.warning("final average: %s", _miss(peer, exact, ref[: pl.numel], step, bad))
         return got, "", True
 
     def _agree(self, peers: list[str], got: dict[str, Any]) -> set[str]:
@@ -209,3 +210,21 @@ class FinalAverage:
         if peers:  # the same members on every rank of the site
             ok = self.stats.comm.min(ok)
         return {p for p, k in zip(peers, ok, strict=True) if k > 0}
+
+
+def _miss(peer: str, exact: torch.Tensor, own: torch.Tensor, step: torch.Tensor,
+          bad: torch.Tensor) -> str:  # fmt: skip
+    """One line on the blocks of ``peer``'s final frame that failed here: how many, and the
+    worst one's distance against its window (``2**(FINAL_BITS-1) - 1`` steps either side) and
+    its largest weight (values of this rank's range, ``own`` this rank's share)."""
+    half = float(2 ** (FINAL_BITS - 1) - 1)
+    idx = bad.nonzero().flatten()
+    blocks = torch.unique(idx // LATTICE_BLOCK)
+    gap = (exact[idx] - own[idx]).abs()
+    ratio = gap / (step[idx] * half)
+    w = int(idx[int(ratio.argmax())])
+    b = slice(w - w % LATTICE_BLOCK, w - w % LATTICE_BLOCK + LATTICE_BLOCK)
+    return (f"{peer}'s frame failed {blocks.numel()} blocks here (rebuilt from its exact "
+            f"weights); the worst at value {w}: {float(ratio.max()):.2f}x its window "
+            f"{float(step[w]) * half:.3g}, the block's largest weight {float(exact[b].abs().max()):.3g}, "
+            f"largest difference {float((exact[b] - own[b]).abs().max()):.3g}")  # fmt: skip
