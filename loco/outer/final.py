@@ -8,7 +8,7 @@ lattice frame (:mod:`loco.outer.lattice`) decoded next to the receiver's own wei
 bytes per value per peer instead of 4. Its window per block is the momentum rule's (16 times
 the block's largest outer-momentum value, the window of a first-round phi frame), widened where
 the peers' sketches (:mod:`loco.outer.phi_sketch`, stream ``final_sketch``: 4 bytes a block,
-each site publishes its own and pulls the others' first) show the weights farther apart: to 16
+each site publishes its own and pulls the others' first) show the weights farther apart: to 32
 times the estimated rms difference to the farthest peer (:func:`phi_sketch.final_steps`). The
 momentum says how far one round moves the weights, not how far apart sites are that stepped
 alone between meetings or met other partners. A peer's sketch can widen a frame's window to

@@ -128,7 +128,7 @@ def steps_from_sketches(phi: torch.Tensor, own: torch.Tensor, others: list[torch
     return _bf16(torch.clamp(s, min=1e-30))
 
 
-FINAL_MARGIN = 16.0  # the final frame: the window covers 16x the rms difference (a step of 1/8)
+FINAL_MARGIN = 32.0  # the final frame: the window covers 32x the rms difference (a step of 1/4)
 FINAL_CAP = 2.0  # ...at most 2x the block's largest weight either side
 
 
@@ -137,16 +137,21 @@ def final_steps(x: torch.Tensor, momentum: torch.Tensor, own: torch.Tensor,
     """The grid step of every block of the final average's frame of ``x`` (the sender's padded
     weights): the momentum rule's (:func:`lattice.steps_for`), widened where the peers'
     per-block sketches (``others``; ``own`` the sender's) show the weights farther apart than
-    it covers, to ``FINAL_MARGIN`` times the estimated rms difference to the farthest peer.
-    The momentum says how far a round moves the weights, not how far apart sites that stepped
-    alone, or met others, have drifted; a peer's sketch widens the grid, and so the frame's
-    coding error, at most to ``FINAL_CAP`` times the block's largest weight either side."""
+    it covers, to ``FINAL_MARGIN`` times the estimated rms difference to the farthest peer,
+    pooled over ``GROUP`` blocks or the block's own estimate, whichever is wider. The momentum
+    says how far a round moves the weights, not how far apart sites that stepped alone, or met
+    others, have drifted; a rarely trained row (an embedding) can sit 17x the rms from a peer,
+    so the margin is wide. A peer's sketch widens the grid, and so the frame's coding error, at
+    most to ``FINAL_CAP`` times the block's largest weight either side."""
     rule = lattice.steps_for(x, momentum, block, bits=bits)
     if not others:
         return rule
     cap = FINAL_CAP * _pad(x.float(), block).abs().amax(1)
-    seen = steps_from_sketches(x, own, others, bits, block, FINAL_MARGIN, momentum, cap=cap)
-    return torch.maximum(rule, seen)
+    pooled = steps_from_sketches(x, own, others, bits, block, FINAL_MARGIN, momentum, cap=cap)
+    d2 = torch.stack([(o.float() - own.float()).pow(2) for o in others]).amax(0)
+    rms = (torch.nan_to_num(d2, nan=float("inf")) / block).sqrt()
+    alone = _bf16(torch.minimum(FINAL_MARGIN * rms, cap) / float(2 ** (bits - 1) - 1))
+    return torch.maximum(rule, torch.maximum(pooled, alone))
 
 
 SCALE_RANGE = 2.0**-8, 2.0**8  # the most a round's sketches rescale the remembered spread

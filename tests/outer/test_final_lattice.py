@@ -103,8 +103,9 @@ def test_lattice_final_average_ends_every_site_on_the_mean_of_grid_points(far, j
 
 def test_final_steps_widen_the_momentum_rule_to_the_peers_as_far_as_the_cap():
     """``final_steps``: the momentum rule where the peers' sketches show them within it; wider
-    where they are farther (the window then covers the farthest peer's values); never past
-    ``FINAL_CAP`` times the block's largest weight, whatever a peer's sketch claims."""
+    where they are farther (the window then covers the farthest peer's values, a few outliers
+    of 17x the rms difference included); never past ``FINAL_CAP`` times the block's largest
+    weight, whatever a peer's sketch claims."""
     g = torch.Generator().manual_seed(5)
     x = torch.randn(4096, generator=g)
     m = torch.randn(4096, generator=g) * 0.01
@@ -118,6 +119,13 @@ def test_final_steps_widen_the_momentum_rule_to_the_peers_as_far_as_the_cap():
     frame, _ = lattice.encode(x, m, block=256, bits=8, steps=steps)
     assert lattice.decode(frame, far).failed == 0  # every block decodes next to the far peer
     assert lattice.decode(lattice.encode(x, m, block=256, bits=8)[0], far).failed > 0
+    rare = x + 0.01 * torch.randn(4096, generator=g)  # a few values of one block 17x the rms
+    rare[3 * 256 : 3 * 256 + 4] += 0.17
+    small = m * 0.1  # the momentum rule alone: a window of ~0.06
+    steps = phi_sketch.final_steps(x, small, sk, [_sketch_of(rare)], 256)
+    assert float(lattice.momentum_window(small, 256).max()) < 0.17
+    frame, _ = lattice.encode(x, small, block=256, bits=8, steps=steps)
+    assert lattice.decode(frame, rare).failed == 0
     hostile = torch.full((16,), 1e30)
     wide = phi_sketch.final_steps(x, m, sk, [hostile], 256)
     cap = phi_sketch.FINAL_CAP * x.reshape(16, 256).abs().amax(1) / 127
