@@ -103,8 +103,8 @@ def decode(buf: bytes | bytearray | memoryview, numel: int) -> torch.Tensor:
 
 def steps_from_sketches(phi: torch.Tensor, own: torch.Tensor, others: list[torch.Tensor],
                         bits: int, block: int, margin: float,
-                        momentum: torch.Tensor,
-                        cap: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                        momentum: torch.Tensor, cap: torch.Tensor | None = None,
+                        per_block: bool = False) -> torch.Tensor:  # fmt: skip
     """The lattice step of every block of ``phi`` (the leader's padded coded phi) whose window
     (``2**(bits-1) - 1`` steps either side) covers ``margin`` times the estimated rms
     difference per value to the farthest follower: ``own`` is the leader's per-block sketch,
@@ -112,7 +112,8 @@ def steps_from_sketches(phi: torch.Tensor, own: torch.Tensor, others: list[torch
     block; None: the 8-bit momentum rule's, ``lattice.CAP`` times the block's largest
     outer-momentum value, padded like ``phi``): a follower's sketch can widen the leader's
     grid, and so its coding error, no further than that. At least the lattice's floor
-    ``max|phi| / 4096``."""
+    ``max|phi| / 4096``. ``per_block``: the rms pooled over ``GROUP`` blocks or the block's own
+    one-sample estimate, whichever is wider (a block far from its neighbours)."""
     nb = own.numel()
     d2 = torch.stack([(o.float() - own.float()).pow(2) for o in others]).amax(0)
     d2 = torch.nan_to_num(d2, nan=float("inf"))
@@ -120,6 +121,8 @@ def steps_from_sketches(phi: torch.Tensor, own: torch.Tensor, others: list[torch
     counts[-1] = nb - GROUP * (counts.numel() - 1)  # the last group may be short
     mean = _pad(d2, GROUP).sum(1) / counts
     rms = (mean / block).sqrt().repeat_interleave(GROUP)[:nb]  # per value
+    if per_block:
+        rms = torch.maximum(rms, (d2 / block).sqrt())
     half = float(2 ** (bits - 1) - 1) if bits > 1 else 0.5
     floor = _pad(phi.float(), block).abs().amax(1) * REL_FLOOR
     if cap is None:
@@ -147,11 +150,9 @@ def final_steps(x: torch.Tensor, momentum: torch.Tensor, own: torch.Tensor,
     if not others:
         return rule
     cap = FINAL_CAP * _pad(x.float(), block).abs().amax(1)
-    pooled = steps_from_sketches(x, own, others, bits, block, FINAL_MARGIN, momentum, cap=cap)
-    d2 = torch.stack([(o.float() - own.float()).pow(2) for o in others]).amax(0)
-    rms = (torch.nan_to_num(d2, nan=float("inf")) / block).sqrt()
-    alone = _bf16(torch.minimum(FINAL_MARGIN * rms, cap) / float(2 ** (bits - 1) - 1))
-    return torch.maximum(rule, torch.maximum(pooled, alone))
+    seen = steps_from_sketches(x, own, others, bits, block, FINAL_MARGIN, momentum, cap=cap,
+                               per_block=True)  # fmt: skip
+    return torch.maximum(rule, seen)
 
 
 SCALE_RANGE = 2.0**-8, 2.0**8  # the most a round's sketches rescale the remembered spread
