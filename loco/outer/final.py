@@ -15,8 +15,9 @@ alone between meetings or met other partners. A peer's sketch can widen a frame'
 twice the block's largest weight either side, no more. Each site's share of the mean is then
 its frame's grid points, which every receiver decodes bit for bit, so the sites still end with
 one model. A block that fails its check at a receiver is not guessed: the receiver pulls the
-sender's exact weights (stream ``final_raw``, published beside the frame and served only to
-such a pull) and computes the sender's grid points there itself (:func:`lattice.grid_points`).
+sender's exact weights of the failed blocks (stream ``final_raw``, published beside the frame;
+at most ``MAX_RAW_SPANS`` range pulls, :func:`failed_spans`) and computes the sender's grid
+points there itself (:func:`lattice.grid_points`).
 Without it the weights go raw, one exact copy per peer.
 
 Implausible weights (``loco.outer.plausible.implausible_phi``) earn a strike and are left out; a
@@ -49,6 +50,7 @@ FINAL_STREAM = "final"
 FINAL_RAW_STREAM = "final_raw"  # the exact weights beside a lattice frame, for a failed block
 FINAL_SKETCH_STREAM = "final_sketch"  # the weights' per-block sketch, sizing the peers' windows
 FINAL_BITS = 8
+MAX_RAW_SPANS = 16  # raw pulls of a peer's exact weights for its failed blocks, at most
 
 
 class FinalAverage:
@@ -197,12 +199,33 @@ class FinalAverage:
             return None, "bad_payload", False
         if not bool(bad.any()):
             return got, "", False
-        exact, cause = pl.pull(self.node, peer, t, FINAL_RAW_STREAM, self.pull_timeout_s, "none")
+        exact, cause = self._pull_exact(peer, t, bad)
         if exact is None:
             return None, cause, True
         got[bad] = lattice.grid_points(exact[bad], step[bad])
         log.warning("final average: %s", _miss(peer, exact, ref[: pl.numel], step, bad))
         return got, "", True
+
+    def _pull_exact(self, peer: str, t: int, bad: torch.Tensor) -> tuple[Any, str]:
+        """``peer``'s exact weights where ``bad`` (this rank's range; zero elsewhere): one raw
+        pull per span of :func:`failed_spans`, so a miss costs 4 bytes a value of the failed
+        blocks and at most :data:`MAX_RAW_SPANS` pulls. ``(values, "")`` or ``(None, cause)``."""
+        pl = self.payloads
+        out = torch.zeros(pl.numel, dtype=torch.float32)
+
+        def finite(buf, numel: int, lo: int) -> None:
+            if not bool(torch.isfinite(torch.frombuffer(buf, dtype=torch.float32)).all()):
+                raise PayloadError("exact weights hold NaN/Inf")
+
+        kw: dict[str, Any] = {"codec": "raw", "validate": finite}
+        if self.pull_timeout_s is not None:
+            kw["timeout_s"] = self.pull_timeout_s
+        for a, b in failed_spans(bad, MAX_RAW_SPANS):
+            res = self.node.pull(peer, t, FINAL_RAW_STREAM, lo=pl.lo + a, hi=pl.lo + b,
+                                 out=out[a:b].numpy(), **kw)  # fmt: skip
+            if not res.ok:
+                return None, res.cause
+        return out, ""
 
     def _agree(self, peers: list[str], got: dict[str, Any]) -> set[str]:
         """The peers that answered on every rank of the site (collective when world > 1)."""
@@ -210,6 +233,19 @@ class FinalAverage:
         if peers:  # the same members on every rank of the site
             ok = self.stats.comm.min(ok)
         return {p for p, k in zip(peers, ok, strict=True) if k > 0}
+
+
+def failed_spans(bad: torch.Tensor, most: int) -> list[tuple[int, int]]:
+    """The runs ``[a, b)`` of True in ``bad``, neighbours joined over the smallest gaps until
+    at most ``most`` remain (the ``most - 1`` widest gaps stay); they cover every True value."""
+    flags = bad.to(torch.int8)
+    edges = torch.diff(torch.cat([flags.new_zeros(1), flags, flags.new_zeros(1)])).nonzero()
+    starts, ends = edges.flatten()[0::2], edges.flatten()[1::2]
+    if starts.numel() > max(1, most):
+        keep = torch.topk(starts[1:] - ends[:-1], max(1, most) - 1).indices.sort().values
+        starts = torch.cat([starts[:1], starts[keep + 1]])
+        ends = torch.cat([ends[keep], ends[-1:]])
+    return list(zip(starts.tolist(), ends.tolist(), strict=True))
 
 
 def _miss(peer: str, exact: torch.Tensor, own: torch.Tensor, step: torch.Tensor,
@@ -224,7 +260,8 @@ def _miss(peer: str, exact: torch.Tensor, own: torch.Tensor, step: torch.Tensor,
     ratio = gap / (step[idx] * half)
     w = int(idx[int(ratio.argmax())])
     b = slice(w - w % LATTICE_BLOCK, w - w % LATTICE_BLOCK + LATTICE_BLOCK)
+    pulled = bad[b]  # the values of the block this rank pulled exact
     return (f"{peer}'s frame failed {blocks.numel()} blocks here (rebuilt from its exact "
             f"weights); the worst at value {w}: {float(ratio.max()):.2f}x its window "
-            f"{float(step[w]) * half:.3g}, the block's largest weight {float(exact[b].abs().max()):.3g}, "
-            f"largest difference {float((exact[b] - own[b]).abs().max()):.3g}")  # fmt: skip
+            f"{float(step[w]) * half:.3g}, the block's largest weight {float(exact[b][pulled].abs().max()):.3g}, "
+            f"largest difference {float((exact[b] - own[b])[pulled].abs().max()):.3g}")  # fmt: skip
