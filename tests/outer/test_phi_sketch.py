@@ -24,6 +24,20 @@ def test_signs_are_the_same_however_the_vector_is_split():
         assert torch.equal(phi_sketch.signs(lo, n), whole[lo : lo + n])
 
 
+def test_a_sketch_sees_a_difference_even_over_each_block():
+    """Two vectors apart by ``c`` on every value (a shifted row, a bias): the squared sketch
+    difference per block has mean ``256 c^2`` (the signs sum like coin flips: over 4096 blocks
+    the mean of a chi-square of one degree is within 10% of 1, at 4.5 sds), and no block's
+    signs are balanced by construction (about 5% of fair coin sums of 256 are exactly 0)."""
+    n, c = 4096 * BLOCK, 0.5
+    sgn = phi_sketch.signs(0, n)
+    x = torch.randn(n, generator=torch.Generator().manual_seed(1))
+    d2 = (phi_sketch.sketch(x + c, sgn, BLOCK) - phi_sketch.sketch(x, sgn, BLOCK)).pow(2)
+    assert abs(float(d2.mean()) / (BLOCK * c * c) - 1.0) < 0.1
+    zero = float((sgn.reshape(-1, BLOCK).sum(1) == 0).float().mean())
+    assert 0.03 < zero < 0.075, zero
+
+
 def test_a_frame_decodes_to_each_blocks_projection_per_value():
     phi = torch.randn(1000, generator=torch.Generator().manual_seed(0))
     sgn = phi_sketch.signs(0, 1000)
@@ -46,7 +60,7 @@ def _reframe(body: bytes) -> bytes:
     [
         (lambda b: b[:10], "too short"),
         (lambda b: b"XXXX" + b[4:], "not a phi sketch"),
-        (lambda b: _reframe(b[:4] + bytes([2]) + b[5:-4]), "not a phi sketch"),
+        (lambda b: _reframe(b[:4] + bytes([phi_sketch.VERSION + 1]) + b[5:-4]), "not a phi sketch"),
         (lambda b: _reframe(b[:8] + struct.pack("<Q", 999) + b[16:-4]), "bad sketch header"),
         (lambda b: _reframe(b[:16] + struct.pack("<I", 0) + b[20:-4]), "bad sketch header"),
         (lambda b: _reframe(b[:20] + struct.pack("<I", 5) + b[24:-4]), "bad sketch header"),
