@@ -19,7 +19,7 @@ from loco.compress import decode, encode
 from loco.dist import free_port
 from loco.gossip import GossipNode
 from loco.gossip.agreement import Proposal
-from loco.outer import NoLoCo, build_outer
+from loco.outer import NoLoCo, build_outer, lattice
 from loco.outer.exchange import RangePayloads, codec_options
 from loco.outer.loop import OuterLoop
 
@@ -578,6 +578,70 @@ def test_lookahead_consensus_ends_each_pair_on_one_phi(consensus):
                 assert gap > 1e-3 and moms > 1e-3, (gap, moms)
         assert streams.count("phi") == 16
         assert streams.count("delta") == (0 if consensus == "stepped" else 16)
+    finally:
+        for s in sites.values():
+            s.close()
+
+
+@pytest.mark.parametrize("tau,phi_lattice", [(2, False), (0, True), (2, True)])
+def test_stepped_consensus_overlapped_or_two_way_lattice_lands_each_pair_together(
+    tau, phi_lattice
+):
+    """The stepped consensus outside the sequential landing: rounds overlapped for ``tau``
+    steps, and the two-way lattice (each member's stepped point in a lattice frame next to the
+    partner's; each lands on the mean of the two frames' grid points plus its own point's
+    coding residual, so the pair's sum stays exact). Four sites from one start, four rounds:
+    every round pairs up, no delta travels (one phi frame a site and round); exact points land
+    each pair on one phi (to fp32 rounding), lattice ones within the two residuals,
+    ``(s_a + s_b) / 2`` per value (a grid point is within half its step); with the overlap the
+    merge is
+    ``mix * theta_local + (1 - mix) * phi``."""
+    names = ["asia", "eu", "sa", "us"]
+    kw = {"alpha": 0.8, "gamma": 1.0, "consensus": "stepped", "nesterov": True}
+    sites = make_sites(names, ports_for(names), codec="none", outer_kw=kw, tau=tau, mix=0.5,
+                       phi_lattice=phi_lattice)  # fmt: skip
+    x = sites["asia"].flat.theta.clone()
+    frames: dict[tuple[str, int], bytes] = {}
+    for s in sites.values():
+        s.flat.theta.copy_(x)
+        s.state.phi.copy_(x)
+        real = s.node.publish
+
+        def publish(r, stream, buf, *a, real=real, site=s.site, **k):
+            frames[(site, r)] = bytes(memoryview(buf).cast("B")) if stream == "phi" else b""
+            return real(r, stream, buf, *a, **k)
+
+        s.node.publish = publish
+    streams = published_streams(sites)
+    seen: dict[str, torch.Tensor] = {}
+
+    def run(s, i):
+        g = torch.Generator().manual_seed(i)
+        for step in range(1, 21 + tau):
+            s.flat.theta.add_(0.01 * torch.randn(P, generator=g))
+            if step == 20 + tau:
+                seen[s.site] = s.flat.theta.clone()
+            s.on_step_end(step)
+
+    try:
+        run_parallel([lambda s=s, i=i: run(s, i) for i, s in enumerate(sites.values())])
+        for s in sites.values():
+            assert [r["n"] for r in s.history] == [2, 2, 2, 2], s.history
+            last = s.history[-1]
+            mate = sites[last["partner"]]
+            gap = (s.state.phi - mate.state.phi).abs()
+            if phi_lattice:
+                steps = [lattice.decode(frames[(n, last["round"])], s.state.phi) for n in
+                         (s.site, mate.site)]  # fmt: skip
+                bound = sum(d.steps.repeat_interleave(d.block)[:P] for d in steps) / 2
+                assert bool((gap <= bound * (1 + 1e-5) + 1e-6).all()), float((gap - bound).max())
+                assert float(gap.max()) > 0  # the two-way exchange's noise parts them a little
+            else:
+                assert float(gap.max()) < 1e-5
+            if tau:
+                want = 0.5 * seen[s.site] + 0.5 * s.state.phi
+                torch.testing.assert_close(s.flat.theta, want, rtol=0, atol=1e-6)
+        assert streams.count("phi") == 16 and streams.count("delta") == 0
     finally:
         for s in sites.values():
             s.close()
