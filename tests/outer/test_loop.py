@@ -584,9 +584,7 @@ def test_lookahead_consensus_ends_each_pair_on_one_phi(consensus):
 
 
 @pytest.mark.parametrize("tau,phi_lattice", [(2, False), (0, True), (2, True)])
-def test_stepped_consensus_overlapped_or_two_way_lattice_lands_each_pair_together(
-    tau, phi_lattice
-):
+def test_stepped_consensus_overlapped_or_two_way_lattice_lands_each_pair_together(tau, phi_lattice):
     """The stepped consensus outside the sequential landing: rounds overlapped for ``tau``
     steps, and the two-way lattice (each member's stepped point in a lattice frame next to the
     partner's; each lands on the mean of the two frames' grid points plus its own point's
