@@ -10,7 +10,7 @@ import torch
 
 from loco.gossip import GossipNode
 from loco.outer import lattice, phi_sketch
-from loco.outer.final import FINAL_RAW_STREAM, FINAL_STREAM
+from loco.outer.final import FINAL_RAW_STREAM, FINAL_STREAM, failed_spans
 
 from .test_loop import LAYOUT, RUN, P, make_sites, ports_for, run_parallel
 
@@ -201,3 +201,24 @@ def test_a_hostile_final_frame_leaves_the_peer_out(kind):
     assert f["n"] == 1 and f["dropped"].startswith("us:"), f
     assert torch.isfinite(eu.flat.theta).all()
     assert float(eu.flat.theta.abs().max()) < 100  # nothing of us's 1000s applied
+
+
+def test_failed_spans_cover_every_failed_value_in_at_most_so_many_pulls():
+    """The runs of failed values, joined over the smallest gaps first until at most ``most``
+    remain: every failed value is covered, the widest gaps stay out, one span at most for
+    ``most=1``, none where nothing failed."""
+    bad = torch.zeros(40, dtype=torch.bool)
+    for a, b in ((2, 4), (5, 6), (10, 12), (19, 20), (30, 39)):
+        bad[a:b] = True
+    assert failed_spans(bad, 16) == [(2, 4), (5, 6), (10, 12), (19, 20), (30, 39)]
+    assert failed_spans(bad, 3) == [(2, 12), (19, 20), (30, 39)]  # gaps 1 and 4 joined
+    assert failed_spans(bad, 1) == [(2, 39)]
+    assert failed_spans(torch.zeros(9, dtype=torch.bool), 4) == []
+    g = torch.Generator().manual_seed(0)
+    many = torch.rand(100_000, generator=g) < 0.01
+    spans = failed_spans(many, 16)
+    assert len(spans) == 16
+    covered = torch.zeros_like(many)
+    for a, b in spans:
+        covered[a:b] = True
+    assert bool(covered[many].all())
