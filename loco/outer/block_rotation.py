@@ -21,6 +21,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from loco.outer.index_hash import splitmix
+
 _SEED = 0x9E3779B97F4A7C15
 
 
@@ -32,11 +34,7 @@ def is_power_of_two(block: int) -> bool:
 def position_hash(block: int, seed: int) -> np.ndarray:
     """A splitmix64 mix of every position ``0 .. block - 1`` plus ``seed`` (uint64): fixed
     per-position randomness (the rotation's signs, the lattice check's constants)."""
-    h = np.arange(block, dtype=np.uint64) + np.uint64(seed)
-    with np.errstate(over="ignore"):
-        h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return h ^ (h >> np.uint64(31))
+    return splitmix(0, block, seed)
 
 
 @lru_cache(maxsize=8)

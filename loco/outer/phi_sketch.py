@@ -27,26 +27,22 @@ import torch
 
 from loco.compress import PayloadError
 from loco.outer import lattice
+from loco.outer.index_hash import splitmix
 from loco.outer.lattice import MAX_BLOCK, REL_FLOOR, _bf16, _blocks, _pad, momentum_window
 
 MAGIC, VERSION = b"LSKT", 2  # 2: signs from splitmix64 (version 1's were balanced per block)
 _HEAD = struct.Struct("<4sB3xQII")
 GROUP = 16  # blocks pooled into one rms estimate (16 samples: about +-18% at one sd)
 _MUL = 0x9E3779B97F4A7C15
-_MIX = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)  # splitmix64's finalizer
 
 
 def signs(lo: int, n: int) -> torch.Tensor:
     """The projection's sign (+-1.0, fp32) of flat indices ``[lo, lo + n)``: the top bit of
-    splitmix64's finalizer of the index (the same on every site and every rank count). The
-    signs of neighbouring indices are independent, so a block's signs sum like coin flips; a
-    multiplicative hash alone gives low-discrepancy bits whose sums over a block stay near 0,
-    and a sketch blind to a difference even over a block (a shifted row)."""
-    z = np.arange(lo, lo + n, dtype=np.uint64) + np.uint64(_MUL)
-    with np.errstate(over="ignore"):
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(_MIX[0])
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(_MIX[1])
-    bit = ((z ^ (z >> np.uint64(31))) >> np.uint64(63)).astype(np.float32)
+    :func:`loco.outer.index_hash.splitmix` of the index (the same on every site and every rank
+    count). The signs of neighbouring indices are independent, so a block's signs sum like
+    coin flips; version 1's multiplicative hash gave low-discrepancy bits whose sums over a
+    block stay near 0, and so a sketch blind to a difference even over a block (a shifted row)."""
+    bit = (splitmix(lo, n, _MUL) >> np.uint64(63)).astype(np.float32)
     return torch.from_numpy(1.0 - 2.0 * bit)
 
 
