@@ -360,7 +360,7 @@ class OuterConfig(SlicedOptions):
     phi_landing_window: str = "history"
     # sketch: the window also covers this many times the rms difference the sketches estimate
     phi_landing_sketch_margin: float = 5.0
-    # the followers' offsets: a loco.compress codec (not none) or normal2/3/4 (offset_code.py)
+    # the followers' offsets: a loco.compress codec (not none) or normal1/2/3/4 (offset_code.py)
     phi_landing_codec: str = "ternary"
     final_average: bool = False  # noloco: after the last step, average the weights over all sites
     # the final average's weights as an 8-bit lattice frame (~1.02 B/value a peer); false: raw fp32

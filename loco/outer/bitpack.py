@@ -1,4 +1,4 @@
-"""Codes of 2-8 bits per value packed into bytes, most significant bit first (the lattice
+"""Codes of 1-8 bits per value packed into bytes, most significant bit first (the lattice
 phi frames and the landing's offset frames)."""
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
-"""The landing's offsets in 2-4 bits per value: a scalar code made for Gaussian values.
+"""The landing's offsets in 1-4 bits per value: a scalar code made for Gaussian values.
 
 A follower's offset (``loco.outer.landing``: its phi less the leader's decoded phi, over n) is
 a difference of two partners' slow weights, close to Gaussian inside a block. For such values
 the Lloyd-Max levels (the squared-error optimal scalar quantizer of a unit Gaussian) at ``b``
-bits leave 0.1175 of the variance at 2 bits, 0.0345 at 3 and 0.0095 at 4; the ternary code
+bits leave 0.3634 of the variance at 1 bit (the sign), 0.1175 at 2, 0.0345 at 3 and 0.0095 at
+4; the ternary code
 (1.63 bits) leaves about 0.19, and it is the offsets' error that the landing's feedback cannot
 fully take back (docs/outer.md, "The offsets' code").
 
@@ -15,7 +16,7 @@ the same bits at every receiver and at the sender.
 Frame (little-endian): ``b"LOFS"``, version u8 (1), bits u8, 2 pad bytes, numel u64, block u32,
 nblocks u32, scales bf16[nblocks], codes (``bits`` per value, packed MSB first: the sign bit,
 then the level; unused low bits of the last byte zero), CRC-32 of everything before (u32).
-``2 <= bits <= 4``, ``1 <= block <= MAX_BLOCK``, ``nblocks = ceil(numel / block)``.
+``1 <= bits <= 4``, ``1 <= block <= MAX_BLOCK``, ``nblocks = ceil(numel / block)``.
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ MAGIC, VERSION = b"LOFS", 1
 _HEAD = struct.Struct("<4sBBxxQII")
 BLOCK = 256
 MAX_BLOCK = 1 << 16
-NAMES = {"normal2": 2, "normal3": 3, "normal4": 4}  # outer.phi_landing_codec
+NAMES = {"normal1": 1, "normal2": 2, "normal3": 3, "normal4": 4}  # outer.phi_landing_codec
 # Lloyd-Max levels and thresholds of a unit Gaussian (magnitudes)
 _LEVELS = {
+    1: (0.7979,),  # sqrt(2 / pi): the sign times the mean magnitude
     2: (0.4528, 1.5104),
     3: (0.2451, 0.7560, 1.3439, 2.1519),
     4: (0.1284, 0.3881, 0.6568, 0.9424, 1.2562, 1.6181, 2.0690, 2.7326),
@@ -57,7 +59,7 @@ def encode(x: torch.Tensor, bits: int, block: int = BLOCK) -> tuple[bytes, torch
     """``(frame, decoded values)`` of ``x``; ValueError on NaN/Inf, a bad ``bits`` or
     ``block``, or a block whose scale does not fit bf16."""
     if bits not in _LEVELS:
-        raise ValueError(f"bits={bits}; use 2, 3 or 4")
+        raise ValueError(f"bits={bits}; use 1, 2, 3 or 4")
     if not 1 <= block <= MAX_BLOCK:
         raise ValueError(f"block={block}; use 1 <= block <= {MAX_BLOCK}")
     v = x.detach().reshape(-1).float().cpu()
