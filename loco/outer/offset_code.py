@@ -4,9 +4,8 @@ A follower's offset (``loco.outer.landing``: its phi less the leader's decoded p
 a difference of two partners' slow weights, close to Gaussian inside a block. For such values
 the Lloyd-Max levels (the squared-error optimal scalar quantizer of a unit Gaussian) at ``b``
 bits leave 0.3634 of the variance at 1 bit (the sign), 0.1175 at 2, 0.0345 at 3 and 0.0095 at
-4; the ternary code
-(1.63 bits) leaves about 0.19, and it is the offsets' error that the landing's feedback cannot
-fully take back (docs/outer.md, "The offsets' code").
+4; the ternary code (1.63 bits) leaves about 0.19, and it is the offsets' error that the
+landing's feedback cannot fully take back (docs/outer.md, "The offsets' code").
 
 Per block of 256 values: the levels are scaled by the block's RMS to pick each value's level;
 the scale sent is then the one that minimizes the block's squared error for those levels
