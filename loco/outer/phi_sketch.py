@@ -33,7 +33,7 @@ from loco.outer.lattice import MAX_BLOCK, REL_FLOOR, _bf16, _blocks, _pad, momen
 MAGIC, VERSION = b"LSKT", 2  # 2: signs from splitmix64 (version 1's were balanced per block)
 _HEAD = struct.Struct("<4sB3xQII")
 GROUP = 16  # blocks pooled into one rms estimate (16 samples: about +-18% at one sd)
-_MUL = 0x9E3779B97F4A7C15
+_SIGN_SEED = 0x9E3779B97F4A7C15  # added to the index before the mix (version 1 multiplied by it)
 
 
 def signs(lo: int, n: int) -> torch.Tensor:
@@ -42,7 +42,7 @@ def signs(lo: int, n: int) -> torch.Tensor:
     count). The signs of neighbouring indices are independent, so a block's signs sum like
     coin flips; version 1's multiplicative hash gave low-discrepancy bits whose sums over a
     block stay near 0, and so a sketch blind to a difference even over a block (a shifted row)."""
-    bit = (splitmix(lo, n, _MUL) >> np.uint64(63)).astype(np.float32)
+    bit = (splitmix(lo, n, _SIGN_SEED) >> np.uint64(63)).astype(np.float32)
     return torch.from_numpy(1.0 - 2.0 * bit)
 
 
