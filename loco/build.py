@@ -319,13 +319,17 @@ def _payloads(cfg: LocoConfig, flat, comm: SiteComm, span: tuple[int, int] | Non
         phi_lattice_margin=o.phi_landing_margin if landing else o.phi_lattice_margin,
         phi_every=o.phi_every, phi_sketch_margin=o.phi_landing_sketch_margin,
         phi_lattice_rotate=o.phi_lattice_rotate, phi_fallback_bits=o.phi_fallback_bits,
+        phi_lattice_block=o.phi_lattice_block,
     )  # fmt: skip
     if landing:
         from loco.outer.landing import Landing
 
+        last = o.phi_landing_last_codec or o.phi_landing_codec
         payloads.landing = Landing(payloads, codec=o.phi_landing_codec,
                                    options=codec_options(o.phi_landing_codec, **opts),
-                                   window=o.phi_landing_window)  # fmt: skip
+                                   window=o.phi_landing_window, last_codec=last,
+                                   last_options=codec_options(last, **opts),
+                                   last_bits=o.phi_landing_last_bits)  # fmt: skip
     return payloads
 
 

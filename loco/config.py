@@ -25,6 +25,8 @@ from loco.outer.sliced import REDUCES as DILOCO_REDUCES
 from loco.outer.sliced import SlicedOptions
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# outer.phi_lattice_block: powers of two from the frames' size bound's block up
+LATTICE_BLOCKS = (256, 512, 1024, 2048, 4096)
 
 
 class ConfigError(ValueError):
@@ -362,6 +364,12 @@ class OuterConfig(SlicedOptions):
     phi_landing_sketch_margin: float = 5.0
     # the followers' offsets: a loco.compress codec (not none) or normal1/2/3/4 (offset_code.py)
     phi_landing_codec: str = "ternary"
+    # the run's last meeting (its landing's miss is in the weights the final average starts
+    # from): the leader's lattice bits (0: phi_landing_bits) and the offsets' code ("": as above)
+    phi_landing_last_bits: int = 0
+    phi_landing_last_codec: str = ""
+    # values per block of the lattice phi frames, their sketches and the landing's offsets
+    phi_lattice_block: int = 256
     final_average: bool = False  # noloco: after the last step, average the weights over all sites
     # the final average's weights as an 8-bit lattice frame (~1.02 B/value a peer); false: raw fp32
     final_lattice: bool = True
@@ -412,6 +420,14 @@ class OuterConfig(SlicedOptions):
         _positive("outer.phi_landing_sketch_margin", self.phi_landing_sketch_margin)
         codecs = tuple(c for c in _names("CODECS") if c != "none") + tuple(OFFSET_CODES)
         _choice("outer.phi_landing_codec", self.phi_landing_codec, codecs)
+        if self.phi_landing_last_bits and not 2 <= self.phi_landing_last_bits <= 8:
+            raise ConfigError(f"outer.phi_landing_last_bits={self.phi_landing_last_bits} must "
+                              "be 0 (as outer.phi_landing_bits) or in 2..8")  # fmt: skip
+        if self.phi_landing_last_codec:
+            _choice("outer.phi_landing_last_codec", self.phi_landing_last_codec, codecs)
+        b = self.phi_lattice_block
+        if isinstance(b, bool) or not isinstance(b, int) or b not in LATTICE_BLOCKS:
+            raise ConfigError(f"outer.phi_lattice_block={b!r} must be one of {LATTICE_BLOCKS}")
 
     def _check_meetings(self) -> None:
         from loco.outer.schedule import Meetings

@@ -36,6 +36,10 @@ BAD = [
     (["+site=eu", "outer.phi_fallback_bits=9"], ["outer.phi_fallback_bits", "2..8"]),
     (["+site=eu", "outer.phi_landing_margin=0"], ["outer.phi_landing_margin", "> 0"]),
     (["+site=eu", "outer.phi_landing_codec=none"], ["outer.phi_landing_codec", "ternary"]),
+    (["+site=eu", "outer.phi_landing_last_bits=9"], ["outer.phi_landing_last_bits", "2..8"]),
+    (["+site=eu", "outer.phi_landing_last_codec=int3"], ["outer.phi_landing_last_codec"]),
+    (["+site=eu", "outer.phi_lattice_block=300"], ["outer.phi_lattice_block", "512"]),
+    (["+site=eu", "outer.phi_lattice_block=128"], ["outer.phi_lattice_block", "256"]),
     (["+site=eu", "compression.ef_decay=1.5"], ["compression.ef_decay", "[0, 1]"]),
     (
         ["+site=eu", "compression=sign", "compression.stochastic=true"],
@@ -192,6 +196,28 @@ def test_the_leaders_frame_has_the_landing_bits(overrides, bits, margin, landing
     assert p.lattice_margin == margin
     if landing:
         assert p.landing.codec == "sign" and "sign" in p.extra_options
+
+
+def test_the_last_meeting_and_the_block_reach_the_payloads():
+    """``outer.phi_landing_last_bits`` / ``_last_codec`` go to the landing (its codec
+    registered for the pulls' bound), ``outer.phi_lattice_block`` to the payloads; unset, the
+    last meeting is like the others."""
+    from types import SimpleNamespace
+
+    from loco.build import _payloads
+
+    flat = SimpleNamespace(slo=0, shi=1024, lo=0, hi=1000, padded=1024)
+    cfg = compose(["+site=eu", "outer.phi_landing_last_bits=6",
+                   "outer.phi_landing_last_codec=normal4", "outer.phi_lattice_block=512"])  # fmt: skip
+    p = _payloads(cfg, flat, SimpleNamespace(rank=0))
+    p.landing.last_round = 80
+    assert (p.landing.codec_at(79), p.landing.codec_at(80)) == ("normal2", "normal4")
+    assert (p.landing.bits_at(79, 4), p.landing.bits_at(80, 4)) == (4, 6)
+    assert "normal4" in p.extra_options and p.lattice_block == 512
+    plain = _payloads(compose(["+site=eu"]), flat, SimpleNamespace(rank=0))
+    plain.landing.last_round = 80
+    assert plain.landing.codec_at(80) == "normal2" and plain.landing.bits_at(80, 4) == 4
+    assert plain.lattice_block == 256
 
 
 @pytest.mark.parametrize(

@@ -92,6 +92,9 @@ class RangePayloads(RangePulls):
             value.
         phi_fallback_bits: the bits of a frame sized by the momentum rule (nothing observed
             for this group): its window stays the 8-bit rule's, cut into fewer steps.
+        phi_lattice_block: values per block of the phi frames, their sketches and the
+            landing's offsets (a power of two; the final average keeps ``LATTICE_BLOCK``): a
+            block costs 6 bytes of the leader's frame and 6 of a follower's offsets and sketch.
     """
 
     def __init__(
@@ -118,6 +121,7 @@ class RangePayloads(RangePulls):
         phi_sketch_margin: float = 5.0,
         phi_lattice_rotate: bool = False,
         phi_fallback_bits: int = 8,
+        phi_lattice_block: int = LATTICE_BLOCK,
     ) -> None:
         super().__init__(shard, owned, flat_size, codec=codec,
                          phi_codec="lattice" if phi_lattice else phi_codec,
@@ -126,6 +130,9 @@ class RangePayloads(RangePulls):
         self.lattice_rotate, self.fallback_bits = phi_lattice_rotate, phi_fallback_bits
         self.lattice_bits, self.lattice_margin = phi_lattice_bits, phi_lattice_margin
         self.phi_every, self.sketch_margin = phi_every, phi_sketch_margin
+        if phi_lattice_block < 1 or phi_lattice_block & (phi_lattice_block - 1):
+            raise ValueError(f"phi_lattice_block={phi_lattice_block}: use a power of two")
+        self.lattice_block = phi_lattice_block
         self.mean_codec = mean_codec or codec
         self.mean_options = dict(self.delta_options if mean_options is None else mean_options)
         self.mean_error_feedback = mean_error_feedback
@@ -154,7 +161,8 @@ class RangePayloads(RangePulls):
         if not bool(torch.isfinite(x).all()):
             raise TrainingError("a landing offset holds NaN/Inf; refusing to publish it")
         if codec in offset_code.NAMES:
-            buf, val = offset_code.encode(self._padded(x), offset_code.NAMES[codec])
+            buf, val = offset_code.encode(self._padded(x), offset_code.NAMES[codec],
+                                          block=self.lattice_block)  # fmt: skip
             return buf, codec, val[: self.numel]
         return self._encode(x, codec, self._options(codec), None)
 
@@ -188,8 +196,8 @@ class RangePayloads(RangePulls):
         if self.sketched:  # the phi frame waits for the partners' sketches (leader only)
             ref = self._padded(phi)
             self._ref = ref
-            self._own_sketch = phi_sketch.sketch(ref, self._signs(), LATTICE_BLOCK)
-            sbuf = phi_sketch.frame(self._own_sketch, ref.numel(), LATTICE_BLOCK)
+            self._own_sketch = phi_sketch.sketch(ref, self._signs(), self.lattice_block)
+            sbuf = phi_sketch.frame(self._own_sketch, ref.numel(), self.lattice_block)
             nbytes = memoryview(dbuf).nbytes + len(sbuf)
             out = Outgoing(round, dval, ref[: self.numel].clone(), (dbuf, sbuf), nbytes)
             return out, {**streams, SKETCH_STREAM: (sbuf, "sketch")}
@@ -215,13 +223,16 @@ class RangePayloads(RangePulls):
             self._sketch_signs = phi_sketch.signs(self.slo, self.shi - self.slo)
         return self._sketch_signs
 
-    def own_blocks(self, expanded: torch.Tensor, own: torch.Tensor | None = None) -> torch.Tensor:
+    def own_blocks(self, expanded: torch.Tensor, own: torch.Tensor | None = None,
+                   block: int | None = None) -> torch.Tensor:  # fmt: skip
         """A partner's sketch pulled on ``[lo, hi)`` (per value), per block of this rank's
-        lattice grid: the value at each block's start (blocks that start outside ``[lo, hi)``
-        get this rank's own sketch, ``own`` or the landing's: no difference there)."""
+        lattice grid (``block`` values; None: the phi frames'): the value at each block's start
+        (blocks that start outside ``[lo, hi)`` get this rank's own sketch, ``own`` or the
+        landing's: no difference there)."""
         own = own if own is not None else self._own_sketch
         assert own is not None
-        starts = torch.arange(own.numel()) * LATTICE_BLOCK + self.slo - self.lo
+        block = block or self.lattice_block
+        starts = torch.arange(own.numel()) * block + self.slo - self.lo
         inside = (starts >= 0) & (starts < self.numel)
         out = own.clone()
         out[inside] = expanded[starts[inside]]
@@ -248,9 +259,13 @@ class RangePayloads(RangePulls):
             return self._encode_lattice(round, phi, momentum, rescale=rescale)
         mom = self._padded(momentum if momentum is not None else torch.zeros(self.numel))
         steps = phi_sketch.steps_from_sketches(self._ref, self._own_sketch, sketches,
-                                               self.lattice_bits, LATTICE_BLOCK,
+                                               self._bits(round), self.lattice_block,
                                                self.sketch_margin, mom)  # fmt: skip
         return self._encode_lattice(round, phi, momentum, at_least=steps)
+
+    def _bits(self, round: int) -> int:
+        """The lattice bits of ``round``'s frame: the landing's last meeting may have more."""
+        return self.landing.bits_at(round, self.lattice_bits) if self.landing else self.lattice_bits
 
     def _encode_lattice(self, round: int, phi: torch.Tensor, momentum: torch.Tensor | None,
                         at_least: torch.Tensor | None = None,
@@ -270,17 +285,16 @@ class RangePayloads(RangePulls):
         if profile is not None:  # else the history rule
             scaled = rescale(profile)
             spread = scaled if scaled is not None else spread
-        bits, steps = self.lattice_bits, at_least
+        bits, steps, block = self._bits(round), at_least, self.lattice_block
         mom = self._padded(momentum if momentum is not None else torch.zeros_like(phi))
-        if spread is not None and spread.numel() == -(-ref.numel() // LATTICE_BLOCK):
-            cap = lattice.window_cap(ref, mom, LATTICE_BLOCK)
-            steps = lattice.steps_for_spread(ref, spread, bits, LATTICE_BLOCK, self.lattice_margin,
-                                             cap)  # fmt: skip
+        if spread is not None and spread.numel() == -(-ref.numel() // block):
+            cap = lattice.window_cap(ref, mom, block)
+            steps = lattice.steps_for_spread(ref, spread, bits, block, self.lattice_margin, cap)
             if at_least is not None:  # the wider of the two windows
                 steps = torch.maximum(steps, at_least)
         elif steps is None:
             bits = self.fallback_bits  # nothing observed: the momentum rule's window
-        buf, full = lattice.encode(ref, mom, block=LATTICE_BLOCK, window=self.lattice_window,
+        buf, full = lattice.encode(ref, mom, block=block, window=self.lattice_window,
                                    bits=bits, steps=steps, rotate=self.lattice_rotate)  # fmt: skip
         return buf, full[: self.numel].clone()
 

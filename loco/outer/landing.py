@@ -67,24 +67,46 @@ class Landing:
             sketches, ``loco.outer.phi_sketch``: the leader encodes its frame after pulling
             them) or ``scaled`` (the history's profile over the blocks rescaled to the
             distance the sketches show, :func:`loco.outer.phi_sketch.scaled_spread`).
+        last_codec, last_bits: the offsets' code and the leader's lattice bits at the run's
+            last meeting (:attr:`last_round`, set by the outer loop; None / 0: as the others).
+            Its landing's miss stays in the weights the final average starts from (no later
+            frame takes it back), so a finer last landing brings the sites closer there.
     """
 
     def __init__(self, payloads: Any, *, codec: str = "ternary",
-                 options: dict[str, object] | None = None, window: str = "history") -> None:  # fmt: skip
+                 options: dict[str, object] | None = None, window: str = "history",
+                 last_codec: str | None = None, last_options: dict[str, object] | None = None,
+                 last_bits: int = 0) -> None:  # fmt: skip
         self.payloads, self.codec, self.window = payloads, codec, window
+        self.last_codec, self.last_bits = last_codec or codec, last_bits
         payloads.register_codec(codec, dict(options or {}))
+        if self.last_codec != codec:
+            payloads.register_codec(self.last_codec, dict(last_options or {}))
         self.miss: torch.Tensor | None = None  # on the rank's owned range
+        self.last_round = 0  # the run's last round (0: not known)
+
+    def _last(self, rid: int) -> bool:
+        return self.last_round > 0 and rid == self.last_round
+
+    def codec_at(self, rid: int) -> str:
+        """The offsets' code of round ``rid`` (the same at every member)."""
+        return self.last_codec if self._last(rid) else self.codec
+
+    def bits_at(self, rid: int, bits: int) -> int:
+        """The leader's lattice bits of round ``rid`` (``bits``: the other rounds')."""
+        return self.last_bits if self.last_bits and self._last(rid) else bits
 
     def eff(self, phi: torch.Tensor) -> torch.Tensor:
         """The phi this site codes: its phi less the miss it knows of."""
         return phi if self.miss is None else phi - self.miss
 
-    def offset(self, own_eff: torch.Tensor, leader: torch.Tensor, n: int, failed: torch.Tensor):
-        """A follower's offset ``(eff - leader's decoded phi) / n``, zero where the leader's
-        block ``failed`` its check. Returns the buffer and codec label to publish, the decoded
-        offset, and the miss it leaves (decoded less exact)."""
+    def offset(self, own_eff: torch.Tensor, leader: torch.Tensor, n: int, failed: torch.Tensor,
+               rid: int = 0):  # fmt: skip
+        """A follower's offset ``(eff - leader's decoded phi) / n`` in round ``rid``'s code,
+        zero where the leader's block ``failed`` its check. Returns the buffer and codec label
+        to publish, the decoded offset, and the miss it leaves (decoded less exact)."""
         exact = torch.where(failed, torch.zeros_like(own_eff), (own_eff - leader) / n)
-        buf, label, decoded = self.payloads.encode_plain(exact, self.codec)
+        buf, label, decoded = self.payloads.encode_plain(exact, self.codec_at(rid))
         return buf, label, decoded, decoded - exact
 
     @staticmethod

@@ -247,11 +247,13 @@ class Rounds:
                 else torch.ones_like(eff, dtype=torch.bool)
             )
             usable = lead_phi if lead_phi is not None else eff
-            buf, label, mine, miss = landing.offset(eff, usable, n, failed)
+            buf, label, mine, miss = landing.offset(eff, usable, n, failed, r.rid)
             kept = landing.miss if landing.miss is not None else torch.zeros_like(miss)
             r.land_miss = torch.where(failed, kept, miss)
             self.publish(r.rid, OFFSET_STREAM, buf, label)
-        offs = {p: pull(p, OFFSET_STREAM, landing.codec) for p in followers if p != self.site}
+        offs = {
+            p: pull(p, OFFSET_STREAM, landing.codec_at(r.rid)) for p in followers if p != self.site
+        }
         r.guessed = tuple(offs)
         got = {p: f.result() for p, f in offs.items()}
         offsets = [mine if p == self.site else got[p][0] for p in followers]
