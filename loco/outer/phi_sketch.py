@@ -11,9 +11,13 @@ its square has mean ``||phi_b - phi'_b||^2``. One sample per block is noisy, so 
 ``GROUP`` neighbouring blocks (the same tensor, mostly) into one rms estimate per value and sets
 each block's window to ``margin`` times that rms (:func:`steps_from_sketches`).
 
-Frame (little-endian): ``b"LSKT"``, version u8 (1), 3 pad bytes, numel u64, block u32, nblocks
-u32, values fp32[nblocks], CRC-32 of everything before it (u32). ``1 <= block <= MAX_BLOCK``
-and ``nblocks = ceil(numel / block)``: 4 bytes per block (0.016 bytes per value at block 256).
+Frame (little-endian): ``b"LSKT"``, version u8 (3), 3 pad bytes, numel u64, block u32, nblocks
+u32, scale fp32 (finite, > 0), values fp16[nblocks] (each block's projection over ``scale``),
+CRC-32 of everything before it (u32). ``1 <= block <= MAX_BLOCK`` and
+``nblocks = ceil(numel / block)``: 2 bytes per block (0.008 bytes per value at block 256).
+The scale puts the largest projection at 2**15, inside fp16's range; fp16's 11 bits put a
+projection within 2**-11 of itself, where a difference between two sites' projections is
+a chi-square sample of one degree (noise of its own size). Version 2 sent fp32 values.
 """
 
 from __future__ import annotations
@@ -30,8 +34,10 @@ from loco.outer import lattice
 from loco.outer.index_hash import splitmix
 from loco.outer.lattice import MAX_BLOCK, REL_FLOOR, _bf16, _blocks, _pad, momentum_window
 
-MAGIC, VERSION = b"LSKT", 2  # 2: signs from splitmix64 (version 1's were balanced per block)
-_HEAD = struct.Struct("<4sB3xQII")
+# 2: signs from splitmix64 (version 1's were balanced per block); 3: fp16 values, a frame scale
+MAGIC, VERSION = b"LSKT", 3
+_HEAD = struct.Struct("<4sB3xQIIf")
+_TOP = 2.0**15  # the largest projection's fp16 value
 GROUP = 16  # blocks pooled into one rms estimate (16 samples: about +-18% at one sd)
 _SIGN_SEED = 0x9E3779B97F4A7C15  # added to the index before the mix (version 1 multiplied by it)
 
@@ -63,14 +69,21 @@ def encode(phi: torch.Tensor, sgn: torch.Tensor, block: int) -> bytes:
 
 
 def frame(s: torch.Tensor, numel: int, block: int) -> bytes:
-    """The frame of a sketch ``s`` (per block, from :func:`sketch`) of ``numel`` values."""
-    body = _HEAD.pack(MAGIC, VERSION, numel, block, s.numel()) + s.numpy().astype("<f4").tobytes()
+    """The frame of a sketch ``s`` (per block, from :func:`sketch`, finite) of ``numel``
+    values."""
+    v = s.detach().double().numpy()
+    top = float(np.abs(v).max()) if v.size else 0.0
+    scale = np.float32(top / _TOP if top > 0 else 1.0)
+    if not 0 < scale < np.inf:  # a sum past fp32's range, or below its smallest normal
+        scale = np.float32(1.0 if top < 1 else np.finfo(np.float32).max)
+    vals = (v / float(scale)).astype("<f2")
+    body = _HEAD.pack(MAGIC, VERSION, numel, block, s.numel(), scale) + vals.tobytes()
     return body + struct.pack("<I", zlib.crc32(body))
 
 
 def frame_bytes(numel: int, block: int) -> int:
     """The size of a sketch frame of ``numel`` values in blocks of ``block``."""
-    return _HEAD.size + 4 * _blocks(numel, block) + 4
+    return _HEAD.size + 2 * _blocks(numel, block) + 4
 
 
 def decode(buf: bytes | bytearray | memoryview, numel: int) -> torch.Tensor:
@@ -84,9 +97,10 @@ def decode(buf: bytes | bytearray | memoryview, numel: int) -> torch.Tensor:
     mv = memoryview(buf).cast("B")
     if len(mv) < _HEAD.size + 4:
         raise PayloadError(f"sketch frame of {len(mv)} bytes is too short")
-    magic, ver, n, block, nb = _HEAD.unpack_from(mv)
+    magic, ver = struct.unpack_from("<4sB", mv)
     if magic != MAGIC or ver != VERSION:
         raise PayloadError(f"not a phi sketch frame of version {VERSION}")
+    _, _, n, block, nb, scale = _HEAD.unpack_from(mv)
     if n != numel or not 1 <= block <= MAX_BLOCK or nb != _blocks(n, block):
         raise PayloadError(f"bad sketch header: numel {n} for {numel}, block {block}, blocks {nb}")
     if len(mv) != frame_bytes(n, block):
@@ -96,7 +110,12 @@ def decode(buf: bytes | bytearray | memoryview, numel: int) -> torch.Tensor:
     (crc,) = struct.unpack_from("<I", mv, len(mv) - 4)
     if zlib.crc32(mv[:-4]) != crc:
         raise PayloadError("sketch frame checksum mismatch")
-    s = torch.from_numpy(np.frombuffer(mv, "<f4", nb, _HEAD.size).astype(np.float32))
+    if not (math.isfinite(scale) and scale > 0):
+        raise PayloadError(f"sketch scale {scale} is not finite and positive")
+    half = np.frombuffer(mv, "<f2", nb, _HEAD.size)
+    if not bool(np.isfinite(half).all()):
+        raise PayloadError("sketch values are not finite")
+    s = torch.from_numpy(half.astype(np.float32)) * np.float32(scale)
     if not bool(torch.isfinite(s).all()):
         raise PayloadError("sketch values are not finite")
     return s.repeat_interleave(block)[:n].clone()

@@ -37,8 +37,8 @@ def _grid(theta: torch.Tensor, momentum: torch.Tensor,
           peers: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """A site's share of the mean (its 8-bit frame's grid points) and its steps per value: the
     momentum rule, widened to the peers' weights (``peers``) as their sketches show them."""
-    steps = phi_sketch.final_steps(theta, momentum, _sketch(theta), [_sketch(p) for p in peers],
-                                   256)  # fmt: skip
+    sent = [phi_sketch.decode(phi_sketch.frame(_sketch(p), P, 256), P)[::256] for p in peers]
+    steps = phi_sketch.final_steps(theta, momentum, _sketch(theta), sent, 256)  # as they arrive
     _, grid = lattice.encode(theta, momentum, block=256, bits=8, steps=steps)
     return grid, steps.repeat_interleave(256)[:P]
 

@@ -42,13 +42,24 @@ def test_a_frame_decodes_to_each_blocks_projection_per_value():
     phi = torch.randn(1000, generator=torch.Generator().manual_seed(0))
     sgn = phi_sketch.signs(0, 1000)
     buf = phi_sketch.encode(phi, sgn, BLOCK)
-    assert len(buf) == phi_sketch.frame_bytes(1000, BLOCK) == 24 + 4 * 4 + 4
+    assert len(buf) == phi_sketch.frame_bytes(1000, BLOCK) == 28 + 2 * 4 + 4
     got = phi_sketch.decode(buf, 1000)
     want = [float((phi[b : b + BLOCK] * sgn[b : b + BLOCK]).sum()) for b in range(0, 1000, BLOCK)]
     assert got.numel() == 1000
+    top = max(abs(w) for w in want)  # fp16 under a scale that puts it at 2**15: 11 bits of it
     for i, w in enumerate(want):
-        assert torch.allclose(got[i * BLOCK : (i + 1) * BLOCK], torch.full((min(BLOCK, 1000 - i * BLOCK),), w),
-                              rtol=1e-5, atol=1e-5)  # fmt: skip
+        part = got[i * BLOCK : (i + 1) * BLOCK]
+        assert bool((part == part[0]).all()) and abs(float(part[0]) - w) <= top * 2.0**-11, i
+
+
+def test_a_frame_keeps_each_projection_to_fp16_precision_whatever_its_range():
+    """Projections from 1e-30 to 1e30 times a unit: each within 2**-11 of itself (or of the
+    largest over 2**26, fp16's subnormal floor under the frame's scale), never inf."""
+    for unit in (1e-30, 1e-3, 1.0, 1e5, 1e30):
+        s = torch.tensor([0.0, 1.0, -3.5, 1000.0, -1e-6], dtype=torch.float64) * unit
+        got = phi_sketch.decode(phi_sketch.frame(s.float(), 5, 1), 5).double()
+        err = (got - s.float().double()).abs()
+        assert bool((err <= s.abs() * 2.0**-11 + 1000 * unit * 2.0**-26).all()), (unit, got)
 
 
 def _reframe(body: bytes) -> bytes:
@@ -67,6 +78,10 @@ def _reframe(body: bytes) -> bytes:
         (lambda b: _reframe(b[:-8]), "header implies"),
         (lambda b: b[:-1] + bytes([b[-1] ^ 1]), "checksum"),
         (lambda b: _reframe(b[:24] + struct.pack("<f", float("nan")) + b[28:-4]), "not finite"),
+        (lambda b: _reframe(b[:24] + struct.pack("<f", 0.0) + b[28:-4]), "positive"),
+        (lambda b: _reframe(b[:24] + struct.pack("<f", -1.0) + b[28:-4]), "positive"),
+        (lambda b: _reframe(b[:28] + bytes([0x00, 0x7C]) + b[30:-4]), "not finite"),  # fp16 inf
+        (lambda b: _reframe(b[:24] + struct.pack("<f", 3e38) + b[28:-4]), "not finite"),
     ],
 )
 def test_bad_frames_are_refused(mutate, match):
@@ -123,7 +138,8 @@ def test_a_partners_sketch_lines_up_with_the_own_blocks():
     expanded = phi_sketch.decode(buf, 4 * BLOCK)[: p.numel]
     blocks = p.own_blocks(expanded)
     want = phi_sketch.sketch(p._padded(other), p._signs(), BLOCK)
-    assert torch.equal(blocks, want)  # every block starts inside the owned range
+    sent = phi_sketch.decode(phi_sketch.frame(want, 4 * BLOCK, BLOCK), 4 * BLOCK)[::BLOCK]
+    assert torch.equal(blocks, sent)  # every block starts inside the owned range
 
 
 def test_a_hostile_sketch_widens_the_window_no_further_than_the_momentum_rule():
