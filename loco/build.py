@@ -329,7 +329,8 @@ def _payloads(cfg: LocoConfig, flat, comm: SiteComm, span: tuple[int, int] | Non
                                    options=codec_options(o.phi_landing_codec, **opts),
                                    window=o.phi_landing_window, last_codec=last,
                                    last_options=codec_options(last, **opts),
-                                   last_bits=o.phi_landing_last_bits)  # fmt: skip
+                                   last_bits=o.phi_landing_last_bits,
+                                   last_meetings=o.phi_landing_last_meetings)  # fmt: skip
     return payloads
 
 

@@ -364,10 +364,12 @@ class OuterConfig(SlicedOptions):
     phi_landing_sketch_margin: float = 5.0
     # the followers' offsets: a loco.compress codec (not none) or normal1/2/3/4 (offset_code.py)
     phi_landing_codec: str = "ternary"
-    # the run's last meeting (its landing's miss is in the weights the final average starts
-    # from): the leader's lattice bits (0: phi_landing_bits) and the offsets' code ("": as above)
+    # the run's last phi_landing_last_meetings meetings (their landings' misses are in the
+    # weights the final average starts from): the leader's lattice bits (0: phi_landing_bits)
+    # and the offsets' code ("": phi_landing_codec)
     phi_landing_last_bits: int = 0
     phi_landing_last_codec: str = ""
+    phi_landing_last_meetings: int = 1
     # values per block of the lattice phi frames, their sketches and the landing's offsets
     phi_lattice_block: int = 256
     final_average: bool = False  # noloco: after the last step, average the weights over all sites
@@ -423,6 +425,9 @@ class OuterConfig(SlicedOptions):
         if self.phi_landing_last_bits and not 2 <= self.phi_landing_last_bits <= 8:
             raise ConfigError(f"outer.phi_landing_last_bits={self.phi_landing_last_bits} must "
                               "be 0 (as outer.phi_landing_bits) or in 2..8")  # fmt: skip
+        m = self.phi_landing_last_meetings
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise ConfigError(f"outer.phi_landing_last_meetings={m!r} must be a whole number >= 0")
         if self.phi_landing_last_codec:
             _choice("outer.phi_landing_last_codec", self.phi_landing_last_codec, codecs)
         b = self.phi_lattice_block

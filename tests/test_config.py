@@ -39,6 +39,7 @@ BAD = [
     (["+site=eu", "outer.phi_landing_last_bits=9"], ["outer.phi_landing_last_bits", "2..8"]),
     (["+site=eu", "outer.phi_landing_last_codec=int3"], ["outer.phi_landing_last_codec"]),
     (["+site=eu", "outer.phi_lattice_block=300"], ["outer.phi_lattice_block", "512"]),
+    (["+site=eu", "outer.phi_landing_last_meetings=-1"], ["outer.phi_landing_last_meetings"]),
     (["+site=eu", "outer.phi_lattice_block=128"], ["outer.phi_lattice_block", "256"]),
     (["+site=eu", "compression.ef_decay=1.5"], ["compression.ef_decay", "[0, 1]"]),
     (
@@ -207,15 +208,16 @@ def test_the_last_meeting_and_the_block_reach_the_payloads():
     from loco.build import _payloads
 
     flat = SimpleNamespace(slo=0, shi=1024, lo=0, hi=1000, padded=1024)
-    cfg = compose(["+site=eu", "outer.phi_landing_last_bits=6",
+    cfg = compose(["+site=eu", "outer.phi_landing_last_bits=6", "outer.phi_landing_last_meetings=2",
                    "outer.phi_landing_last_codec=normal4", "outer.phi_lattice_block=512"])  # fmt: skip
     p = _payloads(cfg, flat, SimpleNamespace(rank=0))
-    p.landing.last_round = 80
-    assert (p.landing.codec_at(79), p.landing.codec_at(80)) == ("normal2", "normal4")
+    p.landing.last_rounds = frozenset({78, 80})
+    assert [p.landing.codec_at(t) for t in (77, 78, 79, 80)] == ["normal2", "normal4"] * 2
     assert (p.landing.bits_at(79, 4), p.landing.bits_at(80, 4)) == (4, 6)
+    assert p.landing.last_meetings == 2
     assert "normal4" in p.extra_options and p.lattice_block == 512
     plain = _payloads(compose(["+site=eu"]), flat, SimpleNamespace(rank=0))
-    plain.landing.last_round = 80
+    plain.landing.last_rounds = frozenset({80})
     assert plain.landing.codec_at(80) == "normal2" and plain.landing.bits_at(80, 4) == 4
     assert plain.lattice_block == 256
 

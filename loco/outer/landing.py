@@ -68,25 +68,28 @@ class Landing:
             them) or ``scaled`` (the history's profile over the blocks rescaled to the
             distance the sketches show, :func:`loco.outer.phi_sketch.scaled_spread`).
         last_codec, last_bits: the offsets' code and the leader's lattice bits at the run's
-            last meeting (:attr:`last_round`, set by the outer loop; None / 0: as the others).
-            Its landing's miss stays in the weights the final average starts from (no later
-            frame takes it back), so a finer last landing brings the sites closer there.
+            last ``last_meetings`` meetings (:attr:`last_rounds`, set by the outer loop; None /
+            0: as the others). The last landing's miss stays in the weights the final average
+            starts from (no later frame takes it back), and half of each member's partner's
+            part of the one before (its own part is fed back, the partner's is in the landing
+            point), so finer last landings bring the sites closer there.
     """
 
     def __init__(self, payloads: Any, *, codec: str = "ternary",
                  options: dict[str, object] | None = None, window: str = "history",
                  last_codec: str | None = None, last_options: dict[str, object] | None = None,
-                 last_bits: int = 0) -> None:  # fmt: skip
+                 last_bits: int = 0, last_meetings: int = 1) -> None:  # fmt: skip
         self.payloads, self.codec, self.window = payloads, codec, window
         self.last_codec, self.last_bits = last_codec or codec, last_bits
         payloads.register_codec(codec, dict(options or {}))
         if self.last_codec != codec:
             payloads.register_codec(self.last_codec, dict(last_options or {}))
         self.miss: torch.Tensor | None = None  # on the rank's owned range
-        self.last_round = 0  # the run's last round (0: not known)
+        self.last_meetings = last_meetings
+        self.last_rounds: frozenset[int] = frozenset()  # the last meetings' rounds (the loop's)
 
     def _last(self, rid: int) -> bool:
-        return self.last_round > 0 and rid == self.last_round
+        return rid in self.last_rounds
 
     def codec_at(self, rid: int) -> str:
         """The offsets' code of round ``rid`` (the same at every member)."""

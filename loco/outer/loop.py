@@ -166,7 +166,7 @@ class OuterLoop:
         self.method, self.flat, self.H, self.steps = step, flat, H, steps
         self.node, self.payloads, self.site, self.all_live = node, payloads, site, all_live
         if getattr(payloads, "landing", None) is not None:  # its last meeting may be finer
-            payloads.landing.last_round = self.meetings.last
+            payloads.landing.last_rounds = self.meetings.final(payloads.landing.last_meetings)
         self.tau, self.mix = tau, mix
         self.comm = comm if comm is not None else SiteComm.single()
         self.metrics, self.pull_timeout_s = metrics, pull_timeout_s

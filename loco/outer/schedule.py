@@ -222,6 +222,16 @@ class Meetings:
         """Whether round ``t`` (``>= 1``) pairs the sites up."""
         return t <= self.first or (t >= self.start and (t - self.start) % self.every == 0)
 
+    def final(self, k: int) -> frozenset[int]:
+        """The rounds of the run's last ``k`` meetings (empty while ``last`` is not known)."""
+        out: list[int] = []
+        t = self.last
+        while t >= 1 and len(out) < k:
+            if self.meets(t):
+                out.append(t)
+            t -= 1
+        return frozenset(out)
+
     def index(self, t: int) -> int:
         """The number of the meeting at round ``t`` (of the last one before it otherwise)."""
         if t <= self.first:

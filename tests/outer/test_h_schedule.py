@@ -290,3 +290,5 @@ def test_meetings_are_counted_back_from_the_last_round(last):
     assert [m.index(t) for t in between] == [len([g for g in got if g < t]) for t in between]
     with pytest.raises(ValueError, match="last round"):
         Meetings(every=2, last=-1)
+    assert m.final(2) == frozenset(got[-2:]) and m.final(0) == frozenset()
+    assert m.final(100) == frozenset(got) and Meetings(every=3).final(2) == frozenset()

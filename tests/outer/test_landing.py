@@ -254,7 +254,7 @@ def _roles(t):
 
 
 def test_the_last_meeting_lands_finer():
-    """``last_round`` 4 of four rounds, 6-bit frame and 4-bit offsets there: the leader's frame
+    """``last_rounds`` {4} of four rounds, 6-bit frame and 4-bit offsets there: the leader's frame
     and the follower's offsets grow by their codes' widths in round 4 alone, and the
     follower's part of the landing's miss (its offset's coding error: 0.34 of the offset's
     rms in 2-bit Lloyd-Max, 0.10 in 4-bit) falls."""
@@ -264,7 +264,7 @@ def test_the_last_meeting_lands_finer():
             old = loop.payloads.landing
             loop.payloads.landing = Landing(loop.payloads, codec="normal2", window=old.window,
                                             last_codec="normal4", last_bits=6)  # fmt: skip
-            loop.payloads.landing.last_round = 4
+            loop.payloads.landing.last_rounds = frozenset({4})
         train(sites, 20)
         for t in (2, 3, 4):
             lead, follow = _roles(t)
@@ -295,5 +295,23 @@ def test_lattice_blocks_of_512_halve_the_block_overhead():
             assert sizes[(follow, t, "phisk")] == phi_sketch.frame_bytes(P, 512)
             assert lattice.frame_bytes(P, 256, 4) - lattice.frame_bytes(P, 512, 4) == 6 * (12 - 6)
             assert not sites[follow].history[t - 1].get("fail_lattice_blocks")
+    finally:
+        close(sites)
+
+
+def test_the_loop_tells_the_landing_its_last_meetings():
+    """A loop built over payloads with a landing sets ``last_rounds`` from its meetings: 40
+    steps of H = 5 are rounds 1-8, meetings every other round counted back from 8."""
+    from loco.outer import build_outer
+    from loco.outer.loop import OuterLoop
+
+    sites = make_sites(["eu"], ports_for(["eu"]), codec="ternary", phi_lattice=True)
+    try:
+        eu = sites["eu"]
+        eu.payloads.landing = Landing(eu.payloads, codec="normal2", last_meetings=2)
+        loop = OuterLoop(step=build_outer("noloco"), flat=eu.flat, H=5, steps=40, node=eu.node,
+                         payloads=eu.payloads, site="eu", meet_every=2)  # fmt: skip
+        assert eu.payloads.landing.last_rounds == frozenset({6, 8})
+        loop.close()
     finally:
         close(sites)
