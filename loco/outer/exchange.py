@@ -94,7 +94,7 @@ class RangePayloads(RangePulls):
             for this group): its window stays the 8-bit rule's, cut into fewer steps.
         phi_lattice_block: values per block of the phi frames, their sketches and the
             landing's offsets (a power of two; the final average keeps ``LATTICE_BLOCK``): a
-            block costs 6 bytes of the leader's frame and 6 of a follower's offsets and sketch.
+            block costs 6 bytes of the leader's frame and 4 of a follower's offsets and sketch.
     """
 
     def __init__(
@@ -264,7 +264,7 @@ class RangePayloads(RangePulls):
         return self._encode_lattice(round, phi, momentum, at_least=steps)
 
     def _bits(self, round: int) -> int:
-        """The lattice bits of ``round``'s frame: the landing's last meeting may have more."""
+        """The lattice bits of ``round``'s frame: the landing's last meetings may have more."""
         return self.landing.bits_at(round, self.lattice_bits) if self.landing else self.lattice_bits
 
     def _encode_lattice(self, round: int, phi: torch.Tensor, momentum: torch.Tensor | None,

@@ -131,8 +131,8 @@ class FinalAverage:
                           codec="sketch")  # fmt: skip
         jobs = [self.pool.submit(self.payloads.pull, self.node, p, t, FINAL_SKETCH_STREAM,
                                  self.pull_timeout_s, "sketch") for p in peers]  # fmt: skip
-        others = [self.payloads.own_blocks(v, own, LATTICE_BLOCK) for v, _ in (j.result() for j in jobs)
-                  if v is not None]  # fmt: skip
+        got = (j.result()[0] for j in jobs)
+        others = [self.payloads.own_blocks(v, own, LATTICE_BLOCK) for v in got if v is not None]
         mom = torch.from_numpy(self.payloads.raw(self.state.momentum))
         steps = phi_sketch.final_steps(x, mom, own, others, LATTICE_BLOCK, FINAL_BITS)
         buf, grid = lattice.encode(x, mom, block=LATTICE_BLOCK, bits=FINAL_BITS, steps=steps)
