@@ -25,8 +25,8 @@ for the ``-8`` rows, each with the same per-worker batch).
   the pair landing on the mean of the stepped points (no delta sent; ``STEPPED``);
   ``noloco-meet2``: the same, the pairs meeting every other round after the first 10, the
   leader's frame at 3 bits (``MEET2``: 0.23 bytes/param/round at 80 rounds);
-  ``noloco-meet2-4``: meetings every other round from the start at 4 bits in blocks of 512,
-  the last meeting finer (``MEET2_4``: the exchange at <= 0.2 bytes/param/round);
+  ``noloco-meet2-4``: meetings every other round from the start at 4 bits in blocks of 1024,
+  the last two meetings finer (``MEET2_4``: the exchange at <= 0.2 bytes/param/round);
   ``noloco-landing``: the same pairs averaging phi and exchanging deltas, with the sequential
   landing (``LANDING``, the defaults until the fourteenth session: the leader's frame at 4
   bits under a 1.5x window scaled to the round's distance, 2-bit Lloyd-Max offsets; ``noloco-landing-history`` with the history rule's windows, the
@@ -123,13 +123,13 @@ STEPPED = [*LANDING, "outer.consensus=stepped"]
 # ``outer.meet_first=10``; 2026-12-06, fifteenth session): ``noloco-meet2``, NoLoCo at <= 0.25
 # bytes/param/round
 MEET2 = [*STEPPED, "outer.meet_every=2", "outer.meet_first=10", "outer.phi_landing_bits=3"]
-# meetings every other round from the start at 4 bits in blocks of 512, the momentum rule's
-# fallback frames at 6 bits, the last meeting at 6 bits with 4-bit offsets (its miss is what the
-# final average starts from; 2026-12-07, eighteenth session): ``noloco-meet2-4``, the exchange
-# at <= 0.2 bytes/param/round (issue 15 item 2)
-MEET2_4 = [*STEPPED, "outer.meet_every=2", "outer.phi_lattice_block=512",
+# meetings every other round from the start at 4 bits in blocks of 1024, the momentum rule's
+# fallback frames at 6 bits, the last two meetings at 6 bits with 4-bit offsets (their misses
+# are what the final average starts from; 2026-12-07, eighteenth session): ``noloco-meet2-4``,
+# the exchange at <= 0.2 bytes/param/round (issue 15 item 2)
+MEET2_4 = [*STEPPED, "outer.meet_every=2", "outer.phi_lattice_block=1024",
            "outer.phi_fallback_bits=6", "outer.phi_landing_last_bits=6",
-           "outer.phi_landing_last_codec=normal4"]  # fmt: skip
+           "outer.phi_landing_last_codec=normal4", "outer.phi_landing_last_meetings=2"]  # fmt: skip
 LANDING_HISTORY = [*LANDING, "outer.phi_landing_window=history", "outer.final_lattice=false"]
 LANDING_6 = [*LANDING_HISTORY, "outer.phi_landing_bits=6", "outer.phi_landing_margin=8",
              "outer.phi_landing_codec=ternary"]  # fmt: skip
