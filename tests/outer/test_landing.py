@@ -280,8 +280,8 @@ def test_the_last_meeting_lands_finer():
 
 def test_lattice_blocks_of_512_halve_the_block_overhead():
     """``phi_lattice_block=512``: the leader's frame, the follower's offsets and every
-    member's sketch in blocks of 512 (a block's 6 bytes each side now cover 512 values), the
-    pair on one point."""
+    member's sketch in blocks of 512 (a block's 6 bytes of the frame and 4 of the offsets and
+    sketch now cover 512 values), the pair on one point."""
     sites, sizes = _stepped_pair(phi_lattice_block=512)
     try:
         train(sites, 15)
