@@ -130,8 +130,10 @@ class RangePayloads(RangePulls):
         self.lattice_rotate, self.fallback_bits = phi_lattice_rotate, phi_fallback_bits
         self.lattice_bits, self.lattice_margin = phi_lattice_bits, phi_lattice_margin
         self.phi_every, self.sketch_margin = phi_every, phi_sketch_margin
-        if phi_lattice_block < 1 or phi_lattice_block & (phi_lattice_block - 1):
-            raise ValueError(f"phi_lattice_block={phi_lattice_block}: use a power of two")
+        if phi_lattice_block < LATTICE_BLOCK or phi_lattice_block & (phi_lattice_block - 1):
+            # the pulls' size bounds are the LATTICE_BLOCK frames': a smaller block exceeds them
+            raise ValueError(f"phi_lattice_block={phi_lattice_block}: use a power of two "
+                             f">= {LATTICE_BLOCK}")  # fmt: skip
         self.lattice_block = phi_lattice_block
         self.mean_codec = mean_codec or codec
         self.mean_options = dict(self.delta_options if mean_options is None else mean_options)
