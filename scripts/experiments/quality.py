@@ -18,8 +18,8 @@ for the ``-8`` rows, each with the same per-worker batch).
   ``frontier-sign-fragments`` (``-8``): the same with streaming fragments (each sync reduces its
   fragment sliced); ``diloco-fragments``: fp32 DiLoCo with the same fragments, its reference.
 - ``frontier-ternary`` (``-8``, ``-fragments``): the same reduce with ternary deltas and
-  one-bit slice averages (``compression=ternary-sign``) at outer momentum 0.8: 0.2499
-  bytes/param/round at 4 sites.
+  one-bit slice averages (``compression=ternary-sign``) at outer momentum 0.8 and outer lr
+  1.3: 0.2499 bytes/param/round at 4 sites.
 - ``noloco-frontier`` (``-8``): NoLoCo with ternary deltas, the 8-bit lattice phi and outer
   momentum 0.8; ``noloco-stepped``: the defaults, each member stepping on its own delta and
   the pair landing on the mean of the stepped points (no delta sent; ``STEPPED``);
@@ -143,7 +143,7 @@ LANDING_3 = [*LANDING_6, "outer.phi_landing_bits=3", "outer.phi_landing_margin=1
 SKETCH_4 = [*LANDING_4, "outer.phi_landing_window=sketch", "outer.phi_landing_sketch_margin=5"]
 SKETCH_3 = [*LANDING_3, "outer.phi_landing_window=sketch", "outer.phi_landing_sketch_margin=5"]
 # ternary deltas and one-bit slice averages (compression=ternary-sign, 0.2499 B/param/round at
-# 4 sites) at the preset's outer momentum 0.8, the best measured with them at 80 rounds
+# 4 sites) at the preset's outer momentum 0.8 and lr 1.3, the best measured with them at 80 rounds
 FRONTIER_TERNARY = ["outer=diloco-frontier", "compression=ternary-sign"]
 FRAGMENTS = ["outer.fragments=5"]
 # the H schedule of the ``-sched`` rows: 10 rounds of 50 steps, then every 25 (rarely early,

@@ -462,12 +462,12 @@ def test_config_default_is_sliced_and_both_reduces_take_fragments():
         assert (cfg.outer.fragments, cfg.outer.diloco_reduce) == (5, reduce)
 
 
-def test_the_frontier_preset_is_diloco_with_momentum_0_8_and_the_mean_options_compose():
+def test_the_frontier_preset_is_diloco_at_momentum_0_8_lr_1_3_and_the_mean_options_compose():
     cfg = compose(["+site=eu", "outer=diloco-frontier", "compression=sign",
                    "compression.mean_codec=sign", "compression.mean_error_feedback=true"])  # fmt: skip
     o, c = cfg.outer, cfg.compression
     assert (o.method, o.momentum, o.lr, o.nesterov, o.diloco_reduce) == (
-        "diloco", 0.8, 0.7, True, "sliced")  # fmt: skip
+        "diloco", 0.8, 1.3, True, "sliced")  # fmt: skip
     assert (c.codec, c.mean_codec, c.mean_error_feedback) == ("sign", "sign", True)
     # the default preset (ternary-sign) serves one-bit averages; a preset that names none
     # leaves them in the deltas' codec
