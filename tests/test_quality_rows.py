@@ -110,3 +110,17 @@ def test_the_table_keeps_a_rows_variants_apart():
     assert agg["noloco-landing"]["loss"] == 1.5 and agg["noloco-landing"]["seeds"] == [0, 1]
     assert agg["noloco-landing [final in lattice frames]"]["loss"] == 5.0
     assert agg["noloco-landing outer.final_lattice=false"]["loss"] == 7.0
+
+
+def test_the_ddp_row_on_one_gpu_is_one_rank_with_the_four_workers_batch():
+    """On cuda the ``ddp`` row's 4 ranks cannot share one GPU (one NCCL rank per device): it
+    runs one rank with 4x the batch, the same rows (and tokens) per step as 4 ranks x batch."""
+    q = _quality()
+    ov, sites = ROWS["ddp"]
+    one, batch = q.ddp_on_one_gpu(ov, 8)
+    four = compose(["+site=eu", *ov, "train.batch_size=8"])
+    cfg = compose(["+site=eu", *one, f"train.batch_size={batch}", "site.device=cuda"])
+    assert (four.site.nproc, cfg.site.nproc, batch) == (4, 1, 32)
+    assert cfg.site.nproc * cfg.train.batch_size == four.site.nproc * four.train.batch_size
+    assert (cfg.outer.method, cfg.outer.H, cfg.site.device) == ("local", 1001, "cuda")
+    assert sites == 1 and len(cfg.federation.sites) == 1

@@ -252,16 +252,27 @@ def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
+def ddp_on_one_gpu(ov: list[str], batch: int) -> tuple[list[str], int]:
+    """The ``ddp`` row where its 4 ranks would share one GPU (one NCCL rank per GPU): one rank
+    with the 4 workers' batch, the same mean gradient over the same number of tokens a step."""
+    nproc = [o for o in ov if o.startswith("site.nproc=")]
+    workers = int(nproc[0].split("=", 1)[1]) if nproc else 1
+    return [o for o in ov if o not in nproc] + ["site.nproc=1"], batch * workers
+
+
 def run_one(name: str, seed: int, a: argparse.Namespace, stamp: str) -> dict:
     """Run row ``name`` at ``seed``; its result record (also appended to results.jsonl)."""
     ov, nsites = rows(a.H, a.codec, a.steps)[name]
+    batch = a.batch
+    if name == "ddp" and a.device == "cuda":
+        ov, batch = ddp_on_one_gpu(ov, a.batch)
     evals = max(a.H // 2, a.steps // 12)
     common = [
-        f"model={a.model}", f"train.steps={a.steps}", f"train.batch_size={a.batch}",
+        f"model={a.model}", f"train.steps={a.steps}", f"train.batch_size={batch}",
         f"train.seq_len={a.seq_len}", f"train.eval_every={evals}", "train.eval_batches=8",
         f"train.log_every={max(1, evals // 2)}", "gossip.insecure=true",
         f"data.num_shards={max(4, nsites)}", f"train.warmup_steps={max(1, a.steps // 20)}",
-        f"train.seed={seed}",
+        f"train.seed={seed}", f"site.device={a.device}",
     ]  # fmt: skip
     run = a.runs / stamp / f"{name}-s{seed}"
     t0 = time.monotonic()
@@ -284,6 +295,7 @@ def run_one(name: str, seed: int, a: argparse.Namespace, stamp: str) -> dict:
     before = [r["final_average_distance"] for r in site_rows if r.get("final_average_distance")]
     rec = {
         "row": name, "seed": seed, "steps": a.steps, "H": a.H, "model": a.model, "overrides": ov,
+        "device": a.device,
         "ok": all(r.get("exit") == 0 for r in site_rows), "val_loss": _mean(vals),
         "bytes_sent": sent, "params": params, "workers": workers, "rounds": rounds,
         # what one site (one worker for DDP) sends per parameter per round of H steps
@@ -309,6 +321,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="sequences per worker per step")
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--model", default="tiny")
+    ap.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="site.device of every run; on cuda the ddp row is one rank with the 4 workers' batch",
+    )
     ap.add_argument("--codec", default="int8", help="the delta codec of the noloco rows")
     ap.add_argument(
         "--rows",
@@ -396,7 +414,13 @@ def write_report(a: argparse.Namespace) -> None:
     records = [
         json.loads(x) for p in paths if p.exists() for x in p.read_text().splitlines() if x.strip()
     ]
-    records = [r for r in records if r.get("steps") == a.steps and r.get("model") == a.model]
+    records = [
+        r
+        for r in records
+        if r.get("steps") == a.steps
+        and r.get("model") == a.model
+        and r.get("device", "cpu") == a.device
+    ]
     agg = aggregate(records)
     ddp, dil = agg.get("ddp"), agg.get("diloco")
     sources = ", ".join(f"`{p.name}`" for p in paths)
@@ -405,7 +429,8 @@ def write_report(a: argparse.Namespace) -> None:
         "",
         f"`python scripts/experiments/quality.py --steps {a.steps} --H {a.H} ...` (results "
         f"from {sources}): model {a.model}, 4 workers x {a.batch} x {a.seq_len} "
-        f"tokens x {a.steps} steps; machine: {platform.machine()}, {_cores()} CPU cores, shared.",
+        f"tokens x {a.steps} steps; machine: {platform.machine()}, {_cores()} CPU cores, shared"
+        f"{', site.device=cuda (the ddp row: one rank, 4x the batch)' if a.device == 'cuda' else ''}.",
         "",
         "| row | val loss (mean ± sd) | seeds | vs DDP | vs DiLoCo | rounds | bytes/param/round | "
         "bytes/param (run) | DDP / bytes | consensus distance | utilization |",
