@@ -48,6 +48,14 @@ class CommStats:
         self.bytes.clear()
 
 
+def small_device(backend: str) -> torch.device:
+    """Where the small collectives' tensors live: NCCL reduces only tensors on the rank's
+    current GPU (a CPU tensor raises); gloo and a site of one rank take CPU tensors."""
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 class SiteComm:
     """The collectives of one site's ranks.
 
@@ -62,6 +70,7 @@ class SiteComm:
         self.world = dist.get_world_size(group) if self.active else 1
         self.rank = dist.get_rank(group) if self.active else 0
         self.backend = dist.get_backend(group) if self.active else "none"
+        self.small_device = small_device(self.backend)
         self.stats = CommStats()
 
     @classmethod
@@ -70,6 +79,7 @@ class SiteComm:
         comm = cls.__new__(cls)
         comm.group, comm.active, comm.world, comm.rank = None, False, 1, 0
         comm.backend, comm.stats = "none", CommStats()
+        comm.small_device = torch.device("cpu")
         return comm
 
     @property
@@ -157,13 +167,17 @@ class SiteComm:
             dist.all_reduce(x, op=op, group=self.group)
         return x
 
+    def _small(self, values: Sequence[float] | Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(list(values), dtype=dtype, device=self.small_device)
+
     def sum_tensor(self, x: torch.Tensor) -> torch.Tensor:
-        """In-place SUM of a small tensor over the site's ranks; returns it."""
+        """In-place SUM of a small tensor over the site's ranks; returns it. Under NCCL ``x``
+        must live on this rank's GPU."""
         return self._reduce_small(x, dist.ReduceOp.SUM)
 
     def sum(self, values: Sequence[float]) -> list[float]:
         """``values`` summed element-wise over the site's ranks (float64)."""
-        return self.sum_tensor(torch.tensor(list(values), dtype=torch.float64)).tolist()
+        return self.sum_tensor(self._small(values, torch.float64)).tolist()
 
     def mean(self, values: Sequence[float]) -> list[float]:
         """``values`` averaged element-wise over the site's ranks (float64)."""
@@ -171,13 +185,12 @@ class SiteComm:
 
     def min(self, values: Sequence[float]) -> list[float]:
         """Element-wise minimum over the site's ranks (float64)."""
-        t = torch.tensor(list(values), dtype=torch.float64)
-        return self._reduce_small(t, dist.ReduceOp.MIN).tolist()
+        return self._reduce_small(self._small(values, torch.float64), dist.ReduceOp.MIN).tolist()
 
     def max_int(self, values: Sequence[int]) -> list[int]:
         """Element-wise maximum of integers over the site's ranks."""
-        t = torch.tensor(list(values), dtype=torch.int64)
-        return [int(x) for x in self._reduce_small(t, dist.ReduceOp.MAX).tolist()]
+        t = self._reduce_small(self._small(values, torch.int64), dist.ReduceOp.MAX)
+        return [int(x) for x in t.tolist()]
 
     def barrier(self) -> None:
         if self.multi:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 
-from loco.site_comm import SiteComm
+from loco.site_comm import SiteComm, small_device
 from tests.engine.dist_utils import run_ranks
 
 
 def _every_call(rank: int, world: int) -> None:
     comm = SiteComm()
     assert (comm.rank, comm.world, comm.multi, comm.backend) == (rank, world, True, "gloo")
+    assert comm.small_device == torch.device("cpu")
     assert comm.sum([rank, 1.0]) == [sum(range(world)), float(world)]
     assert comm.mean([float(rank)]) == [sum(range(world)) / world]
     assert comm.min([float(rank), -float(rank)]) == [0.0, -float(world - 1)]
@@ -51,3 +53,15 @@ def test_without_a_process_group_every_call_returns_its_input() -> None:
     assert comm.min([2.0]) == [2.0] and comm.max_int([4]) == [4]
     comm.barrier()
     assert comm.broadcast_object("x") == "x" and comm.all_gather_object(5) == [5]
+
+
+def test_the_small_collectives_use_the_gpu_under_nccl_and_the_cpu_otherwise() -> None:
+    """NCCL reduces only GPU tensors; gloo and a site of one rank take CPU ones (the NCCL
+    group itself: tests/engine/test_cuda.py)."""
+    assert small_device("gloo") == small_device("none") == torch.device("cpu")
+    assert SiteComm.single().small_device == torch.device("cpu")
+    if torch.cuda.is_available():
+        assert small_device("nccl") == torch.device("cuda", torch.cuda.current_device())
+    else:  # the choice is NCCL's device; without CUDA there is none to choose
+        with pytest.raises((RuntimeError, AssertionError)):
+            small_device("nccl")

@@ -146,3 +146,23 @@ def test_offload_step_as_fast_as_torch_fused_adamw() -> None:
     )
     print(f"offload AdamW step {ours * 1e3:.2f} ms, torch fused {theirs * 1e3:.2f} ms")
     assert ours <= 1.15 * theirs, (ours, theirs)
+
+
+def _small_collectives_on_nccl(rank: int, world: int) -> None:
+    from loco.site_comm import SiteComm
+
+    comm = SiteComm()
+    assert comm.backend == "nccl"
+    assert comm.small_device == torch.device("cuda", torch.cuda.current_device())
+    t = comm._small([1.5, 2.0], torch.float64)
+    torch.distributed.all_reduce(t)  # NCCL accepts the small tensor as SiteComm builds it
+    assert t.tolist() == [1.5, 2.0]
+    with pytest.raises((RuntimeError, ValueError)):  # and refuses a CPU one, what it used to be
+        torch.distributed.all_reduce(torch.tensor([1.5, 2.0], dtype=torch.float64))
+
+
+@needs_cuda
+def test_site_comm_small_collectives_take_gpu_tensors_under_nccl() -> None:
+    """The small collectives (the train log's loss, eval, the round's figures) build their
+    tensors on the rank's GPU under NCCL, which refuses CPU tensors."""
+    run_ranks(_small_collectives_on_nccl, 1, backend="nccl")
