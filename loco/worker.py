@@ -70,6 +70,16 @@ def preflight(cfg: LocoConfig) -> None:
         for key, path in (("data.path", d.path), ("data.val_path", d.val_path)):
             if path is not None and not Path(path).is_file():
                 raise ConfigError(f"{key}={path} is not a file; give an existing {d.source} file")
+    offload = str(cfg.zero.offload).lower() not in ("false", "0")
+    if cfg.site is not None and cfg.site.nproc > 1 and cfg.zero.stage == 0 and offload:
+        import torch
+
+        if cfg.site.device == "cuda" or (cfg.site.device == "auto" and torch.cuda.is_available()):
+            # stage 0 all-gathers (and broadcasts) the host masters; NCCL takes GPU memory only
+            raise ConfigError(
+                f"zero.offload={cfg.zero.offload} at zero.stage=0 on a {cfg.site.nproc}-GPU site: "
+                "use zero.stage=1 (it shards the offloaded state) or zero.offload=false"
+            )
     if cfg.site is not None and cfg.site.device == "cuda":
         import torch
 
