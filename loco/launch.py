@@ -37,6 +37,7 @@ def _spawned(
             init_method=init_method,
             checkpointing=cfg.zero.activation_checkpointing,
         )
+        bind_gpu(backend, rank)
         run_rank(cfg, run_dir, SiteComm(), rank)
     except Exception as e:
         status = exit_status(e)
@@ -56,6 +57,14 @@ def backend_for(cfg: LocoConfig) -> str:
     return "nccl" if gpu else "gloo"
 
 
+def bind_gpu(backend: str, local_rank: int) -> None:
+    """Under NCCL, make ``local_rank``'s GPU this process's current device before the first
+    collective: NCCL's object and small collectives stage through the current device, which
+    is GPU 0 on every rank until set (``resolve_device`` sets it again, later, to the same)."""
+    if backend == "nccl" and torch.cuda.is_available() and local_rank < torch.cuda.device_count():
+        torch.cuda.set_device(local_rank)
+
+
 def _under_torchrun(cfg: LocoConfig, run_dir: Path) -> dict[str, Any] | None:
     """This torchrun rank: join the ``env://`` group and run under rank 0's run directory."""
     assert cfg.site is not None
@@ -65,13 +74,15 @@ def _under_torchrun(cfg: LocoConfig, run_dir: Path) -> dict[str, Any] | None:
             f"loco: torchrun started {world} ranks; site.nproc={cfg.site.nproc} is ignored",
             file=sys.stderr,
         )
+    backend = backend_for(cfg)
     ldist.init_group(
-        backend=backend_for(cfg),
+        backend=backend,
         rank=rank,
         world=world,
         init_method="env://",
         checkpointing=cfg.zero.activation_checkpointing,
     )
+    bind_gpu(backend, int(os.environ["LOCAL_RANK"]))
     try:
         comm = SiteComm()
         run_dir = Path(comm.broadcast_object(str(run_dir)))  # every rank writes under rank 0's

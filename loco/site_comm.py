@@ -70,7 +70,6 @@ class SiteComm:
         self.world = dist.get_world_size(group) if self.active else 1
         self.rank = dist.get_rank(group) if self.active else 0
         self.backend = dist.get_backend(group) if self.active else "none"
-        self.small_device = small_device(self.backend)
         self.stats = CommStats()
 
     @classmethod
@@ -79,8 +78,13 @@ class SiteComm:
         comm = cls.__new__(cls)
         comm.group, comm.active, comm.world, comm.rank = None, False, 1, 0
         comm.backend, comm.stats = "none", CommStats()
-        comm.small_device = torch.device("cpu")
         return comm
+
+    @property
+    def small_device(self) -> torch.device:
+        """Where the small collectives' tensors go (read per call: under NCCL the rank's
+        current GPU, which the launcher sets after the group is made)."""
+        return small_device(self.backend)
 
     @property
     def multi(self) -> bool:

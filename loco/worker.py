@@ -63,18 +63,23 @@ def _fail(e: BaseException, status: int) -> None:
 
 def preflight(cfg: LocoConfig) -> None:
     """The checks of ``cfg`` against this machine that need no work: the data files exist, a
-    ``site.device=cuda`` site has its GPUs, ``resume=peer`` has a gossip layer to join through.
-    Raises ConfigError with one line naming the fix."""
+    ``site.device=cuda`` site has its GPUs (and no offload at stage 0 across several of them),
+    ``resume=peer`` has a gossip layer to join through. Raises ConfigError with one line naming
+    the fix."""
     d = cfg.data
     if d.source in ("text", "bin"):
         for key, path in (("data.path", d.path), ("data.val_path", d.val_path)):
             if path is not None and not Path(path).is_file():
                 raise ConfigError(f"{key}={path} is not a file; give an existing {d.source} file")
-    offload = str(cfg.zero.offload).lower() not in ("false", "0")
-    if cfg.site is not None and cfg.site.nproc > 1 and cfg.zero.stage == 0 and offload:
+    if cfg.site is not None and cfg.site.nproc > 1 and cfg.zero.stage == 0:
         import torch
 
-        if cfg.site.device == "cuda" or (cfg.site.device == "auto" and torch.cuda.is_available()):
+        from loco.engine.options import OFFLOAD_MODES
+
+        z = cfg.zero.offload
+        offload = OFFLOAD_MODES.get(z.lower() if isinstance(z, str) else z, "none") != "none"
+        gpu = cfg.site.device == "cuda" or (cfg.site.device == "auto" and torch.cuda.is_available())
+        if offload and gpu:
             # stage 0 all-gathers (and broadcasts) the host masters; NCCL takes GPU memory only
             raise ConfigError(
                 f"zero.offload={cfg.zero.offload} at zero.stage=0 on a {cfg.site.nproc}-GPU site: "

@@ -48,3 +48,29 @@ def test_the_worker_exits_2_with_one_line():
     )  # fmt: skip
     assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
     assert "use zero.stage=1" in p.stderr
+
+
+def test_the_engine_refuses_stage_0_offload_over_nccl_with_several_ranks():
+    """The same rule for a ZeroEngine built directly (benchmarks, library use): only the
+    combination NCCL cannot run is refused."""
+    from loco.engine.options import check_offload_backend
+
+    for mode in ("cpu", "nvme"):
+        with pytest.raises(ValueError, match="use stage 1"):
+            check_offload_backend(mode, 0, "nccl", 2)
+    for args in [("none", 0, "nccl", 8), ("cpu", 1, "nccl", 8), ("cpu", 0, "gloo", 8),
+                 ("cpu", 0, "nccl", 1), ("nvme", 3, "nccl", 8)]:  # fmt: skip
+        check_offload_backend(*args)
+
+
+def test_bind_gpu_leaves_a_gloo_or_gpu_less_rank_alone():
+    """``bind_gpu`` only ever sets a GPU that exists, under NCCL."""
+    import torch
+
+    from loco.launch import bind_gpu
+
+    bind_gpu("gloo", 3)
+    bind_gpu("nccl", 10**6)  # no such GPU (or none at all): nothing to bind
+    if torch.cuda.is_available():
+        bind_gpu("nccl", 0)
+        assert torch.cuda.current_device() == 0

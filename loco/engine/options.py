@@ -50,6 +50,17 @@ def offload_mode(offload: bool | str, device: torch.device,
     return mode, torch.device("cpu") if mode != "none" else device
 
 
+def check_offload_backend(mode: str, stage: int, backend: str, world: int) -> None:
+    """Refuse an offload (``mode`` not ``none``) at stage 0 over NCCL with several ranks: stage
+    0 all-gathers the replicated host masters after writes to the range API, and NCCL moves
+    GPU memory only. Stage 1 shards the same state."""
+    if mode != "none" and stage == 0 and backend == "nccl" and world > 1:
+        raise ValueError(
+            f"zero.offload={mode} at stage 0 over NCCL with {world} ranks: use stage 1 (it "
+            "shards the offloaded state) or no offload"
+        )
+
+
 def dtype_of(name: str, key: str) -> torch.dtype:
     """The dtype named ``name`` (``fp32`` or ``bf16``) for the option ``zero.<key>``."""
     if name not in DTYPES:

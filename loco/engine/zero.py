@@ -61,7 +61,7 @@ from loco.engine.buckets import GradBuckets, plan_groups
 from loco.engine.experts import expert_rows, publish_compact
 from loco.engine.flat import FlatLayout
 from loco.engine.optim_range import build_optim_range
-from loco.engine.options import check_options, offload_mode
+from loco.engine.options import check_offload_backend, check_options, offload_mode
 from loco.engine.recompute import checkpoint_blocks
 from loco.engine.replica import replica_space
 from loco.engine.stage3 import unit_of
@@ -147,6 +147,7 @@ class ZeroEngine:
         self.device = next(model.parameters()).device
         self.offload_mode, self.opt_device = offload_mode(offload, self.device, nvme_dir)
         self.offload = offload = self.offload_mode == "cpu"
+        check_offload_backend(self.offload_mode, stage, self.comm.backend, self.world)
         self.comm.broadcast_module(model)
         self.layout = FlatLayout(model)
         self.numel, self.padded = self.layout.numel, self.layout.padded_numel(self.world)
