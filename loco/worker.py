@@ -71,20 +71,18 @@ def preflight(cfg: LocoConfig) -> None:
         for key, path in (("data.path", d.path), ("data.val_path", d.val_path)):
             if path is not None and not Path(path).is_file():
                 raise ConfigError(f"{key}={path} is not a file; give an existing {d.source} file")
-    if cfg.site is not None and cfg.site.nproc > 1 and cfg.zero.stage == 0:
-        import torch
+    if cfg.site is not None and cfg.site.nproc > 1:
+        from loco.engine.options import check_offload_backend, offload_name
+        from loco.launch import backend_for
 
-        from loco.engine.options import OFFLOAD_MODES
-
-        z = cfg.zero.offload
-        offload = OFFLOAD_MODES.get(z.lower() if isinstance(z, str) else z, "none") != "none"
-        gpu = cfg.site.device == "cuda" or (cfg.site.device == "auto" and torch.cuda.is_available())
-        if offload and gpu:
-            # stage 0 all-gathers (and broadcasts) the host masters; NCCL takes GPU memory only
+        mode = offload_name(cfg.zero.offload) or "none"
+        try:
+            check_offload_backend(mode, cfg.zero.stage, backend_for(cfg), cfg.site.nproc)
+        except ValueError:
             raise ConfigError(
                 f"zero.offload={cfg.zero.offload} at zero.stage=0 on a {cfg.site.nproc}-GPU site: "
                 "use zero.stage=1 (it shards the offloaded state) or zero.offload=false"
-            )
+            ) from None
     if cfg.site is not None and cfg.site.device == "cuda":
         import torch
 

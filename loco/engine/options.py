@@ -31,11 +31,16 @@ OFFLOAD_MODES = {False: "none", True: "cpu", "false": "none", "none": "none", "c
                  "true": "cpu", "nvme": "nvme"}  # fmt: skip
 
 
+def offload_name(offload: bool | str) -> str | None:
+    """``none``, ``cpu`` or ``nvme`` for a ``zero.offload`` value; None for an unknown one."""
+    return OFFLOAD_MODES.get(offload.lower() if isinstance(offload, str) else offload)
+
+
 def offload_mode(offload: bool | str, device: torch.device,
                  nvme_dir: str) -> tuple[str, torch.device]:  # fmt: skip
     """``none``, ``cpu`` (GPU runs only: ignored with a warning on a CPU run) or ``nvme``, and
     the device of the optimizer's state (the CPU unless ``none``)."""
-    mode = OFFLOAD_MODES.get(offload.lower() if isinstance(offload, str) else offload)
+    mode = offload_name(offload)
     if mode is None:
         raise ValueError(f"zero.offload={offload!r}; choose false, cpu or nvme")
     if mode == "nvme" and not nvme_dir:
