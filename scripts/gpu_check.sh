@@ -18,25 +18,8 @@ summary="$out/summary.txt"
 : > "$summary"
 
 budget=${GPU_CHECK_BUDGET_S:-540}  # the whole script; each step's limit is cut to what is left
-step() {  # step NAME LIMIT_S CMD... : run with a time limit, log to $out/NAME.log, record rc
-    local name=$1 limit=$2
-    shift 2
-    if [[ -n "${GPU_CHECK_ONLY:-}" && " $GPU_CHECK_ONLY " != *" $name "* ]]; then
-        return 0
-    fi
-    local left=$((budget - SECONDS - 5))
-    if ((left < 10)); then
-        echo "$name skipped: out of time" | tee -a "$summary"
-        return 0
-    fi
-    ((limit > left)) && limit=$left
-    local t0=$SECONDS
-    timeout -k 10 "$limit" "$@" > "$out/$name.log" 2>&1
-    local rc=$?
-    echo "$name rc=$rc ${SECONDS}s-total $((SECONDS - t0))s" | tee -a "$summary"
-    tail -n 4 "$out/$name.log"
-    return 0
-}
+STEP_ONLY=${GPU_CHECK_ONLY:-}
+source scripts/gpu_step.sh  # step NAME LIMIT_S CMD...
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv >> "$summary" 2>&1
 $py -c "import torch, sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))" | tee -a "$summary"

@@ -55,22 +55,7 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 [[ "$device" == cuda ]] && export LOCO_REQUIRE_EXT=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 
-step() {  # step NAME LIMIT_S CMD... : run under a time limit, log to $out/NAME.log, record rc
-    local name=$1 limit=$2
-    shift 2
-    local left=$((budget - SECONDS - 5))
-    if ((left < 20)); then
-        echo "$name skipped: out of time" | tee -a "$summary"
-        return 1
-    fi
-    ((limit > left)) && limit=$left
-    local t0=$SECONDS
-    timeout -k 10 "$limit" "$@" > "$out/$name.log" 2>&1
-    local rc=$?
-    echo "$name rc=$rc limit=${limit}s ${SECONDS}s-total $((SECONDS - t0))s" | tee -a "$summary"
-    tail -n 3 "$out/$name.log"
-    return $rc
-}
+source scripts/gpu_step.sh  # step NAME LIMIT_S CMD...
 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader >> "$summary" 2>&1
 $py -c "import sys, torch, grpc, google.protobuf as pb, hydra; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'grpc', grpc.__version__, 'protobuf', pb.__version__, 'hydra', hydra.__version__)" 2>&1 | tee -a "$summary"
