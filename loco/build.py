@@ -217,7 +217,8 @@ def outer_from(
     loop = OuterLoop if faults is None else partial(lfaults.FaultyOuterLoop, faults=faults)
     return loop(
         step=step, flat=flat, H=o.H, steps=cfg.train.steps, node=node, payloads=payloads,
-        site=cfg.site.name, all_live=o.method == "diloco", tau=o.tau, mix=o.mix, comm=comm,
+        site=cfg.site.name, all_live=o.method == "diloco", tau=o.tau, mix=o.mix, merge=o.merge,
+        comm=comm,
         metrics=metrics, pull_timeout_s=cfg.gossip.pull_timeout_s,
         join_timeout_s=o.join_timeout_s, linger_s=min(10.0, cfg.gossip.pull_timeout_s), say=say,
         final_average=o.final_average, final_lattice=o.final_lattice, closers=closers,

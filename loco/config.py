@@ -330,6 +330,9 @@ class OuterConfig(SlicedOptions):
     consensus: str = "momentum"
     tau: int = 0  # streaming overlap: inner steps the pull may run behind (0 = blocking)
     mix: float = 0.5
+    # how an overlapped round (tau, fragment_tau) lands: "mix" (theta <- mix theta_local +
+    # (1 - mix) phi) or "carry" (theta <- phi + the overlap's own inner progress)
+    merge: str = "mix"
     # streaming fragments: F pieces of the flat space, one synced every H / F steps (1: rounds)
     fragments: int = 1
     # overlap of one fragment's sync in inner steps, < H / F; null: H / F - 1 (docs/outer.md)
@@ -386,6 +389,7 @@ class OuterConfig(SlicedOptions):
         _fraction("outer.momentum", self.momentum)
         _positive("outer.tau", self.tau, zero_ok=True)
         _fraction("outer.mix", self.mix, hi_open=False)
+        _choice("outer.merge", self.merge, ("mix", "carry"))
         if self.tau >= self.H:
             raise ConfigError(f"outer.tau={self.tau} must be < outer.H={self.H}")
         self._check_fragments()

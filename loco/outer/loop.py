@@ -98,6 +98,8 @@ class OuterLoop:
             delta stream travels (DiLoCo's update does not use phi, equal on every site).
         tau, mix: overlap: merge ``tau`` inner steps after the boundary with
             ``theta <- mix * theta_local + (1 - mix) * phi``; ``tau = 0`` blocks.
+        merge: ``mix`` (above) or ``carry`` (``theta <- phi + theta_local - theta_boundary``;
+            :class:`~loco.outer.round.Rounds`), for overlapped rounds and fragments' syncs.
         comm: the site's ranks (``SiteComm``: live-set broadcast, metric sums); None: one rank.
         metrics: rank 0's ``MetricsWriter``.
         pull_timeout_s: deadline of one pull (None: the node's default).
@@ -136,6 +138,7 @@ class OuterLoop:
         all_live: bool = False,
         tau: int = 0,
         mix: float = 0.5,
+        merge: str = "mix",
         comm: SiteComm | None = None,
         metrics: Any = None,
         pull_timeout_s: float | None = None,
@@ -184,7 +187,7 @@ class OuterLoop:
         self.stats = OuterStats(node=node, comm=self.comm, metrics=metrics,
                                 all_live=all_live)  # fmt: skip
         kw = dict(method=step, flat=flat, state=self.state, node=node, payloads=payloads,
-                  site=site, all_live=all_live, mix=mix, pool=self._pool,
+                  site=site, all_live=all_live, mix=mix, merge=merge, pool=self._pool,
                   pull_timeout_s=pull_timeout_s, publish=self._publish)  # fmt: skip
         if diloco_reduce not in REDUCES:
             raise ValueError(f"diloco_reduce={diloco_reduce!r}: choose {' or '.join(REDUCES)}")

@@ -33,6 +33,7 @@ from loco.outer.sliced import SlicedReduce
 log = logging.getLogger("loco.outer.loop")
 
 Pulled = tuple[torch.Tensor | None, torch.Tensor | None, str]  # delta, phi, cause of a failure
+MERGES = ("mix", "carry")  # how an overlapped round lands (Rounds' merge)
 NO_DELTA = torch.zeros(0)  # a partner's delta where the method sends none (sends_delta false)
 
 
@@ -63,6 +64,7 @@ class Round:
     land_miss: torch.Tensor | None = None  # this site's part of the landing's miss
     guessed: tuple[str, ...] = ()  # partners whose phi is a landing's estimate (no distance)
     eff: torch.Tensor | None = None  # landing: the phi this site coded (its phi less its miss)
+    boundary: torch.Tensor | None = None  # overlap with merge "carry": theta at the boundary
     window_momentum: torch.Tensor | None = None  # sizes the leader's frame by the momentum rule
     point: torch.Tensor | None = None  # what this site's phi stands for this round (exact)
 
@@ -108,7 +110,11 @@ class Rounds:
         method: the outer update; flat: the engine's flat view; state: the outer state.
         node, payloads: the rank's ``GossipNode`` and :class:`RangePayloads` (None: local).
         site: this site's name. all_live: DiLoCo (only the delta stream travels).
-        mix: overlap's ``theta <- mix * theta_local + (1 - mix) * phi``.
+        mix: overlap's ``theta <- mix * theta_local + (1 - mix) * phi`` (merge ``mix``).
+        merge: how an overlapped round lands on the weights that trained on meanwhile:
+            ``mix`` (above; Streaming DiLoCo) or ``carry``, ``theta <- phi + (theta_local -
+            theta_boundary)``: the new phi plus the overlap's own inner progress (a copy of
+            the range's weights is kept from the boundary to the merge).
         pool: the pull threads. pull_timeout_s: deadline of one pull (None: the node's).
         publish: ``publish(t, stream, buf, label)``, the loop's (overridable) publisher.
         sliced: DiLoCo's sliced reduce (``loco.outer.sliced``; None: every partner's whole
@@ -122,7 +128,11 @@ class Rounds:
                  pool: ThreadPoolExecutor, pull_timeout_s: float | None,
                  publish: Callable[[int, str, Any, str], None],
                  sliced: SlicedReduce | None = None,
-                 leader: Callable[[list[str], int], str] = leader_of) -> None:  # fmt: skip
+                 leader: Callable[[list[str], int], str] = leader_of,
+                 merge: str = "mix") -> None:  # fmt: skip
+        if merge not in MERGES:
+            raise ValueError(f"merge={merge!r}: choose {' or '.join(MERGES)}")
+        self.merge_rule = merge
         self.method, self.flat, self.state = method, flat, state
         self.sliced, self.leader = sliced, leader
         self.node, self.payloads, self.site, self.all_live = node, payloads, site, all_live
@@ -169,6 +179,8 @@ class Rounds:
 
     def start_pulls(self, r: Round) -> None:
         """Run :meth:`pull_all` of ``r`` on a background thread (overlap)."""
+        if self.merge_rule == "carry":
+            r.boundary = self.flat.master().detach().clone()
         r.thread = threading.Thread(target=self.pull_all, args=(r,), daemon=True,
                                     name=f"outer-pull-{r.rid}")  # fmt: skip
         r.thread.start()
@@ -366,7 +378,10 @@ class Rounds:
         # no group mean of the deltas where none travels: each member used its own
         mean_delta = torch.stack(deltas).mean(0) if self.method.sends_delta else NO_DELTA
         means = (mean_delta, torch.stack(phis).mean(0))
-        if theta_local is not None:
+        if theta_local is not None and r.boundary is not None:  # carry the overlap's progress
+            theta.add_(theta_local).sub_(r.boundary)
+            r.boundary = None
+        elif theta_local is not None:
             theta.mul_(1 - self.mix).add_(theta_local, alpha=self.mix)
         self.flat.sync()
         return Merged(ok, sq, cnt, means)

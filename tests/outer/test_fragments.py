@@ -93,6 +93,7 @@ def _re(s: str) -> str:
         (["outer.fragments=5", "outer.fragment_tau=10"], ["outer.fragment_tau=10", "[0, 10)"]),
         (["outer.fragments=5", "outer.fragment_tau=-1"], ["outer.fragment_tau=-1"]),
         (["outer.fragments=5", "outer.tau=5"], ["outer.tau=5", "outer.fragment_tau"]),
+        (["outer.merge=blend"], ["outer.merge='blend'", "mix, carry"]),
     ],
 )
 def test_config_rejects_with_one_line(overrides, words):
@@ -103,8 +104,8 @@ def test_config_rejects_with_one_line(overrides, words):
 
 
 def test_config_accepts_fragments():
-    cfg = compose(["+site=eu", "outer.fragments=5", "outer.fragment_tau=3"])
-    assert (cfg.outer.fragments, cfg.outer.fragment_tau) == (5, 3)
+    cfg = compose(["+site=eu", "outer.fragments=5", "outer.fragment_tau=3", "outer.merge=carry"])
+    assert (cfg.outer.fragments, cfg.outer.fragment_tau, cfg.outer.merge) == (5, 3, "carry")
     cfg = compose(["+site=eu"])
     assert (cfg.outer.fragments, cfg.outer.fragment_tau) == (1, None)
 
@@ -137,7 +138,7 @@ def _payloads_for(codec: str, phi_codec: str = "none"):
 
 
 def frag_sites(names, *, fragments=F, fragment_tau=1, codec="int8", method="noloco", steps=32,
-               odd="triple", final_average=False, tau=0, outer_kw=None):  # fmt: skip
+               odd="triple", final_average=False, tau=0, outer_kw=None, merge="mix"):  # fmt: skip
     """``make_sites``' loopback sites (one rank each), rebuilt as loops with ``fragments``."""
     ports = ports_for(names)
     base = make_sites(names, ports, codec=codec, method=method, H=H, steps=steps,
@@ -151,7 +152,7 @@ def frag_sites(names, *, fragments=F, fragment_tau=1, codec="int8", method="nolo
             step=lp.method, flat=lp.flat, H=H, steps=steps, node=lp.node, payloads=lp.payloads,
             site=name, all_live=lp.all_live, linger_s=2.0, tau=tau, fragments=fragments,
             fragment_tau=fragment_tau, payloads_for=_payloads_for(codec),
-            final_average=final_average,
+            final_average=final_average, merge=merge,
         )  # fmt: skip
     return sites
 
@@ -244,6 +245,34 @@ def test_four_fragments_sync_evenly_and_partners_agree(names, odd):
         assert 0 < d_frag < 1.5 * d_whole, (d_frag, d_whole)
     finally:
         _close(whole)
+        _close(sites)
+
+
+def test_carry_merge_lands_a_fragments_sync_on_its_piece_alone():
+    """``merge="carry"``: one step after fragment 0's sync (``fragment_tau=1``) its piece of
+    the weights is the new phi plus the step trained meanwhile; the other pieces are the
+    weights as trained, untouched."""
+    sites = frag_sites(["eu", "us"], codec="none", steps=H, merge="carry")
+    eu = sites["eu"]
+    seen = {}
+    at = H // F  # fragment 0's sync
+
+    def go(loop, seed):
+        g = torch.Generator().manual_seed(seed)
+        for s in range(1, at + 2):
+            loop.flat.theta.add_(0.01 * torch.randn(P, generator=g))
+            if loop is eu and s in (at, at + 1):
+                seen[s] = loop.flat.theta.clone()
+            loop.on_step_end(s)
+
+    try:
+        run_parallel([lambda s=s, i=i: go(s, i) for i, s in enumerate(sites.values())])
+        assert eu.pending is None and eu.history[0]["fragment"] == 0 and eu.history[0]["n"] == 2
+        a, b = fragment_bounds(P, F, 0)
+        want = eu.state.phi[a:b] + seen[at + 1][a:b] - seen[at][a:b]
+        torch.testing.assert_close(eu.flat.theta[a:b], want, rtol=0, atol=1e-6)
+        assert torch.equal(eu.flat.theta[b:], seen[at + 1][b:])
+    finally:
         _close(sites)
 
 

@@ -323,6 +323,40 @@ def test_overlap_merges_with_mix(pair):
     assert sites["us"].history[0]["mean_crc"] == eu.history[0]["mean_crc"]
 
 
+def test_overlap_merge_carry_lands_phi_plus_the_overlaps_own_progress(pair):
+    """``merge="carry"``: ``tau`` steps after the boundary the weights become the new phi plus
+    what the site trained since the boundary (``theta_local - theta_boundary``), exactly."""
+    sites = pair(codec="none", tau=2, loop_kw={"merge": "carry"})
+    eu = sites["eu"]
+    seen = {}
+
+    def run(s, i):
+        g = torch.Generator().manual_seed(i)
+        for step in range(1, 8):
+            s.flat.theta.add_(0.01 * torch.randn(P, generator=g))
+            if step == 5 and s is eu:
+                seen["boundary"] = s.flat.theta.clone()
+            if step == 7 and s is eu:
+                seen["theta_local"] = s.flat.theta.clone()
+            s.on_step_end(step)
+
+    run_parallel([lambda s=s, i=i: run(s, i) for i, s in enumerate(sites.values())])
+    assert eu.pending is None and eu.history[0]["n"] == 2
+    want = eu.state.phi + (seen["theta_local"] - seen["boundary"])
+    torch.testing.assert_close(eu.flat.theta, want, rtol=0, atol=1e-6)
+    mix = 0.5 * seen["theta_local"] + 0.5 * eu.state.phi  # what mix would have given
+    assert float((eu.flat.theta - mix).abs().max()) > 1e-3
+
+
+def test_an_unknown_merge_rule_is_refused():
+    from loco.outer.round import Rounds
+
+    with pytest.raises(ValueError, match="merge='blend'"):
+        Rounds(method=None, flat=None, state=None, node=None, payloads=None, site="eu",
+               all_live=False, mix=0.5, pool=None, pull_timeout_s=None, publish=None,
+               merge="blend")  # fmt: skip
+
+
 def test_noloco_apply_rejects_nonfinite_without_touching_state():
     st_phi = torch.randn(10)
     from loco.outer import OuterState
