@@ -201,18 +201,7 @@ def quantize(
             residual.copy_(v - v)
         return OK
     if codec == BF16:
-        if seed < 0:
-            h = v.to(torch.bfloat16)
-        else:
-            bits = v.view(torch.int32).to(torch.int64) & _M32
-            hb = ((bits + (_hash(seed, idx) & 0xFFFF)) >> 16) & 0xFFFF
-            h = hb.to(torch.int32).to(torch.int16).view(torch.bfloat16)
-        if not bool(torch.isfinite(h).all()):
-            return OVERFLOW
-        payload.copy_(h.view(torch.uint8))
-        if residual is not None:
-            residual.copy_(v - h.to(torch.float32))
-        return OK
+        return _bf16(v, residual, payload, seed, idx)
 
     if codec == SPARSE:
         return sparse_quantize(v, residual, payload, block, k, fp16_scale, seed)
@@ -220,6 +209,30 @@ def quantize(
         return sign_ref.quantize(v, residual, payload, block, fp16_scale)
     if codec == TERNARY:
         return ternary_ref.quantize(v, residual, payload, block, fp16_scale)
+    return _scaled(v, residual, payload, codec, block, k, fp16_scale, seed, idx)
+
+
+def _bf16(v: torch.Tensor, residual: torch.Tensor | None, payload: torch.Tensor, seed: int,
+          idx: torch.Tensor | None) -> int:  # fmt: skip
+    """bf16 values (stochastic rounding with ``seed >= 0``)."""
+    if seed < 0:
+        h = v.to(torch.bfloat16)
+    else:
+        bits = v.view(torch.int32).to(torch.int64) & _M32
+        hb = ((bits + (_hash(seed, idx) & 0xFFFF)) >> 16) & 0xFFFF
+        h = hb.to(torch.int32).to(torch.int16).view(torch.bfloat16)
+    if not bool(torch.isfinite(h).all()):
+        return OVERFLOW
+    payload.copy_(h.view(torch.uint8))
+    if residual is not None:
+        residual.copy_(v - h.to(torch.float32))
+    return OK
+
+
+def _scaled(v: torch.Tensor, residual: torch.Tensor | None, payload: torch.Tensor, codec: int,
+            block: int, k: int, fp16_scale: bool, seed: int, idx: torch.Tensor | None) -> int:  # fmt: skip
+    """The codecs of one scale per block (int8, int4, fp4, top-k): the scales, then codes."""
+    n = v.numel()
     qmax = _qmax(codec)
     nb = -(-n // block)
     amax = torch.empty(nb, dtype=torch.float32, device=v.device)
