@@ -332,7 +332,7 @@ class OuterConfig(SlicedOptions):
     mix: float = 0.5
     # how an overlapped round (tau, fragment_tau) lands: "mix" (theta <- mix theta_local +
     # (1 - mix) phi) or "carry" (theta <- phi + the overlap's own inner progress)
-    merge: str = "mix"
+    merge: str = "carry"
     # streaming fragments: F pieces of the flat space, one synced every H / F steps (1: rounds)
     fragments: int = 1
     # overlap of one fragment's sync in inner steps, < H / F; null: H / F - 1 (docs/outer.md)

@@ -138,7 +138,7 @@ class OuterLoop:
         all_live: bool = False,
         tau: int = 0,
         mix: float = 0.5,
-        merge: str = "mix",
+        merge: str = "carry",
         comm: SiteComm | None = None,
         metrics: Any = None,
         pull_timeout_s: float | None = None,

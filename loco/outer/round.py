@@ -129,7 +129,7 @@ class Rounds:
                  publish: Callable[[int, str, Any, str], None],
                  sliced: SlicedReduce | None = None,
                  leader: Callable[[list[str], int], str] = leader_of,
-                 merge: str = "mix") -> None:  # fmt: skip
+                 merge: str = "carry") -> None:  # fmt: skip
         if merge not in MERGES:
             raise ValueError(f"merge={merge!r}: choose {' or '.join(MERGES)}")
         self.merge_rule = merge

@@ -104,10 +104,10 @@ def test_config_rejects_with_one_line(overrides, words):
 
 
 def test_config_accepts_fragments():
-    cfg = compose(["+site=eu", "outer.fragments=5", "outer.fragment_tau=3", "outer.merge=carry"])
-    assert (cfg.outer.fragments, cfg.outer.fragment_tau, cfg.outer.merge) == (5, 3, "carry")
+    cfg = compose(["+site=eu", "outer.fragments=5", "outer.fragment_tau=3", "outer.merge=mix"])
+    assert (cfg.outer.fragments, cfg.outer.fragment_tau, cfg.outer.merge) == (5, 3, "mix")
     cfg = compose(["+site=eu"])
-    assert (cfg.outer.fragments, cfg.outer.fragment_tau) == (1, None)
+    assert (cfg.outer.fragments, cfg.outer.fragment_tau, cfg.outer.merge) == (1, None, "carry")
 
 
 def test_fragments_tile_the_flat_space_and_ranges_cut_them():
@@ -138,7 +138,7 @@ def _payloads_for(codec: str, phi_codec: str = "none"):
 
 
 def frag_sites(names, *, fragments=F, fragment_tau=1, codec="int8", method="noloco", steps=32,
-               odd="triple", final_average=False, tau=0, outer_kw=None, merge="mix"):  # fmt: skip
+               odd="triple", final_average=False, tau=0, outer_kw=None, merge="carry"):  # fmt: skip
     """``make_sites``' loopback sites (one rank each), rebuilt as loops with ``fragments``."""
     ports = ports_for(names)
     base = make_sites(names, ports, codec=codec, method=method, H=H, steps=steps,
@@ -252,7 +252,7 @@ def test_carry_merge_lands_a_fragments_sync_on_its_piece_alone():
     """``merge="carry"``: one step after fragment 0's sync (``fragment_tau=1``) its piece of
     the weights is the new phi plus the step trained meanwhile; the other pieces are the
     weights as trained, untouched."""
-    sites = frag_sites(["eu", "us"], codec="none", steps=H, merge="carry")
+    sites = frag_sites(["eu", "us"], codec="none", steps=H)
     eu = sites["eu"]
     seen = {}
     at = H // F  # fragment 0's sync

@@ -301,7 +301,7 @@ def test_local_never_talks():
 
 
 def test_overlap_merges_with_mix(pair):
-    sites = pair(codec="none", tau=2, mix=0.5)
+    sites = pair(codec="none", tau=2, mix=0.5, loop_kw={"merge": "mix"})
     eu = sites["eu"]
     seen = {}
 
@@ -324,9 +324,9 @@ def test_overlap_merges_with_mix(pair):
 
 
 def test_overlap_merge_carry_lands_phi_plus_the_overlaps_own_progress(pair):
-    """``merge="carry"``: ``tau`` steps after the boundary the weights become the new phi plus
-    what the site trained since the boundary (``theta_local - theta_boundary``), exactly."""
-    sites = pair(codec="none", tau=2, loop_kw={"merge": "carry"})
+    """``merge="carry"`` (the default): ``tau`` steps after the boundary the weights become the
+    new phi plus what the site trained since the boundary (``theta_local - theta_boundary``)."""
+    sites = pair(codec="none", tau=2)
     eu = sites["eu"]
     seen = {}
 
@@ -631,7 +631,7 @@ def test_stepped_consensus_overlapped_or_two_way_lattice_lands_each_pair_togethe
     names = ["asia", "eu", "sa", "us"]
     kw = {"alpha": 0.8, "gamma": 1.0, "consensus": "stepped", "nesterov": True}
     sites = make_sites(names, ports_for(names), codec="none", outer_kw=kw, tau=tau, mix=0.5,
-                       phi_lattice=phi_lattice)  # fmt: skip
+                       phi_lattice=phi_lattice, loop_kw={"merge": "mix"})  # fmt: skip
     x = sites["asia"].flat.theta.clone()
     frames: dict[tuple[str, int], bytes] = {}
     for s in sites.values():
