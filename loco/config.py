@@ -21,6 +21,7 @@ from loco.gossip.options import GossipOptions
 from loco.model.moe import MoEOptions
 from loco.outer.methods import CONSENSUS
 from loco.outer.offset_code import NAMES as OFFSET_CODES
+from loco.outer.round import MERGES
 from loco.outer.sliced import REDUCES as DILOCO_REDUCES
 from loco.outer.sliced import SlicedOptions
 
@@ -389,7 +390,7 @@ class OuterConfig(SlicedOptions):
         _fraction("outer.momentum", self.momentum)
         _positive("outer.tau", self.tau, zero_ok=True)
         _fraction("outer.mix", self.mix, hi_open=False)
-        _choice("outer.merge", self.merge, ("mix", "carry"))
+        _choice("outer.merge", self.merge, MERGES)
         if self.tau >= self.H:
             raise ConfigError(f"outer.tau={self.tau} must be < outer.H={self.H}")
         self._check_fragments()

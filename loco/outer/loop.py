@@ -11,7 +11,7 @@ lengths of their own, ``loco.outer.schedule``), on every rank of a site, on its 
     publish encode(delta + e), phi   -> this rank's mailbox
     pull the partners' delta and phi on [lo, hi)         failures: that partner is dropped
     apply (methods.py) with the DECODED values of every member, own included, in site order
-    theta <- phi (or, with overlap, mix * theta_local + (1 - mix) * phi); sync_params()
+    theta <- phi (with overlap: + the overlap's own progress, or a mix; outer.merge); sync_params()
 
 A failed pull (unreachable, timeout, banned, bad payload) drops that partner for the round:
 with nobody left it is the local step (n = 1); training always goes on. A bad payload never
@@ -96,10 +96,10 @@ class OuterLoop:
         site: this site's name.
         all_live: pull from every live site (DiLoCo) instead of the round's pairing; only the
             delta stream travels (DiLoCo's update does not use phi, equal on every site).
-        tau, mix: overlap: merge ``tau`` inner steps after the boundary with
-            ``theta <- mix * theta_local + (1 - mix) * phi``; ``tau = 0`` blocks.
-        merge: ``mix`` (above) or ``carry`` (``theta <- phi + theta_local - theta_boundary``;
-            :class:`~loco.outer.round.Rounds`), for overlapped rounds and fragments' syncs.
+        tau: overlap: merge ``tau`` inner steps after the boundary; ``tau = 0`` blocks.
+        merge, mix: how an overlapped round or fragment's sync lands
+            (:class:`~loco.outer.round.Rounds`): ``carry``, ``theta <- phi + theta_local -
+            theta_boundary``, or ``mix``, ``theta <- mix * theta_local + (1 - mix) * phi``.
         comm: the site's ranks (``SiteComm``: live-set broadcast, metric sums); None: one rank.
         metrics: rank 0's ``MetricsWriter``.
         pull_timeout_s: deadline of one pull (None: the node's default).
