@@ -64,7 +64,7 @@ class Round:
     land_miss: torch.Tensor | None = None  # this site's part of the landing's miss
     guessed: tuple[str, ...] = ()  # partners whose phi is a landing's estimate (no distance)
     eff: torch.Tensor | None = None  # landing: the phi this site coded (its phi less its miss)
-    boundary: torch.Tensor | None = None  # overlap with merge "carry": theta at the boundary
+    boundary: torch.Tensor | None = None  # merge "carry": theta at the boundary (until merged)
     window_momentum: torch.Tensor | None = None  # sizes the leader's frame by the momentum rule
     point: torch.Tensor | None = None  # what this site's phi stands for this round (exact)
 
@@ -364,7 +364,10 @@ class Rounds:
                own: torch.Tensor | None = None) -> Merged:  # fmt: skip
         """Apply the group's ``deltas`` / ``phis`` (the local step if they are refused)."""
         theta = self.flat.master()
-        theta_local = theta.clone() if r.thread is not None else None
+        carry = r.boundary  # merge "carry": becomes the overlap's own progress, in place
+        if carry is not None:
+            carry.neg_().add_(theta)
+        theta_local = theta.clone() if r.thread is not None and carry is None else None
         own = r.out.phi if own is None else own
         try:
             self.method.apply(theta, self.state, deltas, phis, own=own)
@@ -378,8 +381,8 @@ class Rounds:
         # no group mean of the deltas where none travels: each member used its own
         mean_delta = torch.stack(deltas).mean(0) if self.method.sends_delta else NO_DELTA
         means = (mean_delta, torch.stack(phis).mean(0))
-        if theta_local is not None and r.boundary is not None:  # carry the overlap's progress
-            theta.add_(theta_local).sub_(r.boundary)
+        if carry is not None:
+            theta.add_(carry)
             r.boundary = None
         elif theta_local is not None:
             theta.mul_(1 - self.mix).add_(theta_local, alpha=self.mix)

@@ -300,25 +300,35 @@ def test_local_never_talks():
     torch.testing.assert_close(loop.state.phi, phi0 + B * loop.last_means[0])
 
 
-def test_overlap_merges_with_mix(pair):
-    sites = pair(codec="none", tau=2, mix=0.5, loop_kw={"merge": "mix"})
-    eu = sites["eu"]
+def overlap_steps(sites, watch, snap_at):
+    """Inner steps 1..7 on every site (noise of its own seed; with ``tau=2`` and H = 5 a round
+    starts at step 5 and merges at 7). Returns ``watch``'s weights just before the hook of each
+    step in ``snap_at``, and ``in_flight``: after step 5's hook a round was pending and the
+    loop not settled."""
     seen = {}
 
     def run(s, i):
         g = torch.Generator().manual_seed(i)
         for step in range(1, 8):
             s.flat.theta.add_(0.01 * torch.randn(P, generator=g))
-            if step == 7 and s is eu:
-                seen["theta_local"] = s.flat.theta.clone()
+            if step in snap_at and s is watch:
+                seen[step] = s.flat.theta.clone()
             s.on_step_end(step)
-            if step == 5 and s is eu:
-                assert s.pending is not None  # training goes on while the pull runs
-                assert not s.settled()  # no checkpoint may be taken now
+            if step == 5 and s is watch:
+                seen["in_flight"] = s.pending is not None and not s.settled()
 
     run_parallel([lambda s=s, i=i: run(s, i) for i, s in enumerate(sites.values())])
+    return seen
+
+
+def test_overlap_merges_with_mix(pair):
+    sites = pair(codec="none", tau=2, mix=0.5, loop_kw={"merge": "mix"})
+    eu = sites["eu"]
+    seen = overlap_steps(sites, eu, (7,))
+    # training goes on while the pull runs, and no checkpoint may be taken then
+    assert seen["in_flight"]
     assert eu.pending is None and eu.settled() and eu.history[0]["n"] == 2
-    want = 0.5 * seen["theta_local"] + 0.5 * eu.state.phi
+    want = 0.5 * seen[7] + 0.5 * eu.state.phi
     torch.testing.assert_close(eu.flat.theta, want, rtol=0, atol=1e-6)
     assert sites["us"].history[0]["mean_crc"] == eu.history[0]["mean_crc"]
 
@@ -328,23 +338,11 @@ def test_overlap_merge_carry_lands_phi_plus_the_overlaps_own_progress(pair):
     new phi plus what the site trained since the boundary (``theta_local - theta_boundary``)."""
     sites = pair(codec="none", tau=2)
     eu = sites["eu"]
-    seen = {}
-
-    def run(s, i):
-        g = torch.Generator().manual_seed(i)
-        for step in range(1, 8):
-            s.flat.theta.add_(0.01 * torch.randn(P, generator=g))
-            if step == 5 and s is eu:
-                seen["boundary"] = s.flat.theta.clone()
-            if step == 7 and s is eu:
-                seen["theta_local"] = s.flat.theta.clone()
-            s.on_step_end(step)
-
-    run_parallel([lambda s=s, i=i: run(s, i) for i, s in enumerate(sites.values())])
+    seen = overlap_steps(sites, eu, (5, 7))
     assert eu.pending is None and eu.history[0]["n"] == 2
-    want = eu.state.phi + (seen["theta_local"] - seen["boundary"])
+    want = eu.state.phi + (seen[7] - seen[5])
     torch.testing.assert_close(eu.flat.theta, want, rtol=0, atol=1e-6)
-    mix = 0.5 * seen["theta_local"] + 0.5 * eu.state.phi  # what mix would have given
+    mix = 0.5 * seen[7] + 0.5 * eu.state.phi  # what mix would have given
     assert float((eu.flat.theta - mix).abs().max()) > 1e-3
 
 
