@@ -30,7 +30,8 @@ def outer_summary(cfg: LocoConfig, outer: Any, steps: int) -> dict[str, Any]:
     return {
         "outer": cfg.outer.method,
         "codec": cfg.compression.codec if cfg.outer.method != "local" else "none",
-        "rounds": len({h["round"] for h in hist}),
+        # a fragment's closing sync of its tail (``closing``) is not a round of the run
+        "rounds": len({h["round"] for h in hist if not h.get("closing")}),
         "rounds_dropped": len({h["round"] for h in hist if h["dropped"]}),
         "bytes_sent": outer.totals["bytes_sent"],
         "bytes_recv": outer.totals["bytes_recv"],

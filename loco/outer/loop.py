@@ -183,6 +183,7 @@ class OuterLoop:
         self.pending: Round | None = None
         self.last: Round | None = None  # the last merged round (with fragments: its last sync)
         self.last_sync: Round | None = None  # the last merged sync (a round without fragments)
+        self._closing = False  # the fragments' tails are syncing (_close_tails)
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="outer-pull")
         self.stats = OuterStats(node=node, comm=self.comm, metrics=metrics,
                                 all_live=all_live)  # fmt: skip
@@ -315,6 +316,8 @@ class OuterLoop:
             self._merge(p)
         if (j := self.schedule.round_at(done)) is not None:
             self._boundary(j, done, overlap=self.schedule.overlaps(done))
+        if done == self.steps:
+            self._close_tails(done)
         if self.schedule.final_due(done):
             self._final(done)
 
@@ -376,6 +379,7 @@ class OuterLoop:
         t0 = blocking_since if blocking_since is not None else time.perf_counter()
         r.join()
         self.pending = None
+        r.closing = self._closing
         if r.fragment is None:
             merged = self.rounds.merge(r)
         else:
@@ -393,3 +397,29 @@ class OuterLoop:
     def _final(self, done: int) -> None:
         """The final average over every live site (module docstring)."""
         self.final = self._averager.run(done, self.schedule.final_round(done))
+
+    @torch.no_grad()
+    def _close_tails(self, done: int) -> None:
+        """Fragments, at the last step: each fragment whose last sync was before ``done`` has
+        inner progress that no outer step has taken. DiLoCo syncs each of them now (blocking,
+        its next sync id), so the sites end on one model as with whole rounds. NoLoCo, before
+        the final average: each takes the method's own step alone on it (what a round between
+        meetings does; nothing travels), so the average starts, as after a blocking last round,
+        from stepped weights on every piece. Collective (every rank, piece or not)."""
+        if self.fragments is None or self.node is None:
+            return
+        if not self.all_live and not self.final_average:
+            return
+        last = self.schedule.syncs_done(done)
+        nxt = sorted(last + 1 + (f - last) % self.fragments.F for f in self.schedule.tails(done))
+        for j in nxt:  # the fragment's next sync id: unique, after every sync of the run
+            if self.all_live:
+                self._closing = True
+                try:
+                    self._boundary(j, done, overlap=False)
+                finally:
+                    self._closing = False
+                continue
+            rounds, t, f = self._rounds_of(j)
+            r = rounds.open(t, done, rounds.delta(), [], time.perf_counter(), wire=j, fragment=f)
+            rounds.merge(r)

@@ -67,6 +67,7 @@ class Round:
     boundary: torch.Tensor | None = None  # merge "carry": theta at the boundary (until merged)
     window_momentum: torch.Tensor | None = None  # sizes the leader's frame by the momentum rule
     point: torch.Tensor | None = None  # what this site's phi stands for this round (exact)
+    closing: bool = False  # a fragment's sync of its tail at the last step (OuterLoop)
 
     @property
     def agreed(self) -> list[str]:

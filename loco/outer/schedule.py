@@ -151,6 +151,15 @@ class Schedule:
         """The final average runs after step ``done``."""
         return done == self.steps and self.final_average
 
+    def tails(self, done: int) -> list[int]:
+        """The fragments (``F > 1``) whose last sync's boundary is before step ``done``: their
+        inner progress since it has not had an outer step (empty with ``F = 1``)."""
+        if self.fragments == 1:
+            return []
+        j = self.syncs_done(done)
+        at_done = self.fragment_of(j) if j >= 1 and self.sync_step(j) == done else None
+        return [f for f in range(self.fragments) if f != at_done]
+
     def final_round(self, done: int) -> int:
         """The gossip round id of the final average after step ``done`` (never a sync's)."""
         return self.syncs_done(done) + 1

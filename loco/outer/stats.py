@@ -124,6 +124,8 @@ class OuterStats:
             rec["landing_miss"] = (miss_sq / miss_cnt) ** 0.5
         if r.fragment is not None:  # a streaming fragment's sync (``round`` is its round)
             rec["fragment"] = r.fragment
+        if r.closing:  # its tail's sync at the last step: not a round of the run
+            rec["closing"] = True
         for k, v in g.items():
             if k.startswith("fail_") or k in _GOSSIP_KEYS:
                 rec[k] = v

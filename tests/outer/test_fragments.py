@@ -6,6 +6,7 @@ DiLoCo and the final average, and checkpoints taken while fragments are in fligh
 from __future__ import annotations
 
 import zlib
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,7 +19,9 @@ from loco.outer import build_outer
 from loco.outer.exchange import RangePayloads, codec_options
 from loco.outer.fragments import fragment_bounds, piece
 from loco.outer.loop import OuterLoop
+from loco.outer.methods import OuterState
 from loco.outer.schedule import Schedule
+from loco.summary import outer_summary
 from tests.outer.test_loop import (
     LAYOUT,
     RUN,
@@ -32,6 +35,8 @@ from tests.outer.test_loop import (
 
 H = 8
 F = 4
+CFG = SimpleNamespace(outer=SimpleNamespace(method="diloco"),
+                      compression=SimpleNamespace(codec="none"))  # fmt: skip
 
 
 # ------------------------------------------------------------------ the timetable
@@ -55,6 +60,15 @@ def test_schedule_syncs_each_fragment_every_H_steps_at_its_offset():
     assert s.merge_due(198, 200)  # the last step always merges
     assert s.overlaps(190) and not s.overlaps(200)
     assert s.final_round(200) == 21  # after the last sync id (20), never a sync's
+
+
+def test_schedule_tails_are_the_fragments_not_synced_at_the_step():
+    s = Schedule(H=50, steps=200, tau=4, fragments=5)
+    assert s.tails(200) == [0, 1, 2, 3]  # fragment 4 synced at 200
+    assert s.tails(205) == [0, 1, 2, 3, 4]  # a step after a round's last sync: all of them
+    assert s.tails(230) == [0, 1, 3, 4]  # fragment 2 synced at 230 (200 + 3 * 10)
+    assert s.tails(3) == [0, 1, 2, 3, 4]  # before any sync
+    assert Schedule(H=50, steps=205).tails(205) == []  # no fragments: no tails
 
 
 def test_schedule_without_fragments_is_the_round_timetable():
@@ -294,7 +308,10 @@ def test_stepped_fragments_end_a_pair_on_one_phi_without_deltas():
         _close(sites)
 
 
-def test_diloco_fragments_keep_one_phi():
+def test_diloco_fragments_keep_one_phi_and_end_on_one_model():
+    """DiLoCo with fragments: one phi after every sync; at the last step (fragment 3's sync at
+    16) fragments 0-2 sync their progress since their last syncs (ids 9, 10, 11: round 3), so
+    the sites end on one model, as with whole rounds."""
     names = ["asia", "eu", "us"]
     sites = frag_sites(names, method="diloco", codec="none", steps=16)
     for s in sites.values():  # DiLoCo's sites start from one phi
@@ -303,9 +320,15 @@ def test_diloco_fragments_keep_one_phi():
     try:
         _run(sites, 16)
         for s in sites.values():
-            assert [h["n"] for h in s.history] == [3] * 8
+            assert [h["n"] for h in s.history] == [3] * 11
+            closing = [(h["step"], h["round"], h["fragment"]) for h in s.history[8:]]
+            assert closing == [(16, 3, 0), (16, 3, 1), (16, 3, 2)]
+            assert [bool(h.get("closing")) for h in s.history] == [False] * 8 + [True] * 3
+            assert outer_summary(CFG, s, 16)["rounds"] == 2  # the closing syncs are no round
             assert torch.allclose(s.state.phi, sites["eu"].state.phi, rtol=0, atol=1e-6)
-            assert s.state.momentum.abs().sum() > 0
+            assert torch.allclose(s.flat.theta, sites["eu"].flat.theta, rtol=0, atol=1e-6)
+            assert torch.equal(s.flat.theta, s.state.phi)
+            assert s.state.momentum.abs().sum() > 0 and s.state.rounds == 2
     finally:
         _close(sites)
 
@@ -318,6 +341,49 @@ def test_final_average_with_fragments_ends_on_one_model():
         assert torch.equal(sites["eu"].flat.theta, sites["us"].flat.theta)
         for s in sites.values():
             assert s.final["n"] == 2 and len(s.history) == 6
+    finally:
+        _close(sites)
+
+
+def test_fragments_step_their_tails_alone_before_the_final_average():
+    """Before the final average each fragment whose last sync was before the last step takes
+    the method's own step on its progress since (NoLoCo stepped: the Nesterov step a blocking
+    last round takes); the fragment synced at the last step does not. The final weights are
+    the sites' mean of those stepped pieces, not of the weights as trained."""
+    kw = {"alpha": 0.8, "gamma": 1.0, "consensus": "stepped", "nesterov": True}
+    steps = 32  # fragment 3 syncs at 32; fragments 0, 1, 2 last at 26, 28, 30
+    sites = frag_sites(["eu", "us"], codec="none", steps=steps, outer_kw=kw, final_average=True)
+    before = {}
+    for name, loop in sites.items():
+        orig = loop._close_tails
+
+        def spy(done, loop=loop, name=name, orig=orig):
+            before[name] = (loop.flat.theta.clone(), loop.state.phi.clone(),
+                            loop.state.momentum.clone())  # fmt: skip
+            orig(done)
+
+        loop._close_tails = spy
+    try:
+        _run(sites, steps)
+        stepped, trained = [], []
+        for name, loop in sites.items():
+            theta, phi, mom = before[name]
+            out = theta.clone()
+            for f in range(F - 1):
+                a, b = fragment_bounds(P, F, f)
+                assert float((theta[a:b] - phi[a:b]).abs().max()) > 0  # a tail to step
+                st = OuterState(phi=phi[a:b].clone(), momentum=mom[a:b].clone())
+                loop.method.apply(out[a:b], st, [theta[a:b] - phi[a:b]], [phi[a:b].clone()])
+            a, _ = fragment_bounds(P, F, F - 1)
+            assert torch.equal(theta[a:], phi[a:])  # synced at the last step: nothing to step
+            stepped.append(out)
+            trained.append(theta)
+        want = torch.stack(stepped).mean(0)
+        for loop in sites.values():
+            assert loop.final["n"] == 2 and len(loop.history) == steps // (H // F)
+            torch.testing.assert_close(loop.flat.theta, want, rtol=0, atol=1e-5)
+        gap = float((want - torch.stack(trained).mean(0)).abs().max())
+        assert gap > 1e-3, gap  # the closing steps moved the result
     finally:
         _close(sites)
 
