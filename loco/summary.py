@@ -37,14 +37,24 @@ def outer_summary(cfg: LocoConfig, outer: Any, steps: int) -> dict[str, Any]:
         "bytes_recv": outer.totals["bytes_recv"],
         # DDP all-reduces about 2 x 4 bytes per parameter per inner step (ring, fp32)
         "ddp_bytes": 8.0 * outer.flat.numel * steps,
-        "compute_utilization": (
-            sum(h["compute_utilization"] for h in hist) / len(hist) if hist else 1.0
-        ),
+        "compute_utilization": utilization(hist),
         # the final average (outer.final_average): sites averaged, their distance before it
         "final_average_n": outer.final["n"] if outer.final else None,
         "final_average_distance": outer.final["consensus_distance"] if outer.final else None,
         "consensus_distance": last_distance(hist),
     }
+
+
+def utilization(hist: list[dict[str, Any]]) -> float:
+    """The run's compute utilization: the records' figures weighted by their windows (the
+    fragments' closing syncs at the last step are short windows), the plain mean where a
+    record has no window; 1.0 without records."""
+    if not hist:
+        return 1.0
+    wins = [h.get("window_seconds") or 0.0 for h in hist]
+    if min(wins) <= 0:
+        return sum(h["compute_utilization"] for h in hist) / len(hist)
+    return sum(h["compute_utilization"] * w for h, w in zip(hist, wins, strict=True)) / sum(wins)
 
 
 def last_distance(hist: list[dict[str, Any]]) -> float | None:

@@ -117,6 +117,7 @@ class OuterStats:
             stall_seconds=r.stall,
             consensus_distance=(sq_all / cnt_all) ** 0.5 if cnt_all else None,
             compute_utilization=util,
+            window_seconds=wall,  # the utilization's window: since the previous merge
             mean_crc=mean_crc(means[:1] if self.all_live else means),
         )
         if miss_cnt:  # the landing's miss this site knows: its coding error over n (leader), its

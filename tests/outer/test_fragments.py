@@ -21,7 +21,7 @@ from loco.outer.fragments import fragment_bounds, piece
 from loco.outer.loop import OuterLoop
 from loco.outer.methods import OuterState
 from loco.outer.schedule import Schedule
-from loco.summary import outer_summary
+from loco.summary import outer_summary, utilization
 from tests.outer.test_loop import (
     LAYOUT,
     RUN,
@@ -324,7 +324,10 @@ def test_diloco_fragments_keep_one_phi_and_end_on_one_model():
             closing = [(h["step"], h["round"], h["fragment"]) for h in s.history[8:]]
             assert closing == [(16, 3, 0), (16, 3, 1), (16, 3, 2)]
             assert [bool(h.get("closing")) for h in s.history] == [False] * 8 + [True] * 3
-            assert outer_summary(CFG, s, 16)["rounds"] == 2  # the closing syncs are no round
+            summary = outer_summary(CFG, s, 16)
+            assert summary["rounds"] == 2  # the closing syncs are no round
+            assert all(h["window_seconds"] > 0 for h in s.history)
+            assert summary["compute_utilization"] == pytest.approx(utilization(s.history))
             assert torch.allclose(s.state.phi, sites["eu"].state.phi, rtol=0, atol=1e-6)
             assert torch.allclose(s.flat.theta, sites["eu"].flat.theta, rtol=0, atol=1e-6)
             assert torch.equal(s.flat.theta, s.state.phi)
@@ -343,6 +346,16 @@ def test_final_average_with_fragments_ends_on_one_model():
             assert s.final["n"] == 2 and len(s.history) == 6
     finally:
         _close(sites)
+
+
+def test_utilization_weights_each_record_by_its_window():
+    """The closing syncs are windows of a few hundredths of a second at ~0 utilization: they
+    count for their time, not as whole windows (a plain mean would say 0.45 here)."""
+    hist = [{"compute_utilization": 0.9, "window_seconds": 10.0},
+            {"compute_utilization": 0.0, "window_seconds": 0.05}]  # fmt: skip
+    assert utilization(hist) == pytest.approx(9.0 / 10.05)
+    old = [{"compute_utilization": 0.9}, {"compute_utilization": 0.0}]  # records before windows
+    assert utilization(old) == pytest.approx(0.45) and utilization([]) == 1.0
 
 
 def test_fragments_step_their_tails_alone_before_the_final_average():
