@@ -398,28 +398,19 @@ class OuterLoop:
         """The final average over every live site (module docstring)."""
         self.final = self._averager.run(done, self.schedule.final_round(done))
 
-    @torch.no_grad()
     def _close_tails(self, done: int) -> None:
-        """Fragments, at the last step: each fragment whose last sync was before ``done`` has
-        inner progress that no outer step has taken. DiLoCo syncs each of them now (blocking,
-        its next sync id), so the sites end on one model as with whole rounds. NoLoCo, before
-        the final average: each takes the method's own step alone on it (what a round between
-        meetings does; nothing travels), so the average starts, as after a blocking last round,
-        from stepped weights on every piece. Collective (every rank, piece or not)."""
-        if self.fragments is None or self.node is None:
-            return
-        if not self.all_live and not self.final_average:
+        """DiLoCo with fragments, at the last step: each fragment whose last sync was before
+        ``done`` syncs its progress since, blocking, as its next sync id, so the sites end on
+        one model as with whole rounds. (NoLoCo keeps its tails as trained: its final average
+        makes one model, and a closing step of each tail alone before it did not pay,
+        docs/outer.md.) Collective (every rank syncs every fragment, piece or not)."""
+        if self.fragments is None or not self.all_live:
             return
         last = self.schedule.syncs_done(done)
         nxt = sorted(last + 1 + (f - last) % self.fragments.F for f in self.schedule.tails(done))
-        for j in nxt:  # the fragment's next sync id: unique, after every sync of the run
-            if self.all_live:
-                self._closing = True
-                try:
-                    self._boundary(j, done, overlap=False)
-                finally:
-                    self._closing = False
-                continue
-            rounds, t, f = self._rounds_of(j)
-            r = rounds.open(t, done, rounds.delta(), [], time.perf_counter(), wire=j, fragment=f)
-            rounds.merge(r)
+        self._closing = True
+        try:
+            for j in nxt:  # the fragment's next sync id: unique, after every sync of the run
+                self._boundary(j, done, overlap=False)
+        finally:
+            self._closing = False
