@@ -400,7 +400,8 @@ class OuterLoop:
 
     def _close_tails(self, done: int) -> None:
         """DiLoCo with fragments, at the last step: each fragment whose last sync was before
-        ``done`` syncs its progress since, blocking, as its next sync id, so the sites end on
+        ``done`` syncs its progress since, blocking, as its next sync id, and lands on the
+        group's mean of it with no outer step (``Rounds``' closing merge), so the sites end on
         one model as with whole rounds. (NoLoCo keeps its tails as trained: its final average
         makes one model, and a closing step of each tail alone before it did not pay,
         docs/outer.md.) Collective (every rank syncs every fragment, piece or not)."""

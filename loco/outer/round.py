@@ -339,9 +339,13 @@ class Rounds:
         """Apply round ``r`` (its pulls done) to the state and the engine; sync the engine."""
         ok = {p: v for p, v in r.pulled.items() if v[0] is not None and v[1] is not None}
         if r.mean is not None:  # sliced: one assembled mean, bitwise the same on every site
+            if r.closing:
+                return self._close(ok, r.mean)
             return self._apply(r, ok, [r.mean], [r.out.phi], 0.0, 0.0)
         members = sorted([(self.site, r.out.delta, r.out.phi)] + [(p, d, ph) for p, (d, ph, _) in ok.items()],
                          key=lambda m: m[0])  # fmt: skip
+        if r.closing:
+            return self._close(ok, torch.stack([m[1] for m in members]).mean(0))
         own = r.out.phi
         here = r.point  # what this site's phi stands for
         if len(members) == 1:
@@ -359,6 +363,15 @@ class Rounds:
         sq = sum(float((ph - here).double().pow(2).sum()) for _, (_, ph, _) in seen.items())
         cnt = float(len(seen) * self.state.phi.numel()) if not self.all_live else 0.0
         return self._apply(r, ok, deltas, phis, sq, cnt, own)
+
+    def _close(self, ok: dict[str, Pulled], mean: torch.Tensor) -> Merged:
+        """A closing sync (DiLoCo's fragment tails at the last step, ``OuterLoop``):
+        ``phi <- phi + mean(delta)`` and ``theta <- phi``, the momentum untouched: the sites
+        end on the mean of their weights, with no outer step on a tail shorter than a round."""
+        self.state.phi.add_(mean)
+        self.flat.master().copy_(self.state.phi)
+        self.flat.sync()
+        return Merged(ok, 0.0, 0.0, (mean, self.state.phi))
 
     def _apply(self, r: Round, ok: dict[str, Pulled], deltas: list[torch.Tensor],
                phis: list[torch.Tensor], sq: float, cnt: float,

@@ -310,14 +310,29 @@ def test_stepped_fragments_end_a_pair_on_one_phi_without_deltas():
 def test_diloco_fragments_keep_one_phi_and_end_on_one_model():
     """DiLoCo with fragments: one phi after every sync; at the last step (fragment 3's sync at
     16) fragments 0-2 sync their progress since their last syncs (ids 9, 10, 11: round 3), so
-    the sites end on one model, as with whole rounds."""
+    the sites end on one model, as with whole rounds: the mean of their weights, no outer step
+    (the momentum as it was)."""
     names = ["asia", "eu", "us"]
     sites = frag_sites(names, method="diloco", codec="none", steps=16)
-    for s in sites.values():  # DiLoCo's sites start from one phi
+    before = {}
+    for name, s in sites.items():  # DiLoCo's sites start from one phi
         s.flat.theta.copy_(sites["eu"].flat.theta)
         s.state.phi.copy_(sites["eu"].flat.theta)
+        close = s._close_tails
+
+        def spy(done, s=s, name=name, close=close):
+            before[name] = s.flat.theta.clone(), s.state.momentum.clone()
+            close(done)
+
+        s._close_tails = spy
     try:
         _run(sites, 16)
+        mean = torch.stack([theta for theta, _ in before.values()]).mean(0)
+        a, _ = fragment_bounds(P, F, F - 1)
+        assert float((before["eu"][0][:a] - before["us"][0][:a]).abs().max()) > 1e-3  # tails
+        for name, s in sites.items():
+            torch.testing.assert_close(s.flat.theta, mean, rtol=0, atol=1e-6)
+            assert torch.equal(s.state.momentum, before[name][1])
         for s in sites.values():
             assert [h["n"] for h in s.history] == [3] * 11
             closing = [(h["step"], h["round"], h["fragment"]) for h in s.history[8:]]
