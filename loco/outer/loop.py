@@ -183,7 +183,6 @@ class OuterLoop:
         self.pending: Round | None = None
         self.last: Round | None = None  # the last merged round (with fragments: its last sync)
         self.last_sync: Round | None = None  # the last merged sync (a round without fragments)
-        self._closing = False  # the fragments' tails are syncing (_close_tails)
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="outer-pull")
         self.stats = OuterStats(node=node, comm=self.comm, metrics=metrics,
                                 all_live=all_live)  # fmt: skip
@@ -379,7 +378,8 @@ class OuterLoop:
         t0 = blocking_since if blocking_since is not None else time.perf_counter()
         r.join()
         self.pending = None
-        r.closing = self._closing
+        # a sync id past the run's last regular one: a fragment's tail at the last step
+        r.closing = r.fragment is not None and r.rid > self.schedule.syncs_done(self.steps)
         if r.fragment is None:
             merged = self.rounds.merge(r)
         else:
@@ -409,9 +409,5 @@ class OuterLoop:
             return
         last = self.schedule.syncs_done(done)
         nxt = sorted(last + 1 + (f - last) % self.fragments.F for f in self.schedule.tails(done))
-        self._closing = True
-        try:
-            for j in nxt:  # the fragment's next sync id: unique, after every sync of the run
-                self._boundary(j, done, overlap=False)
-        finally:
-            self._closing = False
+        for j in nxt:  # the fragment's next sync id: unique, after every sync of the run
+            self._boundary(j, done, overlap=False)
