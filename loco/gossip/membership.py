@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -137,3 +138,25 @@ class Membership:
         """A copy of every configured peer's state."""
         with self._lock:
             return {n: PeerState(**vars(p)) for n, p in self._peers.items()}
+
+
+def wait_for_sites(node, site: str, *, late: bool, timeout_s: float,
+                   say: Callable[[str], None]) -> None:  # fmt: skip
+    """Wait (rank 0 of a site, at start) until every configured peer of ``node`` is live, at
+    most ``timeout_s``; ``say`` tells the user how it ended. ``late``: this site resumed or
+    joined past step 0, so it waits only until a live peer is under way (a member killed for
+    good must not hold a restart back)."""
+    want = len(node.peers) + 1
+    t0 = time.monotonic()
+    while len(live := node.live_sites()) < want:
+        if late and any(s != site and (i := node.peer_info(s)) is not None
+                        and i.current_round > 0 for s in live):  # fmt: skip
+            say(f"outer: {len(live)}/{want} sites live, the run is under way; starting")
+            return
+        if time.monotonic() - t0 > timeout_s:
+            say(f"outer: {len(node.live_sites())}/{want} sites live after {timeout_s:.0f} s; "
+                "starting anyway")  # fmt: skip
+            return
+        time.sleep(0.1)
+        node.membership.beat()  # do not wait for the next heartbeat
+    say(f"outer: all {want} sites live")

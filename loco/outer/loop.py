@@ -49,6 +49,7 @@ from typing import Any
 
 import torch
 
+from loco.gossip.membership import wait_for_sites
 from loco.outer.exchange import RangePayloads
 from loco.outer.final import FINAL_RAW_STREAM, FINAL_SKETCH_STREAM, FINAL_STREAM, FinalAverage
 from loco.outer.flat_view import FlatView
@@ -73,8 +74,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-_Round = Round  # the name before the split
 
 
 class OuterLoop:
@@ -238,28 +237,11 @@ class OuterLoop:
         if self.payloads is not None:  # load the codec kernels now, not inside round 1
             self.payloads.warm_up()
         if self.node is not None and self.comm.rank == 0 and self.node.membership is not None:
-            self._wait_live(late)
+            wait_for_sites(self.node, self.site, late=late, timeout_s=self.join_timeout_s,
+                           say=self.say)  # fmt: skip
         self.comm.barrier()
         self.stats.restart()
         return self
-
-    def _wait_live(self, late: bool) -> None:
-        want = len(self.node.peers) + 1
-        t0 = time.monotonic()
-        while len(live := self.node.live_sites()) < want:
-            if late and any(s != self.site and (i := self.node.peer_info(s)) is not None
-                            and i.current_round > 0 for s in live):  # fmt: skip
-                self.say(f"outer: {len(live)}/{want} sites live, the run is under way; starting")
-                return
-            if time.monotonic() - t0 > self.join_timeout_s:
-                self.say(
-                    f"outer: {len(self.node.live_sites())}/{want} sites live after "
-                    f"{self.join_timeout_s:.0f} s; starting anyway"
-                )
-                return
-            time.sleep(0.1)
-            self.node.membership.beat()  # do not wait for the next heartbeat
-        self.say(f"outer: all {want} sites live")
 
     def finish(self) -> None:
         """Merge a round still in flight; give the partners time to pull the last round (and the
@@ -378,8 +360,8 @@ class OuterLoop:
         t0 = blocking_since if blocking_since is not None else time.perf_counter()
         r.join()
         self.pending = None
-        # a sync id past the run's last regular one: a fragment's tail at the last step
-        r.closing = r.fragment is not None and r.rid > self.schedule.syncs_done(self.steps)
+        # a sync id past the run's last regular one: a tail's sync at the last step
+        r.closing = r.rid > self.schedule.syncs_done(self.steps)
         if r.fragment is None:
             merged = self.rounds.merge(r)
         else:
@@ -399,15 +381,15 @@ class OuterLoop:
         self.final = self._averager.run(done, self.schedule.final_round(done))
 
     def _close_tails(self, done: int) -> None:
-        """DiLoCo with fragments, at the last step: each fragment whose last sync was before
-        ``done`` syncs its progress since, blocking, as its next sync id, and lands on the
-        group's mean of it with no outer step (``Rounds``' closing merge), so the sites end on
-        one model as with whole rounds. (NoLoCo keeps its tails as trained: its final average
-        makes one model, and a closing step of each tail alone before it did not pay,
-        docs/outer.md.) Collective (every rank syncs every fragment, piece or not)."""
-        if self.fragments is None or not self.all_live:
+        """DiLoCo, at the last step: each fragment (without fragments: the whole space) whose
+        last sync was before ``done`` syncs its progress since, blocking, as its next sync id,
+        and lands on the group's mean of it with no outer step (``Rounds``' closing merge), so
+        the sites end on one model whatever ``steps`` is. (NoLoCo keeps its tails as trained:
+        its final average makes one model, and a closing step of each tail alone before it did
+        not pay, docs/outer.md.) Collective (every rank syncs every fragment, piece or not)."""
+        if self.node is None or not self.all_live:
             return
-        last = self.schedule.syncs_done(done)
-        nxt = sorted(last + 1 + (f - last) % self.fragments.F for f in self.schedule.tails(done))
+        last, F = self.schedule.syncs_done(done), self.schedule.fragments
+        nxt = sorted(last + 1 + (f - last) % F for f in self.schedule.tails(done))
         for j in nxt:  # the fragment's next sync id: unique, after every sync of the run
             self._boundary(j, done, overlap=False)
