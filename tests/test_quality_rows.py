@@ -3,7 +3,9 @@ not an hour into a quality run."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -124,3 +126,35 @@ def test_the_ddp_row_on_one_gpu_is_one_rank_with_the_four_workers_batch():
     assert cfg.site.nproc * cfg.train.batch_size == four.site.nproc * four.train.batch_size
     assert (cfg.outer.method, cfg.outer.H, cfg.site.device) == ("local", 1001, "cuda")
     assert sites == 1 and len(cfg.federation.sites) == 1
+
+
+def test_the_front_is_the_points_no_other_beats_on_bytes_and_loss():
+    q = _quality()
+    pts = [
+        (0.25, 1.30, "a"),
+        (0.25, 1.20, "b"),
+        (0.5, 1.25, "c"),
+        (1.0, 1.10, "d"),
+        (6.0, 1.15, "e"),
+    ]
+    assert [k for _, _, k in q.pareto(pts)] == ["b", "d"]
+    assert q.family("frontier-ternary-8") == "frontier (DiLoCo form)"
+    assert q.family("diloco-fragments") == "DiLoCo fp32" and q.family("ddp") == "DDP"
+
+
+def test_a_record_whose_bytes_are_not_the_codes_is_left_out_of_the_report(tmp_path):
+    """``bytes_representative: false`` (a run under a patch outside the repository) is not
+    drawn nor tabled; the bytes-against-loss plot of many configurations is written."""
+    q = _quality()
+    rec = {"ok": True, "steps": 1000, "model": "tiny", "rounds": 20, "val_loss": 1.8,
+           "bytes_per_param_round": 0.25, "seed": 0, "set": []}  # fmt: skip
+    recs = [{**rec, "row": f"frontier-x{i}", "val_loss": 1.8 + 0.01 * i} for i in range(30)]
+    recs.append({**rec, "row": "noloco-patched", "bytes_representative": False})
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    a = argparse.Namespace(records=[path], out=tmp_path, steps=1000, model="tiny", device="cpu",
+                           H=50, batch=8, seq_len=64)  # fmt: skip
+    q.write_report(a)
+    table = (tmp_path / "quality.md").read_text()
+    assert "frontier-x29" in table and "noloco-patched" not in table
+    assert (tmp_path / "bytes_loss.png").stat().st_size > 10_000

@@ -420,6 +420,7 @@ def write_report(a: argparse.Namespace) -> None:
         if r.get("steps") == a.steps
         and r.get("model") == a.model
         and r.get("device", "cpu") == a.device
+        and r.get("bytes_representative", True)  # false: a run whose bytes are not the code's
     ]
     agg = aggregate(records)
     ddp, dil = agg.get("ddp"), agg.get("diloco")
@@ -487,28 +488,77 @@ def _plots(agg: dict[str, dict], a: argparse.Namespace) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(a.out / "quality.png", dpi=110)
-    ncol = 1 + len(agg) // 32  # every configuration gets a legend line
-    fig, ax = plt.subplots(figsize=(6.0 + 4.0 * ncol, max(4.6, 0.14 * len(agg) / ncol + 0.8)))
-    for i, (key, x) in enumerate(agg.items()):
-        if x["bpr"]:
-            ax.errorbar([x["bpr"]], [x["loss"]], yerr=[x["sd"]], fmt="osD^v<>"[i // 10 % 7],
-                        capsize=3, label=key)  # fmt: skip
+    fig, ax = (_bytes_loss_many if len(agg) > MANY else _bytes_loss_each)(agg, plt)
     ax.set_xscale("log")
-    losses = sorted(x["loss"] for x in agg.values() if x["bpr"])
-    if len(losses) >= 10:  # far outliers would squeeze the rest into a band: name them instead
-        top = losses[int(0.9 * (len(losses) - 1))] + 0.1
-        out = [f"{k} {x['loss']:.2f}" for k, x in agg.items() if x["bpr"] and x["loss"] > top]
-        if out:
-            ax.set_ylim(top=top)
-            ax.text(0.01, 0.99, "above, not shown:\n" + "\n".join(out), transform=ax.transAxes,
-                    fontsize=6, va="top")  # fmt: skip
     ax.set_xlabel("bytes per parameter per round (one site)")
     ax.set_ylabel("final validation loss (mean over seeds)")
     ax.set_title(f"{a.model}, {a.steps} steps, H = {a.H}")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=ncol)
     fig.tight_layout()
     fig.savefig(a.out / "bytes_loss.png", dpi=110, bbox_inches="tight")
+
+
+MANY = 24  # above this many configurations the plot colours families and names the front
+
+
+def _bytes_loss_each(agg: dict[str, dict], plt) -> tuple:
+    """One marker and legend line per configuration."""
+    fig, ax = plt.subplots(figsize=(10.0, max(4.6, 0.14 * len(agg) + 0.8)))
+    for i, (key, x) in enumerate(agg.items()):
+        if x["bpr"]:
+            ax.errorbar([x["bpr"]], [x["loss"]], yerr=[x["sd"]], fmt="osD^v<>"[i // 10 % 7],
+                        capsize=3, label=key)  # fmt: skip
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return fig, ax
+
+
+def family(row: str) -> str:
+    """The kind of method a row is, for the colours of the plot of many configurations."""
+    for prefix, name in (("ddp", "DDP"), ("diloco", "DiLoCo fp32"), ("noloco", "NoLoCo"),
+                         ("frontier", "frontier (DiLoCo form)")):  # fmt: skip
+        if row.startswith(prefix):
+            return name
+    return "other"
+
+
+def pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """The points ``(bytes, loss, key)`` that no other point beats on both (fewer or as many
+    bytes and a lower loss), by bytes."""
+    front, best = [], math.inf
+    for b, loss, key in sorted(points):
+        if loss < best:
+            front.append((b, loss, key))
+            best = loss
+    return front
+
+
+def _bytes_loss_many(agg: dict[str, dict], plt) -> tuple:
+    """Every configuration as a point coloured by its family; the lower-left front (no other
+    point has fewer bytes and a lower loss) named beside its points. Outliers far above the
+    rest are named in a corner, not drawn."""
+    fig, ax = plt.subplots(figsize=(11.0, 7.0))
+    pts = [(x["bpr"], x["loss"], k) for k, x in agg.items() if x["bpr"]]
+    losses = sorted(p[1] for p in pts)
+    top = losses[int(0.9 * (len(losses) - 1))] + 0.1
+    out = [f"{k} {loss:.2f}" for _, loss, k in pts if loss > top]
+    colours: dict[str, str] = {}
+    for b, loss, k in pts:
+        fam = family(agg[k]["row"])
+        new = fam not in colours
+        c = colours.setdefault(fam, f"C{len(colours)}")
+        ax.errorbar([b], [loss], yerr=[agg[k]["sd"]], fmt="o", color=c, alpha=0.55, capsize=2,
+                    markersize=4, label=fam if new else None)  # fmt: skip
+    front = pareto([p for p in pts if p[1] <= top])
+    ax.plot([p[0] for p in front], [p[1] for p in front], color="k", lw=0.8, ls="--")
+    for b, loss, k in front:
+        name = (k if len(k) <= 60 else k[:57] + "...") + f" ({len(agg[k]['seeds'])} seeds)"
+        ax.annotate(name, (b, loss), fontsize=6, xytext=(4, -8), textcoords="offset points")
+    if out:
+        ax.set_ylim(top=top)
+        ax.text(0.99, 0.99, "above, not shown:\n" + "\n".join(out), transform=ax.transAxes,
+                fontsize=6, va="top", ha="right")  # fmt: skip
+    ax.legend(fontsize=8, loc="lower left", title="family (dashed: the front, named)")
+    return fig, ax
 
 
 def _cores() -> int:
