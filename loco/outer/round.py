@@ -67,7 +67,7 @@ class Round:
     boundary: torch.Tensor | None = None  # merge "carry": theta at the boundary (until merged)
     window_momentum: torch.Tensor | None = None  # sizes the leader's frame by the momentum rule
     point: torch.Tensor | None = None  # what this site's phi stands for this round (exact)
-    closing: bool = False  # a fragment's sync of its tail at the last step (OuterLoop)
+    closing: bool = False  # a sync of a tail at the last step (DiLoCo, OuterLoop._close_tails)
 
     @property
     def agreed(self) -> list[str]:
@@ -365,7 +365,7 @@ class Rounds:
         return self._apply(r, ok, deltas, phis, sq, cnt, own)
 
     def _close(self, ok: dict[str, Pulled], mean: torch.Tensor) -> Merged:
-        """A closing sync (DiLoCo's fragment tails at the last step, ``OuterLoop``):
+        """A closing sync (DiLoCo's tails at the last step, ``OuterLoop._close_tails``):
         ``phi <- phi + mean(delta)`` and ``theta <- phi``, the momentum untouched: the sites
         end on the mean of their weights, with no outer step on a tail shorter than a round."""
         self.state.phi.add_(mean)

@@ -152,10 +152,9 @@ class Schedule:
         return done == self.steps and self.final_average
 
     def tails(self, done: int) -> list[int]:
-        """The fragments (``F > 1``) whose last sync's boundary is before step ``done``: their
-        inner progress since it has not had an outer step (empty with ``F = 1``)."""
-        if self.fragments == 1:
-            return []
+        """The fragments whose last sync's boundary is before step ``done``: their inner
+        progress since it has not had an outer step (with ``F = 1``: ``[0]``, the whole space,
+        when ``done`` is not a round's boundary; else none)."""
         j = self.syncs_done(done)
         at_done = self.fragment_of(j) if j >= 1 and self.sync_step(j) == done else None
         return [f for f in range(self.fragments) if f != at_done]

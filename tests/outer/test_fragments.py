@@ -67,7 +67,8 @@ def test_schedule_tails_are_the_fragments_not_synced_at_the_step():
     assert s.tails(205) == [0, 1, 2, 3, 4]  # a step after a round's last sync: all of them
     assert s.tails(230) == [0, 1, 3, 4]  # fragment 2 synced at 230 (200 + 3 * 10)
     assert s.tails(3) == [0, 1, 2, 3, 4]  # before any sync
-    assert Schedule(H=50, steps=205).tails(205) == []  # no fragments: no tails
+    assert Schedule(H=50, steps=205).tails(205) == [0]  # no fragments: the partial last round
+    assert Schedule(H=50, steps=200).tails(200) == []  # a round's boundary: no tail
 
 
 def test_schedule_without_fragments_is_the_round_timetable():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import zlib
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,10 +23,13 @@ from loco.gossip.agreement import Proposal
 from loco.outer import NoLoCo, build_outer, lattice
 from loco.outer.exchange import RangePayloads, codec_options
 from loco.outer.loop import OuterLoop
+from loco.summary import outer_summary
 
 RUN, LAYOUT = "outer-test", "layout-x"
 P = 3001  # not a multiple of the codec block
 A, B, G = 0.5, 0.7, 0.7
+DILOCO_CFG = SimpleNamespace(outer=SimpleNamespace(method="diloco"),
+                             compression=SimpleNamespace(codec="none"))  # fmt: skip
 
 
 class FakeFlat:
@@ -564,6 +568,69 @@ def test_final_average_is_off_for_diloco_and_local():
                      H=5, steps=5, final_average=True)  # fmt: skip
     inner_steps(loop, 0, 5, 0)
     assert loop.final is None
+
+
+@pytest.mark.parametrize("reduce", ["sliced", "full"])
+def test_diloco_partial_last_round_ends_every_site_on_one_model(reduce):
+    """DiLoCo whose ``steps`` is not a multiple of H (rounds at 5 and 10 of 12): the last two
+    steps' progress syncs at step 12 as round 3 and lands on the group's mean of the weights,
+    with no outer step (the momentum and the rounds as they were), so the sites end on one
+    model; the record says ``closing`` and the summary does not count it as a round."""
+    names = ["asia", "eu", "us"]
+    steps = 12
+    sites = make_sites(names, ports_for(names), codec="none", method="diloco", steps=steps,
+                       loop_kw={"diloco_reduce": reduce})  # fmt: skip
+    for s in sites.values():  # DiLoCo's sites start from one phi
+        s.flat.theta.copy_(sites["eu"].flat.theta)
+        s.state.phi.copy_(sites["eu"].flat.theta)
+    before: dict[str, torch.Tensor] = {}
+    momentum: dict[str, torch.Tensor] = {}
+
+    def go(loop, seed):
+        _train_to_end(loop, steps, seed, before)
+
+    for s in sites.values():
+        real = s._close_tails
+
+        def spy(done, s=s, real=real):
+            momentum[s.site] = s.state.momentum.clone()
+            real(done)
+
+        s._close_tails = spy
+    try:
+        run_parallel([lambda s=s, i=i: go(s, i) for i, s in enumerate(sites.values())])
+        want = torch.stack([before[n] for n in sorted(names)]).mean(0)
+        assert float((before["eu"] - before["us"]).abs().max()) > 1e-3  # the tails differ
+        for s in sites.values():
+            torch.testing.assert_close(s.flat.theta, want, rtol=0, atol=1e-6)
+            assert torch.equal(s.flat.theta, s.state.phi)
+            assert torch.equal(s.state.momentum, momentum[s.site])
+            assert s.state.rounds == 2
+            assert [(h["step"], h["round"], bool(h.get("closing"))) for h in s.history] == [
+                (5, 1, False), (10, 2, False), (12, 3, True)]  # fmt: skip
+            assert [h["n"] for h in s.history] == [3, 3, 3]
+            assert outer_summary(DILOCO_CFG, s, steps)["rounds"] == 2
+        assert len({s.flat.theta.sum().item() for s in sites.values()}) == 1
+    finally:
+        for s in sites.values():
+            s.close()
+
+
+def test_diloco_on_a_round_boundary_has_no_closing_sync():
+    """With ``steps`` a multiple of H the last round already ends the sites on one model: no
+    closing sync is added (no bytes spent)."""
+    names = ["eu", "us"]
+    sites = make_sites(names, ports_for(names), codec="none", method="diloco", steps=10)
+    before: dict[str, torch.Tensor] = {}
+    try:
+        run_parallel([lambda s=s, i=i: _train_to_end(s, 10, i, before)
+                      for i, s in enumerate(sites.values())])  # fmt: skip
+        for s in sites.values():
+            assert [h["round"] for h in s.history] == [1, 2]
+            assert not any(h.get("closing") for h in s.history)
+    finally:
+        for s in sites.values():
+            s.close()
 
 
 @pytest.mark.parametrize("codec", ["none", "int8"])
