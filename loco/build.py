@@ -225,6 +225,8 @@ def outer_from(
         fragments=o.fragments, fragment_tau=o.fragment_tau, diloco_reduce=o.diloco_reduce,
         H_first=tuple(o.H_first), meet_every=o.meet_every, meet_first=o.meet_first,
         payloads_for=partial(_payloads, cfg, flat, comm) if payloads is not None else None,
+        closing_for=(partial(_payloads, cfg, flat, comm, closing=True)
+                     if payloads is not None and cfg.compression.closing_codec else None),
     )  # fmt: skip
 
 
@@ -297,12 +299,19 @@ def lands(o) -> bool:
                 and o.phi_every == 1)  # fmt: skip
 
 
-def _payloads(cfg: LocoConfig, flat, comm: SiteComm, span: tuple[int, int] | None = None):
+def _payloads(cfg: LocoConfig, flat, comm: SiteComm, span: tuple[int, int] | None = None,
+              closing: bool = False):  # fmt: skip
     """This rank's encoder and decoder of round payloads (``compression.*``); with ``span``,
-    of that piece of its owned range only (a streaming fragment's)."""
+    of that piece of its owned range only (a streaming fragment's); ``closing``: of DiLoCo's
+    closing syncs (``compression.closing_codec`` for the delta and the slice averages)."""
+    from dataclasses import replace
+
     from loco.outer.exchange import RangePayloads, codec_options
 
     c, o = cfg.compression, cfg.outer
+    if closing:
+        c = replace(c, codec=c.closing_codec, mean_codec=c.closing_codec,
+                    mean_error_feedback=False)  # fmt: skip
     opts = dict(block=c.block, scale_dtype=c.scale_dtype, stochastic=c.stochastic,
                 topk_fraction=c.topk_fraction, sparse_k=c.sparse_k,
                 sparse_bits=c.sparse_bits)  # fmt: skip

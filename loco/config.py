@@ -487,6 +487,9 @@ class CompressionConfig:
     # DiLoCo's sliced reduce: the codec of the slice averages an owner serves (null: ``codec``)
     mean_codec: str | None = None
     mean_error_feedback: bool = False  # the slice owner carries its average's coding error
+    # DiLoCo's closing syncs at the last step (a partial last round, fragments' tails): their
+    # codec, delta and slice averages, with the residual carried in (null: ``codec``)
+    closing_codec: str | None = None
     block: int = 256
     scale_dtype: str = "fp32"
     stochastic: bool = False
@@ -502,11 +505,13 @@ class CompressionConfig:
         _choice("compression.phi_codec", self.phi_codec, codecs)
         if self.mean_codec is not None:
             _choice("compression.mean_codec", self.mean_codec, codecs)
+        if self.closing_codec is not None:
+            _choice("compression.closing_codec", self.closing_codec, codecs)
         _positive("compression.block", self.block)
         _choice("compression.scale_dtype", self.scale_dtype, ("fp32", "fp16"))
         _fraction("compression.topk_fraction", self.topk_fraction, lo_open=True, hi_open=False)
         _fraction("compression.ef_decay", self.ef_decay, lo_open=False, hi_open=False)
-        used = (self.codec, self.phi_codec, self.mean_codec)
+        used = (self.codec, self.phi_codec, self.mean_codec, self.closing_codec)
         if "topk" in used:
             from loco.compress import make_codec
             from loco.outer.exchange import codec_options

@@ -50,6 +50,7 @@ from typing import Any
 import torch
 
 from loco.gossip.membership import wait_for_sites
+from loco.outer.closing import closing_parts
 from loco.outer.exchange import RangePayloads
 from loco.outer.final import FINAL_RAW_STREAM, FINAL_SKETCH_STREAM, FINAL_STREAM, FinalAverage
 from loco.outer.flat_view import FlatView
@@ -114,6 +115,9 @@ class OuterLoop:
             ``H / F - 1``, the most the schedule allows).
         payloads_for: with ``F > 1`` and ``payloads``, ``payloads_for((a, b))`` builds the
             :class:`RangePayloads` of the piece ``[a, b)`` (same options).
+        closing_for: DiLoCo: ``closing_for(span)`` builds the :class:`RangePayloads` of the
+            closing syncs at the last step (their own codec; ``span`` None: the rank's range,
+            else a fragment's piece), which carry the rounds' residual in (None: the rounds').
         diloco_reduce: DiLoCo's mean (``loco.outer.sliced``): ``sliced`` (reduce-scatter then
             all-gather; with fragments, of each fragment) or ``full``.
         H_first: the lengths of the first rounds, then every round is ``H`` long
@@ -150,6 +154,7 @@ class OuterLoop:
         fragments: int = 1,
         fragment_tau: int | None = None,
         payloads_for: Callable[[tuple[int, int]], RangePayloads] | None = None,
+        closing_for: Callable[..., RangePayloads] | None = None,
         diloco_reduce: str = "sliced",
         H_first: tuple[int, ...] | list[int] = (),
         meet_every: int = 1,
@@ -208,6 +213,11 @@ class OuterLoop:
             if fragments > 1
             else None
         )
+        self.closing, self._closing_payloads = None, None  # DiLoCo's, in their own codec
+        if all_live and payloads is not None and closing_for is not None:
+            self.closing, self._closing_payloads = closing_parts(
+                closing_for, payloads, kw, fragments=fragments, sliced=use_sliced, leader=leader
+            )
         if node is not None and not all_live:  # serve each round only to the agreed group
             node.require_agreement(exempt=(FINAL_STREAM, FINAL_RAW_STREAM, FINAL_SKETCH_STREAM))
         self._averager = None
@@ -236,6 +246,8 @@ class OuterLoop:
         under way (a member killed for good must not hold a restart back)."""
         if self.payloads is not None:  # load the codec kernels now, not inside round 1
             self.payloads.warm_up()
+        if self._closing_payloads is not None:
+            self._closing_payloads.warm_up()
         if self.node is not None and self.comm.rank == 0 and self.node.membership is not None:
             wait_for_sites(self.node, self.site, late=late, timeout_s=self.join_timeout_s,
                            say=self.say)  # fmt: skip
@@ -255,9 +267,7 @@ class OuterLoop:
         want = expected_pulls(last_partners, self.all_live,
                               self.final["owed"] if self.final is not None else None,
                               self.method.sends_delta)  # fmt: skip
-        reduce = self.rounds.sliced
-        if self.fragments is not None and last is not None and last.fragment is not None:
-            reduce = self.fragments.rounds[last.fragment].sliced
+        reduce = last.owner.sliced if last is not None else self.rounds.sliced
         if reduce is not None and last_partners:  # slice pieces and averages
             want = reduce.expected_pulls(last_partners)
         since = 0.0
@@ -323,11 +333,13 @@ class OuterLoop:
         return [s for s in mine.group if s != self.site], mine
 
     def _rounds_of(self, j: int) -> tuple[Rounds, int, int | None]:
-        """The rounds of sync ``j``, its round and its fragment (None without fragments)."""
+        """The rounds of sync ``j`` (a closing sync's in the closing codec, where one is set),
+        its round and its fragment (None without fragments)."""
+        closing = self.closing if j > self.schedule.syncs_done(self.steps) else None
         if self.fragments is None:
-            return self.rounds, j, None
+            return closing or self.rounds, j, None
         t, f = self.schedule.round_of(j), self.schedule.fragment_of(j)
-        return self.fragments.rounds_for(j, t, f), t, f
+        return (closing or self.fragments).rounds_for(j, t, f), t, f
 
     @torch.no_grad()
     def _boundary(self, t: int, done: int, overlap: bool) -> None:
@@ -340,6 +352,7 @@ class OuterLoop:
         partners, proposal = self._partners(t)
         r = rounds.open(rnd, done, delta, partners, t0, wire=None if f is None else t,
                         fragment=f, proposal=proposal)  # fmt: skip
+        r.owner = rounds
         if overlap and r.partners:  # the agreement and the pulls in the background
             rounds.start_pulls(r)
             r.stall = time.perf_counter() - t0
@@ -362,10 +375,8 @@ class OuterLoop:
         self.pending = None
         # a sync id past the run's last regular one: a tail's sync at the last step
         r.closing = r.rid > self.schedule.syncs_done(self.steps)
-        if r.fragment is None:
-            merged = self.rounds.merge(r)
-        else:
-            merged = self.fragments.rounds[r.fragment].merge(r)
+        merged = r.owner.merge(r)
+        if r.fragment is not None and not r.closing:
             # whole rounds done: what checkpoints and joins call the state's rounds
             self.state.rounds = r.t - (r.fragment < self.fragments.F - 1)
         self.last_means = merged.means

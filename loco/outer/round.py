@@ -68,6 +68,7 @@ class Round:
     window_momentum: torch.Tensor | None = None  # sizes the leader's frame by the momentum rule
     point: torch.Tensor | None = None  # what this site's phi stands for this round (exact)
     closing: bool = False  # a sync of a tail at the last step (DiLoCo, OuterLoop._close_tails)
+    owner: Any = None  # the Rounds that opened it and merge it (OuterLoop)
 
     @property
     def agreed(self) -> list[str]:

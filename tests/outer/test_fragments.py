@@ -26,6 +26,7 @@ from tests.outer.test_loop import (
     RUN,
     FakeFlat,
     P,
+    _int8_closing,
     make_sites,
     ports_for,
     published_streams,
@@ -152,7 +153,8 @@ def _payloads_for(codec: str, phi_codec: str = "none"):
 
 
 def frag_sites(names, *, fragments=F, fragment_tau=1, codec="int8", method="noloco", steps=32,
-               odd="triple", final_average=False, tau=0, outer_kw=None, merge="carry"):  # fmt: skip
+               odd="triple", final_average=False, tau=0, outer_kw=None, merge="carry",
+               loop_kw=None):  # fmt: skip
     """``make_sites``' loopback sites (one rank each), rebuilt as loops with ``fragments``."""
     ports = ports_for(names)
     base = make_sites(names, ports, codec=codec, method=method, H=H, steps=steps,
@@ -166,7 +168,7 @@ def frag_sites(names, *, fragments=F, fragment_tau=1, codec="int8", method="nolo
             step=lp.method, flat=lp.flat, H=H, steps=steps, node=lp.node, payloads=lp.payloads,
             site=name, all_live=lp.all_live, linger_s=2.0, tau=tau, fragments=fragments,
             fragment_tau=fragment_tau, payloads_for=_payloads_for(codec),
-            final_average=final_average, merge=merge,
+            final_average=final_average, merge=merge, **(loop_kw or {}),
         )  # fmt: skip
     return sites
 
@@ -347,6 +349,39 @@ def test_diloco_fragments_keep_one_phi_and_end_on_one_model():
             assert torch.allclose(s.flat.theta, sites["eu"].flat.theta, rtol=0, atol=1e-6)
             assert torch.equal(s.flat.theta, s.state.phi)
             assert s.state.momentum.abs().sum() > 0 and s.state.rounds == 2
+    finally:
+        _close(sites)
+
+
+def test_diloco_fragments_close_in_their_own_codec_with_the_residual():
+    """Ternary syncs, int8 closing (``compression.closing_codec``): the tails of fragments 0-2
+    travel in int8 with each site's unsent residual, so every site ends within int8's error of
+    the mean of ``theta + residual``; the closing leaves the rounds' count as it was."""
+    names = ["asia", "eu", "us"]
+    sites = frag_sites(names, method="diloco", codec="ternary", steps=16,
+                       loop_kw={"closing_for": _int8_closing()})  # fmt: skip
+    seen = {}
+    for s in sites.values():
+        s.flat.theta.copy_(sites["eu"].flat.theta)
+        s.state.phi.copy_(sites["eu"].flat.theta)
+        close = s._close_tails
+
+        def spy(done, s=s, close=close):
+            seen[s.site] = (s.flat.theta + s.payloads.ef.residual[:P]), s.state.phi.clone()
+            close(done)
+
+        s._close_tails = spy
+    try:
+        _run(sites, 16)
+        sent = torch.stack([seen[n][0] for n in sorted(names)])
+        want = sent.mean(0)
+        a, _ = fragment_bounds(P, F, F - 1)  # fragments 0-2 closed; 3 synced at 16 (ternary)
+        atol = 2 * float((sent - seen["eu"][1]).abs().max()) / 127
+        for s in sites.values():
+            assert float((s.flat.theta[:a] - want[:a]).abs().max()) <= atol
+            assert [bool(h.get("closing")) for h in s.history] == [False] * 8 + [True] * 3
+            assert s.state.rounds == 2
+        assert torch.equal(sites["eu"].flat.theta, sites["us"].flat.theta)
     finally:
         _close(sites)
 

@@ -616,6 +616,71 @@ def test_diloco_partial_last_round_ends_every_site_on_one_model(reduce):
             s.close()
 
 
+def _int8_closing(padded=P):
+    """``closing_for`` of ``make_sites``' payloads: int8 deltas and slice averages."""
+    opts = codec_options("int8", block=256, scale_dtype="fp32", stochastic=False,
+                         topk_fraction=0.1)  # fmt: skip
+
+    def build(span=None):
+        lo, hi = span or (0, padded)
+        return RangePayloads(shard=(lo, hi), owned=(lo, min(hi, P)), codec="int8",
+                             delta_options=opts, mean_codec="int8", mean_options=opts)  # fmt: skip
+
+    return build
+
+
+def test_diloco_closing_in_its_own_codec_lands_the_mean_with_the_residual():
+    """``closing_for`` (``compression.closing_codec=int8``) under ternary rounds: the closing
+    sync travels in int8 and carries each site's unsent residual, so the sites end within int8's
+    error (two codings: the deltas and the slice averages) of the mean of ``theta + residual``,
+    where a ternary closing misses it by far more."""
+    names = ["asia", "eu", "us"]
+    steps = 12
+    sites = make_sites(names, ports_for(names), codec="ternary", method="diloco", steps=steps,
+                       loop_kw={"closing_for": _int8_closing()})  # fmt: skip
+    for s in sites.values():
+        s.flat.theta.copy_(sites["eu"].flat.theta)
+        s.state.phi.copy_(sites["eu"].flat.theta)
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    phis: dict[str, torch.Tensor] = {}
+    labels: list[tuple[int, str]] = []
+    for s in sites.values():
+        real_close, real_publish = s._close_tails, s.node.publish
+
+        def spy(done, s=s, real=real_close):
+            seen[s.site] = s.flat.theta.clone(), s.payloads.ef.residual[:P].clone()
+            phis[s.site] = s.state.phi.clone()
+            real(done)
+
+        def publish(r, stream, *a, real=real_publish, **k):
+            segs = k.get("segments") or []
+            labels.extend((r, c) for c in [k.get("codec")] + [g.codec for g in segs] if c)
+            return real(r, stream, *a, **k)
+
+        s._close_tails, s.node.publish = spy, publish
+    try:
+        run_parallel([lambda s=s, i=i: _train_to_end(s, steps, i, {})
+                      for i, s in enumerate(sites.values())])  # fmt: skip
+        phi_before = phis["eu"]
+        assert all(torch.equal(p, phi_before) for p in phis.values())  # DiLoCo: one phi
+        sent = torch.stack([seen[n][0] + seen[n][1] for n in sorted(names)])  # theta + residual
+        want = sent.mean(0)
+        v = sent - phi_before  # what each site's closing delta encodes
+        atol = 2 * float(v.abs().max()) / 127  # int8: half a step of 1/127 of a block's max, twice
+        for s in sites.values():
+            assert float((s.flat.theta - want).abs().max()) <= atol
+            assert [h["round"] for h in s.history] == [1, 2, 3] and s.history[2]["closing"]
+        assert {c for r, c in labels if r == 3} == {"int8", "avg.int8"}  # deltas, averages
+        assert {c for r, c in labels if r < 3} == {"ternary", "avg.ternary"}
+        opts = codec_options("ternary", block=256, scale_dtype="fp32", stochastic=False,
+                             topk_fraction=0.1)  # fmt: skip
+        coarse = decode(encode(v[0].contiguous(), "ternary", **opts))[:P] - v[0]
+        assert float(coarse.abs().max()) > 4 * atol  # a ternary closing would fail the bound
+    finally:
+        for s in sites.values():
+            s.close()
+
+
 def test_diloco_on_a_round_boundary_has_no_closing_sync():
     """With ``steps`` a multiple of H the last round already ends the sites on one model: no
     closing sync is added (no bytes spent)."""
