@@ -488,8 +488,8 @@ class CompressionConfig:
     mean_codec: str | None = None
     mean_error_feedback: bool = False  # the slice owner carries its average's coding error
     # DiLoCo's closing syncs at the last step (a partial last round, fragments' tails): their
-    # codec, delta and slice averages, with the residual carried in (null: ``codec``)
-    closing_codec: str | None = None
+    # codec, delta and slice averages, with the residual carried in (null: ``codec``'s)
+    closing_codec: str | None = "int8"
     block: int = 256
     scale_dtype: str = "fp32"
     stochastic: bool = False

@@ -239,3 +239,24 @@ def test_meet_every_is_for_noloco_whole_rounds(overrides, error):
         return
     with pytest.raises(ConfigError, match=error):
         compose(["+site=eu", *overrides])
+
+
+def test_the_closing_codec_reaches_the_closing_payloads_only():
+    """``compression.closing_codec``: DiLoCo's closing payloads code their deltas and slice
+    averages in it (the rounds' keep ``compression.codec``); an unknown codec is one clear
+    error."""
+    from types import SimpleNamespace
+
+    from loco.build import _payloads
+
+    flat = SimpleNamespace(slo=0, shi=1024, lo=0, hi=1000, padded=1024)
+    cfg = compose(["+site=eu", "outer=diloco-frontier", "compression.closing_codec=int8"])
+    rounds = _payloads(cfg, flat, SimpleNamespace(rank=0))
+    closing = _payloads(cfg, flat, SimpleNamespace(rank=0), closing=True)
+    assert (rounds.codec, rounds.mean_codec) == ("ternary", "sign")
+    assert (closing.codec, closing.mean_codec) == ("int8", "int8")
+    assert closing.ef is not None and not closing.mean_error_feedback
+    piece = _payloads(cfg, flat, SimpleNamespace(rank=0), (0, 512), closing=True)
+    assert (piece.slo, piece.shi, piece.codec) == (0, 512, "int8")
+    with pytest.raises(ConfigError, match="compression.closing_codec"):
+        compose(["+site=eu", "compression.closing_codec=int9"])

@@ -244,6 +244,26 @@ def test_a_federation_syncs_on_the_H_schedule_and_resumes_on_it(tmp_path):
     _paired_alike(after)
 
 
+def test_a_diloco_federation_closes_its_partial_last_round_in_int8(tmp_path):
+    """DiLoCo, rounds at 2, 4, 8, 16 of 20 steps: at step 20 the last four steps' progress syncs
+    as round 5, ``closing``, in the closing codec (int8 by default: several times a ternary
+    round's bytes), and both sites end on one model (the same final parameters)."""
+    out = run_federation([*TINY, "outer=diloco", "train.steps=20", "checkpoint.every=0"],
+                         tmp_path, timeout=240)  # fmt: skip
+    assert all(r["exit"] == 0 for r in out["sites"]), out
+    recs = _outer(tmp_path)
+    for s in SITES:
+        assert [(r["step"], r["round"], bool(r.get("closing"))) for r in recs[s]] == [
+            (2, 1, False), (4, 2, False), (8, 3, False), (16, 4, False), (20, 5, True)]  # fmt: skip
+        assert recs[s][-1]["n"] == 2
+        assert recs[s][-1]["bytes_sent"] > 3 * recs[s][-2]["bytes_sent"]  # int8, not ternary
+    crcs = {json.loads((tmp_path / s / "summary.json").read_text())["final_params_crc32"]
+            for s in SITES}  # fmt: skip
+    assert len(crcs) == 1
+    assert all(json.loads((tmp_path / s / "summary.json").read_text())["rounds"] == 4
+               for s in SITES)  # fmt: skip
+
+
 def _manifest_round(step_dir: Path) -> int | None:
     for p in step_dir.rglob("*.json"):
         got = json.loads(p.read_text())
