@@ -629,7 +629,8 @@ def _int8_closing(padded=P):
     return build
 
 
-def test_diloco_closing_in_its_own_codec_lands_the_mean_with_the_residual():
+@pytest.mark.parametrize("reduce", ["sliced", "full"])
+def test_diloco_closing_in_its_own_codec_lands_the_mean_with_the_residual(reduce):
     """``closing_for`` (``compression.closing_codec=int8``) under ternary rounds: the closing
     sync travels in int8 and carries each site's unsent residual, so the sites end within int8's
     error (two codings: the deltas and the slice averages) of the mean of ``theta + residual``,
@@ -637,7 +638,7 @@ def test_diloco_closing_in_its_own_codec_lands_the_mean_with_the_residual():
     names = ["asia", "eu", "us"]
     steps = 12
     sites = make_sites(names, ports_for(names), codec="ternary", method="diloco", steps=steps,
-                       loop_kw={"closing_for": _int8_closing()})  # fmt: skip
+                       loop_kw={"closing_for": _int8_closing(), "diloco_reduce": reduce})  # fmt: skip
     for s in sites.values():
         s.flat.theta.copy_(sites["eu"].flat.theta)
         s.state.phi.copy_(sites["eu"].flat.theta)
@@ -670,8 +671,10 @@ def test_diloco_closing_in_its_own_codec_lands_the_mean_with_the_residual():
         for s in sites.values():
             assert float((s.flat.theta - want).abs().max()) <= atol
             assert [h["round"] for h in s.history] == [1, 2, 3] and s.history[2]["closing"]
-        assert {c for r, c in labels if r == 3} == {"int8", "avg.int8"}  # deltas, averages
-        assert {c for r, c in labels if r < 3} == {"ternary", "avg.ternary"}
+        sliced = {"sliced": ["avg.int8"], "full": []}[reduce]  # the slice averages
+        assert {c for r, c in labels if r == 3} == {"int8", *sliced}
+        assert {c for r, c in labels if r < 3} == {"ternary", *[c.replace("int8", "ternary")
+                                                                for c in sliced]}  # fmt: skip
         opts = codec_options("ternary", block=256, scale_dtype="fp32", stochastic=False,
                              topk_fraction=0.1)  # fmt: skip
         coarse = decode(encode(v[0].contiguous(), "ternary", **opts))[:P] - v[0]
