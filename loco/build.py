@@ -226,7 +226,7 @@ def outer_from(
         H_first=tuple(o.H_first), meet_every=o.meet_every, meet_first=o.meet_first,
         payloads_for=partial(_payloads, cfg, flat, comm) if payloads is not None else None,
         closing_for=(partial(_payloads, cfg, flat, comm, closing=True)
-                     if payloads is not None and cfg.compression.closing_codec else None),
+                     if payloads is not None and closing_is_finer(cfg.compression) else None),
     )  # fmt: skip
 
 
@@ -297,6 +297,24 @@ def lands(o) -> bool:
     applies (the lattice phi of whole rounds, every round)."""
     return bool(o.phi_landing and o.method == "noloco" and o.phi_lattice and o.fragments == 1
                 and o.phi_every == 1)  # fmt: skip
+
+
+def closing_is_finer(c) -> bool:
+    """Whether ``compression.closing_codec`` sends more bytes per value than the rounds' codec
+    (the closing syncs then travel in it); else they keep the rounds' (``none`` rounds close
+    exact, not in the int8 default)."""
+    from loco.compress import make_codec
+    from loco.outer.exchange import codec_options
+
+    if not c.closing_codec:
+        return False
+    opts = dict(block=c.block, scale_dtype=c.scale_dtype, stochastic=c.stochastic,
+                topk_fraction=c.topk_fraction, sparse_k=c.sparse_k,
+                sparse_bits=c.sparse_bits)  # fmt: skip
+    n = 1 << 16
+    size = {name: make_codec(name, **codec_options(name, **opts)).payload_nbytes(n)
+            for name in (c.codec, c.closing_codec)}  # fmt: skip
+    return size[c.closing_codec] > size[c.codec]
 
 
 def _payloads(cfg: LocoConfig, flat, comm: SiteComm, span: tuple[int, int] | None = None,

@@ -260,3 +260,22 @@ def test_the_closing_codec_reaches_the_closing_payloads_only():
     assert (piece.slo, piece.shi, piece.codec) == (0, 512, "int8")
     with pytest.raises(ConfigError, match="compression.closing_codec"):
         compose(["+site=eu", "compression.closing_codec=int9"])
+
+
+@pytest.mark.parametrize(
+    "overrides,finer",
+    [
+        ([], True),  # ternary rounds: the closing in int8
+        (["compression=sign"], True),
+        (["compression=int4"], True),
+        (["compression=int8"], False),  # as many bytes: the rounds' own
+        (["compression=none"], False),  # exact rounds close exact, not in int8
+        (["compression=bf16"], False),
+        (["compression.closing_codec=null"], False),
+        (["compression=int8", "compression.closing_codec=bf16"], True),
+    ],
+)
+def test_the_closing_codec_applies_only_where_it_is_finer_than_the_rounds(overrides, finer):
+    from loco.build import closing_is_finer
+
+    assert closing_is_finer(compose(["+site=eu", *overrides]).compression) is finer
