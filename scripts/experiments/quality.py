@@ -551,7 +551,8 @@ def _bytes_loss_many(agg: dict[str, dict], plt) -> tuple:
     front = pareto([p for p in pts if p[1] <= top])
     ax.plot([p[0] for p in front], [p[1] for p in front], color="k", lw=0.8, ls="--")
     for b, loss, k in front:
-        name = (k if len(k) <= 60 else k[:57] + "...") + f" ({len(agg[k]['seeds'])} seeds)"
+        n = len(agg[k]["seeds"])
+        name = (k if len(k) <= 60 else k[:57] + "...") + f" ({n} seed{'s' if n > 1 else ''})"
         ax.annotate(name, (b, loss), fontsize=6, xytext=(4, -8), textcoords="offset points")
     if out:
         ax.set_ylim(top=top)
