@@ -299,6 +299,13 @@ def lands(o) -> bool:
                 and o.phi_every == 1)  # fmt: skip
 
 
+def _codec_keywords(c) -> dict:
+    """The ``compression.*`` keywords :func:`loco.outer.exchange.codec_options` takes."""
+    return dict(block=c.block, scale_dtype=c.scale_dtype, stochastic=c.stochastic,
+                topk_fraction=c.topk_fraction, sparse_k=c.sparse_k,
+                sparse_bits=c.sparse_bits)  # fmt: skip
+
+
 def closing_is_finer(c) -> bool:
     """Whether ``compression.closing_codec`` sends more bytes per value than the rounds' codec
     (the closing syncs then travel in it); else they keep the rounds' (``none`` rounds close
@@ -308,9 +315,7 @@ def closing_is_finer(c) -> bool:
 
     if not c.closing_codec:
         return False
-    opts = dict(block=c.block, scale_dtype=c.scale_dtype, stochastic=c.stochastic,
-                topk_fraction=c.topk_fraction, sparse_k=c.sparse_k,
-                sparse_bits=c.sparse_bits)  # fmt: skip
+    opts = _codec_keywords(c)
     n = 1 << 16
     size = {name: make_codec(name, **codec_options(name, **opts)).payload_nbytes(n)
             for name in (c.codec, c.closing_codec)}  # fmt: skip
@@ -330,9 +335,7 @@ def _payloads(cfg: LocoConfig, flat, comm: SiteComm, span: tuple[int, int] | Non
     if closing:
         c = replace(c, codec=c.closing_codec, mean_codec=c.closing_codec,
                     mean_error_feedback=False)  # fmt: skip
-    opts = dict(block=c.block, scale_dtype=c.scale_dtype, stochastic=c.stochastic,
-                topk_fraction=c.topk_fraction, sparse_k=c.sparse_k,
-                sparse_bits=c.sparse_bits)  # fmt: skip
+    opts = _codec_keywords(c)
     landing = span is None and lands(o)  # the leader's frame has its own bits
     payloads = RangePayloads(
         shard=span or (flat.slo, flat.shi), owned=span or (flat.lo, flat.hi), codec=c.codec,

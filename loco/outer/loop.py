@@ -332,10 +332,14 @@ class OuterLoop:
         mine = self.node.propose(t, live, key=self.meetings.index(t))
         return [s for s in mine.group if s != self.site], mine
 
+    def _closes(self, j: int) -> bool:
+        """Sync ``j`` is past the run's last regular one: a tail's closing sync at the last step."""
+        return j > self.schedule.syncs_done(self.steps)
+
     def _rounds_of(self, j: int) -> tuple[Rounds, int, int | None]:
         """The rounds of sync ``j`` (a closing sync's in the closing codec, where one is set),
         its round and its fragment (None without fragments)."""
-        closing = self.closing if j > self.schedule.syncs_done(self.steps) else None
+        closing = self.closing if self._closes(j) else None
         if self.fragments is None:
             return closing or self.rounds, j, None
         t, f = self.schedule.round_of(j), self.schedule.fragment_of(j)
@@ -352,7 +356,7 @@ class OuterLoop:
         partners, proposal = self._partners(t)
         r = rounds.open(rnd, done, delta, partners, t0, wire=None if f is None else t,
                         fragment=f, proposal=proposal)  # fmt: skip
-        r.owner = rounds
+        r.owner, r.closing = rounds, self._closes(t)
         if overlap and r.partners:  # the agreement and the pulls in the background
             rounds.start_pulls(r)
             r.stall = time.perf_counter() - t0
@@ -373,8 +377,6 @@ class OuterLoop:
         t0 = blocking_since if blocking_since is not None else time.perf_counter()
         r.join()
         self.pending = None
-        # a sync id past the run's last regular one: a tail's sync at the last step
-        r.closing = r.rid > self.schedule.syncs_done(self.steps)
         merged = r.owner.merge(r)
         if r.fragment is not None and not r.closing:
             # whole rounds done: what checkpoints and joins call the state's rounds
