@@ -25,14 +25,16 @@ MODEL_FILE = "model.safetensors"  # the final model in a site's run directory
 
 def outer_summary(cfg: LocoConfig, outer: Any, steps: int) -> dict[str, Any]:
     """Outer-loop figures of a run of ``steps`` inner steps: rounds, bytes beside DDP's,
-    utilization, consensus."""
+    utilization, consensus. The closing syncs (``closing``) count in neither ``rounds`` nor
+    ``rounds_dropped``; ``closing_dropped`` counts those that were dropped."""
     hist = outer.history  # one record per round, or per fragment's sync (``fragment``)
     return {
         "outer": cfg.outer.method,
         "codec": cfg.compression.codec if cfg.outer.method != "local" else "none",
         # a fragment's closing sync of its tail (``closing``) is not a round of the run
         "rounds": len({h["round"] for h in hist if not h.get("closing")}),
-        "rounds_dropped": len({h["round"] for h in hist if h["dropped"]}),
+        "rounds_dropped": len({h["round"] for h in hist if h["dropped"] and not h.get("closing")}),
+        "closing_dropped": sum(1 for h in hist if h["dropped"] and h.get("closing")),
         "bytes_sent": outer.totals["bytes_sent"],
         "bytes_recv": outer.totals["bytes_recv"],
         # DDP all-reduces about 2 x 4 bytes per parameter per inner step (ring, fp32)
