@@ -158,3 +158,13 @@ def test_a_record_whose_bytes_are_not_the_codes_is_left_out_of_the_report(tmp_pa
     table = (tmp_path / "quality.md").read_text()
     assert "frontier-x29" in table and "noloco-patched" not in table
     assert (tmp_path / "bytes_loss.png").stat().st_size > 10_000
+
+
+def test_the_often_row_syncs_every_10_steps_at_lr_0_7_whatever_H():
+    """``frontier-ternary-h10`` is the ternary frontier at H = 10 and outer lr 0.7 at any --H."""
+    for H in (50, 25):
+        cfg = compose(["+site=eu", *_quality().rows(H, "int8", 1000)["frontier-ternary-h10"][0]])
+        base = compose(["+site=eu", *_quality().rows(H, "int8", 1000)["frontier-ternary"][0]])
+        assert (cfg.outer.H, cfg.outer.lr, base.outer.H, base.outer.lr) == (10, 0.7, H, 1.3)
+        assert cfg.compression == base.compression
+        assert (cfg.outer.momentum, cfg.outer.method) == (base.outer.momentum, "diloco")

@@ -41,6 +41,8 @@ for the ``-8`` rows, each with the same per-worker batch).
 - ``local``: 4 sites that never talk. ``noloco-lattice``: 8-bit lattice phi.
 - ``diloco-sched``, ``noloco-sched``: ``diloco`` and ``noloco`` with an H schedule
   (``outer.H_first``, ``H_SCHED`` below): 10 rounds of 50 steps, then every 25 steps.
+- ``frontier-ternary-h10``: ``frontier-ternary`` at H = 10 whatever ``--H`` says, outer lr 0.7
+  (``OFTEN``): the short budget's early gap to DDP at 5x the run's bytes of H = 50.
 
 Each run is a real ``loco.local`` federation (real processes, real gRPC on loopback). Every
 (row, seed) result is appended to ``<out>/results.jsonl``; the table and plots are rebuilt from
@@ -150,6 +152,11 @@ FRAGMENTS = ["outer.fragments=5"]
 # often late: docs/quality.md, "An H schedule at the short budget", says how it was chosen;
 # short rounds early did not pay there)
 H_SCHED = ["outer.H=25", f"outer.H_first=[{','.join(['50'] * 10)}]"]
+# the frontier syncing five times as often at half its outer lr (``frontier-ternary-h10``; over
+# the whole run: 5x the bytes of H = 50 at 0.25 bytes/param/round; docs/quality.md, "Syncing
+# often at the short budget", 2026-12-08): at 1000 steps H = 10 with lr 0.7 beat lr 0.5 / 0.9 /
+# 1.3, H = 5 (lr 0.4 / 0.7) and H = 25 (lr 1.0) on seed 0
+OFTEN = ["outer.H=10", "outer.lr=0.7"]
 DEFAULT = ["ddp", "diloco", "noloco", "noloco-landing", "frontier-ternary"]
 
 
@@ -190,6 +197,7 @@ def rows(H: int, codec: str, steps: int) -> dict[str, tuple[list[str], int]]:
         "frontier-ternary": ([fed, *FRONTIER_TERNARY, h], 4),
         "frontier-ternary-8": ([fed8, *FRONTIER_TERNARY, h], 8),
         "frontier-ternary-fragments": ([fed, *FRONTIER_TERNARY, *FRAGMENTS, h], 4),
+        "frontier-ternary-h10": ([fed, *FRONTIER_TERNARY, h, *OFTEN], 4),
         "frontier-sign-fragments": ([fed, *FRONTIER_SIGN, *FRAGMENTS, h], 4),
         "frontier-sign-fragments-8": ([fed8, *FRONTIER_SIGN, *FRAGMENTS, h], 8),
         "diloco-fragments": ([fed, "outer=diloco", *FRAGMENTS, h, "compression=none"], 4),
