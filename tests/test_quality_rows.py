@@ -168,3 +168,13 @@ def test_the_often_row_syncs_every_10_steps_at_lr_0_7_whatever_H():
         assert (cfg.outer.H, cfg.outer.lr, base.outer.H, base.outer.lr) == (10, 0.7, H, 1.3)
         assert cfg.compression == base.compression
         assert (cfg.outer.momentum, cfg.outer.method) == (base.outer.momentum, "diloco")
+
+
+def test_the_plots_charge_a_row_that_syncs_more_often_for_its_rounds():
+    """At 1000 steps and H = 50 a row of 100 rounds at 0.25 bytes/param/round sent 25 per
+    parameter: 1.25 per 50 steps; a row of 20 rounds is plotted at its bytes per round."""
+    q = _quality()
+    assert q.per_nominal_round({"bpr": 0.25, "rounds": 100}, 1000, 50) == 1.25
+    assert q.per_nominal_round({"bpr": 0.25, "rounds": 20}, 1000, 50) == 0.25
+    assert q.per_nominal_round({"bpr": 400.0, "rounds": 80}, 4000, 50) == 400.0
+    assert q.per_nominal_round({"bpr": None, "rounds": 20}, 1000, 50) is None

@@ -54,7 +54,8 @@ all results in that file, so rows and seeds can be run in separate invocations:
     python scripts/experiments/quality.py --short                            # smoke: 60 steps
 
 Writes ``quality.md`` (table: mean and sd over seeds), ``quality.png`` (validation loss against
-tokens) and ``bytes_loss.png`` (bytes per parameter per round against loss, every row) in
+tokens) and ``bytes_loss.png`` (bytes per parameter per ``H`` steps against loss, every row: the
+run's bytes over ``steps // H``, so a row that syncs more often is charged for it) in
 ``--out`` (default docs/), and prints one JSON line per run.
 """
 
@@ -496,14 +497,25 @@ def _plots(agg: dict[str, dict], a: argparse.Namespace) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(a.out / "quality.png", dpi=110)
+    nominal = max(1, a.steps // a.H)
+    for x in agg.values():
+        x["x_bytes"] = per_nominal_round(x, a.steps, a.H)
     fig, ax = (_bytes_loss_many if len(agg) > MANY else _bytes_loss_each)(agg, plt)
     ax.set_xscale("log")
-    ax.set_xlabel("bytes per parameter per round (one site)")
+    ax.set_xlabel(f"bytes per parameter per {a.H} steps: the run's over {nominal} (one site; "
+                  f"per round at H = {a.H})")  # fmt: skip
     ax.set_ylabel("final validation loss (mean over seeds)")
     ax.set_title(f"{a.model}, {a.steps} steps, H = {a.H}")
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(a.out / "bytes_loss.png", dpi=110, bbox_inches="tight")
+
+
+def per_nominal_round(x: dict, steps: int, H: int) -> float | None:
+    """The plots' bytes: a configuration's bytes per parameter over the run (one site) divided
+    by the budget's ``steps // H`` rounds; per round for a row at ``H``, more for a row that
+    syncs more often over the same budget (a smaller H, an H schedule)."""
+    return x["bpr"] * x["rounds"] / max(1, steps // H) if x["bpr"] else None
 
 
 MANY = 24  # above this many configurations the plot colours families and names the front
@@ -513,8 +525,8 @@ def _bytes_loss_each(agg: dict[str, dict], plt) -> tuple:
     """One marker and legend line per configuration."""
     fig, ax = plt.subplots(figsize=(10.0, max(4.6, 0.14 * len(agg) + 0.8)))
     for i, (key, x) in enumerate(agg.items()):
-        if x["bpr"]:
-            ax.errorbar([x["bpr"]], [x["loss"]], yerr=[x["sd"]], fmt="osD^v<>"[i // 10 % 7],
+        if x["x_bytes"]:
+            ax.errorbar([x["x_bytes"]], [x["loss"]], yerr=[x["sd"]], fmt="osD^v<>"[i // 10 % 7],
                         capsize=3, label=key)  # fmt: skip
     ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig, ax
@@ -545,7 +557,7 @@ def _bytes_loss_many(agg: dict[str, dict], plt) -> tuple:
     point has fewer bytes and a lower loss) named beside its points. Outliers far above the
     rest are named in a corner, not drawn."""
     fig, ax = plt.subplots(figsize=(11.0, 7.0))
-    pts = [(x["bpr"], x["loss"], k) for k, x in agg.items() if x["bpr"]]
+    pts = [(x["x_bytes"], x["loss"], k) for k, x in agg.items() if x["x_bytes"]]
     losses = sorted(p[1] for p in pts)
     top = losses[int(0.9 * (len(losses) - 1))] + 0.1
     out = [f"{k} {loss:.2f}" for _, loss, k in pts if loss > top]
