@@ -4,6 +4,7 @@ not an hour into a quality run."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -178,3 +179,10 @@ def test_the_plots_charge_a_row_that_syncs_more_often_for_its_rounds():
     assert q.per_nominal_round({"bpr": 0.25, "rounds": 20}, 1000, 50) == 0.25
     assert q.per_nominal_round({"bpr": 400.0, "rounds": 80}, 4000, 50) == 400.0
     assert q.per_nominal_round({"bpr": None, "rounds": 20}, 1000, 50) is None
+
+
+def test_the_often_noloco_row_is_the_defaults_at_H_10_and_beta_0_4():
+    cfg = compose(["+site=eu", *ROWS["noloco-stepped-h10"][0]])
+    default = compose(["+site=eu", *ROWS["noloco-stepped"][0]])
+    assert (cfg.outer.H, cfg.outer.beta, default.outer.beta) == (10, 0.4, 0.7)
+    assert dataclasses.replace(cfg.outer, H=50, beta=0.7) == default.outer

@@ -42,7 +42,8 @@ for the ``-8`` rows, each with the same per-worker batch).
 - ``diloco-sched``, ``noloco-sched``: ``diloco`` and ``noloco`` with an H schedule
   (``outer.H_first``, ``H_SCHED`` below): 10 rounds of 50 steps, then every 25 steps.
 - ``frontier-ternary-h10``: ``frontier-ternary`` at H = 10 whatever ``--H`` says, outer lr 0.7
-  (``OFTEN``): the short budget's early gap to DDP at 5x the run's bytes of H = 50.
+  (``OFTEN``): the short budget's early gap to DDP at 5x the run's bytes of H = 50;
+  ``noloco-stepped-h10``: the defaults (``noloco-stepped``) at H = 10, outer lr (beta) 0.4.
 
 Each run is a real ``loco.local`` federation (real processes, real gRPC on loopback). Every
 (row, seed) result is appended to ``<out>/results.jsonl``; the table and plots are rebuilt from
@@ -158,6 +159,9 @@ H_SCHED = ["outer.H=25", f"outer.H_first=[{','.join(['50'] * 10)}]"]
 # often at the short budget", 2026-12-08): at 1000 steps H = 10 with lr 0.7 beat lr 0.5 / 0.9 /
 # 1.3, H = 5 (lr 0.4 / 0.7) and H = 25 (lr 1.0) on seed 0
 OFTEN = ["outer.H=10", "outer.lr=0.7"]
+# the same for NoLoCo's default (``noloco-stepped-h10``): H = 10 at outer lr (beta) 0.4 (0.3 and
+# 0.7 worse on seed 0 at 1000 steps; 0.43 bytes/param/round, 5x a run's bytes of H = 50)
+OFTEN_NOLOCO = ["outer.H=10", "outer.beta=0.4"]
 DEFAULT = ["ddp", "diloco", "noloco", "noloco-landing", "frontier-ternary"]
 
 
@@ -181,6 +185,7 @@ def rows(H: int, codec: str, steps: int) -> dict[str, tuple[list[str], int]]:
         "noloco-frontier-8": ([fed8, *NOLOCO_FRONTIER, h], 8),
         "noloco-landing": ([fed, *NOLOCO_FRONTIER, *LANDING, h], 4),
         "noloco-stepped": ([fed, *NOLOCO_FRONTIER, *STEPPED, h], 4),
+        "noloco-stepped-h10": ([fed, *NOLOCO_FRONTIER, *STEPPED, h, *OFTEN_NOLOCO], 4),
         "noloco-meet2": ([fed, *NOLOCO_FRONTIER, *MEET2, h], 4),
         "noloco-meet2-4": ([fed, *NOLOCO_FRONTIER, *MEET2_4, h], 4),
         "noloco-landing-history": ([fed, *NOLOCO_FRONTIER, *LANDING_HISTORY, h], 4),
