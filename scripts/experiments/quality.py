@@ -499,7 +499,8 @@ def _plots(agg: dict[str, dict], a: argparse.Namespace) -> None:
         f"{a.model}, H = {a.H}, seed {min(min(x['seeds']) for x in agg.values()) if agg else 0}"
     )
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # records without run directories draw no curve
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(a.out / "quality.png", dpi=110)
     nominal = max(1, a.steps // a.H)
