@@ -316,10 +316,9 @@ def closing_is_finer(c) -> bool:
     if not c.closing_codec:
         return False
     opts = _codec_keywords(c)
-    n = 1 << 16
-    size = {name: make_codec(name, **codec_options(name, **opts)).payload_nbytes(n)
-            for name in (c.codec, c.closing_codec)}  # fmt: skip
-    return size[c.closing_codec] > size[c.codec]
+    rounds, closing = (make_codec(name, **codec_options(name, **opts)).bytes_per_param()
+                       for name in (c.codec, c.closing_codec))  # fmt: skip
+    return closing > rounds
 
 
 def _payloads(cfg: LocoConfig, flat, comm: SiteComm, span: tuple[int, int] | None = None,
